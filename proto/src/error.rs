@@ -1,0 +1,26 @@
+//! The error type of every fallible function in this crate.
+
+/// What went wrong while decoding, verifying or opening something another process produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("bad encoding of {what}: {detail}")]
+    Encoding { what: &'static str, detail: String },
+    #[error("invalid public key")]
+    BadKey,
+    #[error("signature verification failed")]
+    BadSignature,
+    #[error("decryption failed (wrong key or corrupted ciphertext)")]
+    DecryptFailed,
+    #[error("invalid invite token: {0}")]
+    BadToken(String),
+    #[error("invalid name: {0}")]
+    BadName(String),
+    #[error("malformed claims: {0}")]
+    Claims(#[source] serde_json::Error),
+}
+
+impl ProtoError {
+    pub(crate) fn encoding(what: &'static str, detail: impl ToString) -> Self {
+        ProtoError::Encoding { what, detail: detail.to_string() }
+    }
+}

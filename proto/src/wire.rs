@@ -1,0 +1,544 @@
+//! The daemon↔broker wire protocol, version 1: JSON text frames over one WebSocket, one frame per
+//! message, tagged by `type`. See `docs/protocol.md` for the prose contract; this module is its source
+//! of truth for shapes and error codes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::ids::{MeshId, Target};
+use crate::keys::{EncPublicKey, PublicIdentity, PublicKey, Sig};
+use crate::signed::{Claims, Signed};
+
+/// The path of the WebSocket endpoint on a broker.
+pub const WS_PATH: &str = "/v1/ws";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn can_invite(self) -> bool {
+        matches!(self, Role::Owner | Role::Admin)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerKind {
+    Member,
+    Session,
+}
+
+impl PeerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerKind::Member => "member",
+            PeerKind::Session => "session",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PeerKind> {
+        match s {
+            "member" => Some(PeerKind::Member),
+            "session" => Some(PeerKind::Session),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a mesh's roster: a member or a session, online or not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub key: PublicKey,
+    pub kind: PeerKind,
+    /// The member a session belongs to; for a member, its own key.
+    pub member: PublicKey,
+    pub name: String,
+    pub enc_key: EncPublicKey,
+    pub enc_sig: Sig,
+    pub role: Role,
+    pub online: bool,
+    /// Last time the broker saw it connected (ms), if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+}
+
+impl Peer {
+    pub fn public_identity(&self) -> PublicIdentity {
+        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// client → broker
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Hello(Hello),
+    Send(SendMessage),
+    Ack(Ack),
+    Roster(RosterRequest),
+}
+
+/// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub v: u32,
+    /// [`HelloClaims`] signed by the connecting key.
+    pub auth: Signed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloClaims {
+    pub v: u32,
+    /// The broker's challenge nonce, base64, exactly as received on this connection.
+    pub challenge: String,
+    pub mesh_id: MeshId,
+    pub key: PublicKey,
+    pub enc_key: EncPublicKey,
+    pub enc_sig: Sig,
+    pub name: String,
+    /// Client software and version, for the broker's logs.
+    pub client: String,
+    pub at: u64,
+    pub intent: Intent,
+    /// Present when `key` is a session key: the member's [`crate::attestation::SessionAttestation`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<Signed>,
+}
+
+impl Claims for HelloClaims {
+    const DOMAIN: &'static str = "mesh/hello/v1";
+    fn signer(&self) -> &PublicKey {
+        &self.key
+    }
+}
+
+impl HelloClaims {
+    pub fn public_identity(&self) -> PublicIdentity {
+        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Intent {
+    /// An existing member or session reconnects.
+    Connect,
+    /// Create the mesh `mesh_id`; the caller becomes its owner.
+    Create {
+        mesh_name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        create_token: Option<String>,
+    },
+    /// Join with an invite: the admin-signed part of the token and proof of holding its secret.
+    Join { invite: Signed, proof: Sig },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMessage {
+    /// Request id, echoed by `accepted` or `error`.
+    pub id: u64,
+    pub client_message_id: String,
+    pub to: Target,
+    #[serde(with = "codec::b64_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "codec::b64_bytes")]
+    pub ciphertext: Vec<u8>,
+    /// The sender's signature, see [`crate::message`].
+    pub sig: Sig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub delivery_ids: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterRequest {
+    pub id: u64,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// broker → client
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Challenge(Challenge),
+    Welcome(Welcome),
+    Accepted(Accepted),
+    Deliver(Deliver),
+    Roster(RosterReply),
+    Presence(Presence),
+    Error(ErrorFrame),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub v: u32,
+    #[serde(with = "codec::b64_bytes")]
+    pub nonce: Vec<u8>,
+    pub server_time: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub v: u32,
+    pub mesh_id: MeshId,
+    pub mesh_name: String,
+    pub you: Peer,
+    pub roster: Vec<Peer>,
+    pub limits: Limits,
+    pub server_time: u64,
+}
+
+/// The broker's limits, announced in `welcome` so a client can stay inside them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: u64,
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
+    pub sends_per_sec: u32,
+    pub send_burst: u32,
+    /// How many deliveries the broker keeps unacked on one connection before it pauses.
+    pub deliver_window: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub id: u64,
+    pub message_id: String,
+    /// True when this (sender, client_message_id) was already accepted: nothing new was queued.
+    pub duplicate: bool,
+    /// How many recipient queues hold the message.
+    pub recipients: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deliver {
+    pub delivery_id: u64,
+    pub item: DeliveryItem,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeliveryItem {
+    Message(Envelope),
+    Receipt(Receipt),
+}
+
+/// A message as stored by the broker and delivered to each recipient. Only `nonce` and `ciphertext`
+/// carry content, sealed end to end; the rest is routing metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub message_id: String,
+    pub mesh_id: MeshId,
+    pub from: PublicKey,
+    pub from_member: PublicKey,
+    pub from_enc_key: EncPublicKey,
+    pub from_enc_sig: Sig,
+    pub from_name: String,
+    pub to: Target,
+    pub client_message_id: String,
+    #[serde(with = "codec::b64_bytes")]
+    pub nonce: Vec<u8>,
+    #[serde(with = "codec::b64_bytes")]
+    pub ciphertext: Vec<u8>,
+    pub sig: Sig,
+    pub sent_at: u64,
+    pub expires_at: u64,
+}
+
+impl Envelope {
+    pub fn sender_identity(&self) -> PublicIdentity {
+        PublicIdentity { key: self.from, enc_key: self.from_enc_key, enc_sig: self.from_enc_sig }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptKind {
+    /// The recipient's daemon committed the message.
+    Delivered,
+    /// The recipient acknowledged reading it.
+    Read,
+    /// Its TTL ran out before the recipient's daemon took it.
+    Expired,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub message_id: String,
+    pub client_message_id: String,
+    pub kind: ReceiptKind,
+    pub recipient: PublicKey,
+    pub at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterReply {
+    pub id: u64,
+    pub peers: Vec<Peer>,
+}
+
+/// A roster change: a peer came online, went offline, or joined the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub peer: Peer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// The request id this answers, when the failing frame had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    /// True when retrying the same request can never succeed.
+    pub permanent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// Human-readable detail; never matched on.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorFrame { id: None, code, permanent: code.permanent(), retry_after_ms: None, message: message.into() }
+    }
+
+    pub fn with_id(mut self, id: Option<u64>) -> Self {
+        self.id = id;
+        self
+    }
+}
+
+impl std::fmt::Display for ErrorFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+/// The closed list of error codes. Clients decide on `permanent`, never on `message`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, or a known `type` with missing or ill-typed fields.
+    BadFrame,
+    /// A `type` this broker does not know.
+    UnknownType,
+    UnsupportedVersion,
+    FrameTooLarge,
+    /// Anything but `hello` before `welcome`.
+    NotAuthenticated,
+    /// A second `hello` on an authenticated connection.
+    AlreadyAuthenticated,
+    HandshakeTimeout,
+    BadSignature,
+    /// The hello does not answer this connection's challenge (a replay, or a stale signature).
+    ChallengeMismatch,
+    UnknownMesh,
+    UnknownMember,
+    Revoked,
+    MeshExists,
+    CreateForbidden,
+    InviteInvalid,
+    InviteExpired,
+    InviteExhausted,
+    AttestationInvalid,
+    AttestationExpired,
+    NameTaken,
+    RecipientUnknown,
+    Forbidden,
+    RateLimited,
+    IdempotencyConflict,
+    TooManyConnections,
+    /// Another connection authenticated as the same key; this one is closed.
+    Superseded,
+    ShuttingDown,
+    Unavailable,
+    Internal,
+    /// A code from a newer peer; treat as the frame's `permanent` flag says.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Whether retrying the same request can never succeed.
+    pub fn permanent(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::HandshakeTimeout
+                | ErrorCode::RateLimited
+                | ErrorCode::TooManyConnections
+                | ErrorCode::ShuttingDown
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::Unknown
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::BadSignature => "bad_signature",
+            ErrorCode::ChallengeMismatch => "challenge_mismatch",
+            ErrorCode::UnknownMesh => "unknown_mesh",
+            ErrorCode::UnknownMember => "unknown_member",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::MeshExists => "mesh_exists",
+            ErrorCode::CreateForbidden => "create_forbidden",
+            ErrorCode::InviteInvalid => "invite_invalid",
+            ErrorCode::InviteExpired => "invite_expired",
+            ErrorCode::InviteExhausted => "invite_exhausted",
+            ErrorCode::AttestationInvalid => "attestation_invalid",
+            ErrorCode::AttestationExpired => "attestation_expired",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::RecipientUnknown => "recipient_unknown",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Superseded => "superseded",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// decoding with typed errors
+
+/// Why a received text frame could not be decoded, as the error the peer should be told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    /// The request id, when one could be read from the frame.
+    pub id: Option<u64>,
+    pub detail: String,
+}
+
+impl FrameError {
+    pub fn into_error_frame(self) -> ErrorFrame {
+        ErrorFrame::new(self.code, self.detail).with_id(self.id)
+    }
+}
+
+const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster"];
+const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "error"];
+
+pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
+    serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))
+}
+
+pub fn decode_server(text: &str) -> Result<ServerFrame, FrameError> {
+    serde_json::from_str(text).map_err(|e| diagnose(text, SERVER_TYPES, e))
+}
+
+/// Tells a frame of an unknown type from a malformed one. Only runs on the error path.
+fn diagnose(text: &str, known: &[&str], err: serde_json::Error) -> FrameError {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(_) => return FrameError { code: ErrorCode::BadFrame, id: None, detail: format!("not JSON: {err}") },
+    };
+    let id = value.get("id").and_then(serde_json::Value::as_u64);
+    match value.get("type").and_then(serde_json::Value::as_str) {
+        None => FrameError { code: ErrorCode::BadFrame, id, detail: "frame has no string field \"type\"".into() },
+        Some(t) if !known.contains(&t) => {
+            FrameError { code: ErrorCode::UnknownType, id, detail: format!("unknown frame type {t:?}") }
+        }
+        Some(t) => FrameError { code: ErrorCode::BadFrame, id, detail: format!("malformed {t:?} frame: {err}") },
+    }
+}
+
+impl ClientFrame {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("frames serialise to JSON")
+    }
+}
+
+impl ServerFrame {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("frames serialise to JSON")
+    }
+}
+
+/// A `deliver` frame around an item that is already JSON, as the broker stores it.
+pub fn deliver_frame_json(delivery_id: u64, item_json: &str) -> String {
+    format!(r#"{{"type":"deliver","delivery_id":{delivery_id},"item":{item_json}}}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_malformed_frames_are_told_apart() {
+        assert_eq!(decode_client("nope").unwrap_err().code, ErrorCode::BadFrame);
+        assert_eq!(decode_client("{}").unwrap_err().code, ErrorCode::BadFrame);
+        let e = decode_client(r#"{"type":"teleport","id":4}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownType, Some(4)));
+        let e = decode_client(r#"{"type":"send","id":9}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadFrame, Some(9)));
+    }
+
+    #[test]
+    fn deliver_raw_matches_typed() {
+        let item = DeliveryItem::Receipt(Receipt {
+            message_id: "m".into(),
+            client_message_id: "c".into(),
+            kind: ReceiptKind::Delivered,
+            recipient: crate::Identity::generate().key(),
+            at: 5,
+        });
+        let raw = deliver_frame_json(7, &serde_json::to_string(&item).expect("json"));
+        assert_eq!(decode_server(&raw).expect("decodes"), ServerFrame::Deliver(Deliver { delivery_id: 7, item }));
+    }
+
+    #[test]
+    fn unknown_error_codes_decode() {
+        let f = decode_server(r#"{"type":"error","code":"from_the_future","permanent":true,"message":"x"}"#)
+            .expect("decodes");
+        assert!(matches!(f, ServerFrame::Error(ErrorFrame { code: ErrorCode::Unknown, permanent: true, .. })));
+    }
+
+    #[test]
+    fn every_code_round_trips_its_name() {
+        for code in [ErrorCode::BadFrame, ErrorCode::RateLimited, ErrorCode::IdempotencyConflict, ErrorCode::Superseded] {
+            let json = serde_json::to_string(&code).expect("json");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}
