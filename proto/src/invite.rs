@@ -9,13 +9,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::ProtoError;
 use crate::codec;
 use crate::crypto::{self, GroupKey, KEY_LEN};
 use crate::ids::MeshId;
 use crate::keys::{Identity, PublicKey, Sig};
 use crate::signed::{Claims, Signed};
 use crate::wire::Role;
-use crate::ProtoError;
 
 pub const TOKEN_PREFIX: &str = "mesh-invite-v1.";
 const PROOF_DOMAIN: &str = "mesh/invite-proof/v1";
@@ -78,7 +78,9 @@ pub struct InviteToken {
 
 impl std::fmt::Debug for InviteToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InviteToken").field("invite_id", &self.claims.invite_id).finish_non_exhaustive()
+        f.debug_struct("InviteToken")
+            .field("invite_id", &self.claims.invite_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +106,12 @@ impl InviteToken {
             sealed_group_key: sealed.ciphertext,
         };
         let invite = Signed::sign(admin, &claims);
-        InviteToken { invite, claims, auth, box_key }
+        InviteToken {
+            invite,
+            claims,
+            auth,
+            box_key,
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -121,26 +128,46 @@ impl InviteToken {
     /// Expiry and use counts are the broker's to enforce.
     pub fn decode(token: &str) -> Result<InviteToken, ProtoError> {
         let bad = |why: &str| ProtoError::BadToken(why.to_owned());
-        let rest = token.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(|| bad("does not start with mesh-invite-v1."))?;
+        let rest = token
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or_else(|| bad("does not start with mesh-invite-v1."))?;
         let json = codec::unb64url("invite token", rest).map_err(|_| bad("not base64url"))?;
-        let body: TokenBody = serde_json::from_slice(&json).map_err(|e| bad(&format!("malformed: {e}")))?;
-        let claims: InviteClaims = body.invite.open().map_err(|e| bad(&format!("signature: {e}")))?;
+        let body: TokenBody =
+            serde_json::from_slice(&json).map_err(|e| bad(&format!("malformed: {e}")))?;
+        let claims: InviteClaims = body
+            .invite
+            .open()
+            .map_err(|e| bad(&format!("signature: {e}")))?;
         if claims.v != 1 {
             return Err(bad("unsupported invite version"));
         }
-        let seed: [u8; 32] = codec::unb64_array("auth seed", &body.auth_seed).map_err(|_| bad("bad auth seed"))?;
+        let seed: [u8; 32] =
+            codec::unb64_array("auth seed", &body.auth_seed).map_err(|_| bad("bad auth seed"))?;
         let auth = Identity::from_secrets(seed, [0u8; 32]);
         if auth.key() != claims.auth_key {
             return Err(bad("auth seed does not match the invite"));
         }
-        let box_key: [u8; KEY_LEN] = codec::unb64_array("box key", &body.box_key).map_err(|_| bad("bad box key"))?;
-        Ok(InviteToken { invite: body.invite, claims, auth, box_key: GroupKey::from_bytes(box_key) })
+        let box_key: [u8; KEY_LEN] =
+            codec::unb64_array("box key", &body.box_key).map_err(|_| bad("bad box key"))?;
+        Ok(InviteToken {
+            invite: body.invite,
+            claims,
+            auth,
+            box_key: GroupKey::from_bytes(box_key),
+        })
     }
 
     /// Opens the group key the admin sealed into the invite.
     pub fn group_key(&self) -> Result<GroupKey, ProtoError> {
-        let bytes = crypto::secretbox_open(&self.box_key, &self.claims.group_key_nonce, &self.claims.sealed_group_key)?;
-        let key: [u8; KEY_LEN] = bytes.try_into().map_err(|_| ProtoError::BadToken("sealed group key has the wrong length".into()))?;
+        let bytes = crypto::secretbox_open(
+            &self.box_key,
+            &self.claims.group_key_nonce,
+            &self.claims.sealed_group_key,
+        )?;
+        let key: [u8; KEY_LEN] = bytes
+            .try_into()
+            .map_err(|_| ProtoError::BadToken("sealed group key has the wrong length".into()))?;
         Ok(GroupKey::from_bytes(key))
     }
 
@@ -151,8 +178,15 @@ impl InviteToken {
 }
 
 /// The broker's check of a joiner's proof of possession.
-pub fn verify_proof(claims: &InviteClaims, challenge: &[u8], joiner: &PublicKey, proof: &Sig) -> Result<(), ProtoError> {
-    claims.auth_key.verify(PROOF_DOMAIN, &[challenge, &joiner.0], proof)
+pub fn verify_proof(
+    claims: &InviteClaims,
+    challenge: &[u8],
+    joiner: &PublicKey,
+    proof: &Sig,
+) -> Result<(), ProtoError> {
+    claims
+        .auth_key
+        .verify(PROOF_DOMAIN, &[challenge, &joiner.0], proof)
 }
 
 #[cfg(test)]
@@ -187,8 +221,17 @@ mod tests {
 
     #[test]
     fn garbage_tokens_are_typed_errors() {
-        for t in ["", "mesh-invite-v1.", "mesh-invite-v1.!!!", "hello", "mesh-invite-v1.e30"] {
-            assert!(matches!(InviteToken::decode(t), Err(ProtoError::BadToken(_))), "{t}");
+        for t in [
+            "",
+            "mesh-invite-v1.",
+            "mesh-invite-v1.!!!",
+            "hello",
+            "mesh-invite-v1.e30",
+        ] {
+            assert!(
+                matches!(InviteToken::decode(t), Err(ProtoError::BadToken(_))),
+                "{t}"
+            );
         }
     }
 
@@ -197,7 +240,12 @@ mod tests {
         let admin = Identity::generate();
         let a = InviteToken::mint(&admin, params(), &GroupKey::generate());
         let b = InviteToken::mint(&admin, params(), &GroupKey::generate());
-        let mixed = InviteToken { invite: a.invite.clone(), claims: a.claims.clone(), auth: b.auth.clone(), box_key: b.box_key.clone() };
+        let mixed = InviteToken {
+            invite: a.invite.clone(),
+            claims: a.claims.clone(),
+            auth: b.auth.clone(),
+            box_key: b.box_key.clone(),
+        };
         assert!(InviteToken::decode(&mixed.encode()).is_err());
     }
 }

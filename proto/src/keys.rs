@@ -60,7 +60,10 @@ impl EncPublicKey {
 
     fn decode(s: &str) -> Result<Self, ProtoError> {
         if s.len() != 64 {
-            return Err(ProtoError::encoding("encryption key", "expected 64 hex digits"));
+            return Err(ProtoError::encoding(
+                "encryption key",
+                "expected 64 hex digits",
+            ));
         }
         Ok(EncPublicKey(codec::unhex_array("encryption key", s)?))
     }
@@ -120,7 +123,8 @@ pub struct PublicIdentity {
 impl PublicIdentity {
     /// Checks that `enc_key` was signed by `key`.
     pub fn verify(&self) -> Result<(), ProtoError> {
-        self.key.verify(ENC_KEY_DOMAIN, &[&self.enc_key.0], &self.enc_sig)
+        self.key
+            .verify(ENC_KEY_DOMAIN, &[&self.enc_key.0], &self.enc_sig)
     }
 }
 
@@ -139,12 +143,18 @@ impl std::fmt::Debug for Identity {
 
 impl Identity {
     pub fn generate() -> Self {
-        Identity { signing: SigningKey::generate(&mut OsRng), enc: crypto_box::SecretKey::generate(&mut OsRng) }
+        Identity {
+            signing: SigningKey::generate(&mut OsRng),
+            enc: crypto_box::SecretKey::generate(&mut OsRng),
+        }
     }
 
     /// Rebuilds an identity from its two 32-byte secrets (the ed25519 seed and the X25519 scalar).
     pub fn from_secrets(sign_seed: [u8; 32], enc_secret: [u8; 32]) -> Self {
-        Identity { signing: SigningKey::from_bytes(&sign_seed), enc: crypto_box::SecretKey::from(enc_secret) }
+        Identity {
+            signing: SigningKey::from_bytes(&sign_seed),
+            enc: crypto_box::SecretKey::from(enc_secret),
+        }
     }
 
     pub fn sign_seed(&self) -> [u8; 32] {
@@ -170,7 +180,11 @@ impl Identity {
     /// The published half, with the signature that binds the encryption key to the signing key.
     pub fn public(&self) -> PublicIdentity {
         let enc_key = self.enc_key();
-        PublicIdentity { key: self.key(), enc_key, enc_sig: self.sign(ENC_KEY_DOMAIN, &[&enc_key.0]) }
+        PublicIdentity {
+            key: self.key(),
+            enc_key,
+            enc_sig: self.sign(ENC_KEY_DOMAIN, &[&enc_key.0]),
+        }
     }
 
     /// Signs the domain-separated transcript of `fields` (see [`transcript`]).
@@ -194,7 +208,10 @@ mod tests {
         let public = id.public();
         public.verify().expect("own binding verifies");
         let other = Identity::generate();
-        let forged = PublicIdentity { enc_key: other.enc_key(), ..public };
+        let forged = PublicIdentity {
+            enc_key: other.enc_key(),
+            ..public
+        };
         assert!(matches!(forged.verify(), Err(ProtoError::BadSignature)));
     }
 
@@ -217,7 +234,10 @@ mod tests {
 
     #[test]
     fn transcripts_of_different_splits_differ() {
-        assert_ne!(transcript("d", &[b"ab", b"c"]), transcript("d", &[b"a", b"bc"]));
+        assert_ne!(
+            transcript("d", &[b"ab", b"c"]),
+            transcript("d", &[b"a", b"bc"])
+        );
         assert_ne!(transcript("d1", &[b"x"]), transcript("d", &[b"1x"]));
     }
 }

@@ -86,7 +86,11 @@ pub struct Peer {
 
 impl Peer {
     pub fn public_identity(&self) -> PublicIdentity {
-        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
+        PublicIdentity {
+            key: self.key,
+            enc_key: self.enc_key,
+            enc_sig: self.enc_sig,
+        }
     }
 }
 
@@ -138,7 +142,11 @@ impl Claims for HelloClaims {
 
 impl HelloClaims {
     pub fn public_identity(&self) -> PublicIdentity {
-        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
+        PublicIdentity {
+            key: self.key,
+            enc_key: self.enc_key,
+            enc_sig: self.enc_sig,
+        }
     }
 }
 
@@ -171,6 +179,21 @@ pub struct SendMessage {
     pub sig: Sig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+}
+
+impl SendMessage {
+    /// The request fingerprint for idempotency: SHA-256 of the transcript of target, nonce and
+    /// ciphertext. A retry of the same stored message has the same fingerprint; reusing a
+    /// `client_message_id` for other content does not.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let to = self.to.to_string();
+        let bytes = crate::keys::transcript(
+            "mesh/send-fingerprint/v1",
+            &[to.as_bytes(), &self.nonce, &self.ciphertext],
+        );
+        sha2::Sha256::digest(bytes).into()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,7 +299,11 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn sender_identity(&self) -> PublicIdentity {
-        PublicIdentity { key: self.from, enc_key: self.from_enc_key, enc_sig: self.from_enc_sig }
+        PublicIdentity {
+            key: self.from,
+            enc_key: self.from_enc_key,
+            enc_sig: self.from_enc_sig,
+        }
     }
 }
 
@@ -328,7 +355,13 @@ pub struct ErrorFrame {
 
 impl ErrorFrame {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorFrame { id: None, code, permanent: code.permanent(), retry_after_ms: None, message: message.into() }
+        ErrorFrame {
+            id: None,
+            code,
+            permanent: code.permanent(),
+            retry_after_ms: None,
+            message: message.into(),
+        }
     }
 
     pub fn with_id(mut self, id: Option<u64>) -> Self {
@@ -372,6 +405,8 @@ pub enum ErrorCode {
     AttestationInvalid,
     AttestationExpired,
     NameTaken,
+    /// A display, mesh or group name that breaks the naming rules.
+    InvalidName,
     RecipientUnknown,
     Forbidden,
     RateLimited,
@@ -424,6 +459,7 @@ impl ErrorCode {
             ErrorCode::AttestationInvalid => "attestation_invalid",
             ErrorCode::AttestationExpired => "attestation_expired",
             ErrorCode::NameTaken => "name_taken",
+            ErrorCode::InvalidName => "invalid_name",
             ErrorCode::RecipientUnknown => "recipient_unknown",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
@@ -457,7 +493,15 @@ impl FrameError {
 }
 
 const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster"];
-const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "error"];
+const SERVER_TYPES: &[&str] = &[
+    "challenge",
+    "welcome",
+    "accepted",
+    "deliver",
+    "roster",
+    "presence",
+    "error",
+];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))
@@ -471,15 +515,31 @@ pub fn decode_server(text: &str) -> Result<ServerFrame, FrameError> {
 fn diagnose(text: &str, known: &[&str], err: serde_json::Error) -> FrameError {
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(_) => return FrameError { code: ErrorCode::BadFrame, id: None, detail: format!("not JSON: {err}") },
+        Err(_) => {
+            return FrameError {
+                code: ErrorCode::BadFrame,
+                id: None,
+                detail: format!("not JSON: {err}"),
+            };
+        }
     };
     let id = value.get("id").and_then(serde_json::Value::as_u64);
     match value.get("type").and_then(serde_json::Value::as_str) {
-        None => FrameError { code: ErrorCode::BadFrame, id, detail: "frame has no string field \"type\"".into() },
-        Some(t) if !known.contains(&t) => {
-            FrameError { code: ErrorCode::UnknownType, id, detail: format!("unknown frame type {t:?}") }
-        }
-        Some(t) => FrameError { code: ErrorCode::BadFrame, id, detail: format!("malformed {t:?} frame: {err}") },
+        None => FrameError {
+            code: ErrorCode::BadFrame,
+            id,
+            detail: "frame has no string field \"type\"".into(),
+        },
+        Some(t) if !known.contains(&t) => FrameError {
+            code: ErrorCode::UnknownType,
+            id,
+            detail: format!("unknown frame type {t:?}"),
+        },
+        Some(t) => FrameError {
+            code: ErrorCode::BadFrame,
+            id,
+            detail: format!("malformed {t:?} frame: {err}"),
+        },
     }
 }
 
@@ -524,19 +584,39 @@ mod tests {
             at: 5,
         });
         let raw = deliver_frame_json(7, &serde_json::to_string(&item).expect("json"));
-        assert_eq!(decode_server(&raw).expect("decodes"), ServerFrame::Deliver(Deliver { delivery_id: 7, item }));
+        assert_eq!(
+            decode_server(&raw).expect("decodes"),
+            ServerFrame::Deliver(Deliver {
+                delivery_id: 7,
+                item
+            })
+        );
     }
 
     #[test]
     fn unknown_error_codes_decode() {
-        let f = decode_server(r#"{"type":"error","code":"from_the_future","permanent":true,"message":"x"}"#)
-            .expect("decodes");
-        assert!(matches!(f, ServerFrame::Error(ErrorFrame { code: ErrorCode::Unknown, permanent: true, .. })));
+        let f = decode_server(
+            r#"{"type":"error","code":"from_the_future","permanent":true,"message":"x"}"#,
+        )
+        .expect("decodes");
+        assert!(matches!(
+            f,
+            ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::Unknown,
+                permanent: true,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn every_code_round_trips_its_name() {
-        for code in [ErrorCode::BadFrame, ErrorCode::RateLimited, ErrorCode::IdempotencyConflict, ErrorCode::Superseded] {
+        for code in [
+            ErrorCode::BadFrame,
+            ErrorCode::RateLimited,
+            ErrorCode::IdempotencyConflict,
+            ErrorCode::Superseded,
+        ] {
             let json = serde_json::to_string(&code).expect("json");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }

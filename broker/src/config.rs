@@ -1,0 +1,60 @@
+//! Broker configuration: every limit is a value here, announced to clients in `welcome`.
+
+use std::time::Duration;
+
+use mesh_proto::wire::Limits;
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// When set, creating a mesh requires this token in the `create` intent.
+    pub create_token: Option<String>,
+    /// Largest text frame accepted, in bytes; larger ones get `frame_too_large`.
+    pub max_frame_bytes: usize,
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
+    pub sends_per_sec: u32,
+    pub send_burst: u32,
+    pub max_connections_per_mesh: usize,
+    /// Unacked deliveries per connection before the broker pauses it.
+    pub deliver_window: u32,
+    /// How long a delivery waits for its ack before it is sent again.
+    pub lease: Duration,
+    pub handshake_timeout: Duration,
+    pub ping_interval: Duration,
+    /// A connection silent this long (no frame, no pong) is closed.
+    pub idle_timeout: Duration,
+    pub janitor_interval: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            create_token: None,
+            max_frame_bytes: 256 * 1024,
+            default_ttl_ms: 7 * 24 * 60 * 60 * 1000,
+            max_ttl_ms: 30 * 24 * 60 * 60 * 1000,
+            sends_per_sec: 1000,
+            send_burst: 2000,
+            max_connections_per_mesh: 1000,
+            deliver_window: 256,
+            lease: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            janitor_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+impl BrokerConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes as u64,
+            default_ttl_ms: self.default_ttl_ms,
+            max_ttl_ms: self.max_ttl_ms,
+            sends_per_sec: self.sends_per_sec,
+            send_burst: self.send_burst,
+            deliver_window: self.deliver_window,
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! One WebSocket connection: challenge, handshake, then an ordered reader loop (frames are handled one
+//! at a time, in arrival order), a writer task that owns the socket's sink, and a deliverer that leases
+//! the peer's queue and pushes it within a window of unacked items.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use mesh_proto::wire::{
+    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, Peer, Presence,
+    RosterReply, SendMessage, ServerFrame, Welcome,
+};
+use mesh_proto::{MeshId, PublicKey, crypto, now_ms};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::handshake::{self, Authenticated};
+use crate::hub::{ConnHandle, Outbound};
+use crate::store::{NewMessage, PeerRecord, StoreError};
+
+/// Frames waiting for the socket, per connection. Deliveries wait for room (backpressure); presence
+/// frames are skipped when full.
+const OUTBOUND_BUFFER: usize = 1024;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_TOO_BIG: u16 = 1009;
+const MAX_CLIENT_MESSAGE_ID: usize = 128;
+
+pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
+    let _task = shared.tracker.token();
+    let conn_id = shared.next_conn_id();
+    async move {
+        let (sink, mut stream) = socket.split();
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let writer = shared.tracker.spawn(write_loop(sink, out_rx, shared.config.ping_interval));
+        let challenge: [u8; 32] = crypto::random_bytes();
+        let hello = ServerFrame::Challenge(wire::Challenge { v: mesh_proto::PROTOCOL_VERSION, nonce: challenge.to_vec(), server_time: now_ms() });
+        if out_tx.send(Outbound::Text(hello.to_json())).await.is_err() {
+            return;
+        }
+        let auth = tokio::select! {
+            r = tokio::time::timeout(shared.config.handshake_timeout, read_hello(&shared, &mut stream, &challenge)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(Some(ErrorFrame::new(ErrorCode::HandshakeTimeout, "no hello within the handshake timeout"))),
+            },
+            () = shared.shutdown.cancelled() => Err(Some(ErrorFrame::new(ErrorCode::ShuttingDown, "broker is shutting down"))),
+        };
+        match auth {
+            Ok(auth) => {
+                tracing::info!(mesh = %auth.mesh.id, peer = %auth.peer.key.short(), name = %auth.peer.name, "authenticated");
+                Connection { shared: shared.clone(), conn_id, auth, out: out_tx }.run(stream).await;
+            }
+            Err(refusal) => {
+                if let Some(err) = refusal {
+                    tracing::info!(code = err.code.as_str(), detail = %err.message, "handshake refused");
+                    let _ = out_tx.send(Outbound::Text(ServerFrame::Error(err.clone()).to_json())).await;
+                    let _ = out_tx.send(Outbound::Close { code: CLOSE_POLICY, reason: err.code.as_str().to_owned() }).await;
+                }
+                drop(out_tx);
+            }
+        }
+        let _ = writer.await;
+    }
+    .instrument(tracing::info_span!("conn", id = conn_id))
+    .await
+}
+
+/// Reads frames until a valid `hello`. Anything else before `welcome` is answered with an error and
+/// ends the connection. `Err(None)`: the peer went away.
+async fn read_hello(
+    shared: &Shared,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    challenge: &[u8],
+) -> Result<Authenticated, Option<ErrorFrame>> {
+    loop {
+        let msg = match stream.next().await {
+            None | Some(Err(_)) => return Err(None),
+            Some(Ok(m)) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                return Err(Some(ErrorFrame::new(
+                    ErrorCode::BadFrame,
+                    "binary frames are not part of protocol v1",
+                )));
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return Err(None),
+        };
+        if text.len() > shared.config.max_frame_bytes {
+            return Err(Some(ErrorFrame::new(
+                ErrorCode::FrameTooLarge,
+                "frame exceeds max_frame_bytes",
+            )));
+        }
+        return match wire::decode_client(&text) {
+            Ok(ClientFrame::Hello(hello)) => {
+                handshake::authenticate(&*shared.store, &shared.config, challenge, &hello)
+                    .await
+                    .map_err(Some)
+            }
+            Ok(_) => Err(Some(ErrorFrame::new(
+                ErrorCode::NotAuthenticated,
+                "send hello first",
+            ))),
+            Err(e) => Err(Some(e.into_error_frame())),
+        };
+    }
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    ping_every: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    loop {
+        let out = tokio::select! {
+            out = rx.recv() => out,
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() { return; }
+                continue;
+            }
+        };
+        let result = match out {
+            Some(Outbound::Text(text)) => sink.send(Message::Text(text.into())).await,
+            Some(Outbound::Close { code, reason }) => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: reason.into(),
+                    })))
+                    .await;
+                return;
+            }
+            None => {
+                let _ = sink.send(Message::Close(None)).await;
+                return;
+            }
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
+pub(crate) fn peer_view(p: &PeerRecord, online: bool) -> Peer {
+    Peer {
+        key: p.key,
+        kind: p.kind,
+        member: p.member,
+        name: p.name.clone(),
+        enc_key: p.enc_key,
+        enc_sig: p.enc_sig,
+        role: p.role,
+        online,
+        last_seen: p.last_seen,
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    conn_id: u64,
+    auth: Authenticated,
+    out: mpsc::Sender<Outbound>,
+}
+
+impl Connection {
+    fn mesh(&self) -> MeshId {
+        self.auth.mesh.id
+    }
+
+    fn key(&self) -> PublicKey {
+        self.auth.peer.key
+    }
+
+    async fn send_frame(&self, frame: ServerFrame) -> bool {
+        self.out.send(Outbound::Text(frame.to_json())).await.is_ok()
+    }
+
+    async fn send_error(&self, err: ErrorFrame) -> bool {
+        self.send_frame(ServerFrame::Error(err)).await
+    }
+
+    async fn roster(&self) -> Result<Vec<Peer>, StoreError> {
+        let mesh = self.mesh();
+        let peers = self.shared.store.roster(mesh).await?;
+        Ok(peers
+            .iter()
+            .map(|p| peer_view(p, self.shared.hub.is_online(mesh, &p.key)))
+            .collect())
+    }
+
+    async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+        let (mesh, key) = (self.mesh(), self.key());
+        if self.shared.hub.connections(mesh) >= self.shared.config.max_connections_per_mesh
+            && !self.shared.hub.is_online(mesh, &key)
+        {
+            self.send_error(ErrorFrame::new(
+                ErrorCode::TooManyConnections,
+                "this mesh has reached its connection limit",
+            ))
+            .await;
+            let _ = self
+                .out
+                .send(Outbound::Close {
+                    code: CLOSE_POLICY,
+                    reason: "too_many_connections".into(),
+                })
+                .await;
+            return;
+        }
+        let wake = Arc::new(Notify::new());
+        let kicked = CancellationToken::new();
+        let handle = ConnHandle {
+            conn_id: self.conn_id,
+            wake: wake.clone(),
+            outbound: self.out.clone(),
+            kicked: kicked.clone(),
+        };
+        if let Some(previous) = self.shared.hub.register(mesh, key, handle) {
+            tracing::info!(
+                previous = previous.conn_id,
+                "superseding an older connection of the same key"
+            );
+            let _ = previous.outbound.try_send(Outbound::Text(
+                ServerFrame::Error(ErrorFrame::new(
+                    ErrorCode::Superseded,
+                    "another connection authenticated with this key",
+                ))
+                .to_json(),
+            ));
+            previous.kicked.cancel();
+        }
+
+        let welcome = match self.roster().await {
+            Ok(roster) => ServerFrame::Welcome(Welcome {
+                v: mesh_proto::PROTOCOL_VERSION,
+                mesh_id: mesh,
+                mesh_name: self.auth.mesh.name.clone(),
+                you: peer_view(&self.auth.peer, true),
+                roster,
+                limits: self.shared.config.limits(),
+                server_time: now_ms(),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "loading roster for welcome");
+                ServerFrame::Error(ErrorFrame::new(
+                    ErrorCode::Internal,
+                    "storage failure; retry later",
+                ))
+            }
+        };
+        let welcomed = matches!(welcome, ServerFrame::Welcome(_));
+        if self.send_frame(welcome).await && welcomed {
+            self.announce(true);
+            let (acked_tx, acked_rx) = mpsc::unbounded_channel();
+            let stop_delivery = CancellationToken::new();
+            let deliverer = self.shared.tracker.spawn(
+                deliver_loop(
+                    self.shared.clone(),
+                    mesh,
+                    key,
+                    self.conn_id,
+                    wake,
+                    acked_rx,
+                    self.out.clone(),
+                    stop_delivery.clone(),
+                )
+                .in_current_span(),
+            );
+            self.read_loop(&mut stream, &kicked, &acked_tx).await;
+            stop_delivery.cancel();
+            let _ = deliverer.await;
+        }
+
+        if self.shared.hub.unregister(mesh, key, self.conn_id) {
+            let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
+            self.announce(false);
+        }
+        if let Err(e) = self.shared.store.release(mesh, key, self.conn_id).await {
+            tracing::warn!(error = %e, "releasing leases; they will expire on their own");
+        }
+        tracing::info!("connection closed");
+    }
+
+    fn announce(&self, online: bool) {
+        let frame = ServerFrame::Presence(Presence {
+            peer: peer_view(&self.auth.peer, online),
+        })
+        .to_json();
+        self.shared.hub.broadcast(self.mesh(), &self.key(), &frame);
+    }
+
+    async fn read_loop(
+        &self,
+        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        kicked: &CancellationToken,
+        acked: &mpsc::UnboundedSender<Vec<u64>>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                next = tokio::time::timeout(self.shared.config.idle_timeout, stream.next()) => next,
+                () = kicked.cancelled() => {
+                    let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "superseded".into() }).await;
+                    return;
+                }
+                () = self.shared.shutdown.cancelled() => {
+                    self.send_error(ErrorFrame::new(ErrorCode::ShuttingDown, "broker is shutting down")).await;
+                    let _ = self.out.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "shutting_down".into() }).await;
+                    return;
+                }
+            };
+            let msg = match next {
+                Err(_) => {
+                    tracing::info!("closing an idle connection");
+                    let _ = self
+                        .out
+                        .send(Outbound::Close {
+                            code: CLOSE_GOING_AWAY,
+                            reason: "idle".into(),
+                        })
+                        .await;
+                    return;
+                }
+                Ok(None) => return,
+                Ok(Some(Err(e))) => {
+                    // Oversized frames are refused by the WebSocket layer before we see them.
+                    tracing::info!(error = %e, "websocket read failed");
+                    if is_capacity_error(e) {
+                        self.send_error(ErrorFrame::new(
+                            ErrorCode::FrameTooLarge,
+                            "frame exceeds the broker's hard limit",
+                        ))
+                        .await;
+                        let _ = self
+                            .out
+                            .send(Outbound::Close {
+                                code: CLOSE_TOO_BIG,
+                                reason: "frame_too_large".into(),
+                            })
+                            .await;
+                    }
+                    return;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let keep_going = match msg {
+                Message::Text(text) => self.handle_text(&text, acked).await,
+                Message::Binary(_) => {
+                    self.send_error(ErrorFrame::new(
+                        ErrorCode::BadFrame,
+                        "binary frames are not part of protocol v1",
+                    ))
+                    .await
+                }
+                Message::Ping(_) | Message::Pong(_) => true,
+                Message::Close(_) => return,
+            };
+            if !keep_going {
+                return;
+            }
+        }
+    }
+
+    /// Handles one text frame; false when the connection should end.
+    async fn handle_text(&self, text: &str, acked: &mpsc::UnboundedSender<Vec<u64>>) -> bool {
+        if text.len() > self.shared.config.max_frame_bytes {
+            return self
+                .send_error(ErrorFrame::new(
+                    ErrorCode::FrameTooLarge,
+                    format!(
+                        "frame of {} bytes exceeds max_frame_bytes {}",
+                        text.len(),
+                        self.shared.config.max_frame_bytes
+                    ),
+                ))
+                .await;
+        }
+        match wire::decode_client(text) {
+            Err(e) => self.send_error(e.into_error_frame()).await,
+            Ok(ClientFrame::Hello(_)) => {
+                self.send_error(ErrorFrame::new(
+                    ErrorCode::AlreadyAuthenticated,
+                    "this connection is already authenticated",
+                ))
+                .await
+            }
+            Ok(ClientFrame::Send(send)) => {
+                let id = send.id;
+                let reply = match self.accept(send).await {
+                    Ok(accepted) => ServerFrame::Accepted(accepted),
+                    Err(err) => ServerFrame::Error(err.with_id(Some(id))),
+                };
+                self.send_frame(reply).await
+            }
+            Ok(ClientFrame::Ack(ack)) => {
+                let ids = ack.delivery_ids;
+                match self
+                    .shared
+                    .store
+                    .ack(self.mesh(), self.key(), ids.clone(), now_ms())
+                    .await
+                {
+                    Ok(senders) => {
+                        for sender in senders {
+                            self.shared.hub.wake(self.mesh(), &sender);
+                        }
+                        let _ = acked.send(ids);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "recording acks; the deliveries will be sent again");
+                        self.send_error(ErrorFrame::new(
+                            ErrorCode::Internal,
+                            "could not record the ack; it will be redelivered",
+                        ))
+                        .await
+                    }
+                }
+            }
+            Ok(ClientFrame::Roster(req)) => match self.roster().await {
+                Ok(peers) => {
+                    self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers }))
+                        .await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "loading roster");
+                    self.send_error(
+                        ErrorFrame::new(ErrorCode::Internal, "storage failure")
+                            .with_id(Some(req.id)),
+                    )
+                    .await
+                }
+            },
+        }
+    }
+
+    /// Validates a send, commits it to every recipient's queue and wakes them.
+    async fn accept(&self, send: SendMessage) -> Result<Accepted, ErrorFrame> {
+        let bad = |m: &str| ErrorFrame::new(ErrorCode::BadFrame, m.to_owned());
+        let cmid = &send.client_message_id;
+        if cmid.is_empty()
+            || cmid.len() > MAX_CLIENT_MESSAGE_ID
+            || cmid.chars().any(char::is_control)
+        {
+            return Err(bad("client_message_id must be 1-128 printable characters"));
+        }
+        if send.nonce.len() != crypto::NONCE_LEN {
+            return Err(bad("nonce must be 24 bytes"));
+        }
+        if send.ciphertext.len() < 16 {
+            return Err(bad("ciphertext is shorter than its authentication tag"));
+        }
+        let config = &self.shared.config;
+        let ttl = match send.ttl_ms {
+            None | Some(0) => config.default_ttl_ms,
+            Some(t) => t.min(config.max_ttl_ms),
+        };
+        let now = now_ms();
+        let peer = &self.auth.peer;
+        let fingerprint = send.fingerprint();
+        let message_id = uuid::Uuid::now_v7().to_string();
+        let envelope = Envelope {
+            message_id: message_id.clone(),
+            mesh_id: self.mesh(),
+            from: peer.key,
+            from_member: peer.member,
+            from_enc_key: peer.enc_key,
+            from_enc_sig: peer.enc_sig,
+            from_name: peer.name.clone(),
+            to: send.to.clone(),
+            client_message_id: send.client_message_id.clone(),
+            nonce: send.nonce,
+            ciphertext: send.ciphertext,
+            sig: send.sig,
+            sent_at: now,
+            expires_at: now + ttl,
+        };
+        let item_json =
+            serde_json::to_string(&DeliveryItem::Message(envelope)).expect("envelopes serialise");
+        let msg = NewMessage {
+            mesh_id: self.mesh(),
+            sender: peer.key,
+            client_message_id: send.client_message_id,
+            fingerprint,
+            target: send.to,
+            message_id,
+            item_json,
+            created_at: now,
+            expires_at: now + ttl,
+        };
+        match self.shared.store.enqueue(msg).await {
+            Ok(done) => {
+                for key in &done.woken {
+                    self.shared.hub.wake(self.mesh(), key);
+                }
+                Ok(Accepted {
+                    id: send.id,
+                    message_id: done.message_id,
+                    duplicate: done.duplicate,
+                    recipients: done.recipients,
+                })
+            }
+            Err(StoreError::IdempotencyConflict(c)) => Err(ErrorFrame::new(
+                ErrorCode::IdempotencyConflict,
+                format!("client_message_id {c:?} was already used for a different message"),
+            )),
+            Err(StoreError::RecipientUnknown(r)) => Err(ErrorFrame::new(
+                ErrorCode::RecipientUnknown,
+                format!("no such recipient in this mesh: {r}"),
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "enqueue failed");
+                Err(ErrorFrame::new(
+                    ErrorCode::Internal,
+                    "storage failure; retry",
+                ))
+            }
+        }
+    }
+}
+
+/// Leases the peer's queue and pushes it, keeping at most `deliver_window` deliveries unacked. Runs on
+/// wake-ups (new items), acks (room in the window) and a timer for the earliest lease to run out, so an
+/// unacked delivery is sent again without waiting for any other event.
+#[allow(clippy::too_many_arguments)]
+async fn deliver_loop(
+    shared: Arc<Shared>,
+    mesh: MeshId,
+    key: PublicKey,
+    conn_id: u64,
+    wake: Arc<Notify>,
+    mut acked: mpsc::UnboundedReceiver<Vec<u64>>,
+    out: mpsc::Sender<Outbound>,
+    stop: CancellationToken,
+) {
+    let window = shared.config.deliver_window as usize;
+    let lease_ms = shared.config.lease.as_millis() as u64;
+    let mut inflight: HashMap<u64, u64> = HashMap::new();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let now = now_ms();
+        inflight.retain(|_, until| *until > now);
+        if inflight.len() < window && retry_at.is_none_or(|t| t <= Instant::now()) {
+            retry_at = None;
+            match shared
+                .store
+                .lease(
+                    mesh,
+                    key,
+                    conn_id,
+                    (window - inflight.len()) as u32,
+                    now,
+                    lease_ms,
+                )
+                .await
+            {
+                Ok(items) => {
+                    for item in items {
+                        inflight.insert(item.delivery_id, now + lease_ms);
+                        let frame = wire::deliver_frame_json(item.delivery_id, &item.item_json);
+                        if out.send(Outbound::Text(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "leasing deliveries; retrying in 1 s");
+                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
+        let next_expiry = inflight
+            .values()
+            .min()
+            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
+        let deadline = match (next_expiry, retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = wake.notified() => {}
+            ids = acked.recv() => match ids {
+                Some(ids) => for id in ids { inflight.remove(&id); },
+                None => return,
+            },
+            () = sleep_until_opt(deadline) => {}
+        }
+    }
+}
+
+/// Whether the WebSocket layer refused a frame for its size.
+fn is_capacity_error(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    e.into_inner()
+        .downcast_ref::<Error>()
+        .is_some_and(|e| matches!(e, Error::Capacity(_)))
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

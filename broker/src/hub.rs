@@ -1,0 +1,96 @@
+//! The in-memory view of who is connected: one entry per (mesh, key), each with the handles the rest
+//! of the broker needs to reach that connection. The store is the source of truth for queues; the hub
+//! only wakes connections and carries presence.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mesh_proto::{MeshId, PublicKey};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// What a connection's writer task sends on the socket.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(String),
+    Close { code: u16, reason: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub conn_id: u64,
+    /// Wakes the connection's deliverer: its queue has new items.
+    pub wake: Arc<Notify>,
+    /// Frames for the socket; `try_send` only, so a slow connection never blocks the hub.
+    pub outbound: mpsc::Sender<Outbound>,
+    /// Cancelled when another connection supersedes this one.
+    pub kicked: CancellationToken,
+}
+
+#[derive(Default, Debug)]
+pub struct Hub {
+    meshes: Mutex<HashMap<MeshId, HashMap<PublicKey, ConnHandle>>>,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<MeshId, HashMap<PublicKey, ConnHandle>>> {
+        self.meshes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a connection and returns the one it replaces, if any.
+    pub fn register(&self, mesh: MeshId, key: PublicKey, handle: ConnHandle) -> Option<ConnHandle> {
+        self.lock().entry(mesh).or_default().insert(key, handle)
+    }
+
+    /// Removes the connection if it is still the registered one for its key; true if it was.
+    pub fn unregister(&self, mesh: MeshId, key: PublicKey, conn_id: u64) -> bool {
+        let mut meshes = self.lock();
+        let Some(conns) = meshes.get_mut(&mesh) else {
+            return false;
+        };
+        if conns.get(&key).is_some_and(|h| h.conn_id == conn_id) {
+            conns.remove(&key);
+            if conns.is_empty() {
+                meshes.remove(&mesh);
+            }
+            return true;
+        }
+        false
+    }
+
+    pub fn connections(&self, mesh: MeshId) -> usize {
+        self.lock().get(&mesh).map_or(0, HashMap::len)
+    }
+
+    pub fn is_online(&self, mesh: MeshId, key: &PublicKey) -> bool {
+        self.lock().get(&mesh).is_some_and(|c| c.contains_key(key))
+    }
+
+    pub fn wake(&self, mesh: MeshId, key: &PublicKey) {
+        if let Some(h) = self.lock().get(&mesh).and_then(|c| c.get(key)) {
+            h.wake.notify_one();
+        }
+    }
+
+    /// Sends `frame` to every connection of `mesh` except `except`. A connection whose outbound buffer
+    /// is full is already far behind: it misses this frame and sees current presence in its next
+    /// `roster` reply. Presence is advisory; queues are not.
+    pub fn broadcast(&self, mesh: MeshId, except: &PublicKey, frame: &str) {
+        let meshes = self.lock();
+        let Some(conns) = meshes.get(&mesh) else {
+            return;
+        };
+        for (key, h) in conns {
+            if key != except
+                && h.outbound
+                    .try_send(Outbound::Text(frame.to_owned()))
+                    .is_err()
+            {
+                tracing::debug!(
+                    conn = h.conn_id,
+                    "presence frame skipped: connection buffer full"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! mesh-broker: the relay between daemons. Store-and-forward per recipient, idempotent, durable.
+//!
+//! The only entry point is [`run`]: it takes a bound listener, a [`Store`] and a shutdown token, and
+//! returns when shutdown has drained every connection. It never binds ports or reads signals itself, so
+//! `mesh broker serve` and the daemon's embedded broker share it unchanged. The broker sees ciphertext,
+//! public keys and routing metadata only.
+
+mod config;
+mod connection;
+mod handshake;
+mod hub;
+pub mod sqlite;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use mesh_proto::now_ms;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::BrokerConfig;
+pub use store::Store;
+pub use store::sqlite::SqliteStore;
+
+/// How long shutdown waits for connections to close before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub(crate) struct Shared {
+    store: Arc<dyn Store>,
+    config: BrokerConfig,
+    hub: hub::Hub,
+    next_conn: AtomicU64,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Serves the broker on `listener` until `shutdown` is cancelled, then closes every connection.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    config: BrokerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // Connection ids only need to be unique among the leases of one store: seed them with the start
+    // time so a restarted broker never reuses an id a stale lease still carries.
+    let shared = Arc::new(Shared {
+        store,
+        config,
+        hub: hub::Hub::default(),
+        next_conn: AtomicU64::new(now_ms() << 16),
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
+    shared.tracker.spawn(janitor(shared.clone()));
+    let app = Router::new()
+        .route("/health", get(health))
+        .route(mesh_proto::wire::WS_PATH, get(upgrade))
+        .with_state(shared.clone());
+    tracing::info!(addr = ?listener.local_addr().ok(), "broker listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within the shutdown grace period");
+    }
+    served
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "protocol": mesh_proto::PROTOCOL_VERSION,
+        "shutting_down": shared.shutdown.is_cancelled(),
+    }))
+}
+
+async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    // The WebSocket layer's hard cap is twice the protocol limit, so frames in between get a typed
+    // `frame_too_large` answer on a connection that stays open.
+    let hard_cap = shared
+        .config
+        .max_frame_bytes
+        .saturating_mul(2)
+        .max(64 * 1024);
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| connection::serve(shared, socket))
+}
+
+/// Expires queue items past their TTL (queueing `expired` receipts) on a timer.
+async fn janitor(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.janitor_interval);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.store.expire(now_ms()).await {
+            Ok(done) => {
+                if done.messages_expired + done.receipts_dropped > 0 {
+                    tracing::info!(
+                        messages = done.messages_expired,
+                        receipts = done.receipts_dropped,
+                        "expired queue items"
+                    );
+                }
+                for (mesh, sender) in done.woken {
+                    shared.hub.wake(mesh, &sender);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "janitor pass failed; will retry"),
+        }
+    }
+}

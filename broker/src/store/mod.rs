@@ -1,0 +1,172 @@
+//! The broker's durable state behind one trait, so that SQLite (one machine) and PostgreSQL (several
+//! replicas) can serve the same protocol code. Every method is one transaction: a `send` is committed
+//! to each recipient's queue before it is accepted; a queue row is deleted only by its recipient's ack
+//! or by its TTL, and either way a receipt is queued for the sender in the same transaction.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use mesh_proto::wire::{PeerKind, Receipt, Role};
+use mesh_proto::{EncPublicKey, MeshId, PublicKey, Sig, Target};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshRecord {
+    pub id: MeshId,
+    pub name: String,
+    pub owner: PublicKey,
+    pub created_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRecord {
+    pub key: PublicKey,
+    pub kind: PeerKind,
+    pub member: PublicKey,
+    pub name: String,
+    pub enc_key: EncPublicKey,
+    pub enc_sig: Sig,
+    pub role: Role,
+    pub joined_at: u64,
+    pub last_seen: Option<u64>,
+    pub revoked: bool,
+}
+
+/// A message accepted from a sender, ready to be queued for each recipient of `target`.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    pub mesh_id: MeshId,
+    pub sender: PublicKey,
+    pub client_message_id: String,
+    pub fingerprint: [u8; 32],
+    pub target: Target,
+    /// Used unless the message turns out to be a duplicate.
+    pub message_id: String,
+    /// The `DeliveryItem::Message` JSON delivered to every recipient.
+    pub item_json: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    pub message_id: String,
+    pub duplicate: bool,
+    /// The recipient queues that received a new row (empty for a duplicate).
+    pub woken: Vec<PublicKey>,
+    pub recipients: u32,
+}
+
+/// An item leased to a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leased {
+    pub delivery_id: u64,
+    pub item_json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinOutcome {
+    Joined(PeerRecord),
+    /// The key was already a member: nothing consumed, treat as a reconnect.
+    AlreadyMember(PeerRecord),
+}
+
+/// What the janitor did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub messages_expired: u64,
+    pub receipts_dropped: u64,
+    /// Senders that got an `expired` receipt, to be woken.
+    pub woken: Vec<(MeshId, PublicKey)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a mesh with this id already exists")]
+    MeshExists,
+    #[error("the invite has been used up")]
+    InviteExhausted,
+    #[error("no such recipient in this mesh: {0}")]
+    RecipientUnknown(String),
+    #[error("client_message_id {0:?} was already used for a different message")]
+    IdempotencyConflict(String),
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+impl From<crate::sqlite::DbError> for StoreError {
+    fn from(e: crate::sqlite::DbError) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError>;
+    async fn mesh(&self, id: MeshId) -> Result<Option<MeshRecord>, StoreError>;
+    async fn peer(&self, mesh: MeshId, key: PublicKey) -> Result<Option<PeerRecord>, StoreError>;
+    /// Adds `peer` as a member through invite `invite_id`, counting the use against `max_uses`.
+    async fn join(
+        &self,
+        mesh: MeshId,
+        invite_id: &str,
+        max_uses: Option<u32>,
+        peer: PeerRecord,
+    ) -> Result<JoinOutcome, StoreError>;
+    /// Inserts or refreshes a peer (a session on connect, or a member whose name or keys changed)
+    /// and records it as seen now.
+    async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<(), StoreError>;
+    async fn touch_peer(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        seen_at: u64,
+    ) -> Result<(), StoreError>;
+    async fn roster(&self, mesh: MeshId) -> Result<Vec<PeerRecord>, StoreError>;
+
+    /// Idempotent on (mesh, sender, client_message_id): a duplicate with the same fingerprint returns the
+    /// first message id and queues nothing; a different fingerprint is an `IdempotencyConflict`.
+    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
+    /// Leases up to `limit` of `recipient`'s items whose lease is free or expired, oldest first.
+    async fn lease(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        conn: u64,
+        limit: u32,
+        now: u64,
+        lease_ms: u64,
+    ) -> Result<Vec<Leased>, StoreError>;
+    /// Deletes acked items of `recipient` and queues a `delivered` receipt to each message's sender.
+    /// Returns the senders to wake. Unknown ids are ignored (acks are idempotent).
+    async fn ack(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        delivery_ids: Vec<u64>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError>;
+    /// Frees the leases a closed connection held.
+    async fn release(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        conn: u64,
+    ) -> Result<(), StoreError>;
+    /// The earliest time a lease of `recipient` runs out, to schedule redelivery.
+    async fn next_lease_expiry(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
+    /// idempotency records past retention.
+    async fn expire(&self, now: u64) -> Result<Expired, StoreError>;
+    /// Queues a receipt for `to` (used for `read` receipts relayed from a recipient).
+    async fn enqueue_receipt(
+        &self,
+        mesh: MeshId,
+        to: PublicKey,
+        receipt: Receipt,
+        expires_at: u64,
+    ) -> Result<(), StoreError>;
+}

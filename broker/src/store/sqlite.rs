@@ -1,0 +1,624 @@
+//! The SQLite implementation of [`Store`]: one file, WAL, every method one `BEGIN IMMEDIATE`
+//! transaction on the blocking pool.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
+use mesh_proto::{MeshId, PublicKey, Target};
+use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use super::{
+    Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, Store, StoreError,
+};
+use crate::sqlite::{Db, DbError};
+
+/// Receipts live as long as a message's default TTL: the sender may be offline for that long.
+const RECEIPT_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meshes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE peers (
+    mesh_id TEXT NOT NULL REFERENCES meshes(id),
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    member TEXT NOT NULL,
+    name TEXT NOT NULL,
+    enc_key TEXT NOT NULL,
+    enc_sig TEXT NOT NULL,
+    role TEXT NOT NULL,
+    joined_at INTEGER NOT NULL,
+    last_seen INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (mesh_id, key)
+);
+CREATE TABLE invite_uses (
+    mesh_id TEXT NOT NULL,
+    invite_id TEXT NOT NULL,
+    uses INTEGER NOT NULL,
+    PRIMARY KEY (mesh_id, invite_id)
+);
+CREATE TABLE group_members (
+    mesh_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (mesh_id, group_name, key)
+);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    mesh_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    client_message_id TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    message_id TEXT NOT NULL,
+    recipients INTEGER NOT NULL,
+    item TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    UNIQUE (mesh_id, sender, client_message_id)
+);
+CREATE INDEX messages_by_expiry ON messages(expires_at);
+CREATE TABLE queue (
+    id INTEGER PRIMARY KEY,
+    mesh_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_seq INTEGER REFERENCES messages(seq),
+    receipt TEXT,
+    lease_until INTEGER,
+    lease_conn INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX queue_by_recipient ON queue(mesh_id, recipient, id);
+CREATE INDEX queue_by_message ON queue(message_seq) WHERE message_seq IS NOT NULL;
+CREATE INDEX queue_by_expiry ON queue(expires_at);
+"#];
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    db: Db,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, DbError> {
+        Ok(SqliteStore {
+            db: Db::open(path, MIGRATIONS)?,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn write<F, R>(&self, f: F) -> Result<R, StoreError>
+    where
+        F: FnOnce(&Transaction<'_>) -> Result<R, TxError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let outcome = self
+            .db
+            .call(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                match f(&tx) {
+                    Ok(r) => {
+                        tx.commit()?;
+                        Ok(Ok(r))
+                    }
+                    Err(TxError::Sqlite(e)) => Err(e),
+                    Err(TxError::Domain(e)) => Ok(Err(e)),
+                }
+            })
+            .await?;
+        outcome
+    }
+}
+
+/// Inside a transaction: a domain outcome that rolls back, or a database failure.
+enum TxError {
+    Domain(StoreError),
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Sqlite(e)
+    }
+}
+
+fn parse<T: FromStr>(s: String) -> rusqlite::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    T::from_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn bad_text(what: &str, s: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unexpected {what} {s:?} in database").into(),
+    )
+}
+
+const PEER_COLUMNS: &str =
+    "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked";
+
+fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
+    let kind: String = row.get(1)?;
+    let role: String = row.get(6)?;
+    Ok(PeerRecord {
+        key: parse(row.get(0)?)?,
+        kind: PeerKind::parse(&kind).ok_or_else(|| bad_text("peer kind", &kind))?,
+        member: parse(row.get(2)?)?,
+        name: row.get(3)?,
+        enc_key: parse(row.get(4)?)?,
+        enc_sig: parse(row.get(5)?)?,
+        role: Role::parse(&role).ok_or_else(|| bad_text("role", &role))?,
+        joined_at: row.get::<_, i64>(7)? as u64,
+        last_seen: row.get::<_, Option<i64>>(8)?.map(|t| t as u64),
+        revoked: row.get(9)?,
+    })
+}
+
+fn insert_peer(tx: &Transaction<'_>, mesh: &MeshId, p: &PeerRecord) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (mesh_id, key) DO UPDATE SET
+           name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, last_seen = excluded.last_seen",
+        params![
+            mesh.to_string(),
+            p.key.to_string(),
+            p.kind.as_str(),
+            p.member.to_string(),
+            p.name,
+            p.enc_key.to_string(),
+            p.enc_sig.to_string(),
+            p.role.as_str(),
+            p.joined_at as i64,
+            p.last_seen.map(|t| t as i64),
+            p.revoked,
+        ],
+    )?;
+    Ok(())
+}
+
+fn get_peer(
+    tx: &Transaction<'_>,
+    mesh: &MeshId,
+    key: &PublicKey,
+) -> rusqlite::Result<Option<PeerRecord>> {
+    tx.query_row(
+        &format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"),
+        params![mesh.to_string(), key.to_string()],
+        peer_from_row,
+    )
+    .optional()
+}
+
+fn queue_receipt(
+    tx: &Transaction<'_>,
+    mesh: &str,
+    to: &str,
+    receipt: &Receipt,
+    expires_at: u64,
+) -> rusqlite::Result<()> {
+    let json =
+        serde_json::to_string(&DeliveryItem::Receipt(receipt.clone())).expect("receipts serialise");
+    tx.execute(
+        "INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![mesh, to, json, expires_at as i64],
+    )?;
+    Ok(())
+}
+
+/// Queues a receipt of `kind` from `recipient` for the sender of message `seq`; returns the sender.
+fn receipt_for_message(
+    tx: &Transaction<'_>,
+    seq: i64,
+    kind: ReceiptKind,
+    recipient: &str,
+    now: u64,
+) -> rusqlite::Result<Option<String>> {
+    let row: Option<(String, String, String, String)> = tx
+        .query_row(
+            "SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1",
+            [seq],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((mesh, sender, message_id, client_message_id)) = row else {
+        return Ok(None);
+    };
+    let receipt = Receipt {
+        message_id,
+        client_message_id,
+        kind,
+        recipient: parse(recipient.to_owned())?,
+        at: now,
+    };
+    queue_receipt(tx, &mesh, &sender, &receipt, now + RECEIPT_TTL_MS)?;
+    Ok(Some(sender))
+}
+
+/// Drops the stored ciphertext of a message once no queue row needs it; the row itself stays until
+/// its TTL for idempotency.
+fn forget_body_if_done(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE messages SET item = NULL WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = ?1)",
+        [seq],
+    )?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM meshes WHERE id = ?1)",
+                [mesh.id.to_string()],
+                |r| r.get(0),
+            )?;
+            if exists {
+                return Err(TxError::Domain(StoreError::MeshExists));
+            }
+            tx.execute(
+                "INSERT INTO meshes (id, name, owner, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    mesh.id.to_string(),
+                    mesh.name,
+                    mesh.owner.to_string(),
+                    mesh.created_at as i64
+                ],
+            )?;
+            insert_peer(tx, &mesh.id, &owner)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn mesh(&self, id: MeshId) -> Result<Option<MeshRecord>, StoreError> {
+        Ok(self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT id, name, owner, created_at FROM meshes WHERE id = ?1",
+                    [id.to_string()],
+                    |r| {
+                        Ok(MeshRecord {
+                            id: parse(r.get(0)?)?,
+                            name: r.get(1)?,
+                            owner: parse(r.get(2)?)?,
+                            created_at: r.get::<_, i64>(3)? as u64,
+                        })
+                    },
+                )
+                .optional()
+            })
+            .await?)
+    }
+
+    async fn peer(&self, mesh: MeshId, key: PublicKey) -> Result<Option<PeerRecord>, StoreError> {
+        Ok(self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    &format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"),
+                    params![mesh.to_string(), key.to_string()],
+                    peer_from_row,
+                )
+                .optional()
+            })
+            .await?)
+    }
+
+    async fn join(
+        &self,
+        mesh: MeshId,
+        invite_id: &str,
+        max_uses: Option<u32>,
+        peer: PeerRecord,
+    ) -> Result<JoinOutcome, StoreError> {
+        let invite_id = invite_id.to_owned();
+        self.write(move |tx| {
+            if let Some(existing) = get_peer(tx, &mesh, &peer.key)? {
+                return Ok(JoinOutcome::AlreadyMember(existing));
+            }
+            let uses: i64 = tx
+                .query_row(
+                    "SELECT uses FROM invite_uses WHERE mesh_id = ?1 AND invite_id = ?2",
+                    params![mesh.to_string(), invite_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            if max_uses.is_some_and(|max| uses >= i64::from(max)) {
+                return Err(TxError::Domain(StoreError::InviteExhausted));
+            }
+            tx.execute(
+                "INSERT INTO invite_uses (mesh_id, invite_id, uses) VALUES (?1, ?2, 1)
+                 ON CONFLICT (mesh_id, invite_id) DO UPDATE SET uses = uses + 1",
+                params![mesh.to_string(), invite_id],
+            )?;
+            insert_peer(tx, &mesh, &peer)?;
+            Ok(JoinOutcome::Joined(peer))
+        })
+        .await
+    }
+
+    async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<(), StoreError> {
+        self.write(move |tx| Ok(insert_peer(tx, &mesh, &peer)?))
+            .await
+    }
+
+    async fn touch_peer(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        seen_at: u64,
+    ) -> Result<(), StoreError> {
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE peers SET last_seen = ?3 WHERE mesh_id = ?1 AND key = ?2",
+                    params![mesh.to_string(), key.to_string(), seen_at as i64],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn roster(&self, mesh: MeshId) -> Result<Vec<PeerRecord>, StoreError> {
+        Ok(self
+            .db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&format!(
+                    "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 ORDER BY joined_at, key"
+                ))?;
+                stmt.query_map([mesh.to_string()], peer_from_row)?.collect()
+            })
+            .await?)
+    }
+
+    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
+        self.write(move |tx| {
+            let mesh = msg.mesh_id.to_string();
+            let sender = msg.sender.to_string();
+            let existing: Option<(Vec<u8>, String, i64)> = tx
+                .query_row(
+                    "SELECT fingerprint, message_id, recipients FROM messages
+                     WHERE mesh_id = ?1 AND sender = ?2 AND client_message_id = ?3",
+                    params![mesh, sender, msg.client_message_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((fingerprint, message_id, recipients)) = existing {
+                if fingerprint != msg.fingerprint {
+                    return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id)));
+                }
+                return Ok(Enqueued { message_id, duplicate: true, woken: vec![], recipients: recipients as u32 });
+            }
+            let recipients: Vec<String> = match &msg.target {
+                Target::Key(key) => {
+                    let known: bool = tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM peers WHERE mesh_id = ?1 AND key = ?2 AND revoked = 0)",
+                        params![mesh, key.to_string()],
+                        |r| r.get(0),
+                    )?;
+                    if !known {
+                        return Err(TxError::Domain(StoreError::RecipientUnknown(key.to_string())));
+                    }
+                    vec![key.to_string()]
+                }
+                Target::All => {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT key FROM peers WHERE mesh_id = ?1 AND revoked = 0 AND key != ?2 ORDER BY key",
+                    )?;
+                    stmt.query_map(params![mesh, sender], |r| r.get(0))?.collect::<Result<_, _>>()?
+                }
+                Target::Group(group) => {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT g.key FROM group_members g JOIN peers p ON p.mesh_id = g.mesh_id AND p.key = g.key
+                         WHERE g.mesh_id = ?1 AND g.group_name = ?2 AND g.key != ?3 AND p.revoked = 0 ORDER BY g.key",
+                    )?;
+                    let keys: Vec<String> = stmt.query_map(params![mesh, group, sender], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                    if keys.is_empty() {
+                        return Err(TxError::Domain(StoreError::RecipientUnknown(format!("@{group} has no other members"))));
+                    }
+                    keys
+                }
+            };
+            tx.execute(
+                "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    mesh,
+                    sender,
+                    msg.client_message_id,
+                    msg.fingerprint.as_slice(),
+                    msg.message_id,
+                    recipients.len() as i64,
+                    msg.item_json,
+                    msg.created_at as i64,
+                    msg.expires_at as i64,
+                ],
+            )?;
+            let seq = tx.last_insert_rowid();
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO queue (mesh_id, recipient, message_seq, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in &recipients {
+                insert.execute(params![mesh, r, seq, msg.expires_at as i64])?;
+            }
+            let woken = recipients.iter().map(|r| parse(r.clone())).collect::<Result<Vec<_>, _>>()?;
+            Ok(Enqueued { message_id: msg.message_id, duplicate: false, recipients: woken.len() as u32, woken })
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        conn: u64,
+        limit: u32,
+        now: u64,
+        lease_ms: u64,
+    ) -> Result<Vec<Leased>, StoreError> {
+        self.write(move |tx| {
+            let mut pick = tx.prepare_cached(
+                "SELECT q.id, COALESCE(q.receipt, m.item) FROM queue q LEFT JOIN messages m ON m.seq = q.message_seq
+                 WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND (q.lease_until IS NULL OR q.lease_until <= ?3)
+                   AND q.expires_at > ?3
+                 ORDER BY q.id LIMIT ?4",
+            )?;
+            let rows: Vec<(i64, Option<String>)> = pick
+                .query_map(params![mesh.to_string(), recipient.to_string(), now as i64, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut mark = tx.prepare_cached(
+                "UPDATE queue SET lease_until = ?2, lease_conn = ?3, attempts = attempts + 1 WHERE id = ?1",
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (id, item) in rows {
+                mark.execute(params![id, (now + lease_ms) as i64, conn as i64])?;
+                match item {
+                    Some(item_json) => out.push(Leased { delivery_id: id as u64, item_json }),
+                    None => tracing::error!(delivery_id = id, "queue row without an item; skipped"),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ack(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        delivery_ids: Vec<u64>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        self.write(move |tx| {
+            let mesh = mesh.to_string();
+            let recipient = recipient.to_string();
+            let mut senders = Vec::new();
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM queue WHERE id = ?1 AND mesh_id = ?2 AND recipient = ?3 RETURNING message_seq",
+            )?;
+            for id in delivery_ids {
+                let seq: Option<Option<i64>> =
+                    delete.query_row(params![id as i64, mesh, recipient], |r| r.get(0)).optional()?;
+                if let Some(Some(seq)) = seq {
+                    if let Some(sender) = receipt_for_message(tx, seq, ReceiptKind::Delivered, &recipient, now)? {
+                        senders.push(parse(sender)?);
+                    }
+                    forget_body_if_done(tx, seq)?;
+                }
+            }
+            senders.sort();
+            senders.dedup();
+            Ok(senders)
+        })
+        .await
+    }
+
+    async fn release(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        conn: u64,
+    ) -> Result<(), StoreError> {
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE queue SET lease_until = NULL, lease_conn = NULL
+                     WHERE mesh_id = ?1 AND recipient = ?2 AND lease_conn = ?3",
+                    params![mesh.to_string(), recipient.to_string(), conn as i64],
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn next_lease_expiry(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT MIN(lease_until) FROM queue WHERE mesh_id = ?1 AND recipient = ?2 AND lease_until IS NOT NULL",
+                    params![mesh.to_string(), recipient.to_string()],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+            })
+            .await?
+            .map(|t| t as u64))
+    }
+
+    async fn expire(&self, now: u64) -> Result<Expired, StoreError> {
+        self.write(move |tx| {
+            let mut out = Expired::default();
+            let rows: Vec<(i64, String, String, Option<i64>)> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, mesh_id, recipient, message_seq FROM queue WHERE expires_at <= ?1 ORDER BY id LIMIT 10000",
+                )?;
+                stmt.query_map([now as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<Result<_, _>>()?
+            };
+            for (id, mesh, recipient, seq) in rows {
+                tx.execute("DELETE FROM queue WHERE id = ?1", [id])?;
+                match seq {
+                    Some(seq) => {
+                        out.messages_expired += 1;
+                        if let Some(sender) = receipt_for_message(tx, seq, ReceiptKind::Expired, &recipient, now)? {
+                            out.woken.push((parse(mesh)?, parse(sender)?));
+                        }
+                        forget_body_if_done(tx, seq)?;
+                    }
+                    None => out.receipts_dropped += 1,
+                }
+            }
+            tx.execute(
+                "DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)",
+                [now as i64],
+            )?;
+            out.woken.sort();
+            out.woken.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn enqueue_receipt(
+        &self,
+        mesh: MeshId,
+        to: PublicKey,
+        receipt: Receipt,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            Ok(queue_receipt(
+                tx,
+                &mesh.to_string(),
+                &to.to_string(),
+                &receipt,
+                expires_at,
+            )?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,260 @@
+//! A raw protocol client and an in-process broker for the broker's tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use mesh_broker::{BrokerConfig, SqliteStore};
+use mesh_proto::crypto::GroupKey;
+use mesh_proto::invite::{InviteParams, InviteToken};
+use mesh_proto::message::{self, Content, SealKey};
+use mesh_proto::signed::Signed;
+use mesh_proto::wire::{
+    self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame,
+};
+use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub db_path: std::path::PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    pub async fn start(config: BrokerConfig) -> TestBroker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("broker.db");
+        let store = Arc::new(SqliteStore::open(&db_path).expect("store opens"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(mesh_broker::run(listener, store, config, shutdown.clone()));
+        TestBroker {
+            addr,
+            db_path,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Stops the broker; the returned directory keeps its database until dropped.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        self.task.await.expect("broker task").expect("broker run");
+        self._dir
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub challenge: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(broker: &TestBroker) -> Client {
+        let (ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}{}", broker.addr, wire::WS_PATH))
+                .await
+                .expect("ws connect");
+        let mut c = Client {
+            ws,
+            challenge: vec![],
+        };
+        match c.recv().await {
+            ServerFrame::Challenge(ch) => c.challenge = ch.nonce,
+            other => panic!("expected challenge, got {other:?}"),
+        }
+        c
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        self.send_text(&frame.to_json()).await;
+    }
+
+    /// The next protocol frame, failing the test after [`WAIT`].
+    pub async fn recv(&mut self) -> ServerFrame {
+        self.try_recv()
+            .await
+            .expect("connection closed while waiting for a frame")
+    }
+
+    /// The next protocol frame, or `None` once the connection closes.
+    pub async fn try_recv(&mut self) -> Option<ServerFrame> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Text(t))) => {
+                    return Some(wire::decode_server(&t).expect("broker frames decode"));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Skips presence frames.
+    pub async fn recv_non_presence(&mut self) -> ServerFrame {
+        loop {
+            match self.recv().await {
+                ServerFrame::Presence(_) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn hello(
+        &mut self,
+        id: &Identity,
+        mesh: MeshId,
+        name: &str,
+        intent: Intent,
+    ) -> ServerFrame {
+        let frame = hello_frame(&self.challenge, id, mesh, name, intent);
+        self.send(&frame).await;
+        self.recv().await
+    }
+}
+
+pub fn hello_frame(
+    challenge: &[u8],
+    id: &Identity,
+    mesh: MeshId,
+    name: &str,
+    intent: Intent,
+) -> ClientFrame {
+    let public = id.public();
+    let claims = HelloClaims {
+        v: 1,
+        challenge: codec::b64(challenge),
+        mesh_id: mesh,
+        key: public.key,
+        enc_key: public.enc_key,
+        enc_sig: public.enc_sig,
+        name: name.to_owned(),
+        client: "mesh-broker-tests".into(),
+        at: now_ms(),
+        intent,
+        attestation: None,
+    };
+    ClientFrame::Hello(Hello {
+        v: 1,
+        auth: Signed::sign(id, &claims),
+    })
+}
+
+pub fn create_intent(name: &str) -> Intent {
+    Intent::Create {
+        mesh_name: name.to_owned(),
+        create_token: None,
+    }
+}
+
+pub fn mint_invite(
+    admin: &Identity,
+    mesh: MeshId,
+    url: &str,
+    expires_at: u64,
+    max_uses: Option<u32>,
+) -> InviteToken {
+    let params = InviteParams {
+        mesh_id: mesh,
+        mesh_name: "team".into(),
+        broker_url: url.to_owned(),
+        role: Role::Member,
+        issued_at: now_ms(),
+        expires_at,
+        max_uses,
+    };
+    InviteToken::mint(admin, params, &GroupKey::generate())
+}
+
+pub fn join_intent(token: &InviteToken, challenge: &[u8], joiner: &Identity) -> Intent {
+    Intent::Join {
+        invite: token.invite.clone(),
+        proof: token.prove(challenge, &joiner.key()),
+    }
+}
+
+/// A mesh with an owner `a` and a member `b`, both connected and welcomed.
+pub struct TwoMembers {
+    pub mesh: MeshId,
+    pub a: Identity,
+    pub b: Identity,
+    pub ca: Client,
+    pub cb: Client,
+}
+
+pub async fn two_members(broker: &TestBroker) -> TwoMembers {
+    let (a, b) = (Identity::generate(), Identity::generate());
+    let mesh = MeshId::generate();
+    let mut ca = Client::connect(broker).await;
+    assert!(matches!(
+        ca.hello(&a, mesh, "alice", create_intent("team")).await,
+        ServerFrame::Welcome(_)
+    ));
+    let token = mint_invite(&a, mesh, &broker.url(), now_ms() + 60_000, None);
+    let mut cb = Client::connect(broker).await;
+    let intent = join_intent(&token, &cb.challenge.clone(), &b);
+    assert!(matches!(
+        cb.hello(&b, mesh, "bob", intent).await,
+        ServerFrame::Welcome(_)
+    ));
+    TwoMembers { mesh, a, b, ca, cb }
+}
+
+pub fn dm(
+    from: &Identity,
+    mesh: MeshId,
+    to: &Identity,
+    id: u64,
+    cmid: &str,
+    body: &str,
+) -> SendMessage {
+    let target = Target::Key(to.key());
+    let sealed = message::seal(
+        from,
+        &mesh,
+        cmid,
+        &target,
+        SealKey::Direct(&to.enc_key()),
+        &Content {
+            body: body.into(),
+            reply_to: None,
+        },
+    );
+    SendMessage {
+        id,
+        client_message_id: cmid.into(),
+        to: target,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        sig: sealed.sig,
+        ttl_ms: None,
+    }
+}
