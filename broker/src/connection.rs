@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use mesh_proto::wire::{
-    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, Peer, Presence,
-    RosterReply, SendMessage, ServerFrame, Welcome,
+    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, Peer, Presence, RosterReply,
+    SendMessage, ServerFrame, Welcome,
 };
 use mesh_proto::{MeshId, PublicKey, crypto, now_ms};
 use tokio::sync::{Notify, mpsc};
@@ -85,30 +85,19 @@ async fn read_hello(
         let text = match msg {
             Message::Text(t) => t,
             Message::Binary(_) => {
-                return Err(Some(ErrorFrame::new(
-                    ErrorCode::BadFrame,
-                    "binary frames are not part of protocol v1",
-                )));
+                return Err(Some(ErrorFrame::new(ErrorCode::BadFrame, "binary frames are not part of protocol v1")));
             }
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => return Err(None),
         };
         if text.len() > shared.config.max_frame_bytes {
-            return Err(Some(ErrorFrame::new(
-                ErrorCode::FrameTooLarge,
-                "frame exceeds max_frame_bytes",
-            )));
+            return Err(Some(ErrorFrame::new(ErrorCode::FrameTooLarge, "frame exceeds max_frame_bytes")));
         }
         return match wire::decode_client(&text) {
             Ok(ClientFrame::Hello(hello)) => {
-                handshake::authenticate(&*shared.store, &shared.config, challenge, &hello)
-                    .await
-                    .map_err(Some)
+                handshake::authenticate(&*shared.store, &shared.config, challenge, &hello).await.map_err(Some)
             }
-            Ok(_) => Err(Some(ErrorFrame::new(
-                ErrorCode::NotAuthenticated,
-                "send hello first",
-            ))),
+            Ok(_) => Err(Some(ErrorFrame::new(ErrorCode::NotAuthenticated, "send hello first"))),
             Err(e) => Err(Some(e.into_error_frame())),
         };
     }
@@ -131,12 +120,7 @@ async fn write_loop(
         let result = match out {
             Some(Outbound::Text(text)) => sink.send(Message::Text(text.into())).await,
             Some(Outbound::Close { code, reason }) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    })))
-                    .await;
+                let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
                 return;
             }
             None => {
@@ -191,10 +175,7 @@ impl Connection {
     async fn roster(&self) -> Result<Vec<Peer>, StoreError> {
         let mesh = self.mesh();
         let peers = self.shared.store.roster(mesh).await?;
-        Ok(peers
-            .iter()
-            .map(|p| peer_view(p, self.shared.hub.is_online(mesh, &p.key)))
-            .collect())
+        Ok(peers.iter().map(|p| peer_view(p, self.shared.hub.is_online(mesh, &p.key))).collect())
     }
 
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
@@ -207,13 +188,7 @@ impl Connection {
                 "this mesh has reached its connection limit",
             ))
             .await;
-            let _ = self
-                .out
-                .send(Outbound::Close {
-                    code: CLOSE_POLICY,
-                    reason: "too_many_connections".into(),
-                })
-                .await;
+            let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
         }
         let wake = Arc::new(Notify::new());
@@ -225,10 +200,7 @@ impl Connection {
             kicked: kicked.clone(),
         };
         if let Some(previous) = self.shared.hub.register(mesh, key, handle) {
-            tracing::info!(
-                previous = previous.conn_id,
-                "superseding an older connection of the same key"
-            );
+            tracing::info!(previous = previous.conn_id, "superseding an older connection of the same key");
             let _ = previous.outbound.try_send(Outbound::Text(
                 ServerFrame::Error(ErrorFrame::new(
                     ErrorCode::Superseded,
@@ -251,10 +223,7 @@ impl Connection {
             }),
             Err(e) => {
                 tracing::error!(error = %e, "loading roster for welcome");
-                ServerFrame::Error(ErrorFrame::new(
-                    ErrorCode::Internal,
-                    "storage failure; retry later",
-                ))
+                ServerFrame::Error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry later"))
             }
         };
         let welcomed = matches!(welcome, ServerFrame::Welcome(_));
@@ -291,10 +260,7 @@ impl Connection {
     }
 
     fn announce(&self, online: bool) {
-        let frame = ServerFrame::Presence(Presence {
-            peer: peer_view(&self.auth.peer, online),
-        })
-        .to_json();
+        let frame = ServerFrame::Presence(Presence { peer: peer_view(&self.auth.peer, online) }).to_json();
         self.shared.hub.broadcast(self.mesh(), &self.key(), &frame);
     }
 
@@ -320,13 +286,7 @@ impl Connection {
             let msg = match next {
                 Err(_) => {
                     tracing::info!("closing an idle connection");
-                    let _ = self
-                        .out
-                        .send(Outbound::Close {
-                            code: CLOSE_GOING_AWAY,
-                            reason: "idle".into(),
-                        })
-                        .await;
+                    let _ = self.out.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "idle".into() }).await;
                     return;
                 }
                 Ok(None) => return,
@@ -341,10 +301,7 @@ impl Connection {
                         .await;
                         let _ = self
                             .out
-                            .send(Outbound::Close {
-                                code: CLOSE_TOO_BIG,
-                                reason: "frame_too_large".into(),
-                            })
+                            .send(Outbound::Close { code: CLOSE_TOO_BIG, reason: "frame_too_large".into() })
                             .await;
                     }
                     return;
@@ -354,11 +311,8 @@ impl Connection {
             let keep_going = match msg {
                 Message::Text(text) => self.handle_text(&text, acked).await,
                 Message::Binary(_) => {
-                    self.send_error(ErrorFrame::new(
-                        ErrorCode::BadFrame,
-                        "binary frames are not part of protocol v1",
-                    ))
-                    .await
+                    self.send_error(ErrorFrame::new(ErrorCode::BadFrame, "binary frames are not part of protocol v1"))
+                        .await
                 }
                 Message::Ping(_) | Message::Pong(_) => true,
                 Message::Close(_) => return,
@@ -402,12 +356,7 @@ impl Connection {
             }
             Ok(ClientFrame::Ack(ack)) => {
                 let ids = ack.delivery_ids;
-                match self
-                    .shared
-                    .store
-                    .ack(self.mesh(), self.key(), ids.clone(), now_ms())
-                    .await
-                {
+                match self.shared.store.ack(self.mesh(), self.key(), ids.clone(), now_ms()).await {
                     Ok(senders) => {
                         for sender in senders {
                             self.shared.hub.wake(self.mesh(), &sender);
@@ -426,17 +375,10 @@ impl Connection {
                 }
             }
             Ok(ClientFrame::Roster(req)) => match self.roster().await {
-                Ok(peers) => {
-                    self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers }))
-                        .await
-                }
+                Ok(peers) => self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers })).await,
                 Err(e) => {
                     tracing::error!(error = %e, "loading roster");
-                    self.send_error(
-                        ErrorFrame::new(ErrorCode::Internal, "storage failure")
-                            .with_id(Some(req.id)),
-                    )
-                    .await
+                    self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure").with_id(Some(req.id))).await
                 }
             },
         }
@@ -446,10 +388,7 @@ impl Connection {
     async fn accept(&self, send: SendMessage) -> Result<Accepted, ErrorFrame> {
         let bad = |m: &str| ErrorFrame::new(ErrorCode::BadFrame, m.to_owned());
         let cmid = &send.client_message_id;
-        if cmid.is_empty()
-            || cmid.len() > MAX_CLIENT_MESSAGE_ID
-            || cmid.chars().any(char::is_control)
-        {
+        if cmid.is_empty() || cmid.len() > MAX_CLIENT_MESSAGE_ID || cmid.chars().any(char::is_control) {
             return Err(bad("client_message_id must be 1-128 printable characters"));
         }
         if send.nonce.len() != crypto::NONCE_LEN {
@@ -483,8 +422,7 @@ impl Connection {
             sent_at: now,
             expires_at: now + ttl,
         };
-        let item_json =
-            serde_json::to_string(&DeliveryItem::Message(envelope)).expect("envelopes serialise");
+        let item_json = serde_json::to_string(&DeliveryItem::Message(envelope)).expect("envelopes serialise");
         let msg = NewMessage {
             mesh_id: self.mesh(),
             sender: peer.key,
@@ -512,16 +450,12 @@ impl Connection {
                 ErrorCode::IdempotencyConflict,
                 format!("client_message_id {c:?} was already used for a different message"),
             )),
-            Err(StoreError::RecipientUnknown(r)) => Err(ErrorFrame::new(
-                ErrorCode::RecipientUnknown,
-                format!("no such recipient in this mesh: {r}"),
-            )),
+            Err(StoreError::RecipientUnknown(r)) => {
+                Err(ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}")))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "enqueue failed");
-                Err(ErrorFrame::new(
-                    ErrorCode::Internal,
-                    "storage failure; retry",
-                ))
+                Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))
             }
         }
     }
@@ -550,18 +484,7 @@ async fn deliver_loop(
         inflight.retain(|_, until| *until > now);
         if inflight.len() < window && retry_at.is_none_or(|t| t <= Instant::now()) {
             retry_at = None;
-            match shared
-                .store
-                .lease(
-                    mesh,
-                    key,
-                    conn_id,
-                    (window - inflight.len()) as u32,
-                    now,
-                    lease_ms,
-                )
-                .await
-            {
+            match shared.store.lease(mesh, key, conn_id, (window - inflight.len()) as u32, now, lease_ms).await {
                 Ok(items) => {
                     for item in items {
                         inflight.insert(item.delivery_id, now + lease_ms);
@@ -577,10 +500,8 @@ async fn deliver_loop(
                 }
             }
         }
-        let next_expiry = inflight
-            .values()
-            .min()
-            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
+        let next_expiry =
+            inflight.values().min().map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
         let deadline = match (next_expiry, retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -600,9 +521,7 @@ async fn deliver_loop(
 /// Whether the WebSocket layer refused a frame for its size.
 fn is_capacity_error(e: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
-    e.into_inner()
-        .downcast_ref::<Error>()
-        .is_some_and(|e| matches!(e, Error::Capacity(_)))
+    e.into_inner().downcast_ref::<Error>().is_some_and(|e| matches!(e, Error::Capacity(_)))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

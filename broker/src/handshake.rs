@@ -25,13 +25,7 @@ fn internal(e: StoreError) -> ErrorFrame {
     refuse(ErrorCode::Internal, "storage failure; retry later")
 }
 
-fn peer_from_claims(
-    c: &HelloClaims,
-    kind: PeerKind,
-    member: PublicKey,
-    role: Role,
-    now: u64,
-) -> PeerRecord {
+fn peer_from_claims(c: &HelloClaims, kind: PeerKind, member: PublicKey, role: Role, now: u64) -> PeerRecord {
     PeerRecord {
         key: c.key,
         kind,
@@ -55,10 +49,7 @@ pub async fn authenticate(
     if hello.v != mesh_proto::PROTOCOL_VERSION {
         return Err(refuse(
             ErrorCode::UnsupportedVersion,
-            format!(
-                "protocol v{} is not supported; this broker speaks v1",
-                hello.v
-            ),
+            format!("protocol v{} is not supported; this broker speaks v1", hello.v),
         ));
     }
     let claims: HelloClaims = hello.auth.open().map_err(|e| match e {
@@ -68,52 +59,27 @@ pub async fn authenticate(
         other => refuse(ErrorCode::BadFrame, format!("hello claims: {other}")),
     })?;
     if claims.v != mesh_proto::PROTOCOL_VERSION {
-        return Err(refuse(
-            ErrorCode::UnsupportedVersion,
-            "hello claims version is not 1",
-        ));
+        return Err(refuse(ErrorCode::UnsupportedVersion, "hello claims version is not 1"));
     }
     if claims.challenge != codec::b64(challenge) {
-        return Err(refuse(
-            ErrorCode::ChallengeMismatch,
-            "hello does not answer this connection's challenge",
-        ));
+        return Err(refuse(ErrorCode::ChallengeMismatch, "hello does not answer this connection's challenge"));
     }
-    claims.public_identity().verify().map_err(|_| {
-        refuse(
-            ErrorCode::BadSignature,
-            "encryption key is not signed by the identity key",
-        )
-    })?;
-    names::validate_display(&claims.name)
-        .map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
+    claims
+        .public_identity()
+        .verify()
+        .map_err(|_| refuse(ErrorCode::BadSignature, "encryption key is not signed by the identity key"))?;
+    names::validate_display(&claims.name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
     let now = now_ms();
 
     match &claims.intent {
-        Intent::Create {
-            mesh_name,
-            create_token,
-        } => {
-            create(
-                store,
-                config,
-                &claims,
-                mesh_name,
-                create_token.as_deref(),
-                now,
-            )
-            .await
+        Intent::Create { mesh_name, create_token } => {
+            create(store, config, &claims, mesh_name, create_token.as_deref(), now).await
         }
         Intent::Join { invite, proof } => {
-            let invite: InviteClaims = invite
-                .open()
-                .map_err(|e| refuse(ErrorCode::InviteInvalid, format!("invite: {e}")))?;
-            invite::verify_proof(&invite, challenge, &claims.key, proof).map_err(|_| {
-                refuse(
-                    ErrorCode::InviteInvalid,
-                    "no proof of holding the invite token",
-                )
-            })?;
+            let invite: InviteClaims =
+                invite.open().map_err(|e| refuse(ErrorCode::InviteInvalid, format!("invite: {e}")))?;
+            invite::verify_proof(&invite, challenge, &claims.key, proof)
+                .map_err(|_| refuse(ErrorCode::InviteInvalid, "no proof of holding the invite token"))?;
             join(store, &claims, &invite, now).await
         }
         Intent::Connect => match &claims.attestation {
@@ -124,31 +90,21 @@ pub async fn authenticate(
 }
 
 async fn load_mesh(store: &dyn Store, id: MeshId) -> Result<MeshRecord, ErrorFrame> {
-    store.mesh(id).await.map_err(internal)?.ok_or_else(|| {
-        refuse(
-            ErrorCode::UnknownMesh,
-            format!("no mesh {id} on this broker"),
-        )
-    })
+    store
+        .mesh(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| refuse(ErrorCode::UnknownMesh, format!("no mesh {id} on this broker")))
 }
 
 /// A live (not revoked) member of the mesh.
-async fn load_member(
-    store: &dyn Store,
-    mesh: MeshId,
-    key: PublicKey,
-) -> Result<PeerRecord, ErrorFrame> {
+async fn load_member(store: &dyn Store, mesh: MeshId, key: PublicKey) -> Result<PeerRecord, ErrorFrame> {
     let peer = store
         .peer(mesh, key)
         .await
         .map_err(internal)?
         .filter(|p| p.kind == PeerKind::Member)
-        .ok_or_else(|| {
-            refuse(
-                ErrorCode::UnknownMember,
-                format!("{} is not a member of this mesh", key.short()),
-            )
-        })?;
+        .ok_or_else(|| refuse(ErrorCode::UnknownMember, format!("{} is not a member of this mesh", key.short())))?;
     if peer.revoked {
         return Err(refuse(ErrorCode::Revoked, "membership was revoked"));
     }
@@ -165,20 +121,11 @@ async fn create(
 ) -> Result<Authenticated, ErrorFrame> {
     if let Some(required) = &config.create_token {
         if create_token != Some(required.as_str()) {
-            return Err(refuse(
-                ErrorCode::CreateForbidden,
-                "this broker requires a create token to create meshes",
-            ));
+            return Err(refuse(ErrorCode::CreateForbidden, "this broker requires a create token to create meshes"));
         }
     }
-    names::validate_display(mesh_name)
-        .map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
-    let mesh = MeshRecord {
-        id: claims.mesh_id,
-        name: mesh_name.to_owned(),
-        owner: claims.key,
-        created_at: now,
-    };
+    names::validate_display(mesh_name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
+    let mesh = MeshRecord { id: claims.mesh_id, name: mesh_name.to_owned(), owner: claims.key, created_at: now };
     let owner = peer_from_claims(claims, PeerKind::Member, claims.key, Role::Owner, now);
     match store.create_mesh(mesh.clone(), owner.clone()).await {
         Ok(()) => Ok(Authenticated { mesh, peer: owner }),
@@ -186,10 +133,7 @@ async fn create(
         Err(StoreError::MeshExists) => {
             let existing = load_mesh(store, claims.mesh_id).await?;
             if existing.owner != claims.key {
-                return Err(refuse(
-                    ErrorCode::MeshExists,
-                    "a mesh with this id already exists",
-                ));
+                return Err(refuse(ErrorCode::MeshExists, "a mesh with this id already exists"));
             }
             connect_member(store, claims, now).await
         }
@@ -204,31 +148,17 @@ async fn join(
     now: u64,
 ) -> Result<Authenticated, ErrorFrame> {
     if invite.mesh_id != claims.mesh_id {
-        return Err(refuse(
-            ErrorCode::InviteInvalid,
-            "the invite is for another mesh",
-        ));
+        return Err(refuse(ErrorCode::InviteInvalid, "the invite is for another mesh"));
     }
     let mesh = load_mesh(store, invite.mesh_id).await?;
     let issuer = load_member(store, mesh.id, invite.issued_by)
         .await
-        .map_err(|_| {
-            refuse(
-                ErrorCode::InviteInvalid,
-                "the invite's issuer is not a member of this mesh",
-            )
-        })?;
+        .map_err(|_| refuse(ErrorCode::InviteInvalid, "the invite's issuer is not a member of this mesh"))?;
     if !issuer.role.can_invite() {
-        return Err(refuse(
-            ErrorCode::InviteInvalid,
-            "the invite's issuer may not invite",
-        ));
+        return Err(refuse(ErrorCode::InviteInvalid, "the invite's issuer may not invite"));
     }
     if invite.role == Role::Owner {
-        return Err(refuse(
-            ErrorCode::InviteInvalid,
-            "an invite cannot make an owner",
-        ));
+        return Err(refuse(ErrorCode::InviteInvalid, "an invite cannot make an owner"));
     }
     if let Some(existing) = store.peer(mesh.id, claims.key).await.map_err(internal)? {
         if existing.revoked {
@@ -237,47 +167,25 @@ async fn join(
         return connect_member(store, claims, now).await;
     }
     if invite.expires_at <= now {
-        return Err(refuse(
-            ErrorCode::InviteExpired,
-            "the invite has expired; ask for a new one",
-        ));
+        return Err(refuse(ErrorCode::InviteExpired, "the invite has expired; ask for a new one"));
     }
     let peer = peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now);
-    match store
-        .join(mesh.id, &invite.invite_id, invite.max_uses, peer)
-        .await
-    {
+    match store.join(mesh.id, &invite.invite_id, invite.max_uses, peer).await {
         Ok(JoinOutcome::Joined(peer)) => Ok(Authenticated { mesh, peer }),
         Ok(JoinOutcome::AlreadyMember(_)) => connect_member(store, claims, now).await,
-        Err(StoreError::InviteExhausted) => Err(refuse(
-            ErrorCode::InviteExhausted,
-            "the invite has been used up",
-        )),
+        Err(StoreError::InviteExhausted) => Err(refuse(ErrorCode::InviteExhausted, "the invite has been used up")),
         Err(e) => Err(internal(e)),
     }
 }
 
-async fn connect_member(
-    store: &dyn Store,
-    claims: &HelloClaims,
-    now: u64,
-) -> Result<Authenticated, ErrorFrame> {
+async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Result<Authenticated, ErrorFrame> {
     let mesh = load_mesh(store, claims.mesh_id).await?;
     let existing = load_member(store, mesh.id, claims.key).await?;
     let peer = PeerRecord {
         last_seen: Some(now),
-        ..peer_from_claims(
-            claims,
-            PeerKind::Member,
-            claims.key,
-            existing.role,
-            existing.joined_at,
-        )
+        ..peer_from_claims(claims, PeerKind::Member, claims.key, existing.role, existing.joined_at)
     };
-    store
-        .upsert_peer(mesh.id, peer.clone())
-        .await
-        .map_err(internal)?;
+    store.upsert_peer(mesh.id, peer.clone()).await.map_err(internal)?;
     Ok(Authenticated { mesh, peer })
 }
 
@@ -287,44 +195,22 @@ async fn connect_session(
     attestation: &mesh_proto::signed::Signed,
     now: u64,
 ) -> Result<Authenticated, ErrorFrame> {
-    let att: SessionAttestation = attestation
-        .open()
-        .map_err(|e| refuse(ErrorCode::AttestationInvalid, format!("attestation: {e}")))?;
+    let att: SessionAttestation =
+        attestation.open().map_err(|e| refuse(ErrorCode::AttestationInvalid, format!("attestation: {e}")))?;
     if att.session != claims.key || att.mesh_id != claims.mesh_id || att.name != claims.name {
-        return Err(refuse(
-            ErrorCode::AttestationInvalid,
-            "attestation is for another session, mesh or name",
-        ));
+        return Err(refuse(ErrorCode::AttestationInvalid, "attestation is for another session, mesh or name"));
     }
     if att.expires_at <= now || att.expires_at.saturating_sub(att.issued_at) > MAX_ATTESTATION_MS {
-        return Err(refuse(
-            ErrorCode::AttestationExpired,
-            "attestation expired or longer than 24 h; re-mint it",
-        ));
+        return Err(refuse(ErrorCode::AttestationExpired, "attestation expired or longer than 24 h; re-mint it"));
     }
     let mesh = load_mesh(store, claims.mesh_id).await?;
     let member = load_member(store, mesh.id, att.member).await?;
     let existing = store.peer(mesh.id, claims.key).await.map_err(internal)?;
-    if existing
-        .as_ref()
-        .is_some_and(|e| e.kind != PeerKind::Session || e.member != member.key)
-    {
-        return Err(refuse(
-            ErrorCode::AttestationInvalid,
-            "this key is registered to someone else",
-        ));
+    if existing.as_ref().is_some_and(|e| e.kind != PeerKind::Session || e.member != member.key) {
+        return Err(refuse(ErrorCode::AttestationInvalid, "this key is registered to someone else"));
     }
     let joined_at = existing.map_or(now, |p| p.joined_at);
-    let peer = peer_from_claims(
-        claims,
-        PeerKind::Session,
-        member.key,
-        Role::Member,
-        joined_at,
-    );
-    store
-        .upsert_peer(mesh.id, peer.clone())
-        .await
-        .map_err(internal)?;
+    let peer = peer_from_claims(claims, PeerKind::Session, member.key, Role::Member, joined_at);
+    store.upsert_peer(mesh.id, peer.clone()).await.map_err(internal)?;
     Ok(Authenticated { mesh, peer })
 }

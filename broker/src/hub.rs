@@ -81,15 +81,8 @@ impl Hub {
             return;
         };
         for (key, h) in conns {
-            if key != except
-                && h.outbound
-                    .try_send(Outbound::Text(frame.to_owned()))
-                    .is_err()
-            {
-                tracing::debug!(
-                    conn = h.conn_id,
-                    "presence frame skipped: connection buffer full"
-                );
+            if key != except && h.outbound.try_send(Outbound::Text(frame.to_owned())).is_err() {
+                tracing::debug!(conn = h.conn_id, "presence frame skipped: connection buffer full");
             }
         }
     }

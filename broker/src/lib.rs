@@ -69,15 +69,10 @@ pub async fn run(
         .route(mesh_proto::wire::WS_PATH, get(upgrade))
         .with_state(shared.clone());
     tracing::info!(addr = ?listener.local_addr().ok(), "broker listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     shared.tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within the shutdown grace period");
     }
     served
@@ -95,14 +90,8 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     // The WebSocket layer's hard cap is twice the protocol limit, so frames in between get a typed
     // `frame_too_large` answer on a connection that stays open.
-    let hard_cap = shared
-        .config
-        .max_frame_bytes
-        .saturating_mul(2)
-        .max(64 * 1024);
-    ws.max_message_size(hard_cap)
-        .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| connection::serve(shared, socket))
+    let hard_cap = shared.config.max_frame_bytes.saturating_mul(2).max(64 * 1024);
+    ws.max_message_size(hard_cap).max_frame_size(hard_cap).on_upgrade(move |socket| connection::serve(shared, socket))
 }
 
 /// Expires queue items past their TTL (queueing `expired` receipts) on a timer.

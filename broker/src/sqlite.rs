@@ -22,19 +22,9 @@ pub enum DbError {
         source: std::io::Error,
     },
     #[error("database {path} is corrupt ({detail}); it was moved aside to {moved_to}")]
-    Corrupt {
-        path: PathBuf,
-        detail: String,
-        moved_to: PathBuf,
-    },
-    #[error(
-        "database {path} has schema version {found}, newer than this build knows ({known}); upgrade mesh"
-    )]
-    TooNew {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
+    Corrupt { path: PathBuf, detail: String, moved_to: PathBuf },
+    #[error("database {path} has schema version {found}, newer than this build knows ({known}); upgrade mesh")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
     #[error("migrating database {path} to version {version}: {source}")]
     Migrate {
         path: PathBuf,
@@ -68,10 +58,7 @@ impl Db {
     /// quick check is renamed aside (`<name>.corrupt-<ms>`) and reported, never silently replaced.
     pub fn open(path: &Path, migrations: &[&str]) -> Result<Db, DbError> {
         create_private(path)?;
-        let conn = Connection::open(path).map_err(|source| DbError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let conn = Connection::open(path).map_err(|source| DbError::Open { path: path.to_owned(), source })?;
         let check = conn
             .busy_timeout(std::time::Duration::from_secs(5))
             .and_then(|()| conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)));
@@ -90,10 +77,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&conn, path, migrations)?;
-        Ok(Db {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path.to_owned()),
-        })
+        Ok(Db { conn: Arc::new(Mutex::new(conn)), path: Arc::new(path.to_owned()) })
     }
 
     pub fn path(&self) -> &Path {
@@ -128,19 +112,11 @@ impl Db {
 
 fn create_private(path: &Path) -> Result<(), DbError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| DbError::Create {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| DbError::Create { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(err)?;
     Ok(())
 }
 
@@ -155,22 +131,14 @@ fn move_aside(path: &Path, detail: String) -> DbError {
         to.push(suffix);
         let _ = std::fs::rename(&from, &to);
     }
-    DbError::Corrupt {
-        path: path.to_owned(),
-        detail,
-        moved_to,
-    }
+    DbError::Corrupt { path: path.to_owned(), detail, moved_to }
 }
 
 fn migrate(conn: &Connection, path: &Path, migrations: &[&str]) -> Result<(), DbError> {
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = migrations.len() as i64;
     if current > known {
-        return Err(DbError::TooNew {
-            path: path.to_owned(),
-            found: current,
-            known,
-        });
+        return Err(DbError::TooNew { path: path.to_owned(), found: current, known });
     }
     for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
         let version = i + 1;
@@ -180,11 +148,7 @@ fn migrate(conn: &Connection, path: &Path, migrations: &[&str]) -> Result<(), Db
             tx.pragma_update(None, "user_version", version as i64)?;
             tx.commit()
         };
-        apply().map_err(|source| DbError::Migrate {
-            path: path.to_owned(),
-            version,
-            source,
-        })?;
+        apply().map_err(|source| DbError::Migrate { path: path.to_owned(), version, source })?;
     }
     Ok(())
 }
@@ -199,23 +163,12 @@ mod tests {
         let path = dir.path().join("t.db");
         let v1 = ["CREATE TABLE a(x INTEGER);"];
         Db::open(&path, &v1).expect("v1");
-        let v2 = [
-            "CREATE TABLE a(x INTEGER);",
-            "ALTER TABLE a ADD COLUMN y TEXT;",
-        ];
+        let v2 = ["CREATE TABLE a(x INTEGER);", "ALTER TABLE a ADD COLUMN y TEXT;"];
         let db = Db::open(&path, &v2).expect("v2 on top of v1");
-        let version: i64 = db
-            .call_blocking(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
-            .expect("version");
+        let version: i64 =
+            db.call_blocking(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).expect("version");
         assert_eq!(version, 2);
-        assert!(matches!(
-            Db::open(&path, &v1),
-            Err(DbError::TooNew {
-                found: 2,
-                known: 1,
-                ..
-            })
-        ));
+        assert!(matches!(Db::open(&path, &v1), Err(DbError::TooNew { found: 2, known: 1, .. })));
     }
 
     #[test]
@@ -224,25 +177,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("p.db");
         Db::open(&path, &[]).expect("opens");
-        assert_eq!(
-            std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
     fn corrupt_file_is_moved_aside_with_a_clear_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.db");
-        std::fs::write(
-            &path,
-            b"this is not a database, just some bytes that are long enough to look like one....",
-        )
-        .expect("write");
+        std::fs::write(&path, b"this is not a database, just some bytes that are long enough to look like one....")
+            .expect("write");
         let err = Db::open(&path, &[]).expect_err("must refuse");
-        let DbError::Corrupt { moved_to, .. } = err else {
-            panic!("unexpected {err}")
-        };
+        let DbError::Corrupt { moved_to, .. } = err else { panic!("unexpected {err}") };
         assert!(moved_to.exists(), "the corrupt file is kept");
         assert!(!path.exists() || std::fs::metadata(&path).expect("stat").len() == 0);
     }

@@ -7,9 +7,7 @@ use common::*;
 use futures_util::SinkExt;
 use mesh_broker::BrokerConfig;
 use mesh_proto::message;
-use mesh_proto::wire::{
-    Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame,
-};
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
 fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorFrame {
@@ -23,53 +21,30 @@ fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorF
 async fn direct_message_is_delivered_acked_and_receipted() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
-    t.ca.send(&ClientFrame::Send(dm(
-        &t.a,
-        t.mesh,
-        &t.b,
-        1,
-        "c-1",
-        "hello bob",
-    )))
-    .await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "hello bob"))).await;
     let accepted = match t.ca.recv_non_presence().await {
         ServerFrame::Accepted(a) => a,
         other => panic!("expected accepted, got {other:?}"),
     };
-    assert_eq!(
-        (accepted.id, accepted.duplicate, accepted.recipients),
-        (1, false, 1)
-    );
+    assert_eq!((accepted.id, accepted.duplicate, accepted.recipients), (1, false, 1));
 
     let deliver = match t.cb.recv_non_presence().await {
         ServerFrame::Deliver(d) => d,
         other => panic!("expected deliver, got {other:?}"),
     };
-    let DeliveryItem::Message(env) = &deliver.item else {
-        panic!("expected a message")
-    };
+    let DeliveryItem::Message(env) = &deliver.item else { panic!("expected a message") };
     assert_eq!(env.message_id, accepted.message_id);
     assert_eq!(env.from, t.a.key());
     assert_eq!(env.from_name, "alice");
-    assert_eq!(
-        message::open(env, &t.b, None).expect("opens").body,
-        "hello bob"
-    );
+    assert_eq!(message::open(env, &t.b, None).expect("opens").body, "hello bob");
 
-    t.cb.send(&ClientFrame::Ack(Ack {
-        delivery_ids: vec![deliver.delivery_id],
-    }))
-    .await;
+    t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![deliver.delivery_id] })).await;
     match t.ca.recv_non_presence().await {
         ServerFrame::Deliver(d) => match d.item {
             DeliveryItem::Receipt(r) => {
                 assert_eq!(
                     (r.kind, r.recipient, r.message_id.as_str()),
-                    (
-                        ReceiptKind::Delivered,
-                        t.b.key(),
-                        accepted.message_id.as_str()
-                    )
+                    (ReceiptKind::Delivered, t.b.key(), accepted.message_id.as_str())
                 );
                 assert_eq!(r.client_message_id, "c-1");
             }
@@ -83,62 +58,31 @@ async fn direct_message_is_delivered_acked_and_receipted() {
 #[tokio::test]
 async fn offline_recipient_gets_queued_messages_on_connect_in_order() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
-    let TwoMembers {
-        mesh,
-        a,
-        b,
-        mut ca,
-        cb,
-    } = two_members(&broker).await;
+    let TwoMembers { mesh, a, b, mut ca, cb } = two_members(&broker).await;
     drop(cb);
     for i in 0..5 {
-        ca.send(&ClientFrame::Send(dm(
-            &a,
-            mesh,
-            &b,
-            i,
-            &format!("c-{i}"),
-            &format!("msg {i}"),
-        )))
-        .await;
-        assert!(matches!(
-            ca.recv_non_presence().await,
-            ServerFrame::Accepted(_)
-        ));
+        ca.send(&ClientFrame::Send(dm(&a, mesh, &b, i, &format!("c-{i}"), &format!("msg {i}")))).await;
+        assert!(matches!(ca.recv_non_presence().await, ServerFrame::Accepted(_)));
     }
     let mut cb = Client::connect(&broker).await;
-    assert!(matches!(
-        cb.hello(&b, mesh, "bob", Intent::Connect).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(cb.hello(&b, mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
     let mut bodies = vec![];
     while bodies.len() < 5 {
         if let ServerFrame::Deliver(d) = cb.recv_non_presence().await {
-            let DeliveryItem::Message(env) = d.item else {
-                panic!("message expected")
-            };
+            let DeliveryItem::Message(env) = d.item else { panic!("message expected") };
             bodies.push(message::open(&env, &b, None).expect("opens").body);
         }
     }
-    assert_eq!(
-        bodies,
-        (0..5).map(|i| format!("msg {i}")).collect::<Vec<_>>()
-    );
+    assert_eq!(bodies, (0..5).map(|i| format!("msg {i}")).collect::<Vec<_>>());
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn unacked_delivery_is_sent_again_when_its_lease_runs_out() {
-    let config = BrokerConfig {
-        lease: std::time::Duration::from_millis(300),
-        ..BrokerConfig::default()
-    };
+    let config = BrokerConfig { lease: std::time::Duration::from_millis(300), ..BrokerConfig::default() };
     let broker = TestBroker::start(config).await;
     let mut t = two_members(&broker).await;
-    t.ca.send(&ClientFrame::Send(dm(
-        &t.a, t.mesh, &t.b, 1, "c-1", "again",
-    )))
-    .await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "again"))).await;
     let first = match t.cb.recv_non_presence().await {
         ServerFrame::Deliver(d) => d.delivery_id,
         other => panic!("{other:?}"),
@@ -158,46 +102,19 @@ async fn sends_are_idempotent_on_client_message_id() {
     let mut t = two_members(&broker).await;
     let send = dm(&t.a, t.mesh, &t.b, 1, "same-id", "one");
     t.ca.send(&ClientFrame::Send(send.clone())).await;
-    let ServerFrame::Accepted(first) = t.ca.recv_non_presence().await else {
-        panic!("accepted")
-    };
-    t.ca.send(&ClientFrame::Send(mesh_proto::wire::SendMessage {
-        id: 2,
-        ..send
-    }))
-    .await;
-    let ServerFrame::Accepted(again) = t.ca.recv_non_presence().await else {
-        panic!("accepted")
-    };
+    let ServerFrame::Accepted(first) = t.ca.recv_non_presence().await else { panic!("accepted") };
+    t.ca.send(&ClientFrame::Send(mesh_proto::wire::SendMessage { id: 2, ..send })).await;
+    let ServerFrame::Accepted(again) = t.ca.recv_non_presence().await else { panic!("accepted") };
     assert!(again.duplicate);
     assert_eq!(again.message_id, first.message_id);
-    t.ca.send(&ClientFrame::Send(dm(
-        &t.a,
-        t.mesh,
-        &t.b,
-        3,
-        "same-id",
-        "other content",
-    )))
-    .await;
-    let err = expect_error(
-        t.ca.recv_non_presence().await,
-        ErrorCode::IdempotencyConflict,
-    );
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 3, "same-id", "other content"))).await;
+    let err = expect_error(t.ca.recv_non_presence().await, ErrorCode::IdempotencyConflict);
     assert_eq!(err.id, Some(3));
     assert!(err.permanent);
     // Exactly one copy reached the recipient's queue.
-    let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else {
-        panic!("deliver")
-    };
-    t.cb.send(&ClientFrame::Ack(Ack {
-        delivery_ids: vec![d.delivery_id],
-    }))
-    .await;
-    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest {
-        id: 9,
-    }))
-    .await;
+    let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+    t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9 })).await;
     assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 9));
     broker.stop().await;
 }
@@ -207,10 +124,7 @@ async fn unknown_recipient_is_a_permanent_error() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let stranger = Identity::generate();
-    t.ca.send(&ClientFrame::Send(dm(
-        &t.a, t.mesh, &stranger, 5, "c-x", "hi",
-    )))
-    .await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &stranger, 5, "c-x", "hi"))).await;
     let err = expect_error(t.ca.recv_non_presence().await, ErrorCode::RecipientUnknown);
     assert_eq!(err.id, Some(5));
     assert!(err.permanent);
@@ -222,24 +136,14 @@ async fn broker_database_holds_no_plaintext() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let secret = "the-launch-code-is-0000-plaintext-marker";
-    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", secret)))
-        .await;
-    assert!(matches!(
-        t.ca.recv_non_presence().await,
-        ServerFrame::Accepted(_)
-    ));
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", secret))).await;
+    assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Accepted(_)));
     let path = broker.db_path.clone();
     let _dir = broker.stop().await;
     let mut bytes = std::fs::read(&path).expect("db");
     bytes.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
-    assert!(
-        !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-        "plaintext found in the broker database"
-    );
-    assert!(
-        !bytes.windows(32).any(|w| w == t.b.sign_seed()),
-        "a private key found in the broker database"
-    );
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "plaintext found in the broker database");
+    assert!(!bytes.windows(32).any(|w| w == t.b.sign_seed()), "a private key found in the broker database");
 }
 
 // --- handshake refusals -------------------------------------------------------------------------
@@ -249,33 +153,20 @@ async fn hello_with_a_bad_signature_is_refused() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let (a, mallory) = (Identity::generate(), Identity::generate());
     let mut c = Client::connect(&broker).await;
-    let ClientFrame::Hello(mut hello) = hello_frame(
-        &c.challenge,
-        &a,
-        MeshId::generate(),
-        "alice",
-        create_intent("m"),
-    ) else {
+    let ClientFrame::Hello(mut hello) = hello_frame(&c.challenge, &a, MeshId::generate(), "alice", create_intent("m"))
+    else {
         unreachable!()
     };
     // Same claims, signature by someone else.
-    let ClientFrame::Hello(other) = hello_frame(
-        &c.challenge,
-        &mallory,
-        MeshId::generate(),
-        "m",
-        create_intent("m"),
-    ) else {
+    let ClientFrame::Hello(other) = hello_frame(&c.challenge, &mallory, MeshId::generate(), "m", create_intent("m"))
+    else {
         unreachable!()
     };
     hello.auth.sig = other.auth.sig;
     c.send(&ClientFrame::Hello(hello)).await;
     let err = expect_error(c.recv().await, ErrorCode::BadSignature);
     assert!(err.permanent);
-    assert!(
-        c.try_recv().await.is_none(),
-        "connection closes after a refusal"
-    );
+    assert!(c.try_recv().await.is_none(), "connection closes after a refusal");
     broker.stop().await;
 }
 
@@ -299,17 +190,9 @@ async fn unknown_member_and_unknown_mesh_are_refused() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let mut c = Client::connect(&broker).await;
-    expect_error(
-        c.hello(&Identity::generate(), t.mesh, "eve", Intent::Connect)
-            .await,
-        ErrorCode::UnknownMember,
-    );
+    expect_error(c.hello(&Identity::generate(), t.mesh, "eve", Intent::Connect).await, ErrorCode::UnknownMember);
     let mut c = Client::connect(&broker).await;
-    expect_error(
-        c.hello(&t.a, MeshId::generate(), "alice", Intent::Connect)
-            .await,
-        ErrorCode::UnknownMesh,
-    );
+    expect_error(c.hello(&t.a, MeshId::generate(), "alice", Intent::Connect).await, ErrorCode::UnknownMesh);
     broker.stop().await;
 }
 
@@ -321,10 +204,7 @@ async fn expired_invite_is_refused() {
     let joiner = Identity::generate();
     let mut c = Client::connect(&broker).await;
     let intent = join_intent(&token, &c.challenge.clone(), &joiner);
-    expect_error(
-        c.hello(&joiner, t.mesh, "carol", intent).await,
-        ErrorCode::InviteExpired,
-    );
+    expect_error(c.hello(&joiner, t.mesh, "carol", intent).await, ErrorCode::InviteExpired);
     broker.stop().await;
 }
 
@@ -336,23 +216,14 @@ async fn single_use_invite_cannot_be_used_twice_but_a_retry_by_the_joiner_is_fin
     let (carol, dave) = (Identity::generate(), Identity::generate());
     let mut c = Client::connect(&broker).await;
     let intent = join_intent(&token, &c.challenge.clone(), &carol);
-    assert!(matches!(
-        c.hello(&carol, t.mesh, "carol", intent).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(c.hello(&carol, t.mesh, "carol", intent).await, ServerFrame::Welcome(_)));
     // The joiner retrying (its welcome was lost, say) does not consume or fail.
     let mut c2 = Client::connect(&broker).await;
     let intent = join_intent(&token, &c2.challenge.clone(), &carol);
-    assert!(matches!(
-        c2.hello(&carol, t.mesh, "carol", intent).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(c2.hello(&carol, t.mesh, "carol", intent).await, ServerFrame::Welcome(_)));
     let mut c3 = Client::connect(&broker).await;
     let intent = join_intent(&token, &c3.challenge.clone(), &dave);
-    expect_error(
-        c3.hello(&dave, t.mesh, "dave", intent).await,
-        ErrorCode::InviteExhausted,
-    );
+    expect_error(c3.hello(&dave, t.mesh, "dave", intent).await, ErrorCode::InviteExhausted);
     broker.stop().await;
 }
 
@@ -368,10 +239,7 @@ async fn join_without_proof_of_the_token_secret_is_refused() {
         invite: token.invite.clone(),
         proof: eve.sign("mesh/invite-proof/v1", &[&c.challenge, &eve.key().0]),
     };
-    expect_error(
-        c.hello(&eve, t.mesh, "eve", intent).await,
-        ErrorCode::InviteInvalid,
-    );
+    expect_error(c.hello(&eve, t.mesh, "eve", intent).await, ErrorCode::InviteInvalid);
     broker.stop().await;
 }
 
@@ -383,36 +251,20 @@ async fn invite_from_a_plain_member_is_refused() {
     let eve = Identity::generate();
     let mut c = Client::connect(&broker).await;
     let intent = join_intent(&token, &c.challenge.clone(), &eve);
-    expect_error(
-        c.hello(&eve, t.mesh, "eve", intent).await,
-        ErrorCode::InviteInvalid,
-    );
+    expect_error(c.hello(&eve, t.mesh, "eve", intent).await, ErrorCode::InviteInvalid);
     broker.stop().await;
 }
 
 #[tokio::test]
 async fn create_token_is_enforced_when_configured() {
-    let config = BrokerConfig {
-        create_token: Some("s3cret".into()),
-        ..BrokerConfig::default()
-    };
+    let config = BrokerConfig { create_token: Some("s3cret".into()), ..BrokerConfig::default() };
     let broker = TestBroker::start(config).await;
     let a = Identity::generate();
     let mut c = Client::connect(&broker).await;
-    expect_error(
-        c.hello(&a, MeshId::generate(), "alice", create_intent("m"))
-            .await,
-        ErrorCode::CreateForbidden,
-    );
+    expect_error(c.hello(&a, MeshId::generate(), "alice", create_intent("m")).await, ErrorCode::CreateForbidden);
     let mut c = Client::connect(&broker).await;
-    let intent = Intent::Create {
-        mesh_name: "m".into(),
-        create_token: Some("s3cret".into()),
-    };
-    assert!(matches!(
-        c.hello(&a, MeshId::generate(), "alice", intent).await,
-        ServerFrame::Welcome(_)
-    ));
+    let intent = Intent::Create { mesh_name: "m".into(), create_token: Some("s3cret".into()) };
+    assert!(matches!(c.hello(&a, MeshId::generate(), "alice", intent).await, ServerFrame::Welcome(_)));
     broker.stop().await;
 }
 
@@ -422,10 +274,7 @@ async fn create_token_is_enforced_when_configured() {
 async fn frames_before_hello_get_not_authenticated() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let mut c = Client::connect(&broker).await;
-    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest {
-        id: 1,
-    }))
-    .await;
+    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 1 })).await;
     expect_error(c.recv().await, ErrorCode::NotAuthenticated);
     assert!(c.try_recv().await.is_none());
     let mut c = Client::connect(&broker).await;
@@ -436,50 +285,30 @@ async fn frames_before_hello_get_not_authenticated() {
 
 #[tokio::test]
 async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_survives() {
-    let config = BrokerConfig {
-        max_frame_bytes: 4096,
-        ..BrokerConfig::default()
-    };
+    let config = BrokerConfig { max_frame_bytes: 4096, ..BrokerConfig::default() };
     let broker = TestBroker::start(config).await;
     let mut t = two_members(&broker).await;
     let c = &mut t.ca;
     c.send_text("not json at all").await;
     expect_error(c.recv_non_presence().await, ErrorCode::BadFrame);
     c.send_text(r#"{"type":"teleport","id":7}"#).await;
-    assert_eq!(
-        expect_error(c.recv_non_presence().await, ErrorCode::UnknownType).id,
-        Some(7)
-    );
+    assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::UnknownType).id, Some(7));
     c.send_text(r#"{"type":"send","id":8,"to":"*"}"#).await;
-    assert_eq!(
-        expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id,
-        Some(8)
-    );
-    c.send_text(r#"{"type":"send","id":9,"client_message_id":"x","to":"*","nonce":"AAAA","ciphertext":"AAAA","sig":"AAAA"}"#).await;
-    assert_eq!(
-        expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id,
-        Some(9)
-    );
-    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(
-        vec![1, 2, 3].into(),
-    ))
-    .await
-    .expect("send binary");
-    expect_error(c.recv_non_presence().await, ErrorCode::BadFrame);
-    c.send_text(&format!(
-        r#"{{"type":"ack","delivery_ids":[],"pad":"{}"}}"#,
-        "x".repeat(5000)
-    ))
+    assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id, Some(8));
+    c.send_text(
+        r#"{"type":"send","id":9,"client_message_id":"x","to":"*","nonce":"AAAA","ciphertext":"AAAA","sig":"AAAA"}"#,
+    )
     .await;
+    assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id, Some(9));
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await.expect("send binary");
+    expect_error(c.recv_non_presence().await, ErrorCode::BadFrame);
+    c.send_text(&format!(r#"{{"type":"ack","delivery_ids":[],"pad":"{}"}}"#, "x".repeat(5000))).await;
     expect_error(c.recv_non_presence().await, ErrorCode::FrameTooLarge);
     let hello = hello_frame(&c.challenge.clone(), &t.a, t.mesh, "alice", Intent::Connect);
     c.send(&hello).await;
     expect_error(c.recv_non_presence().await, ErrorCode::AlreadyAuthenticated);
     // After all that the connection still works.
-    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest {
-        id: 10,
-    }))
-    .await;
+    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 10 })).await;
     match c.recv_non_presence().await {
         ServerFrame::Roster(r) => {
             assert_eq!(r.id, 10);
@@ -493,10 +322,7 @@ async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_surviv
 
 #[tokio::test]
 async fn a_frame_over_the_hard_cap_gets_a_typed_error_before_close() {
-    let config = BrokerConfig {
-        max_frame_bytes: 64 * 1024,
-        ..BrokerConfig::default()
-    };
+    let config = BrokerConfig { max_frame_bytes: 64 * 1024, ..BrokerConfig::default() };
     let broker = TestBroker::start(config).await;
     let mut t = two_members(&broker).await;
     t.ca.send_text(&"x".repeat(200 * 1024)).await;
@@ -521,10 +347,7 @@ async fn presence_and_supersede() {
         other => panic!("{other:?}"),
     }
     let mut again = Client::connect(&broker).await;
-    assert!(matches!(
-        again.hello(&t.b, t.mesh, "bob", Intent::Connect).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(again.hello(&t.b, t.mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
     expect_error(t.cb.recv().await, ErrorCode::Superseded);
     assert!(t.cb.try_recv().await.is_none());
     drop(again);

@@ -11,9 +11,7 @@ pub fn b64(bytes: &[u8]) -> String {
 }
 
 pub fn unb64(what: &'static str, s: &str) -> Result<Vec<u8>, ProtoError> {
-    STANDARD
-        .decode(s)
-        .map_err(|e| ProtoError::encoding(what, e))
+    STANDARD.decode(s).map_err(|e| ProtoError::encoding(what, e))
 }
 
 pub fn b64url(bytes: &[u8]) -> String {
@@ -21,9 +19,7 @@ pub fn b64url(bytes: &[u8]) -> String {
 }
 
 pub fn unb64url(what: &'static str, s: &str) -> Result<Vec<u8>, ProtoError> {
-    URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|e| ProtoError::encoding(what, e))
+    URL_SAFE_NO_PAD.decode(s).map_err(|e| ProtoError::encoding(what, e))
 }
 
 /// Decodes `N` bytes of lowercase or uppercase hex.
@@ -36,9 +32,7 @@ pub fn unhex_array<const N: usize>(what: &'static str, s: &str) -> Result<[u8; N
 /// Decodes exactly `N` bytes of base64.
 pub fn unb64_array<const N: usize>(what: &'static str, s: &str) -> Result<[u8; N], ProtoError> {
     let v = unb64(what, s)?;
-    v.try_into().map_err(|v: Vec<u8>| {
-        ProtoError::encoding(what, format!("expected {N} bytes, got {}", v.len()))
-    })
+    v.try_into().map_err(|v: Vec<u8>| ProtoError::encoding(what, format!("expected {N} bytes, got {}", v.len())))
 }
 
 /// `#[serde(with = "mesh_proto::codec::b64_bytes")]` for a `Vec<u8>` carried as base64.

@@ -65,17 +65,9 @@ pub fn box_seal_with_nonce(
     nonce: &[u8; NONCE_LEN],
     plaintext: &[u8],
 ) -> Sealed {
-    let b = crypto_box::SalsaBox::new(
-        &crypto_box::PublicKey::from(recipient.0),
-        sender.enc_secret_key(),
-    );
-    let ciphertext = b
-        .encrypt(nonce.into(), plaintext)
-        .expect("XSalsa20-Poly1305 encryption has no failure mode");
-    Sealed {
-        nonce: *nonce,
-        ciphertext,
-    }
+    let b = crypto_box::SalsaBox::new(&crypto_box::PublicKey::from(recipient.0), sender.enc_secret_key());
+    let ciphertext = b.encrypt(nonce.into(), plaintext).expect("XSalsa20-Poly1305 encryption has no failure mode");
+    Sealed { nonce: *nonce, ciphertext }
 }
 
 /// crypto_box_open_easy: opens what `sender` sealed for `recipient`.
@@ -85,15 +77,9 @@ pub fn box_open(
     nonce: &[u8],
     ciphertext: &[u8],
 ) -> Result<Vec<u8>, ProtoError> {
-    let nonce: [u8; NONCE_LEN] = nonce
-        .try_into()
-        .map_err(|_| ProtoError::encoding("nonce", "expected 24 bytes"))?;
-    let b = crypto_box::SalsaBox::new(
-        &crypto_box::PublicKey::from(sender.0),
-        recipient.enc_secret_key(),
-    );
-    b.decrypt(&nonce.into(), ciphertext)
-        .map_err(|_| ProtoError::DecryptFailed)
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| ProtoError::encoding("nonce", "expected 24 bytes"))?;
+    let b = crypto_box::SalsaBox::new(&crypto_box::PublicKey::from(sender.0), recipient.enc_secret_key());
+    b.decrypt(&nonce.into(), ciphertext).map_err(|_| ProtoError::DecryptFailed)
 }
 
 /// crypto_secretbox_easy under `key` with a fresh random nonce.
@@ -102,34 +88,17 @@ pub fn secretbox_seal(key: &GroupKey, plaintext: &[u8]) -> Sealed {
 }
 
 /// crypto_secretbox_easy with a caller-chosen nonce (test vectors only; see [`box_seal_with_nonce`]).
-pub fn secretbox_seal_with_nonce(
-    key: &GroupKey,
-    nonce: &[u8; NONCE_LEN],
-    plaintext: &[u8],
-) -> Sealed {
+pub fn secretbox_seal_with_nonce(key: &GroupKey, nonce: &[u8; NONCE_LEN], plaintext: &[u8]) -> Sealed {
     let cipher = crypto_secretbox::XSalsa20Poly1305::new(&key.0.into());
-    let ciphertext = cipher
-        .encrypt(nonce.into(), plaintext)
-        .expect("XSalsa20-Poly1305 encryption has no failure mode");
-    Sealed {
-        nonce: *nonce,
-        ciphertext,
-    }
+    let ciphertext = cipher.encrypt(nonce.into(), plaintext).expect("XSalsa20-Poly1305 encryption has no failure mode");
+    Sealed { nonce: *nonce, ciphertext }
 }
 
 /// crypto_secretbox_open_easy.
-pub fn secretbox_open(
-    key: &GroupKey,
-    nonce: &[u8],
-    ciphertext: &[u8],
-) -> Result<Vec<u8>, ProtoError> {
-    let nonce: [u8; NONCE_LEN] = nonce
-        .try_into()
-        .map_err(|_| ProtoError::encoding("nonce", "expected 24 bytes"))?;
+pub fn secretbox_open(key: &GroupKey, nonce: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| ProtoError::encoding("nonce", "expected 24 bytes"))?;
     let cipher = crypto_secretbox::XSalsa20Poly1305::new(&key.0.into());
-    cipher
-        .decrypt(&nonce.into(), ciphertext)
-        .map_err(|_| ProtoError::DecryptFailed)
+    cipher.decrypt(&nonce.into(), ciphertext).map_err(|_| ProtoError::DecryptFailed)
 }
 
 #[cfg(test)]
@@ -138,17 +107,10 @@ mod tests {
 
     #[test]
     fn box_round_trip_and_wrong_key_fails() {
-        let (a, b, c) = (
-            Identity::generate(),
-            Identity::generate(),
-            Identity::generate(),
-        );
+        let (a, b, c) = (Identity::generate(), Identity::generate(), Identity::generate());
         let sealed = box_seal(&a, &b.enc_key(), b"hello");
         assert_eq!(sealed.ciphertext.len(), 5 + 16);
-        assert_eq!(
-            box_open(&b, &a.enc_key(), &sealed.nonce, &sealed.ciphertext).expect("opens"),
-            b"hello"
-        );
+        assert_eq!(box_open(&b, &a.enc_key(), &sealed.nonce, &sealed.ciphertext).expect("opens"), b"hello");
         assert!(matches!(
             box_open(&c, &a.enc_key(), &sealed.nonce, &sealed.ciphertext),
             Err(ProtoError::DecryptFailed)
@@ -159,10 +121,7 @@ mod tests {
     fn secretbox_round_trip_and_tamper_fails() {
         let key = GroupKey::generate();
         let mut sealed = secretbox_seal(&key, b"to everyone");
-        assert_eq!(
-            secretbox_open(&key, &sealed.nonce, &sealed.ciphertext).expect("opens"),
-            b"to everyone"
-        );
+        assert_eq!(secretbox_open(&key, &sealed.nonce, &sealed.ciphertext).expect("opens"), b"to everyone");
         sealed.ciphertext[0] ^= 1;
         assert!(secretbox_open(&key, &sealed.nonce, &sealed.ciphertext).is_err());
         assert!(secretbox_open(&key, &[0u8; 3], &sealed.ciphertext).is_err());

@@ -21,9 +21,6 @@ pub enum ProtoError {
 
 impl ProtoError {
     pub(crate) fn encoding(what: &'static str, detail: impl ToString) -> Self {
-        ProtoError::Encoding {
-            what,
-            detail: detail.to_string(),
-        }
+        ProtoError::Encoding { what, detail: detail.to_string() }
     }
 }

@@ -78,9 +78,7 @@ pub struct InviteToken {
 
 impl std::fmt::Debug for InviteToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InviteToken")
-            .field("invite_id", &self.claims.invite_id)
-            .finish_non_exhaustive()
+        f.debug_struct("InviteToken").field("invite_id", &self.claims.invite_id).finish_non_exhaustive()
     }
 }
 
@@ -106,12 +104,7 @@ impl InviteToken {
             sealed_group_key: sealed.ciphertext,
         };
         let invite = Signed::sign(admin, &claims);
-        InviteToken {
-            invite,
-            claims,
-            auth,
-            box_key,
-        }
+        InviteToken { invite, claims, auth, box_key }
     }
 
     pub fn encode(&self) -> String {
@@ -128,46 +121,27 @@ impl InviteToken {
     /// Expiry and use counts are the broker's to enforce.
     pub fn decode(token: &str) -> Result<InviteToken, ProtoError> {
         let bad = |why: &str| ProtoError::BadToken(why.to_owned());
-        let rest = token
-            .trim()
-            .strip_prefix(TOKEN_PREFIX)
-            .ok_or_else(|| bad("does not start with mesh-invite-v1."))?;
+        let rest = token.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(|| bad("does not start with mesh-invite-v1."))?;
         let json = codec::unb64url("invite token", rest).map_err(|_| bad("not base64url"))?;
-        let body: TokenBody =
-            serde_json::from_slice(&json).map_err(|e| bad(&format!("malformed: {e}")))?;
-        let claims: InviteClaims = body
-            .invite
-            .open()
-            .map_err(|e| bad(&format!("signature: {e}")))?;
+        let body: TokenBody = serde_json::from_slice(&json).map_err(|e| bad(&format!("malformed: {e}")))?;
+        let claims: InviteClaims = body.invite.open().map_err(|e| bad(&format!("signature: {e}")))?;
         if claims.v != 1 {
             return Err(bad("unsupported invite version"));
         }
-        let seed: [u8; 32] =
-            codec::unb64_array("auth seed", &body.auth_seed).map_err(|_| bad("bad auth seed"))?;
+        let seed: [u8; 32] = codec::unb64_array("auth seed", &body.auth_seed).map_err(|_| bad("bad auth seed"))?;
         let auth = Identity::from_secrets(seed, [0u8; 32]);
         if auth.key() != claims.auth_key {
             return Err(bad("auth seed does not match the invite"));
         }
-        let box_key: [u8; KEY_LEN] =
-            codec::unb64_array("box key", &body.box_key).map_err(|_| bad("bad box key"))?;
-        Ok(InviteToken {
-            invite: body.invite,
-            claims,
-            auth,
-            box_key: GroupKey::from_bytes(box_key),
-        })
+        let box_key: [u8; KEY_LEN] = codec::unb64_array("box key", &body.box_key).map_err(|_| bad("bad box key"))?;
+        Ok(InviteToken { invite: body.invite, claims, auth, box_key: GroupKey::from_bytes(box_key) })
     }
 
     /// Opens the group key the admin sealed into the invite.
     pub fn group_key(&self) -> Result<GroupKey, ProtoError> {
-        let bytes = crypto::secretbox_open(
-            &self.box_key,
-            &self.claims.group_key_nonce,
-            &self.claims.sealed_group_key,
-        )?;
-        let key: [u8; KEY_LEN] = bytes
-            .try_into()
-            .map_err(|_| ProtoError::BadToken("sealed group key has the wrong length".into()))?;
+        let bytes = crypto::secretbox_open(&self.box_key, &self.claims.group_key_nonce, &self.claims.sealed_group_key)?;
+        let key: [u8; KEY_LEN] =
+            bytes.try_into().map_err(|_| ProtoError::BadToken("sealed group key has the wrong length".into()))?;
         Ok(GroupKey::from_bytes(key))
     }
 
@@ -184,9 +158,7 @@ pub fn verify_proof(
     joiner: &PublicKey,
     proof: &Sig,
 ) -> Result<(), ProtoError> {
-    claims
-        .auth_key
-        .verify(PROOF_DOMAIN, &[challenge, &joiner.0], proof)
+    claims.auth_key.verify(PROOF_DOMAIN, &[challenge, &joiner.0], proof)
 }
 
 #[cfg(test)]
@@ -221,17 +193,8 @@ mod tests {
 
     #[test]
     fn garbage_tokens_are_typed_errors() {
-        for t in [
-            "",
-            "mesh-invite-v1.",
-            "mesh-invite-v1.!!!",
-            "hello",
-            "mesh-invite-v1.e30",
-        ] {
-            assert!(
-                matches!(InviteToken::decode(t), Err(ProtoError::BadToken(_))),
-                "{t}"
-            );
+        for t in ["", "mesh-invite-v1.", "mesh-invite-v1.!!!", "hello", "mesh-invite-v1.e30"] {
+            assert!(matches!(InviteToken::decode(t), Err(ProtoError::BadToken(_))), "{t}");
         }
     }
 

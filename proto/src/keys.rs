@@ -37,8 +37,7 @@ impl PublicKey {
     pub fn verify(&self, domain: &str, fields: &[&[u8]], sig: &Sig) -> Result<(), ProtoError> {
         let vk = VerifyingKey::from_bytes(&self.0).map_err(|_| ProtoError::BadKey)?;
         let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-        vk.verify_strict(&transcript(domain, fields), &sig)
-            .map_err(|_| ProtoError::BadSignature)
+        vk.verify_strict(&transcript(domain, fields), &sig).map_err(|_| ProtoError::BadSignature)
     }
 }
 string_serde!(PublicKey);
@@ -60,10 +59,7 @@ impl EncPublicKey {
 
     fn decode(s: &str) -> Result<Self, ProtoError> {
         if s.len() != 64 {
-            return Err(ProtoError::encoding(
-                "encryption key",
-                "expected 64 hex digits",
-            ));
+            return Err(ProtoError::encoding("encryption key", "expected 64 hex digits"));
         }
         Ok(EncPublicKey(codec::unhex_array("encryption key", s)?))
     }
@@ -123,8 +119,7 @@ pub struct PublicIdentity {
 impl PublicIdentity {
     /// Checks that `enc_key` was signed by `key`.
     pub fn verify(&self) -> Result<(), ProtoError> {
-        self.key
-            .verify(ENC_KEY_DOMAIN, &[&self.enc_key.0], &self.enc_sig)
+        self.key.verify(ENC_KEY_DOMAIN, &[&self.enc_key.0], &self.enc_sig)
     }
 }
 
@@ -143,18 +138,12 @@ impl std::fmt::Debug for Identity {
 
 impl Identity {
     pub fn generate() -> Self {
-        Identity {
-            signing: SigningKey::generate(&mut OsRng),
-            enc: crypto_box::SecretKey::generate(&mut OsRng),
-        }
+        Identity { signing: SigningKey::generate(&mut OsRng), enc: crypto_box::SecretKey::generate(&mut OsRng) }
     }
 
     /// Rebuilds an identity from its two 32-byte secrets (the ed25519 seed and the X25519 scalar).
     pub fn from_secrets(sign_seed: [u8; 32], enc_secret: [u8; 32]) -> Self {
-        Identity {
-            signing: SigningKey::from_bytes(&sign_seed),
-            enc: crypto_box::SecretKey::from(enc_secret),
-        }
+        Identity { signing: SigningKey::from_bytes(&sign_seed), enc: crypto_box::SecretKey::from(enc_secret) }
     }
 
     pub fn sign_seed(&self) -> [u8; 32] {
@@ -180,11 +169,7 @@ impl Identity {
     /// The published half, with the signature that binds the encryption key to the signing key.
     pub fn public(&self) -> PublicIdentity {
         let enc_key = self.enc_key();
-        PublicIdentity {
-            key: self.key(),
-            enc_key,
-            enc_sig: self.sign(ENC_KEY_DOMAIN, &[&enc_key.0]),
-        }
+        PublicIdentity { key: self.key(), enc_key, enc_sig: self.sign(ENC_KEY_DOMAIN, &[&enc_key.0]) }
     }
 
     /// Signs the domain-separated transcript of `fields` (see [`transcript`]).
@@ -208,10 +193,7 @@ mod tests {
         let public = id.public();
         public.verify().expect("own binding verifies");
         let other = Identity::generate();
-        let forged = PublicIdentity {
-            enc_key: other.enc_key(),
-            ..public
-        };
+        let forged = PublicIdentity { enc_key: other.enc_key(), ..public };
         assert!(matches!(forged.verify(), Err(ProtoError::BadSignature)));
     }
 
@@ -234,10 +216,7 @@ mod tests {
 
     #[test]
     fn transcripts_of_different_splits_differ() {
-        assert_ne!(
-            transcript("d", &[b"ab", b"c"]),
-            transcript("d", &[b"a", b"bc"])
-        );
+        assert_ne!(transcript("d", &[b"ab", b"c"]), transcript("d", &[b"a", b"bc"]));
         assert_ne!(transcript("d1", &[b"x"]), transcript("d", &[b"1x"]));
     }
 }

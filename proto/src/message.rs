@@ -37,13 +37,7 @@ pub struct SealedMessage {
     pub sig: Sig,
 }
 
-fn signed_fields<'a>(
-    mesh_id: &'a MeshId,
-    cmid: &'a str,
-    to: &'a str,
-    nonce: &'a [u8],
-    ct: &'a [u8],
-) -> [&'a [u8]; 5] {
+fn signed_fields<'a>(mesh_id: &'a MeshId, cmid: &'a str, to: &'a str, nonce: &'a [u8], ct: &'a [u8]) -> [&'a [u8]; 5] {
     [&mesh_id.0, cmid.as_bytes(), to.as_bytes(), nonce, ct]
 }
 
@@ -62,21 +56,9 @@ pub fn seal(
         SealKey::Group(group) => crypto::secretbox_seal(group, &plaintext),
     };
     let to = to.to_string();
-    let sig = sender.sign(
-        MESSAGE_DOMAIN,
-        &signed_fields(
-            mesh_id,
-            client_message_id,
-            &to,
-            &sealed.nonce,
-            &sealed.ciphertext,
-        ),
-    );
-    SealedMessage {
-        nonce: sealed.nonce.to_vec(),
-        ciphertext: sealed.ciphertext,
-        sig,
-    }
+    let sig =
+        sender.sign(MESSAGE_DOMAIN, &signed_fields(mesh_id, client_message_id, &to, &sealed.nonce, &sealed.ciphertext));
+    SealedMessage { nonce: sealed.nonce.to_vec(), ciphertext: sealed.ciphertext, sig }
 }
 
 /// Why an envelope could not be opened.
@@ -101,25 +83,13 @@ impl OpenError {
 }
 
 /// Verifies and opens an envelope delivered to `recipient` (whose key the broker delivered it to).
-pub fn open(
-    envelope: &Envelope,
-    recipient: &Identity,
-    group_key: Option<&GroupKey>,
-) -> Result<Content, OpenError> {
+pub fn open(envelope: &Envelope, recipient: &Identity, group_key: Option<&GroupKey>) -> Result<Content, OpenError> {
     let invalid = |e: ProtoError| OpenError::Invalid(e.to_string());
     envelope.sender_identity().verify().map_err(invalid)?;
     let to = envelope.to.to_string();
-    let fields = signed_fields(
-        &envelope.mesh_id,
-        &envelope.client_message_id,
-        &to,
-        &envelope.nonce,
-        &envelope.ciphertext,
-    );
-    envelope
-        .from
-        .verify(MESSAGE_DOMAIN, &fields, &envelope.sig)
-        .map_err(invalid)?;
+    let fields =
+        signed_fields(&envelope.mesh_id, &envelope.client_message_id, &to, &envelope.nonce, &envelope.ciphertext);
+    envelope.from.verify(MESSAGE_DOMAIN, &fields, &envelope.sig).map_err(invalid)?;
     let plaintext = match &envelope.to {
         Target::Key(key) => {
             if *key != recipient.key() {
@@ -129,22 +99,15 @@ pub fn open(
                     recipient.key().short()
                 )));
             }
-            crypto::box_open(
-                recipient,
-                &envelope.from_enc_key,
-                &envelope.nonce,
-                &envelope.ciphertext,
-            )
+            crypto::box_open(recipient, &envelope.from_enc_key, &envelope.nonce, &envelope.ciphertext)
         }
         Target::Group(_) | Target::All => {
-            let key = group_key
-                .ok_or_else(|| OpenError::DecryptFailed("no group key for this mesh".into()))?;
+            let key = group_key.ok_or_else(|| OpenError::DecryptFailed("no group key for this mesh".into()))?;
             crypto::secretbox_open(key, &envelope.nonce, &envelope.ciphertext)
         }
     }
     .map_err(|e| OpenError::DecryptFailed(e.to_string()))?;
-    serde_json::from_slice(&plaintext)
-        .map_err(|e| OpenError::Invalid(format!("content is not valid JSON: {e}")))
+    serde_json::from_slice(&plaintext).map_err(|e| OpenError::Invalid(format!("content is not valid JSON: {e}")))
 }
 
 #[cfg(test)]
@@ -175,63 +138,31 @@ mod tests {
     fn direct_and_group_round_trip() {
         let (a, b) = (Identity::generate(), Identity::generate());
         let mesh = MeshId::generate();
-        let content = Content {
-            body: "hi".into(),
-            reply_to: None,
-        };
+        let content = Content { body: "hi".into(), reply_to: None };
         let to = Target::Key(b.key());
-        let sealed = seal(
-            &a,
-            &mesh,
-            "c1",
-            &to,
-            SealKey::Direct(&b.enc_key()),
-            &content,
-        );
-        assert_eq!(
-            open(&envelope(&a, mesh, to, sealed), &b, None).expect("opens"),
-            content
-        );
+        let sealed = seal(&a, &mesh, "c1", &to, SealKey::Direct(&b.enc_key()), &content);
+        assert_eq!(open(&envelope(&a, mesh, to, sealed), &b, None).expect("opens"), content);
 
         let gk = GroupKey::generate();
         let sealed = seal(&a, &mesh, "c1", &Target::All, SealKey::Group(&gk), &content);
         let env = envelope(&a, mesh, Target::All, sealed);
         assert_eq!(open(&env, &b, Some(&gk)).expect("opens"), content);
-        assert_eq!(
-            open(&env, &b, Some(&GroupKey::generate()))
-                .unwrap_err()
-                .reason(),
-            "decrypt_failed"
-        );
+        assert_eq!(open(&env, &b, Some(&GroupKey::generate())).unwrap_err().reason(), "decrypt_failed");
     }
 
     #[test]
     fn retargeting_or_renaming_breaks_the_signature() {
-        let (a, b, c) = (
-            Identity::generate(),
-            Identity::generate(),
-            Identity::generate(),
-        );
+        let (a, b, c) = (Identity::generate(), Identity::generate(), Identity::generate());
         let mesh = MeshId::generate();
         let gk = GroupKey::generate();
-        let content = Content {
-            body: "hi".into(),
-            reply_to: None,
-        };
+        let content = Content { body: "hi".into(), reply_to: None };
         let sealed = seal(&a, &mesh, "c1", &Target::All, SealKey::Group(&gk), &content);
         let mut env = envelope(&a, mesh, Target::Group("ops".into()), sealed.clone());
         assert_eq!(open(&env, &b, Some(&gk)).unwrap_err().reason(), "invalid");
         env = envelope(&a, mesh, Target::All, sealed);
         env.client_message_id = "c2".into();
         assert_eq!(open(&env, &b, Some(&gk)).unwrap_err().reason(), "invalid");
-        let sealed = seal(
-            &a,
-            &mesh,
-            "c1",
-            &Target::Key(b.key()),
-            SealKey::Direct(&b.enc_key()),
-            &content,
-        );
+        let sealed = seal(&a, &mesh, "c1", &Target::Key(b.key()), SealKey::Direct(&b.enc_key()), &content);
         let env = envelope(&a, mesh, Target::Key(b.key()), sealed);
         assert_eq!(open(&env, &c, None).unwrap_err().reason(), "invalid");
     }

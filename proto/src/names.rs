@@ -34,16 +34,8 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
 pub fn validate_group(name: &str) -> Result<(), ProtoError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(ProtoError::BadName(format!(
-            "group {name:?}: use 1-64 of a-z 0-9 - _ ."
-        )))
-    }
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    if ok { Ok(()) } else { Err(ProtoError::BadName(format!("group {name:?}: use 1-64 of a-z 0-9 - _ ."))) }
 }
 
 #[cfg(test)]
@@ -55,16 +47,7 @@ mod tests {
         for good in ["alice", "Alice Smith", "agent-1", "ユーザー"] {
             validate_display(good).expect(good);
         }
-        for bad in [
-            "",
-            " alice",
-            "alice ",
-            "@ops",
-            "*",
-            "a\nb",
-            &"a".repeat(65),
-            &"ab".repeat(32),
-        ] {
+        for bad in ["", " alice", "alice ", "@ops", "*", "a\nb", &"a".repeat(65), &"ab".repeat(32)] {
             assert!(validate_display(bad).is_err(), "{bad:?} accepted");
         }
     }

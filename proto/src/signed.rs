@@ -25,17 +25,10 @@ pub struct Signed {
 impl Signed {
     /// Signs `claims` with `identity`, which must be the claims' signer.
     pub fn sign<C: Claims>(identity: &Identity, claims: &C) -> Signed {
-        debug_assert_eq!(
-            claims.signer(),
-            &identity.key(),
-            "claims signed by a key that is not their signer"
-        );
+        debug_assert_eq!(claims.signer(), &identity.key(), "claims signed by a key that is not their signer");
         let bytes = serde_json::to_vec(claims).expect("claims serialise to JSON");
         let sig = identity.sign(C::DOMAIN, &[&bytes]);
-        Signed {
-            payload: codec::b64(&bytes),
-            sig,
-        }
+        Signed { payload: codec::b64(&bytes), sig }
     }
 
     /// Decodes the claims and checks they were signed by their own signer.
@@ -70,23 +63,11 @@ mod tests {
         assert_eq!(signed.open::<Demo>().expect("verifies").n, 7);
 
         let other = Identity::generate();
-        let forged = Demo {
-            by: other.key(),
-            n: 7,
-        };
-        let tampered = Signed {
-            payload: codec::b64(&serde_json::to_vec(&forged).expect("json")),
-            sig: signed.sig,
-        };
-        assert!(matches!(
-            tampered.open::<Demo>(),
-            Err(ProtoError::BadSignature)
-        ));
+        let forged = Demo { by: other.key(), n: 7 };
+        let tampered = Signed { payload: codec::b64(&serde_json::to_vec(&forged).expect("json")), sig: signed.sig };
+        assert!(matches!(tampered.open::<Demo>(), Err(ProtoError::BadSignature)));
 
-        let garbage = Signed {
-            payload: "!!".into(),
-            sig: signed.sig,
-        };
+        let garbage = Signed { payload: "!!".into(), sig: signed.sig };
         assert!(garbage.open::<Demo>().is_err());
     }
 }

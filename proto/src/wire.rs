@@ -86,11 +86,7 @@ pub struct Peer {
 
 impl Peer {
     pub fn public_identity(&self) -> PublicIdentity {
-        PublicIdentity {
-            key: self.key,
-            enc_key: self.enc_key,
-            enc_sig: self.enc_sig,
-        }
+        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
     }
 }
 
@@ -142,11 +138,7 @@ impl Claims for HelloClaims {
 
 impl HelloClaims {
     pub fn public_identity(&self) -> PublicIdentity {
-        PublicIdentity {
-            key: self.key,
-            enc_key: self.enc_key,
-            enc_sig: self.enc_sig,
-        }
+        PublicIdentity { key: self.key, enc_key: self.enc_key, enc_sig: self.enc_sig }
     }
 }
 
@@ -188,10 +180,8 @@ impl SendMessage {
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::Digest;
         let to = self.to.to_string();
-        let bytes = crate::keys::transcript(
-            "mesh/send-fingerprint/v1",
-            &[to.as_bytes(), &self.nonce, &self.ciphertext],
-        );
+        let bytes =
+            crate::keys::transcript("mesh/send-fingerprint/v1", &[to.as_bytes(), &self.nonce, &self.ciphertext]);
         sha2::Sha256::digest(bytes).into()
     }
 }
@@ -299,11 +289,7 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn sender_identity(&self) -> PublicIdentity {
-        PublicIdentity {
-            key: self.from,
-            enc_key: self.from_enc_key,
-            enc_sig: self.from_enc_sig,
-        }
+        PublicIdentity { key: self.from, enc_key: self.from_enc_key, enc_sig: self.from_enc_sig }
     }
 }
 
@@ -355,13 +341,7 @@ pub struct ErrorFrame {
 
 impl ErrorFrame {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorFrame {
-            id: None,
-            code,
-            permanent: code.permanent(),
-            retry_after_ms: None,
-            message: message.into(),
-        }
+        ErrorFrame { id: None, code, permanent: code.permanent(), retry_after_ms: None, message: message.into() }
     }
 
     pub fn with_id(mut self, id: Option<u64>) -> Self {
@@ -493,15 +473,7 @@ impl FrameError {
 }
 
 const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster"];
-const SERVER_TYPES: &[&str] = &[
-    "challenge",
-    "welcome",
-    "accepted",
-    "deliver",
-    "roster",
-    "presence",
-    "error",
-];
+const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))
@@ -516,30 +488,16 @@ fn diagnose(text: &str, known: &[&str], err: serde_json::Error) -> FrameError {
     let value: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(_) => {
-            return FrameError {
-                code: ErrorCode::BadFrame,
-                id: None,
-                detail: format!("not JSON: {err}"),
-            };
+            return FrameError { code: ErrorCode::BadFrame, id: None, detail: format!("not JSON: {err}") };
         }
     };
     let id = value.get("id").and_then(serde_json::Value::as_u64);
     match value.get("type").and_then(serde_json::Value::as_str) {
-        None => FrameError {
-            code: ErrorCode::BadFrame,
-            id,
-            detail: "frame has no string field \"type\"".into(),
-        },
-        Some(t) if !known.contains(&t) => FrameError {
-            code: ErrorCode::UnknownType,
-            id,
-            detail: format!("unknown frame type {t:?}"),
-        },
-        Some(t) => FrameError {
-            code: ErrorCode::BadFrame,
-            id,
-            detail: format!("malformed {t:?} frame: {err}"),
-        },
+        None => FrameError { code: ErrorCode::BadFrame, id, detail: "frame has no string field \"type\"".into() },
+        Some(t) if !known.contains(&t) => {
+            FrameError { code: ErrorCode::UnknownType, id, detail: format!("unknown frame type {t:?}") }
+        }
+        Some(t) => FrameError { code: ErrorCode::BadFrame, id, detail: format!("malformed {t:?} frame: {err}") },
     }
 }
 
@@ -584,39 +542,20 @@ mod tests {
             at: 5,
         });
         let raw = deliver_frame_json(7, &serde_json::to_string(&item).expect("json"));
-        assert_eq!(
-            decode_server(&raw).expect("decodes"),
-            ServerFrame::Deliver(Deliver {
-                delivery_id: 7,
-                item
-            })
-        );
+        assert_eq!(decode_server(&raw).expect("decodes"), ServerFrame::Deliver(Deliver { delivery_id: 7, item }));
     }
 
     #[test]
     fn unknown_error_codes_decode() {
-        let f = decode_server(
-            r#"{"type":"error","code":"from_the_future","permanent":true,"message":"x"}"#,
-        )
-        .expect("decodes");
-        assert!(matches!(
-            f,
-            ServerFrame::Error(ErrorFrame {
-                code: ErrorCode::Unknown,
-                permanent: true,
-                ..
-            })
-        ));
+        let f = decode_server(r#"{"type":"error","code":"from_the_future","permanent":true,"message":"x"}"#)
+            .expect("decodes");
+        assert!(matches!(f, ServerFrame::Error(ErrorFrame { code: ErrorCode::Unknown, permanent: true, .. })));
     }
 
     #[test]
     fn every_code_round_trips_its_name() {
-        for code in [
-            ErrorCode::BadFrame,
-            ErrorCode::RateLimited,
-            ErrorCode::IdempotencyConflict,
-            ErrorCode::Superseded,
-        ] {
+        for code in [ErrorCode::BadFrame, ErrorCode::RateLimited, ErrorCode::IdempotencyConflict, ErrorCode::Superseded]
+        {
             let json = serde_json::to_string(&code).expect("json");
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }

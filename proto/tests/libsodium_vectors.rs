@@ -58,16 +58,8 @@ fn ed25519_signatures_match_libsodium() {
     assert!(!v.sign.is_empty());
     for case in &v.sign {
         let id = Identity::from_secrets(array(&case.seed), [1u8; 32]);
-        assert_eq!(
-            id.key().0,
-            array::<32>(&case.public),
-            "public key from seed"
-        );
-        assert_eq!(
-            id.sign_raw(&bytes(&case.message)).0,
-            array::<64>(&case.signature),
-            "signature"
-        );
+        assert_eq!(id.key().0, array::<32>(&case.public), "public key from seed");
+        assert_eq!(id.sign_raw(&bytes(&case.message)).0, array::<64>(&case.signature), "signature");
     }
 }
 
@@ -78,36 +70,14 @@ fn crypto_box_matches_libsodium_both_ways() {
     for case in &v.boxes {
         let sender = Identity::from_secrets([2u8; 32], array(&case.sender_secret));
         let recipient = Identity::from_secrets([3u8; 32], array(&case.recipient_secret));
-        assert_eq!(
-            sender.enc_key().0,
-            array::<32>(&case.sender_public),
-            "X25519 public key"
-        );
-        assert_eq!(
-            recipient.enc_key().0,
-            array::<32>(&case.recipient_public),
-            "X25519 public key"
-        );
+        assert_eq!(sender.enc_key().0, array::<32>(&case.sender_public), "X25519 public key");
+        assert_eq!(recipient.enc_key().0, array::<32>(&case.recipient_public), "X25519 public key");
         let nonce: [u8; 24] = array(&case.nonce);
         let message = bytes(&case.message);
-        let ours = crypto::box_seal_with_nonce(
-            &sender,
-            &EncPublicKey(array(&case.recipient_public)),
-            &nonce,
-            &message,
-        );
-        assert_eq!(
-            ours.ciphertext,
-            bytes(&case.ciphertext),
-            "crypto_box_easy output"
-        );
-        let opened = crypto::box_open(
-            &recipient,
-            &sender.enc_key(),
-            &nonce,
-            &bytes(&case.ciphertext),
-        )
-        .expect("opens libsodium's box");
+        let ours = crypto::box_seal_with_nonce(&sender, &EncPublicKey(array(&case.recipient_public)), &nonce, &message);
+        assert_eq!(ours.ciphertext, bytes(&case.ciphertext), "crypto_box_easy output");
+        let opened = crypto::box_open(&recipient, &sender.enc_key(), &nonce, &bytes(&case.ciphertext))
+            .expect("opens libsodium's box");
         assert_eq!(opened, message);
         let mut tampered = bytes(&case.ciphertext);
         tampered[0] ^= 0x80;
@@ -123,13 +93,7 @@ fn crypto_secretbox_matches_libsodium_both_ways() {
         let key = GroupKey::from_bytes(array(&case.key));
         let nonce: [u8; 24] = array(&case.nonce);
         let message = bytes(&case.message);
-        assert_eq!(
-            crypto::secretbox_seal_with_nonce(&key, &nonce, &message).ciphertext,
-            bytes(&case.ciphertext)
-        );
-        assert_eq!(
-            crypto::secretbox_open(&key, &nonce, &bytes(&case.ciphertext)).expect("opens"),
-            message
-        );
+        assert_eq!(crypto::secretbox_seal_with_nonce(&key, &nonce, &message).ciphertext, bytes(&case.ciphertext));
+        assert_eq!(crypto::secretbox_open(&key, &nonce, &bytes(&case.ciphertext)).expect("opens"), message);
     }
 }

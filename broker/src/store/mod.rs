@@ -115,12 +115,7 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts or refreshes a peer (a session on connect, or a member whose name or keys changed)
     /// and records it as seen now.
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<(), StoreError>;
-    async fn touch_peer(
-        &self,
-        mesh: MeshId,
-        key: PublicKey,
-        seen_at: u64,
-    ) -> Result<(), StoreError>;
+    async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError>;
     async fn roster(&self, mesh: MeshId) -> Result<Vec<PeerRecord>, StoreError>;
 
     /// Idempotent on (mesh, sender, client_message_id): a duplicate with the same fingerprint returns the
@@ -146,18 +141,9 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
     ) -> Result<Vec<PublicKey>, StoreError>;
     /// Frees the leases a closed connection held.
-    async fn release(
-        &self,
-        mesh: MeshId,
-        recipient: PublicKey,
-        conn: u64,
-    ) -> Result<(), StoreError>;
+    async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError>;
     /// The earliest time a lease of `recipient` runs out, to schedule redelivery.
-    async fn next_lease_expiry(
-        &self,
-        mesh: MeshId,
-        recipient: PublicKey,
-    ) -> Result<Option<u64>, StoreError>;
+    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey) -> Result<Option<u64>, StoreError>;
     /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
     /// idempotency records past retention.
     async fn expire(&self, now: u64) -> Result<Expired, StoreError>;

@@ -9,9 +9,7 @@ use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
 use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{
-    Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, Store, StoreError,
-};
+use super::{Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, Store, StoreError};
 use crate::sqlite::{Db, DbError};
 
 /// Receipts live as long as a message's default TTL: the sender may be offline for that long.
@@ -87,9 +85,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, DbError> {
-        Ok(SqliteStore {
-            db: Db::open(path, MIGRATIONS)?,
-        })
+        Ok(SqliteStore { db: Db::open(path, MIGRATIONS)? })
     }
 
     pub fn db(&self) -> &Db {
@@ -135,9 +131,7 @@ fn parse<T: FromStr>(s: String) -> rusqlite::Result<T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
-    T::from_str(&s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    T::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn bad_text(what: &str, s: &str) -> rusqlite::Error {
@@ -148,8 +142,7 @@ fn bad_text(what: &str, s: &str) -> rusqlite::Error {
     )
 }
 
-const PEER_COLUMNS: &str =
-    "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked";
+const PEER_COLUMNS: &str = "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked";
 
 fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     let kind: String = row.get(1)?;
@@ -191,11 +184,7 @@ fn insert_peer(tx: &Transaction<'_>, mesh: &MeshId, p: &PeerRecord) -> rusqlite:
     Ok(())
 }
 
-fn get_peer(
-    tx: &Transaction<'_>,
-    mesh: &MeshId,
-    key: &PublicKey,
-) -> rusqlite::Result<Option<PeerRecord>> {
+fn get_peer(tx: &Transaction<'_>, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Option<PeerRecord>> {
     tx.query_row(
         &format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"),
         params![mesh.to_string(), key.to_string()],
@@ -211,8 +200,7 @@ fn queue_receipt(
     receipt: &Receipt,
     expires_at: u64,
 ) -> rusqlite::Result<()> {
-    let json =
-        serde_json::to_string(&DeliveryItem::Receipt(receipt.clone())).expect("receipts serialise");
+    let json = serde_json::to_string(&DeliveryItem::Receipt(receipt.clone())).expect("receipts serialise");
     tx.execute(
         "INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)",
         params![mesh, to, json, expires_at as i64],
@@ -229,22 +217,14 @@ fn receipt_for_message(
     now: u64,
 ) -> rusqlite::Result<Option<String>> {
     let row: Option<(String, String, String, String)> = tx
-        .query_row(
-            "SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1",
-            [seq],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .query_row("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1", [seq], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let Some((mesh, sender, message_id, client_message_id)) = row else {
         return Ok(None);
     };
-    let receipt = Receipt {
-        message_id,
-        client_message_id,
-        kind,
-        recipient: parse(recipient.to_owned())?,
-        at: now,
-    };
+    let receipt = Receipt { message_id, client_message_id, kind, recipient: parse(recipient.to_owned())?, at: now };
     queue_receipt(tx, &mesh, &sender, &receipt, now + RECEIPT_TTL_MS)?;
     Ok(Some(sender))
 }
@@ -263,22 +243,16 @@ fn forget_body_if_done(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<()> {
 impl Store for SqliteStore {
     async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError> {
         self.write(move |tx| {
-            let exists: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM meshes WHERE id = ?1)",
-                [mesh.id.to_string()],
-                |r| r.get(0),
-            )?;
+            let exists: bool =
+                tx.query_row("SELECT EXISTS (SELECT 1 FROM meshes WHERE id = ?1)", [mesh.id.to_string()], |r| {
+                    r.get(0)
+                })?;
             if exists {
                 return Err(TxError::Domain(StoreError::MeshExists));
             }
             tx.execute(
                 "INSERT INTO meshes (id, name, owner, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    mesh.id.to_string(),
-                    mesh.name,
-                    mesh.owner.to_string(),
-                    mesh.created_at as i64
-                ],
+                params![mesh.id.to_string(), mesh.name, mesh.owner.to_string(), mesh.created_at as i64],
             )?;
             insert_peer(tx, &mesh.id, &owner)?;
             Ok(())
@@ -290,18 +264,14 @@ impl Store for SqliteStore {
         Ok(self
             .db
             .call(move |c| {
-                c.query_row(
-                    "SELECT id, name, owner, created_at FROM meshes WHERE id = ?1",
-                    [id.to_string()],
-                    |r| {
-                        Ok(MeshRecord {
-                            id: parse(r.get(0)?)?,
-                            name: r.get(1)?,
-                            owner: parse(r.get(2)?)?,
-                            created_at: r.get::<_, i64>(3)? as u64,
-                        })
-                    },
-                )
+                c.query_row("SELECT id, name, owner, created_at FROM meshes WHERE id = ?1", [id.to_string()], |r| {
+                    Ok(MeshRecord {
+                        id: parse(r.get(0)?)?,
+                        name: r.get(1)?,
+                        owner: parse(r.get(2)?)?,
+                        created_at: r.get::<_, i64>(3)? as u64,
+                    })
+                })
                 .optional()
             })
             .await?)
@@ -356,16 +326,10 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<(), StoreError> {
-        self.write(move |tx| Ok(insert_peer(tx, &mesh, &peer)?))
-            .await
+        self.write(move |tx| Ok(insert_peer(tx, &mesh, &peer)?)).await
     }
 
-    async fn touch_peer(
-        &self,
-        mesh: MeshId,
-        key: PublicKey,
-        seen_at: u64,
-    ) -> Result<(), StoreError> {
+    async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError> {
         self.db
             .call(move |c| {
                 c.execute(
@@ -533,12 +497,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn release(
-        &self,
-        mesh: MeshId,
-        recipient: PublicKey,
-        conn: u64,
-    ) -> Result<(), StoreError> {
+    async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError> {
         self.db
             .call(move |c| {
                 c.execute(
@@ -551,11 +510,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn next_lease_expiry(
-        &self,
-        mesh: MeshId,
-        recipient: PublicKey,
-    ) -> Result<Option<u64>, StoreError> {
+    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey) -> Result<Option<u64>, StoreError> {
         Ok(self
             .db
             .call(move |c| {
@@ -610,15 +565,6 @@ impl Store for SqliteStore {
         receipt: Receipt,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        self.write(move |tx| {
-            Ok(queue_receipt(
-                tx,
-                &mesh.to_string(),
-                &to.to_string(),
-                &receipt,
-                expires_at,
-            )?)
-        })
-        .await
+        self.write(move |tx| Ok(queue_receipt(tx, &mesh.to_string(), &to.to_string(), &receipt, expires_at)?)).await
     }
 }

@@ -11,9 +11,7 @@ use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
 use mesh_proto::message::{self, Content, SealKey};
 use mesh_proto::signed::Signed;
-use mesh_proto::wire::{
-    self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame,
-};
+use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame};
 use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -35,19 +33,11 @@ impl TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let db_path = dir.path().join("broker.db");
         let store = Arc::new(SqliteStore::open(&db_path).expect("store opens"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(mesh_broker::run(listener, store, config, shutdown.clone()));
-        TestBroker {
-            addr,
-            db_path,
-            shutdown,
-            task,
-            _dir: dir,
-        }
+        TestBroker { addr, db_path, shutdown, task, _dir: dir }
     }
 
     pub fn url(&self) -> String {
@@ -69,14 +59,10 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(broker: &TestBroker) -> Client {
-        let (ws, _) =
-            tokio_tungstenite::connect_async(format!("ws://{}{}", broker.addr, wire::WS_PATH))
-                .await
-                .expect("ws connect");
-        let mut c = Client {
-            ws,
-            challenge: vec![],
-        };
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{}", broker.addr, wire::WS_PATH))
+            .await
+            .expect("ws connect");
+        let mut c = Client { ws, challenge: vec![] };
         match c.recv().await {
             ServerFrame::Challenge(ch) => c.challenge = ch.nonce,
             other => panic!("expected challenge, got {other:?}"),
@@ -85,10 +71,7 @@ impl Client {
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws
-            .send(Message::Text(text.into()))
-            .await
-            .expect("ws send");
+        self.ws.send(Message::Text(text.into())).await.expect("ws send");
     }
 
     pub async fn send(&mut self, frame: &ClientFrame) {
@@ -97,17 +80,13 @@ impl Client {
 
     /// The next protocol frame, failing the test after [`WAIT`].
     pub async fn recv(&mut self) -> ServerFrame {
-        self.try_recv()
-            .await
-            .expect("connection closed while waiting for a frame")
+        self.try_recv().await.expect("connection closed while waiting for a frame")
     }
 
     /// The next protocol frame, or `None` once the connection closes.
     pub async fn try_recv(&mut self) -> Option<ServerFrame> {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("timed out waiting for a frame");
+            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("timed out waiting for a frame");
             match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
                 Some(Ok(Message::Text(t))) => {
@@ -128,26 +107,14 @@ impl Client {
         }
     }
 
-    pub async fn hello(
-        &mut self,
-        id: &Identity,
-        mesh: MeshId,
-        name: &str,
-        intent: Intent,
-    ) -> ServerFrame {
+    pub async fn hello(&mut self, id: &Identity, mesh: MeshId, name: &str, intent: Intent) -> ServerFrame {
         let frame = hello_frame(&self.challenge, id, mesh, name, intent);
         self.send(&frame).await;
         self.recv().await
     }
 }
 
-pub fn hello_frame(
-    challenge: &[u8],
-    id: &Identity,
-    mesh: MeshId,
-    name: &str,
-    intent: Intent,
-) -> ClientFrame {
+pub fn hello_frame(challenge: &[u8], id: &Identity, mesh: MeshId, name: &str, intent: Intent) -> ClientFrame {
     let public = id.public();
     let claims = HelloClaims {
         v: 1,
@@ -162,26 +129,14 @@ pub fn hello_frame(
         intent,
         attestation: None,
     };
-    ClientFrame::Hello(Hello {
-        v: 1,
-        auth: Signed::sign(id, &claims),
-    })
+    ClientFrame::Hello(Hello { v: 1, auth: Signed::sign(id, &claims) })
 }
 
 pub fn create_intent(name: &str) -> Intent {
-    Intent::Create {
-        mesh_name: name.to_owned(),
-        create_token: None,
-    }
+    Intent::Create { mesh_name: name.to_owned(), create_token: None }
 }
 
-pub fn mint_invite(
-    admin: &Identity,
-    mesh: MeshId,
-    url: &str,
-    expires_at: u64,
-    max_uses: Option<u32>,
-) -> InviteToken {
+pub fn mint_invite(admin: &Identity, mesh: MeshId, url: &str, expires_at: u64, max_uses: Option<u32>) -> InviteToken {
     let params = InviteParams {
         mesh_id: mesh,
         mesh_name: "team".into(),
@@ -195,10 +150,7 @@ pub fn mint_invite(
 }
 
 pub fn join_intent(token: &InviteToken, challenge: &[u8], joiner: &Identity) -> Intent {
-    Intent::Join {
-        invite: token.invite.clone(),
-        proof: token.prove(challenge, &joiner.key()),
-    }
+    Intent::Join { invite: token.invite.clone(), proof: token.prove(challenge, &joiner.key()) }
 }
 
 /// A mesh with an owner `a` and a member `b`, both connected and welcomed.
@@ -214,28 +166,15 @@ pub async fn two_members(broker: &TestBroker) -> TwoMembers {
     let (a, b) = (Identity::generate(), Identity::generate());
     let mesh = MeshId::generate();
     let mut ca = Client::connect(broker).await;
-    assert!(matches!(
-        ca.hello(&a, mesh, "alice", create_intent("team")).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(ca.hello(&a, mesh, "alice", create_intent("team")).await, ServerFrame::Welcome(_)));
     let token = mint_invite(&a, mesh, &broker.url(), now_ms() + 60_000, None);
     let mut cb = Client::connect(broker).await;
     let intent = join_intent(&token, &cb.challenge.clone(), &b);
-    assert!(matches!(
-        cb.hello(&b, mesh, "bob", intent).await,
-        ServerFrame::Welcome(_)
-    ));
+    assert!(matches!(cb.hello(&b, mesh, "bob", intent).await, ServerFrame::Welcome(_)));
     TwoMembers { mesh, a, b, ca, cb }
 }
 
-pub fn dm(
-    from: &Identity,
-    mesh: MeshId,
-    to: &Identity,
-    id: u64,
-    cmid: &str,
-    body: &str,
-) -> SendMessage {
+pub fn dm(from: &Identity, mesh: MeshId, to: &Identity, id: u64, cmid: &str, body: &str) -> SendMessage {
     let target = Target::Key(to.key());
     let sealed = message::seal(
         from,
@@ -243,10 +182,7 @@ pub fn dm(
         cmid,
         &target,
         SealKey::Direct(&to.enc_key()),
-        &Content {
-            body: body.into(),
-            reply_to: None,
-        },
+        &Content { body: body.into(), reply_to: None },
     );
     SendMessage {
         id,
