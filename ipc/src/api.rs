@@ -1,0 +1,409 @@
+//! Request and response bodies of the IPC routes. Every body is JSON; every failure is an
+//! [`ApiError`] with a code from a closed list and an HTTP status in the 4xx/5xx range.
+
+use mesh_proto::wire::{PeerKind, Role};
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/version`: the version probe every client may start with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// The daemon's build version (the `mesh` package version).
+    pub version: String,
+    /// The IPC contract version ([`crate::IPC_VERSION`]).
+    pub ipc: u32,
+    /// The broker wire protocol version it speaks.
+    pub protocol: u32,
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: ApiError,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ApiErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorCode {
+    /// Malformed JSON, a missing field, a value out of range.
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    /// The same idempotency key was used for a different request.
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    /// The client speaks another IPC contract version.
+    VersionMismatch,
+    /// A target that matches nothing in any roster.
+    UnknownTarget,
+    /// A target that matches more than one peer or mesh.
+    AmbiguousTarget,
+    UnknownMesh,
+    /// The broker refused (with its own error code in the message).
+    BrokerRefused,
+    /// The broker could not be reached.
+    BrokerUnreachable,
+    ShuttingDown,
+    Internal,
+    #[serde(other)]
+    Unknown,
+}
+
+impl ApiErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ApiErrorCode::BadRequest
+            | ApiErrorCode::UnknownTarget
+            | ApiErrorCode::AmbiguousTarget
+            | ApiErrorCode::VersionMismatch => 400,
+            ApiErrorCode::Unauthorized => 401,
+            ApiErrorCode::NotFound | ApiErrorCode::UnknownMesh => 404,
+            ApiErrorCode::MethodNotAllowed => 405,
+            ApiErrorCode::Conflict => 409,
+            ApiErrorCode::PayloadTooLarge => 413,
+            ApiErrorCode::UnsupportedMediaType => 415,
+            ApiErrorCode::BrokerRefused => 422,
+            ApiErrorCode::BrokerUnreachable => 502,
+            ApiErrorCode::ShuttingDown => 503,
+            ApiErrorCode::Internal | ApiErrorCode::Unknown => 500,
+        }
+    }
+}
+
+// --- daemon --------------------------------------------------------------------------------------
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub socket: String,
+    pub started_at: u64,
+    pub member: MemberInfo,
+    pub meshes: Vec<MeshStatus>,
+    pub outbox: OutboxCounts,
+    pub inbox: InboxCounts,
+    /// `ws://127.0.0.1:PORT` when this daemon runs an embedded broker.
+    pub embedded_broker: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub key: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub id: String,
+    pub name: String,
+    pub broker: String,
+    pub connection: LinkStatus,
+    pub peers_online: u32,
+    pub peers_total: u32,
+    pub outbox: OutboxCounts,
+}
+
+/// A broker connection as the daemon sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    /// Since when (ms) it has been in this state.
+    pub since: u64,
+    /// The last failure, with the broker's error code when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Connecting,
+    Online,
+    /// Disconnected; retrying with backoff.
+    Offline,
+    /// The broker refused us permanently (revoked, unknown member…); retried slowly.
+    Rejected,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Online => "online",
+            LinkState::Offline => "offline",
+            LinkState::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxCounts {
+    pub pending: u64,
+    pub inflight: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub aborted: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxCounts {
+    pub unread: u64,
+    pub total: u64,
+    pub failed: u64,
+}
+
+// --- meshes --------------------------------------------------------------------------------------
+
+/// `GET /v1/meshes` lists these; `POST /v1/meshes` and `POST /v1/meshes/join` return one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshInfo {
+    pub id: String,
+    pub name: String,
+    pub broker: String,
+    pub role: Role,
+    /// True for the local mesh served by this daemon's embedded broker.
+    pub embedded: bool,
+    pub joined_at: u64,
+}
+
+/// `POST /v1/meshes`: create a mesh on a broker; the caller becomes its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateMeshRequest {
+    pub name: String,
+    /// `ws://host:port` (the `/v1/ws` path is added when missing).
+    pub broker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_token: Option<String>,
+}
+
+/// `POST /v1/meshes/join`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinMeshRequest {
+    pub token: String,
+    /// A local name for the mesh, when the invite's name is already taken here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/invites`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateInviteRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// Default: 24 hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    /// Default: 1. `0` means unlimited until expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// Default: member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteResponse {
+    pub token: String,
+    pub mesh: String,
+    pub broker: String,
+    pub expires_at: u64,
+    pub max_uses: Option<u32>,
+    pub role: Role,
+}
+
+/// `GET /v1/peers?mesh=M`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub mesh: String,
+    pub key: String,
+    pub name: String,
+    pub kind: PeerKind,
+    pub member: String,
+    pub role: Role,
+    pub online: bool,
+    pub last_seen: Option<u64>,
+    /// This daemon's own member key.
+    pub is_self: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+// --- sending -------------------------------------------------------------------------------------
+
+/// `POST /v1/send`. The daemon answers once the row is committed to the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// Minted by the client; resending it returns the first request's row (same fingerprint) or a
+    /// `conflict` (different fingerprint).
+    pub client_message_id: String,
+    /// A display name, a full public key (64 hex digits), `@group` or `*`.
+    pub to: String,
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub outbox_id: i64,
+    pub client_message_id: String,
+    pub status: OutboxStatus,
+    pub mesh: String,
+    pub target: TargetInfo,
+    /// True when this `client_message_id` had already been accepted: nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// A resolved target: what the user typed and what it resolved to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub kind: TargetKind,
+    /// What the sender typed.
+    pub label: String,
+    /// The wire target: a full key, `@group` or `*`.
+    pub address: String,
+    /// The recipient's name in the roster, for a direct message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    Direct,
+    Group,
+    Broadcast,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    /// Committed; waiting for its connection (or for its backoff to pass).
+    Pending,
+    /// Sent on its connection; waiting for the broker's answer.
+    Inflight,
+    /// Accepted by the broker.
+    Done,
+    /// Given up: a permanent error, its TTL, or the attempt cap.
+    Dead,
+    /// Stopped by the user.
+    Aborted,
+}
+
+impl OutboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Pending => "pending",
+            OutboxStatus::Inflight => "inflight",
+            OutboxStatus::Done => "done",
+            OutboxStatus::Dead => "dead",
+            OutboxStatus::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OutboxStatus> {
+        [Self::Pending, Self::Inflight, Self::Done, Self::Dead, Self::Aborted].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// `GET /v1/outbox`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<OutboxStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub client_message_id: String,
+    pub mesh: String,
+    pub target: TargetInfo,
+    pub body: String,
+    pub status: OutboxStatus,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// The broker's id once accepted.
+    pub message_id: Option<String>,
+    pub enqueued_at: u64,
+    pub sent_at: Option<u64>,
+    /// First `delivered` receipt (for a broadcast: from any recipient).
+    pub delivered_at: Option<u64>,
+    pub delivered_count: u32,
+    pub read_at: Option<u64>,
+    /// How many recipient queues the broker put it in.
+    pub recipients: Option<u32>,
+}
+
+// --- inbox ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboxStatus {
+    /// Committed raw; not yet verified and decrypted.
+    Received,
+    Ready,
+    /// Could not be verified or decrypted; kept with the reason.
+    Failed,
+}
+
+impl InboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboxStatus::Received => "received",
+            InboxStatus::Ready => "ready",
+            InboxStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<InboxStatus> {
+        [Self::Received, Self::Ready, Self::Failed].into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// `GET /v1/inbox`. Listing never marks anything read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unread: bool,
+    /// A sender's display name or full key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxMessage {
+    pub id: i64,
+    pub mesh: String,
+    pub message_id: String,
+    pub from: String,
+    pub from_name: String,
+    pub kind: TargetKind,
+    /// The wire target: our key, `@group` or `*`.
+    pub to: String,
+    pub status: InboxStatus,
+    /// Present once the message is `ready`.
+    pub body: Option<String>,
+    pub error: Option<String>,
+    pub sent_at: u64,
+    pub received_at: u64,
+    pub read_at: Option<u64>,
+}

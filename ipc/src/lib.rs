@@ -1,0 +1,39 @@
+//! mesh-ipc: the contract between the `mesh` CLI (and TUI) and the daemon.
+//!
+//! It owns where files live ([`paths`]), the routes ([`routes`]), their request and response bodies
+//! ([`api`]) and the client ([`client`]). Only these types cross the CLI↔daemon boundary; the daemon's
+//! server implements exactly these routes. Transport: HTTP/1.1 with JSON bodies on a Unix socket
+//! (mode 0600, in a 0700 directory), one request per connection.
+
+pub mod api;
+pub mod client;
+pub mod paths;
+
+pub use client::{IpcClient, IpcError};
+pub use paths::Home;
+
+/// The version of this contract. It is in the socket's file name and in every request's
+/// [`VERSION_HEADER`]; a daemon refuses requests of another version with `version_mismatch`.
+pub const IPC_VERSION: u32 = 1;
+
+/// Header carrying [`IPC_VERSION`] on every request.
+pub const VERSION_HEADER: &str = "x-mesh-ipc";
+
+/// Largest request body the daemon reads.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Largest message body `POST /v1/send` accepts (bytes of UTF-8).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+pub mod routes {
+    pub const VERSION: &str = "/v1/version";
+    pub const STATUS: &str = "/v1/status";
+    pub const SHUTDOWN: &str = "/v1/shutdown";
+    pub const MESHES: &str = "/v1/meshes";
+    pub const MESHES_JOIN: &str = "/v1/meshes/join";
+    pub const INVITES: &str = "/v1/invites";
+    pub const PEERS: &str = "/v1/peers";
+    pub const SEND: &str = "/v1/send";
+    pub const INBOX: &str = "/v1/inbox";
+    pub const OUTBOX: &str = "/v1/outbox";
+}
