@@ -119,10 +119,10 @@ async fn create(
     create_token: Option<&str>,
     now: u64,
 ) -> Result<Authenticated, ErrorFrame> {
-    if let Some(required) = &config.create_token {
-        if create_token != Some(required.as_str()) {
-            return Err(refuse(ErrorCode::CreateForbidden, "this broker requires a create token to create meshes"));
-        }
+    if let Some(required) = &config.create_token
+        && create_token != Some(required.as_str())
+    {
+        return Err(refuse(ErrorCode::CreateForbidden, "this broker requires a create token to create meshes"));
     }
     names::validate_display(mesh_name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
     let mesh = MeshRecord { id: claims.mesh_id, name: mesh_name.to_owned(), owner: claims.key, created_at: now };

@@ -110,6 +110,20 @@ impl Db {
     }
 }
 
+/// Parses a text column into a typed value; stored text that does not parse is a conversion error.
+pub fn parse_col<T: std::str::FromStr>(s: String) -> rusqlite::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    T::from_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("invalid stored value {s:?}: {e}").into(),
+        )
+    })
+}
+
 fn create_private(path: &Path) -> Result<(), DbError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| DbError::Create { path: path.to_owned(), source };

@@ -46,7 +46,12 @@ impl Home {
     /// Every file under `dir`.
     pub fn at(dir: &Path) -> Home {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
-        Home { config_dir: dir.join("config"), data_dir: dir.join("data"), run_dir: dir.join("run"), log_dir: dir.join("logs") }
+        Home {
+            config_dir: dir.join("config"),
+            data_dir: dir.join("data"),
+            run_dir: dir.join("run"),
+            log_dir: dir.join("logs"),
+        }
     }
 
     fn xdg() -> Result<Home, HomeError> {

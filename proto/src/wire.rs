@@ -258,6 +258,8 @@ pub struct Deliver {
     pub item: DeliveryItem,
 }
 
+// Almost every item is a message; boxing it would cost an allocation per delivery for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum DeliveryItem {

@@ -2,7 +2,6 @@
 //! transaction on the blocking pool.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use async_trait::async_trait;
 use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
@@ -10,7 +9,7 @@ use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
 use super::{Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, Store, StoreError};
-use crate::sqlite::{Db, DbError};
+use crate::sqlite::{Db, DbError, parse_col as parse};
 
 /// Receipts live as long as a message's default TTL: the sender may be offline for that long.
 const RECEIPT_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
@@ -97,8 +96,7 @@ impl SqliteStore {
         F: FnOnce(&Transaction<'_>) -> Result<R, TxError> + Send + 'static,
         R: Send + 'static,
     {
-        let outcome = self
-            .db
+        self.db
             .call(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 match f(&tx) {
@@ -110,8 +108,7 @@ impl SqliteStore {
                     Err(TxError::Domain(e)) => Ok(Err(e)),
                 }
             })
-            .await?;
-        outcome
+            .await?
     }
 }
 
@@ -125,13 +122,6 @@ impl From<rusqlite::Error> for TxError {
     fn from(e: rusqlite::Error) -> Self {
         TxError::Sqlite(e)
     }
-}
-
-fn parse<T: FromStr>(s: String) -> rusqlite::Result<T>
-where
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    T::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn bad_text(what: &str, s: &str) -> rusqlite::Error {

@@ -1,0 +1,213 @@
+//! The inbox: accept fast, process after.
+//!
+//! A pushed frame is committed raw (the frame's text plus the few fields needed to dedupe and list it)
+//! in one small insert and then acked to the broker. A worker later verifies, decrypts and files it:
+//! `received → ready`, or `→ failed` with the reason (`invalid`, `decrypt_failed`). Nothing is lost to a
+//! parse or decrypt error. Rows are per recipient key and deduped on (recipient, message id) and on
+//! (recipient, sender, client_message_id).
+
+use mesh_ipc::api::{InboxCounts, InboxMessage, InboxQuery, InboxStatus, TargetKind};
+use mesh_proto::wire::{DeliveryItem, Envelope, ServerFrame};
+use mesh_proto::{MeshId, PublicKey, Target, message};
+use rusqlite::{Connection, Row, params};
+
+use crate::daemon::Daemon;
+
+/// Commits a delivered envelope for `recipient`; false when it was already there (a redelivery).
+pub fn accept(conn: &Connection, recipient: &PublicKey, env: &Envelope, raw: &str, now: u64) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "INSERT OR IGNORE INTO inbox (mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
+            status, sent_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'received', ?9, ?10)",
+        params![
+            env.mesh_id.to_string(),
+            recipient.to_string(),
+            env.message_id,
+            env.from.to_string(),
+            env.from_name,
+            env.client_message_id,
+            env.to.to_string(),
+            raw,
+            env.sent_at as i64,
+            now as i64,
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Commits a delivered frame that could not even be parsed, as `failed`, so it is kept and acked
+/// rather than redelivered forever.
+pub fn accept_unparsable(
+    conn: &Connection,
+    mesh: &MeshId,
+    recipient: &PublicKey,
+    delivery_id: u64,
+    raw: &str,
+    detail: &str,
+    now: u64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO inbox (mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
+            status, last_error, sent_at, received_at)
+         VALUES (?1, ?2, ?3, '', '', ?3, '', ?4, 'failed', ?5, ?6, ?6)",
+        params![mesh.to_string(), recipient.to_string(), format!("unparsable-{delivery_id}"), raw, format!("invalid: {detail}"), now as i64],
+    )?;
+    Ok(())
+}
+
+/// Rows waiting for the worker.
+fn to_process(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, String, String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, mesh_id, recipient, raw FROM inbox WHERE status = 'received' ORDER BY id LIMIT ?1",
+    )?;
+    stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
+}
+
+fn file_result(conn: &Connection, id: i64, result: Result<String, String>) -> rusqlite::Result<()> {
+    match result {
+        Ok(body) => conn.execute(
+            "UPDATE inbox SET status = 'ready', body = ?2, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
+            params![id, body],
+        )?,
+        Err(reason) => conn.execute(
+            "UPDATE inbox SET status = 'failed', last_error = ?2, attempts = attempts + 1 WHERE id = ?1",
+            params![id, reason],
+        )?,
+    };
+    Ok(())
+}
+
+/// Verifies and decrypts one raw row.
+fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str) -> Result<String, String> {
+    let env = match mesh_proto::wire::decode_server(raw) {
+        Ok(ServerFrame::Deliver(d)) => match d.item {
+            DeliveryItem::Message(env) => env,
+            DeliveryItem::Receipt(_) => return Err("invalid: a receipt stored as a message".into()),
+        },
+        Ok(_) => return Err("invalid: not a deliver frame".into()),
+        Err(e) => return Err(format!("invalid: {}", e.detail)),
+    };
+    let recipient: PublicKey = recipient.parse().map_err(|e| format!("invalid: recipient: {e}"))?;
+    let identity =
+        daemon.identity_for(&recipient).ok_or_else(|| "decrypt_failed: no key for this recipient".to_owned())?;
+    let mesh_id: MeshId = mesh.parse().map_err(|e| format!("invalid: mesh: {e}"))?;
+    if env.mesh_id != mesh_id {
+        return Err("invalid: delivered on another mesh's connection".into());
+    }
+    let group_key = daemon.group_key(&mesh_id);
+    message::open(&env, &identity, group_key.as_ref()).map(|c| c.body).map_err(|e| format!("{}: {e}", e.reason()))
+}
+
+/// Files every `received` row, then waits for more. Never stops on a bad row.
+pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
+    loop {
+        let batch = daemon.db.call(|c| to_process(c, 256)).await;
+        match batch {
+            Ok(rows) if !rows.is_empty() => {
+                let results: Vec<(i64, Result<String, String>)> = rows
+                    .iter()
+                    .map(|(id, mesh, recipient, raw)| (*id, open_raw(&daemon, mesh, recipient, raw)))
+                    .collect();
+                for (id, r) in &results {
+                    if let Err(reason) = r {
+                        tracing::warn!(inbox_id = id, %reason, "inbox row failed processing; kept as failed");
+                    }
+                }
+                if let Err(e) = daemon
+                    .db
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        for (id, r) in results {
+                            file_result(&tx, id, r)?;
+                        }
+                        tx.commit()
+                    })
+                    .await
+                {
+                    tracing::error!(error = %e, "filing inbox rows; will retry");
+                    tokio::select! {
+                        () = daemon.shutdown.cancelled() => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "reading the inbox; will retry"),
+        }
+        tokio::select! {
+            () = daemon.shutdown.cancelled() => return,
+            () = daemon.inbox_wake.notified() => {}
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+const COLUMNS: &str =
+    "i.id, COALESCE(m.name, i.mesh_id), i.message_id, i.sender, i.sender_name, i.target, i.status, i.body,
+    i.last_error, i.sent_at, i.received_at, i.read_at";
+
+fn message_from_row(r: &Row<'_>) -> rusqlite::Result<InboxMessage> {
+    let target: String = r.get(5)?;
+    let status: String = r.get(6)?;
+    let kind = match target.parse::<Target>() {
+        Ok(Target::All) => TargetKind::Broadcast,
+        Ok(Target::Group(_)) => TargetKind::Group,
+        _ => TargetKind::Direct,
+    };
+    Ok(InboxMessage {
+        id: r.get(0)?,
+        mesh: r.get(1)?,
+        message_id: r.get(2)?,
+        from: r.get(3)?,
+        from_name: r.get(4)?,
+        kind,
+        to: target,
+        status: InboxStatus::parse(&status).unwrap_or(InboxStatus::Received),
+        body: r.get(7)?,
+        error: r.get(8)?,
+        sent_at: r.get::<_, i64>(9)? as u64,
+        received_at: r.get::<_, i64>(10)? as u64,
+        read_at: r.get::<_, Option<i64>>(11)?.map(|t| t as u64),
+    })
+}
+
+/// Lists the rows of `recipients` (oldest first, the newest `limit`). Never marks anything read.
+pub fn list(
+    conn: &Connection,
+    recipients: &[PublicKey],
+    mesh: Option<&MeshId>,
+    q: &InboxQuery,
+) -> rusqlite::Result<Vec<InboxMessage>> {
+    let recipients: Vec<String> = recipients.iter().map(PublicKey::to_string).collect();
+    let recipients = serde_json::to_string(&recipients).expect("strings serialise");
+    let from = q.from.as_deref();
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM inbox i LEFT JOIN meshes m ON m.id = i.mesh_id
+         WHERE i.recipient IN (SELECT value FROM json_each(?1))
+           AND (?2 IS NULL OR i.mesh_id = ?2)
+           AND (?3 = 0 OR i.read_at IS NULL)
+           AND (?4 IS NULL OR i.sender = ?4 OR i.sender_name = ?4)
+         ORDER BY i.id DESC LIMIT ?5"
+    ))?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let mut rows: Vec<InboxMessage> = stmt
+        .query_map(params![recipients, mesh.map(|m| m.to_string()), q.unread, from, limit], message_from_row)?
+        .collect::<Result<_, _>>()?;
+    rows.reverse();
+    Ok(rows)
+}
+
+pub fn counts(conn: &Connection) -> rusqlite::Result<InboxCounts> {
+    conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(read_at IS NULL AND status != 'failed'), 0), COALESCE(SUM(status = 'failed'), 0) FROM inbox",
+        [],
+        |r| {
+            Ok(InboxCounts {
+                total: r.get::<_, i64>(0)? as u64,
+                unread: r.get::<_, i64>(1)? as u64,
+                failed: r.get::<_, i64>(2)? as u64,
+            })
+        },
+    )
+}

@@ -1,0 +1,144 @@
+//! mesh-daemon: the local daemon of one user on one machine.
+//!
+//! It keeps the durable outbox ([`outbox`], drained per connection by [`drain`]), the durable inbox
+//! ([`inbox`]), one broker link per mesh ([`link`]), the roster cache ([`roster`]), and serves the IPC
+//! contract of `mesh-ipc` ([`ipc_server`]). Only this crate opens `daemon.db`. The entry point is
+//! [`run`], which `mesh daemon up --foreground` calls; it returns when the daemon has shut down.
+
+pub mod daemon;
+pub mod drain;
+pub mod embedded;
+pub mod identity;
+pub mod inbox;
+pub mod ipc_server;
+pub mod lifecycle;
+pub mod link;
+pub mod meshes;
+pub mod outbox;
+pub mod roster;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_ipc::Home;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::daemon::Daemon;
+use crate::lifecycle::{DaemonLock, IpcListener, LockOutcome};
+
+/// How long shutdown waits for tasks (links draining their inflight rows) before it gives up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Start a local mesh on an embedded broker when this home has no mesh.
+    pub embedded: bool,
+    /// Also log to stderr.
+    pub log_stderr: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the mesh daemon is already running{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AlreadyRunning { pid: Option<u32> },
+    #[error("preparing {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error(transparent)]
+    Db(#[from] mesh_broker::sqlite::DbError),
+    #[error(transparent)]
+    Embedded(#[from] embedded::EmbeddedError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.into();
+    move |source| StartError::Io { what, source }
+}
+
+/// Runs the daemon in this process until it is asked to stop (IPC `shutdown`, SIGTERM, SIGINT).
+pub fn run(home: Home, options: Options) -> Result<(), StartError> {
+    home.ensure_dirs().map_err(io_err(format!("directories under {}", home.data_dir.display())))?;
+    let lock = match DaemonLock::acquire(&home).map_err(io_err(home.lock_path().display().to_string()))? {
+        LockOutcome::Acquired(lock) => lock,
+        LockOutcome::Held { pid } => return Err(StartError::AlreadyRunning { pid }),
+    };
+    let _log = lifecycle::init_logging(&home.log_dir, options.log_stderr);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mesh-daemon")
+        .enable_all()
+        .build()
+        .map_err(io_err("the async runtime"))?;
+    let result = runtime.block_on(serve(home, options));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "daemon failed");
+    }
+    drop(lock);
+    result
+}
+
+async fn serve(home: Home, options: Options) -> Result<(), StartError> {
+    let member = identity::load_or_create(&home)?;
+    let db = store::open(&home.daemon_db())?;
+    let recovered = db.call_blocking(|c| outbox::recover_inflight(c))?;
+    tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), member = %member.identity.key(),
+        recovered_inflight = recovered, "daemon starting");
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let daemon = Arc::new(Daemon::new(home.clone(), db, member, shutdown.clone(), tracker.clone()));
+
+    let mut meshes = daemon.db.call(|c| meshes::list(c)).await?;
+    if meshes.iter().any(|m| m.embedded) || (meshes.is_empty() && options.embedded) {
+        let (url, token) = embedded::start(&daemon).await?;
+        if meshes.is_empty() {
+            let row = embedded::create_local_mesh(&daemon, &url, &token).await?;
+            tracing::info!(mesh = %row.name, %url, "created the local mesh");
+            meshes.push(row);
+        }
+    }
+    for mesh in &meshes {
+        daemon.attach_mesh(mesh);
+    }
+    tracker.spawn(inbox::run_worker(daemon.clone()));
+    tracker.spawn(daemon.clone().lease_sweeper());
+    tracker.spawn(stop_on_signals(shutdown.clone()));
+
+    let listener = lifecycle::bind_socket(&home).map_err(io_err(format!("socket {}", home.socket_path().display())))?;
+    tracing::info!(socket = %home.socket_path().display(), "serving IPC");
+    let app = ipc_server::router(daemon.clone());
+    let served =
+        axum::serve(IpcListener(listener), app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "IPC server failed");
+    }
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("some tasks did not finish within the shutdown grace period");
+    }
+    let _ = std::fs::remove_file(home.socket_path());
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+async fn stop_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with `mesh daemon down`");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        () = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,140 @@
+//! Process lifecycle: the singleton lock, detaching, logging, the IPC socket.
+//!
+//! The daemon is a singleton by an OS file lock (`flock` via `File::try_lock`) on `daemon.lock` in the
+//! data directory, held for the whole life of the process and released by the kernel when it dies,
+//! even by SIGKILL. Whoever holds the lock owns the socket: a socket file found at start-up is stale
+//! and is replaced. Clients never delete the socket.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::{Listener, Stream};
+use interprocess::local_socket::traits::tokio::Listener as _;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use mesh_ipc::Home;
+
+/// The held singleton lock; dropping it (or dying) releases it.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: File,
+}
+
+#[derive(Debug)]
+pub enum LockOutcome {
+    Acquired(DaemonLock),
+    /// Another live daemon holds it; its pid as it wrote it.
+    Held {
+        pid: Option<u32>,
+    },
+}
+
+fn open_lock(home: &Home) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(home.lock_path())
+}
+
+impl DaemonLock {
+    pub fn acquire(home: &Home) -> io::Result<LockOutcome> {
+        let mut file = open_lock(home)?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0)?;
+                file.rewind()?;
+                write!(file, "{}", std::process::id())?;
+                file.sync_all()?;
+                Ok(LockOutcome::Acquired(DaemonLock { _file: file }))
+            }
+            Err(TryLockError::WouldBlock) => Ok(LockOutcome::Held { pid: read_pid(home) }),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+/// The pid the running (or last) daemon wrote into the lock file.
+pub fn read_pid(home: &Home) -> Option<u32> {
+    let mut s = String::new();
+    File::open(home.lock_path()).ok()?.read_to_string(&mut s).ok()?;
+    s.trim().parse().ok()
+}
+
+/// Whether a live daemon holds the lock of this home (tries to take it, and lets go at once).
+pub fn is_running(home: &Home) -> bool {
+    match open_lock(home) {
+        Ok(f) => matches!(f.try_lock(), Err(TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+/// Starts a new session so the daemon outlives the terminal that started it.
+pub fn detach_from_terminal() -> io::Result<()> {
+    nix::unistd::setsid().map(|_| ()).map_err(io::Error::from)
+}
+
+/// Binds the IPC socket (mode 0600, in the 0700 run directory). Only the lock holder calls this, so
+/// an existing socket file is a crashed daemon's and is removed first.
+pub fn bind_socket(home: &Home) -> io::Result<Listener> {
+    let path = home.socket_path();
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale socket left by a previous daemon"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let name = path.as_path().to_fs_name::<GenericFilePath>()?;
+    ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio()
+}
+
+/// The IPC listener as axum sees it.
+pub struct IpcListener(pub Listener);
+
+impl axum::serve::Listener for IpcListener {
+    type Io = Stream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Stream, ()) {
+        loop {
+            match self.0.accept().await {
+                Ok(s) => return (s, ()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an IPC connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Logs to a daily-rotated file in the log directory (7 kept), and to stderr when asked.
+/// The filter comes from `MESH_LOG` (default `info`). Returns the guard that flushes the file.
+pub fn init_logging(log_dir: &Path, stderr: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, fmt};
+
+    let filter = || EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("daemon")
+        .filename_suffix("log")
+        .max_log_files(7)
+        .build(log_dir);
+    let (file_layer, guard) = match appender {
+        Ok(a) => {
+            let (writer, guard) = tracing_appender::non_blocking(a);
+            (Some(fmt::layer().with_ansi(false).with_writer(writer).with_filter(filter())), Some(guard))
+        }
+        Err(e) => {
+            eprintln!("mesh daemon: cannot open the log in {}: {e}", log_dir.display());
+            (None, None)
+        }
+    };
+    let stderr_layer = stderr.then(|| fmt::layer().with_writer(io::stderr).with_filter(filter()));
+    let _ = tracing_subscriber::registry().with(file_layer).with(stderr_layer).try_init();
+    guard
+}

@@ -1,0 +1,449 @@
+//! A broker link: the one WebSocket of one identity (the member, or later a session) in one mesh,
+//! owned by a state machine from construction: `connecting → online → offline → connecting …`, or
+//! `rejected` when the broker refuses permanently (then retried slowly, since an admin may fix it).
+//!
+//! While online, a link runs three parts: a reader that commits deliveries and receipts and acks them,
+//! a writer that owns the socket's sink, and the outbox drain for this identity ([`crate::drain`]).
+//! Rows of this identity are sent on this socket only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use mesh_ipc::api::{LinkState, LinkStatus};
+use mesh_proto::signed::Signed;
+use mesh_proto::wire::{
+    self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, ServerFrame, Welcome,
+};
+use mesh_proto::{Identity, MeshId, codec, now_ms};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::daemon::Daemon;
+use crate::drain::{self, Reply};
+use crate::{inbox, outbox, roster};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// No frame (not even a ping) for this long: the connection is dead.
+const STALE_AFTER: Duration = Duration::from_secs(75);
+const RECONNECT_MIN_MS: u64 = 500;
+const RECONNECT_MAX_MS: u64 = 30_000;
+const REJECTED_RETRY: Duration = Duration::from_secs(60);
+/// Deliveries committed in one transaction and acked in one frame, at most.
+const INTAKE_BATCH: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach the broker at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("the broker refused: {}: {}", .0.code.as_str(), .0.message)]
+    Refused(ErrorFrame),
+    #[error("unexpected answer from the broker: {0}")]
+    Protocol(String),
+}
+
+/// The WebSocket URL for a broker address: `ws://host:port` gets the `/v1/ws` path.
+pub fn ws_endpoint(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+        .ok_or_else(|| format!("broker address {url:?} must start with ws:// or wss://"))?;
+    if rest.is_empty() {
+        return Err(format!("broker address {url:?} has no host"));
+    }
+    let full = match rest.find('/') {
+        None => format!("{url}{}", wire::WS_PATH),
+        Some(i) if &rest[i..] == "/" => format!("{}{}", url.trim_end_matches('/'), wire::WS_PATH),
+        Some(_) => url.to_owned(),
+    };
+    full.parse::<tokio_tungstenite::tungstenite::http::Uri>().map_err(|e| format!("broker address {url:?}: {e}"))?;
+    Ok(full)
+}
+
+/// Who connects, to which mesh, with what claims.
+#[derive(Clone)]
+pub struct LinkSpec {
+    pub mesh_id: MeshId,
+    pub mesh_name: String,
+    pub broker_url: String,
+    pub identity: Identity,
+    pub name: String,
+    /// For a session: the member's attestation, re-minted on every connect.
+    pub attest: Option<Arc<dyn Fn() -> Signed + Send + Sync>>,
+}
+
+impl std::fmt::Debug for LinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSpec")
+            .field("mesh", &self.mesh_name)
+            .field("broker", &self.broker_url)
+            .field("key", &self.identity.key())
+            .field("session", &self.attest.is_some())
+            .finish()
+    }
+}
+
+/// Connects, answers the challenge and returns the socket with the broker's `welcome`.
+pub async fn handshake(
+    url: &str,
+    identity: &Identity,
+    name: &str,
+    mesh_id: MeshId,
+    attestation: Option<Signed>,
+    intent: impl FnOnce(&[u8]) -> Intent,
+) -> Result<(Ws, Welcome), LinkError> {
+    let endpoint = ws_endpoint(url).map_err(|detail| LinkError::Unreachable { url: url.to_owned(), detail })?;
+    let unreachable = |detail: String| LinkError::Unreachable { url: url.to_owned(), detail };
+    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&endpoint))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let challenge = match next_frame(&mut ws).await? {
+        ServerFrame::Challenge(c) if c.v == mesh_proto::PROTOCOL_VERSION => c.nonce,
+        ServerFrame::Challenge(c) => return Err(LinkError::Protocol(format!("broker speaks protocol v{}", c.v))),
+        ServerFrame::Error(e) => return Err(LinkError::Refused(e)),
+        other => return Err(LinkError::Protocol(format!("expected a challenge, got {other:?}"))),
+    };
+    let public = identity.public();
+    let claims = HelloClaims {
+        v: mesh_proto::PROTOCOL_VERSION,
+        challenge: codec::b64(&challenge),
+        mesh_id,
+        key: public.key,
+        enc_key: public.enc_key,
+        enc_sig: public.enc_sig,
+        name: name.to_owned(),
+        client: concat!("mesh/", env!("CARGO_PKG_VERSION")).to_owned(),
+        at: now_ms(),
+        intent: intent(&challenge),
+        attestation,
+    };
+    let hello = ClientFrame::Hello(Hello { v: mesh_proto::PROTOCOL_VERSION, auth: Signed::sign(identity, &claims) });
+    ws.send(Message::Text(hello.to_json().into())).await.map_err(|e| unreachable(e.to_string()))?;
+    match next_frame(&mut ws).await? {
+        ServerFrame::Welcome(w) => Ok((ws, w)),
+        ServerFrame::Error(e) => Err(LinkError::Refused(e)),
+        other => Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> Result<ServerFrame, LinkError> {
+    loop {
+        let msg = tokio::time::timeout(CONNECT_TIMEOUT, ws.next())
+            .await
+            .map_err(|_| LinkError::Protocol("no answer during the handshake".into()))?;
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                return wire::decode_server(&t).map_err(|e| LinkError::Protocol(e.detail));
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(LinkError::Protocol(format!(
+                    "closed during the handshake{}",
+                    frame.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                )));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(LinkError::Protocol(e.to_string())),
+            None => return Err(LinkError::Protocol("connection closed during the handshake".into())),
+        }
+    }
+}
+
+/// The handle the daemon keeps for a running link.
+#[derive(Clone, Debug)]
+pub struct LinkHandle {
+    pub status: watch::Receiver<LinkStatus>,
+    pub drain_wake: Arc<Notify>,
+    pub cancel: CancellationToken,
+}
+
+/// Starts the state machine of one link as a tracked task.
+pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
+    let (status_tx, status_rx) =
+        watch::channel(LinkStatus { state: LinkState::Connecting, since: now_ms(), last_error: None });
+    let handle =
+        LinkHandle { status: status_rx, drain_wake: Arc::new(Notify::new()), cancel: daemon.shutdown.child_token() };
+    let span = tracing::info_span!("link", mesh = %spec.mesh_name, key = %spec.identity.key().short());
+    daemon.tracker.spawn(run(daemon.clone(), spec, status_tx, handle.clone()).instrument(span));
+    handle
+}
+
+fn set_state(tx: &watch::Sender<LinkStatus>, state: LinkState, last_error: Option<String>) {
+    tx.send_modify(|s| {
+        if s.state != state {
+            s.since = now_ms();
+        }
+        s.state = state;
+        if last_error.is_some() || state == LinkState::Online {
+            s.last_error = last_error;
+        }
+    });
+}
+
+async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStatus>, handle: LinkHandle) {
+    let mut failures: u32 = 0;
+    loop {
+        set_state(&status, LinkState::Connecting, None);
+        let attestation = spec.attest.as_ref().map(|mint| mint());
+        let connected = tokio::select! {
+            r = handshake(&spec.broker_url, &spec.identity, &spec.name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
+            () = handle.cancel.cancelled() => return,
+        };
+        let wait = match connected {
+            Ok((ws, welcome)) => {
+                failures = 0;
+                tracing::info!(peers = welcome.roster.len(), "online");
+                let roster_peers = welcome.roster.clone();
+                let mesh = spec.mesh_id;
+                if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await {
+                    tracing::error!(error = %e, "storing the roster");
+                }
+                set_state(&status, LinkState::Online, None);
+                let ended = online(&daemon, &spec, ws, &handle).await;
+                let mesh = spec.mesh_id;
+                let _ = daemon.db.call(move |c| roster::mark_all_offline(c, &mesh)).await;
+                if handle.cancel.is_cancelled() {
+                    return;
+                }
+                tracing::info!(reason = %ended.reason, "offline");
+                if ended.permanent {
+                    set_state(&status, LinkState::Rejected, Some(ended.reason));
+                    REJECTED_RETRY
+                } else {
+                    set_state(&status, LinkState::Offline, Some(ended.reason));
+                    reconnect_delay(0)
+                }
+            }
+            Err(LinkError::Refused(e)) if e.permanent => {
+                tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");
+                set_state(&status, LinkState::Rejected, Some(format!("{}: {}", e.code.as_str(), e.message)));
+                REJECTED_RETRY
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::info!(error = %e, failures, "cannot connect");
+                set_state(&status, LinkState::Offline, Some(e.to_string()));
+                reconnect_delay(failures)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = handle.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// 0.5 s · 2^failures, capped at 30 s, with jitter.
+fn reconnect_delay(failures: u32) -> Duration {
+    let exp = RECONNECT_MIN_MS.saturating_mul(1u64 << failures.min(16)).min(RECONNECT_MAX_MS);
+    Duration::from_millis(rand::thread_rng().gen_range(exp / 2..=exp))
+}
+
+struct Ended {
+    reason: String,
+    permanent: bool,
+}
+
+impl Ended {
+    fn transient(reason: impl Into<String>) -> Ended {
+        Ended { reason: reason.into(), permanent: false }
+    }
+}
+
+/// Runs an authenticated connection until it ends; the drain's inflight rows go back to pending.
+async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHandle) -> Ended {
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(512);
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
+    let stop = handle.cancel.child_token();
+
+    let writer = daemon.tracker.spawn(
+        async move {
+            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+            loop {
+                let msg = tokio::select! {
+                    text = out_rx.recv() => match text {
+                        Some(t) => Message::Text(t.into()),
+                        None => break,
+                    },
+                    _ = ping.tick() => Message::Ping(Default::default()),
+                };
+                if sink.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        }
+        .in_current_span(),
+    );
+    let drain = daemon.tracker.spawn(
+        drain::run(
+            daemon.clone(),
+            spec.mesh_id,
+            spec.identity.key(),
+            out_tx.clone(),
+            reply_rx,
+            handle.drain_wake.clone(),
+            stop.clone(),
+        )
+        .in_current_span(),
+    );
+
+    let ended = read_loop(daemon, spec, &mut stream, &out_tx, &reply_tx, &stop).await;
+    stop.cancel();
+    let _ = drain.await;
+    drop(out_tx);
+    let _ = writer.await;
+    ended
+}
+
+async fn read_loop(
+    daemon: &Arc<Daemon>,
+    spec: &LinkSpec,
+    stream: &mut futures_util::stream::SplitStream<Ws>,
+    out: &mpsc::Sender<String>,
+    replies: &mpsc::UnboundedSender<Reply>,
+    stop: &CancellationToken,
+) -> Ended {
+    loop {
+        let first = tokio::select! {
+            next = tokio::time::timeout(STALE_AFTER, stream.next()) => next,
+            () = stop.cancelled() => return Ended::transient("stopping"),
+        };
+        let first = match first {
+            Err(_) => return Ended::transient("no traffic from the broker for 75 s"),
+            Ok(None) => return Ended::transient("the broker closed the connection"),
+            Ok(Some(Err(e))) => return Ended::transient(format!("connection lost: {e}")),
+            Ok(Some(Ok(m))) => m,
+        };
+        // Take whatever else is already here, so deliveries are committed and acked in batches.
+        let mut batch = vec![first];
+        while batch.len() < INTAKE_BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut deliveries = Vec::new();
+        for msg in batch {
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Close(frame) => {
+                    return Ended::transient(format!(
+                        "the broker closed the connection{}",
+                        frame.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                    ));
+                }
+                _ => continue,
+            };
+            match wire::decode_server(&text) {
+                Ok(ServerFrame::Deliver(d)) => deliveries.push((d.delivery_id, Ok(d.item), text.to_string())),
+                Ok(ServerFrame::Accepted(a)) => {
+                    let _ = replies.send(Reply::Accepted(a));
+                }
+                Ok(ServerFrame::Error(e)) if e.id.is_some() => {
+                    let _ = replies.send(Reply::Error(e));
+                }
+                Ok(ServerFrame::Error(e)) => {
+                    tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker error");
+                    if e.code == ErrorCode::Superseded {
+                        return Ended { reason: format!("{}: {}", e.code.as_str(), e.message), permanent: true };
+                    }
+                }
+                Ok(ServerFrame::Presence(p)) => {
+                    let mesh = spec.mesh_id;
+                    if let Err(e) = daemon.db.call(move |c| roster::upsert(c, &mesh, &p.peer)).await {
+                        tracing::error!(error = %e, "recording presence");
+                    }
+                }
+                Ok(ServerFrame::Roster(r)) => {
+                    let mesh = spec.mesh_id;
+                    if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &r.peers)).await {
+                        tracing::error!(error = %e, "storing the roster");
+                    }
+                }
+                Ok(other) => tracing::warn!(frame = ?other, "unexpected frame from the broker; ignored"),
+                Err(e) => {
+                    // A deliver we cannot parse is still kept (as failed) and acked, never dropped.
+                    match raw_delivery_id(&text) {
+                        Some(id) => deliveries.push((id, Err(e.detail), text.to_string())),
+                        None => tracing::warn!(detail = %e.detail, "undecodable frame from the broker; ignored"),
+                    }
+                }
+            }
+        }
+        if !deliveries.is_empty() {
+            match intake(daemon, spec, deliveries).await {
+                Ok(ids) => {
+                    daemon.inbox_wake.notify_one();
+                    let ack = ClientFrame::Ack(Ack { delivery_ids: ids }).to_json();
+                    if out.send(ack).await.is_err() {
+                        return Ended::transient("writer stopped");
+                    }
+                }
+                // Not acked: the broker will deliver these again after its lease.
+                Err(e) => tracing::error!(error = %e, "committing deliveries; they will be redelivered"),
+            }
+        }
+    }
+}
+
+fn raw_delivery_id(text: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    (v.get("type")?.as_str()? == "deliver").then_some(())?;
+    v.get("delivery_id")?.as_u64()
+}
+
+type Delivery = (u64, Result<DeliveryItem, String>, String);
+
+/// Commits a batch of deliveries in one transaction and returns their ids to ack.
+async fn intake(
+    daemon: &Arc<Daemon>,
+    spec: &LinkSpec,
+    deliveries: Vec<Delivery>,
+) -> Result<Vec<u64>, mesh_broker::sqlite::DbError> {
+    let recipient = spec.identity.key();
+    let mesh = spec.mesh_id;
+    daemon
+        .db
+        .call(move |c| {
+            let now = now_ms();
+            let tx = c.transaction()?;
+            let mut ids = Vec::with_capacity(deliveries.len());
+            for (id, item, raw) in deliveries {
+                match item {
+                    Ok(DeliveryItem::Message(env)) => {
+                        inbox::accept(&tx, &recipient, &env, &raw, now)?;
+                    }
+                    Ok(DeliveryItem::Receipt(r)) => outbox::apply_receipt(&tx, &r)?,
+                    Err(detail) => inbox::accept_unparsable(&tx, &mesh, &recipient, id, &raw, &detail, now)?,
+                }
+                ids.push(id);
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(ws_endpoint("ws://127.0.0.1:7000").expect("ok"), "ws://127.0.0.1:7000/v1/ws");
+        assert_eq!(ws_endpoint("ws://h:1/").expect("ok"), "ws://h:1/v1/ws");
+        assert_eq!(ws_endpoint("wss://h/custom/ws").expect("ok"), "wss://h/custom/ws");
+        assert!(ws_endpoint("http://h").is_err());
+        assert!(ws_endpoint("ws://").is_err());
+    }
+}

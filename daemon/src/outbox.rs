@@ -1,0 +1,338 @@
+//! The outbox: one row per send, committed before the sender is answered.
+//!
+//! States: `pending → inflight → done`; `inflight → pending` after a transient failure (with
+//! exponential backoff and jitter) or when its lease runs out; `→ dead` on a permanent error, at the
+//! attempt cap or past its TTL; `→ aborted` by the user. A row keeps every routing field (mesh, sender,
+//! target, nonce, ciphertext, signature) for its whole life, so a retry sends exactly the same message.
+
+use mesh_broker::sqlite::parse_col;
+use mesh_ipc::api::{OutboxCounts, OutboxEntry, OutboxQuery, OutboxStatus, TargetInfo, TargetKind};
+use mesh_proto::wire::{Receipt, ReceiptKind};
+use mesh_proto::{MeshId, PublicKey, Sig, Target};
+use rand::Rng;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+/// Attempts before a row is dead.
+pub const MAX_ATTEMPTS: u32 = 25;
+const BACKOFF_BASE_MS: u64 = 500;
+const BACKOFF_CAP_MS: u64 = 30_000;
+/// How long an `inflight` row may wait for the broker's answer before it is sent again.
+pub const LEASE_MS: u64 = 30_000;
+/// A row not accepted by a broker within this time is dead.
+pub const TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// Delay before attempt `attempts + 1`: 500 ms · 2^(attempts-1), capped at 30 s, with full jitter in
+/// its upper half so that many rows failing together do not retry together.
+pub fn backoff_ms(attempts: u32) -> u64 {
+    let exp = BACKOFF_BASE_MS.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(BACKOFF_CAP_MS);
+    rand::thread_rng().gen_range(exp / 2..=exp)
+}
+
+pub struct NewRow {
+    pub client_message_id: String,
+    pub fingerprint: String,
+    pub mesh_id: MeshId,
+    pub sender: PublicKey,
+    pub session: Option<String>,
+    pub target: TargetInfo,
+    pub body: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub sig: Sig,
+}
+
+fn kind_str(k: TargetKind) -> &'static str {
+    match k {
+        TargetKind::Direct => "direct",
+        TargetKind::Group => "group",
+        TargetKind::Broadcast => "broadcast",
+    }
+}
+
+fn parse_kind(s: &str) -> TargetKind {
+    match s {
+        "group" => TargetKind::Group,
+        "broadcast" => TargetKind::Broadcast,
+        _ => TargetKind::Direct,
+    }
+}
+
+/// The fingerprint of a stored request, to compare with a resend under the same id.
+pub fn lookup(conn: &Connection, client_message_id: &str) -> rusqlite::Result<Option<(i64, String)>> {
+    conn.query_row("SELECT id, fingerprint FROM outbox WHERE client_message_id = ?1", [client_message_id], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .optional()
+}
+
+/// Inserts a pending row; `None` when the `client_message_id` is already taken.
+pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Option<i64>> {
+    let n = conn.execute(
+        "INSERT INTO outbox (client_message_id, fingerprint, mesh_id, sender, session, target, target_kind,
+            target_label, target_name, body, nonce, ciphertext, sig, status, next_attempt_at, enqueued_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending', ?14, ?14, ?15)
+         ON CONFLICT (client_message_id) DO NOTHING",
+        params![
+            row.client_message_id,
+            row.fingerprint,
+            row.mesh_id.to_string(),
+            row.sender.to_string(),
+            row.session,
+            row.target.address,
+            kind_str(row.target.kind),
+            row.target.label,
+            row.target.name,
+            row.body,
+            row.nonce,
+            row.ciphertext,
+            row.sig.to_string(),
+            now as i64,
+            (now + TTL_MS) as i64,
+        ],
+    )?;
+    Ok((n == 1).then(|| conn.last_insert_rowid()))
+}
+
+const ENTRY_COLUMNS: &str =
+    "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
+    o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
+    o.delivered_count, o.read_at, o.recipients";
+
+fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
+    let status: String = r.get(8)?;
+    let kind: String = r.get(4)?;
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|t| t as u64)) };
+    Ok(OutboxEntry {
+        id: r.get(0)?,
+        client_message_id: r.get(1)?,
+        mesh: r.get(2)?,
+        target: TargetInfo { kind: parse_kind(&kind), address: r.get(3)?, label: r.get(5)?, name: r.get(6)? },
+        body: r.get(7)?,
+        status: OutboxStatus::parse(&status).unwrap_or(OutboxStatus::Pending),
+        attempts: r.get(9)?,
+        last_error: r.get(10)?,
+        message_id: r.get(11)?,
+        enqueued_at: r.get::<_, i64>(12)? as u64,
+        sent_at: opt_u64(13)?,
+        delivered_at: opt_u64(14)?,
+        delivered_count: r.get(15)?,
+        read_at: opt_u64(16)?,
+        recipients: r.get(17)?,
+    })
+}
+
+pub fn entry(conn: &Connection, id: i64) -> rusqlite::Result<Option<OutboxEntry>> {
+    conn.query_row(
+        &format!("SELECT {ENTRY_COLUMNS} FROM outbox o LEFT JOIN meshes m ON m.id = o.mesh_id WHERE o.id = ?1"),
+        [id],
+        entry_from_row,
+    )
+    .optional()
+}
+
+pub fn list(conn: &Connection, q: &OutboxQuery) -> rusqlite::Result<Vec<OutboxEntry>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ENTRY_COLUMNS} FROM outbox o LEFT JOIN meshes m ON m.id = o.mesh_id
+         WHERE (?1 IS NULL OR o.status = ?1) ORDER BY o.id DESC LIMIT ?2"
+    ))?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let mut rows: Vec<OutboxEntry> = stmt
+        .query_map(params![q.status.map(OutboxStatus::as_str), limit], entry_from_row)?
+        .collect::<Result<_, _>>()?;
+    rows.reverse();
+    Ok(rows)
+}
+
+pub fn counts(conn: &Connection, mesh: Option<&MeshId>) -> rusqlite::Result<OutboxCounts> {
+    let mut stmt =
+        conn.prepare_cached("SELECT status, COUNT(*) FROM outbox WHERE (?1 IS NULL OR mesh_id = ?1) GROUP BY status")?;
+    let mut c = OutboxCounts::default();
+    for row in stmt.query_map([mesh.map(|m| m.to_string())], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (status, n) = row?;
+        let n = n as u64;
+        match OutboxStatus::parse(&status) {
+            Some(OutboxStatus::Pending) => c.pending = n,
+            Some(OutboxStatus::Inflight) => c.inflight = n,
+            Some(OutboxStatus::Done) => c.done = n,
+            Some(OutboxStatus::Dead) => c.dead = n,
+            Some(OutboxStatus::Aborted) => c.aborted = n,
+            None => {}
+        }
+    }
+    Ok(c)
+}
+
+/// A row taken by a drain to send.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: i64,
+    pub client_message_id: String,
+    pub target: Target,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub sig: Sig,
+    pub expires_at: u64,
+}
+
+/// Moves up to `limit` due pending rows of one connection (mesh + sender key) to `inflight` with a
+/// lease, oldest first. Rows past their TTL become `dead` instead.
+pub fn claim(
+    conn: &mut Connection,
+    mesh: &MeshId,
+    sender: &PublicKey,
+    limit: usize,
+    now: u64,
+) -> rusqlite::Result<Vec<Claimed>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute(
+        "UPDATE outbox SET status = 'dead', last_error = 'expired: not accepted by a broker within its TTL'
+         WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending' AND expires_at <= ?3",
+        params![mesh.to_string(), sender.to_string(), now as i64],
+    )?;
+    let rows: Vec<Claimed> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, client_message_id, target, nonce, ciphertext, sig, expires_at FROM outbox
+             WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending' AND next_attempt_at <= ?3
+             ORDER BY id LIMIT ?4",
+        )?;
+        stmt.query_map(params![mesh.to_string(), sender.to_string(), now as i64, limit as i64], |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                client_message_id: r.get(1)?,
+                target: parse_col(r.get(2)?)?,
+                nonce: r.get(3)?,
+                ciphertext: r.get(4)?,
+                sig: parse_col(r.get(5)?)?,
+                expires_at: r.get::<_, i64>(6)? as u64,
+            })
+        })?
+        .collect::<Result<_, _>>()?
+    };
+    {
+        let mut mark = tx.prepare_cached(
+            "UPDATE outbox SET status = 'inflight', attempts = attempts + 1, lease_until = ?2, sent_at = COALESCE(sent_at, ?3)
+             WHERE id = ?1",
+        )?;
+        for row in &rows {
+            mark.execute(params![row.id, (now + LEASE_MS) as i64, now as i64])?;
+        }
+    }
+    tx.commit()?;
+    Ok(rows)
+}
+
+/// The broker accepted the row.
+pub fn mark_done(conn: &Connection, id: i64, message_id: &str, recipients: u32) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE outbox SET status = 'done', message_id = ?2, recipients = ?3, lease_until = NULL, last_error = NULL
+         WHERE id = ?1 AND status = 'inflight'",
+        params![id, message_id, recipients],
+    )?;
+    Ok(())
+}
+
+/// A failed attempt: dead when `permanent` or at the attempt cap, else back to pending after backoff
+/// (or after the broker's `retry_after_ms`, when longer).
+pub fn mark_failed(
+    conn: &Connection,
+    id: i64,
+    error: &str,
+    permanent: bool,
+    retry_after_ms: Option<u64>,
+    now: u64,
+) -> rusqlite::Result<OutboxStatus> {
+    let attempts: Option<u32> =
+        conn.query_row("SELECT attempts FROM outbox WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    let Some(attempts) = attempts else { return Ok(OutboxStatus::Dead) };
+    if permanent || attempts >= MAX_ATTEMPTS {
+        let why = if permanent { error.to_owned() } else { format!("{error} (gave up after {attempts} attempts)") };
+        conn.execute(
+            "UPDATE outbox SET status = 'dead', last_error = ?2, lease_until = NULL WHERE id = ?1 AND status = 'inflight'",
+            params![id, why],
+        )?;
+        return Ok(OutboxStatus::Dead);
+    }
+    let delay = backoff_ms(attempts).max(retry_after_ms.unwrap_or(0));
+    conn.execute(
+        "UPDATE outbox SET status = 'pending', last_error = ?2, next_attempt_at = ?3, lease_until = NULL
+         WHERE id = ?1 AND status = 'inflight'",
+        params![id, error, (now + delay) as i64],
+    )?;
+    Ok(OutboxStatus::Pending)
+}
+
+/// Rows a drain had in flight when its connection went away: pending again, due now. The broker
+/// dedupes by `client_message_id`, so resending one it did accept is harmless.
+pub fn release(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE outbox SET status = 'pending', lease_until = NULL WHERE id = ?1 AND status = 'inflight'",
+    )?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
+}
+
+/// At start-up every `inflight` row is orphaned: back to pending.
+pub fn recover_inflight(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute("UPDATE outbox SET status = 'pending', lease_until = NULL WHERE status = 'inflight'", [])
+}
+
+/// Inflight rows whose lease ran out: pending again.
+pub fn expire_leases(conn: &Connection, now: u64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE outbox SET status = 'pending', lease_until = NULL, last_error = 'no answer from the broker within the lease'
+         WHERE status = 'inflight' AND lease_until <= ?1",
+        [now as i64],
+    )
+}
+
+/// When the next pending row of a connection becomes due.
+pub fn next_due(conn: &Connection, mesh: &MeshId, sender: &PublicKey) -> rusqlite::Result<Option<u64>> {
+    let t: Option<i64> = conn.query_row(
+        "SELECT MIN(next_attempt_at) FROM outbox WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending'",
+        params![mesh.to_string(), sender.to_string()],
+        |r| r.get(0),
+    )?;
+    Ok(t.map(|t| t as u64))
+}
+
+/// Records a receipt on the row it is about; receipts for unknown messages are ignored. Rows are
+/// matched on `client_message_id`, unique in this outbox, because a receipt can be read before the
+/// broker's `accepted` (which carries the message id) has been recorded.
+pub fn apply_receipt(conn: &Connection, receipt: &Receipt) -> rusqlite::Result<()> {
+    let at = receipt.at as i64;
+    let cmid = &receipt.client_message_id;
+    match receipt.kind {
+        ReceiptKind::Delivered => conn.execute(
+            "UPDATE outbox SET delivered_at = COALESCE(delivered_at, ?2), delivered_count = delivered_count + 1
+             WHERE client_message_id = ?1",
+            params![cmid, at],
+        )?,
+        ReceiptKind::Read => conn.execute(
+            "UPDATE outbox SET read_at = COALESCE(read_at, ?2) WHERE client_message_id = ?1",
+            params![cmid, at],
+        )?,
+        ReceiptKind::Expired => conn.execute(
+            "UPDATE outbox SET last_error = ?2 WHERE client_message_id = ?1",
+            params![cmid, format!("expired undelivered for {}", receipt.recipient)],
+        )?,
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        for attempts in 1..40 {
+            let d = backoff_ms(attempts);
+            assert!(d <= BACKOFF_CAP_MS, "{attempts}: {d}");
+            assert!(d >= BACKOFF_BASE_MS / 2);
+        }
+        assert!(backoff_ms(1) <= BACKOFF_BASE_MS);
+        assert!(backoff_ms(30) >= BACKOFF_CAP_MS / 2);
+    }
+}
