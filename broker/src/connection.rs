@@ -222,7 +222,7 @@ impl Connection {
                 server_time: now_ms(),
             }),
             Err(e) => {
-                tracing::error!(error = %e, "loading roster for welcome");
+                tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster for welcome");
                 ServerFrame::Error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry later"))
             }
         };
@@ -254,7 +254,7 @@ impl Connection {
             self.announce(false);
         }
         if let Err(e) = self.shared.store.release(mesh, key, self.conn_id).await {
-            tracing::warn!(error = %e, "releasing leases; they will expire on their own");
+            tracing::warn!(error = %mesh_proto::error::chain(&e), "releasing leases; they will expire on their own");
         }
         tracing::info!("connection closed");
     }
@@ -292,7 +292,7 @@ impl Connection {
                 Ok(None) => return,
                 Ok(Some(Err(e))) => {
                     // Oversized frames are refused by the WebSocket layer before we see them.
-                    tracing::info!(error = %e, "websocket read failed");
+                    tracing::info!(error = %mesh_proto::error::chain(&e), "websocket read failed");
                     if is_capacity_error(e) {
                         self.send_error(ErrorFrame::new(
                             ErrorCode::FrameTooLarge,
@@ -365,7 +365,7 @@ impl Connection {
                         true
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "recording acks; the deliveries will be sent again");
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "recording acks; the deliveries will be sent again");
                         self.send_error(ErrorFrame::new(
                             ErrorCode::Internal,
                             "could not record the ack; it will be redelivered",
@@ -377,7 +377,7 @@ impl Connection {
             Ok(ClientFrame::Roster(req)) => match self.roster().await {
                 Ok(peers) => self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers })).await,
                 Err(e) => {
-                    tracing::error!(error = %e, "loading roster");
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster");
                     self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure").with_id(Some(req.id))).await
                 }
             },
@@ -454,7 +454,7 @@ impl Connection {
                 Err(ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}")))
             }
             Err(e) => {
-                tracing::error!(error = %e, "enqueue failed");
+                tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
                 Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))
             }
         }
@@ -495,7 +495,7 @@ async fn deliver_loop(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "leasing deliveries; retrying in 1 s");
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "leasing deliveries; retrying in 1 s");
                     retry_at = Some(Instant::now() + Duration::from_secs(1));
                 }
             }

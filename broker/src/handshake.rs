@@ -21,7 +21,7 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
 }
 
 fn internal(e: StoreError) -> ErrorFrame {
-    tracing::error!(error = %e, "store failure during handshake");
+    tracing::error!(error = %mesh_proto::error::chain(&e), "store failure during handshake");
     refuse(ErrorCode::Internal, "storage failure; retry later")
 }
 

@@ -115,7 +115,7 @@ async fn janitor(shared: Arc<Shared>) {
                     shared.hub.wake(mesh, &sender);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "janitor pass failed; will retry"),
+            Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "janitor pass failed; will retry"),
         }
     }
 }

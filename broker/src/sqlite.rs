@@ -9,13 +9,13 @@ use rusqlite::Connection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("opening database {path}: {source}")]
+    #[error("opening database {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("creating database file {path}: {source}")]
+    #[error("creating database file {path}")]
     Create {
         path: PathBuf,
         #[source]
@@ -25,14 +25,14 @@ pub enum DbError {
     Corrupt { path: PathBuf, detail: String, moved_to: PathBuf },
     #[error("database {path} has schema version {found}, newer than this build knows ({known}); upgrade mesh")]
     TooNew { path: PathBuf, found: i64, known: i64 },
-    #[error("migrating database {path} to version {version}: {source}")]
+    #[error("migrating database {path} to version {version}")]
     Migrate {
         path: PathBuf,
         version: usize,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("sqlite: {0}")]
+    #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("database task failed: {0}")]
     Task(String),

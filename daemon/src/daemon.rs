@@ -119,7 +119,7 @@ impl Daemon {
                     tracing::info!(rows = n, "outbox leases ran out; rows are pending again");
                     self.wake_all_drains();
                 }
-                Err(e) => tracing::error!(error = %e, "sweeping outbox leases"),
+                Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "sweeping outbox leases"),
             }
         }
     }

@@ -62,7 +62,7 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "claiming outbox rows; retrying in 1 s");
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "claiming outbox rows; retrying in 1 s");
                     due = Some(now_ms() + 1000);
                 }
             }
@@ -91,7 +91,7 @@ pub async fn run(
     if !orphaned.is_empty() {
         tracing::info!(rows = orphaned.len(), "connection ended with sends unanswered; back to pending");
         if let Err(e) = daemon.db.call(move |c| outbox::release(c, &orphaned)).await {
-            tracing::error!(error = %e, "releasing inflight rows; their leases will return them");
+            tracing::error!(error = %mesh_proto::error::chain(&e), "releasing inflight rows; their leases will return them");
         }
     }
 }
@@ -126,7 +126,7 @@ async fn record(daemon: &Daemon, inflight: &mut HashMap<u64, i64>, replies: Vec<
         })
         .await;
     if let Err(e) = result {
-        tracing::error!(error = %e, "recording broker answers; the rows' leases will return them");
+        tracing::error!(error = %mesh_proto::error::chain(&e), "recording broker answers; the rows' leases will return them");
     }
 }
 

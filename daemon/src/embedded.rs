@@ -22,17 +22,17 @@ const TOKEN_KEY: &str = "embedded.create_token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
-    #[error("embedded broker: port {port} on 127.0.0.1 is taken ({source}); free it, or remove the embedded mesh")]
+    #[error("embedded broker: port {port} on 127.0.0.1 is taken; free it, or remove the embedded mesh")]
     PortTaken {
         port: u16,
         #[source]
         source: std::io::Error,
     },
-    #[error("embedded broker: {0}")]
+    #[error("embedded broker")]
     Io(#[from] std::io::Error),
-    #[error("embedded broker database: {0}")]
+    #[error("embedded broker database")]
     Db(#[from] mesh_broker::sqlite::DbError),
-    #[error("creating the local mesh: {0}")]
+    #[error("creating the local mesh")]
     Create(#[from] link::LinkError),
 }
 

@@ -124,7 +124,7 @@ pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
                     })
                     .await
                 {
-                    tracing::error!(error = %e, "filing inbox rows; will retry");
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "filing inbox rows; will retry");
                     tokio::select! {
                         () = daemon.shutdown.cancelled() => return,
                         () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
@@ -133,7 +133,7 @@ pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
                 continue;
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "reading the inbox; will retry"),
+            Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "reading the inbox; will retry"),
         }
         tokio::select! {
             () = daemon.shutdown.cancelled() => return,

@@ -48,8 +48,9 @@ impl IntoResponse for Failure {
 
 impl From<mesh_broker::sqlite::DbError> for Failure {
     fn from(e: mesh_broker::sqlite::DbError) -> Self {
-        tracing::error!(error = %e, "database failure while serving a request");
-        Failure(ApiErrorCode::Internal, format!("database failure: {e}"))
+        let detail = mesh_proto::error::chain(&e);
+        tracing::error!(error = %detail, "database failure while serving a request");
+        Failure(ApiErrorCode::Internal, format!("database failure: {detail}"))
     }
 }
 

@@ -43,7 +43,7 @@ pub struct Options {
 pub enum StartError {
     #[error("the mesh daemon is already running{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     AlreadyRunning { pid: Option<u32> },
-    #[error("preparing {what}: {source}")]
+    #[error("preparing {what}")]
     Io {
         what: String,
         #[source]
@@ -78,7 +78,7 @@ pub fn run(home: Home, options: Options) -> Result<(), StartError> {
         .map_err(io_err("the async runtime"))?;
     let result = runtime.block_on(serve(home, options));
     if let Err(e) = &result {
-        tracing::error!(error = %e, "daemon failed");
+        tracing::error!(error = %mesh_proto::error::chain(e), "daemon failed");
     }
     drop(lock);
     result
@@ -117,7 +117,7 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let served =
         axum::serve(IpcListener(listener), app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     if let Err(e) = served {
-        tracing::error!(error = %e, "IPC server failed");
+        tracing::error!(error = %mesh_proto::error::chain(&e), "IPC server failed");
     }
     shutdown.cancel();
     tracker.close();

@@ -98,7 +98,7 @@ impl axum::serve::Listener for IpcListener {
             match self.0.accept().await {
                 Ok(s) => return (s, ()),
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting an IPC connection failed");
+                    tracing::warn!(error = %mesh_proto::error::chain(&e), "accepting an IPC connection failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

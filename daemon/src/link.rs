@@ -204,7 +204,7 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
                 let roster_peers = welcome.roster.clone();
                 let mesh = spec.mesh_id;
                 if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await {
-                    tracing::error!(error = %e, "storing the roster");
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
                 }
                 set_state(&status, LinkState::Online, None);
                 let ended = online(&daemon, &spec, ws, &handle).await;
@@ -229,7 +229,7 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                tracing::info!(error = %e, failures, "cannot connect");
+                tracing::info!(error = %mesh_proto::error::chain(&e), failures, "cannot connect");
                 set_state(&status, LinkState::Offline, Some(e.to_string()));
                 reconnect_delay(failures)
             }
@@ -361,13 +361,13 @@ async fn read_loop(
                 Ok(ServerFrame::Presence(p)) => {
                     let mesh = spec.mesh_id;
                     if let Err(e) = daemon.db.call(move |c| roster::upsert(c, &mesh, &p.peer)).await {
-                        tracing::error!(error = %e, "recording presence");
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "recording presence");
                     }
                 }
                 Ok(ServerFrame::Roster(r)) => {
                     let mesh = spec.mesh_id;
                     if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &r.peers)).await {
-                        tracing::error!(error = %e, "storing the roster");
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
                     }
                 }
                 Ok(other) => tracing::warn!(frame = ?other, "unexpected frame from the broker; ignored"),
@@ -390,7 +390,9 @@ async fn read_loop(
                     }
                 }
                 // Not acked: the broker will deliver these again after its lease.
-                Err(e) => tracing::error!(error = %e, "committing deliveries; they will be redelivered"),
+                Err(e) => {
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "committing deliveries; they will be redelivered")
+                }
             }
         }
     }

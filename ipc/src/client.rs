@@ -18,7 +18,7 @@ use crate::{Home, IPC_VERSION, VERSION_HEADER};
 #[derive(Debug, thiserror::Error)]
 pub enum IpcError {
     /// No daemon answers on the socket.
-    #[error("the mesh daemon is not running (no answer on {socket}: {source}); start it with `mesh daemon up`")]
+    #[error("the mesh daemon is not running (no answer on {socket}); start it with `mesh daemon up`")]
     Unreachable {
         socket: PathBuf,
         #[source]

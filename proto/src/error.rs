@@ -15,8 +15,21 @@ pub enum ProtoError {
     BadToken(String),
     #[error("invalid name: {0}")]
     BadName(String),
-    #[error("malformed claims: {0}")]
+    #[error("malformed claims")]
     Claims(#[source] serde_json::Error),
+}
+
+/// Formats an error with its sources, outermost first: `outer: inner: innermost`. For logs, where
+/// only `Display` would otherwise be recorded.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
 }
 
 impl ProtoError {

@@ -95,7 +95,7 @@ pub enum StoreError {
 
 impl From<crate::sqlite::DbError> for StoreError {
     fn from(e: crate::sqlite::DbError) -> Self {
-        StoreError::Backend(e.to_string())
+        StoreError::Backend(mesh_proto::error::chain(&e))
     }
 }
 

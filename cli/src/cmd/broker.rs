@@ -1,0 +1,93 @@
+//! `mesh broker serve`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use mesh_broker::{BrokerConfig, SqliteStore};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BrokerCommand {
+    /// Serve a broker until SIGINT or SIGTERM
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (use 0.0.0.0:PORT to accept other machines)
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    pub listen: SocketAddr,
+    /// SQLite database file (default: broker.db in mesh's data directory for this broker)
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// Require this token to create meshes on this broker
+    #[arg(long, env = "MESH_BROKER_CREATE_TOKEN", hide_env_values = true)]
+    pub create_token: Option<String>,
+    /// Largest frame accepted, in bytes
+    #[arg(long, default_value_t = BrokerConfig::default().max_frame_bytes)]
+    pub max_frame_bytes: usize,
+    /// Default time-to-live of a queued message, e.g. 7d, 12h
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub default_ttl: std::time::Duration,
+    /// Most connections one mesh may hold open
+    #[arg(long, default_value_t = BrokerConfig::default().max_connections_per_mesh)]
+    pub max_connections_per_mesh: usize,
+}
+
+pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
+    let BrokerCommand::Serve(args) = cmd;
+    init_logging();
+    let db = match args.db {
+        Some(p) => p,
+        None => {
+            let home = super::home()?;
+            home.ensure_dirs().context("creating mesh's directories")?;
+            home.data_dir.join("standalone-broker.db")
+        }
+    };
+    let store = SqliteStore::open(&db)?;
+    let config = BrokerConfig {
+        create_token: args.create_token,
+        max_frame_bytes: args.max_frame_bytes,
+        default_ttl_ms: args.default_ttl.as_millis() as u64,
+        max_connections_per_mesh: args.max_connections_per_mesh,
+        ..BrokerConfig::default()
+    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        // The first line of stdout says where to connect (port 0 picks a free port).
+        println!("mesh broker listening on ws://{addr} (database {})", db.display());
+        std::io::stdout().flush()?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signals(shutdown.clone()));
+        mesh_broker::run(listener, Arc::new(store), config, shutdown).await.context("serving")?;
+        Ok(())
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn stop_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

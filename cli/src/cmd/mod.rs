@@ -1,0 +1,50 @@
+//! One module per command family; shared plumbing here.
+
+pub mod broker;
+pub mod daemon;
+pub mod identity;
+pub mod inbox;
+pub mod meshes;
+pub mod outbox;
+pub mod send;
+
+use anyhow::Context;
+use mesh_ipc::{Home, IpcClient, IpcError};
+
+/// Exit code for a daemon that does not answer.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(clap::Args, Debug)]
+pub struct JsonArgs {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn home() -> anyhow::Result<Home> {
+    Ok(Home::from_env()?)
+}
+
+/// A client for this home's daemon.
+pub fn client() -> anyhow::Result<IpcClient> {
+    Ok(IpcClient::new(&home()?))
+}
+
+/// Runs one future on a single-threaded runtime: every IPC command is one or two requests.
+pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    Ok(rt.block_on(f))
+}
+
+/// Maps an error to the documented exit codes.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let unreachable = err.chain().any(|c| matches!(c.downcast_ref::<IpcError>(), Some(IpcError::Unreachable { .. })));
+    if unreachable { EXIT_UNREACHABLE } else { 1 }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `mesh`: the command-line tool. A thin binary: every command parses its arguments, talks to the
+//! daemon through `mesh-ipc` (or runs the daemon or broker library in this process), and prints the
+//! result for people or, with `--json`, for machines.
+//!
+//! Exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.
+
+mod cmd;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh", version, about = "Durable, end-to-end encrypted messaging between agent sessions")]
+#[command(after_help = "Files live under $MESH_HOME when set, else the XDG directories.\n\
+Exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create this member's identity (done automatically on first use)
+    Init(cmd::identity::InitArgs),
+    /// Run and manage the local daemon
+    #[command(subcommand)]
+    Daemon(cmd::daemon::DaemonCommand),
+    /// Run a broker
+    #[command(subcommand)]
+    Broker(cmd::broker::BrokerCommand),
+    /// Create a mesh on a broker; you become its owner
+    Create(cmd::meshes::CreateArgs),
+    /// Mint an invite token for a mesh you administer
+    Invite(cmd::meshes::InviteArgs),
+    /// Join a mesh with an invite token
+    Join(cmd::meshes::JoinArgs),
+    /// List the meshes you belong to
+    Meshes(cmd::JsonArgs),
+    /// List the members and sessions you can reach
+    Peers(cmd::meshes::PeersArgs),
+    /// Send a message: committed to the outbox at once, delivered by the daemon
+    Send(cmd::send::SendArgs),
+    /// List received messages (listing never marks them read)
+    Inbox(cmd::inbox::InboxArgs),
+    /// List sent messages and where each stands
+    Outbox(cmd::outbox::OutboxArgs),
+    /// Print shell completions
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init(a) => cmd::identity::init(a),
+        Command::Daemon(c) => cmd::daemon::run(c),
+        Command::Broker(c) => cmd::broker::run(c),
+        Command::Create(a) => cmd::meshes::create(a),
+        Command::Invite(a) => cmd::meshes::invite(a),
+        Command::Join(a) => cmd::meshes::join(a),
+        Command::Meshes(a) => cmd::meshes::list(a),
+        Command::Peers(a) => cmd::meshes::peers(a),
+        Command::Send(a) => cmd::send::run(a),
+        Command::Inbox(a) => cmd::inbox::run(a),
+        Command::Outbox(a) => cmd::outbox::run(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh: {e:#}");
+            ExitCode::from(cmd::exit_code(&e))
+        }
+    }
+}
