@@ -1,0 +1,38 @@
+//! End-to-end tests: the real `mesh` binary, real daemons as detached processes with their own
+//! `MESH_HOME`, real brokers on loopback, real SQLite files.
+
+mod flows;
+mod ipc_input;
+mod lifecycle;
+mod service;
+
+pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
+
+use mesh_testkit::TestHome;
+use serde_json::Value;
+
+/// The bodies of `home`'s inbox rows that are `ready`.
+pub fn ready_bodies(inbox: &Value) -> Vec<String> {
+    inbox
+        .as_array()
+        .expect("inbox is an array")
+        .iter()
+        .filter(|m| m["status"] == "ready")
+        .filter_map(|m| m["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until `home`'s inbox holds a ready message with `body`, and returns that row.
+pub fn wait_for_message(home: &TestHome, body: &str) -> Value {
+    let inbox = home.eventually_json(&format!("{body:?} in the inbox"), &["inbox", "--limit", "1000"], |v| {
+        ready_bodies(v).iter().any(|b| b == body)
+    });
+    inbox.as_array().expect("array").iter().find(|m| m["body"] == body).cloned().expect("row")
+}
+
+/// Waits until `home` sees a peer named `name` in its roster.
+pub fn wait_for_peer(home: &TestHome, name: &str) {
+    home.eventually_json(&format!("peer {name} in the roster"), &["peers"], |v| {
+        v.as_array().expect("array").iter().any(|p| p["name"] == name)
+    });
+}
