@@ -52,10 +52,10 @@ pub enum LinkError {
 
 /// The WebSocket URL for a broker address: `ws://host:port` gets the `/v1/ws` path.
 pub fn ws_endpoint(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .or_else(|| url.strip_prefix("wss://"))
-        .ok_or_else(|| format!("broker address {url:?} must start with ws:// or wss://"))?;
+    if url.starts_with("wss://") {
+        return Err(format!("broker address {url:?}: wss:// is not supported yet; use ws:// (see docs/operations.md)"));
+    }
+    let rest = url.strip_prefix("ws://").ok_or_else(|| format!("broker address {url:?} must start with ws://"))?;
     if rest.is_empty() {
         return Err(format!("broker address {url:?} has no host"));
     }
@@ -444,7 +444,8 @@ mod tests {
     fn endpoints() {
         assert_eq!(ws_endpoint("ws://127.0.0.1:7000").expect("ok"), "ws://127.0.0.1:7000/v1/ws");
         assert_eq!(ws_endpoint("ws://h:1/").expect("ok"), "ws://h:1/v1/ws");
-        assert_eq!(ws_endpoint("wss://h/custom/ws").expect("ok"), "wss://h/custom/ws");
+        assert_eq!(ws_endpoint("ws://h/custom/ws").expect("ok"), "ws://h/custom/ws");
+        assert!(ws_endpoint("wss://h").expect_err("no TLS yet").contains("not supported"));
         assert!(ws_endpoint("http://h").is_err());
         assert!(ws_endpoint("ws://").is_err());
     }
