@@ -47,10 +47,14 @@ struct IdentityFile {
     created_at: u64,
 }
 
-/// The default display name: the login name.
+/// The default display name: the login name (`$USER`, `$LOGNAME`, else the account's name).
 pub fn default_name() -> String {
-    let name = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    if names::validate_display(&name).is_ok() { name } else { "member".to_owned() }
+    let account = || nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name);
+    [std::env::var("USER").ok(), std::env::var("LOGNAME").ok(), account()]
+        .into_iter()
+        .flatten()
+        .find(|n| names::validate_display(n).is_ok())
+        .unwrap_or_else(|| "member".to_owned())
 }
 
 pub fn load(home: &Home) -> Result<Option<Member>, IdentityError> {
