@@ -9,18 +9,23 @@ use mesh_broker::sqlite::Db;
 use mesh_ipc::Home;
 use mesh_ipc::api::{LinkState, LinkStatus};
 use mesh_proto::crypto::GroupKey;
-use mesh_proto::{Identity, MeshId, PublicKey, now_ms};
+use mesh_proto::{Identity, MeshId, PublicKey};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now_ms;
 use crate::identity::Member;
 use crate::link::{self, LinkHandle, LinkSpec};
 use crate::meshes::MeshRow;
-use crate::outbox;
+use crate::process::{self, ProcessId};
+use crate::sessions::{self, LaunchError, Session, SessionRegistry};
+use crate::{outbox, roster};
 
 /// How often inflight rows whose lease ran out are returned to pending.
 const LEASE_SWEEP: Duration = Duration::from_secs(10);
+/// How often live sessions' processes are checked.
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Daemon {
     pub home: Home,
@@ -31,6 +36,8 @@ pub struct Daemon {
     pub inbox_wake: Notify,
     pub started_at: u64,
     pub embedded_broker: Mutex<Option<String>>,
+    pub sessions: SessionRegistry,
+    pub outbox_changes: Arc<outbox::Changes>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
     group_keys: Mutex<HashMap<MeshId, GroupKey>>,
 }
@@ -46,14 +53,19 @@ impl Daemon {
             inbox_wake: Notify::new(),
             started_at: now_ms(),
             embedded_broker: Mutex::new(None),
+            sessions: SessionRegistry::default(),
+            outbox_changes: outbox::Changes::new(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The secret identity that owns `key`, if it is ours.
+    /// The secret identity that owns `key` (the member or one of its sessions), if it is ours.
     pub fn identity_for(&self, key: &PublicKey) -> Option<Identity> {
-        (self.member.identity.key() == *key).then(|| self.member.identity.clone())
+        if self.member.identity.key() == *key {
+            return Some(self.member.identity.clone());
+        }
+        self.sessions.by_key(key).map(|s| s.identity.clone())
     }
 
     pub fn group_key(&self, mesh: &MeshId) -> Option<GroupKey> {
@@ -63,20 +75,121 @@ impl Daemon {
     /// Starts the member's link to `mesh` (once; a second call is a no-op).
     pub fn attach_mesh(self: &Arc<Self>, mesh: &MeshRow) {
         self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(mesh.id, mesh.group_key.clone());
-        let key = (mesh.id, self.member.identity.key());
-        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        if links.contains_key(&key) {
-            return;
-        }
-        let spec = LinkSpec {
+        self.start_link(LinkSpec {
             mesh_id: mesh.id,
             mesh_name: mesh.name.clone(),
             broker_url: mesh.broker_url.clone(),
             identity: self.member.identity.clone(),
             name: self.member.name.clone(),
             attest: None,
+        });
+    }
+
+    fn start_link(self: &Arc<Self>, spec: LinkSpec) {
+        let key = (spec.mesh_id, spec.identity.key());
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        if !links.contains_key(&key) {
+            links.insert(key, link::spawn(self, spec));
+        }
+    }
+
+    fn stop_link(&self, mesh: &MeshId, key: &PublicKey) {
+        if let Some(h) = self.links.lock().unwrap_or_else(PoisonError::into_inner).remove(&(*mesh, *key)) {
+            h.cancel.cancel();
+        }
+    }
+
+    /// Starts the broker link of a live session, attested by the member on every connect.
+    fn attach_session(self: &Arc<Self>, s: &Session, mesh: &MeshRow) {
+        let member = self.member.identity.clone();
+        let (mesh_id, session, name) = (s.mesh_id, s.key(), s.name.clone());
+        let attest = move || {
+            let now = now_ms();
+            let claims = mesh_proto::attestation::SessionAttestation {
+                v: 1,
+                mesh_id,
+                member: member.key(),
+                session,
+                name: name.clone(),
+                issued_at: now,
+                expires_at: now + mesh_proto::attestation::MAX_ATTESTATION_MS,
+            };
+            mesh_proto::signed::Signed::sign(&member, &claims)
         };
-        links.insert(key, link::spawn(self, spec));
+        self.start_link(LinkSpec {
+            mesh_id: s.mesh_id,
+            mesh_name: mesh.name.clone(),
+            broker_url: mesh.broker_url.clone(),
+            identity: s.identity.clone(),
+            name: s.name.clone(),
+            attest: Some(Arc::new(attest)),
+        });
+    }
+
+    /// Registers a launch of session `name` in `mesh` by process `pid` and connects it.
+    pub async fn launch_session(self: &Arc<Self>, mesh: MeshRow, name: String, pid: ProcessId) -> Result<Arc<Session>, LaunchError> {
+        let dir = self.home.run_dir.join("sessions");
+        let mesh_id = mesh.id;
+        let launched = self
+            .db
+            .call(move |c| Ok(sessions::launch(c, &dir, &mesh_id, &name, &pid, now_ms())))
+            .await??;
+        if launched.replaced_stale {
+            self.stop_link(&mesh.id, &launched.session.key());
+        }
+        let s = self.sessions.put(launched.session);
+        tracing::info!(session = %s.name, mesh = %mesh.name, key = %s.key().short(), pid = ?s.process.as_ref().map(|p| p.pid), "session launched");
+        self.attach_session(&s, &mesh);
+        Ok(s)
+    }
+
+    /// Ends a session's live launch: its token stops working and its broker link closes (its queued
+    /// messages wait at the broker for its next launch).
+    pub async fn end_session(&self, s: &Session) {
+        let id = s.id;
+        match self.db.call(move |c| sessions::end(c, id, now_ms())).await {
+            Ok(Some(ended)) => {
+                tracing::info!(session = %ended.name, "session ended");
+                self.stop_link(&ended.mesh_id, &ended.key());
+                let mesh = ended.mesh_id;
+                let key = ended.key();
+                self.sessions.put(ended);
+                let _ = self.db.call(move |c| roster::mark_offline(c, &mesh, &key)).await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "ending a session; will retry"),
+        }
+    }
+
+    /// Loads the session registry; sessions whose process still runs get their links back.
+    pub async fn rehydrate_sessions(self: &Arc<Self>, meshes: &[MeshRow]) -> Result<(), mesh_broker::sqlite::DbError> {
+        for s in self.db.call(|c| sessions::load_all(c)).await? {
+            let s = self.sessions.put(s);
+            if !s.is_live() {
+                continue;
+            }
+            match (s.process.as_ref().filter(|p| process::is_alive(p)), meshes.iter().find(|m| m.id == s.mesh_id)) {
+                (Some(_), Some(mesh)) => self.attach_session(&s, mesh),
+                _ => self.end_session(&s).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends sessions whose process is gone, on a timer. A live session has no time limit.
+    pub async fn session_reaper(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for s in self.sessions.live() {
+                if !s.process.as_ref().is_some_and(process::is_alive) {
+                    self.end_session(&s).await;
+                }
+            }
+        }
     }
 
     pub fn link_status(&self, mesh: &MeshId, key: &PublicKey) -> LinkStatus {
@@ -90,6 +203,15 @@ impl Daemon {
                 since: self.started_at,
                 last_error: Some("no link".into()),
             })
+    }
+
+    /// Tells outbox waiters to look again.
+    pub fn outbox_changed(&self) {
+        self.outbox_changes.bump();
+    }
+
+    pub fn subscribe_outbox(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox_changes.subscribe()
     }
 
     /// Tells the drain of (mesh, sender) that it has new rows.

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::wire::{Accepted, ClientFrame, ErrorFrame, SendMessage};
-use mesh_proto::{MeshId, PublicKey, now_ms};
+use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, SendMessage};
+use mesh_proto::{MeshId, PublicKey};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Daemon;
+use crate::clock::now_ms;
+use mesh_broker::sqlite::Db;
+
 use crate::outbox;
 
 /// Sends in flight per connection.
@@ -25,8 +27,10 @@ pub enum Reply {
     Error(ErrorFrame),
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
-    daemon: Arc<Daemon>,
+    db: Db,
+    changes: Arc<outbox::Changes>,
     mesh: MeshId,
     sender: PublicKey,
     out: mpsc::Sender<String>,
@@ -40,7 +44,7 @@ pub async fn run(
         let mut due = None;
         if inflight.len() < WINDOW {
             let room = WINDOW - inflight.len();
-            let claimed = daemon.db.call(move |c| outbox::claim(c, &mesh, &sender, room, now_ms())).await;
+            let claimed = db.call(move |c| outbox::claim(c, &mesh, &sender, room, now_ms())).await;
             match claimed {
                 Ok(rows) => {
                     for row in rows {
@@ -67,7 +71,7 @@ pub async fn run(
                 }
             }
             if due.is_none() && inflight.len() < WINDOW {
-                due = daemon.db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
+                due = db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
             }
         }
         let sleep = due.map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(1)));
@@ -80,7 +84,8 @@ pub async fn run(
                     while let Ok(more) = replies.try_recv() {
                         batch.push(more);
                     }
-                    record(&daemon, &mut inflight, batch).await;
+                    record(&db, &mut inflight, batch).await;
+                    changes.bump();
                 }
                 None => break,
             },
@@ -90,13 +95,13 @@ pub async fn run(
     let orphaned: Vec<i64> = inflight.into_values().collect();
     if !orphaned.is_empty() {
         tracing::info!(rows = orphaned.len(), "connection ended with sends unanswered; back to pending");
-        if let Err(e) = daemon.db.call(move |c| outbox::release(c, &orphaned)).await {
+        if let Err(e) = db.call(move |c| outbox::release(c, &orphaned)).await {
             tracing::error!(error = %mesh_proto::error::chain(&e), "releasing inflight rows; their leases will return them");
         }
     }
 }
 
-async fn record(daemon: &Daemon, inflight: &mut HashMap<u64, i64>, replies: Vec<Reply>) {
+async fn record(db: &Db, inflight: &mut HashMap<u64, i64>, replies: Vec<Reply>) {
     let mut updates = Vec::with_capacity(replies.len());
     for reply in replies {
         let id = match &reply {
@@ -108,8 +113,7 @@ async fn record(daemon: &Daemon, inflight: &mut HashMap<u64, i64>, replies: Vec<
             None => tracing::warn!(request = id, "answer for a request not in flight; ignored"),
         }
     }
-    let result = daemon
-        .db
+    let result = db
         .call(move |c| {
             let now = now_ms();
             let tx = c.transaction()?;
@@ -117,7 +121,10 @@ async fn record(daemon: &Daemon, inflight: &mut HashMap<u64, i64>, replies: Vec<
                 match reply {
                     Reply::Accepted(a) => outbox::mark_done(&tx, row, &a.message_id, a.recipients)?,
                     Reply::Error(e) => {
-                        let status = outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, now)?;
+                        // Being told to slow down is not a failed attempt: it never uses up the cap.
+                        let counts = e.code != ErrorCode::RateLimited;
+                        let status =
+                            outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, counts, now)?;
                         tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
                     }
                 }

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use mesh_broker::{BrokerConfig, SqliteStore};
 use mesh_proto::crypto::{self, GroupKey};
 use mesh_proto::wire::{Intent, Role};
-use mesh_proto::{MeshId, codec, now_ms};
+use mesh_proto::{MeshId, codec};
 
+use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::link;
 use crate::meshes::{self, MeshRow};

@@ -5,6 +5,7 @@
 //! contract of `mesh-ipc` ([`ipc_server`]). Only this crate opens `daemon.db`. The entry point is
 //! [`run`], which `mesh daemon up --foreground` calls; it returns when the daemon has shut down.
 
+pub mod clock;
 pub mod daemon;
 pub mod drain;
 pub mod embedded;
@@ -15,7 +16,9 @@ pub mod lifecycle;
 pub mod link;
 pub mod meshes;
 pub mod outbox;
+pub mod process;
 pub mod roster;
+pub mod sessions;
 pub mod store;
 
 use std::sync::Arc;
@@ -107,7 +110,9 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     for mesh in &meshes {
         daemon.attach_mesh(mesh);
     }
+    daemon.rehydrate_sessions(&meshes).await?;
     tracker.spawn(inbox::run_worker(daemon.clone()));
+    tracker.spawn(daemon.clone().session_reaper());
     tracker.spawn(daemon.clone().lease_sweeper());
     tracker.spawn(stop_on_signals(shutdown.clone()));
 

@@ -15,7 +15,7 @@ use mesh_proto::signed::Signed;
 use mesh_proto::wire::{
     self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, ServerFrame, Welcome,
 };
-use mesh_proto::{Identity, MeshId, codec, now_ms};
+use mesh_proto::{Identity, MeshId, codec};
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, watch};
@@ -24,6 +24,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::drain::{self, Reply};
 use crate::{inbox, outbox, roster};
@@ -286,7 +287,8 @@ async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHand
     );
     let drain = daemon.tracker.spawn(
         drain::run(
-            daemon.clone(),
+            daemon.db.clone(),
+            daemon.outbox_changes.clone(),
             spec.mesh_id,
             spec.identity.key(),
             out_tx.clone(),
@@ -384,6 +386,7 @@ async fn read_loop(
             match intake(daemon, spec, deliveries).await {
                 Ok(ids) => {
                     daemon.inbox_wake.notify_one();
+                    daemon.outbox_changed();
                     let ack = ClientFrame::Ack(Ack { delivery_ids: ids }).to_json();
                     if out.send(ack).await.is_err() {
                         return Ended::transient("writer stopped");

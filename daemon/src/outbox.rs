@@ -96,7 +96,7 @@ pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Opt
 const ENTRY_COLUMNS: &str =
     "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
     o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
-    o.delivered_count, o.read_at, o.recipients";
+    o.delivered_count, o.read_at, o.recipients, o.session";
 
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
@@ -118,6 +118,7 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         delivered_count: r.get(15)?,
         read_at: opt_u64(16)?,
         recipients: r.get(17)?,
+        session: r.get(18)?,
     })
 }
 
@@ -130,14 +131,15 @@ pub fn entry(conn: &Connection, id: i64) -> rusqlite::Result<Option<OutboxEntry>
     .optional()
 }
 
-pub fn list(conn: &Connection, q: &OutboxQuery) -> rusqlite::Result<Vec<OutboxEntry>> {
+/// The newest rows (oldest first), of `sender` only when given.
+pub fn list(conn: &Connection, q: &OutboxQuery, sender: Option<&PublicKey>) -> rusqlite::Result<Vec<OutboxEntry>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ENTRY_COLUMNS} FROM outbox o LEFT JOIN meshes m ON m.id = o.mesh_id
-         WHERE (?1 IS NULL OR o.status = ?1) ORDER BY o.id DESC LIMIT ?2"
+         WHERE (?1 IS NULL OR o.status = ?1) AND (?3 IS NULL OR o.sender = ?3) ORDER BY o.id DESC LIMIT ?2"
     ))?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     let mut rows: Vec<OutboxEntry> = stmt
-        .query_map(params![q.status.map(OutboxStatus::as_str), limit], entry_from_row)?
+        .query_map(params![q.status.map(OutboxStatus::as_str), limit, sender.map(PublicKey::to_string)], entry_from_row)?
         .collect::<Result<_, _>>()?;
     rows.reverse();
     Ok(rows)
@@ -232,15 +234,21 @@ pub fn mark_done(conn: &Connection, id: i64, message_id: &str, recipients: u32) 
 }
 
 /// A failed attempt: dead when `permanent` or at the attempt cap, else back to pending after backoff
-/// (or after the broker's `retry_after_ms`, when longer).
+/// (or after the broker's `retry_after_ms`, when longer). When `counts` is false (the broker asked us
+/// to slow down) the attempt is given back and never brings the row nearer the cap.
+#[allow(clippy::too_many_arguments)]
 pub fn mark_failed(
     conn: &Connection,
     id: i64,
     error: &str,
     permanent: bool,
     retry_after_ms: Option<u64>,
+    counts: bool,
     now: u64,
 ) -> rusqlite::Result<OutboxStatus> {
+    if !counts {
+        conn.execute("UPDATE outbox SET attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND status = 'inflight'", [id])?;
+    }
     let attempts: Option<u32> =
         conn.query_row("SELECT attempts FROM outbox WHERE id = ?1", [id], |r| r.get(0)).optional()?;
     let Some(attempts) = attempts else { return Ok(OutboxStatus::Dead) };
@@ -287,6 +295,89 @@ pub fn expire_leases(conn: &Connection, now: u64) -> rusqlite::Result<usize> {
     )
 }
 
+/// A hint that outbox rows changed (state, receipts), for waiters that then re-read SQLite.
+#[derive(Debug)]
+pub struct Changes(tokio::sync::watch::Sender<u64>);
+
+impl Changes {
+    pub fn new() -> std::sync::Arc<Changes> {
+        std::sync::Arc::new(Changes(tokio::sync::watch::channel(0).0))
+    }
+
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// Which connection a row goes out on: its mesh and sender key.
+pub fn route_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<(MeshId, PublicKey)>> {
+    conn.query_row("SELECT mesh_id, sender FROM outbox WHERE id = ?1", [id], |r| {
+        Ok((parse_col(r.get(0)?)?, parse_col(r.get(1)?)?))
+    })
+    .optional()
+}
+
+/// The outcome of a user's action on a row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transition {
+    Done(OutboxStatus),
+    NotFound,
+    WrongState(OutboxStatus),
+}
+
+fn status_of(conn: &Connection, id: i64, sender: Option<&PublicKey>) -> rusqlite::Result<Option<OutboxStatus>> {
+    let status: Option<String> = conn
+        .query_row(
+            "SELECT status FROM outbox WHERE id = ?1 AND (?2 IS NULL OR sender = ?2)",
+            params![id, sender.map(PublicKey::to_string)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(status.and_then(|s| OutboxStatus::parse(&s)))
+}
+
+/// A `dead` or `aborted` row back to `pending`, due now, with a fresh attempt budget and TTL. Every
+/// routing field (mesh, sender, target, nonce, ciphertext, signature, client_message_id) is kept, so the
+/// retry is the same message: a DM stays a DM to the same key, and the broker dedupes it if an earlier
+/// attempt did land. `sender` limits the action to one identity's rows (a session's own).
+pub fn retry(conn: &mut Connection, id: i64, sender: Option<&PublicKey>, now: u64) -> rusqlite::Result<Transition> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let outcome = match status_of(&tx, id, sender)? {
+        None => Transition::NotFound,
+        Some(s @ (OutboxStatus::Pending | OutboxStatus::Inflight | OutboxStatus::Done)) => Transition::WrongState(s),
+        Some(OutboxStatus::Dead | OutboxStatus::Aborted) => {
+            tx.execute(
+                "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2, lease_until = NULL,
+                   last_error = NULL, expires_at = MAX(expires_at, ?3)
+                 WHERE id = ?1",
+                params![id, now as i64, (now + TTL_MS) as i64],
+            )?;
+            Transition::Done(OutboxStatus::Pending)
+        }
+    };
+    tx.commit()?;
+    Ok(outcome)
+}
+
+/// A `pending` row to `aborted`. A row in flight cannot be stopped: the broker may already hold it.
+pub fn abort(conn: &mut Connection, id: i64, sender: Option<&PublicKey>) -> rusqlite::Result<Transition> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let outcome = match status_of(&tx, id, sender)? {
+        None => Transition::NotFound,
+        Some(OutboxStatus::Pending) => {
+            tx.execute("UPDATE outbox SET status = 'aborted', lease_until = NULL WHERE id = ?1", [id])?;
+            Transition::Done(OutboxStatus::Aborted)
+        }
+        Some(s) => Transition::WrongState(s),
+    };
+    tx.commit()?;
+    Ok(outcome)
+}
+
 /// When the next pending row of a connection becomes due.
 pub fn next_due(conn: &Connection, mesh: &MeshId, sender: &PublicKey) -> rusqlite::Result<Option<u64>> {
     let t: Option<i64> = conn.query_row(
@@ -324,6 +415,131 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt) -> rusqlite::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_proto::Identity;
+
+    fn db() -> (tempfile::TempDir, mesh_broker::sqlite::Db) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+        (dir, db)
+    }
+
+    fn dm_row(cmid: &str, sender: &Identity, to: &PublicKey) -> NewRow {
+        NewRow {
+            client_message_id: cmid.into(),
+            fingerprint: "fp".into(),
+            mesh_id: MeshId([7; 16]),
+            sender: sender.key(),
+            session: None,
+            target: TargetInfo { kind: TargetKind::Direct, label: "bob".into(), address: to.to_string(), name: Some("bob".into()) },
+            body: "hi".into(),
+            nonce: vec![1; 24],
+            ciphertext: vec![2; 40],
+            sig: sender.sign("test", &[b"x"]),
+        }
+    }
+
+    type Routing = (String, String, String, String, Vec<u8>, Vec<u8>, String, String);
+
+    fn routing(c: &Connection, id: i64) -> Routing {
+        c.query_row(
+            "SELECT mesh_id, sender, target, target_kind, nonce, ciphertext, sig, client_message_id FROM outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+        )
+        .expect("row")
+    }
+
+    #[test]
+    fn retry_of_a_dead_dm_keeps_every_routing_field() {
+        let (_dir, db) = db();
+        let (me, bob) = (Identity::generate(), Identity::generate());
+        db.call_blocking(|c| {
+            let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
+            let before = routing(c, id);
+            let claimed = claim(c, &MeshId([7; 16]), &me.key(), 10, 1)?;
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(mark_failed(c, id, "recipient_unknown: gone", true, None, true, 2)?, OutboxStatus::Dead);
+            assert_eq!(retry(c, id, None, 3)?, Transition::Done(OutboxStatus::Pending));
+            assert_eq!(routing(c, id), before, "retry changed a routing field");
+            let again = claim(c, &MeshId([7; 16]), &me.key(), 10, 3)?;
+            assert_eq!(again[0].target, Target::Key(bob.key()), "a DM stays a DM to the same key");
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
+    fn retry_and_abort_only_from_the_right_states_and_only_own_rows() {
+        let (_dir, db) = db();
+        let (me, other, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
+        db.call_blocking(|c| {
+            let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
+            assert_eq!(retry(c, id, None, 1)?, Transition::WrongState(OutboxStatus::Pending));
+            assert_eq!(abort(c, id, Some(&other.key()))?, Transition::NotFound, "another sender cannot touch it");
+            assert_eq!(abort(c, id, Some(&me.key()))?, Transition::Done(OutboxStatus::Aborted));
+            assert!(claim(c, &MeshId([7; 16]), &me.key(), 10, 2)?.is_empty(), "aborted rows are never sent");
+            assert_eq!(retry(c, id, Some(&me.key()), 2)?, Transition::Done(OutboxStatus::Pending));
+            claim(c, &MeshId([7; 16]), &me.key(), 10, 3)?;
+            assert_eq!(abort(c, id, None)?, Transition::WrongState(OutboxStatus::Inflight));
+            assert_eq!(abort(c, 999, None)?, Transition::NotFound);
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
+    fn rows_are_claimed_only_by_their_own_sender() {
+        let (_dir, db) = db();
+        let (session, member, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
+        db.call_blocking(|c| {
+            insert(c, &dm_row("from-session", &session, &bob.key()), 1)?;
+            let member_claims = claim(c, &MeshId([7; 16]), &member.key(), 10, 1)?;
+            assert!(member_claims.is_empty(), "a session's row was claimed for the member's connection");
+            assert_eq!(claim(c, &MeshId([7; 16]), &session.key(), 10, 1)?.len(), 1);
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
+    fn rate_limiting_never_uses_up_attempts_but_failures_do() {
+        let (_dir, db) = db();
+        let (me, bob) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId([7; 16]);
+        db.call_blocking(|c| {
+            let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
+            let mut now = 0;
+            for _ in 0..(MAX_ATTEMPTS * 2) {
+                now += 60_000;
+                assert_eq!(claim(c, &mesh, &me.key(), 1, now)?.len(), 1);
+                assert_eq!(mark_failed(c, id, "rate_limited", false, Some(5), false, now)?, OutboxStatus::Pending);
+            }
+            for attempt in 1..=MAX_ATTEMPTS {
+                now += 60_000;
+                assert_eq!(claim(c, &mesh, &me.key(), 1, now)?.len(), 1);
+                let status = mark_failed(c, id, "internal", false, None, true, now)?;
+                let expected = if attempt == MAX_ATTEMPTS { OutboxStatus::Dead } else { OutboxStatus::Pending };
+                assert_eq!(status, expected, "attempt {attempt}");
+            }
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
+    fn expired_rows_die_instead_of_being_sent() {
+        let (_dir, db) = db();
+        let (me, bob) = (Identity::generate(), Identity::generate());
+        db.call_blocking(|c| {
+            let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
+            assert!(claim(c, &MeshId([7; 16]), &me.key(), 10, TTL_MS + 1)?.is_empty());
+            let e = entry(c, id)?.expect("row");
+            assert_eq!(e.status, OutboxStatus::Dead);
+            assert!(e.last_error.expect("reason").contains("expired"));
+            Ok(())
+        })
+        .expect("db");
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

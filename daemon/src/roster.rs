@@ -77,6 +77,12 @@ pub fn mark_all_offline(conn: &Connection, mesh: &MeshId) -> rusqlite::Result<()
     Ok(())
 }
 
+/// Marks one peer offline (a session of ours that ended).
+pub fn mark_offline(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<()> {
+    conn.execute("UPDATE peers SET online = 0 WHERE mesh_id = ?1 AND key = ?2", params![mesh.to_string(), key.to_string()])?;
+    Ok(())
+}
+
 pub fn list(conn: &Connection, mesh: Option<&MeshId>) -> rusqlite::Result<Vec<PeerRow>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM peers WHERE (?1 IS NULL OR mesh_id = ?1) ORDER BY mesh_id, kind, name, key"

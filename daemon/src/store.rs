@@ -85,6 +85,23 @@ CREATE TABLE inbox (
 );
 CREATE UNIQUE INDEX inbox_by_sender_cmid ON inbox(recipient, sender, client_message_id);
 CREATE INDEX inbox_to_process ON inbox(id) WHERE status = 'received';
+"#, r#"
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY,
+    mesh_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,
+    sign_seed BLOB NOT NULL,
+    enc_secret BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    token_hash TEXT UNIQUE,
+    token_file TEXT,
+    pid INTEGER,
+    pid_start TEXT,
+    launched_at INTEGER,
+    ended_at INTEGER,
+    UNIQUE (mesh_id, name)
+);
 "#];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

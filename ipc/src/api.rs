@@ -332,6 +332,9 @@ pub struct OutboxEntry {
     pub id: i64,
     pub client_message_id: String,
     pub mesh: String,
+    /// The session that sent it; `None` for the member.
+    #[serde(default)]
+    pub session: Option<String>,
     pub target: TargetInfo,
     pub body: String,
     pub status: OutboxStatus,
@@ -347,6 +350,78 @@ pub struct OutboxEntry {
     pub read_at: Option<u64>,
     /// How many recipient queues the broker put it in.
     pub recipients: Option<u32>,
+}
+
+/// `GET /v1/outbox/{id}/wait?until=…&timeout_ms=…`: what to wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitFor {
+    /// The broker accepted the message (status `done`).
+    Accepted,
+    /// Every recipient's daemon committed it (`delivered` receipts from all `recipients`).
+    Delivered,
+}
+
+impl WaitFor {
+    /// Whether `e` has reached this point.
+    pub fn reached(self, e: &OutboxEntry) -> bool {
+        let accepted = e.status == OutboxStatus::Done;
+        match self {
+            WaitFor::Accepted => accepted,
+            WaitFor::Delivered => accepted && e.delivered_count >= e.recipients.unwrap_or(1),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitQuery {
+    pub until: WaitFor,
+    /// Default 30 s, at most 1 hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer of a wait: the row as it stands, and whether it reached the point waited for. A row
+/// that became `dead` or `aborted` ends the wait early with `reached: false`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitResponse {
+    pub reached: bool,
+    pub entry: OutboxEntry,
+}
+
+// --- sessions ------------------------------------------------------------------------------------
+
+/// `POST /v1/sessions`: register a launch. The daemon writes the session's token to a 0600 file and
+/// returns its path; the token itself never appears in an answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// The process that will run as the session (the launcher, which then executes the command).
+    pub pid: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchResponse {
+    pub session: SessionInfo,
+    /// Give it to the command as `MESH_SESSION_FILE`.
+    pub token_file: String,
+}
+
+/// `GET /v1/sessions` lists these; `GET /v1/session` returns the caller's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub name: String,
+    pub mesh: String,
+    pub key: String,
+    pub live: bool,
+    pub pid: Option<u32>,
+    pub created_at: u64,
+    pub launched_at: Option<u64>,
+    pub ended_at: Option<u64>,
+    /// Its broker link, while live.
+    pub connection: Option<LinkStatus>,
 }
 
 // --- inbox ---------------------------------------------------------------------------------------

@@ -36,4 +36,22 @@ pub mod routes {
     pub const SEND: &str = "/v1/send";
     pub const INBOX: &str = "/v1/inbox";
     pub const OUTBOX: &str = "/v1/outbox";
+    /// `POST`: a dead or aborted row back to pending.
+    pub const OUTBOX_RETRY: &str = "/v1/outbox/{id}/retry";
+    /// `POST`: a pending row to aborted.
+    pub const OUTBOX_ABORT: &str = "/v1/outbox/{id}/abort";
+    /// `GET`: long-poll until the row is accepted or delivered.
+    pub const OUTBOX_WAIT: &str = "/v1/outbox/{id}/wait";
+    pub const SESSIONS: &str = "/v1/sessions";
+    /// The calling session itself (`GET`), or its end (`POST /v1/session/end`).
+    pub const SESSION: &str = "/v1/session";
+    pub const SESSION_END: &str = "/v1/session/end";
+
+    /// A route template with its `{id}` filled in.
+    pub fn with_id(template: &str, id: i64) -> String {
+        template.replace("{id}", &id.to_string())
+    }
 }
+
+/// Names the file holding a session's token, for `mesh` commands run inside `mesh launch`.
+pub const SESSION_FILE_ENV: &str = "MESH_SESSION_FILE";

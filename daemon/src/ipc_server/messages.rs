@@ -1,0 +1,221 @@
+//! Sending and reading: `/v1/send`, `/v1/inbox`, `/v1/outbox` and the outbox row actions.
+//! The send handler is the daemon's accept path: request → committed outbox row → answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::Json;
+use mesh_ipc::MAX_MESSAGE_BYTES;
+use mesh_ipc::api::*;
+use mesh_proto::message::{self, Content, SealKey};
+use sha2::Digest;
+
+use super::{Body, Caller, Failure, Params, pick_mesh};
+use crate::clock::now_ms;
+use crate::daemon::Daemon;
+use crate::outbox::{self, Transition};
+use crate::roster::{self, SealWith};
+use crate::inbox;
+
+const MAX_CLIENT_MESSAGE_ID: usize = 128;
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The request fingerprint of a send, hex SHA-256 over its JSON array of fields (see docs/protocol.md).
+fn send_fingerprint(req: &SendRequest, session: Option<&str>) -> String {
+    let fields = serde_json::json!([req.to, req.mesh, req.body, session]);
+    hex::encode(sha2::Sha256::digest(fields.to_string().as_bytes()))
+}
+
+fn row_vanished() -> Failure {
+    Failure(ApiErrorCode::Internal, "the outbox row vanished".into())
+}
+
+fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
+    SendResponse {
+        outbox_id: e.id,
+        client_message_id: e.client_message_id,
+        status: e.status,
+        mesh: e.mesh,
+        target: e.target,
+        duplicate,
+    }
+}
+
+/// Answers a resend of an existing `client_message_id`: the stored row when the request is the same,
+/// a conflict when it is not.
+async fn existing_send(d: &Daemon, id: i64, fingerprint: &str, stored: &str) -> Result<Json<SendResponse>, Failure> {
+    if stored != fingerprint {
+        return Err(Failure(
+            ApiErrorCode::Conflict,
+            "this client_message_id (idempotency key) was already used for a different message".into(),
+        ));
+    }
+    let entry = d.db.call(move |c| outbox::entry(c, id)).await?.ok_or_else(row_vanished)?;
+    Ok(Json(response_of(entry, true)))
+}
+
+pub async fn send(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<SendRequest>) -> Result<Json<SendResponse>, Failure> {
+    accept(&d, &caller, req).await
+}
+
+/// The accept path, callable without HTTP (for tests and benchmarks).
+pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Result<Json<SendResponse>, Failure> {
+    let cmid = req.client_message_id.clone();
+    if cmid.is_empty() || cmid.len() > MAX_CLIENT_MESSAGE_ID || cmid.chars().any(char::is_control) {
+        return Err(Failure::bad_request("client_message_id must be 1-128 printable characters"));
+    }
+    if req.body.is_empty() {
+        return Err(Failure::bad_request("the message is empty"));
+    }
+    if req.body.len() > MAX_MESSAGE_BYTES {
+        return Err(Failure(ApiErrorCode::PayloadTooLarge, format!("the message exceeds {MAX_MESSAGE_BYTES} bytes")));
+    }
+    let fingerprint = send_fingerprint(&req, caller.session_name());
+
+    // Idempotency first: a resend is answered from the stored row, whatever the roster says now.
+    let lookup_id = cmid.clone();
+    if let Some((id, stored)) = d.db.call(move |c| outbox::lookup(c, &lookup_id)).await? {
+        return existing_send(d, id, &fingerprint, &stored).await;
+    }
+
+    // A session speaks in its own mesh only.
+    let mesh = match caller {
+        Caller::Member => req.mesh.clone(),
+        Caller::Session(s) => {
+            let own = d.db.call({
+                let id = s.mesh_id;
+                move |c| crate::meshes::get(c, &id)
+            });
+            let own = own.await?.ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into()))?;
+            if let Some(asked) = &req.mesh
+                && *asked != own.name
+                && *asked != own.id.to_string()
+            {
+                return Err(Failure::bad_request(format!("session {:?} belongs to mesh {:?}, not {asked:?}", s.name, own.name)));
+            }
+            Some(own.id.to_string())
+        }
+    };
+    let to = req.to.clone();
+    let resolved = d.db.call(move |c| Ok(roster::resolve(c, &to, mesh.as_deref()))).await??;
+    let sender = caller.identity(d);
+    let content = Content { body: req.body.clone(), reply_to: None };
+    let key = match &resolved.seal {
+        SealWith::Direct(enc) => SealKey::Direct(enc),
+        SealWith::Group => SealKey::Group(&resolved.mesh.group_key),
+    };
+    let sealed = message::seal(&sender, &resolved.mesh.id, &cmid, &resolved.target, key, &content);
+    let row = outbox::NewRow {
+        client_message_id: cmid.clone(),
+        fingerprint: fingerprint.clone(),
+        mesh_id: resolved.mesh.id,
+        sender: sender.key(),
+        session: caller.session_name().map(str::to_owned),
+        target: resolved.info.clone(),
+        body: req.body,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        sig: sealed.sig,
+    };
+    let inserted = d.db.call(move |c| outbox::insert(c, &row, now_ms())).await?;
+    let Some(id) = inserted else {
+        // Another request with this id won the race: answer as a resend.
+        let lookup_id = cmid.clone();
+        let (id, stored) = d.db.call(move |c| outbox::lookup(c, &lookup_id)).await?.ok_or_else(row_vanished)?;
+        return existing_send(d, id, &fingerprint, &stored).await;
+    };
+    d.wake_drain(&resolved.mesh.id, &sender.key());
+    let entry = d.db.call(move |c| outbox::entry(c, id)).await?.ok_or_else(row_vanished)?;
+    Ok(Json(response_of(entry, false)))
+}
+
+pub async fn inbox(State(d): State<Arc<Daemon>>, caller: Caller, Params(q): Params<InboxQuery>) -> Result<Json<Vec<InboxMessage>>, Failure> {
+    let mesh = match &q.mesh {
+        Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?.id),
+        None => None,
+    };
+    let recipients = vec![caller.key(&d)];
+    let rows = d.db.call(move |c| inbox::list(c, &recipients, mesh.as_ref(), &q)).await?;
+    Ok(Json(rows))
+}
+
+pub async fn outbox(State(d): State<Arc<Daemon>>, caller: Caller, Params(q): Params<OutboxQuery>) -> Result<Json<Vec<OutboxEntry>>, Failure> {
+    let scope = caller.scope();
+    Ok(Json(d.db.call(move |c| outbox::list(c, &q, scope.as_ref())).await?))
+}
+
+fn transition_answer(id: i64, t: Transition, verb: &str, allowed: &str) -> Result<(), Failure> {
+    match t {
+        Transition::Done(_) => Ok(()),
+        Transition::NotFound => Err(Failure(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours"))),
+        Transition::WrongState(s) => Err(Failure(
+            ApiErrorCode::Conflict,
+            format!("outbox row #{id} is {}; only {allowed} rows can be {verb}", s.as_str()),
+        )),
+    }
+}
+
+async fn entry_of(d: &Daemon, id: i64) -> Result<Json<OutboxEntry>, Failure> {
+    Ok(Json(d.db.call(move |c| outbox::entry(c, id)).await?.ok_or_else(row_vanished)?))
+}
+
+pub async fn retry(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<OutboxEntry>, Failure> {
+    let scope = caller.scope();
+    let t = d.db.call(move |c| outbox::retry(c, id, scope.as_ref(), now_ms())).await?;
+    transition_answer(id, t, "retried", "dead or aborted")?;
+    let entry = entry_of(&d, id).await?;
+    tracing::info!(row = id, "outbox row retried by the user");
+    d.outbox_changed();
+    if let Some((mesh, sender)) = d.db.call(move |c| outbox::route_of(c, id)).await? {
+        d.wake_drain(&mesh, &sender);
+    }
+    Ok(entry)
+}
+
+pub async fn abort(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<OutboxEntry>, Failure> {
+    let scope = caller.scope();
+    let t = d.db.call(move |c| outbox::abort(c, id, scope.as_ref())).await?;
+    transition_answer(id, t, "aborted", "pending")?;
+    tracing::info!(row = id, "outbox row aborted by the user");
+    d.outbox_changed();
+    entry_of(&d, id).await
+}
+
+/// Long-polls one row until it reaches `until`, dies, is aborted, or the timeout passes. Wake-ups come
+/// from the daemon's outbox-changed signal; the answer is always re-read from SQLite.
+pub async fn wait(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Path(id): Path<i64>,
+    Params(q): Params<WaitQuery>,
+) -> Result<Json<WaitResponse>, Failure> {
+    let timeout = q.timeout_ms.map_or(DEFAULT_WAIT, Duration::from_millis).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let scope = caller.scope();
+    let mut changed = d.subscribe_outbox();
+    loop {
+        changed.borrow_and_update();
+        let entry = d
+            .db
+            .call(move |c| {
+                let e = outbox::entry(c, id)?;
+                let mine = match scope {
+                    None => true,
+                    Some(key) => outbox::route_of(c, id)?.is_some_and(|(_, sender)| sender == key),
+                };
+                Ok(e.filter(|_| mine))
+            })
+            .await?
+            .ok_or_else(|| Failure(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours")))?;
+        let failed = matches!(entry.status, OutboxStatus::Dead | OutboxStatus::Aborted);
+        if q.until.reached(&entry) || failed {
+            return Ok(Json(WaitResponse { reached: q.until.reached(&entry), entry }));
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())) },
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(WaitResponse { reached: false, entry })),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The IPC server: the routes of `mesh_ipc::routes` over HTTP/1.1 on the daemon's Unix socket.
+//! Every failure is a JSON [`ApiError`] with a 4xx/5xx status; bad input never reaches a 500.
+//!
+//! Who is asking is a [`Caller`]: a request with a session's bearer token acts as that session (its
+//! sends, its inbox, its outbox); one without acts as the member. A token that matches no live session
+//! is refused, never downgraded to the member.
+
+mod meshes;
+mod messages;
+mod sessions;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use mesh_ipc::api::*;
+use mesh_ipc::{IPC_VERSION, MAX_BODY_BYTES, VERSION_HEADER, routes};
+use mesh_proto::{Identity, PublicKey};
+use serde::de::DeserializeOwned;
+
+use crate::daemon::Daemon;
+use crate::link::LinkError;
+use crate::meshes::MeshRow;
+use crate::roster::ResolveError;
+use crate::sessions::Session;
+use crate::{inbox, outbox, roster};
+
+/// An error answer.
+#[derive(Debug)]
+pub struct Failure(pub ApiErrorCode, pub String);
+
+impl Failure {
+    pub fn bad_request(msg: impl Into<String>) -> Failure {
+        Failure(ApiErrorCode::BadRequest, msg.into())
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ApiErrorBody { error: ApiError { code: self.0, message: self.1 } })).into_response()
+    }
+}
+
+impl From<mesh_broker::sqlite::DbError> for Failure {
+    fn from(e: mesh_broker::sqlite::DbError) -> Self {
+        let detail = mesh_proto::error::chain(&e);
+        tracing::error!(error = %detail, "database failure while serving a request");
+        Failure(ApiErrorCode::Internal, format!("database failure: {detail}"))
+    }
+}
+
+impl From<LinkError> for Failure {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Unreachable { .. } => Failure(ApiErrorCode::BrokerUnreachable, e.to_string()),
+            LinkError::Refused(_) => Failure(ApiErrorCode::BrokerRefused, e.to_string()),
+            LinkError::Protocol(_) => Failure(ApiErrorCode::BrokerUnreachable, e.to_string()),
+        }
+    }
+}
+
+impl From<ResolveError> for Failure {
+    fn from(e: ResolveError) -> Self {
+        let code = match e {
+            ResolveError::UnknownMesh(_) => ApiErrorCode::UnknownMesh,
+            ResolveError::NoMeshes | ResolveError::Unknown(_) | ResolveError::BadBinding(_) => {
+                ApiErrorCode::UnknownTarget
+            }
+            ResolveError::Ambiguous(_) => ApiErrorCode::AmbiguousTarget,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+/// A JSON body whose rejections are [`Failure`]s.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(json_rejection(r)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> Failure {
+    let code = match r.status().as_u16() {
+        413 => ApiErrorCode::PayloadTooLarge,
+        415 => ApiErrorCode::UnsupportedMediaType,
+        _ => ApiErrorCode::BadRequest,
+    };
+    let message = match code {
+        ApiErrorCode::PayloadTooLarge => format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        ApiErrorCode::UnsupportedMediaType => "send the body as JSON with Content-Type: application/json".to_owned(),
+        _ => format!("invalid JSON body: {}", r.body_text()),
+    };
+    Failure(code, message)
+}
+
+/// URL parameters whose rejections are [`Failure`]s.
+pub struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Failure> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(q) => Ok(Params(q.0)),
+            Err(r) => Err(Failure::bad_request(format!("invalid query parameters: {}", query_detail(&r)))),
+        }
+    }
+}
+
+fn query_detail(r: &QueryRejection) -> String {
+    r.body_text()
+}
+
+/// Who a request acts as.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    Member,
+    Session(Arc<Session>),
+}
+
+impl Caller {
+    pub fn identity(&self, d: &Daemon) -> Identity {
+        match self {
+            Caller::Member => d.member.identity.clone(),
+            Caller::Session(s) => s.identity.clone(),
+        }
+    }
+
+    pub fn key(&self, d: &Daemon) -> PublicKey {
+        match self {
+            Caller::Member => d.member.identity.key(),
+            Caller::Session(s) => s.key(),
+        }
+    }
+
+    /// The sender-key filter for the caller's own rows: a session sees its own, the member all.
+    pub fn scope(&self) -> Option<PublicKey> {
+        match self {
+            Caller::Member => None,
+            Caller::Session(s) => Some(s.key()),
+        }
+    }
+
+    pub fn session_name(&self) -> Option<&str> {
+        match self {
+            Caller::Member => None,
+            Caller::Session(s) => Some(&s.name),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<Daemon>> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, d: &Arc<Daemon>) -> Result<Self, Failure> {
+        let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else { return Ok(Caller::Member) };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Failure(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into()))?;
+        d.sessions.by_token(token.trim()).map(Caller::Session).ok_or_else(|| {
+            Failure(
+                ApiErrorCode::Unauthorized,
+                "this session token is not valid: the session has ended, or MESH_SESSION_FILE is stale".into(),
+            )
+        })
+    }
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route(routes::VERSION, get(version))
+        .route(routes::STATUS, get(status))
+        .route(routes::SHUTDOWN, post(shutdown))
+        .route(routes::MESHES, get(meshes::list).post(meshes::create))
+        .route(routes::MESHES_JOIN, post(meshes::join))
+        .route(routes::INVITES, post(meshes::invite))
+        .route(routes::PEERS, get(meshes::peers))
+        .route(routes::SEND, post(messages::send))
+        .route(routes::INBOX, get(messages::inbox))
+        .route(routes::OUTBOX, get(messages::outbox))
+        .route(routes::OUTBOX_RETRY, post(messages::retry))
+        .route(routes::OUTBOX_ABORT, post(messages::abort))
+        .route(routes::OUTBOX_WAIT, get(messages::wait))
+        .route(routes::SESSIONS, get(sessions::list).post(sessions::launch))
+        .route(routes::SESSION, get(sessions::whoami))
+        .route(routes::SESSION_END, post(sessions::end))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(check_version))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(daemon)
+}
+
+async fn check_version(req: Request, next: Next) -> Response {
+    if let Some(v) = req.headers().get(VERSION_HEADER)
+        && v.as_bytes() != IPC_VERSION.to_string().as_bytes()
+    {
+        return Failure(
+            ApiErrorCode::VersionMismatch,
+            format!(
+                "the client speaks IPC v{}, this daemon v{IPC_VERSION}; restart the daemon after an upgrade \
+                     (`mesh daemon down && mesh daemon up`)",
+                String::from_utf8_lossy(v.as_bytes())
+            ),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> Failure {
+    Failure(ApiErrorCode::NotFound, format!("no route {} {}; see docs/protocol.md", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> Failure {
+    Failure(ApiErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ipc: IPC_VERSION,
+        protocol: mesh_proto::PROTOCOL_VERSION,
+        pid: std::process::id(),
+    })
+}
+
+async fn shutdown(State(d): State<Arc<Daemon>>) -> (StatusCode, Json<serde_json::Value>) {
+    tracing::info!("shutdown requested over IPC");
+    d.shutdown.cancel();
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "shutting_down" })))
+}
+
+async fn status(State(d): State<Arc<Daemon>>) -> Result<Json<Status>, Failure> {
+    let rows =
+        d.db.call(|c| {
+            let mut out = Vec::new();
+            for m in crate::meshes::list(c)? {
+                let peers = roster::list(c, Some(&m.id))?;
+                let counts = outbox::counts(c, Some(&m.id))?;
+                out.push((m, peers, counts));
+            }
+            Ok((out, outbox::counts(c, None)?, inbox::counts(c)?))
+        })
+        .await?;
+    let (per_mesh, outbox, inbox) = rows;
+    let me = d.member.identity.key();
+    let meshes = per_mesh
+        .into_iter()
+        .map(|(m, peers, counts)| MeshStatus {
+            id: m.id.to_string(),
+            name: m.name.clone(),
+            broker: m.broker_url.clone(),
+            connection: d.link_status(&m.id, &me),
+            peers_online: peers.iter().filter(|p| p.peer.online && p.peer.key != me).count() as u32,
+            peers_total: peers.iter().filter(|p| p.peer.key != me).count() as u32,
+            outbox: counts,
+        })
+        .collect();
+    Ok(Json(Status {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        socket: d.home.socket_path().display().to_string(),
+        started_at: d.started_at,
+        member: MemberInfo { key: me.to_string(), name: d.member.name.clone() },
+        meshes,
+        outbox,
+        inbox,
+        embedded_broker: d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+    }))
+}
+
+/// The mesh a request names, or the only one there is.
+pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Failure> {
+    let all = d.db.call(|c| crate::meshes::list(c)).await?;
+    match mesh {
+        Some(m) => all
+            .into_iter()
+            .find(|row| row.name == m || row.id.to_string() == m)
+            .ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, format!("no mesh named {m:?}; see `mesh meshes`"))),
+        None => match <[MeshRow; 1]>::try_from(all) {
+            Ok([only]) => Ok(only),
+            Err(all) if all.is_empty() => Err(Failure(
+                ApiErrorCode::UnknownMesh,
+                "not in any mesh yet; `mesh create` or `mesh join` first".into(),
+            )),
+            Err(all) => Err(Failure::bad_request(format!(
+                "you are in {} meshes ({}); pass --mesh",
+                all.len(),
+                all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        },
+    }
+}
+
