@@ -9,6 +9,7 @@ mod config;
 mod connection;
 mod handshake;
 mod hub;
+mod ratelimit;
 pub mod sqlite;
 pub mod store;
 
@@ -35,6 +36,7 @@ pub(crate) struct Shared {
     store: Arc<dyn Store>,
     config: BrokerConfig,
     hub: hub::Hub,
+    limiter: ratelimit::RateLimiter,
     next_conn: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -55,10 +57,12 @@ pub async fn run(
 ) -> std::io::Result<()> {
     // Connection ids only need to be unique among the leases of one store: seed them with the start
     // time so a restarted broker never reuses an id a stale lease still carries.
+    let limiter = ratelimit::RateLimiter::new(config.sends_per_sec, config.send_burst);
     let shared = Arc::new(Shared {
         store,
         config,
         hub: hub::Hub::default(),
+        limiter,
         next_conn: AtomicU64::new(now_ms() << 16),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),

@@ -361,3 +361,27 @@ async fn presence_and_supersede() {
     }
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn rate_limit_is_typed_transient_and_never_refuses_a_duplicate() {
+    let config = BrokerConfig { sends_per_sec: 1, send_burst: 2, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let mut t = two_members(&broker).await;
+    let first = dm(&t.a, t.mesh, &t.b, 1, "c-1", "one");
+    t.ca.send(&ClientFrame::Send(first.clone())).await;
+    assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Accepted(_)));
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 2, "c-2", "two"))).await;
+    assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Accepted(_)));
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 3, "c-3", "three"))).await;
+    let err = expect_error(t.ca.recv_non_presence().await, ErrorCode::RateLimited);
+    assert!(!err.permanent);
+    assert_eq!(err.id, Some(3));
+    assert!(err.retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 1000), "{err:?}");
+    // Over the limit, a resend of an accepted message is still answered as a duplicate.
+    t.ca.send(&ClientFrame::Send(mesh_proto::wire::SendMessage { id: 4, ..first })).await;
+    match t.ca.recv_non_presence().await {
+        ServerFrame::Accepted(a) => assert!(a.duplicate && a.id == 4),
+        other => panic!("expected a duplicate answer, got {other:?}"),
+    }
+    broker.stop().await;
+}

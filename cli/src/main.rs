@@ -44,8 +44,13 @@ enum Command {
     Send(cmd::send::SendArgs),
     /// List received messages (listing never marks them read)
     Inbox(cmd::inbox::InboxArgs),
-    /// List sent messages and where each stands
+    /// List sent messages and where each stands; retry or abort one
     Outbox(cmd::outbox::OutboxArgs),
+    /// Run a command as an agent session with its own identity and connection
+    Launch(cmd::session::LaunchArgs),
+    /// Agent sessions of this daemon
+    #[command(subcommand)]
+    Session(cmd::session::SessionCommand),
     /// Print shell completions
     Completions {
         #[arg(value_enum)]
@@ -67,6 +72,8 @@ fn main() -> ExitCode {
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),
         Command::Outbox(a) => cmd::outbox::run(a),
+        Command::Launch(a) => cmd::session::launch(a),
+        Command::Session(c) => cmd::session::run(c),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());

@@ -63,6 +63,14 @@ pub struct Leased {
     pub item_json: String,
 }
 
+/// What the broker remembers of an accepted send, for idempotency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentRecord {
+    pub fingerprint: [u8; 32],
+    pub message_id: String,
+    pub recipients: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinOutcome {
     Joined(PeerRecord),
@@ -121,6 +129,9 @@ pub trait Store: Send + Sync + 'static {
     /// Idempotent on (mesh, sender, client_message_id): a duplicate with the same fingerprint returns the
     /// first message id and queues nothing; a different fingerprint is an `IdempotencyConflict`.
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
+    /// The accepted send of (mesh, sender, client_message_id), if any (within retention).
+    async fn find_sent(&self, mesh: MeshId, sender: PublicKey, client_message_id: &str)
+    -> Result<Option<SentRecord>, StoreError>;
     /// Leases up to `limit` of `recipient`'s items whose lease is free or expired, oldest first.
     async fn lease(
         &self,

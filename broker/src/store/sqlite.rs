@@ -8,7 +8,7 @@ use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
 use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, Store, StoreError};
+use super::{Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, SentRecord, Store, StoreError};
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
 /// Receipts live as long as a message's default TTL: the sender may be offline for that long.
@@ -417,6 +417,32 @@ impl Store for SqliteStore {
             Ok(Enqueued { message_id: msg.message_id, duplicate: false, recipients: woken.len() as u32, woken })
         })
         .await
+    }
+
+    async fn find_sent(
+        &self,
+        mesh: MeshId,
+        sender: PublicKey,
+        client_message_id: &str,
+    ) -> Result<Option<SentRecord>, StoreError> {
+        let cmid = client_message_id.to_owned();
+        let row: Option<(Vec<u8>, String, i64)> = self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT fingerprint, message_id, recipients FROM messages
+                     WHERE mesh_id = ?1 AND sender = ?2 AND client_message_id = ?3",
+                    params![mesh.to_string(), sender.to_string(), cmid],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(row.map(|(fp, message_id, recipients)| SentRecord {
+            fingerprint: fp.try_into().unwrap_or([0; 32]),
+            message_id,
+            recipients: recipients as u32,
+        }))
     }
 
     async fn lease(

@@ -35,6 +35,12 @@ pub struct ServeArgs {
     /// Most connections one mesh may hold open
     #[arg(long, default_value_t = BrokerConfig::default().max_connections_per_mesh)]
     pub max_connections_per_mesh: usize,
+    /// Sends per second per member (its sessions share it), sustained
+    #[arg(long, default_value_t = BrokerConfig::default().sends_per_sec)]
+    pub sends_per_sec: u32,
+    /// Sends a member may make at once before the rate applies
+    #[arg(long, default_value_t = BrokerConfig::default().send_burst)]
+    pub send_burst: u32,
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
@@ -54,6 +60,8 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
         max_frame_bytes: args.max_frame_bytes,
         default_ttl_ms: args.default_ttl.as_millis() as u64,
         max_connections_per_mesh: args.max_connections_per_mesh,
+        sends_per_sec: args.sends_per_sec,
+        send_burst: args.send_burst,
         ..BrokerConfig::default()
     };
     let runtime =

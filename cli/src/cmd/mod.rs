@@ -7,6 +7,7 @@ pub mod inbox;
 pub mod meshes;
 pub mod outbox;
 pub mod send;
+pub mod session;
 
 use anyhow::Context;
 use mesh_ipc::{Home, IpcClient, IpcError};
@@ -25,9 +26,21 @@ pub fn home() -> anyhow::Result<Home> {
     Ok(Home::from_env()?)
 }
 
-/// A client for this home's daemon.
+/// A client for this home's daemon, acting as the session named by `MESH_SESSION_FILE` when set.
+/// A set but unreadable file is an error: a session's command must never silently act as the member.
 pub fn client() -> anyhow::Result<IpcClient> {
-    Ok(IpcClient::new(&home()?))
+    let client = IpcClient::new(&home()?);
+    let Some(path) = std::env::var_os(mesh_ipc::SESSION_FILE_ENV).filter(|p| !p.is_empty()) else {
+        return Ok(client);
+    };
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is set to {}, which cannot be read: the session has probably ended (unset it to act as the member)",
+            mesh_ipc::SESSION_FILE_ENV,
+            std::path::Path::new(&path).display()
+        )
+    })?;
+    Ok(client.with_bearer(Some(token.trim().to_owned())))
 }
 
 /// Runs one future on a single-threaded runtime: every IPC command is one or two requests.

@@ -6,7 +6,10 @@ use mesh_ipc::routes;
 use crate::output;
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct OutboxArgs {
+    #[command(subcommand)]
+    pub action: Option<OutboxAction>,
     /// Only rows in this state
     #[arg(long, value_parser = parse_status)]
     pub status: Option<OutboxStatus>,
@@ -17,12 +20,41 @@ pub struct OutboxArgs {
     pub json: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum OutboxAction {
+    /// Send a dead or aborted message again, exactly as it was (same target, same encryption)
+    Retry {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a pending message from being sent
+    Abort {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn parse_status(s: &str) -> Result<OutboxStatus, String> {
     OutboxStatus::parse(s).ok_or_else(|| "one of pending, inflight, done, dead, aborted".to_owned())
 }
 
 pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
     let client = super::client()?;
+    if let Some(action) = args.action {
+        let (route, id, json, verb) = match action {
+            OutboxAction::Retry { id, json } => (routes::OUTBOX_RETRY, id, json, "will be sent again"),
+            OutboxAction::Abort { id, json } => (routes::OUTBOX_ABORT, id, json, "aborted"),
+        };
+        let entry: OutboxEntry =
+            super::block_on(client.post(&routes::with_id(route, id), &serde_json::json!({})))??;
+        if json {
+            return super::print_json(&entry);
+        }
+        println!("outbox #{id} {verb}: now {}", entry.status.as_str());
+        return Ok(());
+    }
     let q = OutboxQuery { status: args.status, limit: Some(args.limit) };
     let rows: Vec<OutboxEntry> = super::block_on(client.get_query(routes::OUTBOX, &q))??;
     if args.json {
@@ -46,8 +78,9 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
             state = "accepted by broker".to_owned();
         }
         let err = r.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default();
+        let who = r.session.as_deref().map(|s| format!(" from session {s}")).unwrap_or_default();
         println!(
-            "#{:<5} {}  → {to} [{}] {state} (attempts {}): {}{err}",
+            "#{:<5} {}  → {to} [{}]{who} {state} (attempts {}): {}{err}",
             r.id,
             output::time(r.enqueued_at),
             r.mesh,

@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use anyhow::Context;
-use mesh_ipc::api::{SendRequest, SendResponse, TargetKind};
+use mesh_ipc::api::{SendRequest, SendResponse, TargetKind, WaitFor, WaitQuery, WaitResponse};
 use mesh_ipc::routes;
 
 #[derive(clap::Args, Debug)]
@@ -18,8 +18,20 @@ pub struct SendArgs {
     /// Reuse this key to make a retried send idempotent (default: a fresh id)
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Block until the broker accepted it, or every recipient's daemon has it (exit 1 if not in time)
+    #[arg(long, value_enum)]
+    pub wait: Option<Wait>,
+    /// How long --wait waits
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "wait")]
+    pub timeout: std::time::Duration,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Wait {
+    Accepted,
+    Delivered,
 }
 
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
@@ -35,15 +47,62 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = SendRequest { client_message_id, to: args.target, body, mesh: args.mesh };
     let resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
+    if let Some(wait) = args.wait {
+        return wait_for(&client, &resp, wait, args.timeout, args.json);
+    }
     if args.json {
         return super::print_json(&resp);
     }
+    println!("{}", describe(&resp));
+    Ok(())
+}
+
+fn describe(resp: &SendResponse) -> String {
     let to = match (&resp.target.kind, &resp.target.name) {
         (TargetKind::Direct, Some(name)) => format!("{name} ({})", crate::output::short(&resp.target.address)),
         (TargetKind::Broadcast, _) => "everyone".to_owned(),
         _ => resp.target.address.clone(),
     };
     let again = if resp.duplicate { " (already queued earlier with this idempotency key)" } else { "" };
-    println!("queued for {to} in mesh {} as outbox #{}: {}{again}", resp.mesh, resp.outbox_id, resp.status.as_str());
+    format!("queued for {to} in mesh {} as outbox #{}: {}{again}", resp.mesh, resp.outbox_id, resp.status.as_str())
+}
+
+fn wait_for(
+    client: &mesh_ipc::IpcClient,
+    resp: &SendResponse,
+    wait: Wait,
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let until = match wait {
+        Wait::Accepted => WaitFor::Accepted,
+        Wait::Delivered => WaitFor::Delivered,
+    };
+    let q = WaitQuery { until, timeout_ms: Some(timeout.as_millis() as u64) };
+    let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
+    let waited: WaitResponse = super::block_on(client.get_query(&route, &q))??;
+    if json {
+        super::print_json(&waited)?;
+    } else if waited.reached {
+        let what = match until {
+            WaitFor::Accepted => "accepted by the broker".to_owned(),
+            WaitFor::Delivered => format!("delivered to {} recipient(s)", waited.entry.delivered_count),
+        };
+        println!("{}\n{what}", describe(resp));
+    }
+    if !waited.reached {
+        let e = &waited.entry;
+        let why = e.last_error.as_deref().map(|m| format!(" (last error: {m})")).unwrap_or_default();
+        anyhow::bail!(
+            "outbox #{} not {} within {}: it is {}{why}; follow it with `mesh outbox`",
+            e.id,
+            match until {
+                WaitFor::Accepted => "accepted",
+                WaitFor::Delivered => "delivered",
+            },
+            humantime::format_duration(timeout),
+            e.status.as_str()
+        );
+    }
     Ok(())
 }

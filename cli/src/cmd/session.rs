@@ -1,0 +1,85 @@
+//! `mesh launch` and `mesh session`.
+
+use std::os::unix::process::CommandExt;
+
+use anyhow::{Context, bail};
+use mesh_ipc::api::{LaunchRequest, LaunchResponse, SessionInfo};
+use mesh_ipc::routes;
+
+use crate::output;
+
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    /// The session's name, as others address it
+    #[arg(long)]
+    pub name: String,
+    /// The mesh the session lives in (needed when you are in more than one)
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// The command to run as the session
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SessionCommand {
+    /// List the sessions of this daemon, live or not
+    List(super::JsonArgs),
+    /// Show the session this command runs in
+    Whoami(super::JsonArgs),
+}
+
+/// Registers this process as session NAME, then replaces it with the command: the command keeps this
+/// pid, which is how the daemon knows the session is live, and gets `MESH_SESSION_FILE`.
+pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
+    if std::env::var_os(mesh_ipc::SESSION_FILE_ENV).is_some_and(|v| !v.is_empty()) {
+        bail!("already inside a session ({} is set); a session cannot launch another", mesh_ipc::SESSION_FILE_ENV);
+    }
+    let client = super::client()?;
+    let req = LaunchRequest { name: args.name, mesh: args.mesh, pid: std::process::id() };
+    let launched: LaunchResponse = super::block_on(client.post(routes::SESSIONS, &req))??;
+    let (program, rest) = args.command.split_first().context("no command to run")?;
+    let err = std::process::Command::new(program)
+        .args(rest)
+        .env(mesh_ipc::SESSION_FILE_ENV, &launched.token_file)
+        .env("MESH_SESSION_NAME", &launched.session.name)
+        .exec();
+    // Still here: the command could not start. End the session rather than leave it live.
+    let ended = client.clone().with_bearer(std::fs::read_to_string(&launched.token_file).ok().map(|t| t.trim().to_owned()));
+    let _ = super::block_on(ended.post::<_, SessionInfo>(routes::SESSION_END, &serde_json::json!({})));
+    Err(err).with_context(|| format!("running {program:?}"))
+}
+
+pub fn run(cmd: SessionCommand) -> anyhow::Result<()> {
+    let client = super::client()?;
+    match cmd {
+        SessionCommand::List(a) => {
+            let sessions: Vec<SessionInfo> = super::block_on(client.get(routes::SESSIONS))??;
+            if a.json {
+                return super::print_json(&sessions);
+            }
+            if sessions.is_empty() {
+                println!("no sessions yet; start one with `mesh launch --name NAME -- COMMAND`");
+            }
+            for s in &sessions {
+                print_session(s);
+            }
+        }
+        SessionCommand::Whoami(a) => {
+            let s: SessionInfo = super::block_on(client.get(routes::SESSION))??;
+            if a.json {
+                return super::print_json(&s);
+            }
+            print_session(&s);
+        }
+    }
+    Ok(())
+}
+
+fn print_session(s: &SessionInfo) {
+    let state = match (&s.connection, s.live) {
+        (Some(c), true) => format!("live (pid {}), broker link {}", s.pid.unwrap_or_default(), c.state.as_str()),
+        _ => s.ended_at.map_or_else(|| "not running".to_owned(), |t| format!("ended {}", output::ago(t))),
+    };
+    println!("{:<20} mesh {:<16} {}  {state}", s.name, s.mesh, s.key);
+}
