@@ -408,16 +408,22 @@ impl Connection {
         if let Err(retry_after_ms) = self.shared.limiter.try_take(self.mesh(), peer.member) {
             // Dedupe before limiting: a resend of an accepted message is answered, never refused.
             return match self.shared.store.find_sent(self.mesh(), peer.key, &send.client_message_id).await {
-                Ok(Some(sent)) if sent.fingerprint == fingerprint => {
-                    Ok(Accepted { id: send.id, message_id: sent.message_id, duplicate: true, recipients: sent.recipients })
-                }
+                Ok(Some(sent)) if sent.fingerprint == fingerprint => Ok(Accepted {
+                    id: send.id,
+                    message_id: sent.message_id,
+                    duplicate: true,
+                    recipients: sent.recipients,
+                }),
                 Ok(Some(_)) => Err(ErrorFrame::new(
                     ErrorCode::IdempotencyConflict,
                     format!("client_message_id {:?} was already used for a different message", send.client_message_id),
                 )),
                 Ok(None) => Err(ErrorFrame {
                     retry_after_ms: Some(retry_after_ms),
-                    ..ErrorFrame::new(ErrorCode::RateLimited, format!("over {} sends per second; retry later", config.sends_per_sec))
+                    ..ErrorFrame::new(
+                        ErrorCode::RateLimited,
+                        format!("over {} sends per second; retry later", config.sends_per_sec),
+                    )
                 }),
                 Err(e) => {
                     tracing::error!(error = %mesh_proto::error::chain(&e), "idempotency lookup failed");

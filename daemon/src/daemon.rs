@@ -88,9 +88,7 @@ impl Daemon {
     fn start_link(self: &Arc<Self>, spec: LinkSpec) {
         let key = (spec.mesh_id, spec.identity.key());
         let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        if !links.contains_key(&key) {
-            links.insert(key, link::spawn(self, spec));
-        }
+        links.entry(key).or_insert_with(|| link::spawn(self, spec));
     }
 
     fn stop_link(&self, mesh: &MeshId, key: &PublicKey) {
@@ -127,13 +125,15 @@ impl Daemon {
     }
 
     /// Registers a launch of session `name` in `mesh` by process `pid` and connects it.
-    pub async fn launch_session(self: &Arc<Self>, mesh: MeshRow, name: String, pid: ProcessId) -> Result<Arc<Session>, LaunchError> {
+    pub async fn launch_session(
+        self: &Arc<Self>,
+        mesh: MeshRow,
+        name: String,
+        pid: ProcessId,
+    ) -> Result<Arc<Session>, LaunchError> {
         let dir = self.home.run_dir.join("sessions");
         let mesh_id = mesh.id;
-        let launched = self
-            .db
-            .call(move |c| Ok(sessions::launch(c, &dir, &mesh_id, &name, &pid, now_ms())))
-            .await??;
+        let launched = self.db.call(move |c| Ok(sessions::launch(c, &dir, &mesh_id, &name, &pid, now_ms()))).await??;
         if launched.replaced_stale {
             self.stop_link(&mesh.id, &launched.session.key());
         }

@@ -143,3 +143,243 @@ async fn sleep_opt(d: Option<Duration>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The drain against a fake broker: the test reads what the drain writes to the socket and answers
+    //! as a broker would. Time is tokio's paused clock, so backoffs are exact and instant.
+
+    use std::time::Duration;
+
+    use mesh_ipc::api::{OutboxStatus, TargetInfo, TargetKind};
+    use mesh_proto::wire::{Accepted, ErrorCode, ErrorFrame};
+    use mesh_proto::{Identity, Target};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::clock;
+
+    struct FakeBroker {
+        db: Db,
+        me: Identity,
+        out: mpsc::Receiver<String>,
+        replies: mpsc::UnboundedSender<Reply>,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn row(cmid: &str, sender: &Identity, to: &Identity) -> outbox::NewRow {
+        outbox::NewRow {
+            client_message_id: cmid.into(),
+            fingerprint: "fp".into(),
+            mesh_id: MeshId([9; 16]),
+            sender: sender.key(),
+            session: None,
+            target: TargetInfo {
+                kind: TargetKind::Direct,
+                label: "x".into(),
+                address: to.key().to_string(),
+                name: None,
+            },
+            body: cmid.into(),
+            nonce: vec![0; 24],
+            ciphertext: vec![1; 32],
+            sig: sender.sign("t", &[cmid.as_bytes()]),
+        }
+    }
+
+    impl FakeBroker {
+        fn start() -> FakeBroker {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+            let (out_tx, out) = mpsc::channel(1024);
+            let (replies, reply_rx) = mpsc::unbounded_channel();
+            let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());
+            let (mesh, me) = (MeshId([9; 16]), Identity::generate());
+            let task = tokio::spawn(run(
+                db.clone(),
+                outbox::Changes::new(),
+                mesh,
+                me.key(),
+                out_tx,
+                reply_rx,
+                wake.clone(),
+                stop.clone(),
+            ));
+            FakeBroker { db, me, out, replies, wake, stop, task, _dir: dir }
+        }
+
+        fn insert_from(&self, cmid: &str, sender: &Identity) -> i64 {
+            let r = row(cmid, sender, &Identity::generate());
+            let id = self.db.call_blocking(|c| outbox::insert(c, &r, clock::now_ms())).expect("db").expect("new");
+            self.wake.notify_one();
+            id
+        }
+
+        fn insert(&self, cmid: &str) -> i64 {
+            let me = self.me.clone();
+            self.insert_from(cmid, &me)
+        }
+
+        async fn next_send(&mut self) -> SendMessage {
+            let text = tokio::time::timeout(Duration::from_secs(3600), self.out.recv())
+                .await
+                .expect("a send within the hour")
+                .expect("drain running");
+            match serde_json::from_str::<ClientFrame>(&text).expect("a client frame") {
+                ClientFrame::Send(s) => s,
+                other => panic!("expected send, got {other:?}"),
+            }
+        }
+
+        async fn no_send_for(&mut self, d: Duration) {
+            if let Ok(Some(text)) = tokio::time::timeout(d, self.out.recv()).await {
+                panic!("unexpected frame: {text}");
+            }
+        }
+
+        fn accept(&self, s: &SendMessage) {
+            let a = Accepted {
+                id: s.id,
+                message_id: format!("m-{}", s.client_message_id),
+                duplicate: false,
+                recipients: 1,
+            };
+            self.replies.send(Reply::Accepted(a)).expect("drain listening");
+        }
+
+        fn refuse(&self, s: &SendMessage, code: ErrorCode, retry_after_ms: Option<u64>) {
+            let e = ErrorFrame { retry_after_ms, ..ErrorFrame::new(code, "fake refusal").with_id(Some(s.id)) };
+            self.replies.send(Reply::Error(e)).expect("drain listening");
+        }
+
+        /// Polls the row until it is in `want` (the drain records answers asynchronously).
+        async fn status_becomes(&self, id: i64, want: OutboxStatus) -> mesh_ipc::api::OutboxEntry {
+            for _ in 0..1000 {
+                let e = self.db.call(move |c| outbox::entry(c, id)).await.expect("db").expect("row");
+                if e.status == want {
+                    return e;
+                }
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("row {id} never became {want:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepted_rows_are_done_and_sent_exactly_as_stored() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        let s = b.next_send().await;
+        assert_eq!(s.client_message_id, "c-1");
+        assert_eq!((s.nonce.len(), s.ciphertext.len()), (24, 32));
+        assert!(matches!(s.to, Target::Key(_)));
+        b.accept(&s);
+        let e = b.status_becomes(id, OutboxStatus::Done).await;
+        assert_eq!(e.message_id.as_deref(), Some("m-c-1"));
+        assert_eq!(e.attempts, 1);
+        b.no_send_for(Duration::from_secs(600)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_error_kills_the_row_at_once() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        let s = b.next_send().await;
+        b.refuse(&s, ErrorCode::RecipientUnknown, None);
+        let e = b.status_becomes(id, OutboxStatus::Dead).await;
+        assert!(e.last_error.expect("reason").starts_with("recipient_unknown"));
+        b.no_send_for(Duration::from_secs(3600)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transient_error_is_retried_after_a_jittered_backoff() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        let first = b.next_send().await;
+        b.refuse(&first, ErrorCode::Internal, None);
+        b.status_becomes(id, OutboxStatus::Pending).await;
+        let t0 = Instant::now();
+        let again = b.next_send().await;
+        let waited = t0.elapsed();
+        assert_eq!(again.client_message_id, "c-1", "the same row, resent");
+        assert_eq!((&again.nonce, &again.ciphertext), (&first.nonce, &first.ciphertext), "byte-identical resend");
+        assert!(waited >= Duration::from_millis(240) && waited <= Duration::from_millis(520), "{waited:?}");
+        b.accept(&again);
+        assert_eq!(b.status_becomes(id, OutboxStatus::Done).await.attempts, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_rows_wait_as_told_and_keep_their_attempts() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        let s = b.next_send().await;
+        b.refuse(&s, ErrorCode::RateLimited, Some(5_000));
+        b.status_becomes(id, OutboxStatus::Pending).await;
+        let t0 = Instant::now();
+        let again = b.next_send().await;
+        assert!(t0.elapsed() >= Duration::from_millis(4_990), "{:?}", t0.elapsed());
+        b.accept(&again);
+        assert_eq!(b.status_becomes(id, OutboxStatus::Done).await.attempts, 1, "being rate limited is not an attempt");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_stop_at_the_attempt_cap() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        for _ in 0..outbox::MAX_ATTEMPTS {
+            let s = b.next_send().await;
+            b.refuse(&s, ErrorCode::Unavailable, None);
+        }
+        let e = b.status_becomes(id, OutboxStatus::Dead).await;
+        assert_eq!(e.attempts, outbox::MAX_ATTEMPTS);
+        assert!(e.last_error.expect("reason").contains("gave up"));
+        b.no_send_for(Duration::from_secs(3600)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_in_flight_when_the_link_drops_go_back_to_pending() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        let _unanswered = b.next_send().await;
+        b.status_becomes(id, OutboxStatus::Inflight).await;
+        b.stop.cancel();
+        b.task.await.expect("drain ends");
+        let e = b.db.call(move |c| outbox::entry(c, id)).await.expect("db").expect("row");
+        assert_eq!(e.status, OutboxStatus::Pending);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_identity_s_rows_never_go_out_on_this_connection() {
+        let mut b = FakeBroker::start();
+        let session = Identity::generate();
+        let theirs = b.insert_from("session-row", &session);
+        let mine = b.insert("member-row");
+        let s = b.next_send().await;
+        assert_eq!(s.client_message_id, "member-row");
+        b.accept(&s);
+        b.status_becomes(mine, OutboxStatus::Done).await;
+        b.no_send_for(Duration::from_secs(3600)).await;
+        let e = b.db.call(move |c| outbox::entry(c, theirs)).await.expect("db").expect("row");
+        assert_eq!(e.status, OutboxStatus::Pending, "waits for its own connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_a_window_of_sends_is_unanswered() {
+        let mut b = FakeBroker::start();
+        for i in 0..(WINDOW + 10) {
+            b.insert(&format!("c-{i}"));
+        }
+        let mut sent = Vec::new();
+        for _ in 0..WINDOW {
+            sent.push(b.next_send().await);
+        }
+        b.no_send_for(Duration::from_secs(10)).await;
+        b.accept(&sent[0]);
+        let next = b.next_send().await;
+        assert_eq!(next.client_message_id, format!("c-{WINDOW}"), "oldest first, one more per answer");
+    }
+}

@@ -139,7 +139,10 @@ pub fn list(conn: &Connection, q: &OutboxQuery, sender: Option<&PublicKey>) -> r
     ))?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     let mut rows: Vec<OutboxEntry> = stmt
-        .query_map(params![q.status.map(OutboxStatus::as_str), limit, sender.map(PublicKey::to_string)], entry_from_row)?
+        .query_map(
+            params![q.status.map(OutboxStatus::as_str), limit, sender.map(PublicKey::to_string)],
+            entry_from_row,
+        )?
         .collect::<Result<_, _>>()?;
     rows.reverse();
     Ok(rows)
@@ -430,7 +433,12 @@ mod tests {
             mesh_id: MeshId([7; 16]),
             sender: sender.key(),
             session: None,
-            target: TargetInfo { kind: TargetKind::Direct, label: "bob".into(), address: to.to_string(), name: Some("bob".into()) },
+            target: TargetInfo {
+                kind: TargetKind::Direct,
+                label: "bob".into(),
+                address: to.to_string(),
+                name: Some("bob".into()),
+            },
             body: "hi".into(),
             nonce: vec![1; 24],
             ciphertext: vec![2; 40],

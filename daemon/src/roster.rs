@@ -79,7 +79,10 @@ pub fn mark_all_offline(conn: &Connection, mesh: &MeshId) -> rusqlite::Result<()
 
 /// Marks one peer offline (a session of ours that ended).
 pub fn mark_offline(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<()> {
-    conn.execute("UPDATE peers SET online = 0 WHERE mesh_id = ?1 AND key = ?2", params![mesh.to_string(), key.to_string()])?;
+    conn.execute(
+        "UPDATE peers SET online = 0 WHERE mesh_id = ?1 AND key = ?2",
+        params![mesh.to_string(), key.to_string()],
+    )?;
     Ok(())
 }
 

@@ -48,14 +48,17 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
-const COLUMNS: &str =
-    "id, mesh_id, name, sign_seed, enc_secret, created_at, token_hash, token_file, pid, pid_start, launched_at, ended_at";
+const COLUMNS: &str = "id, mesh_id, name, sign_seed, enc_secret, created_at, token_hash, token_file, pid, pid_start, launched_at, ended_at";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
     let blob32 = |i: usize| -> rusqlite::Result<[u8; 32]> {
         let v: Vec<u8> = r.get(i)?;
         v.try_into().map_err(|_| {
-            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, "session key is not 32 bytes".into())
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                rusqlite::types::Type::Blob,
+                "session key is not 32 bytes".into(),
+            )
         })
     };
     let pid: Option<i64> = r.get(8)?;
@@ -178,7 +181,10 @@ pub fn end(conn: &Connection, id: i64, now: u64) -> rusqlite::Result<Option<Sess
     if let Some(f) = &s.token_file {
         let _ = std::fs::remove_file(f);
     }
-    conn.execute("UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?2 WHERE id = ?1", params![id, now as i64])?;
+    conn.execute(
+        "UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?2 WHERE id = ?1",
+        params![id, now as i64],
+    )?;
     get(conn, id).map(Some)
 }
 
@@ -260,9 +266,13 @@ mod tests {
         assert!(!ended.is_live());
         assert!(!first.session.token_file.as_ref().expect("file").exists(), "token file removed");
 
-        let relaunch = db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s1", &me, 4))).expect("db").expect("launch");
+        let relaunch =
+            db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s1", &me, 4))).expect("db").expect("launch");
         assert_eq!(relaunch.session.key(), first.session.key(), "same (mesh, name), same keys");
-        let other = db.call_blocking(|c| Ok(launch(c, dir.path(), &MeshId::generate(), "s1", &me, 5))).expect("db").expect("launch");
+        let other = db
+            .call_blocking(|c| Ok(launch(c, dir.path(), &MeshId::generate(), "s1", &me, 5)))
+            .expect("db")
+            .expect("launch");
         assert_ne!(other.session.key(), first.session.key(), "another mesh, another identity");
     }
 
@@ -281,7 +291,8 @@ mod tests {
     fn registry_finds_live_sessions_by_token_only() {
         let (dir, db) = db();
         let me = process::lookup(std::process::id()).expect("alive");
-        let l = db.call_blocking(|c| Ok(launch(c, dir.path(), &MeshId::generate(), "s", &me, 1))).expect("db").expect("ok");
+        let l =
+            db.call_blocking(|c| Ok(launch(c, dir.path(), &MeshId::generate(), "s", &me, 1))).expect("db").expect("ok");
         let token = std::fs::read_to_string(l.session.token_file.as_ref().expect("file")).expect("token");
         let reg = SessionRegistry::default();
         reg.put(l.session.clone());

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use mesh_broker::sqlite::{Db, DbError};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -85,7 +86,8 @@ CREATE TABLE inbox (
 );
 CREATE UNIQUE INDEX inbox_by_sender_cmid ON inbox(recipient, sender, client_message_id);
 CREATE INDEX inbox_to_process ON inbox(id) WHERE status = 'received';
-"#, r#"
+"#,
+    r#"
 CREATE TABLE sessions (
     id INTEGER PRIMARY KEY,
     mesh_id TEXT NOT NULL,
@@ -102,7 +104,8 @@ CREATE TABLE sessions (
     ended_at INTEGER,
     UNIQUE (mesh_id, name)
 );
-"#];
+"#,
+];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {
     Db::open(path, MIGRATIONS)

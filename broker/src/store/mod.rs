@@ -130,8 +130,12 @@ pub trait Store: Send + Sync + 'static {
     /// first message id and queues nothing; a different fingerprint is an `IdempotencyConflict`.
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
     /// The accepted send of (mesh, sender, client_message_id), if any (within retention).
-    async fn find_sent(&self, mesh: MeshId, sender: PublicKey, client_message_id: &str)
-    -> Result<Option<SentRecord>, StoreError>;
+    async fn find_sent(
+        &self,
+        mesh: MeshId,
+        sender: PublicKey,
+        client_message_id: &str,
+    ) -> Result<Option<SentRecord>, StoreError>;
     /// Leases up to `limit` of `recipient`'s items whose lease is free or expired, oldest first.
     async fn lease(
         &self,

@@ -8,7 +8,9 @@ use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
 use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
-use super::{Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, SentRecord, Store, StoreError};
+use super::{
+    Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, SentRecord, Store, StoreError,
+};
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
 /// Receipts live as long as a message's default TTL: the sender may be offline for that long.

@@ -47,8 +47,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
             OutboxAction::Retry { id, json } => (routes::OUTBOX_RETRY, id, json, "will be sent again"),
             OutboxAction::Abort { id, json } => (routes::OUTBOX_ABORT, id, json, "aborted"),
         };
-        let entry: OutboxEntry =
-            super::block_on(client.post(&routes::with_id(route, id), &serde_json::json!({})))??;
+        let entry: OutboxEntry = super::block_on(client.post(&routes::with_id(route, id), &serde_json::json!({})))??;
         if json {
             return super::print_json(&entry);
         }

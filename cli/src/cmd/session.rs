@@ -45,7 +45,8 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
         .env("MESH_SESSION_NAME", &launched.session.name)
         .exec();
     // Still here: the command could not start. End the session rather than leave it live.
-    let ended = client.clone().with_bearer(std::fs::read_to_string(&launched.token_file).ok().map(|t| t.trim().to_owned()));
+    let ended =
+        client.clone().with_bearer(std::fs::read_to_string(&launched.token_file).ok().map(|t| t.trim().to_owned()));
     let _ = super::block_on(ended.post::<_, SessionInfo>(routes::SESSION_END, &serde_json::json!({})));
     Err(err).with_context(|| format!("running {program:?}"))
 }

@@ -150,7 +150,10 @@ pub async fn invite(
     }))
 }
 
-pub async fn peers(State(d): State<Arc<Daemon>>, Params(q): Params<PeersQuery>) -> Result<Json<Vec<PeerInfo>>, Failure> {
+pub async fn peers(
+    State(d): State<Arc<Daemon>>,
+    Params(q): Params<PeersQuery>,
+) -> Result<Json<Vec<PeerInfo>>, Failure> {
     let mesh = match q.mesh {
         Some(m) => Some(pick_mesh(&d, Some(m)).await?),
         None => None,

@@ -14,9 +14,9 @@ use sha2::Digest;
 use super::{Body, Caller, Failure, Params, pick_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
+use crate::inbox;
 use crate::outbox::{self, Transition};
 use crate::roster::{self, SealWith};
-use crate::inbox;
 
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -56,7 +56,11 @@ async fn existing_send(d: &Daemon, id: i64, fingerprint: &str, stored: &str) -> 
     Ok(Json(response_of(entry, true)))
 }
 
-pub async fn send(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<SendRequest>) -> Result<Json<SendResponse>, Failure> {
+pub async fn send(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<SendRequest>,
+) -> Result<Json<SendResponse>, Failure> {
     accept(&d, &caller, req).await
 }
 
@@ -88,12 +92,16 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
                 let id = s.mesh_id;
                 move |c| crate::meshes::get(c, &id)
             });
-            let own = own.await?.ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into()))?;
+            let own =
+                own.await?.ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into()))?;
             if let Some(asked) = &req.mesh
                 && *asked != own.name
                 && *asked != own.id.to_string()
             {
-                return Err(Failure::bad_request(format!("session {:?} belongs to mesh {:?}, not {asked:?}", s.name, own.name)));
+                return Err(Failure::bad_request(format!(
+                    "session {:?} belongs to mesh {:?}, not {asked:?}",
+                    s.name, own.name
+                )));
             }
             Some(own.id.to_string())
         }
@@ -131,7 +139,11 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     Ok(Json(response_of(entry, false)))
 }
 
-pub async fn inbox(State(d): State<Arc<Daemon>>, caller: Caller, Params(q): Params<InboxQuery>) -> Result<Json<Vec<InboxMessage>>, Failure> {
+pub async fn inbox(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Params(q): Params<InboxQuery>,
+) -> Result<Json<Vec<InboxMessage>>, Failure> {
     let mesh = match &q.mesh {
         Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?.id),
         None => None,
@@ -141,7 +153,11 @@ pub async fn inbox(State(d): State<Arc<Daemon>>, caller: Caller, Params(q): Para
     Ok(Json(rows))
 }
 
-pub async fn outbox(State(d): State<Arc<Daemon>>, caller: Caller, Params(q): Params<OutboxQuery>) -> Result<Json<Vec<OutboxEntry>>, Failure> {
+pub async fn outbox(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Params(q): Params<OutboxQuery>,
+) -> Result<Json<Vec<OutboxEntry>>, Failure> {
     let scope = caller.scope();
     Ok(Json(d.db.call(move |c| outbox::list(c, &q, scope.as_ref())).await?))
 }
@@ -161,7 +177,11 @@ async fn entry_of(d: &Daemon, id: i64) -> Result<Json<OutboxEntry>, Failure> {
     Ok(Json(d.db.call(move |c| outbox::entry(c, id)).await?.ok_or_else(row_vanished)?))
 }
 
-pub async fn retry(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<OutboxEntry>, Failure> {
+pub async fn retry(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<OutboxEntry>, Failure> {
     let scope = caller.scope();
     let t = d.db.call(move |c| outbox::retry(c, id, scope.as_ref(), now_ms())).await?;
     transition_answer(id, t, "retried", "dead or aborted")?;
@@ -174,7 +194,11 @@ pub async fn retry(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<
     Ok(entry)
 }
 
-pub async fn abort(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<OutboxEntry>, Failure> {
+pub async fn abort(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<OutboxEntry>, Failure> {
     let scope = caller.scope();
     let t = d.db.call(move |c| outbox::abort(c, id, scope.as_ref())).await?;
     transition_answer(id, t, "aborted", "pending")?;
@@ -197,9 +221,8 @@ pub async fn wait(
     let mut changed = d.subscribe_outbox();
     loop {
         changed.borrow_and_update();
-        let entry = d
-            .db
-            .call(move |c| {
+        let entry =
+            d.db.call(move |c| {
                 let e = outbox::entry(c, id)?;
                 let mine = match scope {
                     None => true,

@@ -168,11 +168,9 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, d: &Arc<Daemon>) -> Result<Self, Failure> {
         let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else { return Ok(Caller::Member) };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Failure(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into()))?;
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
+            Failure(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
+        })?;
         d.sessions.by_token(token.trim()).map(Caller::Session).ok_or_else(|| {
             Failure(
                 ApiErrorCode::Unauthorized,
@@ -308,4 +306,3 @@ pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Fail
         },
     }
 }
-

@@ -28,11 +28,15 @@ async fn info(d: &Daemon, s: &Session) -> Result<SessionInfo, Failure> {
     })
 }
 
-pub async fn launch(State(d): State<Arc<Daemon>>, Body(req): Body<LaunchRequest>) -> Result<Json<LaunchResponse>, Failure> {
+pub async fn launch(
+    State(d): State<Arc<Daemon>>,
+    Body(req): Body<LaunchRequest>,
+) -> Result<Json<LaunchResponse>, Failure> {
     names::validate_display(&req.name).map_err(|e| Failure::bad_request(e.to_string()))?;
     let mesh = pick_mesh(&d, req.mesh).await?;
-    let proc = process::lookup(req.pid)
-        .ok_or_else(|| Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid)))?;
+    let proc = process::lookup(req.pid).ok_or_else(|| {
+        Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid))
+    })?;
     let session = d.launch_session(mesh, req.name, proc).await.map_err(|e| match e {
         LaunchError::NameTaken { .. } => Failure(ApiErrorCode::Conflict, e.to_string()),
         other => {
