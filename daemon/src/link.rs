@@ -81,6 +81,14 @@ pub struct LinkSpec {
     pub attest: Option<Arc<dyn Fn() -> Signed + Send + Sync>>,
 }
 
+impl LinkSpec {
+    /// Only the member's link keeps the daemon's copy of the roster: every link of a mesh sees the same
+    /// roster, and a session's link going down says nothing about who else is online.
+    fn keeps_roster(&self) -> bool {
+        self.attest.is_none()
+    }
+}
+
 impl std::fmt::Debug for LinkSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkSpec")
@@ -202,15 +210,19 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
             Ok((ws, welcome)) => {
                 failures = 0;
                 tracing::info!(peers = welcome.roster.len(), "online");
-                let roster_peers = welcome.roster.clone();
-                let mesh = spec.mesh_id;
-                if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
+                if spec.keeps_roster() {
+                    let roster_peers = welcome.roster.clone();
+                    let mesh = spec.mesh_id;
+                    if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await {
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
+                    }
                 }
                 set_state(&status, LinkState::Online, None);
                 let ended = online(&daemon, &spec, ws, &handle).await;
-                let mesh = spec.mesh_id;
-                let _ = daemon.db.call(move |c| roster::mark_all_offline(c, &mesh)).await;
+                if spec.keeps_roster() {
+                    let mesh = spec.mesh_id;
+                    let _ = daemon.db.call(move |c| roster::mark_all_offline(c, &mesh)).await;
+                }
                 if handle.cancel.is_cancelled() {
                     return;
                 }
@@ -360,6 +372,7 @@ async fn read_loop(
                         return Ended { reason: format!("{}: {}", e.code.as_str(), e.message), permanent: true };
                     }
                 }
+                Ok(ServerFrame::Presence(_) | ServerFrame::Roster(_)) if !spec.keeps_roster() => {}
                 Ok(ServerFrame::Presence(p)) => {
                     let mesh = spec.mesh_id;
                     if let Err(e) = daemon.db.call(move |c| roster::upsert(c, &mesh, &p.peer)).await {

@@ -126,6 +126,31 @@ impl TestHome {
         eventually("the killed daemon to disappear", WAIT, || nix::sys::signal::kill(pid, None).is_err().then_some(()));
     }
 
+    /// Starts `mesh launch --name NAME [--mesh M]` running a command that stays up, and waits until the
+    /// session is registered. The session ends when the returned process is killed or dropped.
+    pub fn launch(&self, name: &str, mesh: Option<&str>) -> SessionProcess {
+        let file_note = self.dir.path().join(format!("launched-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file_note);
+        let mut args = vec!["launch", "--name", name];
+        if let Some(m) = mesh {
+            args.extend(["--mesh", m]);
+        }
+        let script = format!("printf '%s' \"$MESH_SESSION_FILE\" > '{}'; exec sleep 600", file_note.display());
+        args.extend(["--", "sh", "-c", &script]);
+        let mut child = self.cmd(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("mesh launch");
+        let token_file = eventually(&format!("session {name} to start"), WAIT, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("mesh launch --name {name} exited {status}: {err}\n--- daemon log\n{}", self.log_tail(30));
+            }
+            std::fs::read_to_string(&file_note).ok().filter(|s| !s.is_empty()).map(PathBuf::from)
+        });
+        SessionProcess { child, token_file, home: self.dir.path().to_owned(), bin: self.bin.clone() }
+    }
+
     /// Polls `mesh args… --json` until `check` accepts the value.
     pub fn eventually_json(
         &self,
@@ -159,6 +184,54 @@ impl Drop for TestHome {
             // Whatever `down` managed, no daemon outlives its test.
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
+    }
+}
+
+/// A process running as a session (`mesh launch … -- sleep`).
+pub struct SessionProcess {
+    child: Child,
+    /// The session's `MESH_SESSION_FILE`.
+    pub token_file: PathBuf,
+    home: PathBuf,
+    bin: PathBuf,
+}
+
+impl SessionProcess {
+    /// A `mesh` command run inside this session.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).env("MESH_HOME", &self.home).env("MESH_SESSION_FILE", &self.token_file).stdin(Stdio::null());
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().expect("running mesh");
+        assert!(
+            out.status.success(),
+            "mesh {args:?} in a session exited {:?}\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).expect("JSON")
+    }
+
+    /// Ends the session's process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SessionProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -209,16 +282,18 @@ impl BrokerProcess {
         let _ = self.child.wait();
     }
 
-    /// Kills this broker and starts a new one on the same port and database.
+    /// Kills this broker (SIGKILL) and starts a new one on the same port and database.
     pub fn restart(&mut self, bin: &str) {
         self.kill9();
-        let next = BrokerProcess::spawn(bin, &self.db, self.port);
-        let old = std::mem::replace(self, next);
-        self._dir = old.into_dir();
+        self.start_again(bin);
     }
 
-    fn into_dir(mut self) -> Option<tempfile::TempDir> {
-        self._dir.take()
+    /// Starts a broker again on this one's port and database (after [`BrokerProcess::kill9`]).
+    pub fn start_again(&mut self, bin: &str) {
+        let dir = self._dir.take();
+        let next = BrokerProcess::spawn(bin, &self.db, self.port);
+        drop(std::mem::replace(self, next));
+        self._dir = dir;
     }
 
     /// The database's bytes (main file and WAL), to check what the broker stored.

@@ -4,7 +4,9 @@
 mod flows;
 mod ipc_input;
 mod lifecycle;
+mod outbox;
 mod service;
+mod sessions;
 
 pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
 
