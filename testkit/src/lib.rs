@@ -241,24 +241,32 @@ pub struct BrokerProcess {
     pub url: String,
     pub port: u16,
     pub db: PathBuf,
+    extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl BrokerProcess {
     /// Starts a broker on a free port with a fresh database.
     pub fn start(bin: &str) -> BrokerProcess {
+        BrokerProcess::start_with(bin, &[])
+    }
+
+    /// Like [`BrokerProcess::start`], with more `mesh broker serve` options (kept across restarts).
+    pub fn start_with(bin: &str, extra: &[&str]) -> BrokerProcess {
         let dir = short_tempdir("mesh-broker-");
         let db = dir.path().join("broker.db");
-        let mut b = BrokerProcess::spawn(bin, &db, 0);
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let mut b = BrokerProcess::spawn(bin, &db, 0, &extra);
         b._dir = Some(dir);
         b
     }
 
     /// Starts a broker on `port` with the database at `db` (to restart one).
-    pub fn spawn(bin: &str, db: &Path, port: u16) -> BrokerProcess {
+    pub fn spawn(bin: &str, db: &Path, port: u16, extra: &[String]) -> BrokerProcess {
         let mut child = Command::new(bin)
             .args(["broker", "serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
             .arg(db)
+            .args(extra)
             .env("MESH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -274,7 +282,7 @@ impl BrokerProcess {
             .unwrap_or_else(|| panic!("no ws:// URL in the broker's ready line {line:?}"))
             .to_owned();
         let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the broker URL");
-        BrokerProcess { child, url, port, db: db.to_owned(), _dir: None }
+        BrokerProcess { child, url, port, db: db.to_owned(), extra: extra.to_vec(), _dir: None }
     }
 
     pub fn kill9(&mut self) {
@@ -291,7 +299,7 @@ impl BrokerProcess {
     /// Starts a broker again on this one's port and database (after [`BrokerProcess::kill9`]).
     pub fn start_again(&mut self, bin: &str) {
         let dir = self._dir.take();
-        let next = BrokerProcess::spawn(bin, &self.db, self.port);
+        let next = BrokerProcess::spawn(bin, &self.db, self.port, &self.extra);
         drop(std::mem::replace(self, next));
         self._dir = dir;
     }

@@ -242,3 +242,95 @@ pub async fn wait(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mesh_ipc::Home;
+    use mesh_proto::crypto::GroupKey;
+    use mesh_proto::wire::{Peer, PeerKind, Role};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::meshes::MeshRow;
+
+    async fn daemon() -> (tempfile::TempDir, Arc<Daemon>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::at(dir.path());
+        home.ensure_dirs().expect("dirs");
+        let db = crate::store::open(&home.daemon_db()).expect("db");
+        let member = crate::identity::create(&home, "alice").expect("identity");
+        let public = member.identity.public();
+        let mesh = MeshRow {
+            id: mesh_proto::MeshId::generate(),
+            name: "team".into(),
+            broker_url: "ws://127.0.0.1:9".into(),
+            role: Role::Owner,
+            group_key: GroupKey::generate(),
+            embedded: false,
+            joined_at: 1,
+        };
+        let me = Peer {
+            key: public.key,
+            kind: PeerKind::Member,
+            member: public.key,
+            name: "alice".into(),
+            enc_key: public.enc_key,
+            enc_sig: public.enc_sig,
+            role: Role::Owner,
+            online: true,
+            last_seen: None,
+        };
+        db.call_blocking(|c| {
+            crate::meshes::insert(c, &mesh)?;
+            roster::upsert(c, &mesh.id, &me)
+        })
+        .expect("seed");
+        (dir, Arc::new(Daemon::new(home, db, member, CancellationToken::new(), TaskTracker::new())))
+    }
+
+    fn req(cmid: &str, to: &str, body: &str, mesh: Option<&str>) -> SendRequest {
+        SendRequest { client_message_id: cmid.into(), to: to.into(), body: body.into(), mesh: mesh.map(str::to_owned) }
+    }
+
+    /// Every stored state × a resend with the same or a different request.
+    #[tokio::test]
+    async fn resends_are_answered_from_the_row_in_every_state_and_changed_requests_conflict() {
+        let (_dir, d) = daemon().await;
+        for status in ["pending", "inflight", "done", "dead", "aborted"] {
+            let cmid = format!("key-{status}");
+            let first = accept(&d, &Caller::Member, req(&cmid, "alice", "hello", None)).await.expect("accepted").0;
+            assert!(!first.duplicate);
+            let id = first.outbox_id;
+            d.db.call_blocking(|c| c.execute("UPDATE outbox SET status = ?2 WHERE id = ?1", rusqlite::params![id, status]))
+                .expect("set state");
+
+            let same = accept(&d, &Caller::Member, req(&cmid, "alice", "hello", None)).await.expect("same request").0;
+            assert!(same.duplicate, "{status}");
+            assert_eq!((same.outbox_id, same.status.as_str()), (id, status), "answered from the stored row");
+
+            for changed in [
+                req(&cmid, "alice", "another body", None),
+                req(&cmid, "*", "hello", None),
+                req(&cmid, "alice", "hello", Some("team")),
+            ] {
+                let err = accept(&d, &Caller::Member, changed).await.expect_err("a changed request must conflict");
+                assert_eq!(err.0, ApiErrorCode::Conflict, "{status}: {}", err.1);
+                assert!(err.1.contains("already used for a different message"));
+            }
+        }
+        let count: i64 = d.db.call_blocking(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))).expect("count");
+        assert_eq!(count, 5, "no resend added a row");
+    }
+
+    #[tokio::test]
+    async fn the_idempotency_check_comes_before_target_resolution() {
+        let (_dir, d) = daemon().await;
+        accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("accepted");
+        d.db.call_blocking(|c| c.execute("DELETE FROM peers", [])).expect("forget the roster");
+        let again = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("still answered").0;
+        assert!(again.duplicate);
+        let fresh = accept(&d, &Caller::Member, req("k2", "alice", "hi", None)).await.expect_err("unknown now");
+        assert_eq!(fresh.0, ApiErrorCode::UnknownTarget);
+    }
+}
