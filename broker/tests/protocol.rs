@@ -385,3 +385,40 @@ async fn rate_limit_is_typed_transient_and_never_refuses_a_duplicate() {
     }
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_that_expires_undelivered_gets_an_expired_receipt() {
+    let config = BrokerConfig { janitor_interval: std::time::Duration::from_millis(50), ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let TwoMembers { mesh, a, b, mut ca, cb } = two_members(&broker).await;
+    drop(cb);
+    let send = mesh_proto::wire::SendMessage { ttl_ms: Some(1), ..dm(&a, mesh, &b, 1, "short-lived", "gone soon") };
+    ca.send(&ClientFrame::Send(send)).await;
+    let accepted = loop {
+        if let ServerFrame::Accepted(x) = ca.recv_non_presence().await {
+            break x;
+        }
+    };
+    let receipt = loop {
+        if let ServerFrame::Deliver(d) = ca.recv_non_presence().await {
+            break d;
+        }
+    };
+    match receipt.item {
+        DeliveryItem::Receipt(r) => {
+            assert_eq!((r.kind, r.recipient, r.message_id), (ReceiptKind::Expired, b.key(), accepted.message_id));
+        }
+        other => panic!("expected an expired receipt, got {other:?}"),
+    }
+    // The message left bob's queue: it will not be delivered late.
+    let db = rusqlite::Connection::open(&broker.db_path).expect("open broker db");
+    let queued: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM queue WHERE recipient = ?1 AND message_seq IS NOT NULL",
+            [b.key().to_string()],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(queued, 0);
+    broker.stop().await;
+}

@@ -535,6 +535,25 @@ mod tests {
     }
 
     #[test]
+    fn an_inflight_row_whose_lease_runs_out_is_pending_again_and_start_up_recovers_all() {
+        let (_dir, db) = db();
+        let (me, bob) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId([7; 16]);
+        db.call_blocking(|c| {
+            let a = insert(c, &dm_row("a", &me, &bob.key()), 0)?.expect("inserted");
+            claim(c, &mesh, &me.key(), 10, 0)?;
+            assert_eq!(expire_leases(c, LEASE_MS - 1)?, 0, "the lease still holds");
+            assert_eq!(expire_leases(c, LEASE_MS)?, 1);
+            assert_eq!(entry(c, a)?.expect("row").status, OutboxStatus::Pending);
+            claim(c, &mesh, &me.key(), 10, LEASE_MS)?;
+            assert_eq!(recover_inflight(c)?, 1);
+            assert_eq!(entry(c, a)?.expect("row").status, OutboxStatus::Pending);
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
     fn expired_rows_die_instead_of_being_sent() {
         let (_dir, db) = db();
         let (me, bob) = (Identity::generate(), Identity::generate());

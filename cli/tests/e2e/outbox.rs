@@ -10,10 +10,14 @@ use super::*;
 
 /// Waits until `home`'s inbox holds every body of `expected`, then checks each is there exactly once.
 fn all_exactly_once(home: &TestHome, expected: &[String]) {
-    let inbox = home.eventually_json(&format!("{} messages in the inbox", expected.len()), &["inbox", "--limit", "10000"], |v| {
-        let have = ready_bodies(v);
-        expected.iter().all(|e| have.contains(e))
-    });
+    let inbox = home.eventually_json(
+        &format!("{} messages in the inbox", expected.len()),
+        &["inbox", "--limit", "10000"],
+        |v| {
+            let have = ready_bodies(v);
+            expected.iter().all(|e| have.contains(e))
+        },
+    );
     let mut counts: HashMap<String, usize> = HashMap::new();
     for b in ready_bodies(&inbox) {
         *counts.entry(b).or_default() += 1;
@@ -68,7 +72,9 @@ fn sends_are_accepted_while_the_broker_is_unreachable_and_drain_when_it_returns(
     let status = alice.eventually_json("alice's link offline", &["daemon", "status"], |v| {
         v["meshes"][0]["connection"]["state"] != "online"
     });
-    assert!(status["outbox"]["pending"].as_u64().unwrap_or(0) + status["outbox"]["inflight"].as_u64().unwrap_or(0) >= 1);
+    assert!(
+        status["outbox"]["pending"].as_u64().unwrap_or(0) + status["outbox"]["inflight"].as_u64().unwrap_or(0) >= 1
+    );
     broker.start_again(MESH);
     all_exactly_once(&bob, &bodies);
 }

@@ -60,7 +60,10 @@ fn a_session_sends_with_its_own_key_and_reads_only_its_own_messages() {
     let worker_inbox = worker_eventually(&worker, "reply to the worker");
     assert!(!inbox_of(&worker_inbox).iter().any(|(b, _)| b == "reply to alice"), "a session saw the member's message");
     wait_for_message(&alice, "reply to alice");
-    assert!(!ready_bodies(&alice.json(&["inbox"])).iter().any(|b| b == "reply to the worker"), "the member saw a session's message");
+    assert!(
+        !ready_bodies(&alice.json(&["inbox"])).iter().any(|b| b == "reply to the worker"),
+        "the member saw a session's message"
+    );
 
     // Each sees only its own outbox.
     let worker_outbox = worker.json(&["outbox"]);
@@ -96,7 +99,14 @@ fn a_session_row_waits_for_the_session_s_own_socket_and_never_falls_back_to_the_
     wait_for_message(&bob, "the member's link works");
     // The member's connection drained its own row and left the session's alone.
     assert!(!ready_bodies(&bob.json(&["inbox"])).iter().any(|b| b == "written while the broker was down"));
-    let row = alice.json(&["outbox"]).as_array().expect("array").iter().find(|r| r["session"] == "worker").cloned().expect("row");
+    let row = alice
+        .json(&["outbox"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["session"] == "worker")
+        .cloned()
+        .expect("row");
     assert_eq!(row["status"], "pending", "{row}");
 
     let _worker = alice.launch("worker", Some("team"));

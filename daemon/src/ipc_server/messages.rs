@@ -302,8 +302,10 @@ mod tests {
             let first = accept(&d, &Caller::Member, req(&cmid, "alice", "hello", None)).await.expect("accepted").0;
             assert!(!first.duplicate);
             let id = first.outbox_id;
-            d.db.call_blocking(|c| c.execute("UPDATE outbox SET status = ?2 WHERE id = ?1", rusqlite::params![id, status]))
-                .expect("set state");
+            d.db.call_blocking(|c| {
+                c.execute("UPDATE outbox SET status = ?2 WHERE id = ?1", rusqlite::params![id, status])
+            })
+            .expect("set state");
 
             let same = accept(&d, &Caller::Member, req(&cmid, "alice", "hello", None)).await.expect("same request").0;
             assert!(same.duplicate, "{status}");
@@ -319,7 +321,8 @@ mod tests {
                 assert!(err.1.contains("already used for a different message"));
             }
         }
-        let count: i64 = d.db.call_blocking(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))).expect("count");
+        let count: i64 =
+            d.db.call_blocking(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))).expect("count");
         assert_eq!(count, 5, "no resend added a row");
     }
 
