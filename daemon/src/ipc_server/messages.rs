@@ -329,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn the_idempotency_check_comes_before_target_resolution() {
         let (_dir, d) = daemon().await;
-        accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("accepted");
+        let _first = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("accepted");
         d.db.call_blocking(|c| c.execute("DELETE FROM peers", [])).expect("forget the roster");
         let again = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("still answered").0;
         assert!(again.duplicate);
