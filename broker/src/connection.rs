@@ -30,6 +30,8 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
+/// How long a closing connection's writer may take to flush before it is dropped.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
     let _task = shared.tracker.token();
@@ -64,7 +66,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
                 drop(out_tx);
             }
         }
-        let _ = writer.await;
+        // A peer that stopped reading can keep the writer in a socket write: give it a moment, then drop it.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+            abort.abort();
+        }
     }
     .instrument(tracing::info_span!("conn", id = conn_id))
     .await
@@ -253,8 +259,12 @@ impl Connection {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
             self.announce(false);
         }
-        if let Err(e) = self.shared.store.release(mesh, key, self.conn_id).await {
-            tracing::warn!(error = %mesh_proto::error::chain(&e), "releasing leases; they will expire on their own");
+        match self.shared.store.release(mesh, key, self.conn_id).await {
+            // A newer connection of this key may be waiting for exactly these items.
+            Ok(()) => self.shared.hub.wake(mesh, &key),
+            Err(e) => {
+                tracing::warn!(error = %mesh_proto::error::chain(&e), "releasing leases; they will expire on their own")
+            }
         }
         tracing::info!("connection closed");
     }
@@ -274,7 +284,7 @@ impl Connection {
             let next = tokio::select! {
                 next = tokio::time::timeout(self.shared.config.idle_timeout, stream.next()) => next,
                 () = kicked.cancelled() => {
-                    let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "superseded".into() }).await;
+                    let _ = self.out.try_send(Outbound::Close { code: CLOSE_POLICY, reason: "superseded".into() });
                     return;
                 }
                 () = self.shared.shutdown.cancelled() => {
@@ -286,7 +296,7 @@ impl Connection {
             let msg = match next {
                 Err(_) => {
                     tracing::info!("closing an idle connection");
-                    let _ = self.out.send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "idle".into() }).await;
+                    let _ = self.out.try_send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "idle".into() });
                     return;
                 }
                 Ok(None) => return,
@@ -326,15 +336,24 @@ impl Connection {
     /// Handles one text frame; false when the connection should end.
     async fn handle_text(&self, text: &str, acked: &mpsc::UnboundedSender<Vec<u64>>) -> bool {
         if text.len() > self.shared.config.max_frame_bytes {
+            // Answer with the request's id, so the sender can settle that request.
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                id: Option<u64>,
+            }
+            let id = serde_json::from_str::<IdOnly>(text).ok().and_then(|h| h.id);
             return self
-                .send_error(ErrorFrame::new(
-                    ErrorCode::FrameTooLarge,
-                    format!(
-                        "frame of {} bytes exceeds max_frame_bytes {}",
-                        text.len(),
-                        self.shared.config.max_frame_bytes
-                    ),
-                ))
+                .send_error(
+                    ErrorFrame::new(
+                        ErrorCode::FrameTooLarge,
+                        format!(
+                            "frame of {} bytes exceeds max_frame_bytes {}",
+                            text.len(),
+                            self.shared.config.max_frame_bytes
+                        ),
+                    )
+                    .with_id(id),
+                )
                 .await;
         }
         match wire::decode_client(text) {
@@ -515,8 +534,10 @@ async fn deliver_loop(
                     for item in items {
                         inflight.insert(item.delivery_id, now + lease_ms);
                         let frame = wire::deliver_frame_json(item.delivery_id, &item.item_json);
-                        if out.send(Outbound::Text(frame)).await.is_err() {
-                            return;
+                        // A peer that stops reading fills the buffer; stopping must not wait for it.
+                        tokio::select! {
+                            sent = out.send(Outbound::Text(frame)) => if sent.is_err() { return },
+                            () = stop.cancelled() => return,
                         }
                     }
                 }
@@ -526,8 +547,24 @@ async fn deliver_loop(
                 }
             }
         }
-        let next_expiry =
-            inflight.values().min().map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
+        // Leases held by a connection that is gone (or by another one) run out on their own: wake then.
+        let foreign = if inflight.len() < window {
+            shared
+                .store
+                .next_lease_expiry(mesh, key, now_ms())
+                .await
+                .ok()
+                .flatten()
+                .filter(|t| !inflight.values().any(|u| u == t))
+        } else {
+            None
+        };
+        let next_expiry = inflight
+            .values()
+            .copied()
+            .chain(foreign)
+            .min()
+            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
         let deadline = match (next_expiry, retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

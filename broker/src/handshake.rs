@@ -200,7 +200,13 @@ async fn connect_session(
     if att.session != claims.key || att.mesh_id != claims.mesh_id || att.name != claims.name {
         return Err(refuse(ErrorCode::AttestationInvalid, "attestation is for another session, mesh or name"));
     }
-    if att.expires_at <= now || att.expires_at.saturating_sub(att.issued_at) > MAX_ATTESTATION_MS {
+    // Clocks differ a little; an attestation from the future, or valid past 24 h from now, is not accepted.
+    let skew = 5 * 60 * 1000;
+    if att.expires_at <= now
+        || att.expires_at.saturating_sub(att.issued_at) > MAX_ATTESTATION_MS
+        || att.issued_at > now + skew
+        || att.expires_at > now + MAX_ATTESTATION_MS + skew
+    {
         return Err(refuse(ErrorCode::AttestationExpired, "attestation expired or longer than 24 h; re-mint it"));
     }
     let mesh = load_mesh(store, claims.mesh_id).await?;

@@ -302,8 +302,12 @@ async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_surviv
     assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id, Some(9));
     c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await.expect("send binary");
     expect_error(c.recv_non_presence().await, ErrorCode::BadFrame);
-    c.send_text(&format!(r#"{{"type":"ack","delivery_ids":[],"pad":"{}"}}"#, "x".repeat(5000))).await;
-    expect_error(c.recv_non_presence().await, ErrorCode::FrameTooLarge);
+    c.send_text(&format!(r#"{{"type":"roster","id":11,"pad":"{}"}}"#, "x".repeat(5000))).await;
+    assert_eq!(
+        expect_error(c.recv_non_presence().await, ErrorCode::FrameTooLarge).id,
+        Some(11),
+        "answered with its id"
+    );
     let hello = hello_frame(&c.challenge.clone(), &t.a, t.mesh, "alice", Intent::Connect);
     c.send(&hello).await;
     expect_error(c.recv_non_presence().await, ErrorCode::AlreadyAuthenticated);
@@ -420,5 +424,24 @@ async fn a_message_that_expires_undelivered_gets_an_expired_receipt() {
         )
         .expect("count");
     assert_eq!(queued, 0);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_leased_by_a_superseded_connection_goes_to_the_new_one_at_once() {
+    // The default 30 s lease is longer than the test's wait: only the release wake-up can pass it.
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut t = two_members(&broker).await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "not acked"))).await;
+    let first = match t.cb.recv_non_presence().await {
+        ServerFrame::Deliver(d) => d.delivery_id,
+        other => panic!("{other:?}"),
+    };
+    let mut again = Client::connect(&broker).await;
+    assert!(matches!(again.hello(&t.b, t.mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
+    match again.recv_non_presence().await {
+        ServerFrame::Deliver(d) => assert_eq!(d.delivery_id, first),
+        other => panic!("{other:?}"),
+    }
     broker.stop().await;
 }

@@ -37,7 +37,7 @@ pub struct Daemon {
     pub started_at: u64,
     pub embedded_broker: Mutex<Option<String>>,
     pub sessions: SessionRegistry,
-    pub outbox_changes: Arc<outbox::Changes>,
+    pub changed: Arc<crate::events::Changed>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
     group_keys: Mutex<HashMap<MeshId, GroupKey>>,
 }
@@ -54,7 +54,7 @@ impl Daemon {
             started_at: now_ms(),
             embedded_broker: Mutex::new(None),
             sessions: SessionRegistry::default(),
-            outbox_changes: outbox::Changes::new(),
+            changed: crate::events::Changed::new(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
         }
@@ -206,12 +206,12 @@ impl Daemon {
     }
 
     /// Tells outbox waiters to look again.
-    pub fn outbox_changed(&self) {
-        self.outbox_changes.bump();
+    pub fn notify_changed(&self) {
+        self.changed.bump();
     }
 
-    pub fn subscribe_outbox(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.outbox_changes.subscribe()
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Tells the drain of (mesh, sender) that it has new rows.

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_ipc::api::OutboxStatus;
 use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, SendMessage};
 use mesh_proto::{MeshId, PublicKey};
 use tokio::sync::{Notify, mpsc};
@@ -30,7 +31,7 @@ pub enum Reply {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     db: Db,
-    changes: Arc<outbox::Changes>,
+    changes: Arc<crate::events::Changed>,
     mesh: MeshId,
     sender: PublicKey,
     out: mpsc::Sender<String>,
@@ -119,13 +120,19 @@ async fn record(db: &Db, inflight: &mut HashMap<u64, i64>, replies: Vec<Reply>) 
             let tx = c.transaction()?;
             for (row, reply) in updates {
                 match reply {
-                    Reply::Accepted(a) => outbox::mark_done(&tx, row, &a.message_id, a.recipients)?,
+                    Reply::Accepted(a) => {
+                        outbox::mark_done(&tx, row, &a.message_id, a.recipients)?;
+                        outbox::emit_state(&tx, row, now)?;
+                    }
                     Reply::Error(e) => {
                         // Being told to slow down is not a failed attempt: it never uses up the cap.
                         let counts = e.code != ErrorCode::RateLimited;
                         let status =
                             outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, counts, now)?;
                         tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
+                        if status == OutboxStatus::Dead {
+                            outbox::emit_state(&tx, row, now)?;
+                        }
                     }
                 }
             }
@@ -200,7 +207,7 @@ mod tests {
             let (mesh, me) = (MeshId([9; 16]), Identity::generate());
             let task = tokio::spawn(run(
                 db.clone(),
-                outbox::Changes::new(),
+                crate::events::Changed::new(),
                 mesh,
                 me.key(),
                 out_tx,

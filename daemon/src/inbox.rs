@@ -6,12 +6,15 @@
 //! parse or decrypt error. Rows are per recipient key and deduped on (recipient, message id) and on
 //! (recipient, sender, client_message_id).
 
-use mesh_ipc::api::{InboxCounts, InboxMessage, InboxQuery, InboxStatus, TargetKind};
+use mesh_broker::sqlite::parse_col;
+use mesh_ipc::api::{EventBody, InboxCounts, InboxMessage, InboxQuery, InboxStatus, TargetKind};
 use mesh_proto::wire::{DeliveryItem, Envelope, ServerFrame};
 use mesh_proto::{MeshId, PublicKey, Target, message};
 use rusqlite::{Connection, Row, params};
 
+use crate::clock::now_ms;
 use crate::daemon::Daemon;
+use crate::events;
 
 /// Commits a delivered envelope for `recipient`; false when it was already there (a redelivery).
 pub fn accept(conn: &Connection, recipient: &PublicKey, env: &Envelope, raw: &str, now: u64) -> rusqlite::Result<bool> {
@@ -63,7 +66,7 @@ fn to_process(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, Str
     stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect()
 }
 
-fn file_result(conn: &Connection, id: i64, result: Result<String, String>) -> rusqlite::Result<()> {
+fn file_result(conn: &Connection, id: i64, result: Result<String, String>, now: u64) -> rusqlite::Result<()> {
     match result {
         Ok(body) => conn.execute(
             "UPDATE inbox SET status = 'ready', body = ?2, last_error = NULL, attempts = attempts + 1 WHERE id = ?1",
@@ -74,7 +77,21 @@ fn file_result(conn: &Connection, id: i64, result: Result<String, String>) -> ru
             params![id, reason],
         )?,
     };
+    let (mesh, recipient): (String, String) =
+        conn.query_row("SELECT mesh_id, recipient FROM inbox WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let message = get(conn, id)?;
+    let (mesh, recipient): (MeshId, PublicKey) = (parse_col(mesh)?, parse_col(recipient)?);
+    events::append(conn, Some(&mesh), Some(&recipient), &EventBody::Message(message), now)?;
     Ok(())
+}
+
+/// One row as the API shows it.
+pub fn get(conn: &Connection, id: i64) -> rusqlite::Result<InboxMessage> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM inbox i LEFT JOIN meshes m ON m.id = i.mesh_id WHERE i.id = ?1"),
+        [id],
+        message_from_row,
+    )
 }
 
 /// Verifies and decrypts one raw row.
@@ -117,8 +134,9 @@ pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
                     .db
                     .call(move |c| {
                         let tx = c.transaction()?;
+                        let now = now_ms();
                         for (id, r) in results {
-                            file_result(&tx, id, r)?;
+                            file_result(&tx, id, r, now)?;
                         }
                         tx.commit()
                     })

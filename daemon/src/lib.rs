@@ -9,6 +9,7 @@ pub mod clock;
 pub mod daemon;
 pub mod drain;
 pub mod embedded;
+pub mod events;
 pub mod identity;
 pub mod inbox;
 pub mod ipc_server;

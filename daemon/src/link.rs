@@ -300,7 +300,7 @@ async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHand
     let drain = daemon.tracker.spawn(
         drain::run(
             daemon.db.clone(),
-            daemon.outbox_changes.clone(),
+            daemon.changed.clone(),
             spec.mesh_id,
             spec.identity.key(),
             out_tx.clone(),
@@ -399,7 +399,7 @@ async fn read_loop(
             match intake(daemon, spec, deliveries).await {
                 Ok(ids) => {
                     daemon.inbox_wake.notify_one();
-                    daemon.outbox_changed();
+                    daemon.notify_changed();
                     let ack = ClientFrame::Ack(Ack { delivery_ids: ids }).to_json();
                     if out.send(ack).await.is_err() {
                         return Ended::transient("writer stopped");
@@ -441,7 +441,7 @@ async fn intake(
                     Ok(DeliveryItem::Message(env)) => {
                         inbox::accept(&tx, &recipient, &env, &raw, now)?;
                     }
-                    Ok(DeliveryItem::Receipt(r)) => outbox::apply_receipt(&tx, &r)?,
+                    Ok(DeliveryItem::Receipt(r)) => outbox::apply_receipt(&tx, &r, now)?,
                     Err(detail) => inbox::accept_unparsable(&tx, &mesh, &recipient, id, &raw, &detail, now)?,
                 }
                 ids.push(id);

@@ -6,11 +6,16 @@
 //! target, nonce, ciphertext, signature) for its whole life, so a retry sends exactly the same message.
 
 use mesh_broker::sqlite::parse_col;
-use mesh_ipc::api::{OutboxCounts, OutboxEntry, OutboxQuery, OutboxStatus, TargetInfo, TargetKind};
+use mesh_ipc::api::{
+    EventBody, OutboxCounts, OutboxEntry, OutboxEvent, OutboxQuery, OutboxStatus, ReceiptEvent, ReceiptKindName,
+    TargetInfo, TargetKind,
+};
 use mesh_proto::wire::{Receipt, ReceiptKind};
 use mesh_proto::{MeshId, PublicKey, Sig, Target};
 use rand::Rng;
 use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::events;
 
 /// Attempts before a row is dead.
 pub const MAX_ATTEMPTS: u32 = 25;
@@ -298,24 +303,6 @@ pub fn expire_leases(conn: &Connection, now: u64) -> rusqlite::Result<usize> {
     )
 }
 
-/// A hint that outbox rows changed (state, receipts), for waiters that then re-read SQLite.
-#[derive(Debug)]
-pub struct Changes(tokio::sync::watch::Sender<u64>);
-
-impl Changes {
-    pub fn new() -> std::sync::Arc<Changes> {
-        std::sync::Arc::new(Changes(tokio::sync::watch::channel(0).0))
-    }
-
-    pub fn bump(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.0.subscribe()
-    }
-}
-
 /// Which connection a row goes out on: its mesh and sender key.
 pub fn route_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<(MeshId, PublicKey)>> {
     conn.query_row("SELECT mesh_id, sender FROM outbox WHERE id = ?1", [id], |r| {
@@ -391,27 +378,81 @@ pub fn next_due(conn: &Connection, mesh: &MeshId, sender: &PublicKey) -> rusqlit
     Ok(t.map(|t| t as u64))
 }
 
-/// Records a receipt on the row it is about; receipts for unknown messages are ignored. Rows are
-/// matched on `client_message_id`, unique in this outbox, because a receipt can be read before the
-/// broker's `accepted` (which carries the message id) has been recorded.
-pub fn apply_receipt(conn: &Connection, receipt: &Receipt) -> rusqlite::Result<()> {
-    let at = receipt.at as i64;
+/// Records a receipt on the row it is about, once per (message, kind, recipient): a receipt the broker
+/// delivers again is recognised and changes nothing. Appends a `receipt` event for the row's sender.
+/// Receipts for unknown messages are ignored. Rows are matched on `client_message_id`, unique in this
+/// outbox, because a receipt can be read before the broker's `accepted` has been recorded.
+pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite::Result<()> {
+    let kind = match receipt.kind {
+        ReceiptKind::Delivered => ReceiptKindName::Delivered,
+        ReceiptKind::Read => ReceiptKindName::Read,
+        ReceiptKind::Expired => ReceiptKindName::Expired,
+    };
+    let kind_str = match kind {
+        ReceiptKindName::Delivered => "delivered",
+        ReceiptKindName::Read => "read",
+        ReceiptKindName::Expired => "expired",
+    };
     let cmid = &receipt.client_message_id;
+    let row: Option<(i64, String, String)> = conn
+        .query_row("SELECT id, mesh_id, sender FROM outbox WHERE client_message_id = ?1", [cmid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let Some((id, mesh, sender)) = row else { return Ok(()) };
+    let new = conn.execute(
+        "INSERT OR IGNORE INTO receipts (client_message_id, kind, recipient, at) VALUES (?1, ?2, ?3, ?4)",
+        params![cmid, kind_str, receipt.recipient.to_string(), receipt.at as i64],
+    )?;
+    if new == 0 {
+        return Ok(());
+    }
+    let at = receipt.at as i64;
     match receipt.kind {
         ReceiptKind::Delivered => conn.execute(
-            "UPDATE outbox SET delivered_at = COALESCE(delivered_at, ?2), delivered_count = delivered_count + 1
-             WHERE client_message_id = ?1",
-            params![cmid, at],
+            "UPDATE outbox SET delivered_at = COALESCE(delivered_at, ?2), delivered_count = delivered_count + 1 WHERE id = ?1",
+            params![id, at],
         )?,
-        ReceiptKind::Read => conn.execute(
-            "UPDATE outbox SET read_at = COALESCE(read_at, ?2) WHERE client_message_id = ?1",
-            params![cmid, at],
-        )?,
+        ReceiptKind::Read => conn.execute("UPDATE outbox SET read_at = COALESCE(read_at, ?2) WHERE id = ?1", params![id, at])?,
         ReceiptKind::Expired => conn.execute(
-            "UPDATE outbox SET last_error = ?2 WHERE client_message_id = ?1",
-            params![cmid, format!("expired undelivered for {}", receipt.recipient)],
+            "UPDATE outbox SET last_error = ?2 WHERE id = ?1",
+            params![id, format!("expired undelivered for {}", receipt.recipient)],
         )?,
     };
+    let event = EventBody::Receipt(ReceiptEvent {
+        outbox_id: id,
+        client_message_id: cmid.clone(),
+        message_id: receipt.message_id.clone(),
+        kind,
+        recipient: receipt.recipient.to_string(),
+        at: receipt.at,
+    });
+    let mesh: MeshId = parse_col(mesh)?;
+    let sender: PublicKey = parse_col(sender)?;
+    events::append(conn, Some(&mesh), Some(&sender), &event, now)?;
+    Ok(())
+}
+
+/// Appends an `outbox` event with the row's current state, for its sender.
+pub fn emit_state(conn: &Connection, id: i64, now: u64) -> rusqlite::Result<()> {
+    let row: Option<(String, String, String, String, Option<String>, Option<String>)> = conn
+        .query_row(
+            "SELECT mesh_id, sender, client_message_id, status, last_error, message_id FROM outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()?;
+    let Some((mesh, sender, client_message_id, status, last_error, message_id)) = row else { return Ok(()) };
+    let event = EventBody::Outbox(OutboxEvent {
+        id,
+        client_message_id,
+        status: OutboxStatus::parse(&status).unwrap_or(OutboxStatus::Pending),
+        last_error,
+        message_id,
+    });
+    let mesh: MeshId = parse_col(mesh)?;
+    let sender: PublicKey = parse_col(sender)?;
+    events::append(conn, Some(&mesh), Some(&sender), &event, now)?;
     Ok(())
 }
 

@@ -105,6 +105,25 @@ CREATE TABLE sessions (
     UNIQUE (mesh_id, name)
 );
 "#,
+    r#"
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    mesh_id TEXT,
+    audience TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX events_by_audience ON events(audience, id);
+CREATE INDEX events_by_time ON events(at);
+CREATE TABLE receipts (
+    client_message_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (client_message_id, kind, recipient)
+);
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

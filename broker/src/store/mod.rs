@@ -157,8 +157,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<PublicKey>, StoreError>;
     /// Frees the leases a closed connection held.
     async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError>;
-    /// The earliest time a lease of `recipient` runs out, to schedule redelivery.
-    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey) -> Result<Option<u64>, StoreError>;
+    /// The earliest time after `now` a lease of `recipient` runs out (on an item not yet expired), to
+    /// schedule redelivery of items leased by connections that are gone.
+    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey, now: u64) -> Result<Option<u64>, StoreError>;
     /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
     /// idempotency records past retention.
     async fn expire(&self, now: u64) -> Result<Expired, StoreError>;

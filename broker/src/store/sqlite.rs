@@ -85,8 +85,18 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Opens the store. A SQLite store belongs to one broker process, so no connection of a previous
+    /// process can still hold a lease: they are all released here, and queued items go out as soon
+    /// as their recipients connect.
     pub fn open(path: &Path) -> Result<SqliteStore, DbError> {
-        Ok(SqliteStore { db: Db::open(path, MIGRATIONS)? })
+        let db = Db::open(path, MIGRATIONS)?;
+        let released = db.call_blocking(|c| {
+            c.execute("UPDATE queue SET lease_until = NULL, lease_conn = NULL WHERE lease_until IS NOT NULL", [])
+        })?;
+        if released > 0 {
+            tracing::info!(released, "released the leases of the previous broker process");
+        }
+        Ok(SqliteStore { db })
     }
 
     pub fn db(&self) -> &Db {
@@ -528,13 +538,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey) -> Result<Option<u64>, StoreError> {
+    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey, now: u64) -> Result<Option<u64>, StoreError> {
         Ok(self
             .db
             .call(move |c| {
                 c.query_row(
-                    "SELECT MIN(lease_until) FROM queue WHERE mesh_id = ?1 AND recipient = ?2 AND lease_until IS NOT NULL",
-                    params![mesh.to_string(), recipient.to_string()],
+                    "SELECT MIN(lease_until) FROM queue
+                     WHERE mesh_id = ?1 AND recipient = ?2 AND lease_until > ?3 AND expires_at > ?3",
+                    params![mesh.to_string(), recipient.to_string(), now as i64],
                     |r| r.get::<_, Option<i64>>(0),
                 )
             })
@@ -584,5 +595,60 @@ impl Store for SqliteStore {
         expires_at: u64,
     ) -> Result<(), StoreError> {
         self.write(move |tx| Ok(queue_receipt(tx, &mesh.to_string(), &to.to_string(), &receipt, expires_at)?)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_proto::wire::{PeerKind, Role};
+    use mesh_proto::{Identity, MeshId, Target};
+
+    use super::*;
+
+    fn peer(id: &Identity, role: Role) -> PeerRecord {
+        let p = id.public();
+        PeerRecord {
+            key: p.key,
+            kind: PeerKind::Member,
+            member: p.key,
+            name: "x".into(),
+            enc_key: p.enc_key,
+            enc_sig: p.enc_sig,
+            role,
+            joined_at: 1,
+            last_seen: None,
+            revoked: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn leases_of_a_previous_process_are_released_when_the_store_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId::generate();
+        {
+            let store = SqliteStore::open(&path).expect("open");
+            let record = MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1 };
+            store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
+            store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
+            let msg = NewMessage {
+                mesh_id: mesh,
+                sender: a.key(),
+                client_message_id: "c".into(),
+                fingerprint: [0; 32],
+                target: Target::Key(b.key()),
+                message_id: "m1".into(),
+                item_json: "{}".into(),
+                created_at: 1,
+                expires_at: u64::MAX / 2,
+            };
+            store.enqueue(msg).await.expect("enqueue");
+            let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
+            assert_eq!(leased.len(), 1);
+            assert!(store.lease(mesh, b.key(), 2, 10, 3, 60_000).await.expect("lease").is_empty(), "held");
+        }
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.lease(mesh, b.key(), 3, 10, 4, 60_000).await.expect("lease").len(), 1, "released on open");
     }
 }

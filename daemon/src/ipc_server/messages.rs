@@ -187,7 +187,7 @@ pub async fn retry(
     transition_answer(id, t, "retried", "dead or aborted")?;
     let entry = entry_of(&d, id).await?;
     tracing::info!(row = id, "outbox row retried by the user");
-    d.outbox_changed();
+    d.notify_changed();
     if let Some((mesh, sender)) = d.db.call(move |c| outbox::route_of(c, id)).await? {
         d.wake_drain(&mesh, &sender);
     }
@@ -203,7 +203,7 @@ pub async fn abort(
     let t = d.db.call(move |c| outbox::abort(c, id, scope.as_ref())).await?;
     transition_answer(id, t, "aborted", "pending")?;
     tracing::info!(row = id, "outbox row aborted by the user");
-    d.outbox_changed();
+    d.notify_changed();
     entry_of(&d, id).await
 }
 
@@ -218,7 +218,7 @@ pub async fn wait(
     let timeout = q.timeout_ms.map_or(DEFAULT_WAIT, Duration::from_millis).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + timeout;
     let scope = caller.scope();
-    let mut changed = d.subscribe_outbox();
+    let mut changed = d.subscribe();
     loop {
         changed.borrow_and_update();
         let entry =
