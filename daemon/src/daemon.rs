@@ -146,8 +146,8 @@ impl Daemon {
     /// Ends a session's live launch: its token stops working and its broker link closes (its queued
     /// messages wait at the broker for its next launch).
     pub async fn end_session(&self, s: &Session) {
-        let id = s.id;
-        match self.db.call(move |c| sessions::end(c, id, now_ms())).await {
+        let launch = s.clone();
+        match self.db.call(move |c| sessions::end(c, &launch, now_ms())).await {
             Ok(Some(ended)) => {
                 tracing::info!(session = %ended.name, "session ended");
                 self.stop_link(&ended.mesh_id, &ended.key());

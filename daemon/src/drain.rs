@@ -11,6 +11,7 @@ use mesh_ipc::api::OutboxStatus;
 use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, SendMessage};
 use mesh_proto::{MeshId, PublicKey};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
@@ -28,81 +29,154 @@ pub enum Reply {
     Error(ErrorFrame),
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    db: Db,
-    changes: Arc<crate::events::Changed>,
-    mesh: MeshId,
-    sender: PublicKey,
-    out: mpsc::Sender<String>,
-    mut replies: mpsc::UnboundedReceiver<Reply>,
-    wake: Arc<Notify>,
-    stop: CancellationToken,
-) {
-    let mut inflight: HashMap<u64, i64> = HashMap::new();
-    let mut next_request: u64 = 1;
-    loop {
-        let mut due = None;
-        if inflight.len() < WINDOW {
-            let room = WINDOW - inflight.len();
-            let claimed = db.call(move |c| outbox::claim(c, &mesh, &sender, room, now_ms())).await;
-            match claimed {
-                Ok(rows) => {
-                    for row in rows {
-                        let id = next_request;
-                        next_request += 1;
-                        let frame = ClientFrame::Send(SendMessage {
-                            id,
-                            client_message_id: row.client_message_id,
-                            to: row.target,
-                            nonce: row.nonce,
-                            ciphertext: row.ciphertext,
-                            sig: row.sig,
-                            ttl_ms: Some(row.expires_at.saturating_sub(now_ms()).max(1)),
-                        });
-                        inflight.insert(id, row.id);
-                        if out.send(frame.to_json()).await.is_err() {
-                            break;
+/// One link's drain: which connection it serves and how large a frame its broker accepts.
+pub struct Drain {
+    pub db: Db,
+    pub changed: Arc<crate::events::Changed>,
+    pub mesh: MeshId,
+    pub sender: PublicKey,
+    /// From the broker's `welcome`: a send larger than this can never be accepted.
+    pub max_frame_bytes: usize,
+}
+
+/// The drain's side of the link.
+pub struct Channels {
+    pub out: mpsc::Sender<String>,
+    pub replies: mpsc::UnboundedReceiver<Reply>,
+    pub wake: Arc<Notify>,
+    pub stop: CancellationToken,
+}
+
+/// A send waiting for its answer.
+struct InFlight {
+    row: i64,
+    sent: Instant,
+}
+
+impl Drain {
+    pub async fn run(self, mut ch: Channels) {
+        let Drain { db, changed, mesh, sender, max_frame_bytes } = self;
+        let lease = Duration::from_millis(outbox::LEASE_MS);
+        let mut inflight: HashMap<u64, InFlight> = HashMap::new();
+        let mut next_request: u64 = 1;
+        'drain: loop {
+            // An answer that never came (the broker lost the request, or answered without its id) must
+            // not hold a window slot forever: after the lease the sweeper owns the row again.
+            inflight.retain(|id, f| {
+                let keep = f.sent.elapsed() < lease;
+                if !keep {
+                    tracing::warn!(request = id, row = f.row, "no answer within the lease; the row will be sent again");
+                }
+                keep
+            });
+            let mut due = None;
+            if inflight.len() < WINDOW {
+                let room = WINDOW - inflight.len();
+                let claimed = db
+                    .call(move |c| {
+                        let buried = outbox::bury(c, &mesh, &sender, now_ms())?;
+                        Ok((buried, outbox::claim(c, &mesh, &sender, room, now_ms())?))
+                    })
+                    .await;
+                match claimed {
+                    Ok((buried, rows)) => {
+                        if buried > 0 {
+                            changed.bump();
+                        }
+                        let mut rows = rows.into_iter();
+                        while let Some(row) = rows.next() {
+                            let id = next_request;
+                            next_request += 1;
+                            let frame = ClientFrame::Send(SendMessage {
+                                id,
+                                client_message_id: row.client_message_id,
+                                to: row.target,
+                                nonce: row.nonce,
+                                ciphertext: row.ciphertext,
+                                sig: row.sig,
+                                ttl_ms: Some(row.expires_at.saturating_sub(now_ms()).max(1)),
+                            })
+                            .to_json();
+                            if frame.len() > max_frame_bytes {
+                                let why = format!(
+                                    "too large: {} bytes on the wire, this broker accepts at most {max_frame_bytes}",
+                                    frame.len()
+                                );
+                                let row_id = row.id;
+                                let dead = db
+                                    .call(move |c| {
+                                        outbox::mark_failed(c, row_id, &why, true, None, true, now_ms())?;
+                                        outbox::emit_state(c, row_id, now_ms())
+                                    })
+                                    .await;
+                                if let Err(e) = dead {
+                                    tracing::error!(error = %mesh_proto::error::chain(&e), "marking an oversized row dead");
+                                }
+                                changed.bump();
+                                continue;
+                            }
+                            inflight.insert(id, InFlight { row: row.id, sent: Instant::now() });
+                            let sent = tokio::select! {
+                                sent = ch.out.send(frame) => sent.is_ok(),
+                                () = ch.stop.cancelled() => false,
+                            };
+                            if !sent {
+                                // The connection is going: what was claimed but not written goes back now.
+                                let unsent: Vec<i64> = rows.map(|r| r.id).collect();
+                                release(&db, unsent).await;
+                                break 'drain;
+                            }
                         }
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "claiming outbox rows; retrying in 1 s");
-                    due = Some(now_ms() + 1000);
-                }
-            }
-            if due.is_none() && inflight.len() < WINDOW {
-                due = db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
-            }
-        }
-        let sleep = due.map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(1)));
-        tokio::select! {
-            () = stop.cancelled() => break,
-            () = wake.notified() => {}
-            reply = replies.recv() => match reply {
-                Some(reply) => {
-                    let mut batch = vec![reply];
-                    while let Ok(more) = replies.try_recv() {
-                        batch.push(more);
+                    Err(e) => {
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "claiming outbox rows; retrying in 1 s");
+                        due = Some(now_ms() + 1000);
                     }
-                    record(&db, &mut inflight, batch).await;
-                    changes.bump();
                 }
-                None => break,
-            },
-            () = sleep_opt(sleep) => {}
+                if due.is_none() && inflight.len() < WINDOW {
+                    due = db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
+                }
+            }
+            let mut sleep = due.map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(1)));
+            if let Some(oldest) = inflight.values().map(|f| f.sent).min() {
+                let lapse = (oldest + lease).saturating_duration_since(Instant::now()) + Duration::from_millis(1);
+                sleep = Some(sleep.map_or(lapse, |s| s.min(lapse)));
+            }
+            tokio::select! {
+                () = ch.stop.cancelled() => break,
+                () = ch.wake.notified() => {}
+                reply = ch.replies.recv() => match reply {
+                    Some(reply) => {
+                        let mut batch = vec![reply];
+                        while let Ok(more) = ch.replies.try_recv() {
+                            batch.push(more);
+                        }
+                        record(&db, &mut inflight, batch).await;
+                        changed.bump();
+                    }
+                    None => break,
+                },
+                () = sleep_opt(sleep) => {}
+            }
         }
-    }
-    let orphaned: Vec<i64> = inflight.into_values().collect();
-    if !orphaned.is_empty() {
-        tracing::info!(rows = orphaned.len(), "connection ended with sends unanswered; back to pending");
-        if let Err(e) = db.call(move |c| outbox::release(c, &orphaned)).await {
-            tracing::error!(error = %mesh_proto::error::chain(&e), "releasing inflight rows; their leases will return them");
+        let orphaned: Vec<i64> = inflight.into_values().map(|f| f.row).collect();
+        if !orphaned.is_empty() {
+            tracing::info!(rows = orphaned.len(), "connection ended with sends unanswered; back to pending");
         }
+        release(&db, orphaned).await;
     }
 }
 
-async fn record(db: &Db, inflight: &mut HashMap<u64, i64>, replies: Vec<Reply>) {
+async fn release(db: &Db, rows: Vec<i64>) {
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(e) = db.call(move |c| outbox::release(c, &rows)).await {
+        tracing::error!(error = %mesh_proto::error::chain(&e), "releasing inflight rows; their leases will return them");
+    }
+}
+
+async fn record(db: &Db, inflight: &mut HashMap<u64, InFlight>, replies: Vec<Reply>) {
     let mut updates = Vec::with_capacity(replies.len());
     for reply in replies {
         let id = match &reply {
@@ -110,7 +184,7 @@ async fn record(db: &Db, inflight: &mut HashMap<u64, i64>, replies: Vec<Reply>) 
             Reply::Error(e) => e.id.unwrap_or_default(),
         };
         match inflight.remove(&id) {
-            Some(row) => updates.push((row, reply)),
+            Some(f) => updates.push((f.row, reply)),
             None => tracing::warn!(request = id, "answer for a request not in flight; ignored"),
         }
     }
@@ -161,7 +235,6 @@ mod tests {
     use mesh_ipc::api::{OutboxStatus, TargetInfo, TargetKind};
     use mesh_proto::wire::{Accepted, ErrorCode, ErrorFrame};
     use mesh_proto::{Identity, Target};
-    use tokio::time::Instant;
 
     use super::*;
     use crate::clock;
@@ -205,16 +278,19 @@ mod tests {
             let (replies, reply_rx) = mpsc::unbounded_channel();
             let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());
             let (mesh, me) = (MeshId([9; 16]), Identity::generate());
-            let task = tokio::spawn(run(
-                db.clone(),
-                crate::events::Changed::new(),
+            let drain = Drain {
+                db: db.clone(),
+                changed: crate::events::Changed::new(),
                 mesh,
-                me.key(),
-                out_tx,
-                reply_rx,
-                wake.clone(),
-                stop.clone(),
-            ));
+                sender: me.key(),
+                max_frame_bytes: 4096,
+            };
+            let task = tokio::spawn(drain.run(Channels {
+                out: out_tx,
+                replies: reply_rx,
+                wake: wake.clone(),
+                stop: stop.clone(),
+            }));
             FakeBroker { db, me, out, replies, wake, stop, task, _dir: dir }
         }
 
@@ -388,5 +464,35 @@ mod tests {
         b.accept(&sent[0]);
         let next = b.next_send().await;
         assert_eq!(next.client_message_id, format!("c-{WINDOW}"), "oldest first, one more per answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_row_too_large_for_the_broker_dies_at_once_with_the_reason() {
+        let mut b = FakeBroker::start();
+        let r = outbox::NewRow { ciphertext: vec![7; 8000], ..row("huge", &b.me, &Identity::generate()) };
+        let id = b.db.call_blocking(|c| outbox::insert(c, &r, clock::now_ms())).expect("db").expect("new");
+        b.wake.notify_one();
+        let small = b.insert("small");
+        let s = b.next_send().await;
+        assert_eq!(s.client_message_id, "small", "the oversized row never went out, and did not block the next");
+        let e = b.status_becomes(id, OutboxStatus::Dead).await;
+        assert!(e.last_error.expect("reason").contains("too large"));
+        b.accept(&s);
+        b.status_becomes(small, OutboxStatus::Done).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_never_answered_frees_its_window_slot_after_the_lease() {
+        let mut b = FakeBroker::start();
+        for i in 0..=WINDOW {
+            b.insert(&format!("c-{i}"));
+        }
+        for _ in 0..WINDOW {
+            b.next_send().await;
+        }
+        let t0 = Instant::now();
+        let late = b.next_send().await;
+        assert_eq!(late.client_message_id, format!("c-{WINDOW}"));
+        assert!(t0.elapsed() >= Duration::from_millis(outbox::LEASE_MS), "{:?}", t0.elapsed());
     }
 }

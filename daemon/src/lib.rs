@@ -120,10 +120,17 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let listener = lifecycle::bind_socket(&home).map_err(io_err(format!("socket {}", home.socket_path().display())))?;
     tracing::info!(socket = %home.socket_path().display(), "serving IPC");
     let app = ipc_server::router(daemon.clone());
-    let served =
-        axum::serve(IpcListener(listener), app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
-    if let Err(e) = served {
-        tracing::error!(error = %mesh_proto::error::chain(&e), "IPC server failed");
+    let serve = axum::serve(IpcListener(listener), app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Graceful shutdown waits for open requests (event streams, long polls); they get a moment to end.
+    let give_up = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = serve => if let Err(e) = served {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "IPC server failed");
+        },
+        () = give_up => tracing::warn!("open IPC requests did not finish within the shutdown grace period"),
     }
     shutdown.cancel();
     tracker.close();

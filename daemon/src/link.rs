@@ -38,6 +38,8 @@ const STALE_AFTER: Duration = Duration::from_secs(75);
 const RECONNECT_MIN_MS: u64 = 500;
 const RECONNECT_MAX_MS: u64 = 30_000;
 const REJECTED_RETRY: Duration = Duration::from_secs(60);
+/// How long a closing link's writer may take to flush before it is dropped.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
 /// Deliveries committed in one transaction and acked in one frame, at most.
 const INTAKE_BATCH: usize = 256;
 
@@ -218,7 +220,7 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
                     }
                 }
                 set_state(&status, LinkState::Online, None);
-                let ended = online(&daemon, &spec, ws, &handle).await;
+                let ended = online(&daemon, &spec, ws, &welcome, &handle).await;
                 if spec.keeps_roster() {
                     let mesh = spec.mesh_id;
                     let _ = daemon.db.call(move |c| roster::mark_all_offline(c, &mesh)).await;
@@ -272,7 +274,7 @@ impl Ended {
 }
 
 /// Runs an authenticated connection until it ends; the drain's inflight rows go back to pending.
-async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHandle) -> Ended {
+async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, welcome: &Welcome, handle: &LinkHandle) -> Ended {
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<String>(512);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
@@ -298,16 +300,19 @@ async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHand
         .in_current_span(),
     );
     let drain = daemon.tracker.spawn(
-        drain::run(
-            daemon.db.clone(),
-            daemon.changed.clone(),
-            spec.mesh_id,
-            spec.identity.key(),
-            out_tx.clone(),
-            reply_rx,
-            handle.drain_wake.clone(),
-            stop.clone(),
-        )
+        drain::Drain {
+            db: daemon.db.clone(),
+            changed: daemon.changed.clone(),
+            mesh: spec.mesh_id,
+            sender: spec.identity.key(),
+            max_frame_bytes: usize::try_from(welcome.limits.max_frame_bytes).unwrap_or(usize::MAX),
+        }
+        .run(drain::Channels {
+            out: out_tx.clone(),
+            replies: reply_rx,
+            wake: handle.drain_wake.clone(),
+            stop: stop.clone(),
+        })
         .in_current_span(),
     );
 
@@ -315,7 +320,11 @@ async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, handle: &LinkHand
     stop.cancel();
     let _ = drain.await;
     drop(out_tx);
-    let _ = writer.await;
+    // A broker that stopped reading can hold the writer in a socket write: give it a moment, then drop it.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(WRITER_GRACE, writer).await.is_err() {
+        abort.abort();
+    }
     ended
 }
 
@@ -401,8 +410,10 @@ async fn read_loop(
                     daemon.inbox_wake.notify_one();
                     daemon.notify_changed();
                     let ack = ClientFrame::Ack(Ack { delivery_ids: ids }).to_json();
-                    if out.send(ack).await.is_err() {
-                        return Ended::transient("writer stopped");
+                    match tokio::time::timeout(STALE_AFTER, out.send(ack)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Ended::transient("writer stopped"),
+                        Err(_) => return Ended::transient("the broker stopped reading for 75 s"),
                     }
                 }
                 // Not acked: the broker will deliver these again after its lease.

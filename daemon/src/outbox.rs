@@ -101,7 +101,7 @@ pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Opt
 const ENTRY_COLUMNS: &str =
     "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
     o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
-    o.delivered_count, o.read_at, o.recipients, o.session";
+    o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count";
 
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
@@ -124,6 +124,7 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         read_at: opt_u64(16)?,
         recipients: r.get(17)?,
         session: r.get(18)?,
+        expired_count: r.get(19)?,
     })
 }
 
@@ -184,8 +185,33 @@ pub struct Claimed {
     pub expires_at: u64,
 }
 
+/// Kills the pending rows of one connection that can no longer be sent: past their TTL, or out of
+/// attempts without an answer (their leases kept running out). An event each; returns how many.
+pub fn bury(conn: &Connection, mesh: &MeshId, sender: &PublicKey, now: u64) -> rusqlite::Result<usize> {
+    let dying: Vec<(i64, bool)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, expires_at <= ?3 FROM outbox
+             WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending' AND (expires_at <= ?3 OR attempts >= ?4)",
+        )?;
+        stmt.query_map(params![mesh.to_string(), sender.to_string(), now as i64, MAX_ATTEMPTS], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?
+    };
+    for (id, expired) in &dying {
+        let why = if *expired {
+            "expired: not accepted by a broker within its TTL".to_owned()
+        } else {
+            format!("gave up after {MAX_ATTEMPTS} attempts without an answer from the broker")
+        };
+        conn.execute("UPDATE outbox SET status = 'dead', last_error = ?2 WHERE id = ?1", params![id, why])?;
+        emit_state(conn, *id, now)?;
+    }
+    Ok(dying.len())
+}
+
 /// Moves up to `limit` due pending rows of one connection (mesh + sender key) to `inflight` with a
-/// lease, oldest first. Rows past their TTL become `dead` instead.
+/// lease, oldest first. Call [`bury`] first: it does not look at TTLs or attempt counts.
 pub fn claim(
     conn: &mut Connection,
     mesh: &MeshId,
@@ -194,11 +220,6 @@ pub fn claim(
     now: u64,
 ) -> rusqlite::Result<Vec<Claimed>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tx.execute(
-        "UPDATE outbox SET status = 'dead', last_error = 'expired: not accepted by a broker within its TTL'
-         WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending' AND expires_at <= ?3",
-        params![mesh.to_string(), sender.to_string(), now as i64],
-    )?;
     let rows: Vec<Claimed> = {
         let mut stmt = tx.prepare_cached(
             "SELECT id, client_message_id, target, nonce, ciphertext, sig, expires_at FROM outbox
@@ -415,7 +436,7 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
         )?,
         ReceiptKind::Read => conn.execute("UPDATE outbox SET read_at = COALESCE(read_at, ?2) WHERE id = ?1", params![id, at])?,
         ReceiptKind::Expired => conn.execute(
-            "UPDATE outbox SET last_error = ?2 WHERE id = ?1",
+            "UPDATE outbox SET last_error = ?2, expired_count = expired_count + 1 WHERE id = ?1",
             params![id, format!("expired undelivered for {}", receipt.recipient)],
         )?,
     };
@@ -435,24 +456,25 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
 
 /// Appends an `outbox` event with the row's current state, for its sender.
 pub fn emit_state(conn: &Connection, id: i64, now: u64) -> rusqlite::Result<()> {
-    let row: Option<(String, String, String, String, Option<String>, Option<String>)> = conn
+    let row = conn
         .query_row(
             "SELECT mesh_id, sender, client_message_id, status, last_error, message_id FROM outbox WHERE id = ?1",
             [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| {
+                let status: String = r.get(3)?;
+                let event = OutboxEvent {
+                    id,
+                    client_message_id: r.get(2)?,
+                    status: OutboxStatus::parse(&status).unwrap_or(OutboxStatus::Pending),
+                    last_error: r.get(4)?,
+                    message_id: r.get(5)?,
+                };
+                Ok((parse_col::<MeshId>(r.get(0)?)?, parse_col::<PublicKey>(r.get(1)?)?, event))
+            },
         )
         .optional()?;
-    let Some((mesh, sender, client_message_id, status, last_error, message_id)) = row else { return Ok(()) };
-    let event = EventBody::Outbox(OutboxEvent {
-        id,
-        client_message_id,
-        status: OutboxStatus::parse(&status).unwrap_or(OutboxStatus::Pending),
-        last_error,
-        message_id,
-    });
-    let mesh: MeshId = parse_col(mesh)?;
-    let sender: PublicKey = parse_col(sender)?;
-    events::append(conn, Some(&mesh), Some(&sender), &event, now)?;
+    let Some((mesh, sender, event)) = row else { return Ok(()) };
+    events::append(conn, Some(&mesh), Some(&sender), &EventBody::Outbox(event), now)?;
     Ok(())
 }
 
@@ -595,11 +617,33 @@ mod tests {
     }
 
     #[test]
+    fn a_row_whose_attempts_ran_out_without_answers_dies_when_next_claimed() {
+        let (_dir, db) = db();
+        let (me, bob) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId([7; 16]);
+        db.call_blocking(|c| {
+            let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
+            for i in 0..MAX_ATTEMPTS {
+                let now = u64::from(i) * (LEASE_MS + 1);
+                assert_eq!(claim(c, &mesh, &me.key(), 10, now)?.len(), 1, "attempt {i}");
+                expire_leases(c, now + LEASE_MS)?;
+            }
+            assert_eq!(bury(c, &mesh, &me.key(), u64::from(MAX_ATTEMPTS) * (LEASE_MS + 1))?, 1);
+            let e = entry(c, id)?.expect("row");
+            assert_eq!(e.status, OutboxStatus::Dead);
+            assert!(e.last_error.expect("reason").contains("gave up"));
+            Ok(())
+        })
+        .expect("db");
+    }
+
+    #[test]
     fn expired_rows_die_instead_of_being_sent() {
         let (_dir, db) = db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
+            assert_eq!(bury(c, &MeshId([7; 16]), &me.key(), TTL_MS + 1)?, 1);
             assert!(claim(c, &MeshId([7; 16]), &me.key(), 10, TTL_MS + 1)?.is_empty());
             let e = entry(c, id)?.expect("row");
             assert_eq!(e.status, OutboxStatus::Dead);

@@ -174,18 +174,22 @@ pub fn launch(
     Ok(Launched { session, replaced_stale })
 }
 
-/// Ends the live launch of session `id` (its process is gone or asked to end) and removes its token.
-pub fn end(conn: &Connection, id: i64, now: u64) -> rusqlite::Result<Option<Session>> {
-    let s = get(conn, id).optional()?;
-    let Some(s) = s.filter(Session::is_live) else { return Ok(None) };
-    if let Some(f) = &s.token_file {
+/// Ends the launch `launch` describes (its process is gone, or it asked to end) and removes its
+/// token. Only that launch: if the session has been launched again since, nothing changes, so a late
+/// reaper can never end the new launch.
+pub fn end(conn: &Connection, launch: &Session, now: u64) -> rusqlite::Result<Option<Session>> {
+    let Some(hash) = &launch.token_hash else { return Ok(None) };
+    let changed = conn.execute(
+        "UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?3 WHERE id = ?1 AND token_hash = ?2",
+        params![launch.id, hash, now as i64],
+    )?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    if let Some(f) = &launch.token_file {
         let _ = std::fs::remove_file(f);
     }
-    conn.execute(
-        "UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?2 WHERE id = ?1",
-        params![id, now as i64],
-    )?;
-    get(conn, id).map(Some)
+    get(conn, launch.id).map(Some)
 }
 
 /// The in-memory view of the registry: every session by key (their keys open their messages even
@@ -262,7 +266,7 @@ mod tests {
         let again = db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s1", &me, 2))).expect("db");
         assert!(matches!(again, Err(LaunchError::NameTaken { .. })));
 
-        let ended = db.call_blocking(|c| end(c, first.session.id, 3)).expect("end").expect("was live");
+        let ended = db.call_blocking(|c| end(c, &first.session, 3)).expect("end").expect("was live");
         assert!(!ended.is_live());
         assert!(!first.session.token_file.as_ref().expect("file").exists(), "token file removed");
 
@@ -283,8 +287,12 @@ mod tests {
         let ghost = ProcessId { pid: std::process::id(), start: "not-our-start-time".into() };
         db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s", &ghost, 1))).expect("db").expect("launch");
         let me = process::lookup(std::process::id()).expect("alive");
+        let stale = db.call_blocking(|c| load_all(c)).expect("load").remove(0);
         let taken = db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s", &me, 2))).expect("db").expect("launch");
         assert!(taken.replaced_stale);
+        // A reaper that saw the dead launch ends it late: the new launch is untouched.
+        assert!(db.call_blocking(|c| end(c, &stale, 3)).expect("end").is_none());
+        assert!(db.call_blocking(|c| load_all(c)).expect("load")[0].is_live());
     }
 
     #[test]
@@ -298,7 +306,7 @@ mod tests {
         reg.put(l.session.clone());
         assert_eq!(reg.by_token(&token).expect("live").key(), l.session.key());
         assert!(reg.by_token("wrong").is_none());
-        let ended = db.call_blocking(|c| end(c, l.session.id, 2)).expect("end").expect("live");
+        let ended = db.call_blocking(|c| end(c, &l.session, 2)).expect("end").expect("live");
         reg.put(ended);
         assert!(reg.by_token(&token).is_none(), "an ended session's token is dead");
         assert!(reg.by_key(&l.session.key()).is_some(), "its key still opens its messages");

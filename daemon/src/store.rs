@@ -116,6 +116,7 @@ CREATE TABLE events (
 );
 CREATE INDEX events_by_audience ON events(audience, id);
 CREATE INDEX events_by_time ON events(at);
+ALTER TABLE outbox ADD COLUMN expired_count INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE receipts (
     client_message_id TEXT NOT NULL,
     kind TEXT NOT NULL,

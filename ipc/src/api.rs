@@ -350,6 +350,9 @@ pub struct OutboxEntry {
     pub read_at: Option<u64>,
     /// How many recipient queues the broker put it in.
     pub recipients: Option<u32>,
+    /// How many recipients' copies ran out of time before their daemon took them.
+    #[serde(default)]
+    pub expired_count: u32,
 }
 
 /// `GET /v1/outbox/{id}/wait?until=…&timeout_ms=…`: what to wait for.
@@ -363,6 +366,12 @@ pub enum WaitFor {
 }
 
 impl WaitFor {
+    /// Whether `e` can no longer reach this point.
+    pub fn unreachable(self, e: &OutboxEntry) -> bool {
+        matches!(e.status, OutboxStatus::Dead | OutboxStatus::Aborted)
+            || (self == WaitFor::Delivered && e.expired_count > 0)
+    }
+
     /// Whether `e` has reached this point.
     pub fn reached(self, e: &OutboxEntry) -> bool {
         let accepted = e.status == OutboxStatus::Done;
@@ -382,7 +391,8 @@ pub struct WaitQuery {
 }
 
 /// The answer of a wait: the row as it stands, and whether it reached the point waited for. A row
-/// that became `dead` or `aborted` ends the wait early with `reached: false`.
+/// that became `dead` or `aborted`, or (waiting for delivery) whose copy expired for a recipient, ends
+/// the wait early with `reached: false`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitResponse {
     pub reached: bool,

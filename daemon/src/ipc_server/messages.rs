@@ -23,8 +23,9 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// The request fingerprint of a send, hex SHA-256 over its JSON array of fields (see docs/protocol.md).
-fn send_fingerprint(req: &SendRequest, session: Option<&str>) -> String {
-    let fields = serde_json::json!([req.to, req.mesh, req.body, session]);
+/// The sender's key is part of it: one identity's row never answers another identity's request.
+fn send_fingerprint(req: &SendRequest, sender: &mesh_proto::PublicKey) -> String {
+    let fields = serde_json::json!([req.to, req.mesh, req.body, sender.to_string()]);
     hex::encode(sha2::Sha256::digest(fields.to_string().as_bytes()))
 }
 
@@ -76,7 +77,7 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     if req.body.len() > MAX_MESSAGE_BYTES {
         return Err(Failure(ApiErrorCode::PayloadTooLarge, format!("the message exceeds {MAX_MESSAGE_BYTES} bytes")));
     }
-    let fingerprint = send_fingerprint(&req, caller.session_name());
+    let fingerprint = send_fingerprint(&req, &caller.key(d));
 
     // Idempotency first: a resend is answered from the stored row, whatever the roster says now.
     let lookup_id = cmid.clone();
@@ -232,12 +233,12 @@ pub async fn wait(
             })
             .await?
             .ok_or_else(|| Failure(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours")))?;
-        let failed = matches!(entry.status, OutboxStatus::Dead | OutboxStatus::Aborted);
-        if q.until.reached(&entry) || failed {
+        if q.until.reached(&entry) || q.until.unreachable(&entry) {
             return Ok(Json(WaitResponse { reached: q.until.reached(&entry), entry }));
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())) },
+            () = d.shutdown.cancelled() => return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
             () = tokio::time::sleep_until(deadline) => return Ok(Json(WaitResponse { reached: false, entry })),
         }
     }
