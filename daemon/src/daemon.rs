@@ -35,6 +35,8 @@ pub struct Daemon {
     pub tracker: TaskTracker,
     pub inbox_wake: Notify,
     pub started_at: u64,
+    /// SHA-256 of the member's bearer token (see `Home::member_token_path`).
+    pub member_token_hash: std::sync::OnceLock<String>,
     pub embedded_broker: Mutex<Option<String>>,
     pub sessions: SessionRegistry,
     pub changed: Arc<crate::events::Changed>,
@@ -51,6 +53,7 @@ impl Daemon {
             shutdown,
             tracker,
             inbox_wake: Notify::new(),
+            member_token_hash: std::sync::OnceLock::new(),
             started_at: now_ms(),
             embedded_broker: Mutex::new(None),
             sessions: SessionRegistry::default(),

@@ -103,6 +103,24 @@ pub fn save(home: &Home, member: &Member) -> Result<(), IdentityError> {
     write_private_file(&path, &json).map_err(write_err)
 }
 
+/// The member's bearer token, created (random, mode 0600) on first use.
+pub fn member_token(home: &Home) -> Result<String, IdentityError> {
+    let path = home.member_token_path();
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => {
+            tighten_mode(&path);
+            return Ok(t.trim().to_owned());
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(IdentityError::Read { path, source }),
+    }
+    let token = codec::b64url(&mesh_proto::crypto::random_bytes::<32>());
+    home.ensure_dirs().map_err(|source| IdentityError::Write { path: path.clone(), source })?;
+    write_private_file(&path, token.as_bytes()).map_err(|source| IdentityError::Write { path, source })?;
+    Ok(token)
+}
+
 /// The identity, created with the default name when there is none yet.
 pub fn load_or_create(home: &Home) -> Result<Member, IdentityError> {
     match load(home)? {

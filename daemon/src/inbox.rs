@@ -141,6 +141,7 @@ pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
                         tx.commit()
                     })
                     .await
+                    .inspect(|()| daemon.notify_changed())
                 {
                     tracing::error!(error = %mesh_proto::error::chain(&e), "filing inbox rows; will retry");
                     tokio::select! {

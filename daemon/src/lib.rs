@@ -98,6 +98,8 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let daemon = Arc::new(Daemon::new(home.clone(), db, member, shutdown.clone(), tracker.clone()));
+    let token = identity::member_token(&home)?;
+    let _ = daemon.member_token_hash.set(sessions::token_hash(&token));
 
     let mut meshes = daemon.db.call(|c| meshes::list(c)).await?;
     if meshes.iter().any(|m| m.embedded) || (meshes.is_empty() && options.embedded) {

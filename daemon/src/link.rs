@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use mesh_ipc::api::{LinkState, LinkStatus};
+use mesh_ipc::api::{ConnectionEvent, EventBody, LinkState, LinkStatus, PresenceEvent};
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{
     self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, ServerFrame, Welcome,
@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::drain::{self, Reply};
-use crate::{inbox, outbox, roster};
+use crate::{events, inbox, outbox, roster};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -199,8 +199,30 @@ fn set_state(tx: &watch::Sender<LinkStatus>, state: LinkState, last_error: Optio
     });
 }
 
+/// Records a change of the link's settled state (online, offline, rejected) as a `connection` event
+/// for the link's identity; repeated failures while offline are not news.
+async fn record_state(
+    daemon: &Daemon,
+    spec: &LinkSpec,
+    last: &mut Option<LinkState>,
+    state: LinkState,
+    error: Option<String>,
+) {
+    if *last == Some(state) {
+        return;
+    }
+    *last = Some(state);
+    let (mesh, key) = (spec.mesh_id, spec.identity.key());
+    let event = EventBody::Connection(ConnectionEvent { key: key.to_string(), state, last_error: error });
+    match daemon.db.call(move |c| events::append(c, Some(&mesh), Some(&key), &event, now_ms())).await {
+        Ok(_) => daemon.notify_changed(),
+        Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "recording a connection event"),
+    }
+}
+
 async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStatus>, handle: LinkHandle) {
     let mut failures: u32 = 0;
+    let mut recorded: Option<LinkState> = None;
     loop {
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
@@ -220,6 +242,7 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
                     }
                 }
                 set_state(&status, LinkState::Online, None);
+                record_state(&daemon, &spec, &mut recorded, LinkState::Online, None).await;
                 let ended = online(&daemon, &spec, ws, &welcome, &handle).await;
                 if spec.keeps_roster() {
                     let mesh = spec.mesh_id;
@@ -229,23 +252,23 @@ async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStat
                     return;
                 }
                 tracing::info!(reason = %ended.reason, "offline");
-                if ended.permanent {
-                    set_state(&status, LinkState::Rejected, Some(ended.reason));
-                    REJECTED_RETRY
-                } else {
-                    set_state(&status, LinkState::Offline, Some(ended.reason));
-                    reconnect_delay(0)
-                }
+                let state = if ended.permanent { LinkState::Rejected } else { LinkState::Offline };
+                set_state(&status, state, Some(ended.reason.clone()));
+                record_state(&daemon, &spec, &mut recorded, state, Some(ended.reason)).await;
+                if ended.permanent { REJECTED_RETRY } else { reconnect_delay(0) }
             }
             Err(LinkError::Refused(e)) if e.permanent => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");
-                set_state(&status, LinkState::Rejected, Some(format!("{}: {}", e.code.as_str(), e.message)));
+                let why = format!("{}: {}", e.code.as_str(), e.message);
+                set_state(&status, LinkState::Rejected, Some(why.clone()));
+                record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(why)).await;
                 REJECTED_RETRY
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 tracing::info!(error = %mesh_proto::error::chain(&e), failures, "cannot connect");
                 set_state(&status, LinkState::Offline, Some(e.to_string()));
+                record_state(&daemon, &spec, &mut recorded, LinkState::Offline, Some(e.to_string())).await;
                 reconnect_delay(failures)
             }
         };
@@ -384,8 +407,22 @@ async fn read_loop(
                 Ok(ServerFrame::Presence(_) | ServerFrame::Roster(_)) if !spec.keeps_roster() => {}
                 Ok(ServerFrame::Presence(p)) => {
                     let mesh = spec.mesh_id;
-                    if let Err(e) = daemon.db.call(move |c| roster::upsert(c, &mesh, &p.peer)).await {
-                        tracing::error!(error = %mesh_proto::error::chain(&e), "recording presence");
+                    let recorded = daemon
+                        .db
+                        .call(move |c| {
+                            roster::upsert(c, &mesh, &p.peer)?;
+                            let event = EventBody::Presence(PresenceEvent {
+                                key: p.peer.key.to_string(),
+                                name: p.peer.name.clone(),
+                                kind: p.peer.kind,
+                                online: p.peer.online,
+                            });
+                            events::append(c, Some(&mesh), None, &event, now_ms())
+                        })
+                        .await;
+                    match recorded {
+                        Ok(_) => daemon.notify_changed(),
+                        Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "recording presence"),
                     }
                 }
                 Ok(ServerFrame::Roster(r)) => {

@@ -46,6 +46,8 @@ pub mod routes {
     /// The calling session itself (`GET`), or its end (`POST /v1/session/end`).
     pub const SESSION: &str = "/v1/session";
     pub const SESSION_END: &str = "/v1/session/end";
+    /// `GET`: Server-Sent Events of the caller (needs a bearer token).
+    pub const EVENTS: &str = "/v1/events";
 
     /// A route template with its `{id}` filled in.
     pub fn with_id(template: &str, id: i64) -> String {

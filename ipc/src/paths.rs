@@ -66,6 +66,12 @@ impl Home {
         self.config_dir.join("identity.json")
     }
 
+    /// The member's bearer token (0600): required for the member's event stream and the all-sessions
+    /// view, so that those are an explicit grant and not the default of anyone holding the socket.
+    pub fn member_token_path(&self) -> PathBuf {
+        self.config_dir.join("member.token")
+    }
+
     /// The daemon's socket; the contract version is part of the name, so an old CLI never speaks to a
     /// daemon of another contract by accident.
     pub fn socket_path(&self) -> PathBuf {

@@ -5,6 +5,7 @@
 //! sends, its inbox, its outbox); one without acts as the member. A token that matches no live session
 //! is refused, never downgraded to the member.
 
+mod events;
 mod meshes;
 mod messages;
 mod sessions;
@@ -171,7 +172,11 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
         let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
             Failure(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
         })?;
-        d.sessions.by_token(token.trim()).map(Caller::Session).ok_or_else(|| {
+        let token = token.trim();
+        if d.member_token_hash.get().is_some_and(|h| *h == crate::sessions::token_hash(token)) {
+            return Ok(Caller::Member);
+        }
+        d.sessions.by_token(token).map(Caller::Session).ok_or_else(|| {
             Failure(
                 ApiErrorCode::Unauthorized,
                 "this session token is not valid: the session has ended, or MESH_SESSION_FILE is stale".into(),
@@ -198,6 +203,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SESSIONS, get(sessions::list).post(sessions::launch))
         .route(routes::SESSION, get(sessions::whoami))
         .route(routes::SESSION_END, post(sessions::end))
+        .route(routes::EVENTS, get(events::stream))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(check_version))
