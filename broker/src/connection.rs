@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use mesh_proto::wire::{
-    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, Peer, Presence, RosterReply,
+    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, OkReply, Peer, Presence, RosterReply,
     SendMessage, ServerFrame, Welcome,
 };
 use mesh_proto::{MeshId, PublicKey, crypto, now_ms};
@@ -400,6 +400,37 @@ impl Connection {
                     self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure").with_id(Some(req.id))).await
                 }
             },
+            Ok(ClientFrame::Read(req)) => {
+                let result = self.shared.store.record_reads(self.mesh(), self.key(), req.message_ids, now_ms()).await;
+                self.answer(req.id, result.map(|senders| {
+                    for sender in senders {
+                        self.shared.hub.wake(self.mesh(), &sender);
+                    }
+                }))
+                .await
+            }
+            Ok(ClientFrame::JoinGroup(req) | ClientFrame::LeaveGroup(req)) if mesh_proto::names::validate_group(&req.group).is_err() => {
+                self.send_error(ErrorFrame::new(ErrorCode::InvalidName, format!("group {:?}: use 1-64 of a-z 0-9 - _ .", req.group)).with_id(Some(req.id))).await
+            }
+            Ok(ClientFrame::JoinGroup(req)) => {
+                let done = self.shared.store.set_group(self.mesh(), self.key(), req.group, true).await;
+                self.answer(req.id, done).await
+            }
+            Ok(ClientFrame::LeaveGroup(req)) => {
+                let done = self.shared.store.set_group(self.mesh(), self.key(), req.group, false).await;
+                self.answer(req.id, done).await
+            }
+        }
+    }
+
+    /// Answers request `id` with `ok`, or with `internal` when the store failed.
+    async fn answer(&self, id: u64, result: Result<(), StoreError>) -> bool {
+        match result {
+            Ok(()) => self.send_frame(ServerFrame::Ok(OkReply { id })).await,
+            Err(e) => {
+                tracing::error!(error = %mesh_proto::error::chain(&e), "storage failure");
+                self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry").with_id(Some(id))).await
+            }
         }
     }
 

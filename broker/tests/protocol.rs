@@ -445,3 +445,79 @@ async fn a_delivery_leased_by_a_superseded_connection_goes_to_the_new_one_at_onc
     }
     broker.stop().await;
 }
+
+async fn next_receipt(c: &mut Client) -> mesh_proto::wire::Receipt {
+    loop {
+        if let ServerFrame::Deliver(d) = c.recv_non_presence().await
+            && let DeliveryItem::Receipt(r) = d.item
+        {
+            c.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+            return r;
+        }
+    }
+}
+
+#[tokio::test]
+async fn read_receipts_reach_the_sender_once_and_only_from_an_addressee() {
+    use mesh_proto::wire::ReadReceipts;
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut t = two_members(&broker).await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "please read"))).await;
+    let ServerFrame::Accepted(accepted) = t.ca.recv_non_presence().await else { panic!("accepted") };
+    let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+    t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+    assert_eq!(next_receipt(&mut t.ca).await.kind, ReceiptKind::Delivered);
+
+    t.cb.send(&ClientFrame::Read(ReadReceipts { id: 7, message_ids: vec![accepted.message_id.clone(), "no-such-id".into()] })).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 7));
+    let read = next_receipt(&mut t.ca).await;
+    assert_eq!((read.kind, read.recipient, read.client_message_id.as_str()), (ReceiptKind::Read, t.b.key(), "c-1"));
+
+    // Again, and from someone the message was not for: acknowledged, but no receipt.
+    t.cb.send(&ClientFrame::Read(ReadReceipts { id: 8, message_ids: vec![accepted.message_id.clone()] })).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 8));
+    let carol = Identity::generate();
+    let token = mint_invite(&t.a, t.mesh, &broker.url(), now_ms() + 60_000, None);
+    let mut cc = Client::connect(&broker).await;
+    let intent = join_intent(&token, &cc.challenge.clone(), &carol);
+    assert!(matches!(cc.hello(&carol, t.mesh, "carol", intent).await, ServerFrame::Welcome(_)));
+    cc.send(&ClientFrame::Read(ReadReceipts { id: 9, message_ids: vec![accepted.message_id] })).await;
+    assert!(matches!(cc.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 9));
+    // The next thing alice gets is the receipt of a later message, not a second or a forged read.
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 2, "c-2", "later"))).await;
+    let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+    t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+    let next = next_receipt(&mut t.ca).await;
+    assert_eq!((next.kind, next.client_message_id.as_str()), (ReceiptKind::Delivered, "c-2"));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn group_messages_reach_current_members_only() {
+    use mesh_proto::message::{Content, SealKey};
+    use mesh_proto::wire::{GroupRequest, SendMessage};
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut t = two_members(&broker).await;
+    let group_send = |id: u64, cmid: &str| {
+        let to = mesh_proto::Target::Group("ops".into());
+        let gk = mesh_proto::crypto::GroupKey::generate();
+        let sealed = message::seal(&t.a, &t.mesh, cmid, &to, SealKey::Group(&gk), &Content { body: "x".into(), reply_to: None });
+        SendMessage { id, client_message_id: cmid.into(), to, nonce: sealed.nonce, ciphertext: sealed.ciphertext, sig: sealed.sig, ttl_ms: None }
+    };
+    t.ca.send(&ClientFrame::Send(group_send(1, "g-1"))).await;
+    expect_error(t.ca.recv_non_presence().await, ErrorCode::RecipientUnknown);
+    t.cb.send(&ClientFrame::JoinGroup(GroupRequest { id: 3, group: "ops".into() })).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 3));
+    t.cb.send(&ClientFrame::JoinGroup(GroupRequest { id: 4, group: "Not Valid".into() })).await;
+    expect_error(t.cb.recv_non_presence().await, ErrorCode::InvalidName);
+    t.ca.send(&ClientFrame::Send(group_send(2, "g-2"))).await;
+    assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Accepted(a) if a.recipients == 1));
+    let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+    let DeliveryItem::Message(env) = d.item else { panic!("message") };
+    assert_eq!(env.to, mesh_proto::Target::Group("ops".into()));
+    t.cb.send(&ClientFrame::LeaveGroup(GroupRequest { id: 5, group: "ops".into() })).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 5));
+    t.ca.send(&ClientFrame::Send(group_send(3, "g-3"))).await;
+    expect_error(t.ca.recv_non_presence().await, ErrorCode::RecipientUnknown);
+    broker.stop().await;
+}

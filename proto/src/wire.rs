@@ -100,6 +100,10 @@ pub enum ClientFrame {
     Send(SendMessage),
     Ack(Ack),
     Roster(RosterRequest),
+    /// The connection's key read these messages: queue `read` receipts for their senders.
+    Read(ReadReceipts),
+    JoinGroup(GroupRequest),
+    LeaveGroup(GroupRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -196,6 +200,19 @@ pub struct RosterRequest {
     pub id: u64,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadReceipts {
+    pub id: u64,
+    pub message_ids: Vec<String>,
+}
+
+/// Join or leave `@group` (the connection's own key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRequest {
+    pub id: u64,
+    pub group: String,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // broker → client
 
@@ -208,7 +225,14 @@ pub enum ServerFrame {
     Deliver(Deliver),
     Roster(RosterReply),
     Presence(Presence),
+    /// A request without a richer answer (`read`, `join_group`, `leave_group`) was done.
+    Ok(OkReply),
     Error(ErrorFrame),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OkReply {
+    pub id: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -474,8 +498,8 @@ impl FrameError {
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster"];
-const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "error"];
+const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster", "read", "join_group", "leave_group"];
+const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "ok", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))

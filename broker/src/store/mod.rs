@@ -163,7 +163,14 @@ pub trait Store: Send + Sync + 'static {
     /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
     /// idempotency records past retention.
     async fn expire(&self, now: u64) -> Result<Expired, StoreError>;
-    /// Queues a receipt for `to` (used for `read` receipts relayed from a recipient).
+    /// Records that `reader` read these messages and queues a `read` receipt for each one's sender,
+    /// once per (message, reader), and only for messages addressed to the reader. Returns the senders
+    /// to wake; unknown or expired message ids are skipped.
+    async fn record_reads(&self, mesh: MeshId, reader: PublicKey, message_ids: Vec<String>, now: u64)
+    -> Result<Vec<PublicKey>, StoreError>;
+    /// Adds `key` to `@group` (or removes it); idempotent.
+    async fn set_group(&self, mesh: MeshId, key: PublicKey, group: String, member: bool) -> Result<(), StoreError>;
+    /// Queues a receipt for `to`.
     async fn enqueue_receipt(
         &self,
         mesh: MeshId,

@@ -77,6 +77,16 @@ CREATE TABLE queue (
 CREATE INDEX queue_by_recipient ON queue(mesh_id, recipient, id);
 CREATE INDEX queue_by_message ON queue(message_seq) WHERE message_seq IS NOT NULL;
 CREATE INDEX queue_by_expiry ON queue(expires_at);
+"#, r#"
+CREATE INDEX messages_by_id ON messages(mesh_id, message_id);
+ALTER TABLE messages ADD COLUMN target TEXT;
+CREATE TABLE reads (
+    mesh_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    reader TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (mesh_id, message_id, reader)
+);
 "#];
 
 #[derive(Clone, Debug)]
@@ -404,8 +414,8 @@ impl Store for SqliteStore {
                 }
             };
             tx.execute(
-                "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item, created_at, expires_at, target)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     mesh,
                     sender,
@@ -416,6 +426,7 @@ impl Store for SqliteStore {
                     msg.item_json,
                     msg.created_at as i64,
                     msg.expires_at as i64,
+                    msg.target.to_string(),
                 ],
             )?;
             let seq = tx.last_insert_rowid();
@@ -580,9 +591,81 @@ impl Store for SqliteStore {
                 "DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)",
                 [now as i64],
             )?;
+            tx.execute(
+                "DELETE FROM reads WHERE NOT EXISTS
+                   (SELECT 1 FROM messages m WHERE m.mesh_id = reads.mesh_id AND m.message_id = reads.message_id)",
+                [],
+            )?;
             out.woken.sort();
             out.woken.dedup();
             Ok(out)
+        })
+        .await
+    }
+
+    async fn record_reads(
+        &self,
+        mesh: MeshId,
+        reader: PublicKey,
+        message_ids: Vec<String>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        self.write(move |tx| {
+            let (mesh_s, reader_s) = (mesh.to_string(), reader.to_string());
+            let mut senders = Vec::new();
+            for message_id in message_ids {
+                let row: Option<(String, String, Option<String>)> = tx
+                    .query_row(
+                        "SELECT sender, client_message_id, target FROM messages WHERE mesh_id = ?1 AND message_id = ?2",
+                        params![mesh_s, message_id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((sender, client_message_id, target)) = row else { continue };
+                let addressed = match target.as_deref().map(str::parse::<Target>) {
+                    Some(Ok(Target::Key(k))) => k == reader,
+                    Some(Ok(Target::All)) => sender != reader_s,
+                    Some(Ok(Target::Group(g))) => tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3)",
+                        params![mesh_s, g, reader_s],
+                        |r| r.get(0),
+                    )?,
+                    _ => false,
+                };
+                if !addressed {
+                    continue;
+                }
+                let new = tx.execute(
+                    "INSERT OR IGNORE INTO reads (mesh_id, message_id, reader, at) VALUES (?1, ?2, ?3, ?4)",
+                    params![mesh_s, message_id, reader_s, now as i64],
+                )?;
+                if new == 1 {
+                    let receipt = Receipt { message_id, client_message_id, kind: ReceiptKind::Read, recipient: reader, at: now };
+                    queue_receipt(tx, &mesh_s, &sender, &receipt, now + RECEIPT_TTL_MS)?;
+                    senders.push(parse(sender)?);
+                }
+            }
+            senders.sort();
+            senders.dedup();
+            Ok(senders)
+        })
+        .await
+    }
+
+    async fn set_group(&self, mesh: MeshId, key: PublicKey, group: String, member: bool) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            if member {
+                tx.execute(
+                    "INSERT OR IGNORE INTO group_members (mesh_id, group_name, key) VALUES (?1, ?2, ?3)",
+                    params![mesh.to_string(), group, key.to_string()],
+                )?;
+            } else {
+                tx.execute(
+                    "DELETE FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3",
+                    params![mesh.to_string(), group, key.to_string()],
+                )?;
+            }
+            Ok(())
         })
         .await
     }
