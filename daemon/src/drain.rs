@@ -1,14 +1,15 @@
-//! The outbox drain of one link: claims this identity's due rows, sends them on this link's socket
-//! only, and records each answer. It keeps at most [`WINDOW`] sends unanswered; it wakes on new rows,
-//! on answers, and on a timer for the next row whose backoff ends. When the link goes down, the rows it
-//! still had in flight go back to pending at once.
+//! The outbound work of one link: this identity's due outbox rows, its pending read receipts and its
+//! group joins and leaves, sent on this link's socket only, each answer recorded. At most [`WINDOW`]
+//! requests are unanswered at a time; it wakes on new work, on answers, and on a timer for the next
+//! row whose backoff ends. When the link goes down, whatever it still had in flight goes back to
+//! pending at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_ipc::api::OutboxStatus;
-use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, SendMessage};
+use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, GroupRequest, ReadReceipts, SendMessage};
 use mesh_proto::{MeshId, PublicKey};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
@@ -17,16 +18,30 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use mesh_broker::sqlite::Db;
 
-use crate::outbox;
+use crate::{groups, inbox, outbox};
 
 /// Sends in flight per connection.
 pub const WINDOW: usize = 64;
 
-/// The broker's answer to one `send`, routed here by the link's reader.
+/// Read receipts sent in one request, at most.
+const READ_BATCH: usize = 256;
+
+/// The broker's answer to one request, routed here by the link's reader.
 #[derive(Debug)]
 pub enum Reply {
     Accepted(Accepted),
+    Ok(u64),
     Error(ErrorFrame),
+}
+
+impl Reply {
+    fn id(&self) -> Option<u64> {
+        match self {
+            Reply::Accepted(a) => Some(a.id),
+            Reply::Ok(id) => Some(*id),
+            Reply::Error(e) => e.id,
+        }
+    }
 }
 
 /// One link's drain: which connection it serves and how large a frame its broker accepts.
@@ -47,94 +62,98 @@ pub struct Channels {
     pub stop: CancellationToken,
 }
 
-/// A send waiting for its answer.
+/// What a request in flight was for.
+#[derive(Clone, Debug)]
+enum Work {
+    /// An outbox row.
+    Send(i64),
+    /// Read receipts for these inbox rows.
+    Reads(Vec<i64>),
+    /// Joining (`true`) or leaving a group.
+    Group(String, bool),
+}
+
+/// A request waiting for its answer.
 struct InFlight {
-    row: i64,
+    work: Work,
     sent: Instant,
+}
+
+/// Everything claimed in one step, in the order it goes out.
+struct Claimed {
+    buried: usize,
+    rows: Vec<outbox::Claimed>,
+    reads: Vec<(i64, String)>,
+    groups: Vec<(String, bool)>,
 }
 
 impl Drain {
     pub async fn run(self, mut ch: Channels) {
-        let Drain { db, changed, mesh, sender, max_frame_bytes } = self;
         let lease = Duration::from_millis(outbox::LEASE_MS);
         let mut inflight: HashMap<u64, InFlight> = HashMap::new();
         let mut next_request: u64 = 1;
         'drain: loop {
             // An answer that never came (the broker lost the request, or answered without its id) must
-            // not hold a window slot forever: after the lease the sweeper owns the row again.
-            inflight.retain(|id, f| {
-                let keep = f.sent.elapsed() < lease;
-                if !keep {
-                    tracing::warn!(request = id, row = f.row, "no answer within the lease; the row will be sent again");
+            // not hold a window slot forever: after the lease, the sweeper owns the row again.
+            let lapsed: Vec<u64> = inflight.iter().filter(|(_, f)| f.sent.elapsed() >= lease).map(|(id, _)| *id).collect();
+            for id in lapsed {
+                if let Some(f) = inflight.remove(&id) {
+                    tracing::warn!(request = id, work = ?f.work, "no answer within the lease; it will be sent again");
+                    self.release(vec![f.work]).await;
                 }
-                keep
-            });
+            }
             let mut due = None;
             if inflight.len() < WINDOW {
-                let room = WINDOW - inflight.len();
-                let claimed = db
-                    .call(move |c| {
-                        let buried = outbox::bury(c, &mesh, &sender, now_ms())?;
-                        Ok((buried, outbox::claim(c, &mesh, &sender, room, now_ms())?))
-                    })
-                    .await;
-                match claimed {
-                    Ok((buried, rows)) => {
-                        if buried > 0 {
-                            changed.bump();
+                match self.claim(WINDOW - inflight.len(), &inflight).await {
+                    Ok(claimed) => {
+                        if claimed.buried > 0 {
+                            self.changed.bump();
                         }
-                        let mut rows = rows.into_iter();
-                        while let Some(row) = rows.next() {
-                            let id = next_request;
-                            next_request += 1;
-                            let frame = ClientFrame::Send(SendMessage {
-                                id,
-                                client_message_id: row.client_message_id,
-                                to: row.target,
-                                nonce: row.nonce,
-                                ciphertext: row.ciphertext,
-                                sig: row.sig,
-                                ttl_ms: Some(row.expires_at.saturating_sub(now_ms()).max(1)),
-                            })
-                            .to_json();
-                            if frame.len() > max_frame_bytes {
-                                let why = format!(
-                                    "too large: {} bytes on the wire, this broker accepts at most {max_frame_bytes}",
-                                    frame.len()
-                                );
-                                let row_id = row.id;
-                                let dead = db
-                                    .call(move |c| {
-                                        outbox::mark_failed(c, row_id, &why, true, None, true, now_ms())?;
-                                        outbox::emit_state(c, row_id, now_ms())
-                                    })
-                                    .await;
-                                if let Err(e) = dead {
-                                    tracing::error!(error = %mesh_proto::error::chain(&e), "marking an oversized row dead");
-                                }
-                                changed.bump();
+                        let mut frames: Vec<(Work, String)> = Vec::new();
+                        for row in claimed.rows {
+                            let frame = send_frame(next_request, row.clone());
+                            if frame.len() > self.max_frame_bytes {
+                                self.kill_oversized(row.id, frame.len()).await;
                                 continue;
                             }
-                            inflight.insert(id, InFlight { row: row.id, sent: Instant::now() });
+                            frames.push((Work::Send(row.id), frame));
+                            next_request += 1;
+                        }
+                        if !claimed.reads.is_empty() {
+                            let (ids, message_ids): (Vec<i64>, Vec<String>) = claimed.reads.into_iter().unzip();
+                            let frame = ClientFrame::Read(ReadReceipts { id: next_request, message_ids }).to_json();
+                            frames.push((Work::Reads(ids), frame));
+                            next_request += 1;
+                        }
+                        for (group, join) in claimed.groups {
+                            let req = GroupRequest { id: next_request, group: group.clone() };
+                            let frame = if join { ClientFrame::JoinGroup(req) } else { ClientFrame::LeaveGroup(req) };
+                            frames.push((Work::Group(group, join), frame.to_json()));
+                            next_request += 1;
+                        }
+                        let first = next_request - frames.len() as u64;
+                        let mut frames = frames.into_iter().enumerate();
+                        while let Some((i, (work, frame))) = frames.next() {
+                            inflight.insert(first + i as u64, InFlight { work, sent: Instant::now() });
                             let sent = tokio::select! {
                                 sent = ch.out.send(frame) => sent.is_ok(),
                                 () = ch.stop.cancelled() => false,
                             };
                             if !sent {
                                 // The connection is going: what was claimed but not written goes back now.
-                                let unsent: Vec<i64> = rows.map(|r| r.id).collect();
-                                release(&db, unsent).await;
+                                self.release(frames.map(|(_, (w, _))| w).collect()).await;
                                 break 'drain;
                             }
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %mesh_proto::error::chain(&e), "claiming outbox rows; retrying in 1 s");
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "claiming outbound work; retrying in 1 s");
                         due = Some(now_ms() + 1000);
                     }
                 }
                 if due.is_none() && inflight.len() < WINDOW {
-                    due = db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
+                    let (mesh, sender) = (self.mesh, self.sender);
+                    due = self.db.call(move |c| outbox::next_due(c, &mesh, &sender)).await.ok().flatten();
                 }
             }
             let mut sleep = due.map(|t| Duration::from_millis(t.saturating_sub(now_ms()).max(1)));
@@ -151,71 +170,149 @@ impl Drain {
                         while let Ok(more) = ch.replies.try_recv() {
                             batch.push(more);
                         }
-                        record(&db, &mut inflight, batch).await;
-                        changed.bump();
+                        self.record(&mut inflight, batch).await;
+                        self.changed.bump();
                     }
                     None => break,
                 },
                 () = sleep_opt(sleep) => {}
             }
         }
-        let orphaned: Vec<i64> = inflight.into_values().map(|f| f.row).collect();
-        if !orphaned.is_empty() {
-            tracing::info!(rows = orphaned.len(), "connection ended with sends unanswered; back to pending");
+        if !inflight.is_empty() {
+            tracing::info!(requests = inflight.len(), "connection ended with requests unanswered; back to pending");
         }
-        release(&db, orphaned).await;
+        self.release(inflight.into_values().map(|f| f.work).collect()).await;
     }
-}
 
-async fn release(db: &Db, rows: Vec<i64>) {
-    if rows.is_empty() {
-        return;
+    /// Claims due outbox rows, then (if none is in flight) a batch of read receipts, then group changes.
+    async fn claim(&self, room: usize, inflight: &HashMap<u64, InFlight>) -> Result<Claimed, mesh_broker::sqlite::DbError> {
+        let (mesh, sender) = (self.mesh, self.sender);
+        let reads_in_flight = inflight.values().any(|f| matches!(f.work, Work::Reads(_)));
+        let groups_in_flight: Vec<String> =
+            inflight.values().filter_map(|f| if let Work::Group(g, _) = &f.work { Some(g.clone()) } else { None }).collect();
+        self.db
+            .call(move |c| {
+                let now = now_ms();
+                let buried = outbox::bury(c, &mesh, &sender, now)?;
+                let rows = outbox::claim(c, &mesh, &sender, room, now)?;
+                let mut left = room - rows.len();
+                let reads = if left > 0 && !reads_in_flight {
+                    left -= 1;
+                    inbox::claim_reads(c, &mesh, &sender, READ_BATCH)?
+                } else {
+                    vec![]
+                };
+                let mut groups = groups::to_sync(c, &mesh, &sender)?;
+                groups.retain(|(g, _)| !groups_in_flight.contains(g));
+                groups.truncate(left);
+                Ok(Claimed { buried, rows, reads, groups })
+            })
+            .await
     }
-    if let Err(e) = db.call(move |c| outbox::release(c, &rows)).await {
-        tracing::error!(error = %mesh_proto::error::chain(&e), "releasing inflight rows; their leases will return them");
-    }
-}
 
-async fn record(db: &Db, inflight: &mut HashMap<u64, InFlight>, replies: Vec<Reply>) {
-    let mut updates = Vec::with_capacity(replies.len());
-    for reply in replies {
-        let id = match &reply {
-            Reply::Accepted(a) => a.id,
-            Reply::Error(e) => e.id.unwrap_or_default(),
-        };
-        match inflight.remove(&id) {
-            Some(f) => updates.push((f.row, reply)),
-            None => tracing::warn!(request = id, "answer for a request not in flight; ignored"),
+    async fn kill_oversized(&self, row: i64, size: usize) {
+        let why = format!("too large: {size} bytes on the wire, this broker accepts at most {}", self.max_frame_bytes);
+        let dead = self
+            .db
+            .call(move |c| {
+                outbox::mark_failed(c, row, &why, true, None, true, now_ms())?;
+                outbox::emit_state(c, row, now_ms())
+            })
+            .await;
+        if let Err(e) = dead {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "marking an oversized row dead");
         }
+        self.changed.bump();
     }
-    let result = db
-        .call(move |c| {
-            let now = now_ms();
-            let tx = c.transaction()?;
-            for (row, reply) in updates {
-                match reply {
-                    Reply::Accepted(a) => {
-                        outbox::mark_done(&tx, row, &a.message_id, a.recipients)?;
-                        outbox::emit_state(&tx, row, now)?;
-                    }
-                    Reply::Error(e) => {
-                        // Being told to slow down is not a failed attempt: it never uses up the cap.
-                        let counts = e.code != ErrorCode::RateLimited;
-                        let status =
-                            outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, counts, now)?;
-                        tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
-                        if status == OutboxStatus::Dead {
-                            outbox::emit_state(&tx, row, now)?;
-                        }
+
+    /// Work that was claimed but will not be answered here: back to pending.
+    async fn release(&self, work: Vec<Work>) {
+        if work.is_empty() {
+            return;
+        }
+        let result = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                for w in work {
+                    match w {
+                        Work::Send(row) => outbox::release(&tx, &[row])?,
+                        Work::Reads(ids) => inbox::release_reads(&tx, &ids)?,
+                        Work::Group(..) => {}
                     }
                 }
-            }
-            tx.commit()
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %mesh_proto::error::chain(&e), "recording broker answers; the rows' leases will return them");
+                tx.commit()
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "releasing claimed work; leases and start-up will return it");
+        }
     }
+
+    async fn record(&self, inflight: &mut HashMap<u64, InFlight>, replies: Vec<Reply>) {
+        let mut updates = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let id = reply.id().unwrap_or_default();
+            match inflight.remove(&id) {
+                Some(f) => updates.push((f.work, reply)),
+                None => tracing::warn!(request = id, "answer for a request not in flight; ignored"),
+            }
+        }
+        let (mesh, sender) = (self.mesh, self.sender);
+        let result = self
+            .db
+            .call(move |c| {
+                let now = now_ms();
+                let tx = c.transaction()?;
+                for (work, reply) in updates {
+                    match (work, reply) {
+                        (Work::Send(row), Reply::Accepted(a)) => {
+                            outbox::mark_done(&tx, row, &a.message_id, a.recipients)?;
+                            outbox::emit_state(&tx, row, now)?;
+                        }
+                        (Work::Send(row), Reply::Error(e)) => {
+                            // Being told to slow down is not a failed attempt: it never uses up the cap.
+                            let counts = e.code != ErrorCode::RateLimited;
+                            let status =
+                                outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, counts, now)?;
+                            tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
+                            if status == OutboxStatus::Dead {
+                                outbox::emit_state(&tx, row, now)?;
+                            }
+                        }
+                        (Work::Reads(ids), Reply::Ok(_)) => inbox::reads_sent(&tx, &ids)?,
+                        (Work::Reads(ids), reply) => {
+                            tracing::warn!(?reply, "read receipts refused; will retry");
+                            inbox::release_reads(&tx, &ids)?;
+                        }
+                        (Work::Group(g, join), Reply::Ok(_)) => groups::synced(&tx, &mesh, &sender, &g, join)?,
+                        (Work::Group(g, join), Reply::Error(e)) if e.permanent => {
+                            tracing::warn!(group = %g, code = e.code.as_str(), "the broker refused a group change; dropped");
+                            groups::synced(&tx, &mesh, &sender, &g, join)?;
+                        }
+                        (work, reply) => tracing::warn!(?work, ?reply, "unexpected answer; the work will be retried"),
+                    }
+                }
+                tx.commit()
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "recording broker answers; leases will return the work");
+        }
+    }
+}
+
+fn send_frame(id: u64, row: outbox::Claimed) -> String {
+    ClientFrame::Send(SendMessage {
+        id,
+        client_message_id: row.client_message_id,
+        to: row.target,
+        nonce: row.nonce,
+        ciphertext: row.ciphertext,
+        sig: row.sig,
+        ttl_ms: Some(row.expires_at.saturating_sub(now_ms()).max(1)),
+    })
+    .to_json()
 }
 
 async fn sleep_opt(d: Option<Duration>) {
@@ -482,7 +579,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_never_answered_frees_its_window_slot_after_the_lease() {
+    async fn requests_never_answered_are_sent_again_after_the_lease_and_free_the_window() {
         let mut b = FakeBroker::start();
         for i in 0..=WINDOW {
             b.insert(&format!("c-{i}"));
@@ -490,9 +587,16 @@ mod tests {
         for _ in 0..WINDOW {
             b.next_send().await;
         }
-        let t0 = Instant::now();
-        let late = b.next_send().await;
-        assert_eq!(late.client_message_id, format!("c-{WINDOW}"));
-        assert!(t0.elapsed() >= Duration::from_millis(outbox::LEASE_MS), "{:?}", t0.elapsed());
+        b.no_send_for(Duration::from_millis(outbox::LEASE_MS - 1)).await;
+        // The lapsed requests go back to pending and out again, oldest first, with their slots.
+        let mut resent = Vec::new();
+        for _ in 0..WINDOW {
+            resent.push(b.next_send().await);
+        }
+        assert_eq!(resent[0].client_message_id, "c-0");
+        for s in &resent {
+            b.accept(s);
+        }
+        assert_eq!(b.next_send().await.client_message_id, format!("c-{WINDOW}"));
     }
 }

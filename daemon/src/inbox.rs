@@ -58,6 +58,120 @@ pub fn accept_unparsable(
     Ok(())
 }
 
+/// Marks rows of `recipients` read (the given ids, or every unread row) and queues a read receipt for
+/// each one that was filed (`ready`); appends a `read` event per recipient. Returns the rows newly
+/// marked, with their mesh and recipient, so their links can be woken.
+pub fn ack(
+    conn: &Connection,
+    recipients: &[PublicKey],
+    ids: Option<&[i64]>,
+    now: u64,
+) -> rusqlite::Result<Vec<(i64, MeshId, PublicKey)>> {
+    let recipients = keys_json(recipients);
+    let ids = ids.map(|ids| serde_json::to_string(ids).expect("ids serialise"));
+    let mut stmt = conn.prepare_cached(
+        "UPDATE inbox SET read_at = ?3,
+           read_receipt = CASE WHEN status = 'ready' THEN 'pending' ELSE read_receipt END
+         WHERE read_at IS NULL AND recipient IN (SELECT value FROM json_each(?1))
+           AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2)))
+         RETURNING id, mesh_id, recipient",
+    )?;
+    let marked: Vec<(i64, MeshId, PublicKey)> = stmt
+        .query_map(params![recipients, ids, now as i64], |r| Ok((r.get(0)?, parse_col(r.get(1)?)?, parse_col(r.get(2)?)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut by_audience: std::collections::BTreeMap<(MeshId, PublicKey), Vec<i64>> = Default::default();
+    for (id, mesh, key) in &marked {
+        by_audience.entry((*mesh, *key)).or_default().push(*id);
+    }
+    for ((mesh, key), mut ids) in by_audience {
+        ids.sort_unstable();
+        events::append(conn, Some(&mesh), Some(&key), &EventBody::Read { ids }, now)?;
+    }
+    Ok(marked)
+}
+
+fn keys_json(keys: &[PublicKey]) -> String {
+    serde_json::to_string(&keys.iter().map(PublicKey::to_string).collect::<Vec<_>>()).expect("keys serialise")
+}
+
+/// Deletes rows of `recipients`: read ones (and, with `all`, unread and failed ones too), received
+/// before `before` when given. Returns how many.
+pub fn flush(conn: &Connection, recipients: &[PublicKey], before: Option<u64>, all: bool) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM inbox WHERE recipient IN (SELECT value FROM json_each(?1))
+           AND (?3 OR read_at IS NOT NULL) AND (?2 IS NULL OR received_at < ?2)",
+        params![keys_json(recipients), before.map(|t| t as i64), all],
+    )
+}
+
+/// Deletes the given rows of `recipients`; returns the ids that were deleted (others are not theirs,
+/// or gone).
+pub fn delete(conn: &Connection, recipients: &[PublicKey], ids: &[i64]) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM inbox WHERE recipient IN (SELECT value FROM json_each(?1)) AND id IN (SELECT value FROM json_each(?2))
+         RETURNING id",
+    )?;
+    let ids = serde_json::to_string(ids).expect("ids serialise");
+    let mut deleted: Vec<i64> = stmt.query_map(params![keys_json(recipients), ids], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    deleted.sort_unstable();
+    Ok(deleted)
+}
+
+/// Puts a row of `recipients` back to `received` so the worker processes it again (replay). Its
+/// attempts are kept. False when it is not theirs.
+pub fn requeue(conn: &Connection, recipients: &[PublicKey], id: i64) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE inbox SET status = 'received', body = NULL, last_error = NULL
+         WHERE id = ?1 AND recipient IN (SELECT value FROM json_each(?2)) AND message_id NOT LIKE 'unparsable-%'",
+        params![id, keys_json(recipients)],
+    )?;
+    Ok(n == 1)
+}
+
+/// Whether row `id` belongs to one of `recipients`.
+pub fn owned(conn: &Connection, recipients: &[PublicKey], id: i64) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE id = ?1 AND recipient IN (SELECT value FROM json_each(?2)))",
+        params![id, keys_json(recipients)],
+        |r| r.get(0),
+    )
+}
+
+/// Read receipts of (mesh, recipient) waiting to be sent: marked `sending`, oldest first.
+pub fn claim_reads(conn: &Connection, mesh: &MeshId, recipient: &PublicKey, limit: usize) -> rusqlite::Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE inbox SET read_receipt = 'sending'
+         WHERE id IN (SELECT id FROM inbox WHERE mesh_id = ?1 AND recipient = ?2 AND read_receipt = 'pending' ORDER BY id LIMIT ?3)
+         RETURNING id, message_id",
+    )?;
+    let mut rows: Vec<(i64, String)> = stmt
+        .query_map(params![mesh.to_string(), recipient.to_string(), limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    rows.sort_unstable();
+    Ok(rows)
+}
+
+pub fn reads_sent(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("UPDATE inbox SET read_receipt = 'sent' WHERE id = ?1 AND read_receipt = 'sending'")?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
+}
+
+pub fn release_reads(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("UPDATE inbox SET read_receipt = 'pending' WHERE id = ?1 AND read_receipt = 'sending'")?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
+}
+
+/// At start-up, receipts that were being sent are pending again.
+pub fn recover_reads(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute("UPDATE inbox SET read_receipt = 'pending' WHERE read_receipt = 'sending'", [])
+}
+
 /// Rows waiting for the worker.
 fn to_process(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, String, String, String)>> {
     let mut stmt = conn.prepare_cached(
@@ -198,8 +312,7 @@ pub fn list(
     mesh: Option<&MeshId>,
     q: &InboxQuery,
 ) -> rusqlite::Result<Vec<InboxMessage>> {
-    let recipients: Vec<String> = recipients.iter().map(PublicKey::to_string).collect();
-    let recipients = serde_json::to_string(&recipients).expect("strings serialise");
+    let recipients = keys_json(recipients);
     let from = q.from.as_deref();
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM inbox i LEFT JOIN meshes m ON m.id = i.mesh_id

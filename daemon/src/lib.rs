@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod drain;
 pub mod embedded;
 pub mod events;
+pub mod groups;
 pub mod identity;
 pub mod inbox;
 pub mod ipc_server;
@@ -91,7 +92,7 @@ pub fn run(home: Home, options: Options) -> Result<(), StartError> {
 async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let member = identity::load_or_create(&home)?;
     let db = store::open(&home.daemon_db())?;
-    let recovered = db.call_blocking(|c| outbox::recover_inflight(c))?;
+    let recovered = db.call_blocking(|c| Ok(outbox::recover_inflight(c)? + inbox::recover_reads(c)?))?;
     tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), member = %member.identity.key(),
         recovered_inflight = recovered, "daemon starting");
 

@@ -392,6 +392,9 @@ async fn read_loop(
             };
             match wire::decode_server(&text) {
                 Ok(ServerFrame::Deliver(d)) => deliveries.push((d.delivery_id, Ok(d.item), text.to_string())),
+                Ok(ServerFrame::Ok(ok)) => {
+                    let _ = replies.send(Reply::Ok(ok.id));
+                }
                 Ok(ServerFrame::Accepted(a)) => {
                     let _ = replies.send(Reply::Accepted(a));
                 }

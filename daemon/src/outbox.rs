@@ -101,7 +101,7 @@ pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Opt
 const ENTRY_COLUMNS: &str =
     "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
     o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
-    o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count";
+    o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count, o.read_count";
 
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
@@ -125,6 +125,7 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         recipients: r.get(17)?,
         session: r.get(18)?,
         expired_count: r.get(19)?,
+        read_count: r.get(20)?,
     })
 }
 
@@ -434,7 +435,10 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
             "UPDATE outbox SET delivered_at = COALESCE(delivered_at, ?2), delivered_count = delivered_count + 1 WHERE id = ?1",
             params![id, at],
         )?,
-        ReceiptKind::Read => conn.execute("UPDATE outbox SET read_at = COALESCE(read_at, ?2) WHERE id = ?1", params![id, at])?,
+        ReceiptKind::Read => conn.execute(
+            "UPDATE outbox SET read_at = COALESCE(read_at, ?2), read_count = read_count + 1 WHERE id = ?1",
+            params![id, at],
+        )?,
         ReceiptKind::Expired => conn.execute(
             "UPDATE outbox SET last_error = ?2, expired_count = expired_count + 1 WHERE id = ?1",
             params![id, format!("expired undelivered for {}", receipt.recipient)],

@@ -117,6 +117,17 @@ CREATE TABLE events (
 CREATE INDEX events_by_audience ON events(audience, id);
 CREATE INDEX events_by_time ON events(at);
 ALTER TABLE outbox ADD COLUMN expired_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN read_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE inbox ADD COLUMN read_receipt TEXT;
+CREATE INDEX inbox_reads_to_send ON inbox(mesh_id, recipient) WHERE read_receipt IN ('pending', 'sending');
+CREATE TABLE groups (
+    mesh_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    wanted INTEGER NOT NULL,
+    synced INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (mesh_id, key, name)
+);
 CREATE TABLE receipts (
     client_message_id TEXT NOT NULL,
     kind TEXT NOT NULL,

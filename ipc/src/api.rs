@@ -353,6 +353,9 @@ pub struct OutboxEntry {
     /// How many recipients' copies ran out of time before their daemon took them.
     #[serde(default)]
     pub expired_count: u32,
+    /// How many recipients marked it read.
+    #[serde(default)]
+    pub read_count: u32,
 }
 
 /// `GET /v1/outbox/{id}/wait?until=…&timeout_ms=…`: what to wait for.
@@ -363,13 +366,15 @@ pub enum WaitFor {
     Accepted,
     /// Every recipient's daemon committed it (`delivered` receipts from all `recipients`).
     Delivered,
+    /// Every recipient marked it read (`read` receipts from all `recipients`).
+    Read,
 }
 
 impl WaitFor {
     /// Whether `e` can no longer reach this point.
     pub fn unreachable(self, e: &OutboxEntry) -> bool {
         matches!(e.status, OutboxStatus::Dead | OutboxStatus::Aborted)
-            || (self == WaitFor::Delivered && e.expired_count > 0)
+            || (self != WaitFor::Accepted && e.expired_count > 0)
     }
 
     /// Whether `e` has reached this point.
@@ -378,6 +383,7 @@ impl WaitFor {
         match self {
             WaitFor::Accepted => accepted,
             WaitFor::Delivered => accepted && e.delivered_count >= e.recipients.unwrap_or(1),
+            WaitFor::Read => accepted && e.read_count >= e.recipients.unwrap_or(1),
         }
     }
 }

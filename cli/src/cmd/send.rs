@@ -18,7 +18,8 @@ pub struct SendArgs {
     /// Reuse this key to make a retried send idempotent (default: a fresh id)
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    /// Block until the broker accepted it, or every recipient's daemon has it (exit 1 if not in time)
+    /// Block until the broker accepted it, every recipient's daemon has it, or every recipient read it
+    /// (exit 1 if not in time)
     #[arg(long, value_enum)]
     pub wait: Option<Wait>,
     /// How long --wait waits
@@ -32,6 +33,7 @@ pub struct SendArgs {
 pub enum Wait {
     Accepted,
     Delivered,
+    Read,
 }
 
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
@@ -77,6 +79,7 @@ fn wait_for(
     let until = match wait {
         Wait::Accepted => WaitFor::Accepted,
         Wait::Delivered => WaitFor::Delivered,
+        Wait::Read => WaitFor::Read,
     };
     let q = WaitQuery { until, timeout_ms: Some(timeout.as_millis() as u64) };
     let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
@@ -87,6 +90,7 @@ fn wait_for(
         let what = match until {
             WaitFor::Accepted => "accepted by the broker".to_owned(),
             WaitFor::Delivered => format!("delivered to {} recipient(s)", waited.entry.delivered_count),
+            WaitFor::Read => format!("read by {} recipient(s)", waited.entry.read_count),
         };
         println!("{}\n{what}", describe(resp));
     }
@@ -99,6 +103,7 @@ fn wait_for(
             match until {
                 WaitFor::Accepted => "accepted",
                 WaitFor::Delivered => "delivered",
+                WaitFor::Read => "read",
             },
             humantime::format_duration(timeout),
             e.status.as_str()
