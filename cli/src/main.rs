@@ -42,7 +42,7 @@ enum Command {
     Peers(cmd::meshes::PeersArgs),
     /// Send a message: committed to the outbox at once, delivered by the daemon
     Send(cmd::send::SendArgs),
-    /// List received messages (listing never marks them read)
+    /// List received messages (listing never marks them read); ack, flush, delete, replay
     Inbox(cmd::inbox::InboxArgs),
     /// List sent messages and where each stands; retry or abort one
     Outbox(cmd::outbox::OutboxArgs),
@@ -51,6 +51,11 @@ enum Command {
     /// Agent sessions of this daemon
     #[command(subcommand)]
     Session(cmd::session::SessionCommand),
+    /// Join, leave or list groups (@name targets)
+    #[command(subcommand)]
+    Group(cmd::group::GroupCommand),
+    /// Follow your events live: messages, receipts, presence, connection state
+    Watch(cmd::watch::WatchArgs),
     /// Print shell completions
     Completions {
         #[arg(value_enum)]
@@ -74,6 +79,8 @@ fn main() -> ExitCode {
         Command::Outbox(a) => cmd::outbox::run(a),
         Command::Launch(a) => cmd::session::launch(a),
         Command::Session(c) => cmd::session::run(c),
+        Command::Group(c) => cmd::group::run(c),
+        Command::Watch(a) => cmd::watch::run(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());

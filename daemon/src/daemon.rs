@@ -35,6 +35,8 @@ pub struct Daemon {
     pub tracker: TaskTracker,
     pub inbox_wake: Notify,
     pub started_at: u64,
+    /// Fault injection for tests (`MESH_FAULT_DECRYPT_FAILURES=N`): the next N decryptions fail.
+    pub inject_decrypt_failures: std::sync::atomic::AtomicU32,
     /// SHA-256 of the member's bearer token (see `Home::member_token_path`).
     pub member_token_hash: std::sync::OnceLock<String>,
     pub embedded_broker: Mutex<Option<String>>,
@@ -54,6 +56,7 @@ impl Daemon {
             tracker,
             inbox_wake: Notify::new(),
             member_token_hash: std::sync::OnceLock::new(),
+            inject_decrypt_failures: std::sync::atomic::AtomicU32::new(0),
             started_at: now_ms(),
             embedded_broker: Mutex::new(None),
             sessions: SessionRegistry::default(),
@@ -177,6 +180,28 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Whether to fail this decryption on purpose (see `inject_decrypt_failures`).
+    pub fn take_injected_fault(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.inject_decrypt_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Deletes rows past their retention, at start-up and then hourly.
+    pub async fn janitor(self: Arc<Self>, retention: crate::retention::Retention) {
+        let mut tick = tokio::time::interval(crate::retention::SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.db.call(move |c| crate::retention::sweep(c, &retention, now_ms())).await {
+                Ok(s) if s == crate::retention::Swept::default() => {}
+                Ok(s) => tracing::info!(inbox = s.inbox, outbox = s.outbox, events = s.events, "retention: deleted old rows"),
+                Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "retention sweep failed; will retry"),
+            }
+        }
     }
 
     /// Ends sessions whose process is gone, on a timer. A live session has no time limit.

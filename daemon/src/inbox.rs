@@ -226,6 +226,9 @@ fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str) -> Result<S
         return Err("invalid: delivered on another mesh's connection".into());
     }
     let group_key = daemon.group_key(&mesh_id);
+    if daemon.take_injected_fault() {
+        return Err("decrypt_failed: injected fault (MESH_FAULT_DECRYPT_FAILURES)".into());
+    }
     message::open(&env, &identity, group_key.as_ref()).map(|c| c.body).map_err(|e| format!("{}: {e}", e.reason()))
 }
 

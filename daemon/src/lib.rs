@@ -19,6 +19,7 @@ pub mod link;
 pub mod meshes;
 pub mod outbox;
 pub mod process;
+pub mod retention;
 pub mod roster;
 pub mod sessions;
 pub mod store;
@@ -60,6 +61,8 @@ pub enum StartError {
     Db(#[from] mesh_broker::sqlite::DbError),
     #[error(transparent)]
     Embedded(#[from] embedded::EmbeddedError),
+    #[error(transparent)]
+    Config(#[from] retention::ConfigError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -101,6 +104,10 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let daemon = Arc::new(Daemon::new(home.clone(), db, member, shutdown.clone(), tracker.clone()));
     let token = identity::member_token(&home)?;
     let _ = daemon.member_token_hash.set(sessions::token_hash(&token));
+    if let Some(n) = std::env::var("MESH_FAULT_DECRYPT_FAILURES").ok().and_then(|v| v.parse().ok()) {
+        tracing::warn!(failures = n, "fault injection: the next decryptions will fail");
+        daemon.inject_decrypt_failures.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
 
     let mut meshes = daemon.db.call(|c| meshes::list(c)).await?;
     if meshes.iter().any(|m| m.embedded) || (meshes.is_empty() && options.embedded) {
@@ -117,6 +124,7 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     daemon.rehydrate_sessions(&meshes).await?;
     tracker.spawn(inbox::run_worker(daemon.clone()));
     tracker.spawn(daemon.clone().session_reaper());
+    tracker.spawn(daemon.clone().janitor(retention::load(&home)?));
     tracker.spawn(daemon.clone().lease_sweeper());
     tracker.spawn(stop_on_signals(shutdown.clone()));
 

@@ -405,6 +405,77 @@ pub struct WaitResponse {
     pub entry: OutboxEntry,
 }
 
+// --- inbox actions -------------------------------------------------------------------------------
+
+/// `POST /v1/inbox/ack`: mark the caller's messages read (and tell their senders).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxAckRequest {
+    #[serde(default)]
+    pub ids: Vec<i64>,
+    /// Every unread message of the caller.
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxAckResponse {
+    /// The rows newly marked read (rows already read, or not the caller's, are left out).
+    pub acked: Vec<i64>,
+}
+
+/// `POST /v1/inbox/flush`: delete the caller's read messages (`all`: every message).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxFlushRequest {
+    /// Only messages received before this time (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxFlushResponse {
+    pub deleted: u64,
+}
+
+/// `POST /v1/inbox/delete`: delete some of the caller's messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxDeleteRequest {
+    pub ids: Vec<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxDeleteResponse {
+    pub deleted: Vec<i64>,
+    /// Ids that are not the caller's, or do not exist.
+    pub not_found: Vec<i64>,
+}
+
+// --- groups --------------------------------------------------------------------------------------
+
+/// `POST /v1/groups/join` and `/v1/groups/leave`: the caller (member or session) joins or leaves
+/// `@group`. Recorded at once; the caller's connection tells the broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupChange {
+    /// The group name, with or without the `@`.
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+/// `GET /v1/groups`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub group: String,
+    pub mesh: String,
+    /// The key that is in the group (the member's or a session's).
+    pub key: String,
+    /// `true` once joined; `false` while a leave is on its way.
+    pub joined: bool,
+    /// The broker has confirmed the last change.
+    pub synced: bool,
+}
+
 // --- sessions ------------------------------------------------------------------------------------
 
 /// `POST /v1/sessions`: register a launch. The daemon writes the session's token to a 0600 file and

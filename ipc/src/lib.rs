@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod client;
+pub mod events;
 pub mod paths;
 
 pub use client::{IpcClient, IpcError};
@@ -46,6 +47,14 @@ pub mod routes {
     /// The calling session itself (`GET`), or its end (`POST /v1/session/end`).
     pub const SESSION: &str = "/v1/session";
     pub const SESSION_END: &str = "/v1/session/end";
+    pub const INBOX_ACK: &str = "/v1/inbox/ack";
+    pub const INBOX_FLUSH: &str = "/v1/inbox/flush";
+    pub const INBOX_DELETE: &str = "/v1/inbox/delete";
+    /// `POST`: process a row again (after a decrypt failure, say).
+    pub const INBOX_REPLAY: &str = "/v1/inbox/{id}/replay";
+    pub const GROUPS: &str = "/v1/groups";
+    pub const GROUPS_JOIN: &str = "/v1/groups/join";
+    pub const GROUPS_LEAVE: &str = "/v1/groups/leave";
     /// `GET`: Server-Sent Events of the caller (needs a bearer token).
     pub const EVENTS: &str = "/v1/events";
 

@@ -1,12 +1,19 @@
-//! `mesh inbox`.
+//! `mesh inbox` and its actions: ack, flush, delete, replay.
 
-use mesh_ipc::api::{InboxMessage, InboxQuery, InboxStatus, TargetKind};
+use anyhow::bail;
+use mesh_ipc::api::{
+    InboxAckRequest, InboxAckResponse, InboxDeleteRequest, InboxDeleteResponse, InboxFlushRequest, InboxFlushResponse,
+    InboxMessage, InboxQuery, InboxStatus, TargetKind,
+};
 use mesh_ipc::routes;
 
 use crate::output;
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct InboxArgs {
+    #[command(subcommand)]
+    pub action: Option<InboxAction>,
     /// Only messages not yet marked read
     #[arg(long)]
     pub unread: bool,
@@ -22,8 +29,59 @@ pub struct InboxArgs {
     pub json: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum InboxAction {
+    /// Mark messages read and tell their senders (a `read` receipt)
+    Ack {
+        /// Inbox ids (see `mesh inbox`)
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Every unread message
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete read messages (with --all: every message, read or not)
+    Flush {
+        /// Only messages received before this: a time (2026-11-23T10:00:00Z) or an age (2h, 3d)
+        #[arg(long, value_parser = parse_before)]
+        before: Option<u64>,
+        /// Also unread and unreadable messages
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete these messages
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Process a message again (one that failed to verify or decrypt)
+    Replay {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An RFC 3339 time, or an age like `2h` (that long ago), as ms since the epoch.
+fn parse_before(s: &str) -> Result<u64, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).map_err(|e| e.to_string());
+    }
+    let age = humantime::parse_duration(s).map_err(|_| format!("{s:?} is neither a time nor an age like 2h"))?;
+    Ok(mesh_proto::now_ms().saturating_sub(age.as_millis() as u64))
+}
+
 pub fn run(args: InboxArgs) -> anyhow::Result<()> {
     let client = super::client()?;
+    if let Some(action) = args.action {
+        return act(&client, action);
+    }
     let q = InboxQuery { mesh: args.mesh, unread: args.unread, from: args.from, limit: Some(args.limit) };
     let messages: Vec<InboxMessage> = super::block_on(client.get_query(routes::INBOX, &q))??;
     if args.json {
@@ -33,25 +91,71 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
         println!("inbox is empty");
     }
     for m in &messages {
-        let to = match m.kind {
-            TargetKind::Direct => "you".to_owned(),
-            TargetKind::Broadcast => "everyone".to_owned(),
-            TargetKind::Group => m.to.clone(),
-        };
-        let unread = if m.read_at.is_none() { "*" } else { " " };
-        let body = match (m.status, &m.body) {
-            (InboxStatus::Ready, Some(b)) => output::preview(b, 200),
-            (InboxStatus::Failed, _) => format!("[unreadable: {}]", m.error.as_deref().unwrap_or("unknown reason")),
-            _ => "[not yet processed]".to_owned(),
-        };
-        println!(
-            "{unread}#{:<5} {}  {} ({}) → {to} [{}]: {body}",
-            m.id,
-            output::time(m.sent_at),
-            m.from_name,
-            output::short(&m.from),
-            m.mesh
-        );
+        println!("{}", line(m));
+    }
+    Ok(())
+}
+
+fn line(m: &InboxMessage) -> String {
+    let to = match m.kind {
+        TargetKind::Direct => "you".to_owned(),
+        TargetKind::Broadcast => "everyone".to_owned(),
+        TargetKind::Group => m.to.clone(),
+    };
+    let unread = if m.read_at.is_none() { "*" } else { " " };
+    let body = match (m.status, &m.body) {
+        (InboxStatus::Ready, Some(b)) => output::preview(b, 200),
+        (InboxStatus::Failed, _) => format!("[unreadable: {}]", m.error.as_deref().unwrap_or("unknown reason")),
+        _ => "[not yet processed]".to_owned(),
+    };
+    format!(
+        "{unread}#{:<5} {}  {} ({}) → {to} [{}]: {body}",
+        m.id,
+        output::time(m.sent_at),
+        m.from_name,
+        output::short(&m.from),
+        m.mesh
+    )
+}
+
+fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> {
+    match action {
+        InboxAction::Ack { ids, all, json } => {
+            let r: InboxAckResponse = super::block_on(client.post(routes::INBOX_ACK, &InboxAckRequest { ids, all }))??;
+            if json {
+                return super::print_json(&r);
+            }
+            println!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+        }
+        InboxAction::Flush { before, all, json } => {
+            let r: InboxFlushResponse = super::block_on(client.post(routes::INBOX_FLUSH, &InboxFlushRequest { before, all }))??;
+            if json {
+                return super::print_json(&r);
+            }
+            let what = if all { "message(s)" } else { "read message(s)" };
+            println!("deleted {} {what}", r.deleted);
+        }
+        InboxAction::Delete { ids, json } => {
+            let r: InboxDeleteResponse = super::block_on(client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids }))??;
+            if json {
+                super::print_json(&r)?;
+            } else {
+                println!("deleted {} message(s)", r.deleted.len());
+            }
+            if !r.not_found.is_empty() {
+                bail!("not yours, or no such message: {:?}", r.not_found);
+            }
+        }
+        InboxAction::Replay { id, json } => {
+            let m: InboxMessage = super::block_on(client.post(&routes::with_id(routes::INBOX_REPLAY, id), &serde_json::json!({})))??;
+            if json {
+                return super::print_json(&m);
+            }
+            println!("{}", line(&m));
+            if m.status != InboxStatus::Ready {
+                bail!("inbox #{id} is still {}", m.status.as_str());
+            }
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One module per command family; shared plumbing here.
 
 pub mod broker;
+pub mod group;
 pub mod daemon;
 pub mod identity;
 pub mod inbox;
@@ -8,6 +9,7 @@ pub mod meshes;
 pub mod outbox;
 pub mod send;
 pub mod session;
+pub mod watch;
 
 use anyhow::Context;
 use mesh_ipc::{Home, IpcClient, IpcError};
@@ -41,6 +43,18 @@ pub fn client() -> anyhow::Result<IpcClient> {
         )
     })?;
     Ok(client.with_bearer(Some(token.trim().to_owned())))
+}
+
+/// The bearer token for the event stream: the session's inside `mesh launch`, else the member's.
+pub fn stream_token(home: &Home) -> anyhow::Result<String> {
+    let path = match std::env::var_os(mesh_ipc::SESSION_FILE_ENV).filter(|p| !p.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => home.member_token_path(),
+    };
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!("reading the token {} (is the daemon running? it creates the member token)", path.display())
+    })?;
+    Ok(token.trim().to_owned())
 }
 
 /// Runs one future on a single-threaded runtime: every IPC command is one or two requests.

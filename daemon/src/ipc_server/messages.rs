@@ -21,6 +21,8 @@ use crate::roster::{self, SealWith};
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// How long a replay waits for the worker before answering with the row as it stands.
+const REPLAY_WAIT: Duration = Duration::from_secs(10);
 
 /// The request fingerprint of a send, hex SHA-256 over its JSON array of fields (see docs/protocol.md).
 /// The sender's key is part of it: one identity's row never answers another identity's request.
@@ -161,6 +163,68 @@ pub async fn outbox(
 ) -> Result<Json<Vec<OutboxEntry>>, Failure> {
     let scope = caller.scope();
     Ok(Json(d.db.call(move |c| outbox::list(c, &q, scope.as_ref())).await?))
+}
+
+pub async fn ack(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxAckRequest>) -> Result<Json<InboxAckResponse>, Failure> {
+    if req.ids.is_empty() && !req.all {
+        return Err(Failure::bad_request("name the messages to mark read, or pass all"));
+    }
+    let recipients = vec![caller.key(&d)];
+    let ids = (!req.all).then_some(req.ids);
+    let marked = d.db.call(move |c| inbox::ack(c, &recipients, ids.as_deref(), now_ms())).await?;
+    let mut links: Vec<(mesh_proto::MeshId, mesh_proto::PublicKey)> = marked.iter().map(|(_, m, k)| (*m, *k)).collect();
+    links.sort();
+    links.dedup();
+    for (mesh, key) in links {
+        d.wake_drain(&mesh, &key);
+    }
+    d.notify_changed();
+    Ok(Json(InboxAckResponse { acked: marked.into_iter().map(|(id, _, _)| id).collect() }))
+}
+
+pub async fn flush(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxFlushRequest>) -> Result<Json<InboxFlushResponse>, Failure> {
+    let recipients = vec![caller.key(&d)];
+    let deleted = d.db.call(move |c| inbox::flush(c, &recipients, req.before, req.all)).await?;
+    tracing::info!(deleted, "inbox flushed");
+    Ok(Json(InboxFlushResponse { deleted: deleted as u64 }))
+}
+
+pub async fn delete(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxDeleteRequest>) -> Result<Json<InboxDeleteResponse>, Failure> {
+    let recipients = vec![caller.key(&d)];
+    let ids = req.ids.clone();
+    let deleted = d.db.call(move |c| inbox::delete(c, &recipients, &ids)).await?;
+    let not_found = req.ids.into_iter().filter(|id| !deleted.contains(id)).collect();
+    Ok(Json(InboxDeleteResponse { deleted, not_found }))
+}
+
+/// Processes one of the caller's rows again and answers with the result.
+pub async fn replay(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<InboxMessage>, Failure> {
+    let recipients = vec![caller.key(&d)];
+    let mut changed = d.subscribe();
+    changed.borrow_and_update();
+    let requeued = d.db.call(move |c| inbox::requeue(c, &recipients, id)).await?;
+    if !requeued {
+        let recipients = vec![caller.key(&d)];
+        let mine = d.db.call(move |c| inbox::owned(c, &recipients, id)).await?;
+        return Err(if mine {
+            Failure(ApiErrorCode::Conflict, format!("inbox row #{id} could not be parsed at all; it cannot be processed again"))
+        } else {
+            Failure(ApiErrorCode::NotFound, format!("no inbox row #{id} of yours"))
+        });
+    }
+    d.inbox_wake.notify_one();
+    let deadline = tokio::time::Instant::now() + REPLAY_WAIT;
+    loop {
+        let row = d.db.call(move |c| inbox::get(c, id)).await?;
+        if row.status != InboxStatus::Received {
+            return Ok(Json(row));
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(row)),
+            () = d.shutdown.cancelled() => return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
+        }
+    }
 }
 
 fn transition_answer(id: i64, t: Transition, verb: &str, allowed: &str) -> Result<(), Failure> {

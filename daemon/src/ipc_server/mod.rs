@@ -6,6 +6,7 @@
 //! is refused, never downgraded to the member.
 
 mod events;
+mod groups;
 mod meshes;
 mod messages;
 mod sessions;
@@ -204,6 +205,13 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SESSION, get(sessions::whoami))
         .route(routes::SESSION_END, post(sessions::end))
         .route(routes::EVENTS, get(events::stream))
+        .route(routes::INBOX_ACK, post(messages::ack))
+        .route(routes::INBOX_FLUSH, post(messages::flush))
+        .route(routes::INBOX_DELETE, post(messages::delete))
+        .route(routes::INBOX_REPLAY, post(messages::replay))
+        .route(routes::GROUPS, get(groups::list))
+        .route(routes::GROUPS_JOIN, post(groups::join))
+        .route(routes::GROUPS_LEAVE, post(groups::leave))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(check_version))

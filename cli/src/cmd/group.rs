@@ -1,0 +1,54 @@
+//! `mesh group join|leave|list`.
+
+use mesh_ipc::api::{GroupChange, GroupInfo};
+use mesh_ipc::routes;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Join @GROUP: messages sent to it reach you (or the session this runs in)
+    Join(GroupArgs),
+    /// Leave @GROUP
+    Leave(GroupArgs),
+    /// Your groups
+    List(super::JsonArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GroupArgs {
+    /// The group, with or without the @
+    pub group: String,
+    #[arg(long)]
+    pub mesh: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
+    let client = super::client()?;
+    let (groups, json): (Vec<GroupInfo>, bool) = match cmd {
+        GroupCommand::Join(a) => {
+            let body = GroupChange { group: a.group, mesh: a.mesh };
+            (super::block_on(client.post(routes::GROUPS_JOIN, &body))??, a.json)
+        }
+        GroupCommand::Leave(a) => {
+            let body = GroupChange { group: a.group, mesh: a.mesh };
+            (super::block_on(client.post(routes::GROUPS_LEAVE, &body))??, a.json)
+        }
+        GroupCommand::List(a) => (super::block_on(client.get(routes::GROUPS))??, a.json),
+    };
+    if json {
+        return super::print_json(&groups);
+    }
+    if groups.is_empty() {
+        println!("in no groups");
+    }
+    for g in &groups {
+        let state = match (g.joined, g.synced) {
+            (true, true) => "joined",
+            (true, false) => "joining (the broker has not confirmed yet)",
+            (false, _) => "leaving",
+        };
+        println!("@{:<20} mesh {:<16} {state}", g.group, g.mesh);
+    }
+    Ok(())
+}

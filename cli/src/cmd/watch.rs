@@ -1,0 +1,95 @@
+//! `mesh watch`: follow the event stream, resuming after interruptions without losing events.
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use mesh_ipc::api::{Event, EventBody, EventScope};
+use mesh_ipc::events::{self, StreamItem};
+
+use crate::output;
+
+#[derive(clap::Args, Debug)]
+pub struct WatchArgs {
+    /// One JSON object per line
+    #[arg(long)]
+    pub json: bool,
+    /// Start from the first kept event
+    #[arg(long, conflicts_with = "since")]
+    pub replay: bool,
+    /// Start after this event id
+    #[arg(long)]
+    pub since: Option<i64>,
+    /// Every session's events and the member's (needs the member's token; not inside a session)
+    #[arg(long)]
+    pub all: bool,
+    /// Stop after this many events (default: follow until interrupted)
+    #[arg(long)]
+    pub count: Option<usize>,
+}
+
+pub fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let home = super::home()?;
+    let token = super::stream_token(&home)?;
+    let scope = if args.all { EventScope::All } else { EventScope::Own };
+    let since = if args.replay { Some(0) } else { args.since };
+    super::block_on(async move {
+        let stream = events::follow(home.socket_path(), &token, scope, since).map_err(anyhow::Error::msg)?;
+        let mut stream = std::pin::pin!(stream);
+        let mut seen = 0usize;
+        let mut interrupted = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                StreamItem::Event(e) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&e).context("encoding an event")?);
+                    } else {
+                        println!("{}", describe(&e));
+                    }
+                    seen += 1;
+                    if args.count.is_some_and(|n| seen >= n) {
+                        return Ok(());
+                    }
+                }
+                StreamItem::Connected => {
+                    if interrupted {
+                        eprintln!("mesh watch: reconnected; resuming after the last event seen");
+                        interrupted = false;
+                    }
+                }
+                StreamItem::Interrupted(why) => {
+                    if !interrupted {
+                        eprintln!("mesh watch: connection to the daemon lost ({why}); reconnecting");
+                        interrupted = true;
+                    }
+                }
+                StreamItem::Refused { status, message } => bail!("the daemon refused the event stream ({status}): {message}"),
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn describe(e: &Event) -> String {
+    let mesh = e.mesh.as_deref().unwrap_or("-");
+    let what = match &e.body {
+        EventBody::Message(m) => match &m.body {
+            Some(b) => format!("message #{} from {}: {}", m.id, m.from_name, output::preview(b, 120)),
+            None => format!("message #{} from {} [unreadable: {}]", m.id, m.from_name, m.error.as_deref().unwrap_or("?")),
+        },
+        EventBody::Read { ids } => format!("marked read: {ids:?}"),
+        EventBody::Receipt(r) => format!("receipt: outbox #{} {:?} by {}", r.outbox_id, r.kind, output::short(&r.recipient)),
+        EventBody::Outbox(o) => format!(
+            "outbox #{} is {}{}",
+            o.id,
+            o.status.as_str(),
+            o.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+        ),
+        EventBody::Presence(p) => format!("{} {} is {}", p.kind.as_str(), p.name, if p.online { "online" } else { "offline" }),
+        EventBody::Connection(c) => format!(
+            "connection {}{}",
+            c.state.as_str(),
+            c.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+        ),
+        EventBody::Resync { first_id } => format!("events before #{first_id} were pruned; re-read the inbox and outbox"),
+    };
+    format!("{:>6} {} [{mesh}] {what}", e.id, output::time(e.at))
+}
