@@ -525,13 +525,20 @@ pub enum EventScope {
     All,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventsQuery {
     #[serde(default)]
     pub scope: EventScope,
     /// Replay events after this id (the same as the `Last-Event-ID` header, which wins when both are given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<i64>,
+    /// `false`: end the stream once it has caught up, instead of following new events.
+    #[serde(default = "yes")]
+    pub follow: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One event of the stream. Ids are durable and increase; `Last-Event-ID` resumes after one.

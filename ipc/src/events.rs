@@ -31,20 +31,24 @@ pub enum StreamItem {
     Interrupted(String),
     /// The daemon refused the stream (bad token, say); it will not get better by retrying.
     Refused { status: u16, message: String },
+    /// A non-following stream caught up.
+    End,
 }
 
-/// Follows the event stream of `scope` as `token`, from after `since` (or from now).
+/// Follows the event stream of `scope` as `token`, from after `since` (or from now). With `follow`
+/// false, the stream ends once it has caught up (and is not reconnected).
 pub fn follow(
     socket: PathBuf,
     token: &str,
     scope: EventScope,
     since: Option<i64>,
+    follow: bool,
 ) -> Result<impl Stream<Item = StreamItem> + Send, String> {
     let scope = match scope {
         EventScope::Own => "self",
         EventScope::All => "all",
     };
-    let url = format!("http://localhost{}?scope={scope}", routes::EVENTS);
+    let url = format!("http://localhost{}?scope={scope}&follow={follow}", routes::EVENTS);
     let mut builder = ClientBuilder::for_url(&url)
         .map_err(|e| e.to_string())?
         .header("authorization", &format!("Bearer {token}"))
@@ -52,7 +56,7 @@ pub fn follow(
         .header(VERSION_HEADER, &IPC_VERSION.to_string())
         .map_err(|e| e.to_string())?
         .reconnect(
-            ReconnectOptions::reconnect(true)
+            ReconnectOptions::reconnect(follow)
                 .retry_initial(true)
                 .delay(Duration::from_millis(200))
                 .backoff_factor(2)
@@ -63,7 +67,7 @@ pub fn follow(
         builder = builder.last_event_id(id.to_string());
     }
     let client = builder.build_with_transport(UnixTransport { socket });
-    Ok(client.stream().then(|item| async move {
+    Ok(client.stream().then(move |item| async move {
         match item {
             Ok(SSE::Event(e)) => match serde_json::from_str::<Event>(&e.data) {
                 Ok(ev) => StreamItem::Event(Box::new(ev)),
@@ -73,9 +77,11 @@ pub fn follow(
             Err(eventsource_client::Error::UnexpectedResponse(resp, body)) if resp.status() < 500 => {
                 StreamItem::Refused { status: resp.status(), message: error_message(body.into_stream()).await }
             }
+            Err(eventsource_client::Error::Eof) if !follow => StreamItem::End,
             Err(e) => StreamItem::Interrupted(e.to_string()),
         }
-    }))
+    })
+    .take_while(|item| std::future::ready(!matches!(item, StreamItem::End))))
 }
 
 /// The daemon's error message from an error response body (its first few KiB).

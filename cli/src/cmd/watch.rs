@@ -24,6 +24,9 @@ pub struct WatchArgs {
     /// Stop after this many events (default: follow until interrupted)
     #[arg(long)]
     pub count: Option<usize>,
+    /// Print what is there and exit instead of following new events
+    #[arg(long)]
+    pub no_follow: bool,
 }
 
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -32,7 +35,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let scope = if args.all { EventScope::All } else { EventScope::Own };
     let since = if args.replay { Some(0) } else { args.since };
     super::block_on(async move {
-        let stream = events::follow(home.socket_path(), &token, scope, since).map_err(anyhow::Error::msg)?;
+        let stream = events::follow(home.socket_path(), &token, scope, since, !args.no_follow).map_err(anyhow::Error::msg)?;
         let mut stream = std::pin::pin!(stream);
         let mut seen = 0usize;
         let mut interrupted = false;
@@ -55,6 +58,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
                         interrupted = false;
                     }
                 }
+                StreamItem::Interrupted(why) if args.no_follow => bail!("the event stream broke off: {why}"),
                 StreamItem::Interrupted(why) => {
                     if !interrupted {
                         eprintln!("mesh watch: connection to the daemon lost ({why}); reconnecting");
@@ -62,6 +66,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
                     }
                 }
                 StreamItem::Refused { status, message } => bail!("the daemon refused the event stream ({status}): {message}"),
+                StreamItem::End => return Ok(()),
             }
         }
         Ok(())

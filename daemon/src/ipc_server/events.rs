@@ -81,7 +81,7 @@ pub async fn stream(
         body: EventBody::Resync { first_id },
     });
     let head = stream::iter(resync.map(|e| Ok(to_sse(&e, false))));
-    let tail = follow(d, scope, after).flat_map(|batch| stream::iter(batch.into_iter().map(|e| Ok(to_sse(&e, true)))));
+    let tail = follow(d, scope, after, q.follow).flat_map(|batch| stream::iter(batch.into_iter().map(|e| Ok(to_sse(&e, true)))));
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -94,10 +94,10 @@ fn to_sse(e: &Event, with_id: bool) -> SseEvent {
 }
 
 /// Batches of events after `after`, read from SQLite whenever the daemon signals a change; ends when
-/// the daemon shuts down.
-fn follow(d: Arc<Daemon>, scope: Scope, after: i64) -> impl Stream<Item = Vec<Event>> {
+/// the daemon shuts down, or (`keep_following` false) once caught up.
+fn follow(d: Arc<Daemon>, scope: Scope, after: i64, keep_following: bool) -> impl Stream<Item = Vec<Event>> {
     let changed = d.subscribe();
-    stream::unfold((d, scope, after, changed), |(d, scope, mut after, mut changed)| async move {
+    stream::unfold((d, scope, after, changed), move |(d, scope, mut after, mut changed)| async move {
         loop {
             changed.borrow_and_update();
             let s = scope.clone();
@@ -106,6 +106,7 @@ fn follow(d: Arc<Daemon>, scope: Scope, after: i64) -> impl Stream<Item = Vec<Ev
                     after = batch.last().map_or(after, |e| e.id);
                     return Some((batch, (d, scope, after, changed)));
                 }
+                Ok(_) if !keep_following => return None,
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "reading events; retrying"),
             }
