@@ -402,15 +402,27 @@ impl Connection {
             },
             Ok(ClientFrame::Read(req)) => {
                 let result = self.shared.store.record_reads(self.mesh(), self.key(), req.message_ids, now_ms()).await;
-                self.answer(req.id, result.map(|senders| {
-                    for sender in senders {
-                        self.shared.hub.wake(self.mesh(), &sender);
-                    }
-                }))
+                self.answer(
+                    req.id,
+                    result.map(|senders| {
+                        for sender in senders {
+                            self.shared.hub.wake(self.mesh(), &sender);
+                        }
+                    }),
+                )
                 .await
             }
-            Ok(ClientFrame::JoinGroup(req) | ClientFrame::LeaveGroup(req)) if mesh_proto::names::validate_group(&req.group).is_err() => {
-                self.send_error(ErrorFrame::new(ErrorCode::InvalidName, format!("group {:?}: use 1-64 of a-z 0-9 - _ .", req.group)).with_id(Some(req.id))).await
+            Ok(ClientFrame::JoinGroup(req) | ClientFrame::LeaveGroup(req))
+                if mesh_proto::names::validate_group(&req.group).is_err() =>
+            {
+                self.send_error(
+                    ErrorFrame::new(
+                        ErrorCode::InvalidName,
+                        format!("group {:?}: use 1-64 of a-z 0-9 - _ .", req.group),
+                    )
+                    .with_id(Some(req.id)),
+                )
+                .await
             }
             Ok(ClientFrame::JoinGroup(req)) => {
                 let done = self.shared.store.set_group(self.mesh(), self.key(), req.group, true).await;

@@ -468,7 +468,11 @@ async fn read_receipts_reach_the_sender_once_and_only_from_an_addressee() {
     t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
     assert_eq!(next_receipt(&mut t.ca).await.kind, ReceiptKind::Delivered);
 
-    t.cb.send(&ClientFrame::Read(ReadReceipts { id: 7, message_ids: vec![accepted.message_id.clone(), "no-such-id".into()] })).await;
+    t.cb.send(&ClientFrame::Read(ReadReceipts {
+        id: 7,
+        message_ids: vec![accepted.message_id.clone(), "no-such-id".into()],
+    }))
+    .await;
     assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 7));
     let read = next_receipt(&mut t.ca).await;
     assert_eq!((read.kind, read.recipient, read.client_message_id.as_str()), (ReceiptKind::Read, t.b.key(), "c-1"));
@@ -501,8 +505,17 @@ async fn group_messages_reach_current_members_only() {
     let group_send = |id: u64, cmid: &str| {
         let to = mesh_proto::Target::Group("ops".into());
         let gk = mesh_proto::crypto::GroupKey::generate();
-        let sealed = message::seal(&t.a, &t.mesh, cmid, &to, SealKey::Group(&gk), &Content { body: "x".into(), reply_to: None });
-        SendMessage { id, client_message_id: cmid.into(), to, nonce: sealed.nonce, ciphertext: sealed.ciphertext, sig: sealed.sig, ttl_ms: None }
+        let sealed =
+            message::seal(&t.a, &t.mesh, cmid, &to, SealKey::Group(&gk), &Content { body: "x".into(), reply_to: None });
+        SendMessage {
+            id,
+            client_message_id: cmid.into(),
+            to,
+            nonce: sealed.nonce,
+            ciphertext: sealed.ciphertext,
+            sig: sealed.sig,
+            ttl_ms: None,
+        }
     };
     t.ca.send(&ClientFrame::Send(group_send(1, "g-1"))).await;
     expect_error(t.ca.recv_non_presence().await, ErrorCode::RecipientUnknown);

@@ -198,7 +198,9 @@ impl Daemon {
             }
             match self.db.call(move |c| crate::retention::sweep(c, &retention, now_ms())).await {
                 Ok(s) if s == crate::retention::Swept::default() => {}
-                Ok(s) => tracing::info!(inbox = s.inbox, outbox = s.outbox, events = s.events, "retention: deleted old rows"),
+                Ok(s) => {
+                    tracing::info!(inbox = s.inbox, outbox = s.outbox, events = s.events, "retention: deleted old rows")
+                }
                 Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "retention sweep failed; will retry"),
             }
         }

@@ -95,7 +95,8 @@ impl Drain {
         'drain: loop {
             // An answer that never came (the broker lost the request, or answered without its id) must
             // not hold a window slot forever: after the lease, the sweeper owns the row again.
-            let lapsed: Vec<u64> = inflight.iter().filter(|(_, f)| f.sent.elapsed() >= lease).map(|(id, _)| *id).collect();
+            let lapsed: Vec<u64> =
+                inflight.iter().filter(|(_, f)| f.sent.elapsed() >= lease).map(|(id, _)| *id).collect();
             for id in lapsed {
                 if let Some(f) = inflight.remove(&id) {
                     tracing::warn!(request = id, work = ?f.work, "no answer within the lease; it will be sent again");
@@ -185,11 +186,17 @@ impl Drain {
     }
 
     /// Claims due outbox rows, then (if none is in flight) a batch of read receipts, then group changes.
-    async fn claim(&self, room: usize, inflight: &HashMap<u64, InFlight>) -> Result<Claimed, mesh_broker::sqlite::DbError> {
+    async fn claim(
+        &self,
+        room: usize,
+        inflight: &HashMap<u64, InFlight>,
+    ) -> Result<Claimed, mesh_broker::sqlite::DbError> {
         let (mesh, sender) = (self.mesh, self.sender);
         let reads_in_flight = inflight.values().any(|f| matches!(f.work, Work::Reads(_)));
-        let groups_in_flight: Vec<String> =
-            inflight.values().filter_map(|f| if let Work::Group(g, _) = &f.work { Some(g.clone()) } else { None }).collect();
+        let groups_in_flight: Vec<String> = inflight
+            .values()
+            .filter_map(|f| if let Work::Group(g, _) = &f.work { Some(g.clone()) } else { None })
+            .collect();
         self.db
             .call(move |c| {
                 let now = now_ms();

@@ -18,7 +18,9 @@ pub fn want(conn: &Connection, mesh: &MeshId, key: &PublicKey, name: &str, join:
 
 /// Changes the broker has not confirmed yet: (group, join?).
 pub fn to_sync(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Vec<(String, bool)>> {
-    let mut stmt = conn.prepare_cached("SELECT name, wanted FROM groups WHERE mesh_id = ?1 AND key = ?2 AND synced = 0 ORDER BY name")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, wanted FROM groups WHERE mesh_id = ?1 AND key = ?2 AND synced = 0 ORDER BY name",
+    )?;
     stmt.query_map(params![mesh.to_string(), key.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }
 

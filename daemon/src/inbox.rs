@@ -77,7 +77,9 @@ pub fn ack(
          RETURNING id, mesh_id, recipient",
     )?;
     let marked: Vec<(i64, MeshId, PublicKey)> = stmt
-        .query_map(params![recipients, ids, now as i64], |r| Ok((r.get(0)?, parse_col(r.get(1)?)?, parse_col(r.get(2)?)?)))?
+        .query_map(params![recipients, ids, now as i64], |r| {
+            Ok((r.get(0)?, parse_col(r.get(1)?)?, parse_col(r.get(2)?)?))
+        })?
         .collect::<Result<_, _>>()?;
     let mut by_audience: std::collections::BTreeMap<(MeshId, PublicKey), Vec<i64>> = Default::default();
     for (id, mesh, key) in &marked {
@@ -112,7 +114,8 @@ pub fn delete(conn: &Connection, recipients: &[PublicKey], ids: &[i64]) -> rusql
          RETURNING id",
     )?;
     let ids = serde_json::to_string(ids).expect("ids serialise");
-    let mut deleted: Vec<i64> = stmt.query_map(params![keys_json(recipients), ids], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut deleted: Vec<i64> =
+        stmt.query_map(params![keys_json(recipients), ids], |r| r.get(0))?.collect::<Result<_, _>>()?;
     deleted.sort_unstable();
     Ok(deleted)
 }
@@ -138,7 +141,12 @@ pub fn owned(conn: &Connection, recipients: &[PublicKey], id: i64) -> rusqlite::
 }
 
 /// Read receipts of (mesh, recipient) waiting to be sent: marked `sending`, oldest first.
-pub fn claim_reads(conn: &Connection, mesh: &MeshId, recipient: &PublicKey, limit: usize) -> rusqlite::Result<Vec<(i64, String)>> {
+pub fn claim_reads(
+    conn: &Connection,
+    mesh: &MeshId,
+    recipient: &PublicKey,
+    limit: usize,
+) -> rusqlite::Result<Vec<(i64, String)>> {
     let mut stmt = conn.prepare_cached(
         "UPDATE inbox SET read_receipt = 'sending'
          WHERE id IN (SELECT id FROM inbox WHERE mesh_id = ?1 AND recipient = ?2 AND read_receipt = 'pending' ORDER BY id LIMIT ?3)
@@ -152,7 +160,8 @@ pub fn claim_reads(conn: &Connection, mesh: &MeshId, recipient: &PublicKey, limi
 }
 
 pub fn reads_sent(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("UPDATE inbox SET read_receipt = 'sent' WHERE id = ?1 AND read_receipt = 'sending'")?;
+    let mut stmt =
+        conn.prepare_cached("UPDATE inbox SET read_receipt = 'sent' WHERE id = ?1 AND read_receipt = 'sending'")?;
     for id in ids {
         stmt.execute([id])?;
     }
@@ -160,7 +169,8 @@ pub fn reads_sent(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
 }
 
 pub fn release_reads(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("UPDATE inbox SET read_receipt = 'pending' WHERE id = ?1 AND read_receipt = 'sending'")?;
+    let mut stmt =
+        conn.prepare_cached("UPDATE inbox SET read_receipt = 'pending' WHERE id = ?1 AND read_receipt = 'sending'")?;
     for id in ids {
         stmt.execute([id])?;
     }

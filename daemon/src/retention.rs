@@ -68,7 +68,8 @@ pub fn sweep(conn: &mut Connection, r: &Retention, now: u64) -> rusqlite::Result
     let before = |days: u64| now.saturating_sub(days.saturating_mul(DAY_MS)) as i64;
     let tx = conn.transaction()?;
     let mut swept = Swept::default();
-    swept.inbox += tx.execute("DELETE FROM inbox WHERE status = 'failed' AND received_at < ?1", [before(r.failed_days)])?;
+    swept.inbox +=
+        tx.execute("DELETE FROM inbox WHERE status = 'failed' AND received_at < ?1", [before(r.failed_days)])?;
     // A read row whose read receipt has not gone out yet stays until it has.
     swept.inbox += tx.execute(
         "DELETE FROM inbox WHERE read_at IS NOT NULL AND read_at < ?1 AND COALESCE(read_receipt, 'sent') = 'sent'",
@@ -78,7 +79,8 @@ pub fn sweep(conn: &mut Connection, r: &Retention, now: u64) -> rusqlite::Result
         "DELETE FROM outbox WHERE status IN ('done', 'aborted') AND enqueued_at < ?1",
         [before(r.outbox_days)],
     )?;
-    swept.outbox += tx.execute("DELETE FROM outbox WHERE status = 'dead' AND enqueued_at < ?1", [before(r.dead_days)])?;
+    swept.outbox +=
+        tx.execute("DELETE FROM outbox WHERE status = 'dead' AND enqueued_at < ?1", [before(r.dead_days)])?;
     tx.execute(
         "DELETE FROM receipts WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.client_message_id = receipts.client_message_id)",
         params![],
@@ -97,7 +99,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = crate::store::open(&dir.path().join("d.db")).expect("db");
         let now = 100 * DAY_MS;
-        let insert = |c: &Connection, id: i64, status: &str, received: u64, read: Option<u64>, receipt: Option<&str>| {
+        let insert = |c: &Connection,
+                      id: i64,
+                      status: &str,
+                      received: u64,
+                      read: Option<u64>,
+                      receipt: Option<&str>| {
             c.execute(
                 "INSERT INTO inbox (id, mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
                    status, sent_at, received_at, read_at, read_receipt)
@@ -114,7 +121,10 @@ mod tests {
             insert(c, 6, "failed", now - 20 * DAY_MS, None, None)?; // failed 20 days ago: kept
             let swept = sweep(c, &Retention::default(), now)?;
             assert_eq!(swept.inbox, 2);
-            let left: Vec<i64> = c.prepare("SELECT id FROM inbox ORDER BY id")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let left: Vec<i64> = c
+                .prepare("SELECT id FROM inbox ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
             assert_eq!(left, vec![1, 3, 4, 6]);
             Ok(())
         })

@@ -30,7 +30,10 @@ pub enum StreamItem {
     /// The connection failed or ended; the client is reconnecting.
     Interrupted(String),
     /// The daemon refused the stream (bad token, say); it will not get better by retrying.
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+    },
     /// A non-following stream caught up.
     End,
 }
@@ -67,21 +70,23 @@ pub fn follow(
         builder = builder.last_event_id(id.to_string());
     }
     let client = builder.build_with_transport(UnixTransport { socket });
-    Ok(client.stream().then(move |item| async move {
-        match item {
-            Ok(SSE::Event(e)) => match serde_json::from_str::<Event>(&e.data) {
-                Ok(ev) => StreamItem::Event(Box::new(ev)),
-                Err(err) => StreamItem::Interrupted(format!("undecodable event {:?}: {err}", e.event_type)),
-            },
-            Ok(SSE::Connected(_) | SSE::Comment(_)) => StreamItem::Connected,
-            Err(eventsource_client::Error::UnexpectedResponse(resp, body)) if resp.status() < 500 => {
-                StreamItem::Refused { status: resp.status(), message: error_message(body.into_stream()).await }
+    Ok(client
+        .stream()
+        .then(move |item| async move {
+            match item {
+                Ok(SSE::Event(e)) => match serde_json::from_str::<Event>(&e.data) {
+                    Ok(ev) => StreamItem::Event(Box::new(ev)),
+                    Err(err) => StreamItem::Interrupted(format!("undecodable event {:?}: {err}", e.event_type)),
+                },
+                Ok(SSE::Connected(_) | SSE::Comment(_)) => StreamItem::Connected,
+                Err(eventsource_client::Error::UnexpectedResponse(resp, body)) if resp.status() < 500 => {
+                    StreamItem::Refused { status: resp.status(), message: error_message(body.into_stream()).await }
+                }
+                Err(eventsource_client::Error::Eof) if !follow => StreamItem::End,
+                Err(e) => StreamItem::Interrupted(e.to_string()),
             }
-            Err(eventsource_client::Error::Eof) if !follow => StreamItem::End,
-            Err(e) => StreamItem::Interrupted(e.to_string()),
-        }
-    })
-    .take_while(|item| std::future::ready(!matches!(item, StreamItem::End))))
+        })
+        .take_while(|item| std::future::ready(!matches!(item, StreamItem::End))))
 }
 
 /// The daemon's error message from an error response body (its first few KiB).

@@ -166,8 +166,13 @@ pub trait Store: Send + Sync + 'static {
     /// Records that `reader` read these messages and queues a `read` receipt for each one's sender,
     /// once per (message, reader), and only for messages addressed to the reader. Returns the senders
     /// to wake; unknown or expired message ids are skipped.
-    async fn record_reads(&self, mesh: MeshId, reader: PublicKey, message_ids: Vec<String>, now: u64)
-    -> Result<Vec<PublicKey>, StoreError>;
+    async fn record_reads(
+        &self,
+        mesh: MeshId,
+        reader: PublicKey,
+        message_ids: Vec<String>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError>;
     /// Adds `key` to `@group` (or removes it); idempotent.
     async fn set_group(&self, mesh: MeshId, key: PublicKey, group: String, member: bool) -> Result<(), StoreError>;
     /// Queues a receipt for `to`.

@@ -16,7 +16,8 @@ use crate::sqlite::{Db, DbError, parse_col as parse};
 /// Receipts live as long as a message's default TTL: the sender may be offline for that long.
 const RECEIPT_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meshes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -77,7 +78,8 @@ CREATE TABLE queue (
 CREATE INDEX queue_by_recipient ON queue(mesh_id, recipient, id);
 CREATE INDEX queue_by_message ON queue(message_seq) WHERE message_seq IS NOT NULL;
 CREATE INDEX queue_by_expiry ON queue(expires_at);
-"#, r#"
+"#,
+    r#"
 CREATE INDEX messages_by_id ON messages(mesh_id, message_id);
 ALTER TABLE messages ADD COLUMN target TEXT;
 CREATE TABLE reads (
@@ -87,7 +89,8 @@ CREATE TABLE reads (
     at INTEGER NOT NULL,
     PRIMARY KEY (mesh_id, message_id, reader)
 );
-"#];
+"#,
+];
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {

@@ -128,7 +128,8 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             println!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
         }
         InboxAction::Flush { before, all, json } => {
-            let r: InboxFlushResponse = super::block_on(client.post(routes::INBOX_FLUSH, &InboxFlushRequest { before, all }))??;
+            let r: InboxFlushResponse =
+                super::block_on(client.post(routes::INBOX_FLUSH, &InboxFlushRequest { before, all }))??;
             if json {
                 return super::print_json(&r);
             }
@@ -136,7 +137,8 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             println!("deleted {} {what}", r.deleted);
         }
         InboxAction::Delete { ids, json } => {
-            let r: InboxDeleteResponse = super::block_on(client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids }))??;
+            let r: InboxDeleteResponse =
+                super::block_on(client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids }))??;
             if json {
                 super::print_json(&r)?;
             } else {
@@ -147,7 +149,8 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             }
         }
         InboxAction::Replay { id, json } => {
-            let m: InboxMessage = super::block_on(client.post(&routes::with_id(routes::INBOX_REPLAY, id), &serde_json::json!({})))??;
+            let m: InboxMessage =
+                super::block_on(client.post(&routes::with_id(routes::INBOX_REPLAY, id), &serde_json::json!({})))??;
             if json {
                 return super::print_json(&m);
             }

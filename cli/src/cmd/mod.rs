@@ -1,8 +1,8 @@
 //! One module per command family; shared plumbing here.
 
 pub mod broker;
-pub mod group;
 pub mod daemon;
+pub mod group;
 pub mod identity;
 pub mod inbox;
 pub mod meshes;

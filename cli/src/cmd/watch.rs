@@ -35,7 +35,8 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let scope = if args.all { EventScope::All } else { EventScope::Own };
     let since = if args.replay { Some(0) } else { args.since };
     super::block_on(async move {
-        let stream = events::follow(home.socket_path(), &token, scope, since, !args.no_follow).map_err(anyhow::Error::msg)?;
+        let stream =
+            events::follow(home.socket_path(), &token, scope, since, !args.no_follow).map_err(anyhow::Error::msg)?;
         let mut stream = std::pin::pin!(stream);
         let mut seen = 0usize;
         let mut interrupted = false;
@@ -65,7 +66,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
                         interrupted = true;
                     }
                 }
-                StreamItem::Refused { status, message } => bail!("the daemon refused the event stream ({status}): {message}"),
+                StreamItem::Refused { status, message } => {
+                    bail!("the daemon refused the event stream ({status}): {message}")
+                }
                 StreamItem::End => return Ok(()),
             }
         }
@@ -78,23 +81,31 @@ fn describe(e: &Event) -> String {
     let what = match &e.body {
         EventBody::Message(m) => match &m.body {
             Some(b) => format!("message #{} from {}: {}", m.id, m.from_name, output::preview(b, 120)),
-            None => format!("message #{} from {} [unreadable: {}]", m.id, m.from_name, m.error.as_deref().unwrap_or("?")),
+            None => {
+                format!("message #{} from {} [unreadable: {}]", m.id, m.from_name, m.error.as_deref().unwrap_or("?"))
+            }
         },
         EventBody::Read { ids } => format!("marked read: {ids:?}"),
-        EventBody::Receipt(r) => format!("receipt: outbox #{} {:?} by {}", r.outbox_id, r.kind, output::short(&r.recipient)),
+        EventBody::Receipt(r) => {
+            format!("receipt: outbox #{} {:?} by {}", r.outbox_id, r.kind, output::short(&r.recipient))
+        }
         EventBody::Outbox(o) => format!(
             "outbox #{} is {}{}",
             o.id,
             o.status.as_str(),
             o.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
-        EventBody::Presence(p) => format!("{} {} is {}", p.kind.as_str(), p.name, if p.online { "online" } else { "offline" }),
+        EventBody::Presence(p) => {
+            format!("{} {} is {}", p.kind.as_str(), p.name, if p.online { "online" } else { "offline" })
+        }
         EventBody::Connection(c) => format!(
             "connection {}{}",
             c.state.as_str(),
             c.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
-        EventBody::Resync { first_id } => format!("events before #{first_id} were pruned; re-read the inbox and outbox"),
+        EventBody::Resync { first_id } => {
+            format!("events before #{first_id} were pruned; re-read the inbox and outbox")
+        }
     };
     format!("{:>6} {} [{mesh}] {what}", e.id, output::time(e.at))
 }

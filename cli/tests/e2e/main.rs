@@ -2,6 +2,7 @@
 //! `MESH_HOME`, real brokers on loopback, real SQLite files.
 
 mod flows;
+mod inbox;
 mod ipc_input;
 mod lifecycle;
 mod outbox;

@@ -81,7 +81,8 @@ pub async fn stream(
         body: EventBody::Resync { first_id },
     });
     let head = stream::iter(resync.map(|e| Ok(to_sse(&e, false))));
-    let tail = follow(d, scope, after, q.follow).flat_map(|batch| stream::iter(batch.into_iter().map(|e| Ok(to_sse(&e, true)))));
+    let tail = follow(d, scope, after, q.follow)
+        .flat_map(|batch| stream::iter(batch.into_iter().map(|e| Ok(to_sse(&e, true)))));
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 

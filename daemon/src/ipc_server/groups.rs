@@ -11,7 +11,12 @@ use super::{Body, Caller, Failure, pick_mesh};
 use crate::daemon::Daemon;
 use crate::groups;
 
-async fn change(d: &Arc<Daemon>, caller: &Caller, req: GroupChange, join: bool) -> Result<Json<Vec<GroupInfo>>, Failure> {
+async fn change(
+    d: &Arc<Daemon>,
+    caller: &Caller,
+    req: GroupChange,
+    join: bool,
+) -> Result<Json<Vec<GroupInfo>>, Failure> {
     let name = req.group.strip_prefix('@').unwrap_or(&req.group).to_owned();
     names::validate_group(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
     let mesh = match caller {
@@ -24,11 +29,19 @@ async fn change(d: &Arc<Daemon>, caller: &Caller, req: GroupChange, join: bool) 
     list(State(d.clone()), caller.clone()).await
 }
 
-pub async fn join(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<GroupChange>) -> Result<Json<Vec<GroupInfo>>, Failure> {
+pub async fn join(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<GroupChange>,
+) -> Result<Json<Vec<GroupInfo>>, Failure> {
     change(&d, &caller, req, true).await
 }
 
-pub async fn leave(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<GroupChange>) -> Result<Json<Vec<GroupInfo>>, Failure> {
+pub async fn leave(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<GroupChange>,
+) -> Result<Json<Vec<GroupInfo>>, Failure> {
     change(&d, &caller, req, false).await
 }
 

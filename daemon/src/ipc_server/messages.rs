@@ -165,7 +165,11 @@ pub async fn outbox(
     Ok(Json(d.db.call(move |c| outbox::list(c, &q, scope.as_ref())).await?))
 }
 
-pub async fn ack(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxAckRequest>) -> Result<Json<InboxAckResponse>, Failure> {
+pub async fn ack(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<InboxAckRequest>,
+) -> Result<Json<InboxAckResponse>, Failure> {
     if req.ids.is_empty() && !req.all {
         return Err(Failure::bad_request("name the messages to mark read, or pass all"));
     }
@@ -182,14 +186,22 @@ pub async fn ack(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<I
     Ok(Json(InboxAckResponse { acked: marked.into_iter().map(|(id, _, _)| id).collect() }))
 }
 
-pub async fn flush(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxFlushRequest>) -> Result<Json<InboxFlushResponse>, Failure> {
+pub async fn flush(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<InboxFlushRequest>,
+) -> Result<Json<InboxFlushResponse>, Failure> {
     let recipients = vec![caller.key(&d)];
     let deleted = d.db.call(move |c| inbox::flush(c, &recipients, req.before, req.all)).await?;
     tracing::info!(deleted, "inbox flushed");
     Ok(Json(InboxFlushResponse { deleted: deleted as u64 }))
 }
 
-pub async fn delete(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Body<InboxDeleteRequest>) -> Result<Json<InboxDeleteResponse>, Failure> {
+pub async fn delete(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<InboxDeleteRequest>,
+) -> Result<Json<InboxDeleteResponse>, Failure> {
     let recipients = vec![caller.key(&d)];
     let ids = req.ids.clone();
     let deleted = d.db.call(move |c| inbox::delete(c, &recipients, &ids)).await?;
@@ -198,7 +210,11 @@ pub async fn delete(State(d): State<Arc<Daemon>>, caller: Caller, Body(req): Bod
 }
 
 /// Processes one of the caller's rows again and answers with the result.
-pub async fn replay(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path<i64>) -> Result<Json<InboxMessage>, Failure> {
+pub async fn replay(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<InboxMessage>, Failure> {
     let recipients = vec![caller.key(&d)];
     let mut changed = d.subscribe();
     changed.borrow_and_update();
@@ -207,7 +223,10 @@ pub async fn replay(State(d): State<Arc<Daemon>>, caller: Caller, Path(id): Path
         let recipients = vec![caller.key(&d)];
         let mine = d.db.call(move |c| inbox::owned(c, &recipients, id)).await?;
         return Err(if mine {
-            Failure(ApiErrorCode::Conflict, format!("inbox row #{id} could not be parsed at all; it cannot be processed again"))
+            Failure(
+                ApiErrorCode::Conflict,
+                format!("inbox row #{id} could not be parsed at all; it cannot be processed again"),
+            )
         } else {
             Failure(ApiErrorCode::NotFound, format!("no inbox row #{id} of yours"))
         });
