@@ -376,8 +376,7 @@ mod tests {
 
     impl FakeBroker {
         fn start() -> FakeBroker {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+            let (dir, db) = crate::store::temp_db();
             let (out_tx, out) = mpsc::channel(1024);
             let (replies, reply_rx) = mpsc::unbounded_channel();
             let (wake, stop) = (Arc::new(Notify::new()), CancellationToken::new());

@@ -128,8 +128,7 @@ mod tests {
 
     #[test]
     fn scopes_select_by_audience_and_mesh_and_ids_only_grow() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+        let (_dir, db) = crate::store::temp_db();
         let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
         let (m1, m2) = (MeshId([1; 16]), MeshId([2; 16]));
         let conn_event = |k: &PublicKey| {

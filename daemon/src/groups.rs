@@ -66,8 +66,7 @@ mod tests {
 
     #[test]
     fn changes_wait_until_confirmed_and_a_newer_change_is_not_lost() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+        let (_dir, db) = crate::store::temp_db();
         let (mesh, key) = (MeshId([1; 16]), PublicKey([2; 32]));
         db.call_blocking(|c| {
             want(c, &mesh, &key, "ops", true)?;

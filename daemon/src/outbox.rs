@@ -487,12 +487,6 @@ mod tests {
     use super::*;
     use mesh_proto::Identity;
 
-    fn db() -> (tempfile::TempDir, mesh_broker::sqlite::Db) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
-        (dir, db)
-    }
-
     fn dm_row(cmid: &str, sender: &Identity, to: &PublicKey) -> NewRow {
         NewRow {
             client_message_id: cmid.into(),
@@ -526,7 +520,7 @@ mod tests {
 
     #[test]
     fn retry_of_a_dead_dm_keeps_every_routing_field() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
@@ -545,7 +539,7 @@ mod tests {
 
     #[test]
     fn retry_and_abort_only_from_the_right_states_and_only_own_rows() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, other, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
@@ -564,7 +558,7 @@ mod tests {
 
     #[test]
     fn rows_are_claimed_only_by_their_own_sender() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (session, member, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             insert(c, &dm_row("from-session", &session, &bob.key()), 1)?;
@@ -578,7 +572,7 @@ mod tests {
 
     #[test]
     fn rate_limiting_never_uses_up_attempts_but_failures_do() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         let mesh = MeshId([7; 16]);
         db.call_blocking(|c| {
@@ -603,7 +597,7 @@ mod tests {
 
     #[test]
     fn an_inflight_row_whose_lease_runs_out_is_pending_again_and_start_up_recovers_all() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         let mesh = MeshId([7; 16]);
         db.call_blocking(|c| {
@@ -622,7 +616,7 @@ mod tests {
 
     #[test]
     fn a_row_whose_attempts_ran_out_without_answers_dies_when_next_claimed() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         let mesh = MeshId([7; 16]);
         db.call_blocking(|c| {
@@ -643,7 +637,7 @@ mod tests {
 
     #[test]
     fn expired_rows_die_instead_of_being_sent() {
-        let (_dir, db) = db();
+        let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");

@@ -96,8 +96,7 @@ mod tests {
 
     #[test]
     fn only_what_is_past_its_retention_goes_and_unread_messages_stay() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
+        let (_dir, db) = crate::store::temp_db();
         let now = 100 * DAY_MS;
         let insert = |c: &Connection,
                       id: i64,

@@ -247,15 +247,9 @@ impl SessionRegistry {
 mod tests {
     use super::*;
 
-    fn db() -> (tempfile::TempDir, mesh_broker::sqlite::Db) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = crate::store::open(&dir.path().join("d.db")).expect("db");
-        (dir, db)
-    }
-
     #[test]
     fn keys_are_stable_per_mesh_and_name_and_a_live_name_is_refused() {
-        let (dir, db) = db();
+        let (dir, db) = crate::store::temp_db();
         let mesh = MeshId::generate();
         let me = process::lookup(std::process::id()).expect("alive");
         let first = db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s1", &me, 1))).expect("db").expect("launch");
@@ -282,7 +276,7 @@ mod tests {
 
     #[test]
     fn a_dead_launch_does_not_hold_its_name() {
-        let (dir, db) = db();
+        let (dir, db) = crate::store::temp_db();
         let mesh = MeshId::generate();
         let ghost = ProcessId { pid: std::process::id(), start: "not-our-start-time".into() };
         db.call_blocking(|c| Ok(launch(c, dir.path(), &mesh, "s", &ghost, 1))).expect("db").expect("launch");
@@ -297,7 +291,7 @@ mod tests {
 
     #[test]
     fn registry_finds_live_sessions_by_token_only() {
-        let (dir, db) = db();
+        let (dir, db) = crate::store::temp_db();
         let me = process::lookup(std::process::id()).expect("alive");
         let l =
             db.call_blocking(|c| Ok(launch(c, dir.path(), &MeshId::generate(), "s", &me, 1))).expect("db").expect("ok");

@@ -154,3 +154,11 @@ pub fn set_setting(conn: &rusqlite::Connection, key: &str, value: &str) -> rusql
     )?;
     Ok(())
 }
+
+/// A fresh `daemon.db` in a temporary directory (kept alive by the returned guard), for unit tests.
+#[cfg(test)]
+pub fn temp_db() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&dir.path().join("d.db")).expect("db");
+    (dir, db)
+}
