@@ -165,19 +165,21 @@ pub fn resolve(conn: &Connection, to: &str, mesh: Option<&str>) -> Result<Resolv
         return Ok(Resolved { mesh: only.clone(), target, seal: SealWith::Group, info });
     }
 
-    let by_key: Option<PublicKey> = if to.len() == 64 { to.parse().ok() } else { None };
-    let mut matches = Vec::new();
-    for m in &candidates {
-        for row in list(conn, Some(&m.id)).map_err(sql)? {
-            let hit = match by_key {
-                Some(k) => row.peer.key == k,
-                None => row.peer.name == to,
-            };
-            if hit {
-                matches.push((m.clone(), row.peer));
-            }
-        }
-    }
+    // One query over the candidate meshes, by exact key or exact name.
+    let ids: Vec<String> = candidates.iter().map(|m| m.id.to_string()).collect();
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM peers WHERE mesh_id IN (SELECT value FROM json_each(?1)) AND (key = ?2 OR name = ?2)
+             ORDER BY mesh_id, key"
+        ))
+        .map_err(sql)?;
+    let ids = serde_json::to_string(&ids).expect("ids serialise");
+    let rows: Vec<PeerRow> =
+        stmt.query_map(params![ids, to], from_row).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?;
+    let mut matches: Vec<(MeshRow, Peer)> = rows
+        .into_iter()
+        .filter_map(|r| candidates.iter().find(|m| m.id == r.mesh_id).map(|m| (m.clone(), r.peer)))
+        .collect();
     match matches.len() {
         0 => {
             let scope = match mesh {

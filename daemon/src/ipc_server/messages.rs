@@ -81,36 +81,49 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     }
     let fingerprint = send_fingerprint(&req, &caller.key(d));
 
-    // Idempotency first: a resend is answered from the stored row, whatever the roster says now.
-    let lookup_id = cmid.clone();
-    if let Some((id, stored)) = d.db.call(move |c| outbox::lookup(c, &lookup_id)).await? {
-        return existing_send(d, id, &fingerprint, &stored).await;
+    // One database call for the idempotency lookup and the routing, one for the commit: the accept
+    // path is two hops to the database thread, with the sealing in between.
+    enum Route {
+        Resend(i64, String),
+        New(Box<roster::Resolved>),
     }
-
-    // A session speaks in its own mesh only.
-    let mesh = match caller {
-        Caller::Member => req.mesh.clone(),
-        Caller::Session(s) => {
-            let own = d.db.call({
-                let id = s.mesh_id;
-                move |c| crate::meshes::get(c, &id)
-            });
-            let own =
-                own.await?.ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into()))?;
-            if let Some(asked) = &req.mesh
-                && *asked != own.name
-                && *asked != own.id.to_string()
-            {
-                return Err(Failure::bad_request(format!(
-                    "session {:?} belongs to mesh {:?}, not {asked:?}",
-                    s.name, own.name
-                )));
-            }
-            Some(own.id.to_string())
-        }
+    let session_mesh = match caller {
+        Caller::Member => None,
+        Caller::Session(s) => Some((s.mesh_id, s.name.clone())),
     };
-    let to = req.to.clone();
-    let resolved = d.db.call(move |c| Ok(roster::resolve(c, &to, mesh.as_deref()))).await??;
+    let (lookup_id, to, asked_mesh) = (cmid.clone(), req.to.clone(), req.mesh.clone());
+    let route =
+        d.db.call(move |c| {
+            // Idempotency first: a resend is answered from the stored row, whatever the roster says now.
+            if let Some((id, stored)) = outbox::lookup(c, &lookup_id)? {
+                return Ok(Ok(Route::Resend(id, stored)));
+            }
+            // A session speaks in its own mesh only.
+            let mesh = match session_mesh {
+                None => asked_mesh,
+                Some((id, name)) => {
+                    let Some(own) = crate::meshes::get(c, &id)? else {
+                        return Ok(Err(Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into())));
+                    };
+                    if let Some(asked) = &asked_mesh
+                        && *asked != own.name
+                        && *asked != own.id.to_string()
+                    {
+                        return Ok(Err(Failure::bad_request(format!(
+                            "session {name:?} belongs to mesh {:?}, not {asked:?}",
+                            own.name
+                        ))));
+                    }
+                    Some(own.id.to_string())
+                }
+            };
+            Ok(roster::resolve(c, &to, mesh.as_deref()).map(|r| Route::New(Box::new(r))).map_err(Failure::from))
+        })
+        .await??;
+    let resolved = match route {
+        Route::Resend(id, stored) => return existing_send(d, id, &fingerprint, &stored).await,
+        Route::New(r) => *r,
+    };
     let sender = caller.identity(d);
     let content = Content { body: req.body.clone(), reply_to: None };
     let key = match &resolved.seal {
@@ -130,16 +143,23 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
         ciphertext: sealed.ciphertext,
         sig: sealed.sig,
     };
-    let inserted = d.db.call(move |c| outbox::insert(c, &row, now_ms())).await?;
-    let Some(id) = inserted else {
-        // Another request with this id won the race: answer as a resend.
-        let lookup_id = cmid.clone();
-        let (id, stored) = d.db.call(move |c| outbox::lookup(c, &lookup_id)).await?.ok_or_else(row_vanished)?;
-        return existing_send(d, id, &fingerprint, &stored).await;
-    };
-    d.wake_drain(&resolved.mesh.id, &sender.key());
-    let entry = d.db.call(move |c| outbox::entry(c, id)).await?.ok_or_else(row_vanished)?;
-    Ok(Json(response_of(entry, false)))
+    let committed =
+        d.db.call(move |c| match outbox::insert(c, &row, now_ms())? {
+            Some(id) => Ok(Ok(outbox::entry(c, id)?)),
+            // Another request with this id won the race: answer as a resend.
+            None => Ok(Err(outbox::lookup(c, &row.client_message_id)?)),
+        })
+        .await?;
+    match committed {
+        Ok(entry) => {
+            d.wake_drain(&resolved.mesh.id, &sender.key());
+            Ok(Json(response_of(entry.ok_or_else(row_vanished)?, false)))
+        }
+        Err(existing) => {
+            let (id, stored) = existing.ok_or_else(row_vanished)?;
+            existing_send(d, id, &fingerprint, &stored).await
+        }
+    }
 }
 
 pub async fn inbox(
