@@ -6,6 +6,7 @@
 
 mod cmd;
 mod output;
+mod tui;
 
 use std::process::ExitCode;
 
@@ -56,6 +57,8 @@ enum Command {
     Group(cmd::group::GroupCommand),
     /// Follow your events live: messages, receipts, presence, connection state
     Watch(cmd::watch::WatchArgs),
+    /// A live screen: inbox, sent messages, peers, with actions
+    Tui,
     /// Print shell completions
     Completions {
         #[arg(value_enum)]
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Session(c) => cmd::session::run(c),
         Command::Group(c) => cmd::group::run(c),
         Command::Watch(a) => cmd::watch::run(a),
+        Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());

@@ -45,16 +45,23 @@ impl IpcError {
 pub struct IpcClient {
     socket: PathBuf,
     bearer: Option<String>,
+    as_session: Option<String>,
 }
 
 impl IpcClient {
     pub fn new(home: &Home) -> IpcClient {
-        IpcClient { socket: home.socket_path(), bearer: None }
+        IpcClient { socket: home.socket_path(), bearer: None, as_session: None }
     }
 
     /// Sends `Authorization: Bearer <token>` on every request (a session's token).
     pub fn with_bearer(mut self, token: Option<String>) -> IpcClient {
         self.bearer = token;
+        self
+    }
+
+    /// With the member's bearer token: act as the session whose key this is.
+    pub fn as_session(mut self, key: Option<String>) -> IpcClient {
+        self.as_session = key;
         self
     }
 
@@ -117,6 +124,9 @@ impl IpcClient {
         }
         if let Some(token) = &self.bearer {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        if let Some(key) = &self.as_session {
+            req = req.header(crate::AS_SESSION_HEADER, key);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| IpcError::Protocol(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| IpcError::Protocol(format!("request failed: {e}")))?;

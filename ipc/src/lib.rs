@@ -20,6 +20,9 @@ pub const IPC_VERSION: u32 = 1;
 /// Header carrying [`IPC_VERSION`] on every request.
 pub const VERSION_HEADER: &str = "x-mesh-ipc";
 
+/// With the member's token: act as the session with this key (the TUI's all-sessions view).
+pub const AS_SESSION_HEADER: &str = "x-mesh-as-session";
+
 /// Largest request body the daemon reads.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 

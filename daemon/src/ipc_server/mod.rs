@@ -175,7 +175,15 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
         })?;
         let token = token.trim();
         if d.member_token_hash.get().is_some_and(|h| *h == crate::sessions::token_hash(token)) {
-            return Ok(Caller::Member);
+            // With its token, the member may act as any of its sessions (the all-sessions view).
+            let Some(key) = parts.headers.get(mesh_ipc::AS_SESSION_HEADER) else { return Ok(Caller::Member) };
+            let session = key
+                .to_str()
+                .ok()
+                .and_then(|k| k.parse::<PublicKey>().ok())
+                .and_then(|k| d.sessions.by_key(&k))
+                .ok_or_else(|| Failure::bad_request(format!("{} names no session of this daemon", mesh_ipc::AS_SESSION_HEADER)))?;
+            return Ok(Caller::Session(session));
         }
         d.sessions.by_token(token).map(Caller::Session).ok_or_else(|| {
             Failure(

@@ -1,0 +1,326 @@
+//! Rendering: a pure function of [`App`] into a frame. Lists on the left (inbox, outbox, peers), the
+//! selected item on the right, a status line at the bottom, overlays for help, compose, filter and
+//! confirmation. Fits 80×24.
+
+use mesh_ipc::api::{InboxStatus, LinkState, OutboxStatus, TargetKind};
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Block, BorderType, Borders, Clear, List, ListItem, ListState, Paragraph, Wrap};
+
+use super::app::{App, Daemon, Field, Mode, Pane};
+use crate::output;
+
+pub fn render(frame: &mut Frame<'_>, app: &App) {
+    let [main, status] = Layout::vertical([Constraint::Min(0), Constraint::Length(1)]).areas(frame.area());
+    let [left, right] = Layout::horizontal([Constraint::Percentage(58), Constraint::Percentage(42)]).areas(main);
+    let [inbox, outbox, peers] =
+        Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(30), Constraint::Percentage(20)]).areas(left);
+    render_inbox(frame, app, inbox);
+    render_outbox(frame, app, outbox);
+    render_peers(frame, app, peers);
+    render_detail(frame, app, right);
+    render_status(frame, app, status);
+    match &app.mode {
+        Mode::Normal => {}
+        Mode::Help => render_help(frame),
+        Mode::Compose(c) => render_compose(frame, c),
+        Mode::Filter(text) => render_prompt(frame, "Filter messages (sender or text; Enter to apply, Esc to cancel)", text),
+        Mode::ConfirmFlush => render_prompt(frame, "Delete every read message in this view? y / n", ""),
+    }
+}
+
+fn pane_block(title: String, focused: bool) -> Block<'static> {
+    let style = if focused { Style::new().fg(Color::Cyan).bold() } else { Style::new().fg(Color::Gray) };
+    Block::new()
+        .borders(Borders::ALL)
+        .border_type(if focused { BorderType::Thick } else { BorderType::Plain })
+        .border_style(style)
+        .title(Span::styled(title, style))
+}
+
+fn list_state(app: &App, pane: Pane, len: usize) -> ListState {
+    let mut state = ListState::default();
+    if len > 0 {
+        state.select(Some(app.selection(pane)));
+    }
+    state
+}
+
+fn clock(ms: u64) -> String {
+    // HH:MM:SS (UTC) from the RFC 3339 time.
+    output::time(ms).get(11..19).unwrap_or("--:--:--").to_owned()
+}
+
+fn render_inbox(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let rows = app.visible_inbox();
+    let mut title = format!(" Inbox · {} · {} unread ", app.viewer().label, app.unread());
+    if app.filter != Default::default() {
+        title.push_str("· filtered ");
+    }
+    let block = pane_block(title, app.focus == Pane::Inbox);
+    if rows.is_empty() {
+        let empty = if app.data.inbox.is_empty() { "No messages yet." } else { "No message matches the filter." };
+        frame.render_widget(Paragraph::new(empty).style(Style::new().dark_gray()).block(block), area);
+        return;
+    }
+    let items: Vec<ListItem<'_>> = rows
+        .iter()
+        .map(|m| {
+            let unread = m.read_at.is_none();
+            let marker = if unread { Span::styled("● ", Style::new().fg(Color::Yellow)) } else { Span::raw("  ") };
+            let to = match m.kind {
+                TargetKind::Direct => String::new(),
+                TargetKind::Broadcast => " →*".to_owned(),
+                TargetKind::Group => format!(" →{}", m.to),
+            };
+            let body = match (m.status, &m.body) {
+                (InboxStatus::Ready, Some(b)) => Span::raw(output::preview(b, 200)),
+                (InboxStatus::Failed, _) => Span::styled("[unreadable]", Style::new().fg(Color::Red)),
+                _ => Span::styled("[processing]", Style::new().dark_gray()),
+            };
+            let name_style = if unread { Style::new().bold() } else { Style::new() };
+            ListItem::new(Line::from(vec![
+                marker,
+                Span::styled(clock(m.sent_at), Style::new().dark_gray()),
+                Span::raw(" "),
+                Span::styled(format!("{:<10.10}", m.from_name), name_style),
+                Span::styled(to, Style::new().fg(Color::Magenta)),
+                Span::raw(" "),
+                body,
+            ]))
+        })
+        .collect();
+    let mut state = list_state(app, Pane::Inbox, items.len());
+    let list = List::new(items).block(block).highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    frame.render_stateful_widget(list, area, &mut state);
+}
+
+fn outbox_style(status: OutboxStatus) -> Style {
+    match status {
+        OutboxStatus::Dead => Style::new().fg(Color::Red).bold(),
+        OutboxStatus::Aborted => Style::new().dark_gray(),
+        OutboxStatus::Pending | OutboxStatus::Inflight => Style::new().fg(Color::Yellow),
+        OutboxStatus::Done => Style::new().fg(Color::Green),
+    }
+}
+
+fn target_label(kind: TargetKind, name: Option<&str>, address: &str) -> String {
+    match (kind, name) {
+        (TargetKind::Direct, Some(n)) => n.to_owned(),
+        (TargetKind::Broadcast, _) => "everyone".to_owned(),
+        _ => address.to_owned(),
+    }
+}
+
+fn render_outbox(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let rows = app.visible_outbox();
+    let dead = rows.iter().filter(|o| o.status == OutboxStatus::Dead).count();
+    let title = if dead > 0 { format!(" Outbox · {dead} dead ") } else { " Outbox ".to_owned() };
+    let block = pane_block(title, app.focus == Pane::Outbox);
+    if rows.is_empty() {
+        frame.render_widget(Paragraph::new("Nothing sent yet.").style(Style::new().dark_gray()).block(block), area);
+        return;
+    }
+    let items: Vec<ListItem<'_>> = rows
+        .iter()
+        .map(|o| {
+            let to = target_label(o.target.kind, o.target.name.as_deref(), &o.target.address);
+            ListItem::new(Line::from(vec![
+                Span::styled(format!("#{:<4}", o.id), Style::new().dark_gray()),
+                Span::raw(format!("→ {:<9.9} ", to)),
+                Span::styled(format!("{:<14}", App::outbox_state(o)), outbox_style(o.status)),
+                Span::raw(output::preview(&o.body, 200)),
+            ]))
+        })
+        .collect();
+    let mut state = list_state(app, Pane::Outbox, items.len());
+    let list = List::new(items).block(block).highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    frame.render_stateful_widget(list, area, &mut state);
+}
+
+fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let rows = app.visible_peers();
+    let online = rows.iter().filter(|p| p.online && !p.is_self).count();
+    let block = pane_block(format!(" Peers · {online} online "), app.focus == Pane::Peers);
+    if rows.is_empty() {
+        frame.render_widget(Paragraph::new("No peers known yet.").style(Style::new().dark_gray()).block(block), area);
+        return;
+    }
+    let items: Vec<ListItem<'_>> = rows
+        .iter()
+        .map(|p| {
+            let dot = if p.online { Span::styled("● ", Style::new().fg(Color::Green)) } else { Span::styled("○ ", Style::new().dark_gray()) };
+            let me = if p.is_self { " (you)" } else { "" };
+            ListItem::new(Line::from(vec![
+                dot,
+                Span::raw(format!("{}{me}", p.name)),
+                Span::styled(format!("  {} · {}", p.kind.as_str(), p.mesh), Style::new().dark_gray()),
+            ]))
+        })
+        .collect();
+    let mut state = list_state(app, Pane::Peers, items.len());
+    let list = List::new(items).block(block).highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    frame.render_stateful_widget(list, area, &mut state);
+}
+
+fn field(name: &str, value: String) -> Line<'static> {
+    Line::from(vec![Span::styled(format!("{name:<10}"), Style::new().dark_gray()), Span::raw(value)])
+}
+
+fn opt_time(t: Option<u64>) -> String {
+    t.map(output::time).unwrap_or_else(|| "—".to_owned())
+}
+
+fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let (title, text) = match app.focus {
+        Pane::Inbox => match app.selected_message() {
+            None => (" Message ", Text::from("Select a message.")),
+            Some(m) => {
+                let mut lines = vec![
+                    field("From", format!("{} ({})", m.from_name, output::short(&m.from))),
+                    field("To", match m.kind {
+                        TargetKind::Direct => "you".to_owned(),
+                        TargetKind::Broadcast => "everyone".to_owned(),
+                        TargetKind::Group => m.to.clone(),
+                    }),
+                    field("Mesh", m.mesh.clone()),
+                    field("Sent", output::time(m.sent_at)),
+                    field("Read", opt_time(m.read_at)),
+                    Line::raw(""),
+                ];
+                match (m.status, &m.body) {
+                    (InboxStatus::Ready, Some(b)) => lines.extend(b.lines().map(|l| Line::raw(l.to_owned()))),
+                    (InboxStatus::Failed, _) => lines.push(Line::styled(
+                        format!("Unreadable: {}", m.error.as_deref().unwrap_or("unknown reason")),
+                        Style::new().fg(Color::Red),
+                    )),
+                    _ => lines.push(Line::styled("Not processed yet.", Style::new().dark_gray())),
+                }
+                (" Message · r reply · a mark read ", Text::from(lines))
+            }
+        },
+        Pane::Outbox => match app.selected_outbox() {
+            None => (" Sent message ", Text::from("Select a sent message.")),
+            Some(o) => {
+                let mut lines = vec![
+                    field("To", target_label(o.target.kind, o.target.name.as_deref(), &o.target.address)),
+                    field("Mesh", o.mesh.clone()),
+                    field("Status", App::outbox_state(o)).style(outbox_style(o.status)),
+                    field("Attempts", o.attempts.to_string()),
+                    field("Queued", output::time(o.enqueued_at)),
+                    field("Delivered", opt_time(o.delivered_at)),
+                    field("Read", opt_time(o.read_at)),
+                ];
+                if let Some(e) = &o.last_error {
+                    lines.push(Line::styled(format!("Last error: {e}"), Style::new().fg(Color::Red)));
+                }
+                lines.push(Line::raw(""));
+                lines.extend(o.body.lines().map(|l| Line::raw(l.to_owned())));
+                let title = match o.status {
+                    OutboxStatus::Dead | OutboxStatus::Aborted => " Sent message · R retry ",
+                    OutboxStatus::Pending => " Sent message · x abort ",
+                    _ => " Sent message ",
+                };
+                (title, Text::from(lines))
+            }
+        },
+        Pane::Peers => match app.selected_peer() {
+            None => (" Peer ", Text::from("Select a peer.")),
+            Some(p) => {
+                let lines = vec![
+                    field("Name", p.name.clone()),
+                    field("Kind", p.kind.as_str().to_owned()),
+                    field("Role", p.role.as_str().to_owned()),
+                    field("Mesh", p.mesh.clone()),
+                    field("State", if p.online { "online".to_owned() } else { format!("offline, seen {}", opt_time(p.last_seen)) }),
+                    field("Key", p.key.clone()),
+                ];
+                (" Peer · c write ", Text::from(lines))
+            }
+        },
+    };
+    let block = Block::new().borders(Borders::ALL).title(title);
+    frame.render_widget(Paragraph::new(text).wrap(Wrap { trim: false }).block(block), area);
+}
+
+fn render_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let mut spans = vec![match &app.daemon {
+        Daemon::Connected => Span::styled(" daemon ● ", Style::new().fg(Color::Green)),
+        Daemon::Connecting => Span::styled(" daemon … ", Style::new().fg(Color::Yellow)),
+        Daemon::Lost(_) => Span::styled(" daemon ✗ unreachable, retrying ", Style::new().fg(Color::White).bg(Color::Red)),
+    }];
+    if let (Daemon::Connected, Some(s)) = (&app.daemon, &app.data.status) {
+        for m in &s.meshes {
+            let style = match m.connection.state {
+                LinkState::Online => Style::new().fg(Color::Green),
+                LinkState::Rejected => Style::new().fg(Color::Red),
+                LinkState::Offline | LinkState::Connecting => Style::new().fg(Color::Yellow),
+            };
+            spans.push(Span::styled(format!("│ {} {} ", m.name, m.connection.state.as_str()), style));
+        }
+    }
+    if let Some(mesh) = &app.mesh {
+        spans.push(Span::styled(format!("│ only {mesh} "), Style::new().fg(Color::Cyan)));
+    }
+    match &app.notice {
+        Some(n) => spans.push(Span::styled(format!("│ {n} "), Style::new().fg(Color::Cyan))),
+        None => spans.push(Span::styled("│ ? help · q quit", Style::new().dark_gray())),
+    }
+    frame.render_widget(Paragraph::new(Line::from(spans)), area);
+}
+
+/// A rectangle of `w`×`h` cells centred in `area` (clipped to it).
+fn centered(area: Rect, w: u16, h: u16) -> Rect {
+    let w = w.min(area.width);
+    let h = h.min(area.height);
+    Rect { x: area.x + (area.width - w) / 2, y: area.y + (area.height - h) / 2, width: w, height: h }
+}
+
+const HELP: &[(&str, &str)] = &[
+    ("↑/↓ j/k", "move"),
+    ("Tab", "next pane (inbox, outbox, peers)"),
+    ("Enter / r", "reply to the selected message"),
+    ("a / A", "mark read (sends a read receipt) / all"),
+    ("d", "delete the selected message"),
+    ("F", "flush read messages (asks first)"),
+    ("c", "compose (to the selected peer in Peers)"),
+    ("R / x", "retry / abort the selected sent message"),
+    ("/", "filter by sender or text"),
+    ("u / s", "unread only / only this sender"),
+    ("v / m", "switch identity (member, sessions) / mesh"),
+    ("l", "reload"),
+    ("q / Esc", "quit"),
+];
+
+fn render_help(frame: &mut Frame<'_>) {
+    let area = centered(frame.area(), 60, HELP.len() as u16 + 4);
+    let lines: Vec<Line<'_>> = HELP
+        .iter()
+        .map(|(k, v)| Line::from(vec![Span::styled(format!(" {k:<12}"), Style::new().fg(Color::Cyan)), Span::raw(*v)]))
+        .chain([Line::raw(""), Line::styled(" any key closes this", Style::new().dark_gray())])
+        .collect();
+    frame.render_widget(Clear, area);
+    frame.render_widget(Paragraph::new(lines).block(Block::bordered().title(" Keys ")), area);
+}
+
+fn render_compose(frame: &mut Frame<'_>, c: &super::app::Compose) {
+    let full = frame.area();
+    let area = Rect { x: full.x, y: full.height.saturating_sub(6), width: full.width, height: 5.min(full.height) };
+    let cursor = |f: Field| if c.field == f { "▏" } else { "" };
+    let to = if c.to.len() == 64 { format!("{}… (reply)", &c.to[..8]) } else { c.to.clone() };
+    let lines = vec![
+        Line::from(vec![Span::styled(" To:  ", Style::new().dark_gray()), Span::raw(to), Span::raw(cursor(Field::To))]),
+        Line::from(vec![Span::styled(" Msg: ", Style::new().dark_gray()), Span::raw(c.body.clone()), Span::raw(cursor(Field::Body))]),
+        Line::styled(" Enter send · Tab switch field · Esc discard", Style::new().dark_gray()),
+    ];
+    frame.render_widget(Clear, area);
+    frame.render_widget(Paragraph::new(lines).block(Block::bordered().title(" New message ")), area);
+}
+
+fn render_prompt(frame: &mut Frame<'_>, title: &str, text: &str) {
+    let area = centered(frame.area(), 70, 3);
+    frame.render_widget(Clear, area);
+    frame.render_widget(Paragraph::new(format!(" {text}▏")).block(Block::bordered().title(format!(" {title} "))), area);
+}
