@@ -132,10 +132,11 @@ impl App {
         if !self.locked {
             let current = self.viewer().clone();
             let mut viewers = vec![self.viewers[0].clone()];
-            viewers.extend(data.sessions.iter().map(|s| Viewer {
-                label: format!("session {}", s.name),
-                session_key: Some(s.key.clone()),
-            }));
+            viewers.extend(
+                data.sessions
+                    .iter()
+                    .map(|s| Viewer { label: format!("session {}", s.name), session_key: Some(s.key.clone()) }),
+            );
             self.viewer = viewers.iter().position(|v| *v == current).unwrap_or(0);
             self.viewers = viewers;
         }
@@ -354,7 +355,9 @@ impl App {
                 None => vec![],
             },
             KeyCode::Char('A') => vec![Action::AckAll],
-            KeyCode::Char('d') if self.focus == Pane::Inbox => self.selected_message().map(|m| vec![Action::Delete(m.id)]).unwrap_or_default(),
+            KeyCode::Char('d') if self.focus == Pane::Inbox => {
+                self.selected_message().map(|m| vec![Action::Delete(m.id)]).unwrap_or_default()
+            }
             KeyCode::Char('F') => {
                 self.mode = Mode::ConfirmFlush;
                 vec![]
@@ -382,8 +385,12 @@ impl App {
                 }
                 vec![]
             }
-            KeyCode::Char('R') if self.focus == Pane::Outbox => self.selected_outbox().map(|o| vec![Action::Retry(o.id)]).unwrap_or_default(),
-            KeyCode::Char('x') if self.focus == Pane::Outbox => self.selected_outbox().map(|o| vec![Action::Abort(o.id)]).unwrap_or_default(),
+            KeyCode::Char('R') if self.focus == Pane::Outbox => {
+                self.selected_outbox().map(|o| vec![Action::Retry(o.id)]).unwrap_or_default()
+            }
+            KeyCode::Char('x') if self.focus == Pane::Outbox => {
+                self.selected_outbox().map(|o| vec![Action::Abort(o.id)]).unwrap_or_default()
+            }
             KeyCode::Char('/') => {
                 self.mode = Mode::Filter(self.filter.text.clone());
                 vec![]

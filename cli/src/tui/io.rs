@@ -28,11 +28,13 @@ pub async fn perform(client: &IpcClient, action: Action) -> Result<Option<String
             Some(format!("marked {} read", r.acked.len()))
         }
         Action::AckAll => {
-            let r: InboxAckResponse = client.post(routes::INBOX_ACK, &InboxAckRequest { ids: vec![], all: true }).await?;
+            let r: InboxAckResponse =
+                client.post(routes::INBOX_ACK, &InboxAckRequest { ids: vec![], all: true }).await?;
             Some(format!("marked {} read", r.acked.len()))
         }
         Action::Delete(id) => {
-            let r: InboxDeleteResponse = client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids: vec![id] }).await?;
+            let r: InboxDeleteResponse =
+                client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids: vec![id] }).await?;
             Some(format!("deleted {} message(s)", r.deleted.len()))
         }
         Action::Flush => {

@@ -16,7 +16,8 @@ pub fn render(frame: &mut Frame<'_>, app: &App) {
     let [main, status] = Layout::vertical([Constraint::Min(0), Constraint::Length(1)]).areas(frame.area());
     let [left, right] = Layout::horizontal([Constraint::Percentage(58), Constraint::Percentage(42)]).areas(main);
     let [inbox, outbox, peers] =
-        Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(30), Constraint::Percentage(20)]).areas(left);
+        Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(30), Constraint::Percentage(20)])
+            .areas(left);
     render_inbox(frame, app, inbox);
     render_outbox(frame, app, outbox);
     render_peers(frame, app, peers);
@@ -26,7 +27,9 @@ pub fn render(frame: &mut Frame<'_>, app: &App) {
         Mode::Normal => {}
         Mode::Help => render_help(frame),
         Mode::Compose(c) => render_compose(frame, c),
-        Mode::Filter(text) => render_prompt(frame, "Filter messages (sender or text; Enter to apply, Esc to cancel)", text),
+        Mode::Filter(text) => {
+            render_prompt(frame, "Filter messages (sender or text; Enter to apply, Esc to cancel)", text)
+        }
         Mode::ConfirmFlush => render_prompt(frame, "Delete every read message in this view? y / n", ""),
     }
 }
@@ -151,7 +154,11 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let items: Vec<ListItem<'_>> = rows
         .iter()
         .map(|p| {
-            let dot = if p.online { Span::styled("● ", Style::new().fg(Color::Green)) } else { Span::styled("○ ", Style::new().dark_gray()) };
+            let dot = if p.online {
+                Span::styled("● ", Style::new().fg(Color::Green))
+            } else {
+                Span::styled("○ ", Style::new().dark_gray())
+            };
             let me = if p.is_self { " (you)" } else { "" };
             ListItem::new(Line::from(vec![
                 dot,
@@ -180,11 +187,14 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
             Some(m) => {
                 let mut lines = vec![
                     field("From", format!("{} ({})", m.from_name, output::short(&m.from))),
-                    field("To", match m.kind {
-                        TargetKind::Direct => "you".to_owned(),
-                        TargetKind::Broadcast => "everyone".to_owned(),
-                        TargetKind::Group => m.to.clone(),
-                    }),
+                    field(
+                        "To",
+                        match m.kind {
+                            TargetKind::Direct => "you".to_owned(),
+                            TargetKind::Broadcast => "everyone".to_owned(),
+                            TargetKind::Group => m.to.clone(),
+                        },
+                    ),
                     field("Mesh", m.mesh.clone()),
                     field("Sent", output::time(m.sent_at)),
                     field("Read", opt_time(m.read_at)),
@@ -234,7 +244,10 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     field("Kind", p.kind.as_str().to_owned()),
                     field("Role", p.role.as_str().to_owned()),
                     field("Mesh", p.mesh.clone()),
-                    field("State", if p.online { "online".to_owned() } else { format!("offline, seen {}", opt_time(p.last_seen)) }),
+                    field(
+                        "State",
+                        if p.online { "online".to_owned() } else { format!("offline, seen {}", opt_time(p.last_seen)) },
+                    ),
                     field("Key", p.key.clone()),
                 ];
                 (" Peer · c write ", Text::from(lines))
@@ -249,7 +262,9 @@ fn render_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let mut spans = vec![match &app.daemon {
         Daemon::Connected => Span::styled(" daemon ● ", Style::new().fg(Color::Green)),
         Daemon::Connecting => Span::styled(" daemon … ", Style::new().fg(Color::Yellow)),
-        Daemon::Lost(_) => Span::styled(" daemon ✗ unreachable, retrying ", Style::new().fg(Color::White).bg(Color::Red)),
+        Daemon::Lost(_) => {
+            Span::styled(" daemon ✗ unreachable, retrying ", Style::new().fg(Color::White).bg(Color::Red))
+        }
     }];
     if let (Daemon::Connected, Some(s)) = (&app.daemon, &app.data.status) {
         for m in &s.meshes {
@@ -312,7 +327,11 @@ fn render_compose(frame: &mut Frame<'_>, c: &super::app::Compose) {
     let to = if c.to.len() == 64 { format!("{}… (reply)", &c.to[..8]) } else { c.to.clone() };
     let lines = vec![
         Line::from(vec![Span::styled(" To:  ", Style::new().dark_gray()), Span::raw(to), Span::raw(cursor(Field::To))]),
-        Line::from(vec![Span::styled(" Msg: ", Style::new().dark_gray()), Span::raw(c.body.clone()), Span::raw(cursor(Field::Body))]),
+        Line::from(vec![
+            Span::styled(" Msg: ", Style::new().dark_gray()),
+            Span::raw(c.body.clone()),
+            Span::raw(cursor(Field::Body)),
+        ]),
         Line::styled(" Enter send · Tab switch field · Esc discard", Style::new().dark_gray()),
     ];
     frame.render_widget(Clear, area);
@@ -323,4 +342,263 @@ fn render_prompt(frame: &mut Frame<'_>, title: &str, text: &str) {
     let area = centered(frame.area(), 70, 3);
     frame.render_widget(Clear, area);
     frame.render_widget(Paragraph::new(format!(" {text}▏")).block(Block::bordered().title(format!(" {title} "))), area);
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every screen rendered into a `TestBackend` at 80×24 and 120×40, and compared with the reviewed
+    //! snapshot in `snapshots/`.
+
+    use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    use mesh_ipc::api::*;
+    use mesh_proto::wire::{PeerKind, Role};
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+
+    use super::super::app::{App, Daemon, Snapshot, Viewer};
+    use super::render;
+
+    const T0: u64 = 1_795_000_000_000;
+    const ALICE: &str = "a11ce000000000000000000000000000000000000000000000000000000000a1";
+    const BOB: &str = "b0b00000000000000000000000000000000000000000000000000000000000b0";
+
+    fn message(
+        id: i64,
+        from: &str,
+        kind: TargetKind,
+        body: Option<&str>,
+        read: bool,
+        status: InboxStatus,
+    ) -> InboxMessage {
+        InboxMessage {
+            id,
+            mesh: "team".into(),
+            message_id: format!("m{id}"),
+            from: BOB.into(),
+            from_name: from.into(),
+            kind,
+            to: if kind == TargetKind::Group { "@ops".into() } else { "*".into() },
+            status,
+            body: body.map(str::to_owned),
+            error: (status == InboxStatus::Failed).then(|| "decrypt_failed: no key for this recipient".into()),
+            sent_at: T0 + id as u64 * 60_000,
+            received_at: T0 + id as u64 * 60_000 + 5,
+            read_at: read.then_some(T0 + 3_600_000),
+        }
+    }
+
+    fn sent(
+        id: i64,
+        to: &str,
+        status: OutboxStatus,
+        delivered: u32,
+        read: u32,
+        error: Option<&str>,
+        body: &str,
+    ) -> OutboxEntry {
+        OutboxEntry {
+            id,
+            client_message_id: format!("c{id}"),
+            mesh: "team".into(),
+            session: None,
+            target: TargetInfo {
+                kind: TargetKind::Direct,
+                label: to.into(),
+                address: BOB.into(),
+                name: Some(to.into()),
+            },
+            body: body.into(),
+            status,
+            attempts: if status == OutboxStatus::Dead { 25 } else { 1 },
+            last_error: error.map(str::to_owned),
+            message_id: (status == OutboxStatus::Done).then(|| format!("m{id}")),
+            enqueued_at: T0 + id as u64 * 1000,
+            sent_at: Some(T0 + id as u64 * 1000),
+            delivered_at: (delivered > 0).then_some(T0 + id as u64 * 1000 + 40),
+            delivered_count: delivered,
+            read_at: (read > 0).then_some(T0 + id as u64 * 1000 + 90_000),
+            recipients: Some(1),
+            expired_count: 0,
+            read_count: read,
+        }
+    }
+
+    fn peer(name: &str, key: &str, kind: PeerKind, online: bool, me: bool) -> PeerInfo {
+        PeerInfo {
+            mesh: "team".into(),
+            key: key.into(),
+            name: name.into(),
+            kind,
+            member: key.into(),
+            role: Role::Member,
+            online,
+            last_seen: Some(T0),
+            is_self: me,
+        }
+    }
+
+    fn status(state: LinkState) -> Status {
+        Status {
+            pid: 1,
+            version: "0.1.0".into(),
+            socket: "/run/mesh.sock".into(),
+            started_at: T0,
+            member: MemberInfo { key: ALICE.into(), name: "alice".into() },
+            meshes: vec![MeshStatus {
+                id: "00".into(),
+                name: "team".into(),
+                broker: "ws://broker:7777".into(),
+                connection: LinkStatus { state, since: T0, last_error: None },
+                peers_online: 1,
+                peers_total: 2,
+                outbox: OutboxCounts::default(),
+            }],
+            outbox: OutboxCounts::default(),
+            inbox: InboxCounts::default(),
+            embedded_broker: None,
+        }
+    }
+
+    fn empty_app() -> App {
+        let mut app = App::new(Viewer { label: "member alice".into(), session_key: None }, false);
+        app.apply(Snapshot {
+            peers: vec![peer("alice", ALICE, PeerKind::Member, true, true)],
+            status: Some(status(LinkState::Online)),
+            ..Snapshot::default()
+        });
+        app.now = T0 + 7_200_000;
+        app
+    }
+
+    fn busy_app() -> App {
+        let mut app = empty_app();
+        app.apply(Snapshot {
+            inbox: vec![
+                message(
+                    1,
+                    "carol",
+                    TargetKind::Broadcast,
+                    Some("standup in 5 minutes, everyone"),
+                    true,
+                    InboxStatus::Ready,
+                ),
+                message(2, "bob", TargetKind::Direct, None, false, InboxStatus::Failed),
+                message(3, "bob", TargetKind::Group, Some("deploy is green"), false, InboxStatus::Ready),
+                message(
+                    4,
+                    "bob",
+                    TargetKind::Direct,
+                    Some("the API is merged, rebase please\nthen ping me"),
+                    false,
+                    InboxStatus::Ready,
+                ),
+            ],
+            outbox: vec![
+                sent(1, "bob", OutboxStatus::Done, 1, 1, None, "on it"),
+                sent(2, "bob", OutboxStatus::Done, 1, 0, None, "rebased"),
+                sent(
+                    3,
+                    "ghost",
+                    OutboxStatus::Dead,
+                    0,
+                    0,
+                    Some("recipient_unknown: no such recipient in this mesh"),
+                    "hello?",
+                ),
+                sent(4, "bob", OutboxStatus::Pending, 0, 0, Some("unavailable: broker restarting"), "tests pass"),
+            ],
+            peers: vec![
+                peer("alice", ALICE, PeerKind::Member, true, true),
+                peer("bob", BOB, PeerKind::Member, true, false),
+                peer("reviewer", BOB, PeerKind::Session, false, false),
+            ],
+            status: Some(status(LinkState::Online)),
+            sessions: vec![],
+        });
+        app
+    }
+
+    fn key(app: &mut App, code: KeyCode) {
+        app.on_key(KeyEvent::new(code, KeyModifiers::NONE));
+    }
+
+    fn screen(app: &App, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).expect("terminal");
+        terminal.draw(|f| render(f, app)).expect("draw");
+        terminal.backend().to_string()
+    }
+
+    fn both_sizes(name: &str, app: &App) {
+        insta::assert_snapshot!(format!("{name}_80x24"), screen(app, 80, 24));
+        insta::assert_snapshot!(format!("{name}_120x40"), screen(app, 120, 40));
+    }
+
+    #[test]
+    fn empty_screens() {
+        both_sizes("empty", &empty_app());
+    }
+
+    #[test]
+    fn inbox_with_unread_failed_and_group_messages() {
+        both_sizes("inbox", &busy_app());
+    }
+
+    #[test]
+    fn outbox_with_a_dead_letter_selected() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::Tab);
+        key(&mut app, KeyCode::Down);
+        both_sizes("dead_letter", &app);
+    }
+
+    #[test]
+    fn peers_pane() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::BackTab);
+        key(&mut app, KeyCode::Down);
+        both_sizes("peers", &app);
+    }
+
+    #[test]
+    fn help_overlay() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::Char('?'));
+        both_sizes("help", &app);
+    }
+
+    #[test]
+    fn replying_to_a_message() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::Char('r'));
+        for c in "ok, rebasing".chars() {
+            key(&mut app, KeyCode::Char(c));
+        }
+        both_sizes("compose", &app);
+    }
+
+    #[test]
+    fn flush_asks_first() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::Char('F'));
+        both_sizes("confirm_flush", &app);
+    }
+
+    #[test]
+    fn filtered_to_unread_from_one_sender() {
+        let mut app = busy_app();
+        key(&mut app, KeyCode::Char('u'));
+        key(&mut app, KeyCode::Char('/'));
+        for c in "rebase".chars() {
+            key(&mut app, KeyCode::Char(c));
+        }
+        key(&mut app, KeyCode::Enter);
+        both_sizes("filtered", &app);
+    }
+
+    #[test]
+    fn daemon_unreachable() {
+        let mut app = busy_app();
+        app.daemon = Daemon::Lost("connection refused".into());
+        both_sizes("daemon_lost", &app);
+    }
 }

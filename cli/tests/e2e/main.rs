@@ -8,6 +8,7 @@ mod lifecycle;
 mod outbox;
 mod service;
 mod sessions;
+mod tui;
 
 pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
 

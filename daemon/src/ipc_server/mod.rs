@@ -182,7 +182,9 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
                 .ok()
                 .and_then(|k| k.parse::<PublicKey>().ok())
                 .and_then(|k| d.sessions.by_key(&k))
-                .ok_or_else(|| Failure::bad_request(format!("{} names no session of this daemon", mesh_ipc::AS_SESSION_HEADER)))?;
+                .ok_or_else(|| {
+                    Failure::bad_request(format!("{} names no session of this daemon", mesh_ipc::AS_SESSION_HEADER))
+                })?;
             return Ok(Caller::Session(session));
         }
         d.sessions.by_token(token).map(Caller::Session).ok_or_else(|| {
