@@ -68,6 +68,14 @@ fn a_message_from_another_daemon_appears_live_and_one_key_sends_the_read_receipt
     tui.wait_for("0 unread");
     alice.eventually_json("the read receipt at the sender", &["outbox"], |v| v[0]["read_at"].is_u64());
 
+    // The daemon going away is shown, and the screen recovers when it is back.
+    bob.ok(&["daemon", "down"]);
+    tui.wait_for("unreachable");
+    bob.ok(&["daemon", "up", "--no-embedded"]);
+    tui.wait_for("daemon ●");
+    alice.ok(&["send", "bob", "after the daemon came back"]);
+    tui.wait_for("after the daemon came back");
+
     // The sender's own screen shows it read.
     let sender = Tmux::start(&format!("env MESH_HOME={} {MESH} tui", alice.path().display()));
     sender.wait_for("read 1/1");
