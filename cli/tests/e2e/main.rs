@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `mesh` binary, real daemons as detached processes with their own
 //! `MESH_HOME`, real brokers on loopback, real SQLite files.
 
+mod faults;
 mod flows;
 mod inbox;
 mod ipc_input;

@@ -1,0 +1,162 @@
+//! The fault suite: processes killed with SIGKILL at random points under load, and damaged databases.
+//!
+//! `MESH_FAULT_ROUNDS` (default 10) and `MESH_FAULT_SEED` (default: the clock) tune the random kills;
+//! the seed is printed so a failure can be replayed.
+
+use std::collections::HashMap;
+
+use mesh_ipc::api::{SendRequest, SendResponse};
+use mesh_ipc::{IpcClient, IpcError, routes};
+use mesh_testkit::{BrokerProcess, TestHome, eventually};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::sessions::team;
+use super::*;
+
+const PER_ROUND: usize = 200;
+
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Sender,
+    Recipient,
+    Broker,
+}
+
+/// Sends through the sender's IPC socket like a client with an idempotency key: a send that finds the
+/// daemon dead is repeated, with the same id, once it is back.
+fn send_until_accepted(rt: &tokio::runtime::Runtime, home: &TestHome, cmid: &str, body: &str) {
+    let client = IpcClient::new(&home.paths());
+    let req =
+        SendRequest { client_message_id: cmid.into(), to: "bob".into(), body: body.into(), mesh: Some("team".into()) };
+    eventually(&format!("{cmid} accepted by the sender's daemon"), mesh_testkit::WAIT, || {
+        match rt.block_on(client.post::<_, SendResponse>(routes::SEND, &req)) {
+            Ok(_) => Some(()),
+            Err(IpcError::Unreachable { .. }) => None,
+            Err(e) => panic!("send {cmid} refused: {e}"),
+        }
+    });
+}
+
+fn restart(victim: Victim, alice: &TestHome, bob: &TestHome, broker: &mut BrokerProcess) {
+    match victim {
+        Victim::Sender => {
+            alice.ok(&["daemon", "up", "--no-embedded"]);
+        }
+        Victim::Recipient => {
+            bob.ok(&["daemon", "up", "--no-embedded"]);
+        }
+        Victim::Broker => broker.start_again(MESH),
+    }
+}
+
+#[test]
+fn random_kill_9_of_daemons_and_broker_under_load_loses_and_duplicates_nothing() {
+    let rounds: usize = std::env::var("MESH_FAULT_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let seed: u64 =
+        std::env::var("MESH_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(mesh_proto::now_ms);
+    eprintln!("fault suite: {rounds} rounds, MESH_FAULT_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+
+    let mut sent = Vec::with_capacity(rounds * PER_ROUND);
+    for round in 0..rounds {
+        let victim = [Victim::Sender, Victim::Recipient, Victim::Broker][rng.gen_range(0..3)];
+        let kill_at = rng.gen_range(0..PER_ROUND);
+        for i in 0..PER_ROUND {
+            if i == kill_at {
+                match victim {
+                    Victim::Sender => alice.kill9_daemon(),
+                    Victim::Recipient => bob.kill9_daemon(),
+                    Victim::Broker => broker.kill9(),
+                }
+                // The sender comes back at once (its client is retrying); the others after the round.
+                if let Victim::Sender = victim {
+                    restart(victim, &alice, &bob, &mut broker);
+                }
+            }
+            let body = format!("round {round} message {i}");
+            send_until_accepted(&rt, &alice, &format!("fault-{seed}-{round}-{i}"), &body);
+            sent.push(body);
+        }
+        if !matches!(victim, Victim::Sender) {
+            restart(victim, &alice, &bob, &mut broker);
+        }
+        eprintln!("round {round}: killed {victim:?} after {kill_at} sends");
+    }
+
+    let inbox = bob.eventually_json(
+        &format!("all {} messages at the recipient (seed {seed})", sent.len()),
+        &["inbox", "--limit", "100000"],
+        |v| ready_bodies(v).len() >= sent.len(),
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for b in ready_bodies(&inbox) {
+        *counts.entry(b).or_default() += 1;
+    }
+    for body in &sent {
+        assert_eq!(counts.get(body), Some(&1), "{body:?} arrived {:?} times (seed {seed})", counts.get(body));
+    }
+    assert_eq!(counts.len(), sent.len(), "messages nobody sent arrived (seed {seed})");
+    alice.eventually_json("every outbox row terminal", &["outbox", "--limit", "100000"], |v| {
+        v.as_array().expect("array").iter().all(|r| r["status"] == "done")
+    });
+}
+
+#[test]
+fn a_broker_restarted_while_deliveries_are_leased_redelivers_each_once() {
+    let mut broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let sent: Vec<String> = (0..300).map(|i| format!("leased {i}")).collect();
+    for (i, body) in sent.iter().enumerate() {
+        send_until_accepted(&rt, &alice, &format!("leased-{i}"), body);
+    }
+    // Kill the recipient mid-intake (leases held, acks lost) and the broker with them.
+    bob.eventually_json("deliveries under way", &["inbox", "--limit", "1000"], |v| !ready_bodies(v).is_empty());
+    bob.kill9_daemon();
+    broker.restart(MESH);
+    bob.ok(&["daemon", "up", "--no-embedded"]);
+    let inbox = bob.eventually_json("all 300", &["inbox", "--limit", "1000"], |v| ready_bodies(v).len() >= 300);
+    let mut got = ready_bodies(&inbox);
+    got.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(got, want, "each exactly once");
+}
+
+#[test]
+fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing_else_is_lost() {
+    for damage in ["garbage", "truncated"] {
+        let home = TestHome::new(MESH);
+        home.ok(&["init", "--name", "alice"]);
+        home.ok(&["daemon", "up"]);
+        home.ok(&["send", "alice", "before the damage"]);
+        wait_for_message(&home, "before the damage");
+        let key = home.json(&["daemon", "status"])["member"]["key"].clone();
+        home.ok(&["daemon", "down"]);
+
+        let db = home.paths().daemon_db();
+        match damage {
+            "garbage" => std::fs::write(&db, vec![0x5a; 64 * 1024]).expect("overwrite"),
+            _ => {
+                let bytes = std::fs::read(&db).expect("read");
+                std::fs::write(&db, &bytes[..bytes.len() / 3]).expect("truncate");
+            }
+        }
+        let err = home.fails(&["daemon", "up"], 1);
+        assert!(err.contains("corrupt") && err.contains("moved aside"), "{damage}: {err}");
+        let aside: Vec<_> = std::fs::read_dir(&home.paths().data_dir)
+            .expect("data dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("daemon.db.corrupt-"))
+            .collect();
+        assert!(!aside.is_empty(), "{damage}: the damaged file was kept");
+
+        // Nothing else was touched: the same identity comes back on a fresh database.
+        home.ok(&["daemon", "up"]);
+        assert_eq!(home.json(&["daemon", "status"])["member"]["key"], key, "{damage}");
+    }
+}
