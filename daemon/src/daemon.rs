@@ -276,3 +276,46 @@ impl Daemon {
         }
     }
 }
+
+/// A daemon on a temporary home with one mesh ("team") whose roster holds the member itself, and no
+/// links: for tests of the IPC layer without a broker.
+#[cfg(test)]
+pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
+    use mesh_proto::crypto::GroupKey;
+    use mesh_proto::wire::{Peer, PeerKind, Role};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = Home::at(dir.path());
+    home.ensure_dirs().expect("dirs");
+    let db = crate::store::open(&home.daemon_db()).expect("db");
+    let member = crate::identity::create(&home, "alice").expect("identity");
+    let public = member.identity.public();
+    let mesh = MeshRow {
+        id: MeshId::generate(),
+        name: "team".into(),
+        broker_url: "ws://127.0.0.1:9".into(),
+        role: Role::Owner,
+        group_key: GroupKey::generate(),
+        embedded: false,
+        joined_at: 1,
+    };
+    let me = Peer {
+        key: public.key,
+        kind: PeerKind::Member,
+        member: public.key,
+        name: "alice".into(),
+        enc_key: public.enc_key,
+        enc_sig: public.enc_sig,
+        role: Role::Owner,
+        online: true,
+        last_seen: None,
+    };
+    db.call_blocking(|c| {
+        crate::meshes::insert(c, &mesh)?;
+        roster::upsert(c, &mesh.id, &me)
+    })
+    .expect("seed");
+    let d = Arc::new(Daemon::new(home, db, member, CancellationToken::new(), TaskTracker::new()));
+    let _ = d.member_token_hash.set(crate::sessions::token_hash("member-token"));
+    (dir, d)
+}

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Json;
 use mesh_ipc::MAX_MESSAGE_BYTES;
 use mesh_ipc::api::*;
 use mesh_proto::message::{self, Content, SealKey};
 use sha2::Digest;
 
-use super::{Body, Caller, Failure, Params, pick_mesh};
+use super::{Body, Caller, Failure, Params, RowId, pick_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::inbox;
@@ -233,7 +233,7 @@ pub async fn delete(
 pub async fn replay(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    RowId(id): RowId,
 ) -> Result<Json<InboxMessage>, Failure> {
     let recipients = vec![caller.key(&d)];
     let mut changed = d.subscribe();
@@ -284,7 +284,7 @@ async fn entry_of(d: &Daemon, id: i64) -> Result<Json<OutboxEntry>, Failure> {
 pub async fn retry(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    RowId(id): RowId,
 ) -> Result<Json<OutboxEntry>, Failure> {
     let scope = caller.scope();
     let t = d.db.call(move |c| outbox::retry(c, id, scope.as_ref(), now_ms())).await?;
@@ -301,7 +301,7 @@ pub async fn retry(
 pub async fn abort(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    RowId(id): RowId,
 ) -> Result<Json<OutboxEntry>, Failure> {
     let scope = caller.scope();
     let t = d.db.call(move |c| outbox::abort(c, id, scope.as_ref())).await?;
@@ -316,7 +316,7 @@ pub async fn abort(
 pub async fn wait(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    RowId(id): RowId,
     Params(q): Params<WaitQuery>,
 ) -> Result<Json<WaitResponse>, Failure> {
     let timeout = q.timeout_ms.map_or(DEFAULT_WAIT, Duration::from_millis).min(MAX_WAIT);
@@ -349,49 +349,7 @@ pub async fn wait(
 
 #[cfg(test)]
 mod tests {
-    use mesh_ipc::Home;
-    use mesh_proto::crypto::GroupKey;
-    use mesh_proto::wire::{Peer, PeerKind, Role};
-    use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
-
     use super::*;
-    use crate::meshes::MeshRow;
-
-    async fn daemon() -> (tempfile::TempDir, Arc<Daemon>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let home = Home::at(dir.path());
-        home.ensure_dirs().expect("dirs");
-        let db = crate::store::open(&home.daemon_db()).expect("db");
-        let member = crate::identity::create(&home, "alice").expect("identity");
-        let public = member.identity.public();
-        let mesh = MeshRow {
-            id: mesh_proto::MeshId::generate(),
-            name: "team".into(),
-            broker_url: "ws://127.0.0.1:9".into(),
-            role: Role::Owner,
-            group_key: GroupKey::generate(),
-            embedded: false,
-            joined_at: 1,
-        };
-        let me = Peer {
-            key: public.key,
-            kind: PeerKind::Member,
-            member: public.key,
-            name: "alice".into(),
-            enc_key: public.enc_key,
-            enc_sig: public.enc_sig,
-            role: Role::Owner,
-            online: true,
-            last_seen: None,
-        };
-        db.call_blocking(|c| {
-            crate::meshes::insert(c, &mesh)?;
-            roster::upsert(c, &mesh.id, &me)
-        })
-        .expect("seed");
-        (dir, Arc::new(Daemon::new(home, db, member, CancellationToken::new(), TaskTracker::new())))
-    }
 
     fn req(cmid: &str, to: &str, body: &str, mesh: Option<&str>) -> SendRequest {
         SendRequest { client_message_id: cmid.into(), to: to.into(), body: body.into(), mesh: mesh.map(str::to_owned) }
@@ -400,7 +358,7 @@ mod tests {
     /// Every stored state × a resend with the same or a different request.
     #[tokio::test]
     async fn resends_are_answered_from_the_row_in_every_state_and_changed_requests_conflict() {
-        let (_dir, d) = daemon().await;
+        let (_dir, d) = crate::daemon::for_tests();
         for status in ["pending", "inflight", "done", "dead", "aborted"] {
             let cmid = format!("key-{status}");
             let first = accept(&d, &Caller::Member, req(&cmid, "alice", "hello", None)).await.expect("accepted").0;
@@ -432,7 +390,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_idempotency_check_comes_before_target_resolution() {
-        let (_dir, d) = daemon().await;
+        let (_dir, d) = crate::daemon::for_tests();
         let _first = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("accepted");
         d.db.call_blocking(|c| c.execute("DELETE FROM peers", [])).expect("forget the roster");
         let again = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("still answered").0;

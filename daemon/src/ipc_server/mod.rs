@@ -127,6 +127,20 @@ fn query_detail(r: &QueryRejection) -> String {
     r.body_text()
 }
 
+/// A numeric `{id}` in the path whose rejection is a [`Failure`].
+pub struct RowId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for RowId {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Failure> {
+        match axum::extract::Path::<i64>::from_request_parts(parts, state).await {
+            Ok(id) => Ok(RowId(id.0)),
+            Err(_) => Err(Failure::bad_request(format!("{} needs a numeric row id", parts.uri.path()))),
+        }
+    }
+}
+
 /// Who a request acts as.
 #[derive(Clone, Debug)]
 pub enum Caller {
@@ -328,5 +342,86 @@ pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Fail
                 all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Whatever bytes a client sends, the answer is a JSON error below 500 (or success), never a
+    //! crash or an internal error.
+
+    use axum::body::{Body as HttpBody, to_bytes};
+    use axum::http::{Method, Request as HttpRequest};
+    use proptest::prelude::*;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn call(app: Router, method: Method, uri: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let mut req = HttpRequest::builder().method(method).uri(uri).header("content-type", "application/json");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = app.oneshot(req.body(HttpBody::from(body)).expect("request")).await.expect("infallible");
+            let status = resp.status().as_u16();
+            let bytes = to_bytes(resp.into_body(), 4 * 1024 * 1024).await.expect("body");
+            (status, bytes.to_vec())
+        })
+    }
+
+    const POSTS: &[&str] = &[
+        routes::SEND,
+        routes::MESHES,
+        routes::MESHES_JOIN,
+        routes::INVITES,
+        routes::INBOX_ACK,
+        routes::INBOX_FLUSH,
+        routes::INBOX_DELETE,
+        routes::SESSIONS,
+        routes::GROUPS_JOIN,
+        "/v1/outbox/7/retry",
+        "/v1/outbox/abc/abort",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_request_body_gets_a_json_answer_below_500(
+            route in prop::sample::select(POSTS),
+            body in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..300),
+                "[{].{0,200}[}]".prop_map(String::into_bytes),
+                Just(br#"{"client_message_id":"x","to":"alice","body":"hi"}"#.to_vec()),
+                Just(br#"{"ids":[1,2,3]}"#.to_vec()),
+            ],
+        ) {
+            let (_dir, d) = crate::daemon::for_tests();
+            let (status, bytes) = call(router(d), Method::POST, route, &[], body);
+            prop_assert!(status < 500, "{route}: {status} {}", String::from_utf8_lossy(&bytes));
+            if status >= 400 {
+                let parsed: Result<ApiErrorBody, _> = serde_json::from_slice(&bytes);
+                prop_assert!(parsed.is_ok(), "{route}: not a JSON error: {}", String::from_utf8_lossy(&bytes));
+            }
+        }
+
+        #[test]
+        fn any_query_string_gets_a_json_answer_below_500(route in prop::sample::select(&[routes::INBOX, routes::OUTBOX, routes::PEERS][..]), query in "[a-z=&%0-9_]{0,60}") {
+            let (_dir, d) = crate::daemon::for_tests();
+            let (status, bytes) = call(router(d), Method::GET, &format!("{route}?{query}"), &[], vec![]);
+            prop_assert!(status < 500, "{route}?{query}: {status} {}", String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn any_last_event_id_is_accepted_or_a_400(value in "[ -~]{0,40}") {
+            let (_dir, d) = crate::daemon::for_tests();
+            d.shutdown.cancel();
+            let headers = [("authorization", "Bearer member-token"), ("last-event-id", value.as_str())];
+            let (status, bytes) = call(router(d), Method::GET, &format!("{}?follow=false", routes::EVENTS), &headers, vec![]);
+            let expected = value.trim().parse::<i64>().is_ok_and(|n| n >= 0);
+            prop_assert_eq!(status, if expected { 200 } else { 400 }, "{:?}: {}", value, String::from_utf8_lossy(&bytes));
+        }
     }
 }
