@@ -181,7 +181,8 @@ impl Connection {
     async fn roster(&self) -> Result<Vec<Peer>, StoreError> {
         let mesh = self.mesh();
         let peers = self.shared.store.roster(mesh).await?;
-        Ok(peers.iter().map(|p| peer_view(p, self.shared.hub.is_online(mesh, &p.key))).collect())
+        let me = self.key();
+        Ok(peers.iter().map(|p| peer_view(p, p.key == me || self.shared.hub.is_online(mesh, &p.key))).collect())
     }
 
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
@@ -195,6 +196,27 @@ impl Connection {
             ))
             .await;
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
+            return;
+        }
+        let welcome = match self.roster().await {
+            Ok(roster) => ServerFrame::Welcome(Welcome {
+                v: mesh_proto::PROTOCOL_VERSION,
+                mesh_id: mesh,
+                mesh_name: self.auth.mesh.name.clone(),
+                you: peer_view(&self.auth.peer, true),
+                roster,
+                limits: self.shared.config.limits(),
+                server_time: now_ms(),
+            }),
+            Err(e) => {
+                tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster for welcome");
+                ServerFrame::Error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry later"))
+            }
+        };
+        let welcomed = matches!(welcome, ServerFrame::Welcome(_));
+        // `welcome` answers `hello`: it goes out before this connection is registered, so no presence
+        // or delivery can come ahead of it. The roster in it counts this connection as online.
+        if !self.send_frame(welcome).await || !welcomed {
             return;
         }
         let wake = Arc::new(Notify::new());
@@ -217,43 +239,25 @@ impl Connection {
             previous.kicked.cancel();
         }
 
-        let welcome = match self.roster().await {
-            Ok(roster) => ServerFrame::Welcome(Welcome {
-                v: mesh_proto::PROTOCOL_VERSION,
-                mesh_id: mesh,
-                mesh_name: self.auth.mesh.name.clone(),
-                you: peer_view(&self.auth.peer, true),
-                roster,
-                limits: self.shared.config.limits(),
-                server_time: now_ms(),
-            }),
-            Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster for welcome");
-                ServerFrame::Error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry later"))
-            }
-        };
-        let welcomed = matches!(welcome, ServerFrame::Welcome(_));
-        if self.send_frame(welcome).await && welcomed {
-            self.announce(true);
-            let (acked_tx, acked_rx) = mpsc::unbounded_channel();
-            let stop_delivery = CancellationToken::new();
-            let deliverer = self.shared.tracker.spawn(
-                deliver_loop(
-                    self.shared.clone(),
-                    mesh,
-                    key,
-                    self.conn_id,
-                    wake,
-                    acked_rx,
-                    self.out.clone(),
-                    stop_delivery.clone(),
-                )
-                .in_current_span(),
-            );
-            self.read_loop(&mut stream, &kicked, &acked_tx).await;
-            stop_delivery.cancel();
-            let _ = deliverer.await;
-        }
+        self.announce(true);
+        let (acked_tx, acked_rx) = mpsc::unbounded_channel();
+        let stop_delivery = CancellationToken::new();
+        let deliverer = self.shared.tracker.spawn(
+            deliver_loop(
+                self.shared.clone(),
+                mesh,
+                key,
+                self.conn_id,
+                wake,
+                acked_rx,
+                self.out.clone(),
+                stop_delivery.clone(),
+            )
+            .in_current_span(),
+        );
+        self.read_loop(&mut stream, &kicked, &acked_tx).await;
+        stop_delivery.cancel();
+        let _ = deliverer.await;
 
         if self.shared.hub.unregister(mesh, key, self.conn_id) {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;

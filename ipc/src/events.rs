@@ -46,7 +46,7 @@ pub fn follow(
     scope: EventScope,
     since: Option<i64>,
     follow: bool,
-) -> Result<impl Stream<Item = StreamItem> + Send, String> {
+) -> Result<impl Stream<Item = StreamItem> + Send + use<>, String> {
     let scope = match scope {
         EventScope::Own => "self",
         EventScope::All => "all",

@@ -1,0 +1,169 @@
+//! `load --peers N --msgs M`: N peers on one broker, each sending M encrypted DMs to random peers
+//! (the shape of claudemesh's published load test). Reports the delivered ratio, end-to-end and
+//! send→accept latencies, throughput and the broker's peak RSS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use mesh_proto::message::{self, Content, SealKey};
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, SendMessage, ServerFrame};
+use mesh_proto::{EncPublicKey, PublicKey, Target};
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::peer;
+use crate::procs::{Broker, peak_rss_mb};
+use crate::stats::{Latencies, r3};
+
+/// Sends in flight per peer.
+const WINDOW: usize = 64;
+
+struct Shared {
+    base: Instant,
+    expected: usize,
+    received: AtomicUsize,
+    errors: AtomicUsize,
+    e2e: Mutex<Latencies>,
+    accept: Mutex<Latencies>,
+    last: Mutex<Option<Instant>>,
+    all_in: Notify,
+}
+
+pub async fn run(
+    bin: &std::path::Path,
+    peers: usize,
+    msgs: usize,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let broker = Broker::start(bin)?;
+    let (mesh, _gk, conns) = peer::mesh_of(&broker.url, peers.max(2)).await?;
+    let directory: Arc<Vec<(PublicKey, EncPublicKey)>> =
+        Arc::new(conns.iter().map(|(id, _)| (id.key(), id.enc_key())).collect());
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        expected: conns.len() * msgs,
+        received: AtomicUsize::new(0),
+        errors: AtomicUsize::new(0),
+        e2e: Mutex::default(),
+        accept: Mutex::default(),
+        last: Mutex::new(None),
+        all_in: Notify::new(),
+    });
+    let start = Instant::now();
+    for (index, (id, ws)) in conns.into_iter().enumerate() {
+        let (tx, mut stream) = peer::split(ws);
+        let window = Arc::new(Semaphore::new(WINDOW));
+        let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; msgs]));
+        // Reader: accepts, deliveries (acked in batches), receipts.
+        {
+            let (shared, tx, window, sent_at) = (shared.clone(), tx.clone(), window.clone(), sent_at.clone());
+            tokio::spawn(async move {
+                while let Some(Ok(first)) = stream.next().await {
+                    let mut batch = vec![first];
+                    while let Some(Some(Ok(m))) = stream.next().now_or_never() {
+                        batch.push(m);
+                    }
+                    let mut acks = Vec::new();
+                    for m in batch {
+                        let Message::Text(text) = m else { continue };
+                        match mesh_proto::wire::decode_server(&text) {
+                            Ok(ServerFrame::Accepted(a)) => {
+                                if let Some(Some(t)) = sent_at.lock().await.get(a.id as usize) {
+                                    shared.accept.lock().await.push(t.elapsed());
+                                }
+                                window.add_permits(1);
+                            }
+                            Ok(ServerFrame::Error(_)) => {
+                                shared.errors.fetch_add(1, Ordering::Relaxed);
+                                window.add_permits(1);
+                            }
+                            Ok(ServerFrame::Deliver(d)) => {
+                                acks.push(d.delivery_id);
+                                if let DeliveryItem::Message(env) = d.item {
+                                    let sent_us: u64 = env
+                                        .client_message_id
+                                        .rsplit('-')
+                                        .next()
+                                        .and_then(|s| s.parse().ok())
+                                        .unwrap_or(0);
+                                    let now_us = shared.base.elapsed().as_micros() as u64;
+                                    shared.e2e.lock().await.push(Duration::from_micros(now_us.saturating_sub(sent_us)));
+                                    *shared.last.lock().await = Some(Instant::now());
+                                    if shared.received.fetch_add(1, Ordering::Relaxed) + 1 == shared.expected {
+                                        shared.all_in.notify_one();
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if !acks.is_empty()
+                        && tx.send(ClientFrame::Ack(Ack { delivery_ids: acks }).to_json()).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+        // Sender.
+        let (shared, directory) = (shared.clone(), directory.clone());
+        tokio::spawn(async move {
+            for m in 0..msgs {
+                let Ok(permit) = window.acquire().await else { return };
+                permit.forget();
+                let to = loop {
+                    let r = rand::thread_rng().gen_range(0..directory.len());
+                    if r != index {
+                        break r;
+                    }
+                };
+                let (key, enc) = directory[to];
+                let target = Target::Key(key);
+                let cmid = format!("p{index}-{m}-{}", shared.base.elapsed().as_micros());
+                let content = Content { body: format!("load message {m} from peer {index}"), reply_to: None };
+                let sealed = message::seal(&id, &mesh, &cmid, &target, SealKey::Direct(&enc), &content);
+                let frame = ClientFrame::Send(SendMessage {
+                    id: m as u64,
+                    client_message_id: cmid,
+                    to: target,
+                    nonce: sealed.nonce,
+                    ciphertext: sealed.ciphertext,
+                    sig: sealed.sig,
+                    ttl_ms: None,
+                });
+                sent_at.lock().await[m] = Some(Instant::now());
+                if tx.send(frame.to_json()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let finished = tokio::time::timeout(timeout, shared.all_in.notified()).await.is_ok();
+    let received = shared.received.load(Ordering::Relaxed);
+    let elapsed = shared.last.lock().await.map_or(start.elapsed(), |t| t.duration_since(start));
+    let e2e = shared.e2e.lock().await.clone();
+    let accept = shared.accept.lock().await.clone();
+    Ok(json!({
+        "scenario": "load",
+        "peers": directory.len(),
+        "msgs": msgs,
+        "expected": shared.expected,
+        "delivered": received,
+        "delivered_ratio": r3(received as f64 / shared.expected as f64),
+        "completed": finished,
+        "errors": shared.errors.load(Ordering::Relaxed),
+        "p50_ms": r3(e2e.pct(50.0)),
+        "p95_ms": r3(e2e.pct(95.0)),
+        "p99_ms": r3(e2e.pct(99.0)),
+        "max_ms": r3(e2e.max()),
+        "accept_p50_ms": r3(accept.pct(50.0)),
+        "accept_p99_ms": r3(accept.pct(99.0)),
+        "msgs_per_s": r3(received as f64 / elapsed.as_secs_f64().max(1e-9)),
+        "seconds": r3(elapsed.as_secs_f64()),
+        "peak_rss_mb": peak_rss_mb(broker.pid()).map(r3),
+    }))
+}

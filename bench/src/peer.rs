@@ -1,0 +1,121 @@
+//! A protocol-level peer: a client of the broker written from `docs/protocol.md`, with no daemon in
+//! between, so many peers fit in one benchmark process.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use mesh_proto::crypto::GroupKey;
+use mesh_proto::invite::{InviteParams, InviteToken};
+use mesh_proto::signed::Signed;
+use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, ServerFrame, Welcome};
+use mesh_proto::{Identity, MeshId, codec, now_ms};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connects and completes the handshake.
+pub async fn connect(
+    url: &str,
+    mesh: MeshId,
+    id: &Identity,
+    name: &str,
+    intent: impl FnOnce(&[u8]) -> Intent,
+) -> anyhow::Result<(Ws, Welcome)> {
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{url}{}", wire::WS_PATH)).await.context("connecting")?;
+    let challenge = match next(&mut ws).await? {
+        ServerFrame::Challenge(c) => c.nonce,
+        other => bail!("expected a challenge, got {other:?}"),
+    };
+    let public = id.public();
+    let claims = HelloClaims {
+        v: 1,
+        challenge: codec::b64(&challenge),
+        mesh_id: mesh,
+        key: public.key,
+        enc_key: public.enc_key,
+        enc_sig: public.enc_sig,
+        name: name.to_owned(),
+        client: "mesh-bench".into(),
+        at: now_ms(),
+        intent: intent(&challenge),
+        attestation: None,
+    };
+    let hello = ClientFrame::Hello(Hello { v: 1, auth: Signed::sign(id, &claims) });
+    ws.send(Message::Text(hello.to_json().into())).await?;
+    match next(&mut ws).await? {
+        ServerFrame::Welcome(w) => Ok((ws, w)),
+        other => bail!("handshake refused: {other:?}"),
+    }
+}
+
+async fn next(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
+    loop {
+        match ws.next().await.context("connection closed")?? {
+            Message::Text(t) => return wire::decode_server(&t).map_err(|e| anyhow::anyhow!(e.detail)),
+            Message::Close(_) => bail!("connection closed"),
+            _ => continue,
+        }
+    }
+}
+
+/// A mesh of `n` peers on one broker, every one connected: the first created it, the others joined
+/// with one invite. Returns the mesh, its group key and each peer's identity and socket.
+pub async fn mesh_of(url: &str, n: usize) -> anyhow::Result<(MeshId, GroupKey, Vec<(Identity, Ws)>)> {
+    let mesh = MeshId::generate();
+    let group_key = GroupKey::generate();
+    let owner = Identity::generate();
+    let (ws, _) =
+        connect(url, mesh, &owner, "peer-0", |_| Intent::Create { mesh_name: "bench".into(), create_token: None })
+            .await?;
+    let params = InviteParams {
+        mesh_id: mesh,
+        mesh_name: "bench".into(),
+        broker_url: url.to_owned(),
+        role: Role::Member,
+        issued_at: now_ms(),
+        expires_at: now_ms() + 3_600_000,
+        max_uses: None,
+    };
+    let invite = Arc::new(InviteToken::mint(&owner, params, &group_key));
+    let mut peers = vec![(owner, ws)];
+    let mut joins = tokio::task::JoinSet::new();
+    for i in 1..n {
+        let (url, invite) = (url.to_owned(), invite.clone());
+        joins.spawn(async move {
+            let id = Identity::generate();
+            let key = id.key();
+            let (ws, _) = connect(&url, mesh, &id, &format!("peer-{i}"), |challenge| Intent::Join {
+                invite: invite.invite.clone(),
+                proof: invite.prove(challenge, &key),
+            })
+            .await?;
+            anyhow::Ok((i, id, ws))
+        });
+    }
+    let mut joined: Vec<(usize, Identity, Ws)> = Vec::with_capacity(n);
+    while let Some(r) = joins.join_next().await {
+        joined.push(r??);
+    }
+    joined.sort_by_key(|(i, _, _)| *i);
+    peers.extend(joined.into_iter().map(|(_, id, ws)| (id, ws)));
+    Ok((mesh, group_key, peers))
+}
+
+/// Splits a socket into a writer task fed by a channel and the read half.
+pub fn split(ws: Ws) -> (mpsc::Sender<String>, futures_util::stream::SplitStream<Ws>) {
+    let (mut sink, stream) = ws.split();
+    let (tx, mut rx) = mpsc::channel::<String>(1024);
+    tokio::spawn(async move {
+        while let Some(text) = rx.recv().await {
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    (tx, stream)
+}

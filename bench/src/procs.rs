@@ -1,0 +1,148 @@
+//! The processes a benchmark measures: `mesh broker serve`, `mesh daemon`, `nats-server`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// The `mesh` binary: `--mesh-bin`, else `MESH_BIN`, else beside this executable.
+pub fn mesh_bin(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match explicit.or_else(|| std::env::var_os("MESH_BIN").map(PathBuf::from)) {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("mesh"),
+    };
+    if !path.exists() {
+        bail!("no mesh binary at {} (build it: cargo build --release -p mesh-cli, or pass --mesh-bin)", path.display());
+    }
+    Ok(path)
+}
+
+/// Peak resident memory (VmHWM) of a process, in MB.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A broker process on a free loopback port with a fresh database; killed on drop.
+pub struct Broker {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start(bin: &Path) -> anyhow::Result<Broker> {
+        let dir = tempfile::Builder::new().prefix("mesh-bench-").tempdir_in("/tmp")?;
+        let mut child = Command::new(bin)
+            .args([
+                "broker",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--sends-per-sec",
+                "100000000",
+                "--send-burst",
+                "100000000",
+            ])
+            .arg("--db")
+            .arg(dir.path().join("broker.db"))
+            .env("MESH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting mesh broker serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let url = line.split_whitespace().find(|w| w.starts_with("ws://")).context("broker ready line")?.to_owned();
+        Ok(Broker { child, url, _dir: dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon on a temporary `MESH_HOME` with its embedded local mesh; stopped on drop.
+pub struct Daemon {
+    pub bin: PathBuf,
+    pub home: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start(bin: &Path, name: &str) -> anyhow::Result<Daemon> {
+        let home = tempfile::Builder::new().prefix("mesh-bench-").tempdir_in("/tmp")?;
+        let d = Daemon { bin: bin.to_owned(), home };
+        d.run(&["init", "--name", name])?;
+        d.run(&["daemon", "up"])?;
+        Ok(d)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).env("MESH_HOME", self.home.path()).env_remove("MESH_SESSION_FILE").stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(args).output()?;
+        if !out.status.success() {
+            bail!("mesh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn paths(&self) -> mesh_ipc::Home {
+        mesh_ipc::Home::at(self.home.path())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.command(&["daemon", "down"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// `nats-server -js` with file storage on a free loopback port; killed on drop.
+pub struct Nats {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> anyhow::Result<Nats> {
+        let dir = tempfile::Builder::new().prefix("mesh-bench-nats-").tempdir_in("/tmp")?;
+        let port = free_port()?;
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server (apt-get install nats-server)")?;
+        Ok(Nats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir })
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
