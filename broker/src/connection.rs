@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use mesh_proto::wire::{
     self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, OkReply, Peer, Presence, RosterReply,
     SendMessage, ServerFrame, Welcome,
@@ -30,6 +30,8 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
+/// Most frames already received that are handled as one batch.
+const READ_BATCH: usize = 256;
 /// How long a closing connection's writer may take to flush before it is dropped.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
@@ -297,49 +299,79 @@ impl Connection {
                     return;
                 }
             };
-            let msg = match next {
+            let first = match next {
                 Err(_) => {
                     tracing::info!("closing an idle connection");
                     let _ = self.out.try_send(Outbound::Close { code: CLOSE_GOING_AWAY, reason: "idle".into() });
                     return;
                 }
-                Ok(None) => return,
-                Ok(Some(Err(e))) => {
-                    // Oversized frames are refused by the WebSocket layer before we see them.
-                    tracing::info!(error = %mesh_proto::error::chain(&e), "websocket read failed");
-                    if is_capacity_error(e) {
-                        self.send_error(ErrorFrame::new(
-                            ErrorCode::FrameTooLarge,
-                            "frame exceeds the broker's hard limit",
-                        ))
-                        .await;
-                        let _ = self
-                            .out
-                            .send(Outbound::Close { code: CLOSE_TOO_BIG, reason: "frame_too_large".into() })
-                            .await;
+                Ok(r) => r,
+            };
+            // The frames already received are handled as one batch, in order: consecutive sends among
+            // them are committed together (one transaction) and answered in order.
+            let mut batch = vec![first];
+            while batch.len() < READ_BATCH && matches!(batch.last(), Some(Some(Ok(_)))) {
+                match stream.next().now_or_never() {
+                    Some(r) => batch.push(r),
+                    None => break,
+                }
+            }
+            let mut sends = Vec::new();
+            for read in batch {
+                let keep_going = match read {
+                    None | Some(Ok(Message::Close(_))) => false,
+                    Some(Err(e)) => {
+                        self.flush_sends(&mut sends).await;
+                        self.read_failed(e).await;
+                        return;
                     }
+                    Some(Ok(Message::Text(text))) => self.handle_text(&text, acked, &mut sends).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        self.flush_sends(&mut sends).await
+                            && self
+                                .send_error(ErrorFrame::new(
+                                    ErrorCode::BadFrame,
+                                    "binary frames are not part of protocol v1",
+                                ))
+                                .await
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => true,
+                };
+                if !keep_going {
+                    self.flush_sends(&mut sends).await;
                     return;
                 }
-                Ok(Some(Ok(m))) => m,
-            };
-            let keep_going = match msg {
-                Message::Text(text) => self.handle_text(&text, acked).await,
-                Message::Binary(_) => {
-                    self.send_error(ErrorFrame::new(ErrorCode::BadFrame, "binary frames are not part of protocol v1"))
-                        .await
-                }
-                Message::Ping(_) | Message::Pong(_) => true,
-                Message::Close(_) => return,
-            };
-            if !keep_going {
+            }
+            if !self.flush_sends(&mut sends).await {
                 return;
             }
         }
     }
 
-    /// Handles one text frame; false when the connection should end.
-    async fn handle_text(&self, text: &str, acked: &mpsc::UnboundedSender<Vec<u64>>) -> bool {
-        if text.len() > self.shared.config.max_frame_bytes {
+    /// The socket failed: oversized frames are refused by the WebSocket layer before we see them.
+    async fn read_failed(&self, e: axum::Error) {
+        tracing::info!(error = %mesh_proto::error::chain(&e), "websocket read failed");
+        if is_capacity_error(e) {
+            self.send_error(ErrorFrame::new(ErrorCode::FrameTooLarge, "frame exceeds the broker's hard limit")).await;
+            let _ = self.out.send(Outbound::Close { code: CLOSE_TOO_BIG, reason: "frame_too_large".into() }).await;
+        }
+    }
+
+    /// Handles one text frame; false when the connection should end. A valid send is staged in `sends`;
+    /// anything else is answered after the staged sends are committed and answered.
+    async fn handle_text(
+        &self,
+        text: &str,
+        acked: &mpsc::UnboundedSender<Vec<u64>>,
+        sends: &mut Vec<(u64, NewMessage)>,
+    ) -> bool {
+        let frame =
+            if text.len() > self.shared.config.max_frame_bytes { None } else { Some(wire::decode_client(text)) };
+        // Everything but a send is answered after the staged sends, to keep replies in order.
+        if !matches!(frame, Some(Ok(ClientFrame::Send(_)))) && !self.flush_sends(sends).await {
+            return false;
+        }
+        let Some(frame) = frame else {
             // Answer with the request's id, so the sender can settle that request.
             #[derive(serde::Deserialize)]
             struct IdOnly {
@@ -359,8 +391,8 @@ impl Connection {
                     .with_id(id),
                 )
                 .await;
-        }
-        match wire::decode_client(text) {
+        };
+        match frame {
             Err(e) => self.send_error(e.into_error_frame()).await,
             Ok(ClientFrame::Hello(_)) => {
                 self.send_error(ErrorFrame::new(
@@ -369,14 +401,7 @@ impl Connection {
                 ))
                 .await
             }
-            Ok(ClientFrame::Send(send)) => {
-                let id = send.id;
-                let reply = match self.accept(send).await {
-                    Ok(accepted) => ServerFrame::Accepted(accepted),
-                    Err(err) => ServerFrame::Error(err.with_id(Some(id))),
-                };
-                self.send_frame(reply).await
-            }
+            Ok(ClientFrame::Send(send)) => self.stage_or_answer(send, sends).await,
             Ok(ClientFrame::Ack(ack)) => {
                 let ids = ack.delivery_ids;
                 match self.shared.store.ack(self.mesh(), self.key(), ids.clone(), now_ms()).await {
@@ -450,9 +475,34 @@ impl Connection {
         }
     }
 
-    /// Validates a send, commits it to every recipient's queue and wakes them.
-    async fn accept(&self, send: SendMessage) -> Result<Accepted, ErrorFrame> {
-        let bad = |m: &str| ErrorFrame::new(ErrorCode::BadFrame, m.to_owned());
+    /// Stages a valid send in `sends`, or answers it at once (after the sends staged before it) when
+    /// it is refused or over the rate limit.
+    async fn stage_or_answer(&self, send: SendMessage, sends: &mut Vec<(u64, NewMessage)>) -> bool {
+        let id = send.id;
+        let refusal = match self.stage(send) {
+            Ok(msg) => {
+                sends.push((id, msg));
+                return true;
+            }
+            Err(refusal) => refusal,
+        };
+        if !self.flush_sends(sends).await {
+            return false;
+        }
+        let reply = match refusal {
+            Refusal::Invalid(err) => Err(err),
+            Refusal::RateLimited { send, retry_after_ms } => self.over_limit(*send, retry_after_ms).await,
+        };
+        self.send_frame(match reply {
+            Ok(accepted) => ServerFrame::Accepted(accepted),
+            Err(err) => ServerFrame::Error(err.with_id(Some(id))),
+        })
+        .await
+    }
+
+    /// Validates a send and takes its rate-limit token; returns the message to store.
+    fn stage(&self, send: SendMessage) -> Result<NewMessage, Refusal> {
+        let bad = |m: &str| Refusal::Invalid(ErrorFrame::new(ErrorCode::BadFrame, m.to_owned()));
         let cmid = &send.client_message_id;
         if cmid.is_empty() || cmid.len() > MAX_CLIENT_MESSAGE_ID || cmid.chars().any(char::is_control) {
             return Err(bad("client_message_id must be 1-128 printable characters"));
@@ -468,35 +518,12 @@ impl Connection {
             None | Some(0) => config.default_ttl_ms,
             Some(t) => t.min(config.max_ttl_ms),
         };
-        let now = now_ms();
         let peer = &self.auth.peer;
-        let fingerprint = send.fingerprint();
         if let Err(retry_after_ms) = self.shared.limiter.try_take(self.mesh(), peer.member) {
-            // Dedupe before limiting: a resend of an accepted message is answered, never refused.
-            return match self.shared.store.find_sent(self.mesh(), peer.key, &send.client_message_id).await {
-                Ok(Some(sent)) if sent.fingerprint == fingerprint => Ok(Accepted {
-                    id: send.id,
-                    message_id: sent.message_id,
-                    duplicate: true,
-                    recipients: sent.recipients,
-                }),
-                Ok(Some(_)) => Err(ErrorFrame::new(
-                    ErrorCode::IdempotencyConflict,
-                    format!("client_message_id {:?} was already used for a different message", send.client_message_id),
-                )),
-                Ok(None) => Err(ErrorFrame {
-                    retry_after_ms: Some(retry_after_ms),
-                    ..ErrorFrame::new(
-                        ErrorCode::RateLimited,
-                        format!("over {} sends per second; retry later", config.sends_per_sec),
-                    )
-                }),
-                Err(e) => {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "idempotency lookup failed");
-                    Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))
-                }
-            };
+            return Err(Refusal::RateLimited { send: Box::new(send), retry_after_ms });
         }
+        let now = now_ms();
+        let fingerprint = send.fingerprint();
         let message_id = uuid::Uuid::now_v7().to_string();
         let envelope = Envelope {
             message_id: message_id.clone(),
@@ -515,7 +542,7 @@ impl Connection {
             expires_at: now + ttl,
         };
         let item_json = serde_json::to_string(&DeliveryItem::Message(envelope)).expect("envelopes serialise");
-        let msg = NewMessage {
+        Ok(NewMessage {
             mesh_id: self.mesh(),
             sender: peer.key,
             client_message_id: send.client_message_id,
@@ -525,30 +552,90 @@ impl Connection {
             item_json,
             created_at: now,
             expires_at: now + ttl,
-        };
-        match self.shared.store.enqueue(msg).await {
-            Ok(done) => {
-                for key in &done.woken {
-                    self.shared.hub.wake(self.mesh(), key);
-                }
-                Ok(Accepted {
-                    id: send.id,
-                    message_id: done.message_id,
-                    duplicate: done.duplicate,
-                    recipients: done.recipients,
-                })
+        })
+    }
+
+    /// A send over the rate limit: a resend of an accepted message is answered, never refused (dedupe
+    /// before limiting).
+    async fn over_limit(&self, send: SendMessage, retry_after_ms: u64) -> Result<Accepted, ErrorFrame> {
+        let fingerprint = send.fingerprint();
+        match self.shared.store.find_sent(self.mesh(), self.key(), &send.client_message_id).await {
+            Ok(Some(sent)) if sent.fingerprint == fingerprint => {
+                Ok(Accepted { id: send.id, message_id: sent.message_id, duplicate: true, recipients: sent.recipients })
             }
-            Err(StoreError::IdempotencyConflict(c)) => Err(ErrorFrame::new(
+            Ok(Some(_)) => Err(ErrorFrame::new(
                 ErrorCode::IdempotencyConflict,
-                format!("client_message_id {c:?} was already used for a different message"),
+                format!("client_message_id {:?} was already used for a different message", send.client_message_id),
             )),
-            Err(StoreError::RecipientUnknown(r)) => {
-                Err(ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}")))
-            }
+            Ok(None) => Err(ErrorFrame {
+                retry_after_ms: Some(retry_after_ms),
+                ..ErrorFrame::new(
+                    ErrorCode::RateLimited,
+                    format!("over {} sends per second; retry later", self.shared.config.sends_per_sec),
+                )
+            }),
             Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
+                tracing::error!(error = %mesh_proto::error::chain(&e), "idempotency lookup failed");
                 Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))
             }
+        }
+    }
+
+    /// Commits the staged sends together, wakes their recipients and answers each in order. False when
+    /// the connection's writer is gone.
+    async fn flush_sends(&self, sends: &mut Vec<(u64, NewMessage)>) -> bool {
+        if sends.is_empty() {
+            return true;
+        }
+        let (ids, msgs): (Vec<u64>, Vec<NewMessage>) = std::mem::take(sends).into_iter().unzip();
+        let results: Vec<Result<_, ErrorFrame>> = match self.shared.store.enqueue_many(msgs).await {
+            Ok(results) => results.into_iter().map(|r| r.map_err(enqueue_refusal)).collect(),
+            Err(e) => {
+                tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
+                ids.iter().map(|_| Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))).collect()
+            }
+        };
+        let mut open = true;
+        for (id, result) in ids.into_iter().zip(results) {
+            let reply = match result {
+                Ok(done) => {
+                    for key in &done.woken {
+                        self.shared.hub.wake(self.mesh(), key);
+                    }
+                    ServerFrame::Accepted(Accepted {
+                        id,
+                        message_id: done.message_id,
+                        duplicate: done.duplicate,
+                        recipients: done.recipients,
+                    })
+                }
+                Err(err) => ServerFrame::Error(err.with_id(Some(id))),
+            };
+            open = open && self.send_frame(reply).await;
+        }
+        open
+    }
+}
+
+/// Why a send was not staged.
+enum Refusal {
+    Invalid(ErrorFrame),
+    RateLimited { send: Box<SendMessage>, retry_after_ms: u64 },
+}
+
+/// The error frame for a send the store refused.
+fn enqueue_refusal(e: StoreError) -> ErrorFrame {
+    match e {
+        StoreError::IdempotencyConflict(c) => ErrorFrame::new(
+            ErrorCode::IdempotencyConflict,
+            format!("client_message_id {c:?} was already used for a different message"),
+        ),
+        StoreError::RecipientUnknown(r) => {
+            ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}"))
+        }
+        e => {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
+            ErrorFrame::new(ErrorCode::Internal, "storage failure; retry")
         }
     }
 }
@@ -571,14 +658,20 @@ async fn deliver_loop(
     let lease_ms = shared.config.lease.as_millis() as u64;
     let mut inflight: HashMap<u64, u64> = HashMap::new();
     let mut retry_at: Option<Instant> = None;
+    // Leases held by a connection that is gone (or by another one) run out on their own: wake then.
+    let mut foreign: Option<u64> = None;
     loop {
         let now = now_ms();
         inflight.retain(|_, until| *until > now);
-        if inflight.len() < window && retry_at.is_none_or(|t| t <= Instant::now()) {
+        // Lease again once half the window is free: fewer, larger leases under load, and at once when
+        // idle (an empty window is always below half).
+        let refill = |inflight: &HashMap<u64, u64>| inflight.len() <= window / 2;
+        if refill(&inflight) && retry_at.is_none_or(|t| t <= Instant::now()) {
             retry_at = None;
             match shared.store.lease(mesh, key, conn_id, (window - inflight.len()) as u32, now, lease_ms).await {
-                Ok(items) => {
-                    for item in items {
+                Ok(lease) => {
+                    foreign = lease.next_foreign_expiry;
+                    for item in lease.items {
                         inflight.insert(item.delivery_id, now + lease_ms);
                         let frame = wire::deliver_frame_json(item.delivery_id, &item.item_json);
                         // A peer that stops reading fills the buffer; stopping must not wait for it.
@@ -590,28 +683,18 @@ async fn deliver_loop(
                 }
                 Err(e) => {
                     tracing::error!(error = %mesh_proto::error::chain(&e), "leasing deliveries; retrying in 1 s");
+                    foreign = None;
                     retry_at = Some(Instant::now() + Duration::from_secs(1));
                 }
             }
         }
-        // Leases held by a connection that is gone (or by another one) run out on their own: wake then.
-        let foreign = if inflight.len() < window {
-            shared
-                .store
-                .next_lease_expiry(mesh, key, now_ms())
-                .await
-                .ok()
-                .flatten()
-                .filter(|t| !inflight.values().any(|u| u == t))
-        } else {
-            None
-        };
+        let now = now_ms();
         let next_expiry = inflight
             .values()
             .copied()
-            .chain(foreign)
+            .chain(foreign.filter(|_| refill(&inflight)))
             .min()
-            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now_ms())));
+            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now)));
         let deadline = match (next_expiry, retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

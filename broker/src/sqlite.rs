@@ -1,9 +1,12 @@
 //! SQLite plumbing shared by the broker's store and the daemon: opening a file with the project's
-//! pragmas and permissions, numbered append-only migrations checked against `user_version`, and running
-//! blocking calls off the async threads.
+//! pragmas and permissions, numbered append-only migrations checked against `user_version`, running
+//! blocking calls off the async threads, and group commit ([`Db::batch`]): concurrent writers share one
+//! transaction, each in its own savepoint.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, mpsc};
+use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 
@@ -42,13 +45,107 @@ pub enum DbError {
 /// time; a call is a transaction or a single statement, so they never interleave.
 #[derive(Clone)]
 pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     conn: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
+    path: PathBuf,
+    batcher: OnceLock<Batcher>,
 }
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Db({})", self.path.display())
+        write!(f, "Db({})", self.inner.path.display())
+    }
+}
+
+/// Most jobs one shared transaction takes: bounds the latency a job adds to the others of its batch.
+const MAX_BATCH: usize = 512;
+
+/// A job of a batch: given the open transaction (or why it could not open), runs in its savepoint and
+/// says whether to keep its changes, and how to answer once the transaction has ended.
+type Job = Box<dyn FnOnce(Result<&Connection, &rusqlite::Error>) -> Ran + Send>;
+
+/// Answers a job's caller, given how the shared transaction ended.
+type Answer = Box<dyn FnOnce(Result<(), &rusqlite::Error>) + Send>;
+
+struct Ran {
+    keep: bool,
+    answer: Answer,
+}
+
+/// The thread that runs [`Db::batch`] jobs. Dropped with the last `Db`: the queue closes and the thread
+/// finishes what it holds before the connection is closed.
+struct Batcher {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Takes every job waiting (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE` transaction, each
+/// in a savepoint so that one job's failure rolls back only its own changes, commits once, then answers
+/// them all. A job that panics is rolled back and its caller sees a task error.
+fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut answers = Vec::with_capacity(batch.len());
+        match exec_cached(&guard, "BEGIN IMMEDIATE") {
+            Err(e) => {
+                for job in batch {
+                    if let Ok(ran) = std::panic::catch_unwind(AssertUnwindSafe(|| job(Err(&e)))) {
+                        (ran.answer)(Err(&e));
+                    }
+                }
+                continue;
+            }
+            Ok(()) => {
+                for job in batch {
+                    if let Err(e) = exec_cached(&guard, "SAVEPOINT job") {
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| (job(Err(&e)).answer)(Err(&e))));
+                        continue;
+                    }
+                    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job(Ok(&guard))));
+                    let keep = matches!(&ran, Ok(r) if r.keep);
+                    let ended = if keep {
+                        exec_cached(&guard, "RELEASE job")
+                    } else {
+                        exec_cached(&guard, "ROLLBACK TO job").and_then(|()| exec_cached(&guard, "RELEASE job"))
+                    };
+                    if let Err(e) = ended {
+                        tracing::error!(error = %e, "ending a savepoint");
+                    }
+                    if let Ok(ran) = ran {
+                        answers.push(ran.answer);
+                    }
+                }
+            }
+        }
+        let committed = exec_cached(&guard, "COMMIT");
+        if committed.is_err() {
+            let _ = guard.execute_batch("ROLLBACK");
+        }
+        drop(guard);
+        for answer in answers {
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| answer(committed.as_ref().map(|_| ()))));
+        }
     }
 }
 
@@ -76,12 +173,60 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&conn, path, migrations)?;
-        Ok(Db { conn: Arc::new(Mutex::new(conn)), path: Arc::new(path.to_owned()) })
+        let inner = Inner { conn: Arc::new(Mutex::new(conn)), path: path.to_owned(), batcher: OnceLock::new() };
+        Ok(Db { inner: Arc::new(inner) })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
+    }
+
+    /// Runs `f` in a savepoint of a write transaction shared with the other `batch` calls waiting at the
+    /// same time (group commit), and answers once that transaction has committed. `Ok(Err(domain))`
+    /// rolls back `f`'s changes and is returned as is; a SQLite error rolls them back too. When the
+    /// shared commit fails, every caller of the batch gets that error, so nothing is acknowledged that
+    /// is not on disk.
+    pub async fn batch<F, R, E>(&self, f: F) -> Result<Result<R, E>, DbError>
+    where
+        F: FnOnce(&Connection) -> Result<Result<R, E>, rusqlite::Error> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn: Result<&Connection, &rusqlite::Error>| {
+            let result = match conn {
+                Ok(conn) => f(conn),
+                Err(e) => Err(clone_error(e)),
+            };
+            let keep = matches!(result, Ok(Ok(_)));
+            Ran {
+                keep,
+                answer: Box::new(move |committed: Result<(), &rusqlite::Error>| {
+                    let answer = match (committed, result) {
+                        (_, Err(e)) => Err(DbError::Sqlite(e)),
+                        (Err(e), Ok(Ok(_))) => Err(DbError::Sqlite(clone_error(e))),
+                        (_, Ok(r)) => Ok(r),
+                    };
+                    let _ = tx.send(answer);
+                }),
+            }
+        });
+        let batcher = self.inner.batcher.get_or_init(|| {
+            let (jobs, queue) = mpsc::channel();
+            let conn = self.inner.conn.clone();
+            let thread = std::thread::Builder::new()
+                .name("db-batch".into())
+                .spawn(move || batch_loop(conn, queue))
+                .expect("spawning the database batch thread");
+            Batcher { jobs: Some(jobs), thread: Some(thread) }
+        });
+        let sent = batcher.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            return Err(DbError::Task("the database batch thread has stopped".into()));
+        }
+        rx.await.map_err(|_| DbError::Task("a database batch job panicked".into()))?
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -90,7 +235,7 @@ impl Db {
         F: FnOnce(&mut Connection) -> Result<R, rusqlite::Error> + Send + 'static,
         R: Send + 'static,
     {
-        let conn = self.conn.clone();
+        let conn = self.inner.conn.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
             f(&mut guard)
@@ -105,8 +250,24 @@ impl Db {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<R, rusqlite::Error>,
     ) -> Result<R, DbError> {
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut guard).map_err(DbError::Sqlite)
+    }
+}
+
+/// Runs a statement kept prepared in the connection's cache: parsing is a large part of a small write.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// A copy of a SQLite error for each caller of a failed batch (the error type is not `Clone`).
+fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => rusqlite::Error::SqliteFailure(*code, msg.clone()),
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
     }
 }
 
@@ -183,6 +344,71 @@ mod tests {
             db.call_blocking(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).expect("version");
         assert_eq!(version, 2);
         assert!(matches!(Db::open(&path, &v1), Err(DbError::TooNew { found: 2, known: 1, .. })));
+    }
+
+    fn counter_db(dir: &tempfile::TempDir) -> Db {
+        Db::open(&dir.path().join("b.db"), &["CREATE TABLE t(x INTEGER PRIMARY KEY);"]).expect("open")
+    }
+
+    fn rows(db: &Db) -> Vec<i64> {
+        db.call_blocking(|c| c.prepare("SELECT x FROM t ORDER BY x")?.query_map([], |r| r.get(0))?.collect())
+            .expect("select")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_keeps_each_job_apart_and_commits_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = counter_db(&dir);
+        let jobs = (0..200i64).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.batch(move |c| {
+                    c.execute("INSERT INTO t(x) VALUES (?1)", [i])?;
+                    match i % 10 {
+                        // A domain refusal after writing: its row must not survive.
+                        3 => Ok(Err("refused")),
+                        // A SQLite failure after writing (duplicate key): rolled back, reported.
+                        7 => c.execute("INSERT INTO t(x) VALUES (?1)", [i]).map(|_| Ok(())),
+                        // A panic after writing: rolled back, the batcher lives on.
+                        9 if i == 99 => panic!("job panics"),
+                        _ => Ok(Ok(())),
+                    }
+                })
+                .await
+            })
+        });
+        let results: Vec<_> =
+            futures_util::future::join_all(jobs).await.into_iter().map(|r| r.expect("task")).collect();
+        for (i, r) in results.iter().enumerate() {
+            match (i % 10, r) {
+                (3, Ok(Err("refused"))) | (7, Err(DbError::Sqlite(_))) => {}
+                (9, Err(DbError::Task(_))) if i == 99 => {}
+                (_, Ok(Ok(()))) if i % 10 != 3 && i % 10 != 7 && i != 99 => {}
+                other => panic!("job {i}: unexpected {other:?}"),
+            }
+        }
+        let expected: Vec<i64> = (0..200).filter(|i| i % 10 != 3 && i % 10 != 7 && *i != 99).collect();
+        assert_eq!(rows(&db), expected);
+        // Still serving after the panic.
+        db.batch(|c| c.execute("INSERT INTO t(x) VALUES (1000)", []).map(|_| Ok::<_, ()>(())))
+            .await
+            .expect("db")
+            .expect("ok");
+        assert_eq!(rows(&db).last(), Some(&1000));
+    }
+
+    #[tokio::test]
+    async fn batched_writes_are_on_disk_once_answered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = counter_db(&dir);
+        db.batch(|c| c.execute("INSERT INTO t(x) VALUES (1)", []).map(|_| Ok::<_, ()>(())))
+            .await
+            .expect("db")
+            .expect("ok");
+        // A second connection (another process) sees the row: it is committed, not just in a savepoint.
+        let other = Connection::open(dir.path().join("b.db")).expect("open");
+        let n: i64 = other.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 1);
     }
 
     #[test]

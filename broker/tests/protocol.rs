@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use futures_util::SinkExt;
 use mesh_broker::BrokerConfig;
+use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::message;
+use mesh_proto::signed::Signed;
 use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
@@ -532,5 +534,194 @@ async fn group_messages_reach_current_members_only() {
     assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 5));
     t.ca.send(&ClientFrame::Send(group_send(3, "g-3"))).await;
     expect_error(t.ca.recv_non_presence().await, ErrorCode::RecipientUnknown);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut t = two_members(&broker).await;
+    let stranger = Identity::generate();
+    let mut frames = Vec::new();
+    for i in 1..=60u64 {
+        let frame = match i {
+            10 => ClientFrame::Send(mesh_proto::wire::SendMessage {
+                nonce: vec![0; 3],
+                ..dm(&t.a, t.mesh, &t.b, i, "c-10", "x")
+            }),
+            // The very same sealed message as request 5, sent again.
+            20 => match &frames[4] {
+                ClientFrame::Send(s) => ClientFrame::Send(mesh_proto::wire::SendMessage { id: 20, ..s.clone() }),
+                _ => unreachable!(),
+            },
+            30 => ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, "c-6", "not message 6")),
+            40 => ClientFrame::Send(dm(&t.a, t.mesh, &stranger, i, "c-40", "x")),
+            45 => ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: i }),
+            _ => ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, &format!("c-{i}"), &format!("message {i}"))),
+        };
+        frames.push(frame);
+    }
+    // Written back to back and flushed once, so the broker reads them as one batch.
+    for f in &frames {
+        t.ca.ws.feed(tokio_tungstenite::tungstenite::Message::Text(f.to_json().into())).await.expect("feed");
+    }
+    t.ca.ws.flush().await.expect("flush");
+
+    let mut first_of_5 = None;
+    for i in 1..=60u64 {
+        match (i, t.ca.recv_non_presence().await) {
+            (10, f) => assert_eq!(expect_error(f, ErrorCode::BadFrame).id, Some(10)),
+            (20, ServerFrame::Accepted(a)) => {
+                assert!(a.duplicate, "a resend of c-5 in the same batch is a duplicate");
+                assert_eq!(Some(a.message_id), first_of_5.clone());
+            }
+            (30, f) => assert_eq!(expect_error(f, ErrorCode::IdempotencyConflict).id, Some(30)),
+            (40, f) => assert_eq!(expect_error(f, ErrorCode::RecipientUnknown).id, Some(40)),
+            (45, ServerFrame::Roster(r)) => assert_eq!(r.id, 45),
+            (_, ServerFrame::Accepted(a)) => {
+                assert_eq!(a.id, i, "answers come in the order of the requests");
+                assert!(!a.duplicate);
+                if i == 5 {
+                    first_of_5 = Some(a.message_id);
+                }
+            }
+            (_, other) => panic!("request {i}: unexpected {other:?}"),
+        }
+    }
+    // Bob gets exactly the stored ones, once each, in order.
+    let expected: Vec<String> =
+        (1..=60).filter(|i| ![10, 20, 30, 40, 45].contains(i)).map(|i| format!("message {i}")).collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+        let DeliveryItem::Message(env) = &d.item else { panic!("a message") };
+        got.push(message::open(env, &t.b, None).expect("opens").body);
+        t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+    }
+    assert_eq!(got, expected);
+    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 7 })).await;
+    assert!(
+        matches!(t.cb.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 7),
+        "nothing more was delivered"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_is_closed_with_handshake_timeout() {
+    let config = BrokerConfig { handshake_timeout: std::time::Duration::from_millis(200), ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let mut c = Client::connect(&broker).await;
+    expect_error(c.recv().await, ErrorCode::HandshakeTimeout);
+    assert!(c.try_recv().await.is_none(), "the connection is closed");
+    broker.stop().await;
+}
+
+/// A hello for a session key carrying `attestation` (signed by `signer`).
+fn session_hello(
+    c: &Client,
+    session: &Identity,
+    mesh: MeshId,
+    name: &str,
+    signer: &Identity,
+    att: SessionAttestation,
+) -> ClientFrame {
+    let public = session.public();
+    let claims = mesh_proto::wire::HelloClaims {
+        v: 1,
+        challenge: mesh_proto::codec::b64(&c.challenge),
+        mesh_id: mesh,
+        key: public.key,
+        enc_key: public.enc_key,
+        enc_sig: public.enc_sig,
+        name: name.to_owned(),
+        client: "mesh-broker-tests".into(),
+        at: now_ms(),
+        intent: Intent::Connect,
+        attestation: Some(Signed::sign(signer, &att)),
+    };
+    ClientFrame::Hello(mesh_proto::wire::Hello { v: 1, auth: Signed::sign(session, &claims) })
+}
+
+#[tokio::test]
+async fn session_attestations_that_are_forged_expired_or_for_another_key_are_refused() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let t = two_members(&broker).await;
+    let session = Identity::generate();
+    let now = now_ms();
+    let good = SessionAttestation {
+        v: 1,
+        mesh_id: t.mesh,
+        member: t.a.key(),
+        session: session.key(),
+        name: "worker".into(),
+        issued_at: now,
+        expires_at: now + 60_000,
+    };
+    let outsider = Identity::generate();
+    let cases: Vec<(&str, &Identity, SessionAttestation, ErrorCode)> = vec![
+        (
+            "expired",
+            &t.a,
+            SessionAttestation { issued_at: now - 120_000, expires_at: now - 60_000, ..good.clone() },
+            ErrorCode::AttestationExpired,
+        ),
+        (
+            "longer than 24 h",
+            &t.a,
+            SessionAttestation { expires_at: now + 25 * 3_600_000, ..good.clone() },
+            ErrorCode::AttestationExpired,
+        ),
+        (
+            "from the future",
+            &t.a,
+            SessionAttestation { issued_at: now + 3_600_000, expires_at: now + 3_700_000, ..good.clone() },
+            ErrorCode::AttestationExpired,
+        ),
+        (
+            "for another session key",
+            &t.a,
+            SessionAttestation { session: outsider.key(), ..good.clone() },
+            ErrorCode::AttestationInvalid,
+        ),
+        (
+            "for another name",
+            &t.a,
+            SessionAttestation { name: "other".into(), ..good.clone() },
+            ErrorCode::AttestationInvalid,
+        ),
+        (
+            "by a key that is not a member",
+            &outsider,
+            SessionAttestation { member: outsider.key(), ..good.clone() },
+            ErrorCode::UnknownMember,
+        ),
+    ];
+    for (what, signer, att, code) in cases {
+        let mut c = Client::connect(&broker).await;
+        let hello = session_hello(&c, &session, t.mesh, "worker", signer, att);
+        c.send(&hello).await;
+        let frame = c.recv().await;
+        assert!(matches!(&frame, ServerFrame::Error(e) if e.code == code), "{what}: expected {code:?}, got {frame:?}");
+    }
+    // A member's signature over claims naming another signer does not verify: forged.
+    let mut c = Client::connect(&broker).await;
+    let forged =
+        session_hello(&c, &session, t.mesh, "worker", &t.b, SessionAttestation { member: t.b.key(), ..good.clone() });
+    let ClientFrame::Hello(mut hello) = forged else { unreachable!() };
+    let mut claims: mesh_proto::wire::HelloClaims = hello.auth.open().expect("opens");
+    let mut att = claims.attestation.take().expect("attestation");
+    let real: SessionAttestation = att.open().expect("opens");
+    att.payload =
+        mesh_proto::codec::b64(&serde_json::to_vec(&SessionAttestation { member: t.a.key(), ..real }).expect("json"));
+    claims.attestation = Some(att);
+    hello.auth = Signed::sign(&session, &claims);
+    c.send(&ClientFrame::Hello(hello)).await;
+    expect_error(c.recv().await, ErrorCode::AttestationInvalid);
+    // The genuine one is welcome.
+    let mut c = Client::connect(&broker).await;
+    let hello = session_hello(&c, &session, t.mesh, "worker", &t.a, good);
+    c.send(&hello).await;
+    assert!(matches!(c.recv().await, ServerFrame::Welcome(w) if w.you.member == t.a.key()));
     broker.stop().await;
 }

@@ -63,6 +63,17 @@ pub struct Leased {
     pub item_json: String,
 }
 
+/// What one `lease` call took.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lease {
+    pub items: Vec<Leased>,
+    /// When fewer items than asked were free: the earliest time a lease of this recipient runs out
+    /// (this connection's, or one held by another or a previous connection of this key), so that the
+    /// item can be delivered here then. Counting this connection's own leases is harmless: they are
+    /// due then anyway, and the next lease looks again.
+    pub next_foreign_expiry: Option<u64>,
+}
+
 /// What the broker remembers of an accepted send, for idempotency.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SentRecord {
@@ -129,6 +140,9 @@ pub trait Store: Send + Sync + 'static {
     /// Idempotent on (mesh, sender, client_message_id): a duplicate with the same fingerprint returns the
     /// first message id and queues nothing; a different fingerprint is an `IdempotencyConflict`.
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
+    /// Several sends, in order, committed together: each one succeeds or fails on its own exactly as
+    /// `enqueue` would. `Err` only when none of them could be stored.
+    async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError>;
     /// The accepted send of (mesh, sender, client_message_id), if any (within retention).
     async fn find_sent(
         &self,
@@ -145,7 +159,7 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         now: u64,
         lease_ms: u64,
-    ) -> Result<Vec<Leased>, StoreError>;
+    ) -> Result<Lease, StoreError>;
     /// Deletes acked items of `recipient` and queues a `delivered` receipt to each message's sender.
     /// Returns the senders to wake. Unknown ids are ignored (acks are idempotent).
     async fn ack(
@@ -157,9 +171,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<PublicKey>, StoreError>;
     /// Frees the leases a closed connection held.
     async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError>;
-    /// The earliest time after `now` a lease of `recipient` runs out (on an item not yet expired), to
-    /// schedule redelivery of items leased by connections that are gone.
-    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey, now: u64) -> Result<Option<u64>, StoreError>;
     /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
     /// idempotency records past retention.
     async fn expire(&self, now: u64) -> Result<Expired, StoreError>;

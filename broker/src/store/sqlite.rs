@@ -1,15 +1,15 @@
-//! The SQLite implementation of [`Store`]: one file, WAL, every method one `BEGIN IMMEDIATE`
-//! transaction on the blocking pool.
+//! The SQLite implementation of [`Store`]: one file, WAL; every write is a savepoint in a group-committed
+//! `BEGIN IMMEDIATE` transaction ([`Db::batch`]), reads run on the blocking pool.
 
 use std::path::Path;
 
 use async_trait::async_trait;
 use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
 use mesh_proto::{MeshId, PublicKey, Target};
-use rusqlite::{OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Enqueued, Expired, JoinOutcome, Leased, MeshRecord, NewMessage, PeerRecord, SentRecord, Store, StoreError,
+    Enqueued, Expired, JoinOutcome, Lease, Leased, MeshRecord, NewMessage, PeerRecord, SentRecord, Store, StoreError,
 };
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
@@ -90,6 +90,12 @@ CREATE TABLE reads (
     PRIMARY KEY (mesh_id, message_id, reader)
 );
 "#,
+    // Free items of a recipient are found without walking the ones leased out: never-leased rows sit
+    // together (lease_until NULL) in id order.
+    r#"
+DROP INDEX queue_by_recipient;
+CREATE INDEX queue_by_lease ON queue(mesh_id, recipient, lease_until, id);
+"#,
 ];
 
 #[derive(Clone, Debug)]
@@ -116,22 +122,18 @@ impl SqliteStore {
         &self.db
     }
 
+    /// Runs `f` in the store's group commit ([`Db::batch`]): its own savepoint of a transaction shared
+    /// with the other writes waiting at the same moment.
     async fn write<F, R>(&self, f: F) -> Result<R, StoreError>
     where
-        F: FnOnce(&Transaction<'_>) -> Result<R, TxError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, TxError> + Send + 'static,
         R: Send + 'static,
     {
         self.db
-            .call(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                match f(&tx) {
-                    Ok(r) => {
-                        tx.commit()?;
-                        Ok(Ok(r))
-                    }
-                    Err(TxError::Sqlite(e)) => Err(e),
-                    Err(TxError::Domain(e)) => Ok(Err(e)),
-                }
+            .batch(move |conn| match f(conn) {
+                Ok(r) => Ok(Ok(r)),
+                Err(TxError::Sqlite(e)) => Err(e),
+                Err(TxError::Domain(e)) => Ok(Err(e)),
             })
             .await?
     }
@@ -176,13 +178,11 @@ fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     })
 }
 
-fn insert_peer(tx: &Transaction<'_>, mesh: &MeshId, p: &PeerRecord) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked)
+fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (mesh_id, key) DO UPDATE SET
-           name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, last_seen = excluded.last_seen",
-        params![
+           name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, last_seen = excluded.last_seen")?.execute(params![
             mesh.to_string(),
             p.key.to_string(),
             p.kind.as_str(),
@@ -199,42 +199,30 @@ fn insert_peer(tx: &Transaction<'_>, mesh: &MeshId, p: &PeerRecord) -> rusqlite:
     Ok(())
 }
 
-fn get_peer(tx: &Transaction<'_>, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Option<PeerRecord>> {
-    tx.query_row(
-        &format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"),
-        params![mesh.to_string(), key.to_string()],
-        peer_from_row,
-    )
-    .optional()
+fn get_peer(tx: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Option<PeerRecord>> {
+    tx.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"))?
+        .query_row(params![mesh.to_string(), key.to_string()], peer_from_row)
+        .optional()
 }
 
-fn queue_receipt(
-    tx: &Transaction<'_>,
-    mesh: &str,
-    to: &str,
-    receipt: &Receipt,
-    expires_at: u64,
-) -> rusqlite::Result<()> {
+fn queue_receipt(tx: &Connection, mesh: &str, to: &str, receipt: &Receipt, expires_at: u64) -> rusqlite::Result<()> {
     let json = serde_json::to_string(&DeliveryItem::Receipt(receipt.clone())).expect("receipts serialise");
-    tx.execute(
-        "INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)",
-        params![mesh, to, json, expires_at as i64],
-    )?;
+    tx.prepare_cached("INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![mesh, to, json, expires_at as i64])?;
     Ok(())
 }
 
 /// Queues a receipt of `kind` from `recipient` for the sender of message `seq`; returns the sender.
 fn receipt_for_message(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     seq: i64,
     kind: ReceiptKind,
     recipient: &str,
     now: u64,
 ) -> rusqlite::Result<Option<String>> {
     let row: Option<(String, String, String, String)> = tx
-        .query_row("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1", [seq], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .prepare_cached("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
     let Some((mesh, sender, message_id, client_message_id)) = row else {
         return Ok(None);
@@ -246,29 +234,96 @@ fn receipt_for_message(
 
 /// Drops the stored ciphertext of a message once no queue row needs it; the row itself stays until
 /// its TTL for idempotency.
-fn forget_body_if_done(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<()> {
-    tx.execute(
+fn forget_body_if_done(tx: &Connection, seq: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
         "UPDATE messages SET item = NULL WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = ?1)",
-        [seq],
-    )?;
+    )?
+    .execute([seq])?;
     Ok(())
+}
+
+/// Queues `msg` for each recipient of its target, or answers a duplicate with the first send.
+fn enqueue_in(tx: &Connection, msg: NewMessage) -> Result<Enqueued, TxError> {
+    let mesh = msg.mesh_id.to_string();
+    let sender = msg.sender.to_string();
+    let existing: Option<(Vec<u8>, String, i64)> = tx
+        .prepare_cached(
+            "SELECT fingerprint, message_id, recipients FROM messages
+             WHERE mesh_id = ?1 AND sender = ?2 AND client_message_id = ?3",
+        )?
+        .query_row(params![mesh, sender, msg.client_message_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((fingerprint, message_id, recipients)) = existing {
+        if fingerprint != msg.fingerprint {
+            return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id)));
+        }
+        return Ok(Enqueued { message_id, duplicate: true, woken: vec![], recipients: recipients as u32 });
+    }
+    let recipients: Vec<String> = match &msg.target {
+        Target::Key(key) => {
+            let known: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM peers WHERE mesh_id = ?1 AND key = ?2 AND revoked = 0)")?
+                .query_row(params![mesh, key.to_string()], |r| r.get(0))?;
+            if !known {
+                return Err(TxError::Domain(StoreError::RecipientUnknown(key.to_string())));
+            }
+            vec![key.to_string()]
+        }
+        Target::All => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT key FROM peers WHERE mesh_id = ?1 AND revoked = 0 AND key != ?2 ORDER BY key",
+            )?;
+            stmt.query_map(params![mesh, sender], |r| r.get(0))?.collect::<Result<_, _>>()?
+        }
+        Target::Group(group) => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT g.key FROM group_members g JOIN peers p ON p.mesh_id = g.mesh_id AND p.key = g.key
+                 WHERE g.mesh_id = ?1 AND g.group_name = ?2 AND g.key != ?3 AND p.revoked = 0 ORDER BY g.key",
+            )?;
+            let keys: Vec<String> =
+                stmt.query_map(params![mesh, group, sender], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            if keys.is_empty() {
+                return Err(TxError::Domain(StoreError::RecipientUnknown(format!("@{group} has no other members"))));
+            }
+            keys
+        }
+    };
+    tx.prepare_cached("INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item, created_at, expires_at, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(params![
+            mesh,
+            sender,
+            msg.client_message_id,
+            msg.fingerprint.as_slice(),
+            msg.message_id,
+            recipients.len() as i64,
+            msg.item_json,
+            msg.created_at as i64,
+            msg.expires_at as i64,
+            msg.target.to_string(),
+        ],
+    )?;
+    let seq = tx.last_insert_rowid();
+    let mut insert =
+        tx.prepare_cached("INSERT INTO queue (mesh_id, recipient, message_seq, expires_at) VALUES (?1, ?2, ?3, ?4)")?;
+    for r in &recipients {
+        insert.execute(params![mesh, r, seq, msg.expires_at as i64])?;
+    }
+    let woken = recipients.iter().map(|r| parse(r.clone())).collect::<Result<Vec<_>, _>>()?;
+    Ok(Enqueued { message_id: msg.message_id, duplicate: false, recipients: woken.len() as u32, woken })
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError> {
         self.write(move |tx| {
-            let exists: bool =
-                tx.query_row("SELECT EXISTS (SELECT 1 FROM meshes WHERE id = ?1)", [mesh.id.to_string()], |r| {
-                    r.get(0)
-                })?;
+            let exists: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM meshes WHERE id = ?1)")?
+                .query_row([mesh.id.to_string()], |r| r.get(0))?;
             if exists {
                 return Err(TxError::Domain(StoreError::MeshExists));
             }
-            tx.execute(
-                "INSERT INTO meshes (id, name, owner, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![mesh.id.to_string(), mesh.name, mesh.owner.to_string(), mesh.created_at as i64],
-            )?;
+            tx.prepare_cached("INSERT INTO meshes (id, name, owner, created_at) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![mesh.id.to_string(), mesh.name, mesh.owner.to_string(), mesh.created_at as i64])?;
             insert_peer(tx, &mesh.id, &owner)?;
             Ok(())
         })
@@ -329,11 +384,11 @@ impl Store for SqliteStore {
             if max_uses.is_some_and(|max| uses >= i64::from(max)) {
                 return Err(TxError::Domain(StoreError::InviteExhausted));
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO invite_uses (mesh_id, invite_id, uses) VALUES (?1, ?2, 1)
                  ON CONFLICT (mesh_id, invite_id) DO UPDATE SET uses = uses + 1",
-                params![mesh.to_string(), invite_id],
-            )?;
+            )?
+            .execute(params![mesh.to_string(), invite_id])?;
             insert_peer(tx, &mesh, &peer)?;
             Ok(JoinOutcome::Joined(peer))
         })
@@ -369,78 +424,26 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
+        self.write(move |tx| enqueue_in(tx, msg)).await
+    }
+
+    async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
         self.write(move |tx| {
-            let mesh = msg.mesh_id.to_string();
-            let sender = msg.sender.to_string();
-            let existing: Option<(Vec<u8>, String, i64)> = tx
-                .query_row(
-                    "SELECT fingerprint, message_id, recipients FROM messages
-                     WHERE mesh_id = ?1 AND sender = ?2 AND client_message_id = ?3",
-                    params![mesh, sender, msg.client_message_id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            if let Some((fingerprint, message_id, recipients)) = existing {
-                if fingerprint != msg.fingerprint {
-                    return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id)));
+            let mut out = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                tx.prepare_cached("SAVEPOINT send")?.execute([])?;
+                let result = enqueue_in(tx, msg);
+                if result.is_err() {
+                    tx.prepare_cached("ROLLBACK TO send")?.execute([])?;
                 }
-                return Ok(Enqueued { message_id, duplicate: true, woken: vec![], recipients: recipients as u32 });
+                tx.prepare_cached("RELEASE send")?.execute([])?;
+                out.push(match result {
+                    Ok(done) => Ok(done),
+                    Err(TxError::Domain(e)) => Err(e),
+                    Err(TxError::Sqlite(e)) => return Err(TxError::Sqlite(e)),
+                });
             }
-            let recipients: Vec<String> = match &msg.target {
-                Target::Key(key) => {
-                    let known: bool = tx.query_row(
-                        "SELECT EXISTS (SELECT 1 FROM peers WHERE mesh_id = ?1 AND key = ?2 AND revoked = 0)",
-                        params![mesh, key.to_string()],
-                        |r| r.get(0),
-                    )?;
-                    if !known {
-                        return Err(TxError::Domain(StoreError::RecipientUnknown(key.to_string())));
-                    }
-                    vec![key.to_string()]
-                }
-                Target::All => {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT key FROM peers WHERE mesh_id = ?1 AND revoked = 0 AND key != ?2 ORDER BY key",
-                    )?;
-                    stmt.query_map(params![mesh, sender], |r| r.get(0))?.collect::<Result<_, _>>()?
-                }
-                Target::Group(group) => {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT g.key FROM group_members g JOIN peers p ON p.mesh_id = g.mesh_id AND p.key = g.key
-                         WHERE g.mesh_id = ?1 AND g.group_name = ?2 AND g.key != ?3 AND p.revoked = 0 ORDER BY g.key",
-                    )?;
-                    let keys: Vec<String> = stmt.query_map(params![mesh, group, sender], |r| r.get(0))?.collect::<Result<_, _>>()?;
-                    if keys.is_empty() {
-                        return Err(TxError::Domain(StoreError::RecipientUnknown(format!("@{group} has no other members"))));
-                    }
-                    keys
-                }
-            };
-            tx.execute(
-                "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item, created_at, expires_at, target)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    mesh,
-                    sender,
-                    msg.client_message_id,
-                    msg.fingerprint.as_slice(),
-                    msg.message_id,
-                    recipients.len() as i64,
-                    msg.item_json,
-                    msg.created_at as i64,
-                    msg.expires_at as i64,
-                    msg.target.to_string(),
-                ],
-            )?;
-            let seq = tx.last_insert_rowid();
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO queue (mesh_id, recipient, message_seq, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for r in &recipients {
-                insert.execute(params![mesh, r, seq, msg.expires_at as i64])?;
-            }
-            let woken = recipients.iter().map(|r| parse(r.clone())).collect::<Result<Vec<_>, _>>()?;
-            Ok(Enqueued { message_id: msg.message_id, duplicate: false, recipients: woken.len() as u32, woken })
+            Ok(out)
         })
         .await
     }
@@ -479,22 +482,36 @@ impl Store for SqliteStore {
         limit: u32,
         now: u64,
         lease_ms: u64,
-    ) -> Result<Vec<Leased>, StoreError> {
+    ) -> Result<Lease, StoreError> {
         self.write(move |tx| {
-            let mut pick = tx.prepare_cached(
+            // Leases that ran out first (the older items, and few), then never-leased items in id order.
+            // No `LIMIT ?`: SQLite re-plans a statement whose bound LIMIT changes; rows are read lazily,
+            // so taking `limit` of them reads no more.
+            let (mesh_s, recipient_s) = (mesh.to_string(), recipient.to_string());
+            let mut rows: Vec<(i64, Option<String>)> = Vec::new();
+            for sql in [
                 "SELECT q.id, COALESCE(q.receipt, m.item) FROM queue q LEFT JOIN messages m ON m.seq = q.message_seq
-                 WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND (q.lease_until IS NULL OR q.lease_until <= ?3)
-                   AND q.expires_at > ?3
-                 ORDER BY q.id LIMIT ?4",
-            )?;
-            let rows: Vec<(i64, Option<String>)> = pick
-                .query_map(params![mesh.to_string(), recipient.to_string(), now as i64, limit], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<Result<_, _>>()?;
+                 WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND q.lease_until <= ?3 AND q.expires_at > ?3
+                 ORDER BY q.id",
+                "SELECT q.id, COALESCE(q.receipt, m.item) FROM queue q LEFT JOIN messages m ON m.seq = q.message_seq
+                 WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND q.lease_until IS NULL AND q.expires_at > ?3
+                 ORDER BY q.id",
+            ] {
+                let want = limit as usize - rows.len();
+                if want == 0 {
+                    break;
+                }
+                let mut pick = tx.prepare_cached(sql)?;
+                let picked =
+                    pick.query_map(params![mesh_s, recipient_s, now as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                for row in picked.take(want) {
+                    rows.push(row?);
+                }
+            }
             let mut mark = tx.prepare_cached(
                 "UPDATE queue SET lease_until = ?2, lease_conn = ?3, attempts = attempts + 1 WHERE id = ?1",
             )?;
+            let short = rows.len() < limit as usize;
             let mut out = Vec::with_capacity(rows.len());
             for (id, item) in rows {
                 mark.execute(params![id, (now + lease_ms) as i64, conn as i64])?;
@@ -503,7 +520,17 @@ impl Store for SqliteStore {
                     None => tracing::error!(delivery_id = id, "queue row without an item; skipped"),
                 }
             }
-            Ok(out)
+            let next_foreign_expiry = if short {
+                tx.prepare_cached(
+                    "SELECT MIN(lease_until) FROM queue
+                     WHERE mesh_id = ?1 AND recipient = ?2 AND lease_until > ?3 AND expires_at > ?3",
+                )?
+                .query_row(params![mesh_s, recipient_s, now as i64], |r| r.get::<_, Option<i64>>(0))?
+                .map(|t| t as u64)
+            } else {
+                None
+            };
+            Ok(Lease { items: out, next_foreign_expiry })
         })
         .await
     }
@@ -552,21 +579,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn next_lease_expiry(&self, mesh: MeshId, recipient: PublicKey, now: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .db
-            .call(move |c| {
-                c.query_row(
-                    "SELECT MIN(lease_until) FROM queue
-                     WHERE mesh_id = ?1 AND recipient = ?2 AND lease_until > ?3 AND expires_at > ?3",
-                    params![mesh.to_string(), recipient.to_string(), now as i64],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-            })
-            .await?
-            .map(|t| t as u64))
-    }
-
     async fn expire(&self, now: u64) -> Result<Expired, StoreError> {
         self.write(move |tx| {
             let mut out = Expired::default();
@@ -578,7 +590,7 @@ impl Store for SqliteStore {
                     .collect::<Result<_, _>>()?
             };
             for (id, mesh, recipient, seq) in rows {
-                tx.execute("DELETE FROM queue WHERE id = ?1", [id])?;
+                tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?.execute([id])?;
                 match seq {
                     Some(seq) => {
                         out.messages_expired += 1;
@@ -590,14 +602,10 @@ impl Store for SqliteStore {
                     None => out.receipts_dropped += 1,
                 }
             }
-            tx.execute(
-                "DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)",
-                [now as i64],
+            tx.prepare_cached("DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)")?.execute([now as i64],
             )?;
-            tx.execute(
-                "DELETE FROM reads WHERE NOT EXISTS
-                   (SELECT 1 FROM messages m WHERE m.mesh_id = reads.mesh_id AND m.message_id = reads.message_id)",
-                [],
+            tx.prepare_cached("DELETE FROM reads WHERE NOT EXISTS
+                   (SELECT 1 FROM messages m WHERE m.mesh_id = reads.mesh_id AND m.message_id = reads.message_id)")?.execute([],
             )?;
             out.woken.sort();
             out.woken.dedup();
@@ -618,19 +626,16 @@ impl Store for SqliteStore {
             let mut senders = Vec::new();
             for message_id in message_ids {
                 let row: Option<(String, String, Option<String>)> = tx
-                    .query_row(
+                    .prepare_cached(
                         "SELECT sender, client_message_id, target FROM messages WHERE mesh_id = ?1 AND message_id = ?2",
-                        params![mesh_s, message_id],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
+                    )?
+                    .query_row(params![mesh_s, message_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()?;
                 let Some((sender, client_message_id, target)) = row else { continue };
                 let addressed = match target.as_deref().map(str::parse::<Target>) {
                     Some(Ok(Target::Key(k))) => k == reader,
                     Some(Ok(Target::All)) => sender != reader_s,
-                    Some(Ok(Target::Group(g))) => tx.query_row(
-                        "SELECT EXISTS (SELECT 1 FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3)",
-                        params![mesh_s, g, reader_s],
+                    Some(Ok(Target::Group(g))) => tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3)")?.query_row(params![mesh_s, g, reader_s],
                         |r| r.get(0),
                     )?,
                     _ => false,
@@ -638,9 +643,7 @@ impl Store for SqliteStore {
                 if !addressed {
                     continue;
                 }
-                let new = tx.execute(
-                    "INSERT OR IGNORE INTO reads (mesh_id, message_id, reader, at) VALUES (?1, ?2, ?3, ?4)",
-                    params![mesh_s, message_id, reader_s, now as i64],
+                let new = tx.prepare_cached("INSERT OR IGNORE INTO reads (mesh_id, message_id, reader, at) VALUES (?1, ?2, ?3, ?4)")?.execute(params![mesh_s, message_id, reader_s, now as i64],
                 )?;
                 if new == 1 {
                     let receipt = Receipt { message_id, client_message_id, kind: ReceiptKind::Read, recipient: reader, at: now };
@@ -658,15 +661,13 @@ impl Store for SqliteStore {
     async fn set_group(&self, mesh: MeshId, key: PublicKey, group: String, member: bool) -> Result<(), StoreError> {
         self.write(move |tx| {
             if member {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR IGNORE INTO group_members (mesh_id, group_name, key) VALUES (?1, ?2, ?3)",
-                    params![mesh.to_string(), group, key.to_string()],
-                )?;
+                )?
+                .execute(params![mesh.to_string(), group, key.to_string()])?;
             } else {
-                tx.execute(
-                    "DELETE FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3",
-                    params![mesh.to_string(), group, key.to_string()],
-                )?;
+                tx.prepare_cached("DELETE FROM group_members WHERE mesh_id = ?1 AND group_name = ?2 AND key = ?3")?
+                    .execute(params![mesh.to_string(), group, key.to_string()])?;
             }
             Ok(())
         })
@@ -731,10 +732,16 @@ mod tests {
             };
             store.enqueue(msg).await.expect("enqueue");
             let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
-            assert_eq!(leased.len(), 1);
-            assert!(store.lease(mesh, b.key(), 2, 10, 3, 60_000).await.expect("lease").is_empty(), "held");
+            assert_eq!(leased.items.len(), 1);
+            let other = store.lease(mesh, b.key(), 2, 10, 3, 60_000).await.expect("lease");
+            assert!(other.items.is_empty(), "held");
+            assert_eq!(other.next_foreign_expiry, Some(2 + 60_000), "free again when the first lease runs out");
         }
         let store = SqliteStore::open(&path).expect("reopen");
-        assert_eq!(store.lease(mesh, b.key(), 3, 10, 4, 60_000).await.expect("lease").len(), 1, "released on open");
+        assert_eq!(
+            store.lease(mesh, b.key(), 3, 10, 4, 60_000).await.expect("lease").items.len(),
+            1,
+            "released on open"
+        );
     }
 }
