@@ -16,7 +16,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::peer;
-use crate::procs::{Broker, Nats, peak_rss_mb};
+use crate::procs::{Broker, Nats, cpu_seconds, peak_rss_mb};
 use crate::stats::r3;
 
 const WINDOW: usize = 256;
@@ -31,8 +31,8 @@ pub struct Params {
 
 pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json::Value> {
     let mesh_result = mesh(bin, &p).await?;
-    let nats_result = if p.nats { Some(nats(&p, mesh_result.2).await?) } else { None };
-    let (accepted_per_s, delivered_per_s, payload, rss) = (mesh_result.0, mesh_result.1, mesh_result.2, mesh_result.3);
+    let nats_result = if p.nats { Some(nats(&p, mesh_result.payload).await?) } else { None };
+    let MeshRun { accepted_per_s, delivered_per_s, payload, rss, broker_cpu_s } = mesh_result;
     Ok(json!({
         "scenario": "throughput",
         "senders": p.senders,
@@ -43,11 +43,22 @@ pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json:
         "nats_msgs_per_s": nats_result.map(r3),
         "ratio_to_nats": nats_result.map(|n| r3(accepted_per_s / n)),
         "peak_rss_mb": rss.map(r3),
+        "broker_cpu_s": broker_cpu_s.map(r3),
+        "msgs_per_broker_cpu_s": broker_cpu_s.map(|cpu| r3((p.msgs * p.senders) as f64 / cpu.max(1e-9))),
     }))
 }
 
-/// Returns (accepted/s, delivered/s, ciphertext bytes, broker peak RSS).
-async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<(f64, f64, usize, Option<f64>)> {
+struct MeshRun {
+    accepted_per_s: f64,
+    delivered_per_s: f64,
+    /// Ciphertext bytes of one message.
+    payload: usize,
+    rss: Option<f64>,
+    /// CPU the broker spent from the first send to the last delivery.
+    broker_cpu_s: Option<f64>,
+}
+
+async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
     let broker = Broker::start(bin)?;
     let (mesh, _gk, conns) = peer::mesh_of(&broker.url, p.senders * 2).await?;
     let mut conns = conns.into_iter();
@@ -119,6 +130,7 @@ async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<(f64, f64, us
         });
         senders.push((sws, frames));
     }
+    let cpu_before = cpu_seconds(broker.pid());
     let start = Instant::now();
     for (sws, frames) in senders {
         let (tx, mut stream) = peer::split(sws);
@@ -152,7 +164,14 @@ async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<(f64, f64, us
     let accepted_s = accepted.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     let _ = tokio::time::timeout(p.timeout, all_delivered.notified()).await;
     let delivered_s = delivered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    Ok((accepted_s, delivered_s, payload, peak_rss_mb(broker.pid())))
+    let broker_cpu_s = cpu_seconds(broker.pid()).zip(cpu_before).map(|(after, before)| after - before);
+    Ok(MeshRun {
+        accepted_per_s: accepted_s,
+        delivered_per_s: delivered_s,
+        payload,
+        rss: peak_rss_mb(broker.pid()),
+        broker_cpu_s,
+    })
 }
 
 /// JetStream acked publishes of `payload` bytes, same concurrency and window. Returns acks/s.

@@ -126,9 +126,10 @@ impl SqliteStore {
     /// with the other writes waiting at the same moment.
     async fn write<F, R>(&self, f: F) -> Result<R, StoreError>
     where
-        F: FnOnce(&Connection) -> Result<R, TxError> + Send + 'static,
+        F: FnMut(&Connection) -> Result<R, TxError> + Send + 'static,
         R: Send + 'static,
     {
+        let mut f = f;
         self.db
             .batch(move |conn| match f(conn) {
                 Ok(r) => Ok(Ok(r)),
@@ -242,8 +243,17 @@ fn forget_body_if_done(tx: &Connection, seq: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Queues `msg` for each recipient of its target, or answers a duplicate with the first send.
-fn enqueue_in(tx: &Connection, msg: NewMessage) -> Result<Enqueued, TxError> {
+/// A refusal that came after a write: a bug, treated as a failure so that the write is undone.
+fn wrote_then_refused(e: &StoreError) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_INTERNAL),
+        Some(format!("a send was refused after writing ({e})")),
+    )
+}
+
+/// Queues `msg` for each recipient of its target, or answers a duplicate with the first send. Every
+/// refusal comes before the first write.
+fn enqueue_in(tx: &Connection, msg: &NewMessage) -> Result<Enqueued, TxError> {
     let mesh = msg.mesh_id.to_string();
     let sender = msg.sender.to_string();
     let existing: Option<(Vec<u8>, String, i64)> = tx
@@ -255,7 +265,7 @@ fn enqueue_in(tx: &Connection, msg: NewMessage) -> Result<Enqueued, TxError> {
         .optional()?;
     if let Some((fingerprint, message_id, recipients)) = existing {
         if fingerprint != msg.fingerprint {
-            return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id)));
+            return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id.clone())));
         }
         return Ok(Enqueued { message_id, duplicate: true, woken: vec![], recipients: recipients as u32 });
     }
@@ -309,7 +319,7 @@ fn enqueue_in(tx: &Connection, msg: NewMessage) -> Result<Enqueued, TxError> {
         insert.execute(params![mesh, r, seq, msg.expires_at as i64])?;
     }
     let woken = recipients.iter().map(|r| parse(r.clone())).collect::<Result<Vec<_>, _>>()?;
-    Ok(Enqueued { message_id: msg.message_id, duplicate: false, recipients: woken.len() as u32, woken })
+    Ok(Enqueued { message_id: msg.message_id.clone(), duplicate: false, recipients: woken.len() as u32, woken })
 }
 
 #[async_trait]
@@ -390,7 +400,7 @@ impl Store for SqliteStore {
             )?
             .execute(params![mesh.to_string(), invite_id])?;
             insert_peer(tx, &mesh, &peer)?;
-            Ok(JoinOutcome::Joined(peer))
+            Ok(JoinOutcome::Joined(peer.clone()))
         })
         .await
     }
@@ -424,22 +434,19 @@ impl Store for SqliteStore {
     }
 
     async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
-        self.write(move |tx| enqueue_in(tx, msg)).await
+        self.write(move |tx| enqueue_in(tx, &msg)).await
     }
 
     async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
         self.write(move |tx| {
             let mut out = Vec::with_capacity(msgs.len());
-            for msg in msgs {
-                tx.prepare_cached("SAVEPOINT send")?.execute([])?;
-                let result = enqueue_in(tx, msg);
-                if result.is_err() {
-                    tx.prepare_cached("ROLLBACK TO send")?.execute([])?;
-                }
-                tx.prepare_cached("RELEASE send")?.execute([])?;
-                out.push(match result {
+            for msg in &msgs {
+                let before = tx.total_changes();
+                out.push(match enqueue_in(tx, msg) {
                     Ok(done) => Ok(done),
-                    Err(TxError::Domain(e)) => Err(e),
+                    // `enqueue_in` refuses before it writes, so a refused send leaves nothing behind.
+                    Err(TxError::Domain(e)) if tx.total_changes() == before => Err(e),
+                    Err(TxError::Domain(e)) => return Err(TxError::Sqlite(wrote_then_refused(&e))),
                     Err(TxError::Sqlite(e)) => return Err(TxError::Sqlite(e)),
                 });
             }
@@ -549,7 +556,7 @@ impl Store for SqliteStore {
             let mut delete = tx.prepare_cached(
                 "DELETE FROM queue WHERE id = ?1 AND mesh_id = ?2 AND recipient = ?3 RETURNING message_seq",
             )?;
-            for id in delivery_ids {
+            for &id in &delivery_ids {
                 let seq: Option<Option<i64>> =
                     delete.query_row(params![id as i64, mesh, recipient], |r| r.get(0)).optional()?;
                 if let Some(Some(seq)) = seq {
@@ -624,7 +631,7 @@ impl Store for SqliteStore {
         self.write(move |tx| {
             let (mesh_s, reader_s) = (mesh.to_string(), reader.to_string());
             let mut senders = Vec::new();
-            for message_id in message_ids {
+            for message_id in &message_ids {
                 let row: Option<(String, String, Option<String>)> = tx
                     .prepare_cached(
                         "SELECT sender, client_message_id, target FROM messages WHERE mesh_id = ?1 AND message_id = ?2",
@@ -646,7 +653,13 @@ impl Store for SqliteStore {
                 let new = tx.prepare_cached("INSERT OR IGNORE INTO reads (mesh_id, message_id, reader, at) VALUES (?1, ?2, ?3, ?4)")?.execute(params![mesh_s, message_id, reader_s, now as i64],
                 )?;
                 if new == 1 {
-                    let receipt = Receipt { message_id, client_message_id, kind: ReceiptKind::Read, recipient: reader, at: now };
+                    let receipt = Receipt {
+                        message_id: message_id.clone(),
+                        client_message_id,
+                        kind: ReceiptKind::Read,
+                        recipient: reader,
+                        at: now,
+                    };
                     queue_receipt(tx, &mesh_s, &sender, &receipt, now + RECEIPT_TTL_MS)?;
                     senders.push(parse(sender)?);
                 }
