@@ -25,8 +25,9 @@ pub async fn connect(
     name: &str,
     intent: impl FnOnce(&[u8]) -> Intent,
 ) -> anyhow::Result<(Ws, Welcome)> {
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async(format!("{url}{}", wire::WS_PATH)).await.context("connecting")?;
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(format!("{url}{}", wire::WS_PATH), None, true)
+        .await
+        .context("connecting")?;
     let challenge = match next(&mut ws).await? {
         ServerFrame::Challenge(c) => c.nonce,
         other => bail!("expected a challenge, got {other:?}"),

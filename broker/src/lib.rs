@@ -21,6 +21,7 @@ use axum::Router;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use mesh_proto::now_ms;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -73,6 +74,13 @@ pub async fn run(
         .route(mesh_proto::wire::WS_PATH, get(upgrade))
         .with_state(shared.clone());
     tracing::info!(addr = ?listener.local_addr().ok(), "broker listening");
+    // Frames are small and often follow one another (accepted, then deliver): without TCP_NODELAY the
+    // second waits for the peer's delayed ACK, up to 40 ms per hop.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     shared.tracker.close();

@@ -113,10 +113,14 @@ pub async fn handshake(
 ) -> Result<(Ws, Welcome), LinkError> {
     let endpoint = ws_endpoint(url).map_err(|detail| LinkError::Unreachable { url: url.to_owned(), detail })?;
     let unreachable = |detail: String| LinkError::Unreachable { url: url.to_owned(), detail };
-    let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(&endpoint))
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let (mut ws, _) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        // No Nagle: a small frame right after another must not wait for the broker's delayed ACK.
+        tokio_tungstenite::connect_async_with_config(&endpoint, None, true),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     let challenge = match next_frame(&mut ws).await? {
         ServerFrame::Challenge(c) if c.v == mesh_proto::PROTOCOL_VERSION => c.nonce,
         ServerFrame::Challenge(c) => return Err(LinkError::Protocol(format!("broker speaks protocol v{}", c.v))),
