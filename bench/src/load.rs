@@ -33,10 +33,13 @@ struct Shared {
     all_in: Notify,
 }
 
+/// `rate`: messages per second offered by all peers together, evenly spread (open loop: a peer that
+/// falls behind catches up); `None` sends as fast as each peer's window allows (saturation).
 pub async fn run(
     bin: &std::path::Path,
     peers: usize,
     msgs: usize,
+    rate: Option<f64>,
     timeout: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     let broker = Broker::start(bin)?;
@@ -111,8 +114,18 @@ pub async fn run(
         }
         // Sender.
         let (shared, directory) = (shared.clone(), directory.clone());
+        let npeers = directory.len();
+        let mut ticker = rate.map(|rate| {
+            let period = Duration::from_secs_f64(npeers as f64 / rate);
+            // Peers start spread over one period, so the offered load is even.
+            let phase = period.mul_f64(index as f64 / npeers as f64);
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, period)
+        });
         tokio::spawn(async move {
             for m in 0..msgs {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
                 let Ok(permit) = window.acquire().await else { return };
                 permit.forget();
                 let to = loop {
@@ -151,6 +164,7 @@ pub async fn run(
         "scenario": "load",
         "peers": directory.len(),
         "msgs": msgs,
+        "offered_per_s": rate,
         "expected": shared.expected,
         "delivered": received,
         "delivered_ratio": r3(received as f64 / shared.expected as f64),

@@ -42,6 +42,9 @@ enum Scenario {
         peers: usize,
         #[arg(long, default_value_t = 100)]
         msgs: usize,
+        /// Messages per second offered by all peers together (default: as fast as they can)
+        #[arg(long)]
+        rate: Option<f64>,
         #[arg(long, default_value = "900s", value_parser = humantime_like)]
         timeout: Duration,
     },
@@ -97,7 +100,7 @@ fn main() -> anyhow::Result<()> {
     let results = rt.block_on(async {
         anyhow::Ok(match cli.scenario {
             Scenario::Send { runs } => vec![send::run(&bin, runs).await?],
-            Scenario::Load { peers, msgs, timeout } => vec![load::run(&bin, peers, msgs, timeout).await?],
+            Scenario::Load { peers, msgs, rate, timeout } => vec![load::run(&bin, peers, msgs, rate, timeout).await?],
             Scenario::Throughput { senders, msgs, body_bytes, no_nats } => {
                 let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: !no_nats };
                 vec![throughput::run(&bin, p).await?]
@@ -110,7 +113,8 @@ fn main() -> anyhow::Result<()> {
                 let nats = std::process::Command::new("nats-server").arg("--version").output().is_ok();
                 vec![
                     send::run(&bin, 5).await?,
-                    load::run(&bin, 3, 5, timeout).await?,
+                    load::run(&bin, 3, 5, None, timeout).await?,
+                    load::run(&bin, 3, 5, Some(100.0), timeout).await?,
                     throughput::run(&bin, throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats })
                         .await?,
                     fanout::broadcast(&bin, 3, 2, timeout).await?,

@@ -52,7 +52,6 @@ struct Inner {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
     batcher: OnceLock<Batcher>,
-    _checkpointer: Option<Checkpointer>,
 }
 
 impl std::fmt::Debug for Db {
@@ -153,7 +152,14 @@ impl Drop for Batcher {
 /// transaction is rolled back and the batch runs again with each job in its own savepoint, so that
 /// the failing job is undone alone and the others still commit.
 fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) {
-    while let Ok(first) = jobs.recv() {
+    // This thread checkpoints (below), not each commit: a checkpoint inside a commit delays every
+    // caller of that batch.
+    if let Err(e) = conn.lock().unwrap_or_else(PoisonError::into_inner).pragma_update(None, "wal_autocheckpoint", 0) {
+        tracing::warn!(error = %e, "turning off automatic checkpoints; commits will checkpoint");
+    }
+    let mut commits_since_checkpoint = 0u32;
+    let mut next = jobs.recv().ok();
+    while let Some(first) = next.take() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -161,14 +167,37 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
                 Err(_) => break,
             }
         }
-        let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let committed = run_batch(&conn, &mut batch);
-        drop(conn);
+        let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let committed = run_batch(&guard, &mut batch);
+        drop(guard);
         for job in batch {
             job.answer(committed.as_ref().map(|_| ()));
         }
+        commits_since_checkpoint += 1;
+        next = jobs.try_recv().ok();
+        // Checkpoint when idle, or under steady load every so many commits. The only writer does it
+        // between its own transactions, so it always completes and the log starts over.
+        let idle = next.is_none();
+        if (idle && commits_since_checkpoint >= CHECKPOINT_IDLE_AFTER)
+            || commits_since_checkpoint >= CHECKPOINT_BUSY_AFTER
+        {
+            let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = guard.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "checkpointing the write-ahead log");
+            }
+            drop(guard);
+            commits_since_checkpoint = 0;
+        }
+        if next.is_none() {
+            next = jobs.recv().ok();
+        }
     }
 }
+
+/// Commits after which an idle batch thread checkpoints.
+const CHECKPOINT_IDLE_AFTER: u32 = 64;
+/// Commits after which a busy batch thread checkpoints anyway, so the log stays bounded.
+const CHECKPOINT_BUSY_AFTER: u32 = 512;
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Result<()> {
     let result = run_batch_in_transaction(conn, batch);
@@ -203,58 +232,6 @@ fn run_batch_in_transaction(conn: &Connection, batch: &mut [Box<dyn Job>]) -> ru
     exec_cached(conn, "COMMIT")
 }
 
-/// The write-ahead log is restarted when it holds more frames than this (64 MiB of 4 KiB pages).
-const WAL_LIMIT_FRAMES: i64 = 16_384;
-
-/// How often the checkpointer looks at the WAL.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Copies the WAL back into the database from a connection of its own, so that writers never pay
-/// for it (`wal_autocheckpoint` is off on the main connection). A passive checkpoint waits for no
-/// one and blocks no one. Stops with the last `Db`.
-struct Checkpointer {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> Option<Checkpointer> {
-        let conn = Connection::open(path).ok()?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).ok()?;
-        let (stop, stopped) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("db-checkpoint".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
-                    // (busy, frames in the log, frames copied back)
-                    let passive = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-                    let result = match passive {
-                        // Under steady writes a passive checkpoint never catches up and the log only
-                        // grows; past the limit, wait for the writer once and start the log afresh.
-                        Ok(frames) if frames > WAL_LIMIT_FRAMES => {
-                            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                        }
-                        other => other.map(drop),
-                    };
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "checkpointing the write-ahead log");
-                    }
-                }
-            })
-            .ok()?;
-        Some(Checkpointer { stop: Some(stop), thread: Some(thread) })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 impl Db {
     /// Opens (creating with mode 0600) the database at `path` and applies `migrations` in order:
     /// migration `i` takes the schema from `user_version` `i` to `i + 1`. A file that fails SQLite's
@@ -285,17 +262,7 @@ impl Db {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&conn, path, migrations)?;
-        // Checkpoints run on their own thread; if it cannot start, SQLite checkpoints as it commits.
-        let checkpointer = Checkpointer::start(path);
-        if checkpointer.is_some() {
-            conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        }
-        let inner = Inner {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_owned(),
-            batcher: OnceLock::new(),
-            _checkpointer: checkpointer,
-        };
+        let inner = Inner { conn: Arc::new(Mutex::new(conn)), path: path.to_owned(), batcher: OnceLock::new() };
         Ok(Db { inner: Arc::new(inner) })
     }
 
