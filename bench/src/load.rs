@@ -3,7 +3,7 @@
 //! send→accept latencies, throughput and the broker's peak RSS.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::peer;
-use crate::procs::{Broker, peak_rss_mb};
+use crate::procs::{Broker, cpu_seconds, peak_rss_mb};
 use crate::stats::{Latencies, r3};
 
 /// Sends in flight per peer.
@@ -24,6 +24,8 @@ const WINDOW: usize = 64;
 
 struct Shared {
     base: Instant,
+    /// When each message was written to the socket, in µs since `base` (0: not yet), by peer and index.
+    sent_us: Vec<Vec<AtomicU64>>,
     expected: usize,
     received: AtomicUsize,
     errors: AtomicUsize,
@@ -46,8 +48,12 @@ pub async fn run(
     let (mesh, _gk, conns) = peer::mesh_of(&broker.url, peers.max(2)).await?;
     let directory: Arc<Vec<(PublicKey, EncPublicKey)>> =
         Arc::new(conns.iter().map(|(id, _)| (id.key(), id.enc_key())).collect());
+    // Every message is sealed before the clock starts: the load generator shares the machine with the
+    // broker, and its crypto is not what is measured.
+    let frames = seal_all(mesh, &conns, &directory, msgs).await?;
     let shared = Arc::new(Shared {
         base: Instant::now(),
+        sent_us: (0..conns.len()).map(|_| (0..msgs).map(|_| AtomicU64::new(0)).collect()).collect(),
         expected: conns.len() * msgs,
         received: AtomicUsize::new(0),
         errors: AtomicUsize::new(0),
@@ -56,14 +62,14 @@ pub async fn run(
         last: Mutex::new(None),
         all_in: Notify::new(),
     });
+    let cpu_before = cpu_seconds(broker.pid());
     let start = Instant::now();
-    for (index, (id, ws)) in conns.into_iter().enumerate() {
+    for (index, ((_, ws), frames)) in conns.into_iter().zip(frames).enumerate() {
         let (tx, mut stream) = peer::split(ws);
         let window = Arc::new(Semaphore::new(WINDOW));
-        let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; msgs]));
         // Reader: accepts, deliveries (acked in batches), receipts.
         {
-            let (shared, tx, window, sent_at) = (shared.clone(), tx.clone(), window.clone(), sent_at.clone());
+            let (shared, tx, window) = (shared.clone(), tx.clone(), window.clone());
             tokio::spawn(async move {
                 while let Some(Ok(first)) = stream.next().await {
                     let mut batch = vec![first];
@@ -75,8 +81,10 @@ pub async fn run(
                         let Message::Text(text) = m else { continue };
                         match mesh_proto::wire::decode_server(&text) {
                             Ok(ServerFrame::Accepted(a)) => {
-                                if let Some(Some(t)) = sent_at.lock().await.get(a.id as usize) {
-                                    shared.accept.lock().await.push(t.elapsed());
+                                if let Some(sent) = shared.sent_us[index].get(a.id as usize) {
+                                    let now_us = shared.base.elapsed().as_micros() as u64;
+                                    let took = now_us.saturating_sub(sent.load(Ordering::Relaxed));
+                                    shared.accept.lock().await.push(Duration::from_micros(took));
                                 }
                                 window.add_permits(1);
                             }
@@ -87,12 +95,7 @@ pub async fn run(
                             Ok(ServerFrame::Deliver(d)) => {
                                 acks.push(d.delivery_id);
                                 if let DeliveryItem::Message(env) = d.item {
-                                    let sent_us: u64 = env
-                                        .client_message_id
-                                        .rsplit('-')
-                                        .next()
-                                        .and_then(|s| s.parse().ok())
-                                        .unwrap_or(0);
+                                    let sent_us = sent_time(&shared, &env.client_message_id);
                                     let now_us = shared.base.elapsed().as_micros() as u64;
                                     shared.e2e.lock().await.push(Duration::from_micros(now_us.saturating_sub(sent_us)));
                                     *shared.last.lock().await = Some(Instant::now());
@@ -113,8 +116,8 @@ pub async fn run(
             });
         }
         // Sender.
-        let (shared, directory) = (shared.clone(), directory.clone());
-        let npeers = directory.len();
+        let shared = shared.clone();
+        let npeers = shared.sent_us.len();
         let mut ticker = rate.map(|rate| {
             let period = Duration::from_secs_f64(npeers as f64 / rate);
             // Peers start spread over one period, so the offered load is even.
@@ -122,34 +125,14 @@ pub async fn run(
             tokio::time::interval_at(tokio::time::Instant::now() + phase, period)
         });
         tokio::spawn(async move {
-            for m in 0..msgs {
+            for (m, frame) in frames.into_iter().enumerate() {
                 if let Some(ticker) = ticker.as_mut() {
                     ticker.tick().await;
                 }
                 let Ok(permit) = window.acquire().await else { return };
                 permit.forget();
-                let to = loop {
-                    let r = rand::thread_rng().gen_range(0..directory.len());
-                    if r != index {
-                        break r;
-                    }
-                };
-                let (key, enc) = directory[to];
-                let target = Target::Key(key);
-                let cmid = format!("p{index}-{m}-{}", shared.base.elapsed().as_micros());
-                let content = Content { body: format!("load message {m} from peer {index}"), reply_to: None };
-                let sealed = message::seal(&id, &mesh, &cmid, &target, SealKey::Direct(&enc), &content);
-                let frame = ClientFrame::Send(SendMessage {
-                    id: m as u64,
-                    client_message_id: cmid,
-                    to: target,
-                    nonce: sealed.nonce,
-                    ciphertext: sealed.ciphertext,
-                    sig: sealed.sig,
-                    ttl_ms: None,
-                });
-                sent_at.lock().await[m] = Some(Instant::now());
-                if tx.send(frame.to_json()).await.is_err() {
+                shared.sent_us[index][m].store(shared.base.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if tx.send(frame).await.is_err() {
                     return;
                 }
             }
@@ -179,5 +162,62 @@ pub async fn run(
         "msgs_per_s": r3(received as f64 / elapsed.as_secs_f64().max(1e-9)),
         "seconds": r3(elapsed.as_secs_f64()),
         "peak_rss_mb": peak_rss_mb(broker.pid()).map(r3),
+        "broker_cpu_s": cpu_seconds(broker.pid()).zip(cpu_before).map(|(after, before)| r3(after - before)),
     }))
+}
+
+/// The send time of the message whose client_message_id is `p<peer>-<index>`.
+fn sent_time(shared: &Shared, cmid: &str) -> u64 {
+    let parsed = cmid
+        .strip_prefix('p')
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(p, m)| Some((p.parse::<usize>().ok()?, m.parse::<usize>().ok()?)));
+    parsed.and_then(|(p, m)| shared.sent_us.get(p)?.get(m)).map_or(0, |t| t.load(Ordering::Relaxed))
+}
+
+/// Each peer's `msgs` sends, to random other peers, sealed and serialised; on the blocking pool, one
+/// task per peer.
+async fn seal_all(
+    mesh: mesh_proto::MeshId,
+    conns: &[(mesh_proto::Identity, peer::Ws)],
+    directory: &Arc<Vec<(PublicKey, EncPublicKey)>>,
+    msgs: usize,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut tasks = Vec::new();
+    for (index, (id, _)) in conns.iter().enumerate() {
+        let (id, directory) = (id.clone(), directory.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let mut rng = rand::thread_rng();
+            (0..msgs)
+                .map(|m| {
+                    let to = loop {
+                        let r = rng.gen_range(0..directory.len());
+                        if r != index {
+                            break r;
+                        }
+                    };
+                    let (key, enc) = directory[to];
+                    let target = Target::Key(key);
+                    let cmid = format!("p{index}-{m}");
+                    let content = Content { body: format!("load message {m} from peer {index}"), reply_to: None };
+                    let sealed = message::seal(&id, &mesh, &cmid, &target, SealKey::Direct(&enc), &content);
+                    ClientFrame::Send(SendMessage {
+                        id: m as u64,
+                        client_message_id: cmid,
+                        to: target,
+                        nonce: sealed.nonce,
+                        ciphertext: sealed.ciphertext,
+                        sig: sealed.sig,
+                        ttl_ms: None,
+                    })
+                    .to_json()
+                })
+                .collect::<Vec<String>>()
+        }));
+    }
+    let mut frames = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        frames.push(t.await?);
+    }
+    Ok(frames)
 }

@@ -125,18 +125,30 @@ async fn write_loop(
                 continue;
             }
         };
-        let result = match out {
-            Some(Outbound::Text(text)) => sink.send(Message::Text(text.into())).await,
-            Some(Outbound::Close { code, reason }) => {
-                let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        // Every frame already queued goes out in the same write: one system call, not one per frame.
+        let mut next = out;
+        loop {
+            let written = match next {
+                Some(Outbound::Text(text)) => sink.feed(Message::Text(text.into())).await,
+                Some(Outbound::Close { code, reason }) => {
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+                    return;
+                }
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+            };
+            if written.is_err() {
                 return;
             }
-            None => {
-                let _ = sink.send(Message::Close(None)).await;
-                return;
+            match rx.try_recv() {
+                Ok(more) => next = Some(more),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => next = None,
             }
-        };
-        if result.is_err() {
+        }
+        if sink.flush().await.is_err() {
             return;
         }
     }

@@ -158,6 +158,7 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
         tracing::warn!(error = %e, "turning off automatic checkpoints; commits will checkpoint");
     }
     let mut commits_since_checkpoint = 0u32;
+    let mut last_checkpoint = std::time::Instant::now();
     let mut next = jobs.recv().ok();
     while let Some(first) = next.take() {
         let mut batch = vec![first];
@@ -175,18 +176,20 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
         }
         commits_since_checkpoint += 1;
         next = jobs.try_recv().ok();
-        // Checkpoint when idle, or under steady load every so many commits. The only writer does it
-        // between its own transactions, so it always completes and the log starts over.
-        let idle = next.is_none();
-        if (idle && commits_since_checkpoint >= CHECKPOINT_IDLE_AFTER)
-            || commits_since_checkpoint >= CHECKPOINT_BUSY_AFTER
-        {
+        // Checkpoint every so many commits, or when idle a while after the last one. The only writer
+        // does it between its own transactions, so it always completes and the log starts over.
+        let idle_due = next.is_none() && last_checkpoint.elapsed() >= CHECKPOINT_IDLE_EVERY;
+        // (commits_since_checkpoint is at least 1 here: this loop just committed.)
+        if commits_since_checkpoint >= CHECKPOINT_AFTER_COMMITS || idle_due {
             let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = guard.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            if let Err(e) =
+                guard.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)").and_then(|mut s| s.query([])?.next().map(drop))
+            {
                 tracing::warn!(error = %e, "checkpointing the write-ahead log");
             }
             drop(guard);
             commits_since_checkpoint = 0;
+            last_checkpoint = std::time::Instant::now();
         }
         if next.is_none() {
             next = jobs.recv().ok();
@@ -194,10 +197,10 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
     }
 }
 
-/// Commits after which an idle batch thread checkpoints.
-const CHECKPOINT_IDLE_AFTER: u32 = 64;
-/// Commits after which a busy batch thread checkpoints anyway, so the log stays bounded.
-const CHECKPOINT_BUSY_AFTER: u32 = 512;
+/// Commits after which the batch thread checkpoints, busy or not, so the log stays bounded.
+const CHECKPOINT_AFTER_COMMITS: u32 = 1_024;
+/// An idle batch thread checkpoints what was committed since, at most this often.
+const CHECKPOINT_IDLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> rusqlite::Result<()> {
     let result = run_batch_in_transaction(conn, batch);
@@ -261,6 +264,9 @@ impl Db {
         conn.pragma_update(None, "cache_size", -16_384)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(64);
+        // Plans never depend on bound values: without this, a statement with a range on a bound
+        // value (`lease_until <= ?`) is prepared again whenever the value changes.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         migrate(&conn, path, migrations)?;
         let inner = Inner { conn: Arc::new(Mutex::new(conn)), path: path.to_owned(), batcher: OnceLock::new() };
         Ok(Db { inner: Arc::new(inner) })
@@ -480,6 +486,15 @@ mod tests {
         let other = Connection::open(dir.path().join("b.db")).expect("open");
         let n: i64 = other.query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0)).expect("count");
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn plans_do_not_depend_on_bound_values() {
+        // Otherwise every statement with a range on a bound value is prepared again on each use.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = counter_db(&dir);
+        let qpsg = db.call_blocking(|c| c.db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG));
+        assert!(qpsg.expect("db_config"));
     }
 
     #[test]
