@@ -198,7 +198,7 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
 }
 
 /// Commits after which the batch thread checkpoints, busy or not, so the log stays bounded.
-const CHECKPOINT_AFTER_COMMITS: u32 = 1_024;
+const CHECKPOINT_AFTER_COMMITS: u32 = 256;
 /// An idle batch thread checkpoints what was committed since, at most this often.
 const CHECKPOINT_IDLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
