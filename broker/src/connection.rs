@@ -30,8 +30,10 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_TOO_BIG: u16 = 1009;
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
-/// Most frames already received that are handled as one batch.
+/// Most frames, and most bytes of them, already received that are handled as one batch: what a peer
+/// can make the broker hold at once.
 const READ_BATCH: usize = 256;
+const READ_BATCH_BYTES: usize = 1024 * 1024;
 /// How long a closing connection's writer may take to flush before it is dropped.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
@@ -321,10 +323,14 @@ impl Connection {
             };
             // The frames already received are handled as one batch, in order: consecutive sends among
             // them are committed together (one transaction) and answered in order.
+            let mut bytes = frame_len(&first);
             let mut batch = vec![first];
-            while batch.len() < READ_BATCH && matches!(batch.last(), Some(Some(Ok(_)))) {
+            while batch.len() < READ_BATCH && bytes < READ_BATCH_BYTES && matches!(batch.last(), Some(Some(Ok(_)))) {
                 match stream.next().now_or_never() {
-                    Some(r) => batch.push(r),
+                    Some(r) => {
+                        bytes += frame_len(&r);
+                        batch.push(r);
+                    }
                     None => break,
                 }
             }
@@ -720,6 +726,14 @@ async fn deliver_loop(
             },
             () = sleep_until_opt(deadline) => {}
         }
+    }
+}
+
+fn frame_len(read: &Option<Result<Message, axum::Error>>) -> usize {
+    match read {
+        Some(Ok(Message::Text(t))) => t.len(),
+        Some(Ok(Message::Binary(b))) => b.len(),
+        _ => 0,
     }
 }
 
