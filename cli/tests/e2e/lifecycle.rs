@@ -76,7 +76,25 @@ fn keys_databases_sockets_and_directories_are_private() {
     for dir in [&p.config_dir, &p.data_dir, &p.run_dir, &p.log_dir] {
         assert_eq!(mode(dir), 0o700, "{}", dir.display());
     }
-    for file in [p.identity_path(), p.socket_path(), p.daemon_db(), p.embedded_broker_db(), p.lock_path()] {
+    let session = home.launch("worker", None);
+    home.ok(&["send", "worker", "makes the databases write their logs"]);
+    let with_suffix = |path: std::path::PathBuf, suffix: &str| {
+        let mut s = path.into_os_string();
+        s.push(suffix);
+        std::path::PathBuf::from(s)
+    };
+    let files = [
+        p.identity_path(),
+        p.socket_path(),
+        p.daemon_db(),
+        with_suffix(p.daemon_db(), "-wal"),
+        p.embedded_broker_db(),
+        with_suffix(p.embedded_broker_db(), "-wal"),
+        p.lock_path(),
+        p.member_token_path(),
+        session.token_file.clone(),
+    ];
+    for file in files {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
 }
