@@ -725,3 +725,31 @@ async fn session_attestations_that_are_forged_expired_or_for_another_key_are_ref
     assert!(matches!(c.recv().await, ServerFrame::Welcome(w) if w.you.member == t.a.key()));
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let mut t = two_members(&broker).await;
+    let mut accepted = Vec::new();
+    for i in 1..=3u64 {
+        t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, &format!("c-{i}"), "x"))).await;
+        let ServerFrame::Accepted(a) = t.ca.recv_non_presence().await else { panic!("accepted") };
+        accepted.push(a.message_id);
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
+        ids.push(d.delivery_id);
+    }
+    t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: ids })).await;
+    let ServerFrame::Deliver(d) = t.ca.recv_non_presence().await else { panic!("deliver") };
+    let DeliveryItem::Receipts(batch) = d.item else { panic!("expected one receipts item, got {:?}", d.item) };
+    let got: Vec<_> = batch.receipts.iter().map(|r| (r.message_id.clone(), r.kind, r.recipient)).collect();
+    let want: Vec<_> = accepted.iter().map(|m| (m.clone(), ReceiptKind::Delivered, t.b.key())).collect();
+    assert_eq!(got, want);
+    // Acked, it is gone: nothing more arrives for alice.
+    t.ca.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+    t.ca.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 5 })).await;
+    assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 5));
+    broker.stop().await;
+}

@@ -497,6 +497,11 @@ async fn intake(
                         inbox::accept(&tx, &recipient, &env, &raw, now)?;
                     }
                     Ok(DeliveryItem::Receipt(r)) => outbox::apply_receipt(&tx, &r, now)?,
+                    Ok(DeliveryItem::Receipts(batch)) => {
+                        for r in &batch.receipts {
+                            outbox::apply_receipt(&tx, r, now)?;
+                        }
+                    }
                     Err(detail) => inbox::accept_unparsable(&tx, &mesh, &recipient, id, &raw, &detail, now)?,
                 }
                 ids.push(id);

@@ -289,6 +289,14 @@ pub struct Deliver {
 pub enum DeliveryItem {
     Message(Envelope),
     Receipt(Receipt),
+    /// Several receipts for one sender, queued together (one per message acked in one `ack` frame).
+    Receipts(ReceiptBatch),
+}
+
+/// The body of a `receipts` item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptBatch {
+    pub receipts: Vec<Receipt>,
 }
 
 /// A message as stored by the broker and delivered to each recipient. Only `nonce` and `ciphertext`
@@ -568,7 +576,19 @@ mod tests {
             at: 5,
         });
         let raw = deliver_frame_json(7, &serde_json::to_string(&item).expect("json"));
-        assert_eq!(decode_server(&raw).expect("decodes"), ServerFrame::Deliver(Deliver { delivery_id: 7, item }));
+        assert_eq!(
+            decode_server(&raw).expect("decodes"),
+            ServerFrame::Deliver(Deliver { delivery_id: 7, item: item.clone() })
+        );
+        let DeliveryItem::Receipt(one) = item else { unreachable!() };
+        let batch = DeliveryItem::Receipts(ReceiptBatch { receipts: vec![one.clone(), one] });
+        let json = serde_json::to_string(&batch).expect("json");
+        assert!(json.starts_with(r#"{"type":"receipts","receipts":[{"#), "{json}");
+        let raw = deliver_frame_json(8, &json);
+        assert_eq!(
+            decode_server(&raw).expect("decodes"),
+            ServerFrame::Deliver(Deliver { delivery_id: 8, item: batch })
+        );
     }
 
     #[test]

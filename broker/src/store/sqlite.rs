@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
+use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptBatch, ReceiptKind, Role};
 use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -207,30 +207,54 @@ fn get_peer(tx: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result
 }
 
 fn queue_receipt(tx: &Connection, mesh: &str, to: &str, receipt: &Receipt, expires_at: u64) -> rusqlite::Result<()> {
-    let json = serde_json::to_string(&DeliveryItem::Receipt(receipt.clone())).expect("receipts serialise");
+    queue_item(tx, mesh, to, &DeliveryItem::Receipt(receipt.clone()), expires_at)
+}
+
+fn queue_item(tx: &Connection, mesh: &str, to: &str, item: &DeliveryItem, expires_at: u64) -> rusqlite::Result<()> {
+    let json = serde_json::to_string(item).expect("receipts serialise");
     tx.prepare_cached("INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![mesh, to, json, expires_at as i64])?;
     Ok(())
 }
 
-/// Queues a receipt of `kind` from `recipient` for the sender of message `seq`; returns the sender.
-fn receipt_for_message(
-    tx: &Connection,
-    seq: i64,
-    kind: ReceiptKind,
-    recipient: &str,
-    now: u64,
-) -> rusqlite::Result<Option<String>> {
-    let row: Option<(String, String, String, String)> = tx
-        .prepare_cached("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1")?
-        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .optional()?;
-    let Some((mesh, sender, message_id, client_message_id)) = row else {
-        return Ok(None);
-    };
-    let receipt = Receipt { message_id, client_message_id, kind, recipient: parse(recipient.to_owned())?, at: now };
-    queue_receipt(tx, &mesh, &sender, &receipt, now + RECEIPT_TTL_MS)?;
-    Ok(Some(sender))
+/// Most receipts one queued `receipts` item carries.
+const RECEIPTS_PER_ITEM: usize = 256;
+
+/// Receipts gathered in one transaction, queued as one item per sender (`receipts`), or `receipt`
+/// when there is one: a sender whose 100 messages were acked in one frame gets one delivery, not 100.
+#[derive(Default)]
+struct ReceiptsBySender(std::collections::BTreeMap<(String, String), Vec<Receipt>>);
+
+impl ReceiptsBySender {
+    /// Adds a receipt of `kind` from `recipient` for the sender of message `seq`, if it is still known.
+    fn add(&mut self, tx: &Connection, seq: i64, kind: ReceiptKind, recipient: &str, now: u64) -> rusqlite::Result<()> {
+        let row: Option<(String, String, String, String)> = tx
+            .prepare_cached("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1")?
+            .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .optional()?;
+        if let Some((mesh, sender, message_id, client_message_id)) = row {
+            let receipt =
+                Receipt { message_id, client_message_id, kind, recipient: parse(recipient.to_owned())?, at: now };
+            self.0.entry((mesh, sender)).or_default().push(receipt);
+        }
+        Ok(())
+    }
+
+    /// Queues them; returns the (mesh, sender) pairs to wake.
+    fn queue(self, tx: &Connection, now: u64) -> rusqlite::Result<Vec<(String, String)>> {
+        let mut woken = Vec::with_capacity(self.0.len());
+        for ((mesh, sender), receipts) in self.0 {
+            for chunk in receipts.chunks(RECEIPTS_PER_ITEM) {
+                let item = match chunk {
+                    [one] => DeliveryItem::Receipt(one.clone()),
+                    many => DeliveryItem::Receipts(ReceiptBatch { receipts: many.to_vec() }),
+                };
+                queue_item(tx, &mesh, &sender, &item, now + RECEIPT_TTL_MS)?;
+            }
+            woken.push((mesh, sender));
+        }
+        Ok(woken)
+    }
 }
 
 /// Drops the stored ciphertext of a message once no queue row needs it; the row itself stays until
@@ -552,7 +576,7 @@ impl Store for SqliteStore {
         self.write(move |tx| {
             let mesh = mesh.to_string();
             let recipient = recipient.to_string();
-            let mut senders = Vec::new();
+            let mut receipts = ReceiptsBySender::default();
             let mut delete = tx.prepare_cached(
                 "DELETE FROM queue WHERE id = ?1 AND mesh_id = ?2 AND recipient = ?3 RETURNING message_seq",
             )?;
@@ -560,15 +584,12 @@ impl Store for SqliteStore {
                 let seq: Option<Option<i64>> =
                     delete.query_row(params![id as i64, mesh, recipient], |r| r.get(0)).optional()?;
                 if let Some(Some(seq)) = seq {
-                    if let Some(sender) = receipt_for_message(tx, seq, ReceiptKind::Delivered, &recipient, now)? {
-                        senders.push(parse(sender)?);
-                    }
+                    receipts.add(tx, seq, ReceiptKind::Delivered, &recipient, now)?;
                     forget_body_if_done(tx, seq)?;
                 }
             }
-            senders.sort();
-            senders.dedup();
-            Ok(senders)
+            let senders = receipts.queue(tx, now)?;
+            Ok(senders.into_iter().map(|(_, sender)| parse(sender)).collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
@@ -596,18 +617,20 @@ impl Store for SqliteStore {
                 stmt.query_map([now as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                     .collect::<Result<_, _>>()?
             };
-            for (id, mesh, recipient, seq) in rows {
+            let mut receipts = ReceiptsBySender::default();
+            for (id, _mesh, recipient, seq) in rows {
                 tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?.execute([id])?;
                 match seq {
                     Some(seq) => {
                         out.messages_expired += 1;
-                        if let Some(sender) = receipt_for_message(tx, seq, ReceiptKind::Expired, &recipient, now)? {
-                            out.woken.push((parse(mesh)?, parse(sender)?));
-                        }
+                        receipts.add(tx, seq, ReceiptKind::Expired, &recipient, now)?;
                         forget_body_if_done(tx, seq)?;
                     }
                     None => out.receipts_dropped += 1,
                 }
+            }
+            for (mesh, sender) in receipts.queue(tx, now)? {
+                out.woken.push((parse(mesh)?, parse(sender)?));
             }
             tx.prepare_cached("DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)")?.execute([now as i64],
             )?;
