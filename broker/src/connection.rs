@@ -678,16 +678,24 @@ async fn deliver_loop(
     let mut retry_at: Option<Instant> = None;
     // Leases held by a connection that is gone (or by another one) run out on their own: wake then.
     let mut foreign: Option<u64> = None;
+    // Whether the queue may hold items this connection could take. Cleared by a lease that found fewer
+    // than it asked for; set by a wake-up (new or released items) and by any lease running out. An ack
+    // alone adds nothing to the queue, so it does not cost a lease that would find it empty.
+    let mut more = true;
     loop {
         let now = now_ms();
+        let held = inflight.len();
         inflight.retain(|_, until| *until > now);
+        more |= inflight.len() < held;
         // Lease again once half the window is free: fewer, larger leases under load, and at once when
         // idle (an empty window is always below half).
         let refill = |inflight: &HashMap<u64, u64>| inflight.len() <= window / 2;
-        if refill(&inflight) && retry_at.is_none_or(|t| t <= Instant::now()) {
+        if more && refill(&inflight) && retry_at.is_none_or(|t| t <= Instant::now()) {
             retry_at = None;
-            match shared.store.lease(mesh, key, conn_id, (window - inflight.len()) as u32, now, lease_ms).await {
+            let asked = window - inflight.len();
+            match shared.store.lease(mesh, key, conn_id, asked as u32, now, lease_ms).await {
                 Ok(lease) => {
+                    more = lease.items.len() >= asked;
                     foreign = lease.next_foreign_expiry;
                     for item in lease.items {
                         inflight.insert(item.delivery_id, now + lease_ms);
@@ -719,12 +727,13 @@ async fn deliver_loop(
         };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = wake.notified() => {}
+            () = wake.notified() => more = true,
             ids = acked.recv() => match ids {
                 Some(ids) => for id in ids { inflight.remove(&id); },
                 None => return,
             },
-            () = sleep_until_opt(deadline) => {}
+            // A lease ran out (this connection's or another's), or a failed lease is due again.
+            () = sleep_until_opt(deadline) => more = true,
         }
     }
 }
