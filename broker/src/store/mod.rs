@@ -160,8 +160,9 @@ pub trait Store: Send + Sync + 'static {
         now: u64,
         lease_ms: u64,
     ) -> Result<Lease, StoreError>;
-    /// Deletes acked items of `recipient` and queues a `delivered` receipt to each message's sender.
-    /// Returns the senders to wake. Unknown ids are ignored (acks are idempotent).
+    /// Deletes acked items of `recipient` and queues a `delivered` receipt to each message's sender
+    /// (one `receipts` item per sender when there are several). Returns the senders to wake. Unknown
+    /// ids are ignored (acks are idempotent).
     async fn ack(
         &self,
         mesh: MeshId,
