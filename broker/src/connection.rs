@@ -581,10 +581,7 @@ impl Connection {
             Ok(Some(sent)) if sent.fingerprint == fingerprint => {
                 Ok(Accepted { id: send.id, message_id: sent.message_id, duplicate: true, recipients: sent.recipients })
             }
-            Ok(Some(_)) => Err(ErrorFrame::new(
-                ErrorCode::IdempotencyConflict,
-                format!("client_message_id {:?} was already used for a different message", send.client_message_id),
-            )),
+            Ok(Some(_)) => Err(enqueue_refusal(StoreError::IdempotencyConflict(send.client_message_id))),
             Ok(None) => Err(ErrorFrame {
                 retry_after_ms: Some(retry_after_ms),
                 ..ErrorFrame::new(

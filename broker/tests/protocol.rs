@@ -9,7 +9,7 @@ use mesh_broker::BrokerConfig;
 use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::message;
 use mesh_proto::signed::Signed;
-use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame};
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, HelloClaims, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
 fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorFrame {
@@ -626,21 +626,11 @@ fn session_hello(
     signer: &Identity,
     att: SessionAttestation,
 ) -> ClientFrame {
-    let public = session.public();
-    let claims = mesh_proto::wire::HelloClaims {
-        v: 1,
-        challenge: mesh_proto::codec::b64(&c.challenge),
-        mesh_id: mesh,
-        key: public.key,
-        enc_key: public.enc_key,
-        enc_sig: public.enc_sig,
-        name: name.to_owned(),
-        client: "mesh-broker-tests".into(),
-        at: now_ms(),
-        intent: Intent::Connect,
+    let claims = HelloClaims {
         attestation: Some(Signed::sign(signer, &att)),
+        ..hello_claims(&c.challenge, session, mesh, name, Intent::Connect)
     };
-    ClientFrame::Hello(mesh_proto::wire::Hello { v: 1, auth: Signed::sign(session, &claims) })
+    signed_hello(session, &claims)
 }
 
 #[tokio::test]
@@ -708,15 +698,14 @@ async fn session_attestations_that_are_forged_expired_or_for_another_key_are_ref
     let mut c = Client::connect(&broker).await;
     let forged =
         session_hello(&c, &session, t.mesh, "worker", &t.b, SessionAttestation { member: t.b.key(), ..good.clone() });
-    let ClientFrame::Hello(mut hello) = forged else { unreachable!() };
-    let mut claims: mesh_proto::wire::HelloClaims = hello.auth.open().expect("opens");
+    let ClientFrame::Hello(hello) = forged else { unreachable!() };
+    let mut claims: HelloClaims = hello.auth.open().expect("opens");
     let mut att = claims.attestation.take().expect("attestation");
     let real: SessionAttestation = att.open().expect("opens");
     att.payload =
         mesh_proto::codec::b64(&serde_json::to_vec(&SessionAttestation { member: t.a.key(), ..real }).expect("json"));
     claims.attestation = Some(att);
-    hello.auth = Signed::sign(&session, &claims);
-    c.send(&ClientFrame::Hello(hello)).await;
+    c.send(&signed_hello(&session, &claims)).await;
     expect_error(c.recv().await, ErrorCode::AttestationInvalid);
     // The genuine one is welcome.
     let mut c = Client::connect(&broker).await;

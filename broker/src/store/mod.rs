@@ -137,11 +137,10 @@ pub trait Store: Send + Sync + 'static {
     async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError>;
     async fn roster(&self, mesh: MeshId) -> Result<Vec<PeerRecord>, StoreError>;
 
-    /// Idempotent on (mesh, sender, client_message_id): a duplicate with the same fingerprint returns the
-    /// first message id and queues nothing; a different fingerprint is an `IdempotencyConflict`.
-    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError>;
-    /// Several sends, in order, committed together: each one succeeds or fails on its own exactly as
-    /// `enqueue` would. `Err` only when none of them could be stored.
+    /// Queues each message for every recipient of its target, in order, committed together; each one
+    /// succeeds or fails on its own. Idempotent on (mesh, sender, client_message_id): a duplicate with
+    /// the same fingerprint returns the first message id and queues nothing; a different fingerprint is
+    /// an `IdempotencyConflict`. `Err` only when none of them could be stored.
     async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError>;
     /// The accepted send of (mesh, sender, client_message_id), if any (within retention).
     async fn find_sent(

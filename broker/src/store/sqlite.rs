@@ -1,4 +1,4 @@
-//! The SQLite implementation of [`Store`]: one file, WAL; every write is a savepoint in a group-committed
+//! The SQLite implementation of [`Store`]: one file, WAL; every write runs in a group-committed
 //! `BEGIN IMMEDIATE` transaction ([`Db::batch`]), reads run on the blocking pool.
 
 use std::path::Path;
@@ -122,14 +122,13 @@ impl SqliteStore {
         &self.db
     }
 
-    /// Runs `f` in the store's group commit ([`Db::batch`]): its own savepoint of a transaction shared
-    /// with the other writes waiting at the same moment.
-    async fn write<F, R>(&self, f: F) -> Result<R, StoreError>
+    /// Runs `f` in the store's group commit ([`Db::batch`]): a transaction shared with the other writes
+    /// waiting at the same moment. A domain refusal must come before `f` writes anything.
+    async fn write<F, R>(&self, mut f: F) -> Result<R, StoreError>
     where
         F: FnMut(&Connection) -> Result<R, TxError> + Send + 'static,
         R: Send + 'static,
     {
-        let mut f = f;
         self.db
             .batch(move |conn| match f(conn) {
                 Ok(r) => Ok(Ok(r)),
@@ -457,10 +456,6 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn enqueue(&self, msg: NewMessage) -> Result<Enqueued, StoreError> {
-        self.write(move |tx| enqueue_in(tx, &msg)).await
-    }
-
     async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
         self.write(move |tx| {
             let mut out = Vec::with_capacity(msgs.len());
@@ -766,7 +761,8 @@ mod tests {
                 created_at: 1,
                 expires_at: u64::MAX / 2,
             };
-            store.enqueue(msg).await.expect("enqueue");
+            let stored = store.enqueue_many(vec![msg]).await.expect("enqueue");
+            assert!(stored[0].is_ok());
             let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
             assert_eq!(leased.items.len(), 1);
             let other = store.lease(mesh, b.key(), 2, 10, 3, 60_000).await.expect("lease");

@@ -115,8 +115,13 @@ impl Client {
 }
 
 pub fn hello_frame(challenge: &[u8], id: &Identity, mesh: MeshId, name: &str, intent: Intent) -> ClientFrame {
+    signed_hello(id, &hello_claims(challenge, id, mesh, name, intent))
+}
+
+/// The claims of a `hello` from `id` answering `challenge`, without an attestation.
+pub fn hello_claims(challenge: &[u8], id: &Identity, mesh: MeshId, name: &str, intent: Intent) -> HelloClaims {
     let public = id.public();
-    let claims = HelloClaims {
+    HelloClaims {
         v: 1,
         challenge: codec::b64(challenge),
         mesh_id: mesh,
@@ -128,8 +133,12 @@ pub fn hello_frame(challenge: &[u8], id: &Identity, mesh: MeshId, name: &str, in
         at: now_ms(),
         intent,
         attestation: None,
-    };
-    ClientFrame::Hello(Hello { v: 1, auth: Signed::sign(id, &claims) })
+    }
+}
+
+/// `claims` signed by `id` as a `hello` frame.
+pub fn signed_hello(id: &Identity, claims: &HelloClaims) -> ClientFrame {
+    ClientFrame::Hello(Hello { v: 1, auth: Signed::sign(id, claims) })
 }
 
 pub fn create_intent(name: &str) -> Intent {
