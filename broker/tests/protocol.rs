@@ -742,3 +742,44 @@ async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
     assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 5));
     broker.stop().await;
 }
+
+/// The repeated-ack loss: an ack that arrives twice (a redelivery crossing the first ack, acked
+/// again) must never remove an item that took the acked item's place. Delivery ids are never reused
+/// for a recipient, not even for the item queued right after the newest one was acked.
+#[tokio::test]
+async fn a_repeated_ack_never_removes_a_later_item() {
+    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
+    let mut deliver = async |cb: &mut Client| loop {
+        if let ServerFrame::Deliver(d) = cb.recv_non_presence().await {
+            let DeliveryItem::Message(env) = &d.item else { panic!("message expected") };
+            return (d.delivery_id, message::open(env, &b, None).expect("opens").body);
+        }
+    };
+    ca.send(&ClientFrame::Send(dm(&a, mesh, &b, 1, "x1", "first"))).await;
+    assert!(matches!(ca.recv_non_presence().await, ServerFrame::Accepted(_)));
+    let (first_id, body) = deliver(&mut cb).await;
+    assert_eq!(body, "first");
+    cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![first_id] })).await;
+    // The delivered receipt tells us the ack was applied before the next send.
+    assert!(matches!(next_receipt(&mut ca).await.kind, ReceiptKind::Delivered));
+
+    ca.send(&ClientFrame::Send(dm(&a, mesh, &b, 2, "x2", "second"))).await;
+    assert!(matches!(ca.recv_non_presence().await, ServerFrame::Accepted(_)));
+    let (second_id, body) = deliver(&mut cb).await;
+    assert_eq!(body, "second");
+    assert_ne!(second_id, first_id, "a delivery id was handed out twice");
+
+    // The late duplicate ack of the first item, then the connection drops without acking the second.
+    cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![first_id] })).await;
+    // A roster request answered after the ack proves the ack was handled before the disconnect.
+    cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9 })).await;
+    assert!(matches!(cb.recv_non_presence().await, ServerFrame::Roster(_)));
+    drop(cb);
+
+    let mut cb = Client::connect(&broker).await;
+    assert!(matches!(cb.hello(&b, mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
+    let (again_id, body) = deliver(&mut cb).await;
+    assert_eq!((again_id, body.as_str()), (second_id, "second"), "the unacked item comes back");
+    broker.stop().await;
+}

@@ -37,6 +37,9 @@ pub struct Daemon {
     pub started_at: u64,
     /// Fault injection for tests (`MESH_FAULT_DECRYPT_FAILURES=N`): the next N decryptions fail.
     pub inject_decrypt_failures: std::sync::atomic::AtomicU32,
+    /// Fault injection for tests (`MESH_FAULT_ACK_DELAY_MS=N`): acks leave N ms after their commit,
+    /// while the link goes on reading, so that redeliveries cross them.
+    pub inject_ack_delay: std::sync::OnceLock<Duration>,
     /// SHA-256 of the member's bearer token (see `Home::member_token_path`).
     pub member_token_hash: std::sync::OnceLock<String>,
     pub embedded_broker: Mutex<Option<String>>,
@@ -57,6 +60,7 @@ impl Daemon {
             inbox_wake: Notify::new(),
             member_token_hash: std::sync::OnceLock::new(),
             inject_decrypt_failures: std::sync::atomic::AtomicU32::new(0),
+            inject_ack_delay: std::sync::OnceLock::new(),
             started_at: now_ms(),
             embedded_broker: Mutex::new(None),
             sessions: SessionRegistry::default(),

@@ -53,9 +53,18 @@ pub fn accept_unparsable(
         "INSERT OR IGNORE INTO inbox (mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
             status, last_error, sent_at, received_at)
          VALUES (?1, ?2, ?3, '', '', ?3, '', ?4, 'failed', ?5, ?6, ?6)",
-        params![mesh.to_string(), recipient.to_string(), format!("unparsable-{delivery_id}"), raw, format!("invalid: {detail}"), now as i64],
+        params![mesh.to_string(), recipient.to_string(), unparsable_id(mesh, delivery_id, raw), raw, format!("invalid: {detail}"), now as i64],
     )?;
     Ok(())
+}
+
+/// The inbox's message id for a frame that could not be parsed: the same for a redelivery of the same
+/// frame (so it is stored once), different for any other frame, whichever mesh or broker sent it (a
+/// delivery id alone is unique only per broker database).
+fn unparsable_id(mesh: &MeshId, delivery_id: u64, raw: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(mesh.to_string()).chain_update([0]).chain_update(raw).finalize();
+    format!("unparsable-{delivery_id}-{}", hex::encode(&digest[..16]))
 }
 
 /// Marks rows of `recipients` read (the given ids, or every unread row) and queues a read receipt for

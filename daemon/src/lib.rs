@@ -108,6 +108,10 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
         tracing::warn!(failures = n, "fault injection: the next decryptions will fail");
         daemon.inject_decrypt_failures.store(n, std::sync::atomic::Ordering::SeqCst);
     }
+    if let Some(ms) = std::env::var("MESH_FAULT_ACK_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        tracing::warn!(delay_ms = ms, "fault injection: acks are delayed");
+        let _ = daemon.inject_ack_delay.set(std::time::Duration::from_millis(ms));
+    }
 
     let mut meshes = daemon.db.call(|c| meshes::list(c)).await?;
     if meshes.iter().any(|m| m.embedded) || (meshes.is_empty() && options.embedded) {

@@ -454,6 +454,14 @@ async fn read_loop(
                     daemon.inbox_wake.notify_one();
                     daemon.notify_changed();
                     let ack = ClientFrame::Ack(Ack { delivery_ids: ids }).to_json();
+                    if let Some(delay) = daemon.inject_ack_delay.get().copied() {
+                        let out = out.clone();
+                        daemon.tracker.spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = out.send(ack).await;
+                        });
+                        continue;
+                    }
                     match tokio::time::timeout(STALE_AFTER, out.send(ack)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return Ended::transient("writer stopped"),

@@ -136,6 +136,112 @@ CREATE TABLE receipts (
     PRIMARY KEY (client_message_id, kind, recipient)
 );
 "#,
+    // Outbox, inbox and session ids are shown to users and taken back (`mesh inbox ack 12`, `mesh
+    // outbox retry 7`) and appear in events: an id handed out again after its row was deleted would
+    // make such a command act on another message. AUTOINCREMENT never hands an id out twice. The
+    // copies keep every id, and each sequence starts above every id the event log still names.
+    r#"
+CREATE TABLE outbox_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_message_id TEXT NOT NULL UNIQUE,
+    fingerprint TEXT NOT NULL,
+    mesh_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    session TEXT,
+    target TEXT NOT NULL,
+    target_kind TEXT NOT NULL,
+    target_label TEXT NOT NULL,
+    target_name TEXT,
+    body TEXT NOT NULL,
+    nonce BLOB NOT NULL,
+    ciphertext BLOB NOT NULL,
+    sig TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    lease_until INTEGER,
+    last_error TEXT,
+    message_id TEXT,
+    recipients INTEGER,
+    enqueued_at INTEGER NOT NULL,
+    sent_at INTEGER,
+    delivered_at INTEGER,
+    delivered_count INTEGER NOT NULL DEFAULT 0,
+    read_at INTEGER,
+    expires_at INTEGER NOT NULL,
+    expired_count INTEGER NOT NULL DEFAULT 0,
+    read_count INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO outbox_v4 SELECT id, client_message_id, fingerprint, mesh_id, sender, session, target, target_kind,
+    target_label, target_name, body, nonce, ciphertext, sig, status, attempts, next_attempt_at, lease_until,
+    last_error, message_id, recipients, enqueued_at, sent_at, delivered_at, delivered_count, read_at, expires_at,
+    expired_count, read_count FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v4 RENAME TO outbox;
+CREATE INDEX outbox_drain ON outbox(mesh_id, sender, status, next_attempt_at, id);
+CREATE INDEX outbox_by_message ON outbox(message_id) WHERE message_id IS NOT NULL;
+
+CREATE TABLE inbox_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mesh_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sender_name TEXT NOT NULL,
+    client_message_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    body TEXT,
+    sent_at INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    read_at INTEGER,
+    read_receipt TEXT,
+    UNIQUE (recipient, message_id)
+);
+INSERT INTO inbox_v4 SELECT id, mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
+    status, attempts, last_error, body, sent_at, received_at, read_at, read_receipt FROM inbox;
+DROP TABLE inbox;
+ALTER TABLE inbox_v4 RENAME TO inbox;
+CREATE UNIQUE INDEX inbox_by_sender_cmid ON inbox(recipient, sender, client_message_id);
+CREATE INDEX inbox_to_process ON inbox(id) WHERE status = 'received';
+CREATE INDEX inbox_reads_to_send ON inbox(mesh_id, recipient) WHERE read_receipt IN ('pending', 'sending');
+
+CREATE TABLE sessions_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mesh_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,
+    sign_seed BLOB NOT NULL,
+    enc_secret BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    token_hash TEXT UNIQUE,
+    token_file TEXT,
+    pid INTEGER,
+    pid_start TEXT,
+    launched_at INTEGER,
+    ended_at INTEGER,
+    UNIQUE (mesh_id, name)
+);
+INSERT INTO sessions_v4 SELECT id, mesh_id, name, key, sign_seed, enc_secret, created_at, token_hash, token_file,
+    pid, pid_start, launched_at, ended_at FROM sessions;
+DROP TABLE sessions;
+ALTER TABLE sessions_v4 RENAME TO sessions;
+
+DELETE FROM sqlite_sequence WHERE name IN ('outbox', 'inbox', 'sessions');
+INSERT INTO sqlite_sequence (name, seq) VALUES
+    ('outbox', COALESCE((SELECT MAX(x) FROM (
+        SELECT MAX(id) AS x FROM outbox
+        UNION ALL SELECT MAX(CAST(json_extract(data, '$.id') AS INTEGER)) FROM events WHERE kind = 'outbox')), 0)),
+    ('inbox', COALESCE((SELECT MAX(x) FROM (
+        SELECT MAX(id) AS x FROM inbox
+        UNION ALL SELECT MAX(CAST(json_extract(data, '$.id') AS INTEGER)) FROM events WHERE kind = 'message'
+        UNION ALL SELECT MAX(CAST(j.value AS INTEGER)) FROM events, json_each(events.data, '$.ids') j
+            WHERE events.kind = 'read')), 0)),
+    ('sessions', COALESCE((SELECT MAX(id) FROM sessions), 0));
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {
@@ -161,4 +267,56 @@ pub fn temp_db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = open(&dir.path().join("d.db")).expect("db");
     (dir, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insert_inbox(c: &rusqlite::Connection, message_id: &str) -> i64 {
+        c.execute(
+            "INSERT INTO inbox (mesh_id, recipient, message_id, sender, sender_name, client_message_id, target, raw,
+                 status, sent_at, received_at) VALUES ('m', 'r', ?1, 's', 'n', ?1, 't', '{}', 'ready', 1, 1)",
+            [message_id],
+        )
+        .expect("insert");
+        c.last_insert_rowid()
+    }
+
+    #[test]
+    fn ids_shown_to_users_are_never_handed_out_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.db");
+        // The last schema that reused ids: rows 1..=3, the newest deleted, and the event log naming
+        // an inbox row 7 that is already gone.
+        {
+            let old = Db::open(&path, &MIGRATIONS[..3]).expect("old schema");
+            old.call_blocking(|c| {
+                for m in ["a", "b", "c"] {
+                    insert_inbox(c, m);
+                }
+                c.execute("DELETE FROM inbox WHERE id = 3", [])?;
+                c.execute(
+                    "INSERT INTO events (at, kind, data) VALUES (1, 'read', '{\"ids\":[2,7]}'),
+                         (1, 'message', '{\"id\":5}')",
+                    [],
+                )?;
+                Ok(())
+            })
+            .expect("old rows");
+        }
+        let db = open(&path).expect("upgraded");
+        db.call_blocking(|c| {
+            let kept: Vec<i64> = c
+                .prepare("SELECT id FROM inbox ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            assert_eq!(kept, [1, 2], "rows keep their ids");
+            assert_eq!(insert_inbox(c, "d"), 8, "above every id the event log names");
+            c.execute("DELETE FROM inbox WHERE id = 8", [])?;
+            assert_eq!(insert_inbox(c, "e"), 9, "the deleted newest id is not handed out again");
+            Ok(())
+        })
+        .expect("upgraded rows");
+    }
 }

@@ -96,6 +96,32 @@ CREATE TABLE reads (
 DROP INDEX queue_by_recipient;
 CREATE INDEX queue_by_lease ON queue(mesh_id, recipient, lease_until, id);
 "#,
+    // A queue id is the `delivery_id` on the wire, and acks are idempotent: an id handed out again
+    // (SQLite reuses the largest rowid once it is deleted) would let a late, repeated ack delete a
+    // different, undelivered item. AUTOINCREMENT never hands an id out twice. The copy keeps every
+    // id; an id above the largest kept one can only have been given to a connection of an earlier
+    // process (this runs at start-up, before any connection), and acks never outlive their
+    // connection, so none can reach the new ids.
+    r#"
+CREATE TABLE queue_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mesh_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_seq INTEGER REFERENCES messages(seq),
+    receipt TEXT,
+    lease_until INTEGER,
+    lease_conn INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL
+);
+INSERT INTO queue_v4 (id, mesh_id, recipient, message_seq, receipt, lease_until, lease_conn, attempts, expires_at)
+    SELECT id, mesh_id, recipient, message_seq, receipt, lease_until, lease_conn, attempts, expires_at FROM queue;
+DROP TABLE queue;
+ALTER TABLE queue_v4 RENAME TO queue;
+CREATE INDEX queue_by_lease ON queue(mesh_id, recipient, lease_until, id);
+CREATE INDEX queue_by_message ON queue(message_seq) WHERE message_seq IS NOT NULL;
+CREATE INDEX queue_by_expiry ON queue(expires_at);
+"#,
 ];
 
 #[derive(Clone, Debug)]
@@ -737,6 +763,74 @@ mod tests {
             last_seen: None,
             revoked: false,
         }
+    }
+
+    fn dm_to(mesh: MeshId, from: &Identity, to: &Identity, cmid: &str) -> NewMessage {
+        NewMessage {
+            mesh_id: mesh,
+            sender: from.key(),
+            client_message_id: cmid.into(),
+            fingerprint: [0; 32],
+            target: Target::Key(to.key()),
+            message_id: format!("m-{cmid}"),
+            item_json: "{}".into(),
+            created_at: 1,
+            expires_at: u64::MAX / 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn delivery_ids_are_never_reused_across_acks_and_the_upgrade_that_made_them_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.db");
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId::generate();
+        // A database at the last schema that reused ids, with items 1..=3 queued and 3 then acked.
+        {
+            let old = Db::open(&path, &MIGRATIONS[..3]).expect("old schema");
+            let store = SqliteStore { db: old };
+            let record = MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1 };
+            store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
+            store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
+            let msgs = (1..=3).map(|i| dm_to(mesh, &a, &b, &format!("c{i}"))).collect();
+            store.enqueue_many(msgs).await.expect("enqueue");
+            let ids = store.db.call_blocking(|c| {
+                c.query_row("SELECT MIN(id), MAX(id) FROM queue WHERE receipt IS NULL", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+            });
+            assert_eq!(ids.expect("ids"), (1, 3));
+        }
+        let store = SqliteStore::open(&path).expect("upgraded");
+        let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
+        let ids: Vec<u64> = leased.items.iter().map(|l| l.delivery_id).collect();
+        assert_eq!(ids, [1, 2, 3], "queued items keep their ids");
+        // Ack the newest; every later item (receipts included) takes an id never handed out before.
+        store.ack(mesh, b.key(), vec![3], 3).await.expect("ack");
+        let mut seen: std::collections::BTreeSet<u64> = ids.into_iter().collect();
+        for i in 4..=6 {
+            store.enqueue_many(vec![dm_to(mesh, &a, &b, &format!("c{i}"))]).await.expect("enqueue");
+            let leased = store.lease(mesh, b.key(), 1, 10, 4, 60_000).await.expect("lease");
+            for item in leased.items {
+                assert!(seen.insert(item.delivery_id), "delivery id {} handed out twice", item.delivery_id);
+                store.ack(mesh, b.key(), vec![item.delivery_id], 5).await.expect("ack");
+            }
+            for item in store.lease(mesh, a.key(), 2, 10, 5, 60_000).await.expect("receipts").items {
+                assert!(seen.insert(item.delivery_id), "delivery id {} handed out twice", item.delivery_id);
+                store.ack(mesh, a.key(), vec![item.delivery_id], 5).await.expect("ack");
+            }
+        }
+        // A repeated ack of an id already acked removes nothing.
+        store.ack(mesh, b.key(), vec![3], 7).await.expect("repeated ack");
+        let pending: Vec<i64> = store
+            .db
+            .call_blocking(|c| {
+                c.prepare("SELECT id FROM queue WHERE recipient = ?1 ORDER BY id")?
+                    .query_map([b.key().to_string()], |r| r.get(0))?
+                    .collect()
+            })
+            .expect("queued");
+        assert_eq!(pending, [1, 2], "items 1 and 2 are still queued");
     }
 
     #[tokio::test]

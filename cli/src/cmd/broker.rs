@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Sends a member may make at once before the rate applies
     #[arg(long, default_value_t = BrokerConfig::default().send_burst)]
     pub send_burst: u32,
+    /// How long a delivery waits for its ack before it is sent again, e.g. 30s
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
@@ -62,6 +65,7 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
         max_connections_per_mesh: args.max_connections_per_mesh,
         sends_per_sec: args.sends_per_sec,
         send_burst: args.send_burst,
+        lease: args.lease.max(std::time::Duration::from_millis(1)),
         ..BrokerConfig::default()
     };
     let runtime =

@@ -160,3 +160,32 @@ fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing
         assert_eq!(home.json(&["daemon", "status"])["member"]["key"], key, "{damage}");
     }
 }
+
+/// Leases far shorter than the recipient's acks: each delivery is sent several times before its first
+/// ack lands, so the recipient acks the same id again and again, while the sender (quick to ack its
+/// receipts, and sending each message once the last is delivered) keeps the queue short. A repeated
+/// ack must never remove another item: every message arrives exactly once, every send is receipted.
+#[test]
+fn lease_expiry_crossing_acks_under_load_loses_nothing() {
+    let broker = BrokerProcess::start_with(MESH, &["--lease", "15ms"]);
+    let (alice, bob) = team(&broker);
+    bob.ok(&["daemon", "down"]);
+    let up = bob.cmd(&["daemon", "up", "--no-embedded"]).env("MESH_FAULT_ACK_DELAY_MS", "100").output();
+    assert!(up.expect("daemon up").status.success(), "daemon up with delayed acks");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let sent: Vec<String> = (0..30).map(|i| format!("crossing {i}")).collect();
+    for (i, body) in sent.iter().enumerate() {
+        send_until_accepted(&rt, &alice, &format!("crossing-{i}"), body);
+        alice.eventually_json(&format!("{body:?} receipted"), &["outbox", "--limit", "100000"], |v| {
+            v.as_array().expect("array").iter().any(|r| r["body"] == *body && r["delivered_count"] == 1)
+        });
+    }
+    let inbox = bob.eventually_json("all 30 at the recipient", &["inbox", "--limit", "100000"], |v| {
+        ready_bodies(v).len() >= sent.len()
+    });
+    let mut got = ready_bodies(&inbox);
+    got.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(got, want, "each exactly once");
+}
