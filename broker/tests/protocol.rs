@@ -750,7 +750,7 @@ async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
 async fn a_repeated_ack_never_removes_a_later_item() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
-    let mut deliver = async |cb: &mut Client| loop {
+    let deliver = async |cb: &mut Client| loop {
         if let ServerFrame::Deliver(d) = cb.recv_non_presence().await {
             let DeliveryItem::Message(env) = &d.item else { panic!("message expected") };
             return (d.delivery_id, message::open(env, &b, None).expect("opens").body);
