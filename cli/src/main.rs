@@ -4,8 +4,9 @@
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.
 
-mod cmd;
+#[macro_use]
 mod output;
+mod cmd;
 mod tui;
 
 use std::process::ExitCode;
@@ -15,8 +16,12 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "mesh", version, about = "Durable, end-to-end encrypted messaging between agent sessions")]
 #[command(after_help = "Files live under $MESH_HOME when set, else the XDG directories.\n\
+Every command takes --json: one JSON value on stdout, and on failure {\"error\": {\"code\", \"message\", \"hint\"}} on stderr.\n\
 Exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.")]
 struct Cli {
+    /// Print JSON instead of text (errors too, as {"error": {...}} on stderr)
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,7 +43,7 @@ enum Command {
     /// Join a mesh with an invite token
     Join(cmd::meshes::JoinArgs),
     /// List the meshes you belong to
-    Meshes(cmd::JsonArgs),
+    Meshes,
     /// List the members and sessions you can reach
     Peers(cmd::meshes::PeersArgs),
     /// Send a message: committed to the outbox at once, delivered by the daemon
@@ -67,7 +72,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    output::set_json(cli.json);
     let result = match cli.command {
         Command::Init(a) => cmd::identity::init(a),
         Command::Daemon(c) => cmd::daemon::run(c),
@@ -75,7 +84,7 @@ fn main() -> ExitCode {
         Command::Create(a) => cmd::meshes::create(a),
         Command::Invite(a) => cmd::meshes::invite(a),
         Command::Join(a) => cmd::meshes::join(a),
-        Command::Meshes(a) => cmd::meshes::list(a),
+        Command::Meshes => cmd::meshes::list(),
         Command::Peers(a) => cmd::meshes::peers(a),
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),
@@ -87,15 +96,32 @@ fn main() -> ExitCode {
         Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());
+            // Generated into memory first: a closed pipe (`mesh completions zsh | head`) ends quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut script);
+            output::write_stdout_bytes(&script);
             Ok(())
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mesh: {e:#}");
-            ExitCode::from(cmd::exit_code(&e))
-        }
+        Err(e) => ExitCode::from(output::report_error(&e)),
     }
+}
+
+/// Help and version go to stdout (exit 0); a usage error exits 2, as JSON on stderr under `--json`.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        output::write_stdout(format_args!("{}", e.render()));
+        return ExitCode::SUCCESS;
+    }
+    if std::env::args().any(|a| a == "--json") {
+        let message = e.render().to_string();
+        let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
+        errln!("{}", serde_json::json!({ "error": { "code": "usage", "message": first, "hint": "see `mesh help`" } }));
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(output::EXIT_USAGE)
 }

@@ -1,6 +1,193 @@
-//! Human output helpers: times and short keys.
+//! Everything the CLI prints: the `--json` switch, standard output that a closed pipe ends quietly,
+//! errors (as text, or as one JSON object on stderr), times and short keys.
 
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
+
+use mesh_ipc::IpcError;
+use mesh_ipc::api::ApiErrorCode;
+
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Turns `--json` on for this process (set once, by `main`).
+pub fn set_json(on: bool) {
+    JSON.store(on, Ordering::Relaxed);
+}
+
+/// Whether to print JSON instead of text.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// Writes to standard output at once. A reader that went away (`mesh watch | head -1`) ends the
+/// process quietly with status 0, as git and gh do; any other write failure is reported and exits 1.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        stdout_failed(&e);
+    }
+}
+
+/// Bytes to standard output, like [`write_stdout`].
+pub fn write_stdout_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        stdout_failed(&e);
+    }
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    let _ = writeln!(std::io::stderr(), "mesh: writing to standard output: {e}");
+    std::process::exit(1);
+}
+
+/// Ends the process quietly (status 0) as soon as standard output is a pipe whose reader has gone,
+/// even while nothing is being written: a follower such as `mesh watch | head -1` then exits when
+/// `head` does, not at the next event.
+pub fn exit_when_stdout_closes() {
+    use std::os::fd::AsFd;
+    let spawned = std::thread::Builder::new().name("stdout-watch".into()).spawn(|| {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let stdout = std::io::stdout();
+        let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::empty())];
+        // Only errors and hang-ups are asked for, so a terminal or a file never wakes this thread.
+        if let Ok(n) = poll(&mut fds, PollTimeout::NONE)
+            && n > 0
+            && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+        {
+            std::process::exit(0);
+        }
+    });
+    drop(spawned);
+}
+
+/// `println!` to standard output through [`write_stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` to standard output through [`write_stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that never panics (a closed standard error is not worth a crash).
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Prints `value` as pretty JSON on standard output.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    write_stdout(format_args!("{text}\n"));
+    Ok(())
+}
+
+/// An error of the CLI itself, with its code for `--json` and what to do next.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+/// A CLI error with a code and a hint, as an `anyhow::Error`.
+pub fn fail(code: &'static str, message: impl Into<String>, hint: Option<String>) -> anyhow::Error {
+    anyhow::Error::new(CliError { code, message: message.into(), hint })
+}
+
+/// The documented exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// What an error is, for the exit code and the JSON `code`.
+pub struct Described {
+    pub code: String,
+    pub message: String,
+    pub hint: Option<String>,
+    pub exit: u8,
+    pub candidates: Vec<mesh_ipc::api::Candidate>,
+}
+
+pub fn describe_error(err: &anyhow::Error) -> Described {
+    let mut d = Described {
+        code: "failed".into(),
+        message: format!("{err:#}"),
+        hint: None,
+        exit: EXIT_FAILURE,
+        candidates: Vec::new(),
+    };
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<IpcError>() {
+            match e {
+                IpcError::Unreachable { .. } => {
+                    d.code = "daemon_unreachable".into();
+                    d.hint = Some("start it with `mesh daemon up`".into());
+                    d.exit = EXIT_UNREACHABLE;
+                }
+                IpcError::Api { error, .. } => {
+                    d.code = api_code(error.code);
+                    d.hint = error.hint.clone();
+                    d.candidates = error.candidates.clone();
+                }
+                IpcError::Protocol(_) => d.code = "protocol".into(),
+            }
+            break;
+        }
+        if let Some(e) = cause.downcast_ref::<CliError>() {
+            d.code = e.code.into();
+            d.hint = e.hint.clone();
+            if e.code == "usage" {
+                d.exit = EXIT_USAGE;
+            }
+            break;
+        }
+    }
+    d
+}
+
+fn api_code(code: ApiErrorCode) -> String {
+    serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| "unknown".into())
+}
+
+/// Reports a failed command on standard error: `mesh: …` and a hint, or with `--json` one object
+/// `{"error": {"code", "message", "hint"}}`. Returns the exit code.
+pub fn report_error(err: &anyhow::Error) -> u8 {
+    let d = describe_error(err);
+    if json() {
+        let mut error = serde_json::json!({ "code": d.code, "message": d.message, "hint": d.hint });
+        if !d.candidates.is_empty() {
+            error["candidates"] = serde_json::to_value(&d.candidates).unwrap_or_default();
+        }
+        errln!("{}", serde_json::json!({ "error": error }));
+    } else {
+        errln!("mesh: {}", d.message);
+        if let Some(hint) = d.hint.filter(|h| !d.message.contains(h.as_str())) {
+            errln!("hint: {hint}");
+        }
+    }
+    d.exit
+}
 
 /// A UTC timestamp to the second, for a time in ms since the epoch.
 pub fn time(ms: u64) -> String {
@@ -19,7 +206,20 @@ pub fn ago(ms: u64) -> String {
     }
 }
 
-/// The first 8 hex digits of a key, for tables (never for addressing).
+/// "in 12s", "in 3m", … for a time in the future (or "now").
+pub fn until(ms: u64) -> String {
+    let now = mesh_proto::now_ms();
+    let secs = ms.saturating_sub(now) / 1000;
+    match secs {
+        0 => "now".to_owned(),
+        1..60 => format!("in {secs}s"),
+        60..3600 => format!("in {}m", secs / 60),
+        3600..86400 => format!("in {}h", secs / 3600),
+        _ => format!("in {}d", secs / 86400),
+    }
+}
+
+/// The first 8 hex digits of a key, as shown in tables (and accepted as a target when unique).
 pub fn short(key: &str) -> &str {
     key.get(..8).unwrap_or(key)
 }

@@ -149,6 +149,16 @@ pub fn owned(conn: &Connection, recipients: &[PublicKey], id: i64) -> rusqlite::
     )
 }
 
+/// Which of `ids` are rows of `recipients`, in ascending order.
+pub fn owned_ids(conn: &Connection, recipients: &[PublicKey], ids: &[i64]) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM inbox WHERE recipient IN (SELECT value FROM json_each(?1))
+           AND id IN (SELECT value FROM json_each(?2)) ORDER BY id",
+    )?;
+    let ids = serde_json::to_string(ids).expect("ids serialise");
+    stmt.query_map(params![keys_json(recipients), ids], |r| r.get(0))?.collect()
+}
+
 /// Read receipts of (mesh, recipient) waiting to be sent: marked `sending`, oldest first.
 pub fn claim_reads(
     conn: &Connection,

@@ -101,7 +101,8 @@ pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Opt
 const ENTRY_COLUMNS: &str =
     "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
     o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
-    o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count, o.read_count";
+    o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count, o.read_count, o.mesh_id, o.sender,
+    o.next_attempt_at";
 
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
@@ -126,6 +127,10 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         session: r.get(18)?,
         expired_count: r.get(19)?,
         read_count: r.get(20)?,
+        mesh_id: r.get(21)?,
+        sender: r.get(22)?,
+        next_attempt_at: if status == "pending" { opt_u64(23)? } else { None },
+        link: None,
     })
 }
 
@@ -138,16 +143,27 @@ pub fn entry(conn: &Connection, id: i64) -> rusqlite::Result<Option<OutboxEntry>
     .optional()
 }
 
-/// The newest rows (oldest first), of `sender` only when given.
-pub fn list(conn: &Connection, q: &OutboxQuery, sender: Option<&PublicKey>) -> rusqlite::Result<Vec<OutboxEntry>> {
+/// The newest rows (oldest first), of `sender` only and in `mesh` only when given.
+pub fn list(
+    conn: &Connection,
+    q: &OutboxQuery,
+    sender: Option<&PublicKey>,
+    mesh: Option<&MeshId>,
+) -> rusqlite::Result<Vec<OutboxEntry>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {ENTRY_COLUMNS} FROM outbox o LEFT JOIN meshes m ON m.id = o.mesh_id
-         WHERE (?1 IS NULL OR o.status = ?1) AND (?3 IS NULL OR o.sender = ?3) ORDER BY o.id DESC LIMIT ?2"
+         WHERE (?1 IS NULL OR o.status = ?1) AND (?3 IS NULL OR o.sender = ?3) AND (?4 IS NULL OR o.mesh_id = ?4)
+         ORDER BY o.id DESC LIMIT ?2"
     ))?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     let mut rows: Vec<OutboxEntry> = stmt
         .query_map(
-            params![q.status.map(OutboxStatus::as_str), limit, sender.map(PublicKey::to_string)],
+            params![
+                q.status.map(OutboxStatus::as_str),
+                limit,
+                sender.map(PublicKey::to_string),
+                mesh.map(MeshId::to_string)
+            ],
             entry_from_row,
         )?
         .collect::<Result<_, _>>()?;

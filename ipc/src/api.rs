@@ -25,6 +25,21 @@ pub struct ApiErrorBody {
 pub struct ApiError {
     pub code: ApiErrorCode,
     pub message: String,
+    /// What to do next, when there is something to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// For an unknown or ambiguous target: the peers it could mean ("did you mean").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<Candidate>,
+}
+
+/// A peer a mistyped or ambiguous target could mean.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub mesh: String,
+    pub name: String,
+    pub key: String,
+    pub kind: PeerKind,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -323,6 +338,9 @@ impl OutboxStatus {
 pub struct OutboxQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<OutboxStatus>,
+    /// Only rows of this mesh (name or id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
 }
@@ -356,6 +374,18 @@ pub struct OutboxEntry {
     /// How many recipients marked it read.
     #[serde(default)]
     pub read_count: u32,
+    /// The mesh's id (`mesh` is its local name).
+    #[serde(default)]
+    pub mesh_id: String,
+    /// The key it is sent with: the member's, or the session's.
+    #[serde(default)]
+    pub sender: String,
+    /// For a pending row: when the next attempt is due (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<u64>,
+    /// For a row the broker has not accepted yet: the state of the connection it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStatus>,
 }
 
 /// `GET /v1/outbox/{id}/wait?until=…&timeout_ms=…`: what to wait for.
@@ -419,8 +449,14 @@ pub struct InboxAckRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxAckResponse {
-    /// The rows newly marked read (rows already read, or not the caller's, are left out).
+    /// The rows newly marked read.
     pub acked: Vec<i64>,
+    /// Rows named that were already read (nothing to do: acking is idempotent).
+    #[serde(default)]
+    pub already_read: Vec<i64>,
+    /// Ids named that are not the caller's, or do not exist.
+    #[serde(default)]
+    pub not_found: Vec<i64>,
 }
 
 /// `POST /v1/inbox/flush`: delete the caller's read messages (`all`: every message).

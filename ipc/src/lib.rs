@@ -69,3 +69,7 @@ pub mod routes {
 
 /// Names the file holding a session's token, for `mesh` commands run inside `mesh launch`.
 pub const SESSION_FILE_ENV: &str = "MESH_SESSION_FILE";
+
+/// Names the mesh a command means when it does not say (`--mesh`), for one shell or one session;
+/// it overrides the context set by `mesh use`.
+pub const CONTEXT_ENV: &str = "MESH_CONTEXT";

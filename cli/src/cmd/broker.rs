@@ -1,6 +1,5 @@
 //! `mesh broker serve`.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,8 +75,12 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         // The first line of stdout says where to connect (port 0 picks a free port).
-        println!("mesh broker listening on ws://{addr} (database {})", db.display());
-        std::io::stdout().flush()?;
+        if crate::output::json() {
+            let ready = serde_json::json!({ "listening": format!("ws://{addr}"), "database": db });
+            outln!("{ready}");
+        } else {
+            outln!("mesh broker listening on ws://{addr} (database {})", db.display());
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signals(shutdown.clone()));
         mesh_broker::run(listener, Arc::new(store), config, shutdown).await.context("serving")?;

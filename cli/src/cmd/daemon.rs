@@ -34,7 +34,7 @@ pub enum DaemonCommand {
     /// Ask the daemon to finish in-flight work and exit
     Down,
     /// Show the daemon's state, its broker connections and queue counts
-    Status(super::JsonArgs),
+    Status,
     /// Install a user service (systemd or launchd) running `mesh daemon up --foreground`
     InstallService {
         /// Write the unit file only; do not enable or start it
@@ -53,7 +53,7 @@ pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
         }
         DaemonCommand::Up { foreground: false, no_embedded, .. } => up(home, no_embedded),
         DaemonCommand::Down => down(home),
-        DaemonCommand::Status(a) => status(home, a.json),
+        DaemonCommand::Status => status(home),
         DaemonCommand::InstallService { no_start } => install_service(&home, no_start),
         DaemonCommand::UninstallService => uninstall_service(),
     }
@@ -75,7 +75,11 @@ async fn probe(client: &IpcClient) -> Result<VersionInfo, IpcError> {
 fn up(home: Home, no_embedded: bool) -> anyhow::Result<()> {
     let client = IpcClient::new(&home);
     if let Ok(v) = super::block_on(probe(&client))? {
-        println!("mesh daemon is already running (pid {}, version {})", v.pid, v.version);
+        if output::json() {
+            let status: Status = super::block_on(client.get(routes::STATUS))??;
+            return print_up(&status, false);
+        }
+        outln!("mesh daemon is already running (pid {}, version {})", v.pid, v.version);
         return Ok(());
     }
     home.ensure_dirs().context("creating mesh's directories")?;
@@ -109,15 +113,25 @@ fn up(home: Home, no_embedded: bool) -> anyhow::Result<()> {
         std::thread::sleep(POLL);
     }
     let status: Status = super::block_on(client.get(routes::STATUS))??;
-    println!("mesh daemon started (pid {}, version {})", status.pid, status.version);
+    if output::json() {
+        return print_up(&status, true);
+    }
+    outln!("mesh daemon started (pid {}, version {})", status.pid, status.version);
     print_meshes_summary(&status);
     if let Some(m) = status.meshes.first() {
-        println!("\nsend a message:  mesh send <name> \"hello\"     (names: mesh peers)");
+        outln!("\nsend a message:  mesh send <name> \"hello\"     (names: mesh peers)");
         if status.embedded_broker.is_some() && m.peers_total == 0 {
-            println!("invite another home on this machine:  mesh invite");
+            outln!("invite another home on this machine:  mesh invite");
         }
     }
     Ok(())
+}
+
+/// `up --json`: the daemon's status, and whether this command started it.
+fn print_up(status: &Status, started: bool) -> anyhow::Result<()> {
+    let mut v = serde_json::to_value(status)?;
+    v["started"] = serde_json::Value::Bool(started);
+    output::print_json(&v)
 }
 
 fn wait_for_answer(client: &IpcClient, deadline: Instant) -> anyhow::Result<bool> {
@@ -137,7 +151,10 @@ fn down(home: Home) -> anyhow::Result<()> {
     match asked {
         Ok(_) => {}
         Err(IpcError::Unreachable { .. }) if !lifecycle::is_running(&home) => {
-            println!("mesh daemon is not running");
+            if output::json() {
+                return output::print_json(&serde_json::json!({ "stopped": false, "was_running": false }));
+            }
+            outln!("mesh daemon is not running");
             return Ok(());
         }
         Err(e) => {
@@ -152,41 +169,48 @@ fn down(home: Home) -> anyhow::Result<()> {
         }
         std::thread::sleep(POLL);
     }
-    println!("mesh daemon stopped");
+    if output::json() {
+        return output::print_json(&serde_json::json!({ "stopped": true, "was_running": true }));
+    }
+    outln!("mesh daemon stopped");
     Ok(())
 }
 
-fn status(home: Home, json: bool) -> anyhow::Result<()> {
+fn status(home: Home) -> anyhow::Result<()> {
     let client = IpcClient::new(&home);
     let status: Status = super::block_on(client.get(routes::STATUS))??;
-    if json {
+    if crate::output::json() {
         return super::print_json(&status);
     }
-    println!(
+    outln!(
         "mesh daemon: running (pid {}, version {}, up since {})",
         status.pid,
         status.version,
         output::time(status.started_at)
     );
-    println!("member:  {} ({})", status.member.name, status.member.key);
-    println!("socket:  {}", status.socket);
+    outln!("member:  {} ({})", status.member.name, status.member.key);
+    outln!("socket:  {}", status.socket);
     if let Some(url) = &status.embedded_broker {
-        println!("embedded broker: {url}");
+        outln!("embedded broker: {url}");
     }
     print_meshes_summary(&status);
     let o = status.outbox;
-    println!(
+    outln!(
         "outbox:  {} pending, {} in flight, {} done, {} dead, {} aborted",
-        o.pending, o.inflight, o.done, o.dead, o.aborted
+        o.pending,
+        o.inflight,
+        o.done,
+        o.dead,
+        o.aborted
     );
     let i = status.inbox;
-    println!("inbox:   {} unread of {}, {} failed", i.unread, i.total, i.failed);
+    outln!("inbox:   {} unread of {}, {} failed", i.unread, i.total, i.failed);
     Ok(())
 }
 
 fn print_meshes_summary(status: &Status) {
     if status.meshes.is_empty() {
-        println!("meshes:  none (create one with `mesh create`, or join with `mesh join`)");
+        outln!("meshes:  none (create one with `mesh create`, or join with `mesh join`)");
     }
     for m in &status.meshes {
         let conn = &m.connection;
@@ -196,7 +220,7 @@ fn print_meshes_summary(status: &Status) {
             .filter(|_| conn.state != LinkState::Online)
             .map(|e| format!(" — {e}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "mesh {}: {} since {} via {}; {}/{} peers online; outbox {} pending{}",
             m.name,
             conn.state.as_str(),
@@ -285,7 +309,7 @@ fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("dev.mesh.daemon.plist");
         std::fs::write(&path, launchd_plist(&exe, mesh_home.as_deref()))?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
         if !no_start {
             let uid = std::process::Command::new("id").arg("-u").output()?;
             let domain = format!("gui/{}", String::from_utf8_lossy(&uid.stdout).trim());
@@ -301,21 +325,21 @@ fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            println!("loaded with launchctl ({domain})");
+            outln!("loaded with launchctl ({domain})");
         }
         return Ok(());
     }
     let path = unit_path()?;
     std::fs::create_dir_all(path.parent().context("unit path has a parent")?)?;
     std::fs::write(&path, systemd_unit(&exe, mesh_home.as_deref()))?;
-    println!("wrote {}", path.display());
+    outln!("wrote {}", path.display());
     if no_start {
-        println!("enable it with: systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
+        outln!("enable it with: systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
         return Ok(());
     }
     if !systemctl(&["daemon-reload"]) {
-        println!("systemd's user manager is not reachable here; enable the unit later with:");
-        println!("  systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
+        outln!("systemd's user manager is not reachable here; enable the unit later with:");
+        outln!("  systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
         return Ok(());
     }
     // A daemon started by hand would hold the lock and make the service fail; hand over to systemd.
@@ -325,7 +349,7 @@ fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
     if !systemctl(&["enable", "--now", SERVICE_NAME]) {
         bail!("`systemctl --user enable --now {SERVICE_NAME}` failed; see `systemctl --user status {SERVICE_NAME}`");
     }
-    println!("enabled and started {SERVICE_NAME}");
+    outln!("enabled and started {SERVICE_NAME}");
     Ok(())
 }
 
@@ -348,9 +372,9 @@ fn uninstall_service() -> anyhow::Result<()> {
 
 fn remove_if_present(path: &Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
-        Ok(()) => println!("removed {}", path.display()),
+        Ok(()) => outln!("removed {}", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no service installed ({} absent)", path.display())
+            outln!("no service installed ({} absent)", path.display())
         }
         Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
     }

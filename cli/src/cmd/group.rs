@@ -10,7 +10,7 @@ pub enum GroupCommand {
     /// Leave @GROUP
     Leave(GroupArgs),
     /// Your groups
-    List(super::JsonArgs),
+    List,
 }
 
 #[derive(clap::Args, Debug)]
@@ -19,28 +19,26 @@ pub struct GroupArgs {
     pub group: String,
     #[arg(long)]
     pub mesh: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
     let client = super::client()?;
-    let (groups, json): (Vec<GroupInfo>, bool) = match cmd {
+    let groups: Vec<GroupInfo> = match cmd {
         GroupCommand::Join(a) => {
             let body = GroupChange { group: a.group, mesh: a.mesh };
-            (super::block_on(client.post(routes::GROUPS_JOIN, &body))??, a.json)
+            super::block_on(client.post(routes::GROUPS_JOIN, &body))??
         }
         GroupCommand::Leave(a) => {
             let body = GroupChange { group: a.group, mesh: a.mesh };
-            (super::block_on(client.post(routes::GROUPS_LEAVE, &body))??, a.json)
+            super::block_on(client.post(routes::GROUPS_LEAVE, &body))??
         }
-        GroupCommand::List(a) => (super::block_on(client.get(routes::GROUPS))??, a.json),
+        GroupCommand::List => super::block_on(client.get(routes::GROUPS))??,
     };
-    if json {
+    if crate::output::json() {
         return super::print_json(&groups);
     }
     if groups.is_empty() {
-        println!("in no groups");
+        outln!("in no groups");
     }
     for g in &groups {
         let state = match (g.joined, g.synced) {
@@ -48,7 +46,7 @@ pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             (true, false) => "joining (the broker has not confirmed yet)",
             (false, _) => "leaving",
         };
-        println!("@{:<20} mesh {:<16} {state}", g.group, g.mesh);
+        outln!("@{:<20} mesh {:<16} {state}", g.group, g.mesh);
     }
     Ok(())
 }

@@ -8,8 +8,6 @@ pub struct InitArgs {
     /// Display name other members see (default: your login name)
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -23,7 +21,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
             m.name = name;
             identity::save(&home, &m)?;
             if mesh_daemon::lifecycle::is_running(&home) {
-                eprintln!(
+                errln!(
                     "note: restart the daemon for the new name to reach your meshes (`mesh daemon down && mesh daemon up`)"
                 );
             }
@@ -31,7 +29,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
         }
         (Some(m), _) => (m, false),
     };
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&serde_json::json!({
             "key": member.identity.key().to_string(),
             "name": member.name,
@@ -40,7 +38,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
         }));
     }
     let verb = if created { "created" } else { "identity" };
-    println!("{verb}: {} ({})", member.name, member.identity.key());
-    println!("keys:   {} (mode 0600)", home.identity_path().display());
+    outln!("{verb}: {} ({})", member.name, member.identity.key());
+    outln!("keys:   {} (mode 0600)", home.identity_path().display());
     Ok(())
 }

@@ -25,8 +25,6 @@ pub struct InboxArgs {
     /// The newest N messages
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -39,8 +37,6 @@ pub enum InboxAction {
         /// Every unread message
         #[arg(long)]
         all: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Delete read messages (with --all: every message, read or not)
     Flush {
@@ -50,22 +46,14 @@ pub enum InboxAction {
         /// Also unread and unreadable messages
         #[arg(long)]
         all: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Delete these messages
     Delete {
         #[arg(required = true)]
         ids: Vec<i64>,
-        #[arg(long)]
-        json: bool,
     },
     /// Process a message again (one that failed to verify or decrypt)
-    Replay {
-        id: i64,
-        #[arg(long)]
-        json: bool,
-    },
+    Replay { id: i64 },
 }
 
 /// An RFC 3339 time, or an age like `2h` (that long ago), as ms since the epoch.
@@ -84,14 +72,14 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
     }
     let q = InboxQuery { mesh: args.mesh, unread: args.unread, from: args.from, limit: Some(args.limit) };
     let messages: Vec<InboxMessage> = super::block_on(client.get_query(routes::INBOX, &q))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&messages);
     }
     if messages.is_empty() {
-        println!("inbox is empty");
+        outln!("inbox is empty");
     }
     for m in &messages {
-        println!("{}", line(m));
+        outln!("{}", line(m));
     }
     Ok(())
 }
@@ -120,45 +108,65 @@ fn line(m: &InboxMessage) -> String {
 
 fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> {
     match action {
-        InboxAction::Ack { ids, all, json } => {
+        InboxAction::Ack { ids, all } => {
             let r: InboxAckResponse = super::block_on(client.post(routes::INBOX_ACK, &InboxAckRequest { ids, all }))??;
-            if json {
-                return super::print_json(&r);
+            if crate::output::json() {
+                super::print_json(&r)?;
+            } else {
+                outln!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+                if !r.already_read.is_empty() {
+                    outln!("already read: {}", ids_list(&r.already_read));
+                }
             }
-            println!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+            if !r.not_found.is_empty() {
+                return Err(not_found(&r.not_found));
+            }
         }
-        InboxAction::Flush { before, all, json } => {
+        InboxAction::Flush { before, all } => {
             let r: InboxFlushResponse =
                 super::block_on(client.post(routes::INBOX_FLUSH, &InboxFlushRequest { before, all }))??;
-            if json {
+            if crate::output::json() {
                 return super::print_json(&r);
             }
             let what = if all { "message(s)" } else { "read message(s)" };
-            println!("deleted {} {what}", r.deleted);
+            outln!("deleted {} {what}", r.deleted);
         }
-        InboxAction::Delete { ids, json } => {
+        InboxAction::Delete { ids } => {
             let r: InboxDeleteResponse =
                 super::block_on(client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids }))??;
-            if json {
+            if crate::output::json() {
                 super::print_json(&r)?;
             } else {
-                println!("deleted {} message(s)", r.deleted.len());
+                outln!("deleted {} message(s)", r.deleted.len());
             }
             if !r.not_found.is_empty() {
-                bail!("not yours, or no such message: {:?}", r.not_found);
+                return Err(not_found(&r.not_found));
             }
         }
-        InboxAction::Replay { id, json } => {
+        InboxAction::Replay { id } => {
             let m: InboxMessage =
                 super::block_on(client.post(&routes::with_id(routes::INBOX_REPLAY, id), &serde_json::json!({})))??;
-            if json {
+            if crate::output::json() {
                 return super::print_json(&m);
             }
-            println!("{}", line(&m));
+            outln!("{}", line(&m));
             if m.status != InboxStatus::Ready {
                 bail!("inbox #{id} is still {}", m.status.as_str());
             }
         }
     }
     Ok(())
+}
+
+fn ids_list(ids: &[i64]) -> String {
+    ids.iter().map(|id| format!("#{id}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Some ids named no message of the caller's: a failure, never a silent success.
+fn not_found(ids: &[i64]) -> anyhow::Error {
+    crate::output::fail(
+        "not_found",
+        format!("no message {} in your inbox", ids_list(ids)),
+        Some("`mesh inbox` lists your messages and their ids".into()),
+    )
 }

@@ -18,8 +18,6 @@ pub struct CreateArgs {
     /// The broker's create token, if it requires one
     #[arg(long, env = "MESH_BROKER_CREATE_TOKEN", hide_env_values = true)]
     pub create_token: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,8 +34,6 @@ pub struct InviteArgs {
     /// Role of whoever joins with it
     #[arg(long, value_enum, default_value_t = InviteRole::Member)]
     pub role: InviteRole,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -53,33 +49,29 @@ pub struct JoinArgs {
     /// A local name for the mesh (default: the inviter's name for it)
     #[arg(long)]
     pub name: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct PeersArgs {
     #[arg(long)]
     pub mesh: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 fn print_mesh(m: &MeshInfo) {
     let embedded = if m.embedded { ", embedded broker" } else { "" };
-    println!("{}  {}  {} via {}{embedded}", m.name, m.id, m.role.as_str(), m.broker);
+    outln!("{}  {}  {} via {}{embedded}", m.name, m.id, m.role.as_str(), m.broker);
 }
 
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = CreateMeshRequest { name: args.name, broker: args.broker, create_token: args.create_token };
     let mesh: MeshInfo = super::block_on(client.post(routes::MESHES, &req))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&mesh);
     }
-    print!("created mesh ");
+    out!("created mesh ");
     print_mesh(&mesh);
-    println!("invite someone with: mesh invite --mesh {}", mesh.name);
+    outln!("invite someone with: mesh invite --mesh {}", mesh.name);
     Ok(())
 }
 
@@ -95,18 +87,18 @@ pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
         }),
     };
     let invite: InviteResponse = super::block_on(client.post(routes::INVITES, &req))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&invite);
     }
-    println!("{}", invite.token);
+    outln!("{}", invite.token);
     let uses = invite.max_uses.map_or_else(|| "any number of".to_owned(), |n| n.to_string());
-    eprintln!(
+    errln!(
         "invite to {} ({} role) for {uses} join(s), valid until {}; the token is a secret: it carries the mesh key",
         invite.mesh,
         invite.role.as_str(),
         output::time(invite.expires_at)
     );
-    eprintln!("join with: mesh join <token>");
+    errln!("join with: mesh join <token>");
     Ok(())
 }
 
@@ -114,22 +106,22 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = JoinMeshRequest { token: args.token, name: args.name };
     let mesh: MeshInfo = super::block_on(client.post(routes::MESHES_JOIN, &req))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&mesh);
     }
-    print!("joined mesh ");
+    out!("joined mesh ");
     print_mesh(&mesh);
     Ok(())
 }
 
-pub fn list(args: super::JsonArgs) -> anyhow::Result<()> {
+pub fn list() -> anyhow::Result<()> {
     let client = super::client()?;
     let meshes: Vec<MeshInfo> = super::block_on(client.get(routes::MESHES))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&meshes);
     }
     if meshes.is_empty() {
-        println!("no meshes; create one with `mesh create NAME --broker URL` or join with `mesh join TOKEN`");
+        outln!("no meshes; create one with `mesh create NAME --broker URL` or join with `mesh join TOKEN`");
     }
     for m in &meshes {
         print_mesh(m);
@@ -140,11 +132,11 @@ pub fn list(args: super::JsonArgs) -> anyhow::Result<()> {
 pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let peers: Vec<PeerInfo> = super::block_on(client.get_query(routes::PEERS, &PeersQuery { mesh: args.mesh }))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&peers);
     }
     if peers.is_empty() {
-        println!("no peers known yet (the daemon learns the roster when it connects to the broker)");
+        outln!("no peers known yet (the daemon learns the roster when it connects to the broker)");
     }
     for p in &peers {
         let state = if p.online {
@@ -153,7 +145,7 @@ pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
             p.last_seen.map_or_else(|| "offline".to_owned(), |t| format!("offline, seen {}", output::ago(t)))
         };
         let me = if p.is_self { "  (you)" } else { "" };
-        println!(
+        outln!(
             "{:<20} {:<8} {:<7} {}  mesh {}  [{state}]{me}",
             p.name,
             p.kind.as_str(),

@@ -12,17 +12,7 @@ pub mod session;
 pub mod watch;
 
 use anyhow::Context;
-use mesh_ipc::{Home, IpcClient, IpcError};
-
-/// Exit code for a daemon that does not answer.
-pub const EXIT_UNREACHABLE: u8 = 3;
-
-#[derive(clap::Args, Debug)]
-pub struct JsonArgs {
-    /// Print JSON instead of text
-    #[arg(long)]
-    pub json: bool,
-}
+use mesh_ipc::{Home, IpcClient};
 
 pub fn home() -> anyhow::Result<Home> {
     Ok(Home::from_env()?)
@@ -45,6 +35,12 @@ pub fn client() -> anyhow::Result<IpcClient> {
     Ok(client.with_bearer(Some(token.trim().to_owned())))
 }
 
+/// The mesh a command names: `--mesh`, else `MESH_CONTEXT` (for one shell or one session). Without
+/// either the daemon applies the context set by `mesh use`, or the command's own rule.
+pub fn context_mesh(flag: Option<String>) -> Option<String> {
+    flag.or_else(|| std::env::var(mesh_ipc::CONTEXT_ENV).ok().filter(|m| !m.is_empty()))
+}
+
 /// The bearer token for the event stream: the session's inside `mesh launch`, else the member's.
 pub fn stream_token(home: &Home) -> anyhow::Result<String> {
     let path = match std::env::var_os(mesh_ipc::SESSION_FILE_ENV).filter(|p| !p.is_empty()) {
@@ -64,14 +60,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
     Ok(rt.block_on(f))
 }
 
-/// Maps an error to the documented exit codes.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    let unreachable = err.chain().any(|c| matches!(c.downcast_ref::<IpcError>(), Some(IpcError::Unreachable { .. })));
-    if unreachable { EXIT_UNREACHABLE } else { 1 }
-}
-
 /// Prints `value` as pretty JSON.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+    crate::output::print_json(value)
 }

@@ -1,6 +1,6 @@
 //! `mesh outbox`.
 
-use mesh_ipc::api::{OutboxEntry, OutboxQuery, OutboxStatus, TargetKind};
+use mesh_ipc::api::{LinkState, OutboxEntry, OutboxQuery, OutboxStatus, TargetKind};
 use mesh_ipc::routes;
 
 use crate::output;
@@ -13,27 +13,20 @@ pub struct OutboxArgs {
     /// Only rows in this state
     #[arg(long, value_parser = parse_status)]
     pub status: Option<OutboxStatus>,
+    /// Only messages sent in this mesh
+    #[arg(long)]
+    pub mesh: Option<String>,
     /// The newest N rows
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
 pub enum OutboxAction {
     /// Send a dead or aborted message again, exactly as it was (same target, same encryption)
-    Retry {
-        id: i64,
-        #[arg(long)]
-        json: bool,
-    },
+    Retry { id: i64 },
     /// Stop a pending message from being sent
-    Abort {
-        id: i64,
-        #[arg(long)]
-        json: bool,
-    },
+    Abort { id: i64 },
 }
 
 fn parse_status(s: &str) -> Result<OutboxStatus, String> {
@@ -43,24 +36,24 @@ fn parse_status(s: &str) -> Result<OutboxStatus, String> {
 pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     if let Some(action) = args.action {
-        let (route, id, json, verb) = match action {
-            OutboxAction::Retry { id, json } => (routes::OUTBOX_RETRY, id, json, "will be sent again"),
-            OutboxAction::Abort { id, json } => (routes::OUTBOX_ABORT, id, json, "aborted"),
+        let (route, id, verb) = match action {
+            OutboxAction::Retry { id } => (routes::OUTBOX_RETRY, id, "will be sent again"),
+            OutboxAction::Abort { id } => (routes::OUTBOX_ABORT, id, "aborted"),
         };
         let entry: OutboxEntry = super::block_on(client.post(&routes::with_id(route, id), &serde_json::json!({})))??;
-        if json {
+        if crate::output::json() {
             return super::print_json(&entry);
         }
-        println!("outbox #{id} {verb}: now {}", entry.status.as_str());
+        outln!("outbox #{id} {verb}: now {}", entry.status.as_str());
         return Ok(());
     }
-    let q = OutboxQuery { status: args.status, limit: Some(args.limit) };
+    let q = OutboxQuery { status: args.status, mesh: super::context_mesh(args.mesh), limit: Some(args.limit) };
     let rows: Vec<OutboxEntry> = super::block_on(client.get_query(routes::OUTBOX, &q))??;
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&rows);
     }
     if rows.is_empty() {
-        println!("outbox is empty");
+        outln!("outbox is empty");
     }
     for r in &rows {
         let to = match (&r.target.kind, &r.target.name) {
@@ -77,9 +70,10 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
             state = "accepted by broker".to_owned();
         }
         let err = r.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default();
+        let waiting = waiting_for(r).map(|w| format!("  ({w})")).unwrap_or_default();
         let who = r.session.as_deref().map(|s| format!(" from session {s}")).unwrap_or_default();
-        println!(
-            "#{:<5} {}  → {to} [{}]{who} {state} (attempts {}): {}{err}",
+        outln!(
+            "#{:<5} {}  → {to} [{}]{who} {state} (attempts {}): {}{waiting}{err}",
             r.id,
             output::time(r.enqueued_at),
             r.mesh,
@@ -88,4 +82,18 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Why a row the broker has not accepted yet is still waiting: its connection's state and the next
+/// attempt.
+pub fn waiting_for(r: &OutboxEntry) -> Option<String> {
+    let link = r.link.as_ref()?;
+    let next = r.next_attempt_at.map(|t| format!("; next attempt {}", output::until(t))).unwrap_or_default();
+    Some(match link.state {
+        LinkState::Online => format!("broker connection online{next}"),
+        state => {
+            let why = link.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+            format!("broker connection {} since {}{why}{next}", state.as_str(), output::ago(link.since))
+        }
+    })
 }

@@ -25,8 +25,6 @@ pub struct SendArgs {
     /// How long --wait waits
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "wait")]
     pub timeout: std::time::Duration,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -50,12 +48,12 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let req = SendRequest { client_message_id, to: args.target, body, mesh: args.mesh };
     let resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
     if let Some(wait) = args.wait {
-        return wait_for(&client, &resp, wait, args.timeout, args.json);
+        return wait_for(&client, &resp, wait, args.timeout);
     }
-    if args.json {
+    if crate::output::json() {
         return super::print_json(&resp);
     }
-    println!("{}", describe(&resp));
+    outln!("{}", describe(&resp));
     Ok(())
 }
 
@@ -74,7 +72,6 @@ fn wait_for(
     resp: &SendResponse,
     wait: Wait,
     timeout: std::time::Duration,
-    json: bool,
 ) -> anyhow::Result<()> {
     let until = match wait {
         Wait::Accepted => WaitFor::Accepted,
@@ -84,7 +81,7 @@ fn wait_for(
     let q = WaitQuery { until, timeout_ms: Some(timeout.as_millis() as u64) };
     let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
     let waited: WaitResponse = super::block_on(client.get_query(&route, &q))??;
-    if json {
+    if crate::output::json() {
         super::print_json(&waited)?;
     } else if waited.reached {
         let what = match until {
@@ -92,7 +89,7 @@ fn wait_for(
             WaitFor::Delivered => format!("delivered to {} recipient(s)", waited.entry.delivered_count),
             WaitFor::Read => format!("read by {} recipient(s)", waited.entry.read_count),
         };
-        println!("{}\n{what}", describe(resp));
+        outln!("{}\n{what}", describe(resp));
     }
     if !waited.reached {
         let e = &waited.entry;

@@ -24,9 +24,9 @@ pub struct LaunchArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum SessionCommand {
     /// List the sessions of this daemon, live or not
-    List(super::JsonArgs),
+    List,
     /// Show the session this command runs in
-    Whoami(super::JsonArgs),
+    Whoami,
 }
 
 /// Registers this process as session NAME, then replaces it with the command: the command keeps this
@@ -38,6 +38,10 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = LaunchRequest { name: args.name, mesh: args.mesh, pid: std::process::id() };
     let launched: LaunchResponse = super::block_on(client.post(routes::SESSIONS, &req))??;
+    if crate::output::json() {
+        // Standard output belongs to the command; the session is described on standard error.
+        errln!("{}", serde_json::json!({ "session": launched.session }));
+    }
     let (program, rest) = args.command.split_first().context("no command to run")?;
     let err = std::process::Command::new(program)
         .args(rest)
@@ -54,21 +58,21 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
 pub fn run(cmd: SessionCommand) -> anyhow::Result<()> {
     let client = super::client()?;
     match cmd {
-        SessionCommand::List(a) => {
+        SessionCommand::List => {
             let sessions: Vec<SessionInfo> = super::block_on(client.get(routes::SESSIONS))??;
-            if a.json {
+            if crate::output::json() {
                 return super::print_json(&sessions);
             }
             if sessions.is_empty() {
-                println!("no sessions yet; start one with `mesh launch --name NAME -- COMMAND`");
+                outln!("no sessions yet; start one with `mesh launch --name NAME -- COMMAND`");
             }
             for s in &sessions {
                 print_session(s);
             }
         }
-        SessionCommand::Whoami(a) => {
+        SessionCommand::Whoami => {
             let s: SessionInfo = super::block_on(client.get(routes::SESSION))??;
-            if a.json {
+            if crate::output::json() {
                 return super::print_json(&s);
             }
             print_session(&s);
@@ -82,5 +86,5 @@ fn print_session(s: &SessionInfo) {
         (Some(c), true) => format!("live (pid {}), broker link {}", s.pid.unwrap_or_default(), c.state.as_str()),
         _ => s.ended_at.map_or_else(|| "not running".to_owned(), |t| format!("ended {}", output::ago(t))),
     };
-    println!("{:<20} mesh {:<16} {}  {state}", s.name, s.mesh, s.key);
+    outln!("{:<20} mesh {:<16} {}  {state}", s.name, s.mesh, s.key);
 }

@@ -10,8 +10,6 @@ use crate::output;
 #[derive(clap::Args, Debug)]
 pub struct WatchArgs {
     /// One JSON object per line
-    #[arg(long)]
-    pub json: bool,
     /// Start from the first kept event
     #[arg(long, conflicts_with = "since")]
     pub replay: bool,
@@ -34,6 +32,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let token = super::stream_token(&home)?;
     let scope = if args.all { EventScope::All } else { EventScope::Own };
     let since = if args.replay { Some(0) } else { args.since };
+    crate::output::exit_when_stdout_closes();
     super::block_on(async move {
         let stream =
             events::follow(home.socket_path(), &token, scope, since, !args.no_follow).map_err(anyhow::Error::msg)?;
@@ -43,10 +42,10 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
         while let Some(item) = stream.next().await {
             match item {
                 StreamItem::Event(e) => {
-                    if args.json {
-                        println!("{}", serde_json::to_string(&e).context("encoding an event")?);
+                    if crate::output::json() {
+                        outln!("{}", serde_json::to_string(&e).context("encoding an event")?);
                     } else {
-                        println!("{}", describe(&e));
+                        outln!("{}", describe(&e));
                     }
                     seen += 1;
                     if args.count.is_some_and(|n| seen >= n) {
@@ -55,14 +54,14 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
                 }
                 StreamItem::Connected => {
                     if interrupted {
-                        eprintln!("mesh watch: reconnected; resuming after the last event seen");
+                        errln!("mesh watch: reconnected; resuming after the last event seen");
                         interrupted = false;
                     }
                 }
                 StreamItem::Interrupted(why) if args.no_follow => bail!("the event stream broke off: {why}"),
                 StreamItem::Interrupted(why) => {
                     if !interrupted {
-                        eprintln!("mesh watch: connection to the daemon lost ({why}); reconnecting");
+                        errln!("mesh watch: connection to the daemon lost ({why}); reconnecting");
                         interrupted = true;
                     }
                 }

@@ -24,6 +24,8 @@ const TICK: Duration = Duration::from_secs(2);
 
 pub fn run() -> anyhow::Result<()> {
     let home = crate::cmd::home()?;
+    // A daemon that is down is said so (exit 3) before anything else is read.
+    crate::cmd::block_on(IpcClient::new(&home).get::<mesh_ipc::api::VersionInfo>(routes::VERSION))??;
     let token = crate::cmd::stream_token(&home)?;
     let in_session = std::env::var_os(mesh_ipc::SESSION_FILE_ENV).is_some_and(|v| !v.is_empty());
     let client = IpcClient::new(&home).with_bearer(Some(token.clone()));

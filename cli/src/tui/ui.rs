@@ -420,6 +420,10 @@ mod tests {
             recipients: Some(1),
             expired_count: 0,
             read_count: read,
+            mesh_id: "00".into(),
+            sender: ALICE.into(),
+            next_attempt_at: None,
+            link: None,
         }
     }
 

@@ -216,7 +216,12 @@ fn flush_and_delete_act_only_on_the_caller_s_own_rows() {
     let s2_id = s2_row["id"].to_string();
     let out = s1.cmd(&["inbox", "delete", &s2_id]).output().expect("run");
     assert_eq!(out.status.code(), Some(1), "deleting another session's row must fail");
-    assert_eq!(s1.json(&["inbox", "ack", &s2_id])["acked"], serde_json::json!([]), "nor can it be acked");
+    let out = s1.cmd(&["inbox", "ack", &s2_id, "--json"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(1), "nor can it be acked");
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).expect("a JSON error");
+    assert_eq!(err["error"]["code"], "not_found");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the JSON answer");
+    assert_eq!((answer["acked"].clone(), answer["not_found"][0].to_string()), (serde_json::json!([]), s2_id.clone()));
     assert_eq!(s1.json(&["inbox", "flush", "--all"])["deleted"], 1);
     assert!(s1.json(&["inbox"]).as_array().expect("array").is_empty());
     assert_eq!(ready_bodies(&s2.json(&["inbox"])), ["for s2"]);

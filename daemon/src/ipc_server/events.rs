@@ -33,7 +33,7 @@ pub async fn stream(
     Params(q): Params<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Failure> {
     if !headers.contains_key(axum::http::header::AUTHORIZATION) {
-        return Err(Failure(
+        return Err(Failure::new(
             ApiErrorCode::Unauthorized,
             "the event stream needs a bearer token: a session's (MESH_SESSION_FILE) or the member's (config/member.token)"
                 .into(),
@@ -47,7 +47,7 @@ pub async fn stream(
         }
         (EventScope::All, Caller::Member) => Scope::All,
         (EventScope::All, Caller::Session(_)) => {
-            return Err(Failure(
+            return Err(Failure::new(
                 ApiErrorCode::Unauthorized,
                 "a session sees only its own events; scope=all needs the member's token".into(),
             ));

@@ -32,7 +32,7 @@ pub async fn create(
     link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
     let name = req.name.clone();
     if d.db.call(move |c| crate::meshes::name_taken(c, &name)).await? {
-        return Err(Failure(ApiErrorCode::Conflict, format!("a mesh named {:?} already exists here", req.name)));
+        return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {:?} already exists here", req.name)));
     }
     let mesh_id = MeshId::generate();
     let intent = Intent::Create { mesh_name: req.name.clone(), create_token: req.create_token.clone() };
@@ -79,7 +79,7 @@ pub async fn join(State(d): State<Arc<Daemon>>, Body(req): Body<JoinMeshRequest>
         names::validate_display(name).map_err(|e| Failure::bad_request(e.to_string()))?;
         let n = name.clone();
         if d.db.call(move |c| crate::meshes::name_taken(c, &n)).await? {
-            return Err(Failure(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
+            return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
         }
     }
     let member = &d.member;
@@ -111,7 +111,7 @@ pub async fn invite(
 ) -> Result<Json<InviteResponse>, Failure> {
     let mesh = pick_mesh(&d, req.mesh).await?;
     if !mesh.role.can_invite() {
-        return Err(Failure(
+        return Err(Failure::new(
             ApiErrorCode::BadRequest,
             format!("you are a {} of {:?}; only its owner or an admin can invite", mesh.role.as_str(), mesh.name),
         ));

@@ -32,7 +32,7 @@ fn send_fingerprint(req: &SendRequest, sender: &mesh_proto::PublicKey) -> String
 }
 
 fn row_vanished() -> Failure {
-    Failure(ApiErrorCode::Internal, "the outbox row vanished".into())
+    Failure::new(ApiErrorCode::Internal, "the outbox row vanished".into())
 }
 
 fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
@@ -50,7 +50,7 @@ fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
 /// a conflict when it is not.
 async fn existing_send(d: &Daemon, id: i64, fingerprint: &str, stored: &str) -> Result<Json<SendResponse>, Failure> {
     if stored != fingerprint {
-        return Err(Failure(
+        return Err(Failure::new(
             ApiErrorCode::Conflict,
             "this client_message_id (idempotency key) was already used for a different message".into(),
         ));
@@ -77,7 +77,10 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
         return Err(Failure::bad_request("the message is empty"));
     }
     if req.body.len() > MAX_MESSAGE_BYTES {
-        return Err(Failure(ApiErrorCode::PayloadTooLarge, format!("the message exceeds {MAX_MESSAGE_BYTES} bytes")));
+        return Err(Failure::new(
+            ApiErrorCode::PayloadTooLarge,
+            format!("the message exceeds {MAX_MESSAGE_BYTES} bytes"),
+        ));
     }
     let fingerprint = send_fingerprint(&req, &caller.key(d));
 
@@ -103,7 +106,7 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
                 None => asked_mesh,
                 Some((id, name)) => {
                     let Some(own) = crate::meshes::get(c, &id)? else {
-                        return Ok(Err(Failure(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into())));
+                        return Ok(Err(Failure::new(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into())));
                     };
                     if let Some(asked) = &asked_mesh
                         && *asked != own.name
@@ -182,7 +185,25 @@ pub async fn outbox(
     Params(q): Params<OutboxQuery>,
 ) -> Result<Json<Vec<OutboxEntry>>, Failure> {
     let scope = caller.scope();
-    Ok(Json(d.db.call(move |c| outbox::list(c, &q, scope.as_ref())).await?))
+    let mesh = match &q.mesh {
+        Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?.id),
+        None => None,
+    };
+    let mut rows = d.db.call(move |c| outbox::list(c, &q, scope.as_ref(), mesh.as_ref())).await?;
+    for row in &mut rows {
+        with_link(&d, row);
+    }
+    Ok(Json(rows))
+}
+
+/// A row the broker has not accepted yet says which connection it waits for, and how that stands.
+fn with_link(d: &Daemon, row: &mut OutboxEntry) {
+    if !matches!(row.status, OutboxStatus::Pending | OutboxStatus::Inflight) {
+        return;
+    }
+    if let (Ok(mesh), Ok(sender)) = (row.mesh_id.parse(), row.sender.parse()) {
+        row.link = Some(d.link_status(&mesh, &sender));
+    }
 }
 
 pub async fn ack(
@@ -195,7 +216,19 @@ pub async fn ack(
     }
     let recipients = vec![caller.key(&d)];
     let ids = (!req.all).then_some(req.ids);
-    let marked = d.db.call(move |c| inbox::ack(c, &recipients, ids.as_deref(), now_ms())).await?;
+    let asked = ids.clone().unwrap_or_default();
+    let (marked, owned) =
+        d.db.call(move |c| {
+            let owned = match &ids {
+                Some(ids) => inbox::owned_ids(c, &recipients, ids)?,
+                None => Vec::new(),
+            };
+            Ok((inbox::ack(c, &recipients, ids.as_deref(), now_ms())?, owned))
+        })
+        .await?;
+    let acked: Vec<i64> = marked.iter().map(|(id, _, _)| *id).collect();
+    let not_found: Vec<i64> = asked.iter().copied().filter(|id| !owned.contains(id)).collect();
+    let already_read: Vec<i64> = owned.iter().copied().filter(|id| !acked.contains(id)).collect();
     let mut links: Vec<(mesh_proto::MeshId, mesh_proto::PublicKey)> = marked.iter().map(|(_, m, k)| (*m, *k)).collect();
     links.sort();
     links.dedup();
@@ -203,7 +236,7 @@ pub async fn ack(
         d.wake_drain(&mesh, &key);
     }
     d.notify_changed();
-    Ok(Json(InboxAckResponse { acked: marked.into_iter().map(|(id, _, _)| id).collect() }))
+    Ok(Json(InboxAckResponse { acked, already_read, not_found }))
 }
 
 pub async fn flush(
@@ -243,12 +276,12 @@ pub async fn replay(
         let recipients = vec![caller.key(&d)];
         let mine = d.db.call(move |c| inbox::owned(c, &recipients, id)).await?;
         return Err(if mine {
-            Failure(
+            Failure::new(
                 ApiErrorCode::Conflict,
                 format!("inbox row #{id} could not be parsed at all; it cannot be processed again"),
             )
         } else {
-            Failure(ApiErrorCode::NotFound, format!("no inbox row #{id} of yours"))
+            Failure::new(ApiErrorCode::NotFound, format!("no inbox row #{id} of yours"))
         });
     }
     d.inbox_wake.notify_one();
@@ -261,7 +294,7 @@ pub async fn replay(
         tokio::select! {
             _ = changed.changed() => {}
             () = tokio::time::sleep_until(deadline) => return Ok(Json(row)),
-            () = d.shutdown.cancelled() => return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
+            () = d.shutdown.cancelled() => return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
         }
     }
 }
@@ -269,8 +302,8 @@ pub async fn replay(
 fn transition_answer(id: i64, t: Transition, verb: &str, allowed: &str) -> Result<(), Failure> {
     match t {
         Transition::Done(_) => Ok(()),
-        Transition::NotFound => Err(Failure(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours"))),
-        Transition::WrongState(s) => Err(Failure(
+        Transition::NotFound => Err(Failure::new(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours"))),
+        Transition::WrongState(s) => Err(Failure::new(
             ApiErrorCode::Conflict,
             format!("outbox row #{id} is {}; only {allowed} rows can be {verb}", s.as_str()),
         )),
@@ -335,13 +368,13 @@ pub async fn wait(
                 Ok(e.filter(|_| mine))
             })
             .await?
-            .ok_or_else(|| Failure(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours")))?;
+            .ok_or_else(|| Failure::new(ApiErrorCode::NotFound, format!("no outbox row #{id} of yours")))?;
         if q.until.reached(&entry) || q.until.unreachable(&entry) {
             return Ok(Json(WaitResponse { reached: q.until.reached(&entry), entry }));
         }
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())) },
-            () = d.shutdown.cancelled() => return Err(Failure(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
+            r = changed.changed() => if r.is_err() { return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())) },
+            () = d.shutdown.cancelled() => return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
             () = tokio::time::sleep_until(deadline) => return Ok(Json(WaitResponse { reached: false, entry })),
         }
     }
@@ -379,8 +412,8 @@ mod tests {
                 req(&cmid, "alice", "hello", Some("team")),
             ] {
                 let err = accept(&d, &Caller::Member, changed).await.expect_err("a changed request must conflict");
-                assert_eq!(err.0, ApiErrorCode::Conflict, "{status}: {}", err.1);
-                assert!(err.1.contains("already used for a different message"));
+                assert_eq!(err.0.code, ApiErrorCode::Conflict, "{status}: {}", err.0.message);
+                assert!(err.0.message.contains("already used for a different message"));
             }
         }
         let count: i64 =
@@ -396,6 +429,6 @@ mod tests {
         let again = accept(&d, &Caller::Member, req("k", "alice", "hi", None)).await.expect("still answered").0;
         assert!(again.duplicate);
         let fresh = accept(&d, &Caller::Member, req("k2", "alice", "hi", None)).await.expect_err("unknown now");
-        assert_eq!(fresh.0, ApiErrorCode::UnknownTarget);
+        assert_eq!(fresh.0.code, ApiErrorCode::UnknownTarget);
     }
 }

@@ -33,20 +33,37 @@ use crate::roster::ResolveError;
 use crate::sessions::Session;
 use crate::{inbox, outbox, roster};
 
-/// An error answer.
+/// An error answer: a code, what went wrong, and (when there is one) what to do next.
 #[derive(Debug)]
-pub struct Failure(pub ApiErrorCode, pub String);
+pub struct Failure(pub ApiError);
 
 impl Failure {
+    pub fn new(code: ApiErrorCode, message: String) -> Failure {
+        Failure(ApiError { code, message, hint: None, candidates: Vec::new() })
+    }
+
     pub fn bad_request(msg: impl Into<String>) -> Failure {
-        Failure(ApiErrorCode::BadRequest, msg.into())
+        Failure::new(ApiErrorCode::BadRequest, msg.into())
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Failure {
+        Failure::new(ApiErrorCode::NotFound, msg.into())
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Failure {
+        self.0.hint = Some(hint.into());
+        self
+    }
+
+    pub fn code(&self) -> ApiErrorCode {
+        self.0.code
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ApiErrorBody { error: ApiError { code: self.0, message: self.1 } })).into_response()
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ApiErrorBody { error: self.0 })).into_response()
     }
 }
 
@@ -54,16 +71,16 @@ impl From<mesh_broker::sqlite::DbError> for Failure {
     fn from(e: mesh_broker::sqlite::DbError) -> Self {
         let detail = mesh_proto::error::chain(&e);
         tracing::error!(error = %detail, "database failure while serving a request");
-        Failure(ApiErrorCode::Internal, format!("database failure: {detail}"))
+        Failure::new(ApiErrorCode::Internal, format!("database failure: {detail}"))
     }
 }
 
 impl From<LinkError> for Failure {
     fn from(e: LinkError) -> Self {
         match e {
-            LinkError::Unreachable { .. } => Failure(ApiErrorCode::BrokerUnreachable, e.to_string()),
-            LinkError::Refused(_) => Failure(ApiErrorCode::BrokerRefused, e.to_string()),
-            LinkError::Protocol(_) => Failure(ApiErrorCode::BrokerUnreachable, e.to_string()),
+            LinkError::Unreachable { .. } => Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()),
+            LinkError::Refused(_) => Failure::new(ApiErrorCode::BrokerRefused, e.to_string()),
+            LinkError::Protocol(_) => Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()),
         }
     }
 }
@@ -77,7 +94,7 @@ impl From<ResolveError> for Failure {
             }
             ResolveError::Ambiguous(_) => ApiErrorCode::AmbiguousTarget,
         };
-        Failure(code, e.to_string())
+        Failure::new(code, e.to_string())
     }
 }
 
@@ -106,7 +123,7 @@ fn json_rejection(r: JsonRejection) -> Failure {
         ApiErrorCode::UnsupportedMediaType => "send the body as JSON with Content-Type: application/json".to_owned(),
         _ => format!("invalid JSON body: {}", r.body_text()),
     };
-    Failure(code, message)
+    Failure::new(code, message)
 }
 
 /// URL parameters whose rejections are [`Failure`]s.
@@ -185,7 +202,7 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
     async fn from_request_parts(parts: &mut Parts, d: &Arc<Daemon>) -> Result<Self, Failure> {
         let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else { return Ok(Caller::Member) };
         let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
-            Failure(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
+            Failure::new(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
         })?;
         let token = token.trim();
         if d.member_token_hash.get().is_some_and(|h| *h == crate::sessions::token_hash(token)) {
@@ -202,7 +219,7 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
             return Ok(Caller::Session(session));
         }
         d.sessions.by_token(token).map(Caller::Session).ok_or_else(|| {
-            Failure(
+            Failure::new(
                 ApiErrorCode::Unauthorized,
                 "this session token is not valid: the session has ended, or MESH_SESSION_FILE is stale".into(),
             )
@@ -247,7 +264,7 @@ async fn check_version(req: Request, next: Next) -> Response {
     if let Some(v) = req.headers().get(VERSION_HEADER)
         && v.as_bytes() != IPC_VERSION.to_string().as_bytes()
     {
-        return Failure(
+        return Failure::new(
             ApiErrorCode::VersionMismatch,
             format!(
                 "the client speaks IPC v{}, this daemon v{IPC_VERSION}; restart the daemon after an upgrade \
@@ -261,11 +278,14 @@ async fn check_version(req: Request, next: Next) -> Response {
 }
 
 async fn not_found(req: Request) -> Failure {
-    Failure(ApiErrorCode::NotFound, format!("no route {} {}; see docs/protocol.md", req.method(), req.uri().path()))
+    Failure::new(
+        ApiErrorCode::NotFound,
+        format!("no route {} {}; see docs/protocol.md", req.method(), req.uri().path()),
+    )
 }
 
 async fn method_not_allowed(req: Request) -> Failure {
-    Failure(ApiErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
+    Failure::new(ApiErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }
 
 async fn version() -> Json<VersionInfo> {
@@ -329,10 +349,10 @@ pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Fail
         Some(m) => all
             .into_iter()
             .find(|row| row.name == m || row.id.to_string() == m)
-            .ok_or_else(|| Failure(ApiErrorCode::UnknownMesh, format!("no mesh named {m:?}; see `mesh meshes`"))),
+            .ok_or_else(|| Failure::new(ApiErrorCode::UnknownMesh, format!("no mesh named {m:?}; see `mesh meshes`"))),
         None => match <[MeshRow; 1]>::try_from(all) {
             Ok([only]) => Ok(only),
-            Err(all) if all.is_empty() => Err(Failure(
+            Err(all) if all.is_empty() => Err(Failure::new(
                 ApiErrorCode::UnknownMesh,
                 "not in any mesh yet; `mesh create` or `mesh join` first".into(),
             )),

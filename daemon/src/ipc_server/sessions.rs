@@ -38,10 +38,10 @@ pub async fn launch(
         Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid))
     })?;
     let session = d.launch_session(mesh, req.name, proc).await.map_err(|e| match e {
-        LaunchError::NameTaken { .. } => Failure(ApiErrorCode::Conflict, e.to_string()),
+        LaunchError::NameTaken { .. } => Failure::new(ApiErrorCode::Conflict, e.to_string()),
         other => {
             tracing::error!(error = %mesh_proto::error::chain(&other), "launching a session");
-            Failure(ApiErrorCode::Internal, mesh_proto::error::chain(&other))
+            Failure::new(ApiErrorCode::Internal, mesh_proto::error::chain(&other))
         }
     })?;
     let token_file = session.token_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
@@ -59,7 +59,7 @@ pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<SessionInfo>>
 fn only_sessions(caller: Caller) -> Result<Arc<Session>, Failure> {
     match caller {
         Caller::Session(s) => Ok(s),
-        Caller::Member => Err(Failure(
+        Caller::Member => Err(Failure::new(
             ApiErrorCode::Unauthorized,
             "not a session: run inside `mesh launch` (MESH_SESSION_FILE is not set)".into(),
         )),
