@@ -24,6 +24,12 @@ pub struct BrokerConfig {
     /// A connection silent this long (no frame, no pong) is closed.
     pub idle_timeout: Duration,
     pub janitor_interval: Duration,
+    /// A session not seen for this long (and not connected) is ended: it no longer counts as a
+    /// recipient of broadcasts and group messages.
+    pub session_stale: Duration,
+    /// An ended session stays in the roster this long (DMs to it still queue for its next launch),
+    /// then leaves it.
+    pub session_grace: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -42,6 +48,8 @@ impl Default for BrokerConfig {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             janitor_interval: Duration::from_secs(60),
+            session_stale: Duration::from_secs(24 * 60 * 60),
+            session_grace: Duration::from_secs(60 * 60),
         }
     }
 }

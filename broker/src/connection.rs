@@ -59,7 +59,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
         match auth {
             Ok(auth) => {
                 tracing::info!(mesh = %auth.mesh.id, peer = %auth.peer.key.short(), name = %auth.peer.name, "authenticated");
-                Connection { shared: shared.clone(), conn_id, auth, out: out_tx }.run(stream).await;
+                let name = std::sync::Mutex::new(auth.peer.name.clone());
+                Connection { shared: shared.clone(), conn_id, auth, name, out: out_tx }.run(stream).await;
             }
             Err(refusal) => {
                 if let Some(err) = refusal {
@@ -156,7 +157,8 @@ async fn write_loop(
     }
 }
 
-pub(crate) fn peer_view(p: &PeerRecord, online: bool) -> Peer {
+/// A peer as the protocol shows it; `groups` only when they are known (rosters) or changed.
+pub(crate) fn peer_view(p: &PeerRecord, online: bool, groups: Option<Vec<String>>) -> Peer {
     Peer {
         key: p.key,
         kind: p.kind,
@@ -167,13 +169,28 @@ pub(crate) fn peer_view(p: &PeerRecord, online: bool) -> Peer {
         role: p.role,
         online,
         last_seen: p.last_seen,
+        groups,
+        ended_at: p.ended_at,
     }
+}
+
+/// Tells every connection of `mesh` but `peer`'s own about `peer` (a `presence` frame).
+pub(crate) fn announce(shared: &Shared, mesh: MeshId, peer: &PeerRecord, online: bool, removed: bool) {
+    announce_view(shared, mesh, peer_view(peer, online, None), removed);
+}
+
+fn announce_view(shared: &Shared, mesh: MeshId, peer: Peer, removed: bool) {
+    let except = peer.key;
+    let frame = ServerFrame::Presence(Presence { peer, removed }).to_json();
+    shared.hub.broadcast(mesh, &except, &frame);
 }
 
 struct Connection {
     shared: Arc<Shared>,
     conn_id: u64,
     auth: Authenticated,
+    /// The connection's display name: the one it authenticated with, until it renames itself.
+    name: std::sync::Mutex<String>,
     out: mpsc::Sender<Outbound>,
 }
 
@@ -194,11 +211,23 @@ impl Connection {
         self.send_frame(ServerFrame::Error(err)).await
     }
 
+    /// The peer this connection speaks as, with its current name.
+    fn me(&self) -> PeerRecord {
+        let name = self.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        PeerRecord { name, ..self.auth.peer.clone() }
+    }
+
     async fn roster(&self) -> Result<Vec<Peer>, StoreError> {
         let mesh = self.mesh();
         let peers = self.shared.store.roster(mesh).await?;
         let me = self.key();
-        Ok(peers.iter().map(|p| peer_view(p, p.key == me || self.shared.hub.is_online(mesh, &p.key))).collect())
+        Ok(peers
+            .into_iter()
+            .map(|e| {
+                let online = e.peer.key == me || self.shared.hub.is_online(mesh, &e.peer.key);
+                peer_view(&e.peer, online, Some(e.groups))
+            })
+            .collect())
     }
 
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
@@ -219,7 +248,7 @@ impl Connection {
                 v: mesh_proto::PROTOCOL_VERSION,
                 mesh_id: mesh,
                 mesh_name: self.auth.mesh.name.clone(),
-                you: peer_view(&self.auth.peer, true),
+                you: peer_view(&self.auth.peer, true, None),
                 roster,
                 limits: self.shared.config.limits(),
                 server_time: now_ms(),
@@ -255,6 +284,9 @@ impl Connection {
             previous.kicked.cancel();
         }
 
+        for gone in &self.auth.claimed.reaped {
+            announce(&self.shared, mesh, gone, false, true);
+        }
         self.announce(true);
         let (acked_tx, acked_rx) = mpsc::unbounded_channel();
         let stop_delivery = CancellationToken::new();
@@ -290,8 +322,7 @@ impl Connection {
     }
 
     fn announce(&self, online: bool) {
-        let frame = ServerFrame::Presence(Presence { peer: peer_view(&self.auth.peer, online) }).to_json();
-        self.shared.hub.broadcast(self.mesh(), &self.key(), &frame);
+        announce(&self.shared, self.mesh(), &self.me(), online, false);
     }
 
     async fn read_loop(
@@ -471,14 +502,64 @@ impl Connection {
                 )
                 .await
             }
-            Ok(ClientFrame::JoinGroup(req)) => {
-                let done = self.shared.store.set_group(self.mesh(), self.key(), req.group, true).await;
-                self.answer(req.id, done).await
+            Ok(ClientFrame::JoinGroup(req)) => self.set_group(req.id, req.group, true).await,
+            Ok(ClientFrame::LeaveGroup(req)) => self.set_group(req.id, req.group, false).await,
+            Ok(ClientFrame::Rename(req)) => self.rename(req.id, req.name).await,
+            Ok(ClientFrame::EndSession(req)) => self.end_session(req.id, req.key).await,
+        }
+    }
+
+    /// Joins or leaves a group, and tells the mesh this peer's groups now.
+    async fn set_group(&self, id: u64, group: String, member: bool) -> bool {
+        match self.shared.store.set_group(self.mesh(), self.key(), group, member).await {
+            Ok(groups) => {
+                announce_view(&self.shared, self.mesh(), peer_view(&self.me(), true, Some(groups)), false);
+                self.answer(id, Ok(())).await
             }
-            Ok(ClientFrame::LeaveGroup(req)) => {
-                let done = self.shared.store.set_group(self.mesh(), self.key(), req.group, false).await;
-                self.answer(req.id, done).await
+            Err(e) => self.answer(id, Err(e)).await,
+        }
+    }
+
+    async fn rename(&self, id: u64, name: String) -> bool {
+        if let Err(e) = mesh_proto::names::validate_display(&name) {
+            return self.send_error(ErrorFrame::new(ErrorCode::InvalidName, e.to_string()).with_id(Some(id))).await;
+        }
+        match self.shared.store.rename(self.mesh(), self.key(), name.clone()).await {
+            Ok((_, claimed)) => {
+                *self.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name;
+                for gone in &claimed.reaped {
+                    announce(&self.shared, self.mesh(), gone, false, true);
+                }
+                self.announce(true);
+                self.answer(id, Ok(())).await
             }
+            Err(e @ StoreError::NameTaken { .. }) => {
+                let err = ErrorFrame::new(ErrorCode::NameTaken, format!("{e}; choose another name"));
+                self.send_error(err.with_id(Some(id))).await
+            }
+            Err(e) => self.answer(id, Err(e)).await,
+        }
+    }
+
+    /// A member says one of its sessions ended: it stops counting as a recipient of broadcasts and
+    /// group messages, and the mesh is told.
+    async fn end_session(&self, id: u64, session: PublicKey) -> bool {
+        if self.auth.peer.kind != mesh_proto::wire::PeerKind::Member {
+            let err = ErrorFrame::new(ErrorCode::Forbidden, "only a member's connection can end its sessions");
+            return self.send_error(err.with_id(Some(id))).await;
+        }
+        match self.shared.store.end_session(self.mesh(), self.key(), session, now_ms()).await {
+            Ok(ended) => {
+                if let Some(peer) = ended {
+                    let online = self.shared.hub.is_online(self.mesh(), &peer.key);
+                    announce(&self.shared, self.mesh(), &peer, online, false);
+                }
+                self.answer(id, Ok(())).await
+            }
+            Err(StoreError::Forbidden(why)) => {
+                self.send_error(ErrorFrame::new(ErrorCode::Forbidden, why).with_id(Some(id))).await
+            }
+            Err(e) => self.answer(id, Err(e)).await,
         }
     }
 
@@ -550,7 +631,7 @@ impl Connection {
             from_member: peer.member,
             from_enc_key: peer.enc_key,
             from_enc_sig: peer.enc_sig,
-            from_name: peer.name.clone(),
+            from_name: self.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             to: send.to.clone(),
             client_message_id: send.client_message_id.clone(),
             nonce: send.nonce,

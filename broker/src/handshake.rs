@@ -7,13 +7,15 @@ use mesh_proto::wire::{ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, PeerKi
 use mesh_proto::{MeshId, ProtoError, PublicKey, codec, names, now_ms};
 
 use crate::config::BrokerConfig;
-use crate::store::{JoinOutcome, MeshRecord, PeerRecord, Store, StoreError};
+use crate::store::{Claimed, JoinOutcome, MeshRecord, PeerRecord, Store, StoreError};
 
 /// A connection that passed the handshake.
 #[derive(Clone, Debug)]
 pub struct Authenticated {
     pub mesh: MeshRecord,
     pub peer: PeerRecord,
+    /// Ended sessions that gave up the name this peer took: they left the roster.
+    pub claimed: Claimed,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
@@ -23,6 +25,14 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
 fn internal(e: StoreError) -> ErrorFrame {
     tracing::error!(error = %mesh_proto::error::chain(&e), "store failure during handshake");
     refuse(ErrorCode::Internal, "storage failure; retry later")
+}
+
+/// A name refusal from the store, or a storage failure.
+fn claim_failed(e: StoreError) -> ErrorFrame {
+    match e {
+        StoreError::NameTaken { .. } => refuse(ErrorCode::NameTaken, format!("{e}; choose another name")),
+        e => internal(e),
+    }
 }
 
 fn peer_from_claims(c: &HelloClaims, kind: PeerKind, member: PublicKey, role: Role, now: u64) -> PeerRecord {
@@ -37,6 +47,7 @@ fn peer_from_claims(c: &HelloClaims, kind: PeerKind, member: PublicKey, role: Ro
         joined_at: now,
         last_seen: Some(now),
         revoked: false,
+        ended_at: None,
     }
 }
 
@@ -128,7 +139,7 @@ async fn create(
     let mesh = MeshRecord { id: claims.mesh_id, name: mesh_name.to_owned(), owner: claims.key, created_at: now };
     let owner = peer_from_claims(claims, PeerKind::Member, claims.key, Role::Owner, now);
     match store.create_mesh(mesh.clone(), owner.clone()).await {
-        Ok(()) => Ok(Authenticated { mesh, peer: owner }),
+        Ok(()) => Ok(Authenticated { mesh, peer: owner, claimed: Claimed::default() }),
         // A retried create by the same owner is a reconnect.
         Err(StoreError::MeshExists) => {
             let existing = load_mesh(store, claims.mesh_id).await?;
@@ -171,10 +182,10 @@ async fn join(
     }
     let peer = peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now);
     match store.join(mesh.id, &invite.invite_id, invite.max_uses, peer).await {
-        Ok(JoinOutcome::Joined(peer)) => Ok(Authenticated { mesh, peer }),
+        Ok(JoinOutcome::Joined(peer, claimed)) => Ok(Authenticated { mesh, peer, claimed }),
         Ok(JoinOutcome::AlreadyMember(_)) => connect_member(store, claims, now).await,
         Err(StoreError::InviteExhausted) => Err(refuse(ErrorCode::InviteExhausted, "the invite has been used up")),
-        Err(e) => Err(internal(e)),
+        Err(e) => Err(claim_failed(e)),
     }
 }
 
@@ -185,8 +196,8 @@ async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Re
         last_seen: Some(now),
         ..peer_from_claims(claims, PeerKind::Member, claims.key, existing.role, existing.joined_at)
     };
-    store.upsert_peer(mesh.id, peer.clone()).await.map_err(internal)?;
-    Ok(Authenticated { mesh, peer })
+    let claimed = store.upsert_peer(mesh.id, peer.clone()).await.map_err(claim_failed)?;
+    Ok(Authenticated { mesh, peer, claimed })
 }
 
 async fn connect_session(
@@ -217,6 +228,6 @@ async fn connect_session(
     }
     let joined_at = existing.map_or(now, |p| p.joined_at);
     let peer = peer_from_claims(claims, PeerKind::Session, member.key, Role::Member, joined_at);
-    store.upsert_peer(mesh.id, peer.clone()).await.map_err(internal)?;
-    Ok(Authenticated { mesh, peer })
+    let claimed = store.upsert_peer(mesh.id, peer.clone()).await.map_err(claim_failed)?;
+    Ok(Authenticated { mesh, peer, claimed })
 }

@@ -66,6 +66,11 @@ impl Hub {
         self.lock().get(&mesh).is_some_and(|c| c.contains_key(key))
     }
 
+    /// Every connected (mesh, key).
+    pub fn online(&self) -> Vec<(MeshId, PublicKey)> {
+        self.lock().iter().flat_map(|(mesh, conns)| conns.keys().map(|k| (*mesh, *k))).collect()
+    }
+
     pub fn wake(&self, mesh: MeshId, key: &PublicKey) {
         if let Some(h) = self.lock().get(&mesh).and_then(|c| c.get(key)) {
             h.wake.notify_one();

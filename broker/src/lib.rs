@@ -129,5 +129,26 @@ async fn janitor(shared: Arc<Shared>) {
             }
             Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "janitor pass failed; will retry"),
         }
+        reap_sessions(&shared).await;
+    }
+}
+
+/// Ends sessions unseen past the stale period and removes ended ones past the grace period, telling
+/// each mesh.
+async fn reap_sessions(shared: &Shared) {
+    let config = &shared.config;
+    let (stale, grace) = (config.session_stale.as_millis() as u64, config.session_grace.as_millis() as u64);
+    match shared.store.reap_sessions(now_ms(), stale, grace, shared.hub.online()).await {
+        Ok(done) => {
+            for (mesh, peer) in &done.ended {
+                tracing::info!(mesh = %mesh, session = %peer.name, "session unseen too long; ended");
+                connection::announce(shared, *mesh, peer, false, false);
+            }
+            for (mesh, peer) in &done.removed {
+                tracing::info!(mesh = %mesh, session = %peer.name, "ended session left the roster");
+                connection::announce(shared, *mesh, peer, false, true);
+            }
+        }
+        Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "reaping sessions failed; will retry"),
     }
 }

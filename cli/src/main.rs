@@ -44,6 +44,10 @@ enum Command {
     Join(cmd::meshes::JoinArgs),
     /// List the meshes you belong to
     Meshes,
+    /// Show or set the mesh commands mean when they do not say (MESH_CONTEXT overrides it per shell)
+    Use(cmd::meshes::UseArgs),
+    /// Change your display name in a mesh (checked by its broker; no restart needed)
+    Rename(cmd::meshes::RenameArgs),
     /// List the members and sessions you can reach
     Peers(cmd::meshes::PeersArgs),
     /// Send a message: committed to the outbox at once, delivered by the daemon
@@ -85,6 +89,8 @@ fn main() -> ExitCode {
         Command::Invite(a) => cmd::meshes::invite(a),
         Command::Join(a) => cmd::meshes::join(a),
         Command::Meshes => cmd::meshes::list(),
+        Command::Use(a) => cmd::meshes::use_mesh(a),
+        Command::Rename(a) => cmd::meshes::rename(a),
         Command::Peers(a) => cmd::meshes::peers(a),
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),

@@ -90,7 +90,7 @@ impl Daemon {
             mesh_name: mesh.name.clone(),
             broker_url: mesh.broker_url.clone(),
             identity: self.member.identity.clone(),
-            name: self.member.name.clone(),
+            name: Arc::new(Mutex::new(mesh.display_name(&self.member.name).to_owned())),
             attest: None,
         });
     }
@@ -129,7 +129,7 @@ impl Daemon {
             mesh_name: mesh.name.clone(),
             broker_url: mesh.broker_url.clone(),
             identity: s.identity.clone(),
-            name: s.name.clone(),
+            name: Arc::new(Mutex::new(s.name.clone())),
             attest: Some(Arc::new(attest)),
         });
     }
@@ -163,8 +163,11 @@ impl Daemon {
                 self.stop_link(&ended.mesh_id, &ended.key());
                 let mesh = ended.mesh_id;
                 let key = ended.key();
+                let at = ended.ended_at;
                 self.sessions.put(ended);
-                let _ = self.db.call(move |c| roster::mark_offline(c, &mesh, &key)).await;
+                let _ = self.db.call(move |c| roster::mark_ended(c, &mesh, &key, at)).await;
+                // The member's link tells the broker, so the session stops counting as a recipient.
+                self.wake_drain(&mesh, &self.member.identity.key());
             }
             Ok(None) => {}
             Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "ending a session; will retry"),
@@ -224,6 +227,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// The running link of (mesh, key), if any.
+    pub fn link(&self, mesh: &MeshId, key: &PublicKey) -> Option<LinkHandle> {
+        self.links.lock().unwrap_or_else(PoisonError::into_inner).get(&(*mesh, *key)).cloned()
     }
 
     pub fn link_status(&self, mesh: &MeshId, key: &PublicKey) -> LinkStatus {
@@ -302,6 +310,7 @@ pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
         group_key: GroupKey::generate(),
         embedded: false,
         joined_at: 1,
+        my_name: None,
     };
     let me = Peer {
         key: public.key,
@@ -313,6 +322,8 @@ pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
         role: Role::Owner,
         online: true,
         last_seen: None,
+        groups: Some(vec![]),
+        ended_at: None,
     };
     db.call_blocking(|c| {
         crate::meshes::insert(c, &mesh)?;

@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_ipc::api::OutboxStatus;
-use mesh_proto::wire::{Accepted, ClientFrame, ErrorCode, ErrorFrame, GroupRequest, ReadReceipts, SendMessage};
+use mesh_proto::wire::{
+    Accepted, ClientFrame, EndSessionRequest, ErrorCode, ErrorFrame, GroupRequest, ReadReceipts, SendMessage,
+};
 use mesh_proto::{MeshId, PublicKey};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use mesh_broker::sqlite::Db;
 
-use crate::{groups, inbox, outbox};
+use crate::{groups, inbox, outbox, sessions};
 
 /// Sends in flight per connection.
 pub const WINDOW: usize = 64;
@@ -52,6 +54,24 @@ pub struct Drain {
     pub sender: PublicKey,
     /// From the broker's `welcome`: a send larger than this can never be accepted.
     pub max_frame_bytes: usize,
+    /// The member's link also tells the broker which of the member's sessions ended.
+    pub member_link: bool,
+}
+
+/// A request made for a user over this link (a rename): the frame, given its request id, and where
+/// the broker's answer goes. When the connection ends first, `reply` is dropped.
+pub struct LinkRequest {
+    pub frame: Box<dyn FnOnce(u64) -> ClientFrame + Send>,
+    pub reply: oneshot::Sender<Result<(), ErrorFrame>>,
+}
+
+/// Where a [`LinkRequest`]'s answer goes.
+pub struct Responder(oneshot::Sender<Result<(), ErrorFrame>>);
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Responder")
+    }
 }
 
 /// The drain's side of the link.
@@ -60,10 +80,12 @@ pub struct Channels {
     pub replies: mpsc::UnboundedReceiver<Reply>,
     pub wake: Arc<Notify>,
     pub stop: CancellationToken,
+    /// Requests made for users; shared by the link's successive connections.
+    pub requests: Arc<tokio::sync::Mutex<mpsc::Receiver<LinkRequest>>>,
 }
 
 /// What a request in flight was for.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum Work {
     /// An outbox row.
     Send(i64),
@@ -71,6 +93,10 @@ enum Work {
     Reads(Vec<i64>),
     /// Joining (`true`) or leaving a group.
     Group(String, bool),
+    /// Telling the broker that this session of the member ended.
+    EndSession(PublicKey),
+    /// A user's request, answered to them.
+    Request(Responder),
 }
 
 /// A request waiting for its answer.
@@ -85,10 +111,13 @@ struct Claimed {
     rows: Vec<outbox::Claimed>,
     reads: Vec<(i64, String)>,
     groups: Vec<(String, bool)>,
+    ended: Vec<PublicKey>,
 }
 
 impl Drain {
     pub async fn run(self, mut ch: Channels) {
+        let requests = ch.requests.clone();
+        let mut requests = requests.lock().await;
         let lease = Duration::from_millis(outbox::LEASE_MS);
         let mut inflight: HashMap<u64, InFlight> = HashMap::new();
         let mut next_request: u64 = 1;
@@ -132,6 +161,11 @@ impl Drain {
                             frames.push((Work::Group(group, join), frame.to_json()));
                             next_request += 1;
                         }
+                        for key in claimed.ended {
+                            let frame = ClientFrame::EndSession(EndSessionRequest { id: next_request, key });
+                            frames.push((Work::EndSession(key), frame.to_json()));
+                            next_request += 1;
+                        }
                         let first = next_request - frames.len() as u64;
                         let mut frames = frames.into_iter().enumerate();
                         while let Some((i, (work, frame))) = frames.next() {
@@ -165,6 +199,19 @@ impl Drain {
             tokio::select! {
                 () = ch.stop.cancelled() => break,
                 () = ch.wake.notified() => {}
+                Some(request) = requests.recv() => {
+                    let id = next_request;
+                    next_request += 1;
+                    let frame = (request.frame)(id).to_json();
+                    inflight.insert(id, InFlight { work: Work::Request(Responder(request.reply)), sent: Instant::now() });
+                    let sent = tokio::select! {
+                        sent = ch.out.send(frame) => sent.is_ok(),
+                        () = ch.stop.cancelled() => false,
+                    };
+                    if !sent {
+                        break;
+                    }
+                },
                 reply = ch.replies.recv() => match reply {
                     Some(reply) => {
                         let mut batch = vec![reply];
@@ -197,6 +244,9 @@ impl Drain {
             .values()
             .filter_map(|f| if let Work::Group(g, _) = &f.work { Some(g.clone()) } else { None })
             .collect();
+        let ends_in_flight: Vec<PublicKey> =
+            inflight.values().filter_map(|f| if let Work::EndSession(k) = &f.work { Some(*k) } else { None }).collect();
+        let member_link = self.member_link;
         self.db
             .call(move |c| {
                 let now = now_ms();
@@ -212,7 +262,11 @@ impl Drain {
                 let mut groups = groups::to_sync(c, &mesh, &sender)?;
                 groups.retain(|(g, _)| !groups_in_flight.contains(g));
                 groups.truncate(left);
-                Ok(Claimed { buried, rows, reads, groups })
+                left -= groups.len();
+                let mut ended = if member_link { sessions::ends_to_sync(c, &mesh)? } else { vec![] };
+                ended.retain(|k| !ends_in_flight.contains(k));
+                ended.truncate(left);
+                Ok(Claimed { buried, rows, reads, groups, ended })
             })
             .await
     }
@@ -245,7 +299,9 @@ impl Drain {
                     match w {
                         Work::Send(row) => outbox::release(&tx, &[row])?,
                         Work::Reads(ids) => inbox::release_reads(&tx, &ids)?,
-                        Work::Group(..) => {}
+                        // Their state is in the database already, or (a user's request) dropping
+                        // the responder tells the user.
+                        Work::Group(..) | Work::EndSession(_) | Work::Request(_) => {}
                     }
                 }
                 tx.commit()
@@ -261,6 +317,12 @@ impl Drain {
         for reply in replies {
             let id = reply.id().unwrap_or_default();
             match inflight.remove(&id) {
+                Some(InFlight { work: Work::Request(Responder(to)), .. }) => {
+                    let _ = to.send(match reply {
+                        Reply::Error(e) => Err(e),
+                        _ => Ok(()),
+                    });
+                }
                 Some(f) => updates.push((f.work, reply)),
                 None => tracing::warn!(request = id, "answer for a request not in flight; ignored"),
             }
@@ -296,6 +358,11 @@ impl Drain {
                         (Work::Group(g, join), Reply::Error(e)) if e.permanent => {
                             tracing::warn!(group = %g, code = e.code.as_str(), "the broker refused a group change; dropped");
                             groups::synced(&tx, &mesh, &sender, &g, join)?;
+                        }
+                        (Work::EndSession(key), Reply::Ok(_)) => sessions::end_synced(&tx, &key)?,
+                        (Work::EndSession(key), Reply::Error(e)) if e.permanent => {
+                            tracing::warn!(session = %key.short(), code = e.code.as_str(), "the broker refused a session end; dropped");
+                            sessions::end_synced(&tx, &key)?;
                         }
                         (work, reply) => tracing::warn!(?work, ?reply, "unexpected answer; the work will be retried"),
                     }
@@ -350,6 +417,7 @@ mod tests {
         replies: mpsc::UnboundedSender<Reply>,
         wake: Arc<Notify>,
         stop: CancellationToken,
+        requests: mpsc::Sender<LinkRequest>,
         task: tokio::task::JoinHandle<()>,
         _dir: tempfile::TempDir,
     }
@@ -387,14 +455,17 @@ mod tests {
                 mesh,
                 sender: me.key(),
                 max_frame_bytes: 4096,
+                member_link: true,
             };
+            let (requests, requests_rx) = mpsc::channel(8);
             let task = tokio::spawn(drain.run(Channels {
                 out: out_tx,
                 replies: reply_rx,
                 wake: wake.clone(),
                 stop: stop.clone(),
+                requests: Arc::new(tokio::sync::Mutex::new(requests_rx)),
             }));
-            FakeBroker { db, me, out, replies, wake, stop, task, _dir: dir }
+            FakeBroker { db, me, out, replies, wake, stop, task, requests, _dir: dir }
         }
 
         fn insert_from(&self, cmid: &str, sender: &Identity) -> i64 {
@@ -604,5 +675,78 @@ mod tests {
             b.accept(s);
         }
         assert_eq!(b.next_send().await.client_message_id, format!("c-{WINDOW}"));
+    }
+
+    async fn next_frame(b: &mut FakeBroker) -> ClientFrame {
+        let text = tokio::time::timeout(Duration::from_secs(3600), b.out.recv())
+            .await
+            .expect("a frame within the hour")
+            .expect("drain running");
+        serde_json::from_str(&text).expect("a client frame")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_request_goes_out_and_its_answer_comes_back_or_is_dropped_with_the_connection() {
+        let mut b = FakeBroker::start();
+        let ask = |name: &'static str| {
+            let (reply, answer) = oneshot::channel();
+            let frame =
+                Box::new(move |id| ClientFrame::Rename(mesh_proto::wire::RenameRequest { id, name: name.into() }));
+            (LinkRequest { frame, reply }, answer)
+        };
+        let (request, answer) = ask("bob");
+        b.requests.send(request).await.expect("drain listening");
+        let ClientFrame::Rename(r) = next_frame(&mut b).await else { panic!("expected a rename") };
+        assert_eq!(r.name, "bob");
+        b.replies.send(Reply::Ok(r.id)).expect("drain listening");
+        assert_eq!(answer.await.expect("answered"), Ok(()));
+
+        let (request, answer) = ask("carol");
+        b.requests.send(request).await.expect("drain listening");
+        let ClientFrame::Rename(r) = next_frame(&mut b).await else { panic!("expected a rename") };
+        let refusal = ErrorFrame::new(ErrorCode::NameTaken, "taken").with_id(Some(r.id));
+        b.replies.send(Reply::Error(refusal.clone())).expect("drain listening");
+        assert_eq!(answer.await.expect("answered"), Err(refusal));
+
+        // The connection ends before the answer: the user hears that it is gone, not silence.
+        let (request, answer) = ask("dave");
+        b.requests.send(request).await.expect("drain listening");
+        let _ = next_frame(&mut b).await;
+        b.stop.cancel();
+        assert!(answer.await.is_err(), "the responder is dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_member_link_tells_the_broker_which_sessions_ended_once() {
+        let mut b = FakeBroker::start();
+        let session = Identity::generate();
+        let mesh = MeshId([9; 16]);
+        b.db.call_blocking(|c| {
+            c.execute(
+                "INSERT INTO sessions (mesh_id, name, key, sign_seed, enc_secret, created_at, ended_at, end_synced)
+                 VALUES (?1, 'gone', ?2, ?3, ?4, 1, 2, 0)",
+                rusqlite::params![
+                    mesh.to_string(),
+                    session.key().to_string(),
+                    session.sign_seed().as_slice(),
+                    session.enc_secret().as_slice()
+                ],
+            )
+        })
+        .expect("ended session");
+        b.wake.notify_one();
+        let ClientFrame::EndSession(end) = next_frame(&mut b).await else { panic!("expected end_session") };
+        assert_eq!(end.key, session.key());
+        b.replies.send(Reply::Ok(end.id)).expect("drain listening");
+        for _ in 0..1000 {
+            let left = b.db.call(move |c| sessions::ends_to_sync(c, &mesh)).await.expect("db");
+            if left.is_empty() {
+                b.wake.notify_one();
+                b.no_send_for(Duration::from_secs(600)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the end was never recorded as told");
     }
 }

@@ -91,6 +91,7 @@ pub async fn create_local_mesh(daemon: &Arc<Daemon>, url: &str, token: &str) -> 
         group_key: GroupKey::generate(),
         embedded: true,
         joined_at: now_ms(),
+        my_name: None,
     };
     let stored = row.clone();
     daemon

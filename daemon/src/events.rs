@@ -139,6 +139,8 @@ mod tests {
             name: "n".into(),
             kind: PeerKind::Member,
             online: true,
+            ended_at: None,
+            removed: false,
         });
         db.call_blocking(|c| {
             let e1 = append(c, Some(&m1), Some(&a), &conn_event(&a), 1)?;

@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
-use crate::drain::{self, Reply};
+use crate::drain::{self, LinkRequest, Reply};
 use crate::{events, inbox, outbox, roster};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -78,12 +78,17 @@ pub struct LinkSpec {
     pub mesh_name: String,
     pub broker_url: String,
     pub identity: Identity,
-    pub name: String,
+    /// The display name it says hello with; a rename changes it for the next connection too.
+    pub name: Arc<std::sync::Mutex<String>>,
     /// For a session: the member's attestation, re-minted on every connect.
     pub attest: Option<Arc<dyn Fn() -> Signed + Send + Sync>>,
 }
 
 impl LinkSpec {
+    pub fn name(&self) -> String {
+        self.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Only the member's link keeps the daemon's copy of the roster: every link of a mesh sees the same
     /// roster, and a session's link going down says nothing about who else is online.
     fn keeps_roster(&self) -> bool {
@@ -178,16 +183,58 @@ pub struct LinkHandle {
     pub status: watch::Receiver<LinkStatus>,
     pub drain_wake: Arc<Notify>,
     pub cancel: CancellationToken,
+    /// Requests made for users (a rename), sent on the link's current connection.
+    pub requests: mpsc::Sender<LinkRequest>,
+    pub name: Arc<std::sync::Mutex<String>>,
+}
+
+impl LinkHandle {
+    /// Sends `frame` on this link's connection and waits for the broker's answer.
+    pub async fn request(
+        &self,
+        frame: impl FnOnce(u64) -> ClientFrame + Send + 'static,
+        timeout: Duration,
+    ) -> Result<(), RequestError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = LinkRequest { frame: Box::new(frame), reply };
+        tokio::time::timeout(timeout, async {
+            self.requests.send(request).await.map_err(|_| RequestError::NotConnected)?;
+            match answer.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(RequestError::Refused(e)),
+                Err(_) => Err(RequestError::NotConnected),
+            }
+        })
+        .await
+        .map_err(|_| RequestError::NotConnected)?
+    }
+}
+
+/// Why a request over a link did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the connection to the broker is down, or was lost before it answered")]
+    NotConnected,
+    #[error("the broker refused: {}: {}", .0.code.as_str(), .0.message)]
+    Refused(ErrorFrame),
 }
 
 /// Starts the state machine of one link as a tracked task.
 pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
     let (status_tx, status_rx) =
         watch::channel(LinkStatus { state: LinkState::Connecting, since: now_ms(), last_error: None });
-    let handle =
-        LinkHandle { status: status_rx, drain_wake: Arc::new(Notify::new()), cancel: daemon.shutdown.child_token() };
+    // One request at a time is plenty: they are rare, and each waits for its answer.
+    let (requests, requests_rx) = mpsc::channel(4);
+    let handle = LinkHandle {
+        status: status_rx,
+        drain_wake: Arc::new(Notify::new()),
+        cancel: daemon.shutdown.child_token(),
+        requests,
+        name: spec.name.clone(),
+    };
+    let requests_rx = Arc::new(tokio::sync::Mutex::new(requests_rx));
     let span = tracing::info_span!("link", mesh = %spec.mesh_name, key = %spec.identity.key().short());
-    daemon.tracker.spawn(run(daemon.clone(), spec, status_tx, handle.clone()).instrument(span));
+    daemon.tracker.spawn(run(daemon.clone(), spec, status_tx, handle.clone(), requests_rx).instrument(span));
     handle
 }
 
@@ -224,30 +271,43 @@ async fn record_state(
     }
 }
 
-async fn run(daemon: Arc<Daemon>, spec: LinkSpec, status: watch::Sender<LinkStatus>, handle: LinkHandle) {
+async fn run(
+    daemon: Arc<Daemon>,
+    spec: LinkSpec,
+    status: watch::Sender<LinkStatus>,
+    handle: LinkHandle,
+    requests: Arc<tokio::sync::Mutex<mpsc::Receiver<LinkRequest>>>,
+) {
     let mut failures: u32 = 0;
     let mut recorded: Option<LinkState> = None;
     loop {
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
+        let name = spec.name();
         let connected = tokio::select! {
-            r = handshake(&spec.broker_url, &spec.identity, &spec.name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
+            r = handshake(&spec.broker_url, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
             () = handle.cancel.cancelled() => return,
         };
         let wait = match connected {
             Ok((ws, welcome)) => {
                 failures = 0;
                 tracing::info!(peers = welcome.roster.len(), "online");
-                if spec.keeps_roster() {
+                let mesh = spec.mesh_id;
+                let stored = if spec.keeps_roster() {
                     let roster_peers = welcome.roster.clone();
-                    let mesh = spec.mesh_id;
-                    if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await {
-                        tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
-                    }
+                    daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await
+                } else {
+                    // A session of ours is in the roster as soon as the broker has it, whatever the
+                    // order in which the member's link hears of it.
+                    let you = welcome.you.clone();
+                    daemon.db.call(move |c| roster::upsert(c, &mesh, &you)).await
+                };
+                if let Err(e) = stored {
+                    tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
                 }
                 set_state(&status, LinkState::Online, None);
                 record_state(&daemon, &spec, &mut recorded, LinkState::Online, None).await;
-                let ended = online(&daemon, &spec, ws, &welcome, &handle).await;
+                let ended = online(&daemon, &spec, ws, &welcome, &handle, &requests).await;
                 if spec.keeps_roster() {
                     let mesh = spec.mesh_id;
                     let _ = daemon.db.call(move |c| roster::mark_all_offline(c, &mesh)).await;
@@ -301,7 +361,14 @@ impl Ended {
 }
 
 /// Runs an authenticated connection until it ends; the drain's inflight rows go back to pending.
-async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, welcome: &Welcome, handle: &LinkHandle) -> Ended {
+async fn online(
+    daemon: &Arc<Daemon>,
+    spec: &LinkSpec,
+    ws: Ws,
+    welcome: &Welcome,
+    handle: &LinkHandle,
+    requests: &Arc<tokio::sync::Mutex<mpsc::Receiver<LinkRequest>>>,
+) -> Ended {
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<String>(512);
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
@@ -333,12 +400,14 @@ async fn online(daemon: &Arc<Daemon>, spec: &LinkSpec, ws: Ws, welcome: &Welcome
             mesh: spec.mesh_id,
             sender: spec.identity.key(),
             max_frame_bytes: usize::try_from(welcome.limits.max_frame_bytes).unwrap_or(usize::MAX),
+            member_link: spec.keeps_roster(),
         }
         .run(drain::Channels {
             out: out_tx.clone(),
             replies: reply_rx,
             wake: handle.drain_wake.clone(),
             stop: stop.clone(),
+            requests: requests.clone(),
         })
         .in_current_span(),
     );
@@ -417,12 +486,18 @@ async fn read_loop(
                     let recorded = daemon
                         .db
                         .call(move |c| {
-                            roster::upsert(c, &mesh, &p.peer)?;
+                            if p.removed {
+                                roster::remove(c, &mesh, &p.peer.key)?;
+                            } else {
+                                roster::upsert(c, &mesh, &p.peer)?;
+                            }
                             let event = EventBody::Presence(PresenceEvent {
                                 key: p.peer.key.to_string(),
                                 name: p.peer.name.clone(),
                                 kind: p.peer.kind,
                                 online: p.peer.online,
+                                ended_at: p.peer.ended_at,
+                                removed: p.removed,
                             });
                             events::append(c, Some(&mesh), None, &event, now_ms())
                         })

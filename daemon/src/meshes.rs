@@ -16,10 +16,13 @@ pub struct MeshRow {
     pub group_key: GroupKey,
     pub embedded: bool,
     pub joined_at: u64,
+    /// The member's display name in this mesh; `None`: the identity's name.
+    pub my_name: Option<String>,
 }
 
 impl MeshRow {
-    pub fn info(&self) -> MeshInfo {
+    /// The mesh as the IPC shows it; `me` is the identity's name, for meshes with no name of their own.
+    pub fn info(&self, me: &str) -> MeshInfo {
         MeshInfo {
             id: self.id.to_string(),
             name: self.name.clone(),
@@ -27,11 +30,19 @@ impl MeshRow {
             role: self.role,
             embedded: self.embedded,
             joined_at: self.joined_at,
+            my_name: self.display_name(me).to_owned(),
+            context: false,
+            name_was_taken: None,
         }
+    }
+
+    /// The member's name in this mesh.
+    pub fn display_name<'a>(&'a self, me: &'a str) -> &'a str {
+        self.my_name.as_deref().unwrap_or(me)
     }
 }
 
-const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at";
+const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at, my_name";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
     let role: String = r.get(3)?;
@@ -47,6 +58,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
         group_key: GroupKey::from_bytes(key),
         embedded: r.get(5)?,
         joined_at: r.get::<_, i64>(6)? as u64,
+        my_name: r.get(7)?,
     })
 }
 
@@ -71,7 +83,7 @@ pub fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 
 pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
         params![
             m.id.to_string(),
             m.name,
@@ -79,10 +91,49 @@ pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
             m.role.as_str(),
             m.group_key.as_bytes().as_slice(),
             m.embedded,
-            m.joined_at as i64
+            m.joined_at as i64,
+            m.my_name,
         ],
     )?;
     Ok(())
+}
+
+/// Records the member's display name in `mesh`.
+pub fn set_my_name(conn: &Connection, mesh: &MeshId, name: &str) -> rusqlite::Result<()> {
+    conn.execute("UPDATE meshes SET my_name = ?2 WHERE id = ?1", params![mesh.to_string(), name])?;
+    Ok(())
+}
+
+/// The settings key of the mesh context (`mesh use`).
+const CONTEXT_SETTING: &str = "context";
+
+/// The mesh context set by `mesh use`, by mesh id.
+pub fn context(conn: &Connection) -> rusqlite::Result<Option<MeshId>> {
+    Ok(crate::store::get_setting(conn, CONTEXT_SETTING)?.and_then(|id| id.parse().ok()))
+}
+
+/// Sets (or, with `None`, clears) the mesh context.
+pub fn set_context(conn: &Connection, mesh: Option<&MeshId>) -> rusqlite::Result<()> {
+    match mesh {
+        Some(m) => crate::store::set_setting(conn, CONTEXT_SETTING, &m.to_string()),
+        None => conn.execute("DELETE FROM settings WHERE key = ?1", [CONTEXT_SETTING]).map(drop),
+    }
+}
+
+/// The mesh a command means when it names one, or the context (docs/addressing.md): `asked` (from
+/// `--mesh` or `MESH_CONTEXT`), else the mesh set by `mesh use`; with how it was chosen.
+pub fn context_mesh(
+    conn: &Connection,
+    asked: Option<&str>,
+) -> Result<Option<(MeshRow, &'static str)>, crate::roster::ResolveError> {
+    if let Some(asked) = asked {
+        let row = find(conn, asked)?.ok_or_else(|| crate::roster::ResolveError::UnknownMesh(asked.to_owned()))?;
+        return Ok(Some((row, "from --mesh or MESH_CONTEXT")));
+    }
+    match context(conn)? {
+        Some(id) => Ok(get(conn, &id)?.map(|row| (row, "your context, set by `mesh use`"))),
+        None => Ok(None),
+    }
 }
 
 /// A free local name: `wanted`, else `wanted-2`, `wanted-3`, …

@@ -165,7 +165,8 @@ pub fn launch(
     mesh_ipc::paths::create_private_dir(sessions_dir).map_err(file_err)?;
     mesh_ipc::paths::write_private_file(&path, token.as_bytes()).map_err(file_err)?;
     tx.execute(
-        "UPDATE sessions SET token_hash = ?2, token_file = ?3, pid = ?4, pid_start = ?5, launched_at = ?6, ended_at = NULL
+        "UPDATE sessions SET token_hash = ?2, token_file = ?3, pid = ?4, pid_start = ?5, launched_at = ?6, ended_at = NULL,
+             end_synced = 1
          WHERE id = ?1",
         params![id, token_hash(&token), path.display().to_string(), proc.pid, proc.start, now as i64],
     )?;
@@ -180,7 +181,8 @@ pub fn launch(
 pub fn end(conn: &Connection, launch: &Session, now: u64) -> rusqlite::Result<Option<Session>> {
     let Some(hash) = &launch.token_hash else { return Ok(None) };
     let changed = conn.execute(
-        "UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?3 WHERE id = ?1 AND token_hash = ?2",
+        "UPDATE sessions SET token_hash = NULL, token_file = NULL, ended_at = ?3, end_synced = 0
+         WHERE id = ?1 AND token_hash = ?2",
         params![launch.id, hash, now as i64],
     )?;
     if changed == 0 {
@@ -190,6 +192,28 @@ pub fn end(conn: &Connection, launch: &Session, now: u64) -> rusqlite::Result<Op
         let _ = std::fs::remove_file(f);
     }
     get(conn, launch.id).map(Some)
+}
+
+/// The key of session `name` of `mesh`, if it was ever launched here.
+pub fn key_of(conn: &Connection, mesh: &MeshId, name: &str) -> rusqlite::Result<Option<PublicKey>> {
+    conn.query_row("SELECT key FROM sessions WHERE mesh_id = ?1 AND name = ?2", params![mesh.to_string(), name], |r| {
+        parse_col(r.get(0)?)
+    })
+    .optional()
+}
+
+/// Keys of `mesh`'s sessions that ended without the broker being told yet, for the member's link.
+pub fn ends_to_sync(conn: &Connection, mesh: &MeshId) -> rusqlite::Result<Vec<PublicKey>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key FROM sessions WHERE mesh_id = ?1 AND ended_at IS NOT NULL AND end_synced = 0 ORDER BY id",
+    )?;
+    stmt.query_map([mesh.to_string()], |r| parse_col(r.get(0)?))?.collect()
+}
+
+/// The broker knows that the session with `key` ended (unless it was launched again since).
+pub fn end_synced(conn: &Connection, key: &PublicKey) -> rusqlite::Result<()> {
+    conn.execute("UPDATE sessions SET end_synced = 1 WHERE key = ?1 AND ended_at IS NOT NULL", [key.to_string()])?;
+    Ok(())
 }
 
 /// The in-memory view of the registry: every session by key (their keys open their messages even

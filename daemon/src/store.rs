@@ -242,6 +242,15 @@ INSERT INTO sqlite_sequence (name, seq) VALUES
             WHERE events.kind = 'read')), 0)),
     ('sessions', COALESCE((SELECT MAX(id) FROM sessions), 0));
 "#,
+    // Names per mesh (`my_name`; NULL: the identity's name), what the roster knows of groups and
+    // ended sessions, and whether the broker was told that a session ended (sessions that ended
+    // before this version are told once, so that brokers drop them from broadcasts).
+    r#"
+ALTER TABLE meshes ADD COLUMN my_name TEXT;
+ALTER TABLE peers ADD COLUMN groups TEXT;
+ALTER TABLE peers ADD COLUMN ended_at INTEGER;
+ALTER TABLE sessions ADD COLUMN end_synced INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

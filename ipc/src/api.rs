@@ -63,6 +63,8 @@ pub enum ApiErrorCode {
     UnknownMesh,
     /// The broker refused (with its own error code in the message).
     BrokerRefused,
+    /// The display name is held in that mesh by another peer (or one that looks the same).
+    NameTaken,
     /// The broker could not be reached.
     BrokerUnreachable,
     ShuttingDown,
@@ -81,7 +83,7 @@ impl ApiErrorCode {
             ApiErrorCode::Unauthorized => 401,
             ApiErrorCode::NotFound | ApiErrorCode::UnknownMesh => 404,
             ApiErrorCode::MethodNotAllowed => 405,
-            ApiErrorCode::Conflict => 409,
+            ApiErrorCode::Conflict | ApiErrorCode::NameTaken => 409,
             ApiErrorCode::PayloadTooLarge => 413,
             ApiErrorCode::UnsupportedMediaType => 415,
             ApiErrorCode::BrokerRefused => 422,
@@ -187,6 +189,15 @@ pub struct MeshInfo {
     /// True for the local mesh served by this daemon's embedded broker.
     pub embedded: bool,
     pub joined_at: u64,
+    /// The member's display name in this mesh.
+    #[serde(default)]
+    pub my_name: String,
+    /// Whether this is the context set by `mesh use`.
+    #[serde(default)]
+    pub context: bool,
+    /// After a join that took a suffixed name: the name asked for, which was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_was_taken: Option<String>,
 }
 
 /// `POST /v1/meshes`: create a mesh on a broker; the caller becomes its owner.
@@ -197,6 +208,9 @@ pub struct CreateMeshRequest {
     pub broker: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_token: Option<String>,
+    /// The member's display name in the new mesh (default: the identity's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 /// `POST /v1/meshes/join`.
@@ -205,7 +219,30 @@ pub struct JoinMeshRequest {
     pub token: String,
     /// A local name for the mesh, when the invite's name is already taken here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub mesh_name: Option<String>,
+    /// The member's display name in the mesh (default: the identity's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// When the name is taken: take the first free `NAME-2`, `NAME-3`, … instead of failing with
+    /// `name_taken`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suffix_if_taken: bool,
+}
+
+/// `POST /v1/meshes/rename`: the member's display name in one mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+/// `GET` and `PUT /v1/context`: the mesh commands mean when they do not say (`mesh use`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    /// The mesh's local name; `None` (on `PUT`: clear it) when there is no context.
+    #[serde(default)]
+    pub mesh: Option<String>,
 }
 
 /// `POST /v1/invites`.
@@ -247,12 +284,21 @@ pub struct PeerInfo {
     pub last_seen: Option<u64>,
     /// This daemon's own member key.
     pub is_self: bool,
+    /// The groups it is in (as far as the roster knows).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// For a session that ended: when (it gets no broadcasts; DMs wait for its next launch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeersQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+    /// Ignore the context: every mesh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_meshes: bool,
 }
 
 // --- sending -------------------------------------------------------------------------------------
@@ -279,6 +325,22 @@ pub struct SendResponse {
     pub target: TargetInfo,
     /// True when this `client_message_id` had already been accepted: nothing new was queued.
     pub duplicate: bool,
+    /// With `mesh send --wait`: the receipt waited for, and where the message stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<SendWait>,
+}
+
+/// What `mesh send --wait` saw: whether the receipt waited for came from every recipient in time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendWait {
+    pub until: WaitFor,
+    pub reached: bool,
+    pub status: OutboxStatus,
+    /// How many recipients the broker queued it for (members, and sessions live at send time).
+    pub recipients: Option<u32>,
+    pub delivered_count: u32,
+    pub read_count: u32,
+    pub expired_count: u32,
 }
 
 /// A resolved target: what the user typed and what it resolved to.
@@ -341,6 +403,9 @@ pub struct OutboxQuery {
     /// Only rows of this mesh (name or id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+    /// Ignore the context: every mesh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_meshes: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
 }
@@ -658,6 +723,12 @@ pub struct PresenceEvent {
     pub name: String,
     pub kind: PeerKind,
     pub online: bool,
+    /// A session that ended: it no longer receives broadcasts or group messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+    /// It left the roster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -698,6 +769,9 @@ impl InboxStatus {
 pub struct InboxQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+    /// Ignore the context: every mesh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_meshes: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unread: bool,
     /// A sender's display name or full key.

@@ -77,6 +77,10 @@ impl IpcClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, IpcError> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
     /// `GET path?query` with `query` serialised as URL parameters.
     pub async fn get_query<Q: Serialize, T: DeserializeOwned>(&self, path: &str, query: &Q) -> Result<T, IpcError> {
         let query = serde_urlencoded::to_string(query).map_err(|e| IpcError::Protocol(e.to_string()))?;

@@ -35,6 +35,8 @@ pub mod routes {
     pub const SHUTDOWN: &str = "/v1/shutdown";
     pub const MESHES: &str = "/v1/meshes";
     pub const MESHES_JOIN: &str = "/v1/meshes/join";
+    pub const MESHES_RENAME: &str = "/v1/meshes/rename";
+    pub const CONTEXT: &str = "/v1/context";
     pub const INVITES: &str = "/v1/invites";
     pub const PEERS: &str = "/v1/peers";
     pub const SEND: &str = "/v1/send";

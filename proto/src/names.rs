@@ -1,14 +1,29 @@
 //! Rules for the names people type: display names of members and sessions, mesh names, group names.
+//!
+//! A display name is shown to people beside messages, so it must not be able to pass for another:
+//! it is kept in Unicode NFC, may not hold invisible or direction-changing characters, and within a
+//! mesh no two names may share a confusable skeleton (Unicode TS #39, case folded): `сla` (Cyrillic
+//! с) cannot stand beside `cla`, nor `Alice` beside `alice`. The broker enforces the last rule.
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_security::GeneralSecurityProfile;
+use unicode_security::general_security_profile::IdentifierType;
 
 use crate::ProtoError;
 
 pub const MAX_NAME_LEN: usize = 64;
 
-/// A display name (of a member or a session) or a mesh name: 1 to 64 characters, no control characters,
-/// no leading or trailing space, not starting with `@` or `*` (those are targets), and not 64 hex digits
-/// (that would read as a key).
+/// What a user typed, in the form names are stored and compared in: NFC, without surrounding spaces.
+pub fn normalize(name: &str) -> String {
+    name.trim().nfc().collect()
+}
+
+/// A display name (of a member or a session) or a mesh name: 1 to 64 characters in NFC, no control,
+/// invisible or bidirectional-control characters, no whitespace but plain spaces, no leading or
+/// trailing space, not starting with `@` or `*` (those are targets), and not 64 hex digits (that
+/// would read as a key).
 pub fn validate_display(name: &str) -> Result<(), ProtoError> {
-    let bad = |why: &str| Err(ProtoError::BadName(format!("{name:?}: {why}")));
+    let bad = |why: &str| Err(ProtoError::BadName(format!("{}: {why}", name.escape_debug())));
     if name.is_empty() {
         return bad("must not be empty");
     }
@@ -18,8 +33,17 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     if name.chars().any(char::is_control) {
         return bad("contains control characters");
     }
+    if let Some(c) = name.chars().find(|&c| invisible(c)) {
+        return bad(&format!("contains the invisible or direction-changing character U+{:04X}", c as u32));
+    }
+    if name.chars().any(|c| c.is_whitespace() && c != ' ') {
+        return bad("contains whitespace other than plain spaces");
+    }
     if name.trim() != name {
         return bad("has leading or trailing spaces");
+    }
+    if name.nfc().ne(name.chars()) {
+        return bad("is not in Unicode normal form C (normalise it first)");
     }
     if name.starts_with('@') || name.starts_with('*') {
         return bad("must not start with '@' or '*'");
@@ -28,6 +52,21 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
         return bad("must not look like a public key");
     }
     Ok(())
+}
+
+/// Characters that change how text around them looks without showing themselves: zero-width
+/// characters, bidirectional controls, tag characters, variation selectors (Unicode's
+/// Default_Ignorable_Code_Point) and noncharacters.
+fn invisible(c: char) -> bool {
+    matches!(c.identifier_type(), Some(IdentifierType::Default_Ignorable | IdentifierType::Not_Character))
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// The key two names are compared by: their TS #39 confusable skeleton, case folded. Names with the
+/// same key look alike and may not both be held in one mesh.
+pub fn skeleton_key(name: &str) -> String {
+    let folded: String = unicode_security::skeleton(&normalize(name)).collect::<String>().to_lowercase();
+    unicode_security::skeleton(&folded).collect()
 }
 
 /// A group name (after the `@`): 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
@@ -44,12 +83,44 @@ mod tests {
 
     #[test]
     fn display_names() {
-        for good in ["alice", "Alice Smith", "agent-1", "ユーザー"] {
+        for good in ["alice", "Alice Smith", "agent-1", "ユーザー", "café"] {
             validate_display(good).expect(good);
         }
         for bad in ["", " alice", "alice ", "@ops", "*", "a\nb", &"a".repeat(65), &"ab".repeat(32)] {
             assert!(validate_display(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn invisible_and_direction_changing_characters_are_refused() {
+        for bad in [
+            "ali\u{200B}ce",  // zero-width space
+            "ali\u{200D}ce",  // zero-width joiner
+            "\u{202E}ecila",  // right-to-left override
+            "ali\u{2066}ce",  // left-to-right isolate
+            "ali\u{00AD}ce",  // soft hyphen
+            "ali\u{FEFF}ce",  // byte order mark
+            "ali\u{E0041}ce", // tag character
+            "ali\u{FE0F}ce",  // variation selector
+            "ali\u{2028}ce",  // line separator
+            "ali\u{00A0}ce",  // no-break space
+            "cafe\u{301}",    // not NFC (e + combining acute)
+        ] {
+            assert!(validate_display(bad).is_err(), "{} accepted", bad.escape_unicode());
+        }
+        assert_eq!(normalize(" cafe\u{301} "), "café");
+        validate_display(&normalize("cafe\u{301}")).expect("normalised");
+    }
+
+    #[test]
+    fn confusable_names_share_a_key() {
+        assert_eq!(skeleton_key("cla"), skeleton_key("\u{0441}la"), "Cyrillic es");
+        assert_eq!(skeleton_key("alice"), skeleton_key("\u{0430}lice"), "Cyrillic a");
+        assert_eq!(skeleton_key("Alice"), skeleton_key("alice"), "case");
+        assert_eq!(skeleton_key("paypal"), skeleton_key("p\u{0430}yp\u{0430}l"));
+        assert_eq!(skeleton_key("rn"), skeleton_key("m"), "TS #39 maps rn to m");
+        assert_ne!(skeleton_key("alice"), skeleton_key("bob"));
+        assert_ne!(skeleton_key("root"), skeleton_key("root-2"));
     }
 
     #[test]

@@ -82,6 +82,15 @@ pub struct Peer {
     /// Last time the broker saw it connected (ms), if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<u64>,
+    /// The groups it belongs to. Always present in a roster; absent in a presence frame that does
+    /// not change them (keep what you knew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
+    /// For a session that ended (its daemon said so, or it was not seen for the broker's stale
+    /// period): when. It receives no broadcasts or group messages from then on, and leaves the
+    /// roster after the broker's session grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
 }
 
 impl Peer {
@@ -104,6 +113,11 @@ pub enum ClientFrame {
     Read(ReadReceipts),
     JoinGroup(GroupRequest),
     LeaveGroup(GroupRequest),
+    /// Change the connection's own display name in this mesh (answered `ok`, or `name_taken` /
+    /// `invalid_name`).
+    Rename(RenameRequest),
+    /// From a member's connection: one of its sessions ended (its process exited).
+    EndSession(EndSessionRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -213,6 +227,19 @@ pub struct GroupRequest {
     pub group: String,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    pub id: u64,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndSessionRequest {
+    pub id: u64,
+    /// The session's key; it must be a session of the connection's member.
+    pub key: PublicKey,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // broker → client
 
@@ -225,7 +252,7 @@ pub enum ServerFrame {
     Deliver(Deliver),
     Roster(RosterReply),
     Presence(Presence),
-    /// A request without a richer answer (`read`, `join_group`, `leave_group`) was done.
+    /// A request without a richer answer (`read`, `join_group`, `leave_group`, `rename`, `end_session`) was done.
     Ok(OkReply),
     Error(ErrorFrame),
 }
@@ -357,6 +384,9 @@ pub struct RosterReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Presence {
     pub peer: Peer,
+    /// The peer left the roster (a session past its grace period): forget it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -506,7 +536,8 @@ impl FrameError {
     }
 }
 
-const CLIENT_TYPES: &[&str] = &["hello", "send", "ack", "roster", "read", "join_group", "leave_group"];
+const CLIENT_TYPES: &[&str] =
+    &["hello", "send", "ack", "roster", "read", "join_group", "leave_group", "rename", "end_session"];
 const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "ok", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {

@@ -6,7 +6,7 @@
 pub mod sqlite;
 
 use async_trait::async_trait;
-use mesh_proto::wire::{PeerKind, Receipt, Role};
+use mesh_proto::wire::{PeerKind, Role};
 use mesh_proto::{EncPublicKey, MeshId, PublicKey, Sig, Target};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +29,30 @@ pub struct PeerRecord {
     pub joined_at: u64,
     pub last_seen: Option<u64>,
     pub revoked: bool,
+    /// For a session: when it ended (its member's daemon said so, or it went unseen too long).
+    pub ended_at: Option<u64>,
+}
+
+/// A roster line: a peer and the groups it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RosterEntry {
+    pub peer: PeerRecord,
+    pub groups: Vec<String>,
+}
+
+/// A peer that took a name or came back: ended sessions that gave the name up left the roster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claimed {
+    pub reaped: Vec<PeerRecord>,
+}
+
+/// What a pass over the sessions did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Sessions unseen past the stale period, now ended.
+    pub ended: Vec<(MeshId, PeerRecord)>,
+    /// Ended sessions past the grace period, now out of the roster.
+    pub removed: Vec<(MeshId, PeerRecord)>,
 }
 
 /// A message accepted from a sender, ready to be queued for each recipient of `target`.
@@ -84,7 +108,7 @@ pub struct SentRecord {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinOutcome {
-    Joined(PeerRecord),
+    Joined(PeerRecord, Claimed),
     /// The key was already a member: nothing consumed, treat as a reconnect.
     AlreadyMember(PeerRecord),
 }
@@ -108,6 +132,11 @@ pub enum StoreError {
     RecipientUnknown(String),
     #[error("client_message_id {0:?} was already used for a different message")]
     IdempotencyConflict(String),
+    /// Another peer of the mesh holds this name, or one that looks the same.
+    #[error("the name {name:?} is taken in this mesh by {holder}")]
+    NameTaken { name: String, holder: String },
+    #[error("{0}")]
+    Forbidden(String),
     #[error("storage failure: {0}")]
     Backend(String),
 }
@@ -132,10 +161,35 @@ pub trait Store: Send + Sync + 'static {
         peer: PeerRecord,
     ) -> Result<JoinOutcome, StoreError>;
     /// Inserts or refreshes a peer (a session on connect, or a member whose name or keys changed)
-    /// and records it as seen now.
-    async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<(), StoreError>;
+    /// and records it as seen now; a session that had ended is live again. A new peer, or a changed
+    /// name, claims the name ([`Store::rename`]'s rule); a peer keeping its name is never refused.
+    async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError>;
     async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError>;
-    async fn roster(&self, mesh: MeshId) -> Result<Vec<PeerRecord>, StoreError>;
+    /// Every peer not removed, with its groups.
+    async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError>;
+    /// Gives `key` the display name `name`. Refused with `NameTaken` when another peer of the mesh
+    /// holds a name with the same confusable skeleton ([`mesh_proto::names::skeleton_key`]); an
+    /// ended session holding it gives it up and leaves the roster (returned in `reaped`).
+    async fn rename(&self, mesh: MeshId, key: PublicKey, name: String) -> Result<(PeerRecord, Claimed), StoreError>;
+    /// Marks `session`, a session of `member`, ended now: it receives no broadcasts or group
+    /// messages from now on. `None` when it had already ended; `Forbidden` when it is not a session
+    /// of `member`.
+    async fn end_session(
+        &self,
+        mesh: MeshId,
+        member: PublicKey,
+        session: PublicKey,
+        now: u64,
+    ) -> Result<Option<PeerRecord>, StoreError>;
+    /// Ends sessions unseen for `stale_ms` that are not `online`, and removes sessions that ended
+    /// more than `grace_ms` ago (with their group memberships; their queues stay until their TTL).
+    async fn reap_sessions(
+        &self,
+        now: u64,
+        stale_ms: u64,
+        grace_ms: u64,
+        online: Vec<(MeshId, PublicKey)>,
+    ) -> Result<Reaped, StoreError>;
 
     /// Queues each message for every recipient of its target, in order, committed together; each one
     /// succeeds or fails on its own. Idempotent on (mesh, sender, client_message_id): a duplicate with
@@ -184,14 +238,12 @@ pub trait Store: Send + Sync + 'static {
         message_ids: Vec<String>,
         now: u64,
     ) -> Result<Vec<PublicKey>, StoreError>;
-    /// Adds `key` to `@group` (or removes it); idempotent.
-    async fn set_group(&self, mesh: MeshId, key: PublicKey, group: String, member: bool) -> Result<(), StoreError>;
-    /// Queues a receipt for `to`.
-    async fn enqueue_receipt(
+    /// Adds `key` to `@group` (or removes it); idempotent. Returns the groups `key` is in now.
+    async fn set_group(
         &self,
         mesh: MeshId,
-        to: PublicKey,
-        receipt: Receipt,
-        expires_at: u64,
-    ) -> Result<(), StoreError>;
+        key: PublicKey,
+        group: String,
+        member: bool,
+    ) -> Result<Vec<String>, StoreError>;
 }

@@ -17,6 +17,7 @@ pub enum GroupCommand {
 pub struct GroupArgs {
     /// The group, with or without the @
     pub group: String,
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
 }
@@ -25,11 +26,11 @@ pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
     let client = super::client()?;
     let groups: Vec<GroupInfo> = match cmd {
         GroupCommand::Join(a) => {
-            let body = GroupChange { group: a.group, mesh: a.mesh };
+            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh) };
             super::block_on(client.post(routes::GROUPS_JOIN, &body))??
         }
         GroupCommand::Leave(a) => {
-            let body = GroupChange { group: a.group, mesh: a.mesh };
+            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh) };
             super::block_on(client.post(routes::GROUPS_LEAVE, &body))??
         }
         GroupCommand::List => super::block_on(client.get(routes::GROUPS))??,

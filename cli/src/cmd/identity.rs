@@ -5,7 +5,8 @@ use mesh_daemon::identity;
 
 #[derive(clap::Args, Debug)]
 pub struct InitArgs {
-    /// Display name other members see (default: your login name)
+    /// Your default display name in meshes you create or join (default: your login name; asked on a
+    /// terminal)
     #[arg(long)]
     pub name: Option<String>,
 }
@@ -14,17 +15,24 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
     let home = super::home()?;
     home.ensure_dirs().context("creating mesh's directories")?;
     let existing = identity::load(&home)?;
-    let (member, created) = match (existing, args.name) {
+    let asked = match args.name {
+        Some(n) => Some(n),
+        None if existing.is_none() && super::interactive() => {
+            super::prompt("your display name", Some(&identity::default_name()))?
+        }
+        None => None,
+    };
+    let asked = asked.map(|n| mesh_proto::names::normalize(&n));
+    let (member, created) = match (existing, asked) {
         (None, name) => (identity::create(&home, &name.unwrap_or_else(identity::default_name))?, true),
         (Some(mut m), Some(name)) if name != m.name => {
             mesh_proto::names::validate_display(&name)?;
             m.name = name;
             identity::save(&home, &m)?;
-            if mesh_daemon::lifecycle::is_running(&home) {
-                errln!(
-                    "note: restart the daemon for the new name to reach your meshes (`mesh daemon down && mesh daemon up`)"
-                );
-            }
+            errln!(
+                "note: this is your default name for meshes you create or join from now on; \
+                 `mesh rename NAME --mesh MESH` changes it in a mesh you are already in"
+            );
             (m, false)
         }
         (Some(m), _) => (m, false),

@@ -20,8 +20,12 @@ pub struct InboxArgs {
     /// Only from this sender (display name or full key)
     #[arg(long)]
     pub from: Option<String>,
+    /// Only messages of this mesh (default: the context, `mesh use`, else every mesh)
     #[arg(long)]
     pub mesh: Option<String>,
+    /// Every mesh, whatever the context
+    #[arg(long, conflicts_with = "mesh")]
+    pub all_meshes: bool,
     /// The newest N messages
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -70,7 +74,13 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
     if let Some(action) = args.action {
         return act(&client, action);
     }
-    let q = InboxQuery { mesh: args.mesh, unread: args.unread, from: args.from, limit: Some(args.limit) };
+    let q = InboxQuery {
+        mesh: super::context_mesh(args.mesh),
+        all_meshes: args.all_meshes,
+        unread: args.unread,
+        from: args.from,
+        limit: Some(args.limit),
+    };
     let messages: Vec<InboxMessage> = super::block_on(client.get_query(routes::INBOX, &q))??;
     if crate::output::json() {
         return super::print_json(&messages);

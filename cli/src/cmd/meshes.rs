@@ -1,7 +1,8 @@
 //! `mesh create`, `invite`, `join`, `meshes`, `peers`.
 
 use mesh_ipc::api::{
-    CreateInviteRequest, CreateMeshRequest, InviteResponse, JoinMeshRequest, MeshInfo, PeerInfo, PeersQuery,
+    ApiErrorCode, Context, CreateInviteRequest, CreateMeshRequest, InviteResponse, JoinMeshRequest, MeshInfo, PeerInfo,
+    PeersQuery, RenameRequest,
 };
 use mesh_ipc::routes;
 use mesh_proto::wire::Role;
@@ -18,6 +19,9 @@ pub struct CreateArgs {
     /// The broker's create token, if it requires one
     #[arg(long, env = "MESH_BROKER_CREATE_TOKEN", hide_env_values = true)]
     pub create_token: Option<String>,
+    /// Your display name in this mesh (default: your identity's name, see `mesh init`)
+    #[arg(long = "name")]
+    pub display_name: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,25 +50,57 @@ pub enum InviteRole {
 pub struct JoinArgs {
     /// The invite token (mesh-invite-v1.…)
     pub token: String,
-    /// A local name for the mesh (default: the inviter's name for it)
+    /// Your display name in this mesh (default: your identity's name; asked on a terminal). When it is
+    /// taken, a terminal asks for another; otherwise NAME-2, NAME-3, … is taken and said
+    #[arg(long = "name")]
+    pub display_name: Option<String>,
+    /// A local name for the mesh itself (default: the inviter's name for it)
     #[arg(long)]
-    pub name: Option<String>,
+    pub mesh_name: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct PeersArgs {
+pub struct RenameArgs {
+    /// Your new display name
+    pub name: String,
+    /// The mesh to be renamed in (default: the context, or your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct UseArgs {
+    /// The mesh that commands mean when they do not say (omit to show the current one)
+    pub mesh: Option<String>,
+    /// Forget the context: commands search every mesh again
+    #[arg(long, conflicts_with = "mesh")]
+    pub clear: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PeersArgs {
+    /// Only this mesh (default: the context, `mesh use`, else every mesh)
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// Every mesh, whatever the context
+    #[arg(long, conflicts_with = "mesh")]
+    pub all_meshes: bool,
+}
+
 fn print_mesh(m: &MeshInfo) {
     let embedded = if m.embedded { ", embedded broker" } else { "" };
-    outln!("{}  {}  {} via {}{embedded}", m.name, m.id, m.role.as_str(), m.broker);
+    let context = if m.context { "  (context: `mesh use`)" } else { "" };
+    outln!("{}  {}  {} as {:?} via {}{embedded}{context}", m.name, m.id, m.role.as_str(), m.my_name, m.broker);
 }
 
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let req = CreateMeshRequest { name: args.name, broker: args.broker, create_token: args.create_token };
+    let req = CreateMeshRequest {
+        name: args.name,
+        broker: args.broker,
+        create_token: args.create_token,
+        display_name: args.display_name,
+    };
     let mesh: MeshInfo = super::block_on(client.post(routes::MESHES, &req))??;
     if crate::output::json() {
         return super::print_json(&mesh);
@@ -78,7 +114,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
 pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = CreateInviteRequest {
-        mesh: args.mesh,
+        mesh: super::context_mesh(args.mesh),
         expires_in_secs: Some(args.expires.as_secs().max(1)),
         max_uses: Some(args.uses),
         role: Some(match args.role {
@@ -104,13 +140,76 @@ pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
 
 pub fn join(args: JoinArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let req = JoinMeshRequest { token: args.token, name: args.name };
-    let mesh: MeshInfo = super::block_on(client.post(routes::MESHES_JOIN, &req))??;
-    if crate::output::json() {
+    let interactive = super::interactive();
+    let mut display_name = match args.display_name {
+        Some(n) => Some(n),
+        None if interactive => super::prompt("your name in this mesh", None)?,
+        None => None,
+    };
+    let mesh: MeshInfo = loop {
+        let req = JoinMeshRequest {
+            token: args.token.clone(),
+            mesh_name: args.mesh_name.clone(),
+            display_name: display_name.clone(),
+            suffix_if_taken: !interactive,
+        };
+        match super::block_on(client.post::<_, MeshInfo>(routes::MESHES_JOIN, &req))? {
+            Ok(mesh) => break mesh,
+            Err(e) if interactive && e.code() == Some(ApiErrorCode::NameTaken) => {
+                errln!("{e}");
+                display_name = super::prompt("another name", None)?;
+                if display_name.is_none() {
+                    anyhow::bail!("no name given; nothing joined");
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if output::json() {
         return super::print_json(&mesh);
     }
     out!("joined mesh ");
     print_mesh(&mesh);
+    if let Some(taken) = &mesh.name_was_taken {
+        errln!(
+            "note: {taken:?} is taken in this mesh; you are {:?} there (change it with `mesh rename`)",
+            mesh.my_name
+        );
+    }
+    Ok(())
+}
+
+/// `mesh rename NAME`: your display name in one mesh, checked by its broker.
+pub fn rename(args: RenameArgs) -> anyhow::Result<()> {
+    let client = super::client()?;
+    let req = RenameRequest { name: args.name, mesh: super::context_mesh(args.mesh) };
+    let mesh: MeshInfo = super::block_on(client.post(routes::MESHES_RENAME, &req))??;
+    if output::json() {
+        return super::print_json(&mesh);
+    }
+    outln!("you are now {:?} in mesh {}", mesh.my_name, mesh.name);
+    Ok(())
+}
+
+/// `mesh use [MESH] [--clear]`: the mesh commands mean when they do not say.
+pub fn use_mesh(args: UseArgs) -> anyhow::Result<()> {
+    let client = super::client()?;
+    let context: Context = if args.clear || args.mesh.is_some() {
+        super::block_on(client.put(routes::CONTEXT, &Context { mesh: args.mesh }))??
+    } else {
+        super::block_on(client.get(routes::CONTEXT))??
+    };
+    let env = std::env::var(mesh_ipc::CONTEXT_ENV).ok().filter(|m| !m.is_empty());
+    if output::json() {
+        return super::print_json(&serde_json::json!({ "mesh": context.mesh, "env": env }));
+    }
+    match &context.mesh {
+        Some(m) => outln!("context: mesh {m} (commands without --mesh act in it)"),
+        None => outln!("no context: commands without --mesh look in every mesh"),
+    }
+    if let Some(e) = env {
+        outln!("{} is set to {e:?}: in this shell it overrides the context", mesh_ipc::CONTEXT_ENV);
+    }
     Ok(())
 }
 
@@ -131,26 +230,34 @@ pub fn list() -> anyhow::Result<()> {
 
 pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let peers: Vec<PeerInfo> = super::block_on(client.get_query(routes::PEERS, &PeersQuery { mesh: args.mesh }))??;
-    if crate::output::json() {
+    let q = PeersQuery { mesh: super::context_mesh(args.mesh), all_meshes: args.all_meshes };
+    let peers: Vec<PeerInfo> = super::block_on(client.get_query(routes::PEERS, &q))??;
+    if output::json() {
         return super::print_json(&peers);
     }
     if peers.is_empty() {
         outln!("no peers known yet (the daemon learns the roster when it connects to the broker)");
     }
     for p in &peers {
-        let state = if p.online {
-            "online".to_owned()
-        } else {
-            p.last_seen.map_or_else(|| "offline".to_owned(), |t| format!("offline, seen {}", output::ago(t)))
+        let state = match (p.ended_at, p.online) {
+            (Some(t), _) => format!("ended {}", output::ago(t)),
+            (None, true) => "online".to_owned(),
+            (None, false) => {
+                p.last_seen.map_or_else(|| "offline".to_owned(), |t| format!("offline, seen {}", output::ago(t)))
+            }
         };
         let me = if p.is_self { "  (you)" } else { "" };
+        let groups = if p.groups.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", p.groups.iter().map(|g| format!("@{g}")).collect::<Vec<_>>().join(" "))
+        };
         outln!(
-            "{:<20} {:<8} {:<7} {}  mesh {}  [{state}]{me}",
+            "{:<20} {}  {:<8} {:<7} mesh {:<12} [{state}]{groups}{me}",
             p.name,
+            output::short(&p.key),
             p.kind.as_str(),
             p.role.as_str(),
-            p.key,
             p.mesh
         );
     }

@@ -41,6 +41,26 @@ pub fn context_mesh(flag: Option<String>) -> Option<String> {
     flag.or_else(|| std::env::var(mesh_ipc::CONTEXT_ENV).ok().filter(|m| !m.is_empty()))
 }
 
+/// Whether a person is at the terminal (standard input and error both terminals): only then does a
+/// command ask questions.
+pub fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal() && std::io::stderr().is_terminal() && !crate::output::json()
+}
+
+/// Asks on the terminal; `None` for an empty answer (or end of input) when there is no default.
+pub fn prompt(question: &str, default: Option<&str>) -> anyhow::Result<Option<String>> {
+    use std::io::Write;
+    let shown = default.map(|d| format!(" [{d}]")).unwrap_or_default();
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{question}{shown}: ");
+    let _ = err.flush();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).context("reading an answer from the terminal")?;
+    let answer = line.trim();
+    Ok(if answer.is_empty() { default.map(str::to_owned) } else { Some(answer.to_owned()) })
+}
+
 /// The bearer token for the event stream: the session's inside `mesh launch`, else the member's.
 pub fn stream_token(home: &Home) -> anyhow::Result<String> {
     let path = match std::env::var_os(mesh_ipc::SESSION_FILE_ENV).filter(|p| !p.is_empty()) {

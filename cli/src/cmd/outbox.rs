@@ -13,9 +13,12 @@ pub struct OutboxArgs {
     /// Only rows in this state
     #[arg(long, value_parser = parse_status)]
     pub status: Option<OutboxStatus>,
-    /// Only messages sent in this mesh
+    /// Only messages sent in this mesh (default: the context, `mesh use`, else every mesh)
     #[arg(long)]
     pub mesh: Option<String>,
+    /// Every mesh, whatever the context
+    #[arg(long, conflicts_with = "mesh")]
+    pub all_meshes: bool,
     /// The newest N rows
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -47,7 +50,12 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
         outln!("outbox #{id} {verb}: now {}", entry.status.as_str());
         return Ok(());
     }
-    let q = OutboxQuery { status: args.status, mesh: super::context_mesh(args.mesh), limit: Some(args.limit) };
+    let q = OutboxQuery {
+        status: args.status,
+        mesh: super::context_mesh(args.mesh),
+        all_meshes: args.all_meshes,
+        limit: Some(args.limit),
+    };
     let rows: Vec<OutboxEntry> = super::block_on(client.get_query(routes::OUTBOX, &q))??;
     if crate::output::json() {
         return super::print_json(&rows);
@@ -61,14 +69,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
             (TargetKind::Broadcast, _) => "everyone".to_owned(),
             _ => r.target.address.clone(),
         };
-        let mut state = r.status.as_str().to_owned();
-        if let Some(t) = r.read_at {
-            state = format!("read {}", output::ago(t));
-        } else if let Some(t) = r.delivered_at {
-            state = format!("delivered {}", output::ago(t));
-        } else if r.status == OutboxStatus::Done {
-            state = "accepted by broker".to_owned();
-        }
+        let state = state(r);
         let err = r.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default();
         let waiting = waiting_for(r).map(|w| format!("  ({w})")).unwrap_or_default();
         let who = r.session.as_deref().map(|s| format!(" from session {s}")).unwrap_or_default();
@@ -96,4 +97,25 @@ pub fn waiting_for(r: &OutboxEntry) -> Option<String> {
             format!("broker connection {} since {}{why}{next}", state.as_str(), output::ago(link.since))
         }
     })
+}
+
+/// Where a sent message stands, in words: receipts counted against its recipients.
+pub fn state(r: &OutboxEntry) -> String {
+    let of = |n: u32| match r.recipients {
+        Some(total) if total != 1 => format!(" {n}/{total}"),
+        _ => String::new(),
+    };
+    match r.status {
+        OutboxStatus::Done if r.read_count > 0 => {
+            format!("read{}{}", of(r.read_count), r.read_at.map(|t| format!(" {}", output::ago(t))).unwrap_or_default())
+        }
+        OutboxStatus::Done if r.delivered_count > 0 => format!(
+            "delivered{}{}",
+            of(r.delivered_count),
+            r.delivered_at.map(|t| format!(" {}", output::ago(t))).unwrap_or_default()
+        ),
+        OutboxStatus::Done if r.recipients == Some(0) => "accepted by the broker, no recipients".to_owned(),
+        OutboxStatus::Done => "accepted by the broker".to_owned(),
+        other => other.as_str().to_owned(),
+    }
 }

@@ -3,23 +3,27 @@
 use std::io::Read;
 
 use anyhow::Context;
-use mesh_ipc::api::{SendRequest, SendResponse, TargetKind, WaitFor, WaitQuery, WaitResponse};
+use mesh_ipc::MAX_MESSAGE_BYTES;
+use mesh_ipc::api::{
+    OutboxEntry, OutboxStatus, SendRequest, SendResponse, SendWait, TargetKind, WaitFor, WaitQuery, WaitResponse,
+};
 use mesh_ipc::routes;
 
 #[derive(clap::Args, Debug)]
 pub struct SendArgs {
-    /// A display name, a full public key, @group, or * for everyone
+    /// A display name, a full key, a unique key prefix (4+ hex digits, e.g. the 8 shown by `mesh
+    /// peers`), @group, or * for everyone in the mesh
     pub target: String,
-    /// The message; `-` reads it from standard input
+    /// The message (at most 64 KiB); `-` reads it from standard input
     pub message: String,
-    /// The mesh (needed when the target could be in more than one)
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else wherever the target is)
     #[arg(long)]
     pub mesh: Option<String>,
     /// Reuse this key to make a retried send idempotent (default: a fresh id)
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Block until the broker accepted it, every recipient's daemon has it, or every recipient read it
-    /// (exit 1 if not in time)
+    /// (exit 1 if not in time; the message stays queued either way)
     #[arg(long, value_enum)]
     pub wait: Option<Wait>,
     /// How long --wait waits
@@ -42,19 +46,109 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     } else {
         args.message
     };
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(crate::output::fail(
+            "payload_too_large",
+            format!("the message is {} bytes; the limit is {MAX_MESSAGE_BYTES} bytes (64 KiB)", body.len()),
+            Some("send a shorter message, or a path or link to the content".into()),
+        ));
+    }
     // Minted here, before the first attempt, so a retry after a timeout can never send twice.
     let client_message_id = args.idempotency_key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let client = super::client()?;
-    let req = SendRequest { client_message_id, to: args.target, body, mesh: args.mesh };
-    let resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
-    if let Some(wait) = args.wait {
-        return wait_for(&client, &resp, wait, args.timeout);
-    }
+    let req = SendRequest { client_message_id, to: args.target, body, mesh: super::context_mesh(args.mesh) };
+    let mut resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
+    let Some(wait) = args.wait else {
+        if crate::output::json() {
+            return super::print_json(&resp);
+        }
+        outln!("{}", describe(&resp));
+        return Ok(());
+    };
+    let until = match wait {
+        Wait::Accepted => WaitFor::Accepted,
+        Wait::Delivered => WaitFor::Delivered,
+        Wait::Read => WaitFor::Read,
+    };
+    let q = WaitQuery { until, timeout_ms: Some(args.timeout.as_millis() as u64) };
+    let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
+    let waited: WaitResponse = super::block_on(client.get_query(&route, &q))??;
+    let e = &waited.entry;
+    resp.status = e.status;
+    resp.wait = Some(SendWait {
+        until,
+        reached: waited.reached,
+        status: e.status,
+        recipients: e.recipients,
+        delivered_count: e.delivered_count,
+        read_count: e.read_count,
+        expired_count: e.expired_count,
+    });
     if crate::output::json() {
-        return super::print_json(&resp);
+        super::print_json(&resp)?;
+    } else {
+        outln!("{}", describe(&resp));
+        if waited.reached {
+            outln!("{}", progress(until, e));
+        }
     }
-    outln!("{}", describe(&resp));
+    if !waited.reached {
+        return Err(not_reached(until, e, args.timeout));
+    }
     Ok(())
+}
+
+/// "delivered to 2 of 3 recipients", "accepted by the broker", …
+fn progress(until: WaitFor, e: &OutboxEntry) -> String {
+    let total = e.recipients.unwrap_or(1);
+    let of = |n: u32, what: &str| match total {
+        1 => what.to_owned(),
+        _ => format!("{what} by {n} of {total} recipients"),
+    };
+    match until {
+        WaitFor::Accepted => match e.recipients {
+            Some(n) => format!("accepted by the broker for {n} recipient(s)"),
+            None => "accepted by the broker".to_owned(),
+        },
+        WaitFor::Delivered => of(e.delivered_count, "delivered").replace("delivered by", "delivered to"),
+        WaitFor::Read => of(e.read_count, "read"),
+    }
+}
+
+/// Why `--wait` ended without its receipt, and what the message does next.
+fn not_reached(until: WaitFor, e: &OutboxEntry, timeout: std::time::Duration) -> anyhow::Error {
+    let waited = humantime::format_duration(timeout);
+    let (message, hint) = match e.status {
+        OutboxStatus::Dead => (
+            format!("outbox #{} is dead: {}", e.id, e.last_error.as_deref().unwrap_or("refused")),
+            "see `mesh outbox`; `mesh outbox retry ID` sends it again".to_owned(),
+        ),
+        OutboxStatus::Aborted => (format!("outbox #{} was aborted", e.id), "`mesh outbox retry ID` sends it".into()),
+        OutboxStatus::Pending | OutboxStatus::Inflight => (
+            format!(
+                "outbox #{} is not accepted by the broker yet after {waited}{}",
+                e.id,
+                e.last_error.as_deref().map(|m| format!(" (last error: {m})")).unwrap_or_default()
+            ),
+            "it stays in the outbox and is retried; follow it with `mesh outbox`".into(),
+        ),
+        OutboxStatus::Done if e.expired_count > 0 => (
+            format!("outbox #{}: {} recipient(s) did not take it before it expired", e.id, e.expired_count),
+            "see `mesh outbox`".into(),
+        ),
+        OutboxStatus::Done => {
+            let total = e.recipients.unwrap_or(1);
+            let (n, what) = match until {
+                WaitFor::Read => (e.read_count, "read"),
+                _ => (e.delivered_count, "delivered"),
+            };
+            (
+                format!("outbox #{} was {what} by {n} of {total} recipient(s) within {waited}", e.id),
+                "it stays queued at the broker for the others (until its TTL); follow it with `mesh outbox`".into(),
+            )
+        }
+    };
+    crate::output::fail("wait_timeout", message, Some(hint))
 }
 
 fn describe(resp: &SendResponse) -> String {
@@ -65,46 +159,4 @@ fn describe(resp: &SendResponse) -> String {
     };
     let again = if resp.duplicate { " (already queued earlier with this idempotency key)" } else { "" };
     format!("queued for {to} in mesh {} as outbox #{}: {}{again}", resp.mesh, resp.outbox_id, resp.status.as_str())
-}
-
-fn wait_for(
-    client: &mesh_ipc::IpcClient,
-    resp: &SendResponse,
-    wait: Wait,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
-    let until = match wait {
-        Wait::Accepted => WaitFor::Accepted,
-        Wait::Delivered => WaitFor::Delivered,
-        Wait::Read => WaitFor::Read,
-    };
-    let q = WaitQuery { until, timeout_ms: Some(timeout.as_millis() as u64) };
-    let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
-    let waited: WaitResponse = super::block_on(client.get_query(&route, &q))??;
-    if crate::output::json() {
-        super::print_json(&waited)?;
-    } else if waited.reached {
-        let what = match until {
-            WaitFor::Accepted => "accepted by the broker".to_owned(),
-            WaitFor::Delivered => format!("delivered to {} recipient(s)", waited.entry.delivered_count),
-            WaitFor::Read => format!("read by {} recipient(s)", waited.entry.read_count),
-        };
-        outln!("{}\n{what}", describe(resp));
-    }
-    if !waited.reached {
-        let e = &waited.entry;
-        let why = e.last_error.as_deref().map(|m| format!(" (last error: {m})")).unwrap_or_default();
-        anyhow::bail!(
-            "outbox #{} not {} within {}: it is {}{why}; follow it with `mesh outbox`",
-            e.id,
-            match until {
-                WaitFor::Accepted => "accepted",
-                WaitFor::Delivered => "delivered",
-                WaitFor::Read => "read",
-            },
-            humantime::format_duration(timeout),
-            e.status.as_str()
-        );
-    }
-    Ok(())
 }

@@ -13,7 +13,7 @@ pub struct LaunchArgs {
     /// The session's name, as others address it
     #[arg(long)]
     pub name: String,
-    /// The mesh the session lives in (needed when you are in more than one)
+    /// The mesh the session lives in (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
     /// The command to run as the session
@@ -36,7 +36,7 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
         bail!("already inside a session ({} is set); a session cannot launch another", mesh_ipc::SESSION_FILE_ENV);
     }
     let client = super::client()?;
-    let req = LaunchRequest { name: args.name, mesh: args.mesh, pid: std::process::id() };
+    let req = LaunchRequest { name: args.name, mesh: super::context_mesh(args.mesh), pid: std::process::id() };
     let launched: LaunchResponse = super::block_on(client.post(routes::SESSIONS, &req))??;
     if crate::output::json() {
         // Standard output belongs to the command; the session is described on standard error.

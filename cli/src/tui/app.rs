@@ -30,6 +30,8 @@ pub struct Compose {
     pub to: String,
     pub body: String,
     pub field: Field,
+    /// The mesh it goes in: a reply's or a chosen peer's; `None` follows the context rule.
+    pub mesh: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,7 +282,7 @@ impl App {
                 if c.to.trim().is_empty() || c.body.trim().is_empty() {
                     self.notice = Some("a message needs a recipient and some text".into());
                 } else {
-                    return vec![Action::Send { to: c.to.trim().to_owned(), body: c.body, mesh: self.mesh.clone() }];
+                    return vec![Action::Send { to: c.to.trim().to_owned(), body: c.body, mesh: c.mesh }];
                 }
             }
             KeyCode::Backspace => {
@@ -364,24 +366,34 @@ impl App {
             }
             KeyCode::Char('c') => {
                 // From the peers pane, to the selected peer; else to whoever is typed.
-                let to = match (self.focus, self.selected_peer()) {
-                    (Pane::Peers, Some(p)) => Some(p.key.clone()),
-                    _ => None,
+                let (to, mesh) = match (self.focus, self.selected_peer()) {
+                    (Pane::Peers, Some(p)) => (Some(p.key.clone()), Some(p.mesh.clone())),
+                    _ => (None, self.mesh.clone()),
                 };
                 let field = if to.is_some() { Field::Body } else { Field::To };
-                self.mode = Mode::Compose(Compose { to: to.unwrap_or_default(), body: String::new(), field });
+                self.mode = Mode::Compose(Compose { to: to.unwrap_or_default(), body: String::new(), field, mesh });
                 vec![]
             }
             KeyCode::Char('r') | KeyCode::Enter if self.focus == Pane::Inbox => {
                 if let Some(m) = self.selected_message() {
-                    // Reply to the sender by key: names can be ambiguous, keys cannot.
-                    self.mode = Mode::Compose(Compose { to: m.from.clone(), body: String::new(), field: Field::Body });
+                    // Reply to the sender by key (names can be ambiguous, keys cannot), in its mesh.
+                    self.mode = Mode::Compose(Compose {
+                        to: m.from.clone(),
+                        body: String::new(),
+                        field: Field::Body,
+                        mesh: Some(m.mesh.clone()),
+                    });
                 }
                 vec![]
             }
             KeyCode::Enter if self.focus == Pane::Peers => {
                 if let Some(p) = self.selected_peer() {
-                    self.mode = Mode::Compose(Compose { to: p.key.clone(), body: String::new(), field: Field::Body });
+                    self.mode = Mode::Compose(Compose {
+                        to: p.key.clone(),
+                        body: String::new(),
+                        field: Field::Body,
+                        mesh: Some(p.mesh.clone()),
+                    });
                 }
                 vec![]
             }

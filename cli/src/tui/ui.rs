@@ -438,6 +438,8 @@ mod tests {
             online,
             last_seen: Some(T0),
             is_self: me,
+            groups: vec![],
+            ended_at: None,
         }
     }
 

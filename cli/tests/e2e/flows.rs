@@ -122,19 +122,27 @@ fn a_fresh_home_gets_a_local_mesh_on_an_embedded_broker_that_others_can_join() {
 }
 
 #[test]
-fn targets_resolve_by_exact_name_or_full_key_and_never_by_guess() {
+fn targets_resolve_by_name_key_or_unique_prefix_and_offer_what_was_meant() {
     let alice = TestHome::new(MESH);
     alice.ok(&["init", "--name", "alice"]);
     alice.ok(&["daemon", "up"]);
     let key = alice.json(&["daemon", "status"])["member"]["key"].as_str().expect("key").to_owned();
 
+    // A near miss is refused, with the candidate offered (text and JSON).
     let err = alice.fails(&["send", "alic", "prefix?"], 1);
-    assert!(err.contains("no peer \"alic\""), "{err}");
-    let err = alice.fails(&["send", &key[..16], "key prefix?"], 1);
-    assert!(err.contains("no peer"), "{err}");
+    assert!(err.contains("no peer \"alic\"") && err.contains("did you mean alice"), "{err}");
+    let out = alice.cmd(&["send", "alic", "prefix?", "--json"]).output().expect("run");
+    let err: Value = serde_json::from_slice(&out.stderr).expect("JSON error");
+    assert_eq!(err["error"]["code"], "unknown_target");
+    assert_eq!(err["error"]["candidates"][0]["key"], key.as_str());
+    // Too short to be a key prefix.
+    alice.fails(&["send", &key[..3], "three digits?"], 1);
 
-    // To oneself, by full key: a direct message like any other.
-    alice.ok(&["send", &key, "note to self"]);
-    let row = wait_for_message(&alice, "note to self");
-    assert_eq!(row["kind"], "direct");
+    // The short key shown everywhere, any unique prefix of 4+ digits, and the full key all work.
+    for (target, body) in [(&key[..8], "by short key"), (&key[..5], "by prefix"), (key.as_str(), "note to self")] {
+        let sent = alice.json(&["send", target, body]);
+        assert_eq!(sent["target"]["address"], key.as_str(), "{target}");
+        let row = wait_for_message(&alice, body);
+        assert_eq!(row["kind"], "direct");
+    }
 }

@@ -192,8 +192,8 @@ fn read_receipts_travel_back_to_the_sender_across_daemons() {
     let out = waiter.join().expect("thread");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let waited: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(waited["reached"], true);
-    assert_eq!(waited["entry"]["read_count"], 1);
+    assert_eq!(waited["wait"]["reached"], true);
+    assert_eq!(waited["wait"]["read_count"], 1);
 }
 
 #[test]

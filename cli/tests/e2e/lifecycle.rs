@@ -40,7 +40,9 @@ fn a_daemon_killed_with_sigkill_leaves_a_stale_socket_and_lock_that_the_next_up_
     home.eventually_json("the local mesh back online", &["daemon", "status"], |v| {
         v["meshes"][0]["connection"]["state"] == "online"
     });
-    home.ok(&["send", "*", "after the crash"]);
+    let me = status["member"]["key"].as_str().expect("key").to_owned();
+    home.ok(&["send", &me, "after the crash"]);
+    wait_for_message(&home, "after the crash");
 }
 
 #[test]

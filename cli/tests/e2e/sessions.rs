@@ -4,6 +4,7 @@ use mesh_testkit::{BrokerProcess, TestHome};
 use serde_json::Value;
 
 use super::*;
+use serde_json::json;
 
 /// A broker with alice (owner of "team") and bob (member), both daemons up and in each other's roster.
 pub fn team(broker: &BrokerProcess) -> (TestHome, TestHome) {
@@ -127,10 +128,11 @@ fn a_message_to_an_offline_session_is_delivered_when_it_next_runs_and_the_sender
 
     // Accepted by the broker for the offline session, but not delivered.
     let sent = alice.json(&["send", "helper", "for when you are back", "--wait", "accepted"]);
-    assert_eq!(sent["reached"], true);
-    assert!(sent["entry"]["delivered_at"].is_null());
+    assert_eq!((sent["wait"]["reached"].clone(), sent["wait"]["delivered_count"].clone()), (json!(true), json!(0)));
+    assert_eq!(sent["status"], "done");
     let err = alice.fails(&["send", "helper", "are you there?", "--wait", "delivered", "--timeout", "1s"], 1);
-    assert!(err.contains("not delivered within 1s"), "{err}");
+    assert!(err.contains("was delivered by 0 of 1 recipient(s) within 1s"), "{err}");
+    assert!(err.contains("stays queued at the broker"), "{err}");
 
     let helper = bob.launch("helper", None);
     worker_eventually(&helper, "for when you are back");
@@ -139,8 +141,8 @@ fn a_message_to_an_offline_session_is_delivered_when_it_next_runs_and_the_sender
         v.as_array().expect("array").iter().all(|r| r["delivered_at"].is_u64())
     });
     let waited = alice.json(&["send", "helper", "now it is live", "--wait", "delivered"]);
-    assert_eq!(waited["reached"], true);
-    assert_eq!(waited["entry"]["delivered_count"], 1);
+    assert_eq!(waited["wait"]["reached"], true);
+    assert_eq!(waited["wait"]["delivered_count"], 1);
 }
 
 #[test]

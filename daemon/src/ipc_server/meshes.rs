@@ -1,4 +1,5 @@
-//! Meshes, invites and rosters: `/v1/meshes`, `/v1/meshes/join`, `/v1/invites`, `/v1/peers`.
+//! Meshes, invites, rosters, names and the context: `/v1/meshes`, `/v1/meshes/join`,
+//! `/v1/meshes/rename`, `/v1/context`, `/v1/invites`, `/v1/peers`.
 
 use std::sync::Arc;
 
@@ -10,35 +11,51 @@ use mesh_proto::invite::{InviteParams, InviteToken};
 use mesh_proto::wire::{Intent, Role};
 use mesh_proto::{MeshId, names};
 
-use super::{Body, Failure, Params, pick_mesh};
+use std::time::Duration;
+
+use mesh_proto::wire::{ClientFrame, ErrorCode, RenameRequest as RenameFrame};
+
+use super::{Body, Caller, Failure, Params, list_scope, pick_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
-use crate::link;
+use crate::link::{self, LinkError, RequestError};
 use crate::meshes::MeshRow;
 use crate::roster;
 
 const DEFAULT_INVITE_SECS: u64 = 24 * 60 * 60;
 
 pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<MeshInfo>>, Failure> {
-    let rows = d.db.call(|c| crate::meshes::list(c)).await?;
-    Ok(Json(rows.iter().map(MeshRow::info).collect()))
+    let (rows, context) = d.db.call(|c| Ok((crate::meshes::list(c)?, crate::meshes::context(c)?))).await?;
+    Ok(Json(rows.iter().map(|m| info(&d, m, context.as_ref())).collect()))
+}
+
+fn info(d: &Daemon, m: &MeshRow, context: Option<&MeshId>) -> MeshInfo {
+    MeshInfo { context: context == Some(&m.id), ..m.info(&d.member.name) }
+}
+
+/// A display name as typed: normalised, then checked against the naming rules.
+fn display_name(typed: Option<String>, d: &Daemon) -> Result<String, Failure> {
+    let name = names::normalize(typed.as_deref().unwrap_or(&d.member.name));
+    names::validate_display(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
+    Ok(name)
 }
 
 pub async fn create(
     State(d): State<Arc<Daemon>>,
+    caller: Caller,
     Body(req): Body<CreateMeshRequest>,
 ) -> Result<Json<MeshInfo>, Failure> {
+    caller.member_only("creating a mesh")?;
     names::validate_display(&req.name).map_err(|e| Failure::bad_request(e.to_string()))?;
     link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
+    let me = display_name(req.display_name.clone(), &d)?;
     let name = req.name.clone();
     if d.db.call(move |c| crate::meshes::name_taken(c, &name)).await? {
         return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {:?} already exists here", req.name)));
     }
     let mesh_id = MeshId::generate();
     let intent = Intent::Create { mesh_name: req.name.clone(), create_token: req.create_token.clone() };
-    let member = &d.member;
-    let (_ws, welcome) =
-        link::handshake(&req.broker, &member.identity, &member.name, mesh_id, None, |_| intent).await?;
+    let (_ws, welcome) = link::handshake(&req.broker, &d.member.identity, &me, mesh_id, None, |_| intent).await?;
     let row = MeshRow {
         id: mesh_id,
         name: req.name,
@@ -47,6 +64,7 @@ pub async fn create(
         group_key: GroupKey::generate(),
         embedded: false,
         joined_at: now_ms(),
+        my_name: Some(me),
     };
     store_and_attach(&d, row, welcome.roster).await
 }
@@ -64,34 +82,57 @@ async fn store_and_attach(
     .await?;
     tracing::info!(mesh = %row.name, id = %row.id, "mesh added");
     d.attach_mesh(&row);
-    Ok(Json(row.info()))
+    Ok(Json(row.info(&d.member.name)))
 }
 
-pub async fn join(State(d): State<Arc<Daemon>>, Body(req): Body<JoinMeshRequest>) -> Result<Json<MeshInfo>, Failure> {
+/// Names tried after the one asked for when it is taken and the caller allows a suffix.
+const MAX_SUFFIX: u32 = 20;
+
+pub async fn join(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<JoinMeshRequest>,
+) -> Result<Json<MeshInfo>, Failure> {
+    caller.member_only("joining a mesh")?;
     let token = InviteToken::decode(&req.token).map_err(|e| Failure::bad_request(e.to_string()))?;
     let claims = token.claims.clone();
     let group_key = token.group_key().map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
     let mesh_id = claims.mesh_id;
     if let Some(existing) = d.db.call(move |c| crate::meshes::get(c, &mesh_id)).await? {
-        return Ok(Json(existing.info()));
+        return Ok(Json(existing.info(&d.member.name)));
     }
-    if let Some(name) = &req.name {
+    if let Some(name) = &req.mesh_name {
         names::validate_display(name).map_err(|e| Failure::bad_request(e.to_string()))?;
         let n = name.clone();
         if d.db.call(move |c| crate::meshes::name_taken(c, &n)).await? {
             return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
         }
     }
-    let member = &d.member;
-    let invite = token.invite.clone();
-    let key = member.identity.key();
-    let (_ws, welcome) =
-        link::handshake(&claims.broker_url, &member.identity, &member.name, mesh_id, None, |challenge| Intent::Join {
-            invite,
-            proof: token.prove(challenge, &key),
+    let asked = display_name(req.display_name.clone(), &d)?;
+    let key = d.member.identity.key();
+    let mut attempt = 1;
+    let (me, welcome) = loop {
+        let me = if attempt == 1 { asked.clone() } else { format!("{asked}-{attempt}") };
+        let invite = token.invite.clone();
+        let joined = link::handshake(&claims.broker_url, &d.member.identity, &me, mesh_id, None, |challenge| {
+            Intent::Join { invite, proof: token.prove(challenge, &key) }
         })
-        .await?;
-    let wanted = req.name.unwrap_or(claims.mesh_name.clone());
+        .await;
+        match joined {
+            Ok((_ws, welcome)) => break (me, welcome),
+            Err(LinkError::Refused(e)) if e.code == ErrorCode::NameTaken => {
+                if !req.suffix_if_taken || attempt > MAX_SUFFIX {
+                    return Err(Failure::new(ApiErrorCode::NameTaken, e.message).with_hint(format!(
+                        "join under another name: mesh join TOKEN --name NAME (for example {asked}-2)"
+                    )));
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let taken = (me != asked).then_some(asked);
+    let wanted = req.mesh_name.unwrap_or(claims.mesh_name.clone());
     let name = d.db.call(move |c| crate::meshes::free_name(c, &wanted)).await?;
     let row = MeshRow {
         id: mesh_id,
@@ -101,8 +142,88 @@ pub async fn join(State(d): State<Arc<Daemon>>, Body(req): Body<JoinMeshRequest>
         group_key,
         embedded: false,
         joined_at: now_ms(),
+        my_name: Some(me),
     };
-    store_and_attach(&d, row, welcome.roster).await
+    let Json(info) = store_and_attach(&d, row, welcome.roster).await?;
+    Ok(Json(MeshInfo { name_was_taken: taken, ..info }))
+}
+
+/// How long a rename waits for the broker's answer.
+const RENAME_WAIT: Duration = Duration::from_secs(10);
+
+/// The member's display name in one mesh, changed at the broker (which refuses a taken name) over
+/// the live connection, then here; no reconnect, no restart.
+pub async fn rename(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<RenameRequest>,
+) -> Result<Json<MeshInfo>, Failure> {
+    caller.member_only("renaming")?;
+    let mesh = pick_mesh(&d, req.mesh).await?;
+    let name = display_name(Some(req.name), &d)?;
+    let me = d.member.identity.key();
+    let unreachable = |why: String| {
+        Failure::new(ApiErrorCode::BrokerUnreachable, format!("renaming needs the broker of mesh {}: {why}", mesh.name))
+            .with_hint("try again once `mesh daemon status` shows the mesh online")
+    };
+    let Some(link) = d.link(&mesh.id, &me) else { return Err(unreachable("no connection".into())) };
+    let status = link.status.borrow().clone();
+    if status.state != LinkState::Online {
+        return Err(unreachable(format!("the connection is {}", status.state.as_str())));
+    }
+    let wanted = name.clone();
+    match link.request(move |id| ClientFrame::Rename(RenameFrame { id, name: wanted }), RENAME_WAIT).await {
+        Ok(()) => {}
+        Err(RequestError::Refused(e)) if e.code == ErrorCode::NameTaken => {
+            return Err(Failure::new(ApiErrorCode::NameTaken, e.message));
+        }
+        Err(RequestError::Refused(e)) => {
+            return Err(Failure::new(ApiErrorCode::BrokerRefused, format!("{}: {}", e.code.as_str(), e.message)));
+        }
+        Err(RequestError::NotConnected) => return Err(unreachable("the connection was lost".into())),
+    }
+    *link.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name.clone();
+    let (id, stored) = (mesh.id, name.clone());
+    let row =
+        d.db.call(move |c| {
+            crate::meshes::set_my_name(c, &id, &stored)?;
+            c.execute(
+                "UPDATE peers SET name = ?3 WHERE mesh_id = ?1 AND key = ?2",
+                rusqlite::params![id.to_string(), me.to_string(), stored],
+            )?;
+            crate::meshes::get(c, &id)
+        })
+        .await?
+        .ok_or_else(|| Failure::new(ApiErrorCode::UnknownMesh, "the mesh was removed meanwhile".into()))?;
+    tracing::info!(mesh = %row.name, name = %name, "renamed");
+    d.notify_changed();
+    Ok(Json(row.info(&d.member.name)))
+}
+
+pub async fn get_context(State(d): State<Arc<Daemon>>) -> Result<Json<Context>, Failure> {
+    let mesh =
+        d.db.call(|c| match crate::meshes::context(c)? {
+            Some(id) => Ok(crate::meshes::get(c, &id)?.map(|m| m.name)),
+            None => Ok(None),
+        })
+        .await?;
+    Ok(Json(Context { mesh }))
+}
+
+/// `mesh use MESH` (or, with no mesh, forgetting the context).
+pub async fn set_context(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<Context>,
+) -> Result<Json<Context>, Failure> {
+    caller.member_only("setting the mesh context (a session always acts in its own mesh)")?;
+    let chosen = match &req.mesh {
+        Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?),
+        None => None,
+    };
+    let id = chosen.as_ref().map(|m| m.id);
+    d.db.call(move |c| crate::meshes::set_context(c, id.as_ref())).await?;
+    Ok(Json(Context { mesh: chosen.map(|m| m.name) }))
 }
 
 pub async fn invite(
@@ -152,16 +273,17 @@ pub async fn invite(
 
 pub async fn peers(
     State(d): State<Arc<Daemon>>,
+    caller: Caller,
     Params(q): Params<PeersQuery>,
 ) -> Result<Json<Vec<PeerInfo>>, Failure> {
-    let mesh = match q.mesh {
-        Some(m) => Some(pick_mesh(&d, Some(m)).await?),
-        None => None,
+    let mesh = match &caller {
+        // A session sees the roster of its own mesh.
+        Caller::Session(s) => Some(s.mesh_id),
+        Caller::Member => list_scope(&d, q.mesh, q.all_meshes).await?.map(|m| m.id),
     };
     let all = d.db.call(|c| crate::meshes::list(c)).await?;
-    let mesh_id = mesh.map(|m| m.id);
-    let rows = d.db.call(move |c| roster::list(c, mesh_id.as_ref())).await?;
-    let me = d.member.identity.key();
+    let rows = d.db.call(move |c| roster::list(c, mesh.as_ref())).await?;
+    let me = caller.key(&d);
     let name_of = |id: &MeshId| all.iter().find(|m| m.id == *id).map_or_else(|| id.to_string(), |m| m.name.clone());
     Ok(Json(rows.iter().map(|r| roster::peer_info(r, &name_of(&r.mesh_id), &me)).collect()))
 }

@@ -11,7 +11,7 @@ use mesh_ipc::api::*;
 use mesh_proto::message::{self, Content, SealKey};
 use sha2::Digest;
 
-use super::{Body, Caller, Failure, Params, RowId, pick_mesh};
+use super::{Body, Caller, Failure, Params, RowId, list_scope};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::inbox;
@@ -43,6 +43,7 @@ fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
         mesh: e.mesh,
         target: e.target,
         duplicate,
+        wait: None,
     }
 }
 
@@ -79,7 +80,7 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     if req.body.len() > MAX_MESSAGE_BYTES {
         return Err(Failure::new(
             ApiErrorCode::PayloadTooLarge,
-            format!("the message exceeds {MAX_MESSAGE_BYTES} bytes"),
+            format!("the message is {} bytes; the limit is {MAX_MESSAGE_BYTES} bytes (64 KiB)", req.body.len()),
         ));
     }
     let fingerprint = send_fingerprint(&req, &caller.key(d));
@@ -95,6 +96,7 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
         Caller::Session(s) => Some((s.mesh_id, s.name.clone())),
     };
     let (lookup_id, to, asked_mesh) = (cmid.clone(), req.to.clone(), req.mesh.clone());
+    let sender_key = caller.key(d);
     let route =
         d.db.call(move |c| {
             // Idempotency first: a resend is answered from the stored row, whatever the roster says now.
@@ -120,7 +122,11 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
                     Some(own.id.to_string())
                 }
             };
-            Ok(roster::resolve(c, &to, mesh.as_deref()).map(|r| Route::New(Box::new(r))).map_err(Failure::from))
+            let scope = match super::target_scope(c, mesh.as_deref()) {
+                Ok(scope) => scope,
+                Err(e) => return Ok(Err(Failure::from(e))),
+            };
+            Ok(roster::resolve(c, &to, &scope, &sender_key).map(|r| Route::New(Box::new(r))).map_err(Failure::from))
         })
         .await??;
     let resolved = match route {
@@ -170,9 +176,9 @@ pub async fn inbox(
     caller: Caller,
     Params(q): Params<InboxQuery>,
 ) -> Result<Json<Vec<InboxMessage>>, Failure> {
-    let mesh = match &q.mesh {
-        Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?.id),
-        None => None,
+    let mesh = match &caller {
+        Caller::Session(_) => None,
+        Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
     let recipients = vec![caller.key(&d)];
     let rows = d.db.call(move |c| inbox::list(c, &recipients, mesh.as_ref(), &q)).await?;
@@ -185,9 +191,9 @@ pub async fn outbox(
     Params(q): Params<OutboxQuery>,
 ) -> Result<Json<Vec<OutboxEntry>>, Failure> {
     let scope = caller.scope();
-    let mesh = match &q.mesh {
-        Some(m) => Some(pick_mesh(&d, Some(m.clone())).await?.id),
-        None => None,
+    let mesh = match &caller {
+        Caller::Session(_) => None,
+        Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
     let mut rows = d.db.call(move |c| outbox::list(c, &q, scope.as_ref(), mesh.as_ref())).await?;
     for row in &mut rows {

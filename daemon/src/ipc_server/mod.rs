@@ -58,6 +58,12 @@ impl Failure {
     pub fn code(&self) -> ApiErrorCode {
         self.0.code
     }
+
+    fn with_miss(mut self, miss: roster::Miss) -> Failure {
+        self.0.hint = miss.hint;
+        self.0.candidates = miss.candidates;
+        self
+    }
 }
 
 impl IntoResponse for Failure {
@@ -87,14 +93,17 @@ impl From<LinkError> for Failure {
 
 impl From<ResolveError> for Failure {
     fn from(e: ResolveError) -> Self {
-        let code = match e {
-            ResolveError::UnknownMesh(_) => ApiErrorCode::UnknownMesh,
-            ResolveError::NoMeshes | ResolveError::Unknown(_) | ResolveError::BadBinding(_) => {
-                ApiErrorCode::UnknownTarget
+        let message = e.to_string();
+        match e {
+            ResolveError::UnknownMesh(_) => {
+                Failure::new(ApiErrorCode::UnknownMesh, message).with_hint("`mesh meshes` lists your meshes")
             }
-            ResolveError::Ambiguous(_) => ApiErrorCode::AmbiguousTarget,
-        };
-        Failure::new(code, e.to_string())
+            ResolveError::NoMeshes => Failure::new(ApiErrorCode::UnknownTarget, message),
+            ResolveError::BadBinding(_) => Failure::new(ApiErrorCode::UnknownTarget, message),
+            ResolveError::Db(_) => Failure::new(ApiErrorCode::Internal, message),
+            ResolveError::Unknown(miss) => Failure::new(ApiErrorCode::UnknownTarget, message).with_miss(miss),
+            ResolveError::Ambiguous(miss) => Failure::new(ApiErrorCode::AmbiguousTarget, message).with_miss(miss),
+        }
     }
 }
 
@@ -188,6 +197,17 @@ impl Caller {
         }
     }
 
+    /// Refuses a session: `what` is for the member only.
+    pub fn member_only(&self, what: &str) -> Result<(), Failure> {
+        match self {
+            Caller::Member => Ok(()),
+            Caller::Session(s) => Err(Failure::new(
+                ApiErrorCode::Unauthorized,
+                format!("{what} is for the member, not a session (this is session {:?})", s.name),
+            )),
+        }
+    }
+
     pub fn session_name(&self) -> Option<&str> {
         match self {
             Caller::Member => None,
@@ -234,6 +254,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SHUTDOWN, post(shutdown))
         .route(routes::MESHES, get(meshes::list).post(meshes::create))
         .route(routes::MESHES_JOIN, post(meshes::join))
+        .route(routes::MESHES_RENAME, post(meshes::rename))
+        .route(routes::CONTEXT, get(meshes::get_context).put(meshes::set_context))
         .route(routes::INVITES, post(meshes::invite))
         .route(routes::PEERS, get(meshes::peers))
         .route(routes::SEND, post(messages::send))
@@ -342,27 +364,57 @@ async fn status(State(d): State<Arc<Daemon>>) -> Result<Json<Status>, Failure> {
     }))
 }
 
-/// The mesh a request names, or the only one there is.
+/// The one mesh a request acts in: the one it names, the context set by `mesh use`, or the only one
+/// there is; with several and no context, an error listing them.
 pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Failure> {
-    let all = d.db.call(|c| crate::meshes::list(c)).await?;
-    match mesh {
-        Some(m) => all
-            .into_iter()
-            .find(|row| row.name == m || row.id.to_string() == m)
-            .ok_or_else(|| Failure::new(ApiErrorCode::UnknownMesh, format!("no mesh named {m:?}; see `mesh meshes`"))),
-        None => match <[MeshRow; 1]>::try_from(all) {
+    d.db.call(move |c| {
+        match crate::meshes::context_mesh(c, mesh.as_deref()) {
+            Ok(Some((row, _))) => return Ok(Ok(row)),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(resolve_failure(e))),
+        }
+        let all = crate::meshes::list(c)?;
+        Ok(match <[MeshRow; 1]>::try_from(all) {
             Ok([only]) => Ok(only),
-            Err(all) if all.is_empty() => Err(Failure::new(
-                ApiErrorCode::UnknownMesh,
-                "not in any mesh yet; `mesh create` or `mesh join` first".into(),
-            )),
-            Err(all) => Err(Failure::bad_request(format!(
-                "you are in {} meshes ({}); pass --mesh",
-                all.len(),
-                all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-            ))),
-        },
+            Err(all) if all.is_empty() => Err(Failure::from(ResolveError::NoMeshes)),
+            Err(all) => Err(Failure::new(
+                ApiErrorCode::AmbiguousTarget,
+                format!(
+                    "you are in {} meshes ({}) and none is chosen",
+                    all.len(),
+                    all.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .with_hint(CONTEXT_HINT)),
+        })
+    })
+    .await?
+}
+
+/// The mesh a listing is narrowed to: the one it names or the context; `None` for every mesh (no
+/// context, or `all_meshes`).
+pub async fn list_scope(d: &Daemon, mesh: Option<String>, all_meshes: bool) -> Result<Option<MeshRow>, Failure> {
+    if all_meshes {
+        return Ok(None);
     }
+    d.db.call(move |c| Ok(crate::meshes::context_mesh(c, mesh.as_deref()).map(|m| m.map(|(row, _)| row))))
+        .await?
+        .map_err(resolve_failure)
+}
+
+/// Where a target is looked up: the mesh named or the context, else every mesh.
+pub fn target_scope(c: &rusqlite::Connection, mesh: Option<&str>) -> Result<roster::Scope, ResolveError> {
+    Ok(match crate::meshes::context_mesh(c, mesh)? {
+        Some((row, how)) => roster::Scope { meshes: vec![row], chosen_by: Some(how.to_owned()) },
+        None => roster::Scope { meshes: crate::meshes::list(c)?, chosen_by: None },
+    })
+}
+
+const CONTEXT_HINT: &str =
+    "pass --mesh NAME, set MESH_CONTEXT=NAME for this shell, or choose a default with `mesh use NAME`";
+
+fn resolve_failure(e: ResolveError) -> Failure {
+    Failure::from(e)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Agent sessions: `/v1/sessions` (launch, list), `/v1/session` (who am I), `/v1/session/end`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::Json;
@@ -9,8 +10,8 @@ use mesh_proto::names;
 
 use super::{Body, Caller, Failure, pick_mesh};
 use crate::daemon::Daemon;
-use crate::process;
 use crate::sessions::{LaunchError, Session};
+use crate::{process, roster};
 
 async fn info(d: &Daemon, s: &Session) -> Result<SessionInfo, Failure> {
     let mesh_id = s.mesh_id;
@@ -28,24 +29,72 @@ async fn info(d: &Daemon, s: &Session) -> Result<SessionInfo, Failure> {
     })
 }
 
+/// How long a launch waits for the session's first connection to the broker: long enough to report a
+/// refusal (a name taken elsewhere in the mesh); a broker that is down does not stop the launch.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 pub async fn launch(
     State(d): State<Arc<Daemon>>,
+    caller: Caller,
     Body(req): Body<LaunchRequest>,
 ) -> Result<Json<LaunchResponse>, Failure> {
-    names::validate_display(&req.name).map_err(|e| Failure::bad_request(e.to_string()))?;
+    caller.member_only("launching a session")?;
+    let name = names::normalize(&req.name);
+    names::validate_display(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
     let mesh = pick_mesh(&d, req.mesh).await?;
     let proc = process::lookup(req.pid).ok_or_else(|| {
         Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid))
     })?;
-    let session = d.launch_session(mesh, req.name, proc).await.map_err(|e| match e {
-        LaunchError::NameTaken { .. } => Failure::new(ApiErrorCode::Conflict, e.to_string()),
+    // The roster already shows someone else under this name (or one that looks the same): refuse now.
+    let (mesh_id, wanted) = (mesh.id, name.clone());
+    let holder =
+        d.db.call(move |c| {
+            let own: Option<String> = crate::sessions::key_of(c, &mesh_id, &wanted)?.map(|k| k.to_string());
+            let key = names::skeleton_key(&wanted);
+            Ok(roster::list(c, Some(&mesh_id))?.into_iter().find(|r| {
+                r.peer.ended_at.is_none()
+                    && names::skeleton_key(&r.peer.name) == key
+                    && Some(r.peer.key.to_string()) != own
+            }))
+        })
+        .await?;
+    if let Some(h) = holder {
+        return Err(name_taken(&name, &format!("{} {} ({})", h.peer.kind.as_str(), h.peer.name, h.peer.key.short())));
+    }
+    let session = d.launch_session(mesh, name.clone(), proc).await.map_err(|e| match e {
+        LaunchError::NameTaken { .. } => Failure::new(ApiErrorCode::NameTaken, e.to_string()),
         other => {
             tracing::error!(error = %mesh_proto::error::chain(&other), "launching a session");
             Failure::new(ApiErrorCode::Internal, mesh_proto::error::chain(&other))
         }
     })?;
+    // Wait for the broker's first answer: a refusal ends the launch with its reason.
+    if let Some(link) = d.link(&session.mesh_id, &session.key()) {
+        let mut status = link.status.clone();
+        let settled = tokio::time::timeout(FIRST_CONNECT_WAIT, status.wait_for(|s| s.state != LinkState::Connecting))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|s| s.clone()));
+        if let Some(s) = settled
+            && s.state == LinkState::Rejected
+        {
+            let why = s.last_error.clone().unwrap_or_default();
+            d.end_session(&session).await;
+            return Err(if why.starts_with(mesh_proto::wire::ErrorCode::NameTaken.as_str()) {
+                Failure::new(ApiErrorCode::NameTaken, format!("session {name:?}: {why}"))
+                    .with_hint("launch it under another name: mesh launch --name OTHER -- …")
+            } else {
+                Failure::new(ApiErrorCode::BrokerRefused, format!("the broker refused session {name:?}: {why}"))
+            });
+        }
+    }
     let token_file = session.token_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     Ok(Json(LaunchResponse { session: info(&d, &session).await?, token_file }))
+}
+
+fn name_taken(name: &str, holder: &str) -> Failure {
+    Failure::new(ApiErrorCode::NameTaken, format!("the name {name:?} is taken in this mesh by {holder}"))
+        .with_hint("launch it under another name: mesh launch --name OTHER -- …")
 }
 
 pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<SessionInfo>>, Failure> {
