@@ -617,22 +617,6 @@ async fn a_connection_that_never_says_hello_is_closed_with_handshake_timeout() {
     broker.stop().await;
 }
 
-/// A hello for a session key carrying `attestation` (signed by `signer`).
-fn session_hello(
-    c: &Client,
-    session: &Identity,
-    mesh: MeshId,
-    name: &str,
-    signer: &Identity,
-    att: SessionAttestation,
-) -> ClientFrame {
-    let claims = HelloClaims {
-        attestation: Some(Signed::sign(signer, &att)),
-        ..hello_claims(&c.challenge, session, mesh, name, Intent::Connect)
-    };
-    signed_hello(session, &claims)
-}
-
 #[tokio::test]
 async fn session_attestations_that_are_forged_expired_or_for_another_key_are_refused() {
     let broker = TestBroker::start(BrokerConfig::default()).await;

@@ -62,11 +62,10 @@ fn invisible(c: char) -> bool {
         || matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
-/// The key two names are compared by: their TS #39 confusable skeleton, case folded. Names with the
-/// same key look alike and may not both be held in one mesh.
+/// The key two names are compared by: the TS #39 confusable skeleton of the name in lower case.
+/// Names with the same key look alike and may not both be held in one mesh.
 pub fn skeleton_key(name: &str) -> String {
-    let folded: String = unicode_security::skeleton(&normalize(name)).collect::<String>().to_lowercase();
-    unicode_security::skeleton(&folded).collect()
+    unicode_security::skeleton(&normalize(name).to_lowercase()).collect()
 }
 
 /// A group name (after the `@`): 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
@@ -117,6 +116,8 @@ mod tests {
         assert_eq!(skeleton_key("cla"), skeleton_key("\u{0441}la"), "Cyrillic es");
         assert_eq!(skeleton_key("alice"), skeleton_key("\u{0430}lice"), "Cyrillic a");
         assert_eq!(skeleton_key("Alice"), skeleton_key("alice"), "case");
+        assert_eq!(skeleton_key("ALICE"), skeleton_key("alice"), "case");
+        assert_eq!(skeleton_key("\u{0410}lice"), skeleton_key("alice"), "Cyrillic capital A");
         assert_eq!(skeleton_key("paypal"), skeleton_key("p\u{0430}yp\u{0430}l"));
         assert_eq!(skeleton_key("rn"), skeleton_key("m"), "TS #39 maps rn to m");
         assert_ne!(skeleton_key("alice"), skeleton_key("bob"));

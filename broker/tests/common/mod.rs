@@ -12,6 +12,7 @@ use mesh_proto::invite::{InviteParams, InviteToken};
 use mesh_proto::message::{self, Content, SealKey};
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame};
+use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -202,4 +203,37 @@ pub fn dm(from: &Identity, mesh: MeshId, to: &Identity, id: u64, cmid: &str, bod
         sig: sealed.sig,
         ttl_ms: None,
     }
+}
+
+/// A broadcast from `from`, sealed under a throwaway group key (the broker never opens it).
+pub fn broadcast(from: &Identity, mesh: MeshId, id: u64, cmid: &str, body: &str) -> SendMessage {
+    let target = Target::All;
+    let key = GroupKey::generate();
+    let sealed =
+        message::seal(from, &mesh, cmid, &target, SealKey::Group(&key), &Content { body: body.into(), reply_to: None });
+    SendMessage {
+        id,
+        client_message_id: cmid.into(),
+        to: target,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        sig: sealed.sig,
+        ttl_ms: None,
+    }
+}
+
+/// A hello for a session key carrying `attestation` (signed by `signer`).
+pub fn session_hello(
+    c: &Client,
+    session: &Identity,
+    mesh: MeshId,
+    name: &str,
+    signer: &Identity,
+    att: SessionAttestation,
+) -> ClientFrame {
+    let claims = HelloClaims {
+        attestation: Some(Signed::sign(signer, &att)),
+        ..hello_claims(&c.challenge, session, mesh, name, Intent::Connect)
+    };
+    signed_hello(session, &claims)
 }
