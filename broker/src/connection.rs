@@ -243,12 +243,16 @@ impl Connection {
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
         }
-        let welcome = match self.roster().await {
+        let roster = self.roster().await;
+        // Our own groups, from the roster, so that the mesh hears them with our presence.
+        let my_groups =
+            roster.as_ref().ok().and_then(|r| r.iter().find(|p| p.key == key)).and_then(|p| p.groups.clone());
+        let welcome = match roster {
             Ok(roster) => ServerFrame::Welcome(Welcome {
                 v: mesh_proto::PROTOCOL_VERSION,
                 mesh_id: mesh,
                 mesh_name: self.auth.mesh.name.clone(),
-                you: peer_view(&self.auth.peer, true, None),
+                you: peer_view(&self.auth.peer, true, my_groups.clone()),
                 roster,
                 limits: self.shared.config.limits(),
                 server_time: now_ms(),
@@ -287,7 +291,7 @@ impl Connection {
         for gone in &self.auth.claimed.reaped {
             announce(&self.shared, mesh, gone, false, true);
         }
-        self.announce(true);
+        announce_view(&self.shared, mesh, peer_view(&self.me(), true, my_groups), false);
         let (acked_tx, acked_rx) = mpsc::unbounded_channel();
         let stop_delivery = CancellationToken::new();
         let deliverer = self.shared.tracker.spawn(

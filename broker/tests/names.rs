@@ -83,10 +83,10 @@ async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_u
     for (name, code) in [
         ("alice", ErrorCode::NameTaken),
         ("Alice", ErrorCode::NameTaken),
-        ("\u{0430}lice", ErrorCode::NameTaken),      // Cyrillic а
-        ("al\u{200B}ice", ErrorCode::InvalidName),    // zero-width space
-        ("\u{202E}ecila", ErrorCode::InvalidName),    // right-to-left override
-        ("alice\u{0301}", ErrorCode::InvalidName),    // not NFC
+        ("\u{0430}lice", ErrorCode::NameTaken),    // Cyrillic а
+        ("al\u{200B}ice", ErrorCode::InvalidName), // zero-width space
+        ("\u{202E}ecila", ErrorCode::InvalidName), // right-to-left override
+        ("alice\u{0301}", ErrorCode::InvalidName), // not NFC
     ] {
         let mut cb = Client::connect(&broker).await;
         let intent = join_intent(&single_use, &cb.challenge.clone(), &b);

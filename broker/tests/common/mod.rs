@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mesh_broker::{BrokerConfig, SqliteStore};
+use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
 use mesh_proto::message::{self, Content, SealKey};
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame};
-use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;

@@ -1,12 +1,14 @@
 //! End-to-end tests: the real `mesh` binary, real daemons as detached processes with their own
 //! `MESH_HOME`, real brokers on loopback, real SQLite files.
 
+mod addressing;
 mod faults;
 mod flows;
 mod inbox;
 mod ipc_input;
 mod lifecycle;
 mod outbox;
+mod output;
 mod service;
 mod sessions;
 mod tui;
