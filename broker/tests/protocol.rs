@@ -8,7 +8,6 @@ use futures_util::SinkExt;
 use mesh_broker::BrokerConfig;
 use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::message;
-use mesh_proto::signed::Signed;
 use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, HelloClaims, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
