@@ -134,7 +134,9 @@ pub fn init_logging(log_dir: &Path, stderr: bool) -> Option<tracing_appender::no
             (None, None)
         }
     };
-    let stderr_layer = stderr.then(|| fmt::layer().with_writer(io::stderr).with_filter(filter()));
+    // Colours only on a terminal: under a service manager standard error goes to a journal.
+    let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
+    let stderr_layer = stderr.then(|| fmt::layer().with_ansi(ansi).with_writer(io::stderr).with_filter(filter()));
     let _ = tracing_subscriber::registry().with(file_layer).with(stderr_layer).try_init();
     guard
 }

@@ -12,6 +12,28 @@ use tokio_util::sync::CancellationToken;
 pub enum BrokerCommand {
     /// Serve a broker until SIGINT or SIGTERM
     Serve(ServeArgs),
+    /// Install a user service (systemd or launchd; one per MESH_HOME) running `mesh broker serve`
+    /// with the options given after `--`, e.g. `mesh broker install-service -- --listen 0.0.0.0:7777`
+    InstallService {
+        /// Write the unit file only; do not enable or start it
+        #[arg(long)]
+        no_start: bool,
+        /// Options for `mesh broker serve`
+        #[arg(last = true)]
+        serve: Vec<String>,
+    },
+    /// Stop and remove the broker's user service
+    UninstallService,
+}
+
+/// The broker's service for this home, serving with `serve` options.
+fn service(serve: Vec<String>) -> super::service::Service {
+    super::service::Service {
+        kind: "broker",
+        description: "mesh broker: store-and-forward relay between mesh daemons",
+        args: ["broker", "serve"].into_iter().map(str::to_owned).chain(serve).collect(),
+        mesh_home: super::service::mesh_home_env(),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,7 +68,35 @@ pub struct ServeArgs {
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
-    let BrokerCommand::Serve(args) = cmd;
+    match cmd {
+        BrokerCommand::Serve(args) => serve(args),
+        BrokerCommand::InstallService { no_start, serve } => {
+            // The options are checked now, not when the service first starts.
+            #[derive(clap::Parser)]
+            struct Check {
+                #[command(flatten)]
+                _serve: ServeArgs,
+            }
+            <Check as clap::Parser>::try_parse_from(std::iter::once("serve".to_owned()).chain(serve.iter().cloned()))
+                .map_err(|e| {
+                crate::output::fail(
+                    "usage",
+                    format!("options for `mesh broker serve`: {}", e.kind()),
+                    Some(e.to_string()),
+                )
+            })?;
+            let done = super::service::install(&service(serve), no_start, || {})?;
+            super::service::report_installed(&done)
+        }
+        BrokerCommand::UninstallService => {
+            let svc = service(vec![]);
+            let removed = super::service::uninstall(&svc)?;
+            super::service::report_uninstalled(&svc, removed)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
     let db = match args.db {
         Some(p) => p,
@@ -91,7 +141,9 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: a service's standard error ends up in a journal or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 async fn stop_on_signals(shutdown: CancellationToken) {

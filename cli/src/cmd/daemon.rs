@@ -1,6 +1,5 @@
 //! `mesh daemon up|down|status|install-service|uninstall-service`.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -9,13 +8,13 @@ use mesh_daemon::lifecycle;
 use mesh_ipc::api::{LinkState, Status, VersionInfo};
 use mesh_ipc::{Home, IpcClient, IpcError, routes};
 
+use super::service;
 use crate::output;
 
 /// How long `up` waits for the detached daemon to answer, and `down` for it to exit.
 const START_WAIT: Duration = Duration::from_secs(15);
 const STOP_WAIT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
-const SERVICE_NAME: &str = "mesh-daemon";
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DaemonCommand {
@@ -27,6 +26,10 @@ pub enum DaemonCommand {
         /// Do not start a local mesh on an embedded broker when no mesh is joined
         #[arg(long)]
         no_embedded: bool,
+        /// With --foreground: stop a daemon already running for this home first, and take its place
+        /// (service units use it, so that starting the service hands over from a daemon started by hand)
+        #[arg(long, requires = "foreground")]
+        replace: bool,
         /// Internal: set by `up` on the process it detaches
         #[arg(long, hide = true)]
         detached_child: bool,
@@ -35,7 +38,8 @@ pub enum DaemonCommand {
     Down,
     /// Show the daemon's state, its broker connections and queue counts
     Status,
-    /// Install a user service (systemd or launchd) running `mesh daemon up --foreground`
+    /// Install a user service (systemd or launchd; one per MESH_HOME) running the daemon, and hand the
+    /// running daemon over to it
     InstallService {
         /// Write the unit file only; do not enable or start it
         #[arg(long)]
@@ -48,7 +52,10 @@ pub enum DaemonCommand {
 pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
     let home = super::home()?;
     match cmd {
-        DaemonCommand::Up { foreground: true, no_embedded, detached_child } => {
+        DaemonCommand::Up { foreground: true, no_embedded, replace, detached_child } => {
+            if replace && lifecycle::is_running(&home) {
+                stop(home.clone()).context("stopping the daemon it replaces")?;
+            }
             foreground(home, no_embedded, detached_child)
         }
         DaemonCommand::Up { foreground: false, no_embedded, .. } => up(home, no_embedded),
@@ -145,18 +152,22 @@ fn wait_for_answer(client: &IpcClient, deadline: Instant) -> anyhow::Result<bool
 }
 
 fn down(home: Home) -> anyhow::Result<()> {
+    let was_running = stop(home)?;
+    if output::json() {
+        return output::print_json(&serde_json::json!({ "stopped": was_running, "was_running": was_running }));
+    }
+    outln!("{}", if was_running { "mesh daemon stopped" } else { "mesh daemon is not running" });
+    Ok(())
+}
+
+/// Asks the daemon to stop and waits until it has; false when none was running.
+fn stop(home: Home) -> anyhow::Result<bool> {
     let client = IpcClient::new(&home);
     let asked: Result<serde_json::Value, IpcError> =
         super::block_on(client.post(routes::SHUTDOWN, &serde_json::json!({})))?;
     match asked {
         Ok(_) => {}
-        Err(IpcError::Unreachable { .. }) if !lifecycle::is_running(&home) => {
-            if output::json() {
-                return output::print_json(&serde_json::json!({ "stopped": false, "was_running": false }));
-            }
-            outln!("mesh daemon is not running");
-            return Ok(());
-        }
+        Err(IpcError::Unreachable { .. }) if !lifecycle::is_running(&home) => return Ok(false),
         Err(e) => {
             let pid = lifecycle::read_pid(&home).map(|p| format!(" (pid {p})")).unwrap_or_default();
             return Err(anyhow::Error::new(e).context(format!("the daemon{pid} holds its lock but does not answer")));
@@ -169,11 +180,7 @@ fn down(home: Home) -> anyhow::Result<()> {
         }
         std::thread::sleep(POLL);
     }
-    if output::json() {
-        return output::print_json(&serde_json::json!({ "stopped": true, "was_running": true }));
-    }
-    outln!("mesh daemon stopped");
-    Ok(())
+    Ok(true)
 }
 
 fn status(home: Home) -> anyhow::Result<()> {
@@ -234,149 +241,31 @@ fn print_meshes_summary(status: &Status) {
     }
 }
 
-fn unit_path() -> anyhow::Result<PathBuf> {
-    let dir = dirs::config_dir().context("cannot find the user's config directory")?;
-    Ok(dir.join("systemd").join("user").join(format!("{SERVICE_NAME}.service")))
-}
-
-/// The systemd user unit: `mesh daemon up --foreground`, restarted on failure.
-pub fn systemd_unit(exe: &Path, mesh_home: Option<&Path>) -> String {
-    let env = mesh_home.map(|h| format!("Environment=MESH_HOME={}\n", h.display())).unwrap_or_default();
-    format!(
-        "[Unit]\n\
-         Description=mesh daemon: durable, end-to-end encrypted messaging between agent sessions\n\
-         After=network-online.target\n\
-         \n\
-         [Service]\n\
-         Type=simple\n\
-         ExecStart={} daemon up --foreground\n\
-         {env}\
-         Restart=on-failure\n\
-         RestartSec=2\n\
-         \n\
-         [Install]\n\
-         WantedBy=default.target\n",
-        exe.display()
-    )
-}
-
-/// The launchd agent for macOS.
-pub fn launchd_plist(exe: &Path, mesh_home: Option<&Path>) -> String {
-    let env = mesh_home
-        .map(|h| {
-            format!(
-                "  <key>EnvironmentVariables</key>\n  <dict><key>MESH_HOME</key><string>{}</string></dict>\n",
-                h.display()
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
-         <plist version=\"1.0\">\n<dict>\n\
-         \x20 <key>Label</key><string>dev.mesh.daemon</string>\n\
-         \x20 <key>ProgramArguments</key>\n\
-         \x20 <array><string>{}</string><string>daemon</string><string>up</string><string>--foreground</string></array>\n\
-         {env}\
-         \x20 <key>RunAtLoad</key><true/>\n\
-         \x20 <key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>\n\
-         </dict>\n</plist>\n",
-        exe.display()
-    )
-}
-
-fn mesh_home_env() -> Option<PathBuf> {
-    std::env::var_os(mesh_ipc::paths::HOME_ENV)
-        .filter(|v| !v.is_empty())
-        .map(|v| std::path::absolute(PathBuf::from(v)).unwrap_or_default())
-}
-
-fn systemctl(args: &[&str]) -> bool {
-    std::process::Command::new("systemctl")
-        .arg("--user")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// The daemon's service for this home: `mesh daemon up --foreground --replace`, so that starting it
+/// takes over from a daemon started by hand.
+fn service() -> service::Service {
+    service::Service {
+        kind: "daemon",
+        description: "mesh daemon: durable, end-to-end encrypted messaging between agent sessions",
+        args: ["daemon", "up", "--foreground", "--replace"].map(str::to_owned).to_vec(),
+        mesh_home: service::mesh_home_env(),
+    }
 }
 
 fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("finding the mesh executable")?;
-    let mesh_home = mesh_home_env();
-    if cfg!(target_os = "macos") {
-        let dir = dirs::home_dir().context("no home directory")?.join("Library/LaunchAgents");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("dev.mesh.daemon.plist");
-        std::fs::write(&path, launchd_plist(&exe, mesh_home.as_deref()))?;
-        outln!("wrote {}", path.display());
-        if !no_start {
-            let uid = std::process::Command::new("id").arg("-u").output()?;
-            let domain = format!("gui/{}", String::from_utf8_lossy(&uid.stdout).trim());
-            let _ = std::process::Command::new("launchctl")
-                .args(["bootout", &domain, &path.display().to_string()])
-                .status();
-            let ok = std::process::Command::new("launchctl")
-                .args(["bootstrap", &domain, &path.display().to_string()])
-                .status()?;
-            if !ok.success() {
-                bail!(
-                    "launchctl bootstrap failed; load it yourself with: launchctl bootstrap {domain} {}",
-                    path.display()
-                );
-            }
-            outln!("loaded with launchctl ({domain})");
+    let handover = || {
+        // A daemon started by hand would hold the lock; the unit's `--replace` takes over anyway,
+        // but stopping it first keeps the hand-over clean.
+        if lifecycle::is_running(home) {
+            let _ = stop(home.clone());
         }
-        return Ok(());
-    }
-    let path = unit_path()?;
-    std::fs::create_dir_all(path.parent().context("unit path has a parent")?)?;
-    std::fs::write(&path, systemd_unit(&exe, mesh_home.as_deref()))?;
-    outln!("wrote {}", path.display());
-    if no_start {
-        outln!("enable it with: systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
-        return Ok(());
-    }
-    if !systemctl(&["daemon-reload"]) {
-        outln!("systemd's user manager is not reachable here; enable the unit later with:");
-        outln!("  systemctl --user daemon-reload && systemctl --user enable --now {SERVICE_NAME}");
-        return Ok(());
-    }
-    // A daemon started by hand would hold the lock and make the service fail; hand over to systemd.
-    if lifecycle::is_running(home) {
-        down(home.clone())?;
-    }
-    if !systemctl(&["enable", "--now", SERVICE_NAME]) {
-        bail!("`systemctl --user enable --now {SERVICE_NAME}` failed; see `systemctl --user status {SERVICE_NAME}`");
-    }
-    outln!("enabled and started {SERVICE_NAME}");
-    Ok(())
+    };
+    let done = service::install(&service(), no_start, handover)?;
+    service::report_installed(&done)
 }
 
 fn uninstall_service() -> anyhow::Result<()> {
-    if cfg!(target_os = "macos") {
-        let path = dirs::home_dir().context("no home directory")?.join("Library/LaunchAgents/dev.mesh.daemon.plist");
-        let uid = std::process::Command::new("id").arg("-u").output()?;
-        let domain = format!("gui/{}", String::from_utf8_lossy(&uid.stdout).trim());
-        let _ =
-            std::process::Command::new("launchctl").args(["bootout", &domain, &path.display().to_string()]).status();
-        remove_if_present(&path)?;
-        return Ok(());
-    }
-    let path = unit_path()?;
-    systemctl(&["disable", "--now", SERVICE_NAME]);
-    remove_if_present(&path)?;
-    systemctl(&["daemon-reload"]);
-    Ok(())
-}
-
-fn remove_if_present(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => outln!("removed {}", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            outln!("no service installed ({} absent)", path.display())
-        }
-        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-    }
-    Ok(())
+    let svc = service();
+    let removed = service::uninstall(&svc)?;
+    service::report_uninstalled(&svc, removed)
 }

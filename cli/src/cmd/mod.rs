@@ -8,6 +8,7 @@ pub mod inbox;
 pub mod meshes;
 pub mod outbox;
 pub mod send;
+pub mod service;
 pub mod session;
 pub mod watch;
 

@@ -1,0 +1,299 @@
+//! User services for the daemon and the broker: a systemd user unit (a launchd agent on macOS) per
+//! program and `MESH_HOME`, so that two homes never overwrite each other's service.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use sha2::Digest;
+
+/// What to install: which program, for which home, doing what.
+pub struct Service {
+    /// `daemon` or `broker`.
+    pub kind: &'static str,
+    pub description: &'static str,
+    /// The arguments after the `mesh` executable.
+    pub args: Vec<String>,
+    /// The `MESH_HOME` it serves (absolute), when one is set.
+    pub mesh_home: Option<PathBuf>,
+}
+
+impl Service {
+    /// `mesh-daemon` for the default home; for a `MESH_HOME`, `mesh-daemon-<last component>-<hash>`
+    /// (the hash of the whole path keeps two homes with the same last component apart).
+    pub fn name(&self) -> String {
+        let base = format!("mesh-{}", self.kind);
+        let Some(home) = &self.mesh_home else { return base };
+        let digest = sha2::Sha256::digest(home.as_os_str().as_encoded_bytes());
+        let slug: String = home
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(24)
+            .collect();
+        let slug = slug.trim_matches('-');
+        let hash = hex::encode(&digest[..4]);
+        if slug.is_empty() { format!("{base}-{hash}") } else { format!("{base}-{slug}-{hash}") }
+    }
+
+    fn exec_line(&self, exe: &Path) -> String {
+        std::iter::once(exe.display().to_string())
+            .chain(self.args.iter().map(|a| quote(a)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The systemd user unit: restarted always (a few times a minute at most), after the network.
+    pub fn systemd_unit(&self, exe: &Path) -> String {
+        let env = self
+            .mesh_home
+            .as_ref()
+            .map(|h| format!("Environment={}\n", quote(&format!("MESH_HOME={}", h.display()))))
+            .unwrap_or_default();
+        format!(
+            "[Unit]\n\
+             Description={}\n\
+             Wants=network-online.target\n\
+             After=network-online.target\n\
+             StartLimitIntervalSec=60\n\
+             StartLimitBurst=10\n\
+             \n\
+             [Service]\n\
+             Type=simple\n\
+             ExecStart={}\n\
+             {env}\
+             Restart=always\n\
+             RestartSec=2\n\
+             \n\
+             [Install]\n\
+             WantedBy=default.target\n",
+            self.description,
+            self.exec_line(exe)
+        )
+    }
+
+    pub fn launchd_label(&self) -> String {
+        format!("dev.{}", self.name().replace('-', "."))
+    }
+
+    /// The launchd agent for macOS: kept alive, restarted after any exit.
+    pub fn launchd_plist(&self, exe: &Path) -> String {
+        let env = self
+            .mesh_home
+            .as_ref()
+            .map(|h| {
+                format!(
+                    "  <key>EnvironmentVariables</key>\n  <dict><key>MESH_HOME</key><string>{}</string></dict>\n",
+                    xml(&h.display().to_string())
+                )
+            })
+            .unwrap_or_default();
+        let args: String = std::iter::once(exe.display().to_string())
+            .chain(self.args.iter().cloned())
+            .map(|a| format!("<string>{}</string>", xml(&a)))
+            .collect();
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+             <plist version=\"1.0\">\n<dict>\n\
+             \x20 <key>Label</key><string>{}</string>\n\
+             \x20 <key>ProgramArguments</key>\n\
+             \x20 <array>{args}</array>\n\
+             {env}\
+             \x20 <key>RunAtLoad</key><true/>\n\
+             \x20 <key>KeepAlive</key><true/>\n\
+             \x20 <key>ThrottleInterval</key><integer>5</integer>\n\
+             </dict>\n</plist>\n",
+            self.launchd_label()
+        )
+    }
+
+    fn unit_path(&self) -> anyhow::Result<PathBuf> {
+        let dir = dirs::config_dir().context("cannot find the user's config directory")?;
+        Ok(dir.join("systemd").join("user").join(format!("{}.service", self.name())))
+    }
+
+    fn plist_path(&self) -> anyhow::Result<PathBuf> {
+        let dir = dirs::home_dir().context("no home directory")?.join("Library/LaunchAgents");
+        Ok(dir.join(format!("{}.plist", self.launchd_label())))
+    }
+}
+
+/// A systemd `ExecStart`/`Environment` word: `%` doubled (systemd's specifiers), quoted when needed.
+fn quote(word: &str) -> String {
+    let word = word.replace('%', "%%");
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c)) {
+        word
+    } else {
+        format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The `MESH_HOME` this process serves, made absolute.
+pub fn mesh_home_env() -> Option<PathBuf> {
+    std::env::var_os(mesh_ipc::paths::HOME_ENV)
+        .filter(|v| !v.is_empty())
+        .map(|v| std::path::absolute(PathBuf::from(v)).unwrap_or_default())
+}
+
+fn systemctl(args: &[&str]) -> bool {
+    std::process::Command::new("systemctl")
+        .arg("--user")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What an install did, for `--json` and for people.
+#[derive(Debug, serde::Serialize)]
+pub struct Installed {
+    pub name: String,
+    pub file: PathBuf,
+    pub started: bool,
+    /// Why it was not started, and the command that would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Writes the unit (or plist) and, unless `no_start`, enables and starts it. `before_start` runs just
+/// before the service manager starts it (the daemon's handover).
+pub fn install(service: &Service, no_start: bool, before_start: impl FnOnce()) -> anyhow::Result<Installed> {
+    let exe = std::env::current_exe().context("finding the mesh executable")?;
+    if cfg!(target_os = "macos") {
+        let path = service.plist_path()?;
+        std::fs::create_dir_all(path.parent().context("plist path has a parent")?)?;
+        std::fs::write(&path, service.launchd_plist(&exe)).with_context(|| format!("writing {}", path.display()))?;
+        let mut done = Installed { name: service.launchd_label(), file: path.clone(), started: false, note: None };
+        if no_start {
+            return Ok(done);
+        }
+        let domain = launchd_domain()?;
+        let _ =
+            std::process::Command::new("launchctl").args(["bootout", &domain, &path.display().to_string()]).status();
+        before_start();
+        let ok = std::process::Command::new("launchctl")
+            .args(["bootstrap", &domain, &path.display().to_string()])
+            .status()?;
+        if !ok.success() {
+            bail!("launchctl bootstrap failed; load it yourself with: launchctl bootstrap {domain} {}", path.display());
+        }
+        done.started = true;
+        return Ok(done);
+    }
+    let path = service.unit_path()?;
+    std::fs::create_dir_all(path.parent().context("unit path has a parent")?)?;
+    std::fs::write(&path, service.systemd_unit(&exe)).with_context(|| format!("writing {}", path.display()))?;
+    let name = service.name();
+    let enable = format!("systemctl --user daemon-reload && systemctl --user enable --now {name}");
+    let mut done = Installed { name: name.clone(), file: path, started: false, note: None };
+    if no_start {
+        done.note = Some(format!("enable it with: {enable}"));
+        return Ok(done);
+    }
+    if !systemctl(&["daemon-reload"]) {
+        done.note = Some(format!("systemd's user manager is not reachable here; enable the unit later with: {enable}"));
+        return Ok(done);
+    }
+    before_start();
+    if !systemctl(&["enable", "--now", &name]) {
+        bail!("`systemctl --user enable --now {name}` failed; see `systemctl --user status {name}`");
+    }
+    done.started = true;
+    Ok(done)
+}
+
+/// Stops and removes the service; `Ok(None)` when none was installed.
+pub fn uninstall(service: &Service) -> anyhow::Result<Option<PathBuf>> {
+    if cfg!(target_os = "macos") {
+        let path = service.plist_path()?;
+        let domain = launchd_domain()?;
+        let _ =
+            std::process::Command::new("launchctl").args(["bootout", &domain, &path.display().to_string()]).status();
+        return remove_if_present(&path);
+    }
+    let path = service.unit_path()?;
+    systemctl(&["disable", "--now", &service.name()]);
+    let removed = remove_if_present(&path)?;
+    systemctl(&["daemon-reload"]);
+    Ok(removed)
+}
+
+fn launchd_domain() -> anyhow::Result<String> {
+    Ok(format!("gui/{}", nix::unistd::getuid()))
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<Option<PathBuf>> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(Some(path.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// Prints what an install did.
+pub fn report_installed(done: &Installed) -> anyhow::Result<()> {
+    if crate::output::json() {
+        return crate::output::print_json(done);
+    }
+    outln!("wrote {}", done.file.display());
+    if done.started {
+        outln!("enabled and started {}", done.name);
+    }
+    if let Some(note) = &done.note {
+        outln!("{note}");
+    }
+    Ok(())
+}
+
+/// Prints what an uninstall did.
+pub fn report_uninstalled(service: &Service, removed: Option<PathBuf>) -> anyhow::Result<()> {
+    if crate::output::json() {
+        return crate::output::print_json(&serde_json::json!({ "name": service.name(), "removed": removed }));
+    }
+    match removed {
+        Some(p) => outln!("removed {}", p.display()),
+        None => outln!("no service {} was installed", service.name()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon(home: Option<&str>) -> Service {
+        Service {
+            kind: "daemon",
+            description: "d",
+            args: vec!["daemon".into(), "up".into()],
+            mesh_home: home.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn each_home_has_its_own_service_name() {
+        assert_eq!(daemon(None).name(), "mesh-daemon");
+        let (a, b, c) = (daemon(Some("/tmp/bob")), daemon(Some("/home/x/bob")), daemon(Some("/tmp/bob")));
+        assert!(a.name().starts_with("mesh-daemon-bob-"), "{}", a.name());
+        assert_ne!(a.name(), b.name());
+        assert_eq!(a.name(), c.name());
+        assert_eq!(daemon(Some("/tmp/My Home!")).name().split('-').nth(2), Some("my"));
+        assert!(daemon(Some("/")).name().starts_with("mesh-daemon-"));
+    }
+
+    #[test]
+    fn words_with_spaces_are_quoted() {
+        assert_eq!(quote("/usr/bin/mesh"), "/usr/bin/mesh");
+        assert_eq!(quote("/tmp/my home"), "\"/tmp/my home\"");
+        assert_eq!(quote("a\"b"), "\"a\\\"b\"");
+        assert_eq!(quote("/tmp/50%"), "/tmp/50%%");
+    }
+}
