@@ -9,6 +9,7 @@ mod ipc_input;
 mod lifecycle;
 mod outbox;
 mod output;
+mod readme;
 mod service;
 mod sessions;
 mod tui;
