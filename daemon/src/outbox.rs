@@ -457,18 +457,19 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
         )?,
         ReceiptKind::Expired => conn.execute(
             "UPDATE outbox SET last_error = ?2, expired_count = expired_count + 1 WHERE id = ?1",
-            params![id, format!("expired undelivered for {}", receipt.recipient)],
+            params![id, format!("expired undelivered for {}", receipt.recipient.short())],
         )?,
     };
+    let mesh: MeshId = parse_col(mesh)?;
     let event = EventBody::Receipt(ReceiptEvent {
         outbox_id: id,
         client_message_id: cmid.clone(),
         message_id: receipt.message_id.clone(),
         kind,
         recipient: receipt.recipient.to_string(),
+        recipient_name: crate::roster::name_of(conn, &mesh, &receipt.recipient)?,
         at: receipt.at,
     });
-    let mesh: MeshId = parse_col(mesh)?;
     let sender: PublicKey = parse_col(sender)?;
     events::append(conn, Some(&mesh), Some(&sender), &event, now)?;
     Ok(())

@@ -697,6 +697,9 @@ pub struct ReceiptEvent {
     pub kind: ReceiptKindName,
     /// The recipient the receipt is about.
     pub recipient: String,
+    /// Its name in the roster, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient_name: Option<String>,
     pub at: u64,
 }
 

@@ -79,14 +79,26 @@ fn describe(e: &Event) -> String {
     let mesh = e.mesh.as_deref().unwrap_or("-");
     let what = match &e.body {
         EventBody::Message(m) => match &m.body {
-            Some(b) => format!("message #{} from {}: {}", m.id, m.from_name, output::preview(b, 120)),
+            Some(b) => format!(
+                "message #{} from {} ({}): {}",
+                m.id,
+                m.from_name,
+                output::short(&m.from),
+                output::preview(b, 120)
+            ),
             None => {
                 format!("message #{} from {} [unreadable: {}]", m.id, m.from_name, m.error.as_deref().unwrap_or("?"))
             }
         },
         EventBody::Read { ids } => format!("marked read: {ids:?}"),
         EventBody::Receipt(r) => {
-            format!("receipt: outbox #{} {:?} by {}", r.outbox_id, r.kind, output::short(&r.recipient))
+            let who = match &r.recipient_name {
+                Some(name) => format!("{name} ({})", output::short(&r.recipient)),
+                None => output::short(&r.recipient).to_owned(),
+            };
+            let kind =
+                serde_json::to_value(r.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            format!("outbox #{} {kind} by {who}", r.outbox_id)
         }
         EventBody::Outbox(o) => format!(
             "outbox #{} is {}{}",
@@ -95,7 +107,13 @@ fn describe(e: &Event) -> String {
             o.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
         EventBody::Presence(p) => {
-            format!("{} {} is {}", p.kind.as_str(), p.name, if p.online { "online" } else { "offline" })
+            let state = match (p.removed, p.ended_at, p.online) {
+                (true, _, _) => "gone from the roster",
+                (false, Some(_), _) => "ended",
+                (false, None, true) => "online",
+                (false, None, false) => "offline",
+            };
+            format!("{} {} ({}) is {state}", p.kind.as_str(), p.name, output::short(&p.key))
         }
         EventBody::Connection(c) => format!(
             "connection {}{}",

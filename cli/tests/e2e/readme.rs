@@ -68,6 +68,11 @@ fn the_readme_tour_works_as_written_on_a_fresh_home() {
     assert!(ready_bodies(&inbox).contains(&"hello from a session".to_owned()), "{inbox}");
     assert!(inbox.as_array().expect("array").iter().all(|m| m["read_at"].is_u64()), "acked: {inbox}");
 
+    // `mesh watch` names peers, with their short keys.
+    let watched = home.ok(&["watch", "--replay", "--no-follow"]);
+    assert!(watched.contains("delivered by reviewer ("), "{watched}");
+    assert!(watched.contains("from bot ("), "{watched}");
+
     // The second user.
     let bob = TestHome::new(MESH);
     let script = blocks[1].replace("/tmp/bob", &bob.path().display().to_string());
