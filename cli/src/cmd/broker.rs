@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// How long a delivery waits for its ack before it is sent again, e.g. 30s
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: std::time::Duration,
+    /// A session not connected for this long is ended (no more broadcasts or group messages)
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub session_stale: std::time::Duration,
+    /// How long an ended session stays in the roster (DMs to it wait for its next launch)
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub session_grace: std::time::Duration,
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
@@ -115,6 +121,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sends_per_sec: args.sends_per_sec,
         send_burst: args.send_burst,
         lease: args.lease.max(std::time::Duration::from_millis(1)),
+        session_stale: args.session_stale,
+        session_grace: args.session_grace,
         ..BrokerConfig::default()
     };
     let runtime =

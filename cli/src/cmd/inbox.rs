@@ -53,11 +53,15 @@ pub enum InboxAction {
     },
     /// Delete these messages
     Delete {
+        /// Inbox ids (see `mesh inbox`)
         #[arg(required = true)]
         ids: Vec<i64>,
     },
     /// Process a message again (one that failed to verify or decrypt)
-    Replay { id: i64 },
+    Replay {
+        /// The inbox id of a message shown as unreadable
+        id: i64,
+    },
 }
 
 /// An RFC 3339 time, or an age like `2h` (that long ago), as ms since the epoch.

@@ -26,7 +26,7 @@ pub struct CreateArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct InviteArgs {
-    /// The mesh (needed when you are in more than one)
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
     /// How long the token is valid, e.g. 10m, 24h, 7d

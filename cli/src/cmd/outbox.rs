@@ -27,9 +27,15 @@ pub struct OutboxArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum OutboxAction {
     /// Send a dead or aborted message again, exactly as it was (same target, same encryption)
-    Retry { id: i64 },
+    Retry {
+        /// The outbox id (see `mesh outbox`)
+        id: i64,
+    },
     /// Stop a pending message from being sent
-    Abort { id: i64 },
+    Abort {
+        /// The outbox id (see `mesh outbox`)
+        id: i64,
+    },
 }
 
 fn parse_status(s: &str) -> Result<OutboxStatus, String> {
