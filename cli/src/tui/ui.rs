@@ -583,6 +583,22 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_goes_to_the_sender_s_key_in_the_message_s_mesh() {
+        let mut app = busy_app();
+        app.mesh = None;
+        key(&mut app, KeyCode::Char('r'));
+        for c in "ok".chars() {
+            key(&mut app, KeyCode::Char(c));
+        }
+        let actions = app.on_key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE));
+        let [super::super::app::Action::Send { to, mesh, body }] = actions.as_slice() else {
+            panic!("expected one send, got {actions:?}")
+        };
+        let selected = app.selected_message().expect("a selected message");
+        assert_eq!((to.as_str(), mesh.as_deref(), body.as_str()), (selected.from.as_str(), Some("team"), "ok"));
+    }
+
+    #[test]
     fn flush_asks_first() {
         let mut app = busy_app();
         key(&mut app, KeyCode::Char('F'));

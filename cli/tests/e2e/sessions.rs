@@ -89,6 +89,15 @@ fn a_session_row_waits_for_the_session_s_own_socket_and_never_falls_back_to_the_
 
     broker.kill9();
     worker.ok(&["send", "bob", "written while the broker was down"]);
+    // A pending row says what it waits for: its connection's state, since when, and the next attempt.
+    let waiting = worker.json(&["outbox"])[0].clone();
+    assert_eq!(waiting["status"], "pending", "{waiting}");
+    assert!(waiting["link"]["state"].is_string() && waiting["next_attempt_at"].is_u64(), "{waiting}");
+    alice.eventually_json("the worker's link down", &["outbox"], |v| {
+        v.as_array().expect("array").iter().any(|r| r["session"] == "worker" && r["link"]["state"] == "offline")
+    });
+    let text = alice.ok(&["outbox"]);
+    assert!(text.contains("broker connection offline since") && text.contains("next attempt"), "{text}");
     worker.kill();
     alice.eventually_json("the worker session to end", &["session", "list"], |v| v[0]["live"] == false);
 
