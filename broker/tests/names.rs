@@ -142,7 +142,8 @@ async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_nam
     let mut ws = session(&broker, &a, &worker, mesh, "worker").await;
     ws.send(&ClientFrame::JoinGroup(GroupRequest { id: 1, group: "ops".into() })).await;
     assert!(matches!(ws.recv_non_presence().await, ServerFrame::Ok(_)));
-    let joined = presence_where(&mut cb, &worker, |p| p.peer.groups.is_some()).await;
+    // Connecting, its presence carried its groups (none); joining one, the new list.
+    let joined = presence_where(&mut cb, &worker, |p| p.peer.groups.as_ref().is_some_and(|g| !g.is_empty())).await;
     assert_eq!(joined.peer.groups, Some(vec!["ops".to_owned()]));
     cb.send(&ClientFrame::Send(broadcast(&b, mesh, 1, "all-1", "hello all"))).await;
     assert!(matches!(cb.recv_non_presence().await, ServerFrame::Accepted(x) if x.recipients == 2));

@@ -184,16 +184,17 @@ pub async fn two_members(broker: &TestBroker) -> TwoMembers {
     TwoMembers { mesh, a, b, ca, cb }
 }
 
-pub fn dm(from: &Identity, mesh: MeshId, to: &Identity, id: u64, cmid: &str, body: &str) -> SendMessage {
-    let target = Target::Key(to.key());
-    let sealed = message::seal(
-        from,
-        &mesh,
-        cmid,
-        &target,
-        SealKey::Direct(&to.enc_key()),
-        &Content { body: body.into(), reply_to: None },
-    );
+/// A send of `body` from `from` to `target`, sealed with `key`.
+pub fn sealed_send(
+    from: &Identity,
+    mesh: MeshId,
+    id: u64,
+    cmid: &str,
+    target: Target,
+    key: SealKey<'_>,
+    body: &str,
+) -> SendMessage {
+    let sealed = message::seal(from, &mesh, cmid, &target, key, &Content { body: body.into(), reply_to: None });
     SendMessage {
         id,
         client_message_id: cmid.into(),
@@ -205,21 +206,13 @@ pub fn dm(from: &Identity, mesh: MeshId, to: &Identity, id: u64, cmid: &str, bod
     }
 }
 
+pub fn dm(from: &Identity, mesh: MeshId, to: &Identity, id: u64, cmid: &str, body: &str) -> SendMessage {
+    sealed_send(from, mesh, id, cmid, Target::Key(to.key()), SealKey::Direct(&to.enc_key()), body)
+}
+
 /// A broadcast from `from`, sealed under a throwaway group key (the broker never opens it).
 pub fn broadcast(from: &Identity, mesh: MeshId, id: u64, cmid: &str, body: &str) -> SendMessage {
-    let target = Target::All;
-    let key = GroupKey::generate();
-    let sealed =
-        message::seal(from, &mesh, cmid, &target, SealKey::Group(&key), &Content { body: body.into(), reply_to: None });
-    SendMessage {
-        id,
-        client_message_id: cmid.into(),
-        to: target,
-        nonce: sealed.nonce,
-        ciphertext: sealed.ciphertext,
-        sig: sealed.sig,
-        ttl_ms: None,
-    }
+    sealed_send(from, mesh, id, cmid, Target::All, SealKey::Group(&GroupKey::generate()), body)
 }
 
 /// A hello for a session key carrying `attestation` (signed by `signer`).
