@@ -313,7 +313,13 @@ impl Connection {
 
         if self.shared.hub.unregister(mesh, key, self.conn_id) {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
-            self.announce(false);
+            // As stored now: seen just now, and (a session) perhaps ended while this connection lasted.
+            match self.shared.store.peer(mesh, key).await {
+                Ok(Some(peer)) => {
+                    announce(&self.shared, mesh, &PeerRecord { name: self.me().name, ..peer }, false, false)
+                }
+                _ => self.announce(false),
+            }
         }
         match self.shared.store.release(mesh, key, self.conn_id).await {
             // A newer connection of this key may be waiting for exactly these items.

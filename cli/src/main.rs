@@ -123,7 +123,8 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         output::write_stdout(format_args!("{}", e.render()));
         return ExitCode::SUCCESS;
     }
-    if std::env::args().any(|a| a == "--json") {
+    // `args_os`: an argument that is not UTF-8 is exactly what may have brought us here.
+    if std::env::args_os().any(|a| a == "--json") {
         let message = e.render().to_string();
         let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
         errln!("{}", serde_json::json!({ "error": { "code": "usage", "message": first, "hint": "see `mesh help`" } }));

@@ -181,9 +181,10 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
         }
         errln!("{}", serde_json::json!({ "error": error }));
     } else {
-        errln!("mesh: {}", d.message);
+        // Messages can carry a peer's name or a broker's words: never raw to the terminal.
+        errln!("mesh: {}", clean_lines(&d.message));
         if let Some(hint) = d.hint.filter(|h| !d.message.contains(h.as_str())) {
-            errln!("hint: {hint}");
+            errln!("hint: {}", clean_lines(&hint));
         }
     }
     d.exit
@@ -224,9 +225,35 @@ pub fn short(key: &str) -> &str {
     key.get(..8).unwrap_or(key)
 }
 
-/// One line of a message body: newlines shown as ⏎, cut at `max` characters.
+/// Text from a peer (a body, a name, a broker's error detail) made safe to print on one line of a
+/// terminal: newlines as ⏎, tabs as spaces, other control characters (C0, DEL, C1) as `\xNN`, and
+/// characters that reorder or hide text (bidirectional controls, zero-width characters) as `<U+NNNN>`,
+/// so that a sender can neither forge lines, move the cursor, set the window title or clipboard, nor
+/// make text read backwards. `--json` output keeps the exact text.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push('⏎'),
+            '\t' => out.push(' '),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' => {
+                out.push_str(&format!("<U+{:04X}>", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Like [`clean`], keeping line breaks (for multi-line messages such as a daemon's start-up log).
+pub fn clean_lines(text: &str) -> String {
+    text.split('\n').map(clean).collect::<Vec<_>>().join("\n")
+}
+
+/// One line of a message body, made safe to print ([`clean`]), cut at `max` characters.
 pub fn preview(body: &str, max: usize) -> String {
-    let flat: String = body.chars().map(|c| if c == '\n' { '⏎' } else { c }).collect();
+    let flat = clean(body);
     if flat.chars().count() <= max {
         flat
     } else {
@@ -244,5 +271,15 @@ mod tests {
         assert_eq!(preview("a\nb", 10), "a⏎b");
         assert_eq!(preview("abcdefghij", 5), "abcd…");
         assert_eq!(short("0123456789abcdef"), "01234567");
+    }
+
+    #[test]
+    fn terminal_controls_from_peers_are_shown_not_obeyed() {
+        assert_eq!(clean("red\x1b[31m!\x07\rover"), "red\\x1b[31m!\\x07\\x0dover");
+        assert_eq!(clean("\x1b]52;c;aGk=\x07"), "\\x1b]52;c;aGk=\\x07", "OSC 52 clipboard write");
+        assert_eq!(clean("\u{202E}txt.exe"), "<U+202E>txt.exe");
+        assert_eq!(clean("a\u{200B}b\u{9b}c\u{7f}"), "a<U+200B>b\\x9bc\\x7f");
+        assert_eq!(clean("café\tok"), "café ok");
+        assert!(!clean("\u{1b}\u{9d}\u{85}").chars().any(char::is_control));
     }
 }

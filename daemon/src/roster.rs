@@ -2,9 +2,9 @@
 //! target resolution: what a user typed becomes a full key, `@group` or `*` in one mesh here, before
 //! anything is queued. The rules (docs/addressing.md):
 //!
-//! - A full key, an exact name, or a unique key prefix of at least 4 hex digits (the 8 shown
-//!   everywhere), tried in that order; an ambiguous match is an error listing the candidates, and an
-//!   unknown one offers the closest names ("did you mean").
+//! - A full key; else an exact name or a key prefix of at least 4 hex digits (the 8 shown
+//!   everywhere), which must together point to one peer; an ambiguous match is an error listing the
+//!   candidates, and an unknown one offers the closest names ("did you mean").
 //! - The meshes searched are the context's (`--mesh`, `MESH_CONTEXT`, `mesh use`) or, without one,
 //!   all of them. A peer found in several meshes under one key is one identity: the mesh where it is
 //!   live is chosen (not ended, online, seen last, joined first).
@@ -55,7 +55,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<PeerRow> {
 }
 
 /// Stores what a roster or presence frame says of a peer. Groups a presence frame leaves out are
-/// kept as they were.
+/// kept as they were, and so is a session's end when an offline frame does not mention it (frames
+/// can cross: a session's own last "offline" after its member's "ended"); coming online clears it.
 pub fn upsert(conn: &Connection, mesh: &MeshId, p: &Peer) -> rusqlite::Result<()> {
     let groups = p.groups.as_ref().map(|g| serde_json::to_string(g).expect("groups serialise"));
     conn.execute(
@@ -64,7 +65,9 @@ pub fn upsert(conn: &Connection, mesh: &MeshId, p: &Peer) -> rusqlite::Result<()
              ON CONFLICT (mesh_id, key) DO UPDATE SET kind = excluded.kind, member = excluded.member,
                name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, role = excluded.role,
                online = excluded.online, last_seen = COALESCE(excluded.last_seen, peers.last_seen),
-               groups = COALESCE(excluded.groups, peers.groups), ended_at = excluded.ended_at"
+               groups = COALESCE(excluded.groups, peers.groups),
+               ended_at = CASE WHEN excluded.online THEN excluded.ended_at
+                               ELSE COALESCE(excluded.ended_at, peers.ended_at) END"
         ),
         params![
             mesh.to_string(),
@@ -235,12 +238,14 @@ pub fn resolve(conn: &Connection, to: &str, scope: &Scope, me: &PublicKey) -> Re
     } else {
         vec![]
     };
-    let matches = [by_key, by_name, by_prefix].into_iter().find(|m| !m.is_empty()).unwrap_or_default();
+    // A full key wins. Otherwise a name and a key prefix count together, so a peer whose name is
+    // another's key prefix makes that prefix ambiguous rather than capturing it.
+    let matches = if by_key.is_empty() { by_name.into_iter().chain(by_prefix).collect() } else { by_key };
     let mut keys: Vec<PublicKey> = matches.iter().map(|r| r.peer.key).collect();
     keys.sort();
     keys.dedup();
     match keys.len() {
-        0 => Err(ResolveError::Unknown(unknown(conn, to, scope, &rows)?)),
+        0 => Err(ResolveError::Unknown(unknown(conn, to, scope, &rows, me)?)),
         1 => {
             let row = pick_mesh_of(&matches, &scope.meshes);
             let mesh = scope.meshes.iter().find(|m| m.id == row.mesh_id).expect("rows come from the scope").clone();
@@ -303,7 +308,7 @@ fn describe(c: &Candidate) -> String {
 }
 
 /// An unknown target: where else it is (outside the context) and which names are close.
-fn unknown(conn: &Connection, to: &str, scope: &Scope, rows: &[PeerRow]) -> Result<Miss, ResolveError> {
+fn unknown(conn: &Connection, to: &str, scope: &Scope, rows: &[PeerRow], me: &PublicKey) -> Result<Miss, ResolveError> {
     let place = match &scope.chosen_by {
         Some(how) => format!("mesh {} ({how})", scope.meshes[0].name),
         None if scope.meshes.len() == 1 => format!("mesh {}", scope.meshes[0].name),
@@ -316,7 +321,7 @@ fn unknown(conn: &Connection, to: &str, scope: &Scope, rows: &[PeerRow]) -> Resu
         let others: Vec<MeshRow> = all.into_iter().filter(|m| m.id != scope.meshes[0].id).collect();
         if !others.is_empty() {
             let wider = Scope { meshes: others, chosen_by: None };
-            if let Ok(found) = resolve(conn, to, &wider, &PublicKey([0; 32])) {
+            if let Ok(found) = resolve(conn, to, &wider, me) {
                 let hint = format!("{to} is in mesh {}: pass --mesh {}", found.mesh.name, found.mesh.name);
                 return Ok(Miss { message, hint: Some(hint), candidates: vec![] });
             }
@@ -325,6 +330,7 @@ fn unknown(conn: &Connection, to: &str, scope: &Scope, rows: &[PeerRow]) -> Resu
     let wanted = names::normalize(to).to_lowercase();
     let mut close: Vec<(usize, &PeerRow)> = rows
         .iter()
+        .filter(|r| r.peer.key != *me)
         .filter_map(|r| {
             let name = r.peer.name.to_lowercase();
             let distance = strsim::damerau_levenshtein(&wanted, &name);

@@ -65,6 +65,8 @@ pub enum ApiErrorCode {
     BrokerRefused,
     /// The display name is held in that mesh by another peer (or one that looks the same).
     NameTaken,
+    /// A name that breaks the naming rules (docs/addressing.md).
+    InvalidName,
     /// The broker could not be reached.
     BrokerUnreachable,
     ShuttingDown,
@@ -77,6 +79,7 @@ impl ApiErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ApiErrorCode::BadRequest
+            | ApiErrorCode::InvalidName
             | ApiErrorCode::UnknownTarget
             | ApiErrorCode::AmbiguousTarget
             | ApiErrorCode::VersionMismatch => 400,
@@ -121,6 +124,9 @@ pub struct MemberInfo {
 pub struct MeshStatus {
     pub id: String,
     pub name: String,
+    /// The member's display name in this mesh.
+    #[serde(default)]
+    pub my_name: String,
     pub broker: String,
     pub connection: LinkStatus,
     pub peers_online: u32,
@@ -325,6 +331,9 @@ pub struct SendResponse {
     pub target: TargetInfo,
     /// True when this `client_message_id` had already been accepted: nothing new was queued.
     pub duplicate: bool,
+    /// The key it is sent with: the member's, or the session's.
+    #[serde(default)]
+    pub sender: String,
     /// With `mesh send --wait`: the receipt waited for, and where the message stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<SendWait>,

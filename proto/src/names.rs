@@ -20,8 +20,8 @@ pub fn normalize(name: &str) -> String {
 
 /// A display name (of a member or a session) or a mesh name: 1 to 64 characters in NFC, no control,
 /// invisible or bidirectional-control characters, no whitespace but plain spaces, no leading or
-/// trailing space, not starting with `@` or `*` (those are targets), and not 64 hex digits (that
-/// would read as a key).
+/// trailing space, not starting with `@` or `*` (those are targets), and not 8 or more hex digits (that
+/// would read as a key, or as the key prefix shown beside names).
 pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     let bad = |why: &str| Err(ProtoError::BadName(format!("{}: {why}", name.escape_debug())));
     if name.is_empty() {
@@ -48,8 +48,8 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     if name.starts_with('@') || name.starts_with('*') {
         return bad("must not start with '@' or '*'");
     }
-    if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return bad("must not look like a public key");
+    if name.len() >= 8 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("must not look like a key or the 8-digit key prefix shown beside names");
     }
     Ok(())
 }
@@ -85,7 +85,10 @@ mod tests {
         for good in ["alice", "Alice Smith", "agent-1", "ユーザー", "café"] {
             validate_display(good).expect(good);
         }
-        for bad in ["", " alice", "alice ", "@ops", "*", "a\nb", &"a".repeat(65), &"ab".repeat(32)] {
+        validate_display("cafe").expect("a short hex word is a name");
+        for bad in
+            ["", " alice", "alice ", "@ops", "*", "a\nb", &"a".repeat(65), &"ab".repeat(32), "5a515ce9", "DEADBEEF00"]
+        {
             assert!(validate_display(bad).is_err(), "{bad:?} accepted");
         }
     }

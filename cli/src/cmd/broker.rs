@@ -26,14 +26,38 @@ pub enum BrokerCommand {
     UninstallService,
 }
 
-/// The broker's service for this home, serving with `serve` options.
-fn service(serve: Vec<String>) -> super::service::Service {
-    super::service::Service {
+/// The broker's service for this home, serving with `serve` options: a relative `--db` made absolute
+/// (the service does not run where this command did), and the create token (from `--create-token` or
+/// `MESH_BROKER_CREATE_TOKEN`) moved into the unit's environment, out of the command line.
+fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
+    let mut args: Vec<String> = ["broker", "serve"].map(str::to_owned).to_vec();
+    let mut token = std::env::var(CREATE_TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    let mut words = serve.into_iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--db" => {
+                let db = words.next().unwrap_or_default();
+                args.extend(["--db".to_owned(), absolute_db(&db)?]);
+            }
+            "--create-token" => token = words.next(),
+            w if w.starts_with("--db=") => args.push(format!("--db={}", absolute_db(&w["--db=".len()..])?)),
+            w if w.starts_with("--create-token=") => token = Some(w["--create-token=".len()..].to_owned()),
+            _ => args.push(word),
+        }
+    }
+    Ok(super::service::Service {
         kind: "broker",
         description: "mesh broker: store-and-forward relay between mesh daemons",
-        args: ["broker", "serve"].into_iter().map(str::to_owned).chain(serve).collect(),
-        mesh_home: super::service::mesh_home_env(),
-    }
+        args,
+        mesh_home: super::service::mesh_home_env()?,
+        env: token.map(|t| (CREATE_TOKEN_ENV.to_owned(), t)).into_iter().collect(),
+    })
+}
+
+const CREATE_TOKEN_ENV: &str = "MESH_BROKER_CREATE_TOKEN";
+
+fn absolute_db(db: &str) -> anyhow::Result<String> {
+    Ok(super::service::absolute(std::path::Path::new(db))?.display().to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,11 +115,11 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
                     Some(e.to_string()),
                 )
             })?;
-            let done = super::service::install(&service(serve), no_start, || {})?;
+            let done = super::service::install(&service(serve)?, no_start, || {})?;
             super::service::report_installed(&done)
         }
         BrokerCommand::UninstallService => {
-            let svc = service(vec![]);
+            let svc = service(vec![])?;
             let removed = super::service::uninstall(&svc)?;
             super::service::report_uninstalled(&svc, removed)
         }

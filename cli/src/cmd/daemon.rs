@@ -160,9 +160,10 @@ fn down(home: Home) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks the daemon to stop and waits until it has; false when none was running.
+/// Asks the daemon to stop and waits until it has; false when none was running. Inside a session the
+/// request carries the session's token, and the daemon refuses it: only the member stops the daemon.
 fn stop(home: Home) -> anyhow::Result<bool> {
-    let client = IpcClient::new(&home);
+    let client = super::client()?;
     let asked: Result<serde_json::Value, IpcError> =
         super::block_on(client.post(routes::SHUTDOWN, &serde_json::json!({})))?;
     match asked {
@@ -195,7 +196,7 @@ fn status(home: Home) -> anyhow::Result<()> {
         status.version,
         output::time(status.started_at)
     );
-    outln!("member:  {} ({})", status.member.name, status.member.key);
+    outln!("member:  {} ({})", output::clean(&status.member.name), status.member.key);
     outln!("socket:  {}", status.socket);
     if let Some(url) = &status.embedded_broker {
         outln!("embedded broker: {url}");
@@ -227,9 +228,10 @@ fn print_meshes_summary(status: &Status) {
             .filter(|_| conn.state != LinkState::Online)
             .map(|e| format!(" — {e}"))
             .unwrap_or_default();
-        outln!(
-            "mesh {}: {} since {} via {}; {}/{} peers online; outbox {} pending{}",
+        let line = format!(
+            "mesh {} (as {}): {} since {} via {}; {}/{} peers online; outbox {} pending{}",
             m.name,
+            m.my_name,
             conn.state.as_str(),
             output::ago(conn.since),
             m.broker,
@@ -238,18 +240,20 @@ fn print_meshes_summary(status: &Status) {
             m.outbox.pending + m.outbox.inflight,
             err
         );
+        outln!("{}", output::clean(&line));
     }
 }
 
 /// The daemon's service for this home: `mesh daemon up --foreground --replace`, so that starting it
 /// takes over from a daemon started by hand.
-fn service() -> service::Service {
-    service::Service {
+fn service() -> anyhow::Result<service::Service> {
+    Ok(service::Service {
         kind: "daemon",
         description: "mesh daemon: durable, end-to-end encrypted messaging between agent sessions",
         args: ["daemon", "up", "--foreground", "--replace"].map(str::to_owned).to_vec(),
-        mesh_home: service::mesh_home_env(),
-    }
+        mesh_home: service::mesh_home_env()?,
+        env: vec![],
+    })
 }
 
 fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
@@ -260,12 +264,12 @@ fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {
             let _ = stop(home.clone());
         }
     };
-    let done = service::install(&service(), no_start, handover)?;
+    let done = service::install(&service()?, no_start, handover)?;
     service::report_installed(&done)
 }
 
 fn uninstall_service() -> anyhow::Result<()> {
-    let svc = service();
+    let svc = service()?;
     let removed = service::uninstall(&svc)?;
     service::report_uninstalled(&svc, removed)
 }

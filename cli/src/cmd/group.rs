@@ -26,11 +26,11 @@ pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
     let client = super::client()?;
     let groups: Vec<GroupInfo> = match cmd {
         GroupCommand::Join(a) => {
-            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh) };
+            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh)? };
             super::block_on(client.post(routes::GROUPS_JOIN, &body))??
         }
         GroupCommand::Leave(a) => {
-            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh) };
+            let body = GroupChange { group: a.group, mesh: super::context_mesh(a.mesh)? };
             super::block_on(client.post(routes::GROUPS_LEAVE, &body))??
         }
         GroupCommand::List => super::block_on(client.get(routes::GROUPS))??,
@@ -47,7 +47,7 @@ pub fn run(cmd: GroupCommand) -> anyhow::Result<()> {
             (true, false) => "joining (the broker has not confirmed yet)",
             (false, _) => "leaving",
         };
-        outln!("@{:<20} mesh {:<16} {state}", g.group, g.mesh);
+        outln!("{}", crate::output::clean(&format!("@{:<20} mesh {:<16} {state}", g.group, g.mesh)));
     }
     Ok(())
 }

@@ -29,10 +29,12 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
             mesh_proto::names::validate_display(&name)?;
             m.name = name;
             identity::save(&home, &m)?;
-            errln!(
-                "note: this is your default name for meshes you create or join from now on; \
-                 `mesh rename NAME --mesh MESH` changes it in a mesh you are already in"
-            );
+            if !crate::output::json() {
+                errln!(
+                    "note: this is your default name for meshes you create or join from now on; \
+                     `mesh rename NAME --mesh MESH` changes it in a mesh you are already in"
+                );
+            }
             (m, false)
         }
         (Some(m), _) => (m, false),

@@ -79,7 +79,7 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
         return act(&client, action);
     }
     let q = InboxQuery {
-        mesh: super::context_mesh(args.mesh),
+        mesh: super::context_mesh(args.mesh)?,
         all_meshes: args.all_meshes,
         unread: args.unread,
         from: args.from,
@@ -93,7 +93,7 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
         outln!("inbox is empty");
     }
     for m in &messages {
-        outln!("{}", line(m));
+        outln!("{}", output::clean(&line(m)));
     }
     Ok(())
 }
@@ -127,7 +127,9 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             if crate::output::json() {
                 super::print_json(&r)?;
             } else {
-                outln!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+                if !r.acked.is_empty() || (r.already_read.is_empty() && r.not_found.is_empty()) {
+                    outln!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+                }
                 if !r.already_read.is_empty() {
                     outln!("already read: {}", ids_list(&r.already_read));
                 }
@@ -150,7 +152,7 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
                 super::block_on(client.post(routes::INBOX_DELETE, &InboxDeleteRequest { ids }))??;
             if crate::output::json() {
                 super::print_json(&r)?;
-            } else {
+            } else if !r.deleted.is_empty() {
                 outln!("deleted {} message(s)", r.deleted.len());
             }
             if !r.not_found.is_empty() {
@@ -163,7 +165,7 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             if crate::output::json() {
                 return super::print_json(&m);
             }
-            outln!("{}", line(&m));
+            outln!("{}", output::clean(&line(&m)));
             if m.status != InboxStatus::Ready {
                 bail!("inbox #{id} is still {}", m.status.as_str());
             }

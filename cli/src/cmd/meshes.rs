@@ -90,7 +90,9 @@ pub struct PeersArgs {
 fn print_mesh(m: &MeshInfo) {
     let embedded = if m.embedded { ", embedded broker" } else { "" };
     let context = if m.context { "  (context: `mesh use`)" } else { "" };
-    outln!("{}  {}  {} as {:?} via {}{embedded}{context}", m.name, m.id, m.role.as_str(), m.my_name, m.broker);
+    let line =
+        format!("{}  {}  {} as {:?} via {}{embedded}{context}", m.name, m.id, m.role.as_str(), m.my_name, m.broker);
+    outln!("{}", output::clean(&line));
 }
 
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
@@ -113,8 +115,16 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
 
 pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
     let client = super::client()?;
+    const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 60 * 60);
+    if args.expires < std::time::Duration::from_secs(1) || args.expires > MAX_EXPIRY {
+        return Err(output::fail(
+            "usage",
+            format!("--expires {}: an invite is valid for 1s to 366d", humantime::format_duration(args.expires)),
+            Some("for example --expires 24h".into()),
+        ));
+    }
     let req = CreateInviteRequest {
-        mesh: super::context_mesh(args.mesh),
+        mesh: super::context_mesh(args.mesh)?,
         expires_in_secs: Some(args.expires.as_secs().max(1)),
         max_uses: Some(args.uses),
         role: Some(match args.role {
@@ -170,6 +180,16 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
     }
     out!("joined mesh ");
     print_mesh(&mesh);
+    if let Ok(token) = mesh_proto::invite::InviteToken::decode(&args.token)
+        && token.claims.mesh_name != mesh.name
+    {
+        errln!(
+            "note: you already have a mesh named {:?}; this one is {:?} here (its members call it {:?})",
+            token.claims.mesh_name,
+            mesh.name,
+            token.claims.mesh_name
+        );
+    }
     if let Some(taken) = &mesh.name_was_taken {
         errln!(
             "note: {taken:?} is taken in this mesh; you are {:?} there (change it with `mesh rename`)",
@@ -182,7 +202,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
 /// `mesh rename NAME`: your display name in one mesh, checked by its broker.
 pub fn rename(args: RenameArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let req = RenameRequest { name: args.name, mesh: super::context_mesh(args.mesh) };
+    let req = RenameRequest { name: args.name, mesh: super::context_mesh(args.mesh)? };
     let mesh: MeshInfo = super::block_on(client.post(routes::MESHES_RENAME, &req))??;
     if output::json() {
         return super::print_json(&mesh);
@@ -199,16 +219,26 @@ pub fn use_mesh(args: UseArgs) -> anyhow::Result<()> {
     } else {
         super::block_on(client.get(routes::CONTEXT))??
     };
-    let env = std::env::var(mesh_ipc::CONTEXT_ENV).ok().filter(|m| !m.is_empty());
+    let env = super::context_mesh(None)?;
+    let env_known = match &env {
+        Some(e) => {
+            let meshes: Vec<MeshInfo> = super::block_on(client.get(routes::MESHES))??;
+            meshes.iter().any(|m| m.name == *e || m.id == *e)
+        }
+        None => true,
+    };
     if output::json() {
-        return super::print_json(&serde_json::json!({ "mesh": context.mesh, "env": env }));
+        return super::print_json(&serde_json::json!({ "mesh": context.mesh, "env": env, "env_known": env_known }));
+    }
+    if let Some(e) = &env {
+        outln!("{} is set to {e:?}: in this shell it is the context, whatever `mesh use` says", mesh_ipc::CONTEXT_ENV);
+        if !env_known {
+            errln!("warning: you are in no mesh named {e:?}; commands will fail with unknown_mesh (see `mesh meshes`)");
+        }
     }
     match &context.mesh {
-        Some(m) => outln!("context: mesh {m} (commands without --mesh act in it)"),
-        None => outln!("no context: commands without --mesh look in every mesh"),
-    }
-    if let Some(e) = env {
-        outln!("{} is set to {e:?}: in this shell it overrides the context", mesh_ipc::CONTEXT_ENV);
+        Some(m) => outln!("`mesh use` context: mesh {m} (commands without --mesh act in it)"),
+        None => outln!("no `mesh use` context: commands without --mesh look in every mesh"),
     }
     Ok(())
 }
@@ -230,7 +260,7 @@ pub fn list() -> anyhow::Result<()> {
 
 pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let q = PeersQuery { mesh: super::context_mesh(args.mesh), all_meshes: args.all_meshes };
+    let q = PeersQuery { mesh: super::context_mesh(args.mesh)?, all_meshes: args.all_meshes };
     let peers: Vec<PeerInfo> = super::block_on(client.get_query(routes::PEERS, &q))??;
     if output::json() {
         return super::print_json(&peers);
@@ -252,7 +282,7 @@ pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
         } else {
             format!("  {}", p.groups.iter().map(|g| format!("@{g}")).collect::<Vec<_>>().join(" "))
         };
-        outln!(
+        let line = format!(
             "{:<20} {}  {:<8} {:<7} mesh {:<12} [{state}]{groups}{me}",
             p.name,
             output::short(&p.key),
@@ -260,6 +290,7 @@ pub fn peers(args: PeersArgs) -> anyhow::Result<()> {
             p.role.as_str(),
             p.mesh
         );
+        outln!("{}", output::clean(&line));
     }
     Ok(())
 }

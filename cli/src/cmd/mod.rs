@@ -38,8 +38,26 @@ pub fn client() -> anyhow::Result<IpcClient> {
 
 /// The mesh a command names: `--mesh`, else `MESH_CONTEXT` (for one shell or one session). Without
 /// either the daemon applies the context set by `mesh use`, or the command's own rule.
-pub fn context_mesh(flag: Option<String>) -> Option<String> {
-    flag.or_else(|| std::env::var(mesh_ipc::CONTEXT_ENV).ok().filter(|m| !m.is_empty()))
+/// Inside a session (`MESH_SESSION_FILE` set) `MESH_CONTEXT` is ignored: a session always acts in its
+/// own mesh.
+pub fn context_mesh(flag: Option<String>) -> anyhow::Result<Option<String>> {
+    if flag.is_some() || in_session() {
+        return Ok(flag);
+    }
+    match std::env::var(mesh_ipc::CONTEXT_ENV) {
+        Ok(m) if !m.is_empty() => Ok(Some(m)),
+        Err(std::env::VarError::NotUnicode(_)) => Err(crate::output::fail(
+            "usage",
+            format!("{} is not valid UTF-8", mesh_ipc::CONTEXT_ENV),
+            Some(format!("set {} to a mesh name from `mesh meshes`, or unset it", mesh_ipc::CONTEXT_ENV)),
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Whether this command runs inside `mesh launch` (as a session).
+pub fn in_session() -> bool {
+    std::env::var_os(mesh_ipc::SESSION_FILE_ENV).is_some_and(|v| !v.is_empty())
 }
 
 /// Whether a person is at the terminal (standard input and error both terminals): only then does a

@@ -58,7 +58,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
     }
     let q = OutboxQuery {
         status: args.status,
-        mesh: super::context_mesh(args.mesh),
+        mesh: super::context_mesh(args.mesh)?,
         all_meshes: args.all_meshes,
         limit: Some(args.limit),
     };
@@ -79,7 +79,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
         let err = r.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default();
         let waiting = waiting_for(r).map(|w| format!("  ({w})")).unwrap_or_default();
         let who = r.session.as_deref().map(|s| format!(" from session {s}")).unwrap_or_default();
-        outln!(
+        let line = format!(
             "#{:<5} {}  → {to} [{}]{who} {state} (attempts {}): {}{waiting}{err}",
             r.id,
             output::time(r.enqueued_at),
@@ -87,6 +87,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
             r.attempts,
             output::preview(&r.body, 60)
         );
+        outln!("{}", output::clean(&line));
     }
     Ok(())
 }

@@ -2,7 +2,6 @@
 
 use std::io::Read;
 
-use anyhow::Context;
 use mesh_ipc::MAX_MESSAGE_BYTES;
 use mesh_ipc::api::{
     OutboxEntry, OutboxStatus, SendRequest, SendResponse, SendWait, TargetKind, WaitFor, WaitQuery, WaitResponse,
@@ -41,7 +40,14 @@ pub enum Wait {
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let body = if args.message == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the message from standard input")?;
+        std::io::stdin().read_to_string(&mut s).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => crate::output::fail(
+                "bad_request",
+                "the message on standard input is not valid UTF-8 text",
+                Some("send text; for binary data, send a path or an encoding such as base64".into()),
+            ),
+            _ => anyhow::Error::new(e).context("reading the message from standard input"),
+        })?;
         s
     } else {
         args.message
@@ -56,13 +62,13 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     // Minted here, before the first attempt, so a retry after a timeout can never send twice.
     let client_message_id = args.idempotency_key.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let client = super::client()?;
-    let req = SendRequest { client_message_id, to: args.target, body, mesh: super::context_mesh(args.mesh) };
+    let req = SendRequest { client_message_id, to: args.target, body, mesh: super::context_mesh(args.mesh)? };
     let mut resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
     let Some(wait) = args.wait else {
         if crate::output::json() {
             return super::print_json(&resp);
         }
-        outln!("{}", describe(&resp));
+        outln!("{}", crate::output::clean(&describe(&resp)));
         return Ok(());
     };
     let until = match wait {
@@ -87,7 +93,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     if crate::output::json() {
         super::print_json(&resp)?;
     } else {
-        outln!("{}", describe(&resp));
+        outln!("{}", crate::output::clean(&describe(&resp)));
         if waited.reached {
             outln!("{}", progress(until, e));
         }
@@ -158,5 +164,6 @@ fn describe(resp: &SendResponse) -> String {
         _ => resp.target.address.clone(),
     };
     let again = if resp.duplicate { " (already queued earlier with this idempotency key)" } else { "" };
+    let to = if resp.target.address == resp.sender { format!("{to} — yourself") } else { to };
     format!("queued for {to} in mesh {} as outbox #{}: {}{again}", resp.mesh, resp.outbox_id, resp.status.as_str())
 }

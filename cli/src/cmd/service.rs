@@ -16,6 +16,9 @@ pub struct Service {
     pub args: Vec<String>,
     /// The `MESH_HOME` it serves (absolute), when one is set.
     pub mesh_home: Option<PathBuf>,
+    /// More environment for it (a broker's create token: never on a command line, where `ps` shows
+    /// it to every user; the unit file is 0600).
+    pub env: Vec<(String, String)>,
 }
 
 impl Service {
@@ -46,12 +49,15 @@ impl Service {
     }
 
     /// The systemd user unit: restarted always (a few times a minute at most), after the network.
+    /// Every environment variable the service gets.
+    fn environment(&self) -> Vec<(String, String)> {
+        let home = self.mesh_home.iter().map(|h| (mesh_ipc::paths::HOME_ENV.to_owned(), h.display().to_string()));
+        home.chain(self.env.iter().cloned()).collect()
+    }
+
     pub fn systemd_unit(&self, exe: &Path) -> String {
-        let env = self
-            .mesh_home
-            .as_ref()
-            .map(|h| format!("Environment={}\n", quote(&format!("MESH_HOME={}", h.display()))))
-            .unwrap_or_default();
+        let env: String =
+            self.environment().iter().map(|(k, v)| format!("Environment={}\n", quote(&format!("{k}={v}")))).collect();
         format!(
             "[Unit]\n\
              Description={}\n\
@@ -80,16 +86,14 @@ impl Service {
 
     /// The launchd agent for macOS: kept alive, restarted after any exit.
     pub fn launchd_plist(&self, exe: &Path) -> String {
-        let env = self
-            .mesh_home
-            .as_ref()
-            .map(|h| {
-                format!(
-                    "  <key>EnvironmentVariables</key>\n  <dict><key>MESH_HOME</key><string>{}</string></dict>\n",
-                    xml(&h.display().to_string())
-                )
-            })
-            .unwrap_or_default();
+        let vars = self.environment();
+        let env = if vars.is_empty() {
+            String::new()
+        } else {
+            let entries: String =
+                vars.iter().map(|(k, v)| format!("<key>{}</key><string>{}</string>", xml(k), xml(v))).collect();
+            format!("  <key>EnvironmentVariables</key>\n  <dict>{entries}</dict>\n")
+        };
         let args: String = std::iter::once(exe.display().to_string())
             .chain(self.args.iter().cloned())
             .map(|a| format!("<string>{}</string>", xml(&a)))
@@ -135,11 +139,21 @@ fn xml(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// The `MESH_HOME` this process serves, made absolute.
-pub fn mesh_home_env() -> Option<PathBuf> {
-    std::env::var_os(mesh_ipc::paths::HOME_ENV)
-        .filter(|v| !v.is_empty())
-        .map(|v| std::path::absolute(PathBuf::from(v)).unwrap_or_default())
+/// `path` made absolute and lexically normal (no trailing `/`, no `.`), so that one directory always
+/// names one service; refused when it holds a control character (it could not be written into a
+/// unit file faithfully).
+pub fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    let text = path.to_string_lossy();
+    if text.chars().any(char::is_control) {
+        bail!("the path {text:?} holds a control character; a service cannot use it");
+    }
+    let abs = std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))?;
+    Ok(abs.components().collect())
+}
+
+/// The `MESH_HOME` this process serves, made [`absolute`].
+pub fn mesh_home_env() -> anyhow::Result<Option<PathBuf>> {
+    std::env::var_os(mesh_ipc::paths::HOME_ENV).filter(|v| !v.is_empty()).map(|v| absolute(Path::new(&v))).transpose()
 }
 
 fn systemctl(args: &[&str]) -> bool {
@@ -170,7 +184,7 @@ pub fn install(service: &Service, no_start: bool, before_start: impl FnOnce()) -
     if cfg!(target_os = "macos") {
         let path = service.plist_path()?;
         std::fs::create_dir_all(path.parent().context("plist path has a parent")?)?;
-        std::fs::write(&path, service.launchd_plist(&exe)).with_context(|| format!("writing {}", path.display()))?;
+        write_private(&path, &service.launchd_plist(&exe))?;
         let mut done = Installed { name: service.launchd_label(), file: path.clone(), started: false, note: None };
         if no_start {
             return Ok(done);
@@ -190,7 +204,7 @@ pub fn install(service: &Service, no_start: bool, before_start: impl FnOnce()) -
     }
     let path = service.unit_path()?;
     std::fs::create_dir_all(path.parent().context("unit path has a parent")?)?;
-    std::fs::write(&path, service.systemd_unit(&exe)).with_context(|| format!("writing {}", path.display()))?;
+    write_private(&path, &service.systemd_unit(&exe))?;
     let name = service.name();
     let enable = format!("systemctl --user daemon-reload && systemctl --user enable --now {name}");
     let mut done = Installed { name: name.clone(), file: path, started: false, note: None };
@@ -224,6 +238,11 @@ pub fn uninstall(service: &Service) -> anyhow::Result<Option<PathBuf>> {
     let removed = remove_if_present(&path)?;
     systemctl(&["daemon-reload"]);
     Ok(removed)
+}
+
+/// A unit file, 0600: it may hold a token.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    mesh_ipc::paths::write_private_file(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 fn launchd_domain() -> anyhow::Result<String> {
@@ -274,7 +293,8 @@ mod tests {
             kind: "daemon",
             description: "d",
             args: vec!["daemon".into(), "up".into()],
-            mesh_home: home.map(PathBuf::from),
+            mesh_home: home.map(|h| absolute(Path::new(h)).expect("absolute")),
+            env: vec![],
         }
     }
 
@@ -287,6 +307,9 @@ mod tests {
         assert_eq!(a.name(), c.name());
         assert_eq!(daemon(Some("/tmp/My Home!")).name().split('-').nth(2), Some("my"));
         assert!(daemon(Some("/")).name().starts_with("mesh-daemon-"));
+        assert_eq!(daemon(Some("/tmp/bob/")).name(), a.name(), "a trailing slash is the same home");
+        assert_eq!(daemon(Some("/tmp/./bob")).name(), a.name());
+        assert!(absolute(Path::new("/tmp/a\nExecStartPre=/bin/x")).is_err());
     }
 
     #[test]

@@ -32,27 +32,48 @@ pub enum SessionCommand {
 /// Registers this process as session NAME, then replaces it with the command: the command keeps this
 /// pid, which is how the daemon knows the session is live, and gets `MESH_SESSION_FILE`.
 pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
-    if std::env::var_os(mesh_ipc::SESSION_FILE_ENV).is_some_and(|v| !v.is_empty()) {
+    if super::in_session() {
         bail!("already inside a session ({} is set); a session cannot launch another", mesh_ipc::SESSION_FILE_ENV);
     }
+    let (program, rest) = args.command.split_first().context("no command to run")?;
+    // A command that cannot start is refused before a session is registered for it.
+    if !runnable(program) {
+        return Err(crate::output::fail(
+            "not_found",
+            format!("no command {program:?} to run (not an executable file, nor found on PATH)"),
+            None,
+        ));
+    }
     let client = super::client()?;
-    let req = LaunchRequest { name: args.name, mesh: super::context_mesh(args.mesh), pid: std::process::id() };
+    let req = LaunchRequest { name: args.name, mesh: super::context_mesh(args.mesh)?, pid: std::process::id() };
     let launched: LaunchResponse = super::block_on(client.post(routes::SESSIONS, &req))??;
     if crate::output::json() {
         // Standard output belongs to the command; the session is described on standard error.
         errln!("{}", serde_json::json!({ "session": launched.session }));
     }
-    let (program, rest) = args.command.split_first().context("no command to run")?;
     let err = std::process::Command::new(program)
         .args(rest)
         .env(mesh_ipc::SESSION_FILE_ENV, &launched.token_file)
         .env("MESH_SESSION_NAME", &launched.session.name)
+        // The session acts in its own mesh: a context chosen for the shell does not follow it in.
+        .env_remove(mesh_ipc::CONTEXT_ENV)
         .exec();
     // Still here: the command could not start. End the session rather than leave it live.
     let ended =
         client.clone().with_bearer(std::fs::read_to_string(&launched.token_file).ok().map(|t| t.trim().to_owned()));
     let _ = super::block_on(ended.post::<_, SessionInfo>(routes::SESSION_END, &serde_json::json!({})));
     Err(err).with_context(|| format!("running {program:?}"))
+}
+
+/// Whether `program` names an executable file, directly (with a `/`) or on `PATH`.
+fn runnable(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        return executable(std::path::Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))
 }
 
 pub fn run(cmd: SessionCommand) -> anyhow::Result<()> {
@@ -86,5 +107,5 @@ fn print_session(s: &SessionInfo) {
         (Some(c), true) => format!("live (pid {}), broker link {}", s.pid.unwrap_or_default(), c.state.as_str()),
         _ => s.ended_at.map_or_else(|| "not running".to_owned(), |t| format!("ended {}", output::ago(t))),
     };
-    outln!("{:<20} mesh {:<16} {}  {state}", s.name, s.mesh, s.key);
+    outln!("{}", output::clean(&format!("{:<20} mesh {:<16} {}  {state}", s.name, s.mesh, s.key)));
 }

@@ -29,6 +29,9 @@ pub struct WatchArgs {
 
 pub fn run(args: WatchArgs) -> anyhow::Result<()> {
     let home = super::home()?;
+    // A daemon that is down is said so (exit 3), not waited for in silence.
+    let probe = mesh_ipc::IpcClient::new(&home);
+    super::block_on(probe.get::<mesh_ipc::api::VersionInfo>(mesh_ipc::routes::VERSION))??;
     let token = super::stream_token(&home)?;
     let scope = if args.all { EventScope::All } else { EventScope::Own };
     let since = if args.replay { Some(0) } else { args.since };
@@ -45,7 +48,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
                     if crate::output::json() {
                         outln!("{}", serde_json::to_string(&e).context("encoding an event")?);
                     } else {
-                        outln!("{}", describe(&e));
+                        outln!("{}", output::clean(&describe(&e)));
                     }
                     seen += 1;
                     if args.count.is_some_and(|n| seen >= n) {

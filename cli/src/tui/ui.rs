@@ -453,6 +453,7 @@ mod tests {
             meshes: vec![MeshStatus {
                 id: "00".into(),
                 name: "team".into(),
+                my_name: "alice".into(),
                 broker: "ws://broker:7777".into(),
                 connection: LinkStatus { state, since: T0, last_error: None },
                 peers_online: 1,

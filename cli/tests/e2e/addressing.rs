@@ -119,7 +119,7 @@ fn a_rename_takes_effect_at_once_and_a_taken_name_is_refused() {
     assert_eq!(err["code"], "name_taken");
     assert!(err["message"].as_str().expect("message").contains("member alice"), "{err}");
     let err = json_error(&bob, &["rename", "ALİCE\u{200B}", "--mesh", "team"], 1);
-    assert_eq!(err["code"], "bad_request", "{err}");
+    assert_eq!(err["code"], "invalid_name", "{err}");
 
     let renamed = bob.json(&["rename", "robert", "--mesh", "team"]);
     assert_eq!(renamed["my_name"], "robert");
@@ -148,6 +148,12 @@ fn broadcasts_count_members_and_live_sessions_and_groups_are_checked_at_send_tim
     gone.kill();
     alice.eventually_json("gone ended in alice's roster", &["peers"], |v| {
         v.as_array().expect("array").iter().any(|p| p["name"] == "gone" && p["ended_at"].is_u64())
+    });
+    // A session whose command exits at once ends the same way everywhere, whatever order the
+    // broker's frames about it arrive in.
+    bob.ok(&["launch", "--name", "quick", "--", "true"]);
+    alice.eventually_json("quick ended in alice's roster", &["peers"], |v| {
+        v.as_array().expect("array").iter().any(|p| p["name"] == "quick" && p["ended_at"].is_u64())
     });
     let _live = bob.launch("live", None);
     wait_for_peer(&alice, "live");
@@ -182,4 +188,49 @@ fn a_session_name_taken_in_the_mesh_is_refused_at_launch() {
     assert_eq!(err["error"]["code"], "name_taken", "{err}");
     // A name of one's own still works.
     let _theirs = bob.launch("reviewer-2", None);
+}
+
+#[test]
+fn a_session_acts_in_its_own_mesh_only_and_never_as_the_member() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, _bob) = sessions::team(&broker);
+    let worker = alice.launch("worker", Some("team"));
+    for (args, code) in [
+        (&["invite", "--mesh", "team"][..], "unauthorized"),
+        (&["daemon", "down"], "unauthorized"),
+        (&["use", "team"], "unauthorized"),
+        (&["group", "join", "ops", "--mesh", "elsewhere"], "bad_request"),
+        (&["inbox", "--mesh", "elsewhere"], "bad_request"),
+        (&["peers", "--mesh", "elsewhere"], "bad_request"),
+    ] {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = worker.cmd(&all).output().expect("run");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&out.stdout));
+        let err: Value = serde_json::from_slice(&out.stderr).expect("JSON error");
+        assert_eq!(err["error"]["code"], code, "{args:?}: {err}");
+    }
+    assert!(alice.json(&["daemon", "status"])["pid"].is_u64(), "the daemon still runs");
+    // A context exported in the shell does not follow the session in.
+    let out = worker.cmd(&["send", "alice", "from the worker", "--json"]).env("MESH_CONTEXT", "elsewhere").output();
+    let out = out.expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_name_that_is_another_peer_s_key_prefix_makes_it_ambiguous_instead_of_capturing_it() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = sessions::team(&broker);
+    let bob_key = bob.json(&["daemon", "status"])["member"]["key"].as_str().expect("key").to_owned();
+    // Eight hex digits (what `mesh peers` shows) cannot be a name at all.
+    let err = json_error(&alice, &["rename", &bob_key[..8], "--mesh", "team"], 1);
+    assert_eq!(err["code"], "invalid_name");
+    // A shorter prefix can be a name; then that prefix means two peers and is refused as ambiguous.
+    let _impostor = alice.launch(&bob_key[..6], Some("team"));
+    wait_for_peer(&alice, &bob_key[..6]);
+    let err = json_error(&alice, &["send", &bob_key[..6], "for bob?"], 1);
+    assert_eq!(err["code"], "ambiguous_target", "{err}");
+    // The full key, or a longer prefix, is still bob.
+    let sent = alice.json(&["send", &bob_key[..8], "for bob"]);
+    assert_eq!(sent["target"]["address"], bob_key.as_str());
 }

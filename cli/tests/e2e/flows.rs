@@ -128,13 +128,18 @@ fn targets_resolve_by_name_key_or_unique_prefix_and_offer_what_was_meant() {
     alice.ok(&["daemon", "up"]);
     let key = alice.json(&["daemon", "status"])["member"]["key"].as_str().expect("key").to_owned();
 
-    // A near miss is refused, with the candidate offered (text and JSON).
-    let err = alice.fails(&["send", "alic", "prefix?"], 1);
-    assert!(err.contains("no peer \"alic\"") && err.contains("did you mean alice"), "{err}");
-    let out = alice.cmd(&["send", "alic", "prefix?", "--json"]).output().expect("run");
+    // A near miss is refused, with the candidate offered (text and JSON); never oneself.
+    let _reviewer = alice.launch("reviewer", None);
+    let reviewer = alice.json(&["session", "list"])[0]["key"].as_str().expect("key").to_owned();
+    let err = alice.fails(&["send", "reviewr", "typo?"], 1);
+    assert!(err.contains("no peer \"reviewr\"") && err.contains("did you mean reviewer"), "{err}");
+    let out = alice.cmd(&["send", "reviewr", "typo?", "--json"]).output().expect("run");
     let err: Value = serde_json::from_slice(&out.stderr).expect("JSON error");
     assert_eq!(err["error"]["code"], "unknown_target");
-    assert_eq!(err["error"]["candidates"][0]["key"], key.as_str());
+    assert_eq!(err["error"]["candidates"].as_array().expect("candidates").len(), 1);
+    assert_eq!(err["error"]["candidates"][0]["key"], reviewer.as_str());
+    let err = alice.fails(&["send", "alic", "myself?"], 1);
+    assert!(!err.contains("did you mean alice"), "oneself is not offered: {err}");
     // Too short to be a key prefix.
     alice.fails(&["send", &key[..3], "three digits?"], 1);
 

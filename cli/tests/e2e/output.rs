@@ -39,7 +39,8 @@ fn check_json(home: &TestHome, args: &[&str], code: i32) -> Value {
 fn every_command_speaks_json_on_success_and_on_failure() {
     let home = TestHome::new(MESH);
     // Without a daemon: exit 3 and a JSON error saying so, for every command that needs it.
-    for args in [&["daemon", "status"][..], &["send", "x", "y"], &["inbox"], &["peers"], &["tui"], &["use"]] {
+    for args in [&["daemon", "status"][..], &["send", "x", "y"], &["inbox"], &["peers"], &["tui"], &["use"], &["watch"]]
+    {
         let err = check_json(&home, args, 3);
         assert_eq!(err["code"], "daemon_unreachable", "{args:?}");
         assert!(err["hint"].as_str().expect("hint").contains("mesh daemon up"), "{args:?}");
@@ -89,9 +90,25 @@ fn every_command_speaks_json_on_success_and_on_failure() {
     assert_eq!(err["code"], "payload_too_large");
     let message = err["message"].as_str().expect("message");
     assert!(message.contains(&(mesh_ipc::MAX_MESSAGE_BYTES + 1).to_string()) && message.contains("65536"), "{message}");
+    // A target no name or key can be, and a name that passes for the key prefix shown beside names.
+    assert_eq!(check_json(&home, &["send", "", "x"], 1)["code"], "bad_request");
+    assert_eq!(check_json(&home, &["send", &"x".repeat(5000), "x"], 1)["code"], "bad_request");
+    assert_eq!(check_json(&home, &["rename", &me[..8]], 1)["code"], "invalid_name");
+    assert_eq!(check_json(&home, &["invite", "--expires", "0s"], 2)["code"], "usage");
     // Usage errors: exit 2, JSON too.
     assert_eq!(check_json(&home, &["send"], 2)["code"], "usage");
     assert_eq!(check_json(&home, &["no-such-command"], 2)["code"], "usage");
+    // An argument that is not UTF-8 is a usage error, never a crash.
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"\xff");
+        let out = home.cmd(&["send"]).arg(bad).arg("x").output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+        let out = home.cmd(&["send"]).arg(bad).args(["x", "--json"]).output().expect("run");
+        let v: Value = serde_json::from_slice(&out.stderr).expect("JSON error");
+        assert_eq!((out.status.code(), v["error"]["code"].as_str()), (Some(2), Some("usage")));
+    }
 
     // Streams: one JSON object per line.
     let out = home.run(&["watch", "--replay", "--no-follow", "--json"]);
@@ -182,4 +199,25 @@ fn the_tui_without_a_daemon_says_so_and_exits_3() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not running") && err.contains("mesh daemon up"), "{err}");
+}
+
+#[test]
+fn a_peer_s_terminal_controls_are_shown_never_obeyed_and_json_keeps_the_exact_text() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up"]);
+    let me = home.json(&["daemon", "status"])["member"]["key"].as_str().expect("key").to_owned();
+    let body = "forged\r#1 bob: pay now\x1b[31m\x1b]0;title\x07\x1b]52;c;aGk=\x07\u{202E}txt.exe\u{9b}";
+    home.ok(&["send", &me, body]);
+    wait_for_message(&home, body);
+    for args in [&["inbox"][..], &["watch", "--replay", "--no-follow"], &["outbox"]] {
+        let out = home.run(args);
+        let raw = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        for bad in ['\x1b', '\x07', '\r', '\u{202E}', '\u{9b}'] {
+            assert!(!raw.contains(bad), "{args:?} printed {:?} raw:\n{raw}", bad);
+        }
+        assert!(raw.contains("\\x0d#1 bob") && raw.contains("\\x1b[31m"), "{args:?}: shown visibly:\n{raw}");
+    }
+    assert_eq!(home.json(&["inbox"])[0]["body"], body, "--json keeps the exact text");
 }

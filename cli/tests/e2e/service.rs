@@ -49,11 +49,40 @@ fn each_home_gets_its_own_units_that_systemd_accepts_and_uninstall_removes_them(
     assert!(unit_one.exists() && unit_two.exists());
     verify(&unit_one);
 
-    // The broker's unit, with the serve options checked before anything is written.
-    let (broker_unit, text) =
-        install(&one, xdg.path(), &["broker", "install-service", "--no-start", "--", "--listen", "0.0.0.0:7777"]);
-    assert!(text.contains(&format!("ExecStart={MESH} broker serve --listen 0.0.0.0:7777")), "{text}");
+    // The broker's unit, with the serve options checked before anything is written; a relative
+    // database path made absolute, and the create token kept off the command line.
+    let args = [
+        "broker",
+        "install-service",
+        "--no-start",
+        "--",
+        "--listen",
+        "0.0.0.0:7777",
+        "--db",
+        "rel.db",
+        "--create-token",
+        "s3cr3t",
+    ];
+    let (broker_unit, text) = install(&one, xdg.path(), &args);
+    let cwd = std::env::current_dir().expect("cwd");
+    let exec = format!("ExecStart={MESH} broker serve --listen 0.0.0.0:7777 --db {}", cwd.join("rel.db").display());
+    assert!(text.lines().any(|l| l == exec), "{exec}\n{text}");
+    assert!(text.contains("Environment=MESH_BROKER_CREATE_TOKEN=s3cr3t") && !text.contains("--create-token"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&broker_unit).expect("unit").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a unit may hold a token");
     verify(&broker_unit);
+    // The same home with a trailing slash is the same service.
+    let mut slash = one.path().display().to_string();
+    slash.push('/');
+    let out = one
+        .cmd(&["--json", "daemon", "install-service", "--no-start"])
+        .env("MESH_HOME", &slash)
+        .env("XDG_CONFIG_HOME", xdg.path())
+        .output()
+        .expect("run");
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(std::path::PathBuf::from(again["file"].as_str().expect("file")), unit_one);
     let out = one
         .cmd(&["broker", "install-service", "--no-start", "--", "--lisen", "x"])
         .env("XDG_CONFIG_HOME", xdg.path())

@@ -7,7 +7,7 @@ use axum::response::Json;
 use mesh_ipc::api::{GroupChange, GroupInfo};
 use mesh_proto::names;
 
-use super::{Body, Caller, Failure, pick_mesh};
+use super::{Body, Caller, Failure, own_mesh, pick_mesh};
 use crate::daemon::Daemon;
 use crate::groups;
 
@@ -20,7 +20,7 @@ async fn change(
     let name = req.group.strip_prefix('@').unwrap_or(&req.group).to_owned();
     names::validate_group(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
     let mesh = match caller {
-        Caller::Session(s) => s.mesh_id,
+        Caller::Session(s) => own_mesh(d, s, req.mesh.as_deref()).await?.id,
         Caller::Member => pick_mesh(d, req.mesh).await?.id,
     };
     let key = caller.key(d);

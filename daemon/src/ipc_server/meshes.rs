@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mesh_proto::wire::{ClientFrame, ErrorCode, RenameRequest as RenameFrame};
 
-use super::{Body, Caller, Failure, Params, list_scope, pick_mesh};
+use super::{Body, Caller, Failure, Params, list_scope, own_mesh, pick_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::link::{self, LinkError, RequestError};
@@ -23,6 +23,7 @@ use crate::meshes::MeshRow;
 use crate::roster;
 
 const DEFAULT_INVITE_SECS: u64 = 24 * 60 * 60;
+const MAX_INVITE_SECS: u64 = 366 * 24 * 60 * 60;
 
 pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<MeshInfo>>, Failure> {
     let (rows, context) = d.db.call(|c| Ok((crate::meshes::list(c)?, crate::meshes::context(c)?))).await?;
@@ -36,7 +37,7 @@ fn info(d: &Daemon, m: &MeshRow, context: Option<&MeshId>) -> MeshInfo {
 /// A display name as typed: normalised, then checked against the naming rules.
 fn display_name(typed: Option<String>, d: &Daemon) -> Result<String, Failure> {
     let name = names::normalize(typed.as_deref().unwrap_or(&d.member.name));
-    names::validate_display(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
+    names::validate_display(&name).map_err(super::invalid_name)?;
     Ok(name)
 }
 
@@ -46,7 +47,7 @@ pub async fn create(
     Body(req): Body<CreateMeshRequest>,
 ) -> Result<Json<MeshInfo>, Failure> {
     caller.member_only("creating a mesh")?;
-    names::validate_display(&req.name).map_err(|e| Failure::bad_request(e.to_string()))?;
+    names::validate_display(&req.name).map_err(super::invalid_name)?;
     link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
     let me = display_name(req.display_name.clone(), &d)?;
     let name = req.name.clone();
@@ -102,7 +103,7 @@ pub async fn join(
         return Ok(Json(existing.info(&d.member.name)));
     }
     if let Some(name) = &req.mesh_name {
-        names::validate_display(name).map_err(|e| Failure::bad_request(e.to_string()))?;
+        names::validate_display(name).map_err(super::invalid_name)?;
         let n = name.clone();
         if d.db.call(move |c| crate::meshes::name_taken(c, &n)).await? {
             return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
@@ -228,8 +229,11 @@ pub async fn set_context(
 
 pub async fn invite(
     State(d): State<Arc<Daemon>>,
+    caller: Caller,
     Body(req): Body<CreateInviteRequest>,
 ) -> Result<Json<InviteResponse>, Failure> {
+    // An invite carries the mesh key and admits a new member: the member's decision, not an agent's.
+    caller.member_only("minting an invite")?;
     let mesh = pick_mesh(&d, req.mesh).await?;
     if !mesh.role.can_invite() {
         return Err(Failure::new(
@@ -242,8 +246,8 @@ pub async fn invite(
         return Err(Failure::bad_request("an invite cannot make an owner; use --role member or admin"));
     }
     let secs = req.expires_in_secs.unwrap_or(DEFAULT_INVITE_SECS);
-    if secs == 0 {
-        return Err(Failure::bad_request("an invite must be valid for at least a second"));
+    if secs == 0 || secs > MAX_INVITE_SECS {
+        return Err(Failure::bad_request("an invite is valid for 1 second to 366 days"));
     }
     let max_uses = match req.max_uses.unwrap_or(1) {
         0 => None,
@@ -278,7 +282,7 @@ pub async fn peers(
 ) -> Result<Json<Vec<PeerInfo>>, Failure> {
     let mesh = match &caller {
         // A session sees the roster of its own mesh.
-        Caller::Session(s) => Some(s.mesh_id),
+        Caller::Session(s) => Some(own_mesh(&d, s, q.mesh.as_deref()).await?.id),
         Caller::Member => list_scope(&d, q.mesh, q.all_meshes).await?.map(|m| m.id),
     };
     let all = d.db.call(|c| crate::meshes::list(c)).await?;

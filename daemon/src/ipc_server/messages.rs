@@ -11,7 +11,7 @@ use mesh_ipc::api::*;
 use mesh_proto::message::{self, Content, SealKey};
 use sha2::Digest;
 
-use super::{Body, Caller, Failure, Params, RowId, list_scope};
+use super::{Body, Caller, Failure, Params, RowId, list_scope, own_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::inbox;
@@ -19,6 +19,9 @@ use crate::outbox::{self, Transition};
 use crate::roster::{self, SealWith};
 
 const MAX_CLIENT_MESSAGE_ID: usize = 128;
+/// Longer than any name, key or group: refused rather than looked up and echoed back.
+const MAX_TARGET_CHARS: usize = 80;
+const TARGET_HINT: &str = "a target is a name, a key or a 4+ digit key prefix (see `mesh peers`), @group, or *";
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// How long a replay waits for the worker before answering with the row as it stands.
@@ -43,6 +46,7 @@ fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
         mesh: e.mesh,
         target: e.target,
         duplicate,
+        sender: e.sender,
         wait: None,
     }
 }
@@ -76,6 +80,16 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     }
     if req.body.is_empty() {
         return Err(Failure::bad_request("the message is empty"));
+    }
+    if req.to.trim().is_empty() {
+        return Err(Failure::bad_request("the target is empty").with_hint(TARGET_HINT));
+    }
+    if req.to.chars().count() > MAX_TARGET_CHARS {
+        return Err(Failure::bad_request(format!(
+            "the target is {} characters long; no name or key is",
+            req.to.chars().count()
+        ))
+        .with_hint(TARGET_HINT));
     }
     if req.body.len() > MAX_MESSAGE_BYTES {
         return Err(Failure::new(
@@ -177,7 +191,7 @@ pub async fn inbox(
     Params(q): Params<InboxQuery>,
 ) -> Result<Json<Vec<InboxMessage>>, Failure> {
     let mesh = match &caller {
-        Caller::Session(_) => None,
+        Caller::Session(s) => Some(own_mesh(&d, s, q.mesh.as_deref()).await?.id),
         Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
     let recipients = vec![caller.key(&d)];
@@ -192,7 +206,7 @@ pub async fn outbox(
 ) -> Result<Json<Vec<OutboxEntry>>, Failure> {
     let scope = caller.scope();
     let mesh = match &caller {
-        Caller::Session(_) => None,
+        Caller::Session(s) => Some(own_mesh(&d, s, q.mesh.as_deref()).await?.id),
         Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
     let mut rows = d.db.call(move |c| outbox::list(c, &q, scope.as_ref(), mesh.as_ref())).await?;

@@ -319,10 +319,15 @@ async fn version() -> Json<VersionInfo> {
     })
 }
 
-async fn shutdown(State(d): State<Arc<Daemon>>) -> (StatusCode, Json<serde_json::Value>) {
+async fn shutdown(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+) -> Result<(StatusCode, Json<serde_json::Value>), Failure> {
+    // Stopping the daemon stops every session: the member's decision, not one session's.
+    caller.member_only("stopping the daemon")?;
     tracing::info!("shutdown requested over IPC");
     d.shutdown.cancel();
-    (StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "shutting_down" })))
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "shutting_down" }))))
 }
 
 async fn status(State(d): State<Arc<Daemon>>) -> Result<Json<Status>, Failure> {
@@ -344,6 +349,7 @@ async fn status(State(d): State<Arc<Daemon>>) -> Result<Json<Status>, Failure> {
         .map(|(m, peers, counts)| MeshStatus {
             id: m.id.to_string(),
             name: m.name.clone(),
+            my_name: m.display_name(&d.member.name).to_owned(),
             broker: m.broker_url.clone(),
             connection: d.link_status(&m.id, &me),
             peers_online: peers.iter().filter(|p| p.peer.online && p.peer.key != me).count() as u32,
@@ -391,6 +397,22 @@ pub async fn pick_mesh(d: &Daemon, mesh: Option<String>) -> Result<MeshRow, Fail
     .await?
 }
 
+/// A session's own mesh; naming another is an error (a session always acts in its own mesh).
+pub async fn own_mesh(d: &Daemon, s: &Session, asked: Option<&str>) -> Result<MeshRow, Failure> {
+    let id = s.mesh_id;
+    let own =
+        d.db.call(move |c| crate::meshes::get(c, &id))
+            .await?
+            .ok_or_else(|| Failure::new(ApiErrorCode::UnknownMesh, "this session's mesh is gone".into()))?;
+    match asked {
+        Some(asked) if asked != own.name && asked != own.id.to_string() => Err(Failure::bad_request(format!(
+            "session {:?} belongs to mesh {:?}, not {asked:?}; a session acts in its own mesh only",
+            s.name, own.name
+        ))),
+        _ => Ok(own),
+    }
+}
+
 /// The mesh a listing is narrowed to: the one it names or the context; `None` for every mesh (no
 /// context, or `all_meshes`).
 pub async fn list_scope(d: &Daemon, mesh: Option<String>, all_meshes: bool) -> Result<Option<MeshRow>, Failure> {
@@ -412,6 +434,13 @@ pub fn target_scope(c: &rusqlite::Connection, mesh: Option<&str>) -> Result<rost
 
 const CONTEXT_HINT: &str =
     "pass --mesh NAME, set MESH_CONTEXT=NAME for this shell, or choose a default with `mesh use NAME`";
+
+/// A name that breaks the naming rules.
+pub fn invalid_name(e: mesh_proto::ProtoError) -> Failure {
+    Failure::new(ApiErrorCode::InvalidName, e.to_string()).with_hint(
+        "names: 1-64 characters, no control, invisible or direction-changing characters (docs/addressing.md)",
+    )
+}
 
 fn resolve_failure(e: ResolveError) -> Failure {
     Failure::from(e)

@@ -40,7 +40,7 @@ pub async fn launch(
 ) -> Result<Json<LaunchResponse>, Failure> {
     caller.member_only("launching a session")?;
     let name = names::normalize(&req.name);
-    names::validate_display(&name).map_err(|e| Failure::bad_request(e.to_string()))?;
+    names::validate_display(&name).map_err(super::invalid_name)?;
     let mesh = pick_mesh(&d, req.mesh).await?;
     let proc = process::lookup(req.pid).ok_or_else(|| {
         Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid))
