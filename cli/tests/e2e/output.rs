@@ -129,6 +129,23 @@ fn every_command_speaks_json_on_success_and_on_failure() {
     assert_eq!(described["session"]["name"], "echoer");
 
     assert_eq!(check_json(&home, &["daemon", "down"], 0)["stopped"], true);
+
+    // `broker serve --json`: its ready line is one JSON object.
+    let db = home.path().join("b.db");
+    let mut broker = home
+        .cmd(&["broker", "serve", "--listen", "127.0.0.1:0", "--json", "--db"])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("broker");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(broker.stdout.take().expect("stdout")), &mut line)
+        .expect("ready line");
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let ready: Value = serde_json::from_str(&line).expect("JSON ready line");
+    assert!(ready["listening"].as_str().expect("listening").starts_with("ws://127.0.0.1:"), "{ready}");
 }
 
 /// Starts `mesh args…` with stdout on a pipe, reads `bytes` from it, closes it, and returns how the

@@ -107,11 +107,12 @@ fn a_service_started_while_a_daemon_runs_takes_over_from_it() {
     home.ok(&["init", "--name", "alice"]);
     home.ok(&["daemon", "up"]);
     let by_hand = home.daemon_pid().expect("pid");
-    // What the unit runs.
+    // What the unit runs, its standard error going where a service manager's goes: not a terminal.
+    let journal = tempfile::NamedTempFile::new().expect("journal file");
     let mut service = home
         .cmd(&["daemon", "up", "--foreground", "--replace"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(journal.reopen().expect("journal"))
         .spawn()
         .expect("spawn");
     let pid = service.id() as i32;
@@ -126,4 +127,9 @@ fn a_service_started_while_a_daemon_runs_takes_over_from_it() {
     assert!(service.try_wait().expect("wait").is_none(), "the service's daemon keeps running");
     home.ok(&["daemon", "down"]);
     service.wait().expect("the service's daemon exits on down");
+    let logged = std::fs::read_to_string(journal.path()).expect("journal");
+    assert!(logged.contains("daemon starting"), "{logged}");
+    assert!(!logged.contains('\x1b'), "no colour codes where no terminal reads them:\n{logged}");
+    let file_logs = home.log_tail(200);
+    assert!(!file_logs.is_empty() && !file_logs.contains('\x1b'), "no colour codes in log files");
 }
