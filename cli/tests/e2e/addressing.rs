@@ -234,3 +234,28 @@ fn a_name_that_is_another_peer_s_key_prefix_makes_it_ambiguous_instead_of_captur
     let sent = alice.json(&["send", &bob_key[..8], "for bob"]);
     assert_eq!(sent["target"]["address"], bob_key.as_str());
 }
+
+#[test]
+fn on_a_terminal_join_asks_for_a_name_and_for_another_when_it_is_taken() {
+    let alice = TestHome::new(MESH);
+    alice.ok(&["init", "--name", "root"]);
+    alice.ok(&["daemon", "up"]);
+    let bob = TestHome::new(MESH);
+    bob.ok(&["init", "--name", "root"]);
+    bob.ok(&["daemon", "up", "--no-embedded"]);
+    let token = alice.ok(&["invite"]).trim().to_owned();
+    let term = super::tui::Tmux::start(&format!(
+        "env MESH_HOME={} {MESH} join {token}; echo EXITED $?; sleep 60",
+        bob.path().display()
+    ));
+    term.wait_for("your name in this mesh:");
+    term.keys("root");
+    term.keys("Enter");
+    let screen = term.wait_for("another name:");
+    assert!(screen.contains("taken") && screen.contains("member root"), "{screen}");
+    term.keys("carol");
+    term.keys("Enter");
+    term.wait_for("EXITED 0");
+    assert_eq!(bob.json(&["meshes"])[0]["my_name"], "carol");
+    wait_for_peer(&alice, "carol");
+}

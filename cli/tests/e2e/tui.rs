@@ -5,12 +5,12 @@ use mesh_testkit::{TestHome, eventually};
 use super::*;
 
 /// A private tmux server running one command in a 120×40 window; killed on drop.
-struct Tmux {
+pub struct Tmux {
     socket: String,
 }
 
 impl Tmux {
-    fn start(command: &str) -> Tmux {
+    pub fn start(command: &str) -> Tmux {
         let socket = format!("mesh-test-{}-{}", std::process::id(), mesh_proto::now_ms());
         let status = std::process::Command::new("tmux")
             .args(["-L", &socket, "new-session", "-d", "-x", "120", "-y", "40", "-s", "tui", command])
@@ -26,14 +26,14 @@ impl Tmux {
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
     }
 
-    fn wait_for(&self, what: &str) -> String {
+    pub fn wait_for(&self, what: &str) -> String {
         eventually(&format!("{what:?} on the screen"), mesh_testkit::WAIT, || {
             let s = self.screen();
             s.contains(what).then_some(s)
         })
     }
 
-    fn keys(&self, keys: &str) {
+    pub fn keys(&self, keys: &str) {
         let status = std::process::Command::new("tmux")
             .args(["-L", &self.socket, "send-keys", "-t", "tui", keys])
             .status()
