@@ -1,15 +1,14 @@
 //! One WebSocket connection: challenge, handshake, then an ordered reader loop (frames are handled one
-//! at a time, in arrival order), a writer task that owns the socket's sink, and a deliverer that leases
-//! the peer's queue and pushes it within a window of unacked items.
+//! at a time, in arrival order), a writer task that owns the socket's sink, and the deliverer
+//! ([`crate::deliver`]) that leases the peer's queue and pushes it within a window of unacked items.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use mesh_proto::wire::{
-    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, OkReply, Peer, Presence, RosterReply,
+    self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, OkReply, Peer, RosterReply,
     SendMessage, ServerFrame, Welcome,
 };
 use mesh_proto::{MeshId, PublicKey, crypto, now_ms};
@@ -19,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Shared;
+use crate::deliver::deliver_loop;
 use crate::handshake::{self, Authenticated};
 use crate::hub::{ConnHandle, Outbound};
+use crate::presence::{announce, announce_view, peer_view};
 use crate::store::{NewMessage, PeerRecord, StoreError};
 
 /// Frames waiting for the socket, per connection. Deliveries wait for room (backpressure); presence
@@ -155,34 +156,6 @@ async fn write_loop(
             return;
         }
     }
-}
-
-/// A peer as the protocol shows it; `groups` only when they are known (rosters) or changed.
-pub(crate) fn peer_view(p: &PeerRecord, online: bool, groups: Option<Vec<String>>) -> Peer {
-    Peer {
-        key: p.key,
-        kind: p.kind,
-        member: p.member,
-        name: p.name.clone(),
-        enc_key: p.enc_key,
-        enc_sig: p.enc_sig,
-        role: p.role,
-        online,
-        last_seen: p.last_seen,
-        groups,
-        ended_at: p.ended_at,
-    }
-}
-
-/// Tells every connection of `mesh` but `peer`'s own about `peer` (a `presence` frame).
-pub(crate) fn announce(shared: &Shared, mesh: MeshId, peer: &PeerRecord, online: bool, removed: bool) {
-    announce_view(shared, mesh, peer_view(peer, online, None), removed);
-}
-
-fn announce_view(shared: &Shared, mesh: MeshId, peer: Peer, removed: bool) {
-    let except = peer.key;
-    let frame = ServerFrame::Presence(Presence { peer, removed }).to_json();
-    shared.hub.broadcast(mesh, &except, &frame);
 }
 
 struct Connection {
@@ -746,86 +719,6 @@ fn enqueue_refusal(e: StoreError) -> ErrorFrame {
     }
 }
 
-/// Leases the peer's queue and pushes it, keeping at most `deliver_window` deliveries unacked. Runs on
-/// wake-ups (new items), acks (room in the window) and a timer for the earliest lease to run out, so an
-/// unacked delivery is sent again without waiting for any other event.
-#[allow(clippy::too_many_arguments)]
-async fn deliver_loop(
-    shared: Arc<Shared>,
-    mesh: MeshId,
-    key: PublicKey,
-    conn_id: u64,
-    wake: Arc<Notify>,
-    mut acked: mpsc::UnboundedReceiver<Vec<u64>>,
-    out: mpsc::Sender<Outbound>,
-    stop: CancellationToken,
-) {
-    let window = shared.config.deliver_window as usize;
-    let lease_ms = shared.config.lease.as_millis() as u64;
-    let mut inflight: HashMap<u64, u64> = HashMap::new();
-    let mut retry_at: Option<Instant> = None;
-    // Leases held by a connection that is gone (or by another one) run out on their own: wake then.
-    let mut foreign: Option<u64> = None;
-    // Whether the queue may hold items this connection could take. Cleared by a lease that found fewer
-    // than it asked for; set by a wake-up (new or released items) and by any lease running out. An ack
-    // alone adds nothing to the queue, so it does not cost a lease that would find it empty.
-    let mut more = true;
-    loop {
-        let now = now_ms();
-        let held = inflight.len();
-        inflight.retain(|_, until| *until > now);
-        more |= inflight.len() < held;
-        // Lease again once half the window is free: fewer, larger leases under load, and at once when
-        // idle (an empty window is always below half).
-        let refill = |inflight: &HashMap<u64, u64>| inflight.len() <= window / 2;
-        if more && refill(&inflight) && retry_at.is_none_or(|t| t <= Instant::now()) {
-            retry_at = None;
-            let asked = window - inflight.len();
-            match shared.store.lease(mesh, key, conn_id, asked as u32, now, lease_ms).await {
-                Ok(lease) => {
-                    more = lease.items.len() >= asked;
-                    foreign = lease.next_foreign_expiry;
-                    for item in lease.items {
-                        inflight.insert(item.delivery_id, now + lease_ms);
-                        let frame = wire::deliver_frame_json(item.delivery_id, &item.item_json);
-                        // A peer that stops reading fills the buffer; stopping must not wait for it.
-                        tokio::select! {
-                            sent = out.send(Outbound::Text(frame)) => if sent.is_err() { return },
-                            () = stop.cancelled() => return,
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "leasing deliveries; retrying in 1 s");
-                    foreign = None;
-                    retry_at = Some(Instant::now() + Duration::from_secs(1));
-                }
-            }
-        }
-        let now = now_ms();
-        let next_expiry = inflight
-            .values()
-            .copied()
-            .chain(foreign.filter(|_| refill(&inflight)))
-            .min()
-            .map(|until| Instant::now() + Duration::from_millis(until.saturating_sub(now)));
-        let deadline = match (next_expiry, retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = wake.notified() => more = true,
-            ids = acked.recv() => match ids {
-                Some(ids) => for id in ids { inflight.remove(&id); },
-                None => return,
-            },
-            // A lease ran out (this connection's or another's), or a failed lease is due again.
-            () = sleep_until_opt(deadline) => more = true,
-        }
-    }
-}
-
 fn frame_len(read: &Option<Result<Message, axum::Error>>) -> usize {
     match read {
         Some(Ok(Message::Text(t))) => t.len(),
@@ -838,11 +731,4 @@ fn frame_len(read: &Option<Result<Message, axum::Error>>) -> usize {
 fn is_capacity_error(e: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
     e.into_inner().downcast_ref::<Error>().is_some_and(|e| matches!(e, Error::Capacity(_)))
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }

@@ -7,8 +7,10 @@
 
 mod config;
 mod connection;
+mod deliver;
 mod handshake;
 mod hub;
+mod presence;
 mod ratelimit;
 pub mod sqlite;
 pub mod store;
@@ -142,11 +144,11 @@ async fn reap_sessions(shared: &Shared) {
         Ok(done) => {
             for (mesh, peer) in &done.ended {
                 tracing::info!(mesh = %mesh, session = %peer.name, "session unseen too long; ended");
-                connection::announce(shared, *mesh, peer, false, false);
+                presence::announce(shared, *mesh, peer, false, false);
             }
             for (mesh, peer) in &done.removed {
                 tracing::info!(mesh = %mesh, session = %peer.name, "ended session left the roster");
-                connection::announce(shared, *mesh, peer, false, true);
+                presence::announce(shared, *mesh, peer, false, true);
             }
         }
         Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "reaping sessions failed; will retry"),
