@@ -1,0 +1,87 @@
+//! The daemon itself: `/v1/status`.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub socket: String,
+    pub started_at: u64,
+    pub member: MemberInfo,
+    pub meshes: Vec<MeshStatus>,
+    pub outbox: OutboxCounts,
+    pub inbox: InboxCounts,
+    /// `ws://127.0.0.1:PORT` when this daemon runs an embedded broker.
+    pub embedded_broker: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub key: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub id: String,
+    pub name: String,
+    /// The member's display name in this mesh.
+    #[serde(default)]
+    pub my_name: String,
+    pub broker: String,
+    pub connection: LinkStatus,
+    pub peers_online: u32,
+    pub peers_total: u32,
+    pub outbox: OutboxCounts,
+}
+
+/// A broker connection as the daemon sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    /// Since when (ms) it has been in this state.
+    pub since: u64,
+    /// The last failure, with the broker's error code when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Connecting,
+    Online,
+    /// Disconnected; retrying with backoff.
+    Offline,
+    /// The broker refused us permanently (revoked, unknown member…); retried slowly.
+    Rejected,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Online => "online",
+            LinkState::Offline => "offline",
+            LinkState::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxCounts {
+    pub pending: u64,
+    pub inflight: u64,
+    pub done: u64,
+    pub dead: u64,
+    pub aborted: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxCounts {
+    pub unread: u64,
+    pub total: u64,
+    pub failed: u64,
+}

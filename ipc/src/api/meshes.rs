@@ -1,0 +1,126 @@
+//! Meshes, invites, names, the context and rosters: `/v1/meshes…`, `/v1/context`, `/v1/invites`, `/v1/peers`.
+
+use mesh_proto::wire::{PeerKind, Role};
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/meshes` lists these; `POST /v1/meshes` and `POST /v1/meshes/join` return one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshInfo {
+    pub id: String,
+    pub name: String,
+    pub broker: String,
+    pub role: Role,
+    /// True for the local mesh served by this daemon's embedded broker.
+    pub embedded: bool,
+    pub joined_at: u64,
+    /// The member's display name in this mesh.
+    #[serde(default)]
+    pub my_name: String,
+    /// Whether this is the context set by `mesh use`.
+    #[serde(default)]
+    pub context: bool,
+    /// After a join that took a suffixed name: the name asked for, which was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_was_taken: Option<String>,
+}
+
+/// `POST /v1/meshes`: create a mesh on a broker; the caller becomes its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateMeshRequest {
+    pub name: String,
+    /// `ws://host:port` (the `/v1/ws` path is added when missing).
+    pub broker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_token: Option<String>,
+    /// The member's display name in the new mesh (default: the identity's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// `POST /v1/meshes/join`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinMeshRequest {
+    pub token: String,
+    /// A local name for the mesh, when the invite's name is already taken here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_name: Option<String>,
+    /// The member's display name in the mesh (default: the identity's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// When the name is taken: take the first free `NAME-2`, `NAME-3`, … instead of failing with
+    /// `name_taken`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suffix_if_taken: bool,
+}
+
+/// `POST /v1/meshes/rename`: the member's display name in one mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+/// `GET` and `PUT /v1/context`: the mesh commands mean when they do not say (`mesh use`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    /// The mesh's local name; `None` (on `PUT`: clear it) when there is no context.
+    #[serde(default)]
+    pub mesh: Option<String>,
+}
+
+/// `POST /v1/invites`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateInviteRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// Default: 24 hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    /// Default: 1. `0` means unlimited until expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// Default: member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteResponse {
+    pub token: String,
+    pub mesh: String,
+    pub broker: String,
+    pub expires_at: u64,
+    pub max_uses: Option<u32>,
+    pub role: Role,
+}
+
+/// `GET /v1/peers?mesh=M`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub mesh: String,
+    pub key: String,
+    pub name: String,
+    pub kind: PeerKind,
+    pub member: String,
+    pub role: Role,
+    pub online: bool,
+    pub last_seen: Option<u64>,
+    /// This daemon's own member key.
+    pub is_self: bool,
+    /// The groups it is in (as far as the roster knows).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// For a session that ended: when (it gets no broadcasts; DMs wait for its next launch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    /// Ignore the context: every mesh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_meshes: bool,
+}
