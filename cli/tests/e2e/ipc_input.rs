@@ -80,3 +80,47 @@ fn a_resend_with_the_same_idempotency_key_is_answered_from_the_outbox() {
     let outbox = home.json(&["outbox"]);
     assert_eq!(outbox.as_array().expect("array").len(), 1, "{outbox}");
 }
+
+/// A presented token that is not valid is refused on every route, whatever the route would do for
+/// the member: nothing is served, minted or stopped on a garbage or a dead token.
+#[test]
+fn every_route_refuses_a_garbage_or_dead_token() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up"]);
+    let mut session = home.launch("worker", None);
+    let dead = std::fs::read_to_string(&session.token_file).expect("token").trim().to_owned();
+    session.kill();
+    home.eventually_json("the session to end", &["session", "list"], |v| v[0]["live"] == false);
+    let routes_to_try: [(&str, &str, &str); 20] = [
+        ("GET", routes::VERSION, ""),
+        ("GET", routes::STATUS, ""),
+        ("GET", routes::MESHES, ""),
+        ("GET", routes::PEERS, ""),
+        ("GET", routes::CONTEXT, ""),
+        ("GET", routes::SESSIONS, ""),
+        ("GET", routes::SESSION, ""),
+        ("GET", routes::INBOX, ""),
+        ("GET", routes::OUTBOX, ""),
+        ("GET", routes::GROUPS, ""),
+        ("POST", routes::SHUTDOWN, "{}"),
+        ("POST", routes::INVITES, "{}"),
+        ("POST", routes::MESHES, r#"{"name":"x","broker":"ws://127.0.0.1:9"}"#),
+        ("POST", routes::MESHES_JOIN, r#"{"token":"x"}"#),
+        ("POST", routes::MESHES_RENAME, r#"{"name":"x"}"#),
+        ("PUT", routes::CONTEXT, r#"{"mesh":null}"#),
+        ("POST", routes::SESSIONS, r#"{"name":"y","pid":1}"#),
+        ("POST", routes::SEND, r#"{"client_message_id":"c","to":"alice","body":"x"}"#),
+        ("POST", routes::INBOX_ACK, r#"{"all":true}"#),
+        ("POST", routes::GROUPS_JOIN, r#"{"group":"ops"}"#),
+    ];
+    for token in ["not-a-token", dead.as_str()] {
+        let client = IpcClient::new(&home.paths()).with_bearer(Some(token.to_owned()));
+        for (method, route, body) in routes_to_try {
+            let (status, err) = call(&client, method, route, body.as_bytes().to_vec());
+            assert_eq!((status, err.error.code), (401, mesh_ipc::api::ApiErrorCode::Unauthorized), "{method} {route}");
+        }
+    }
+    assert!(home.json(&["daemon", "status"])["pid"].is_u64(), "the daemon still runs");
+    assert!(home.json(&["session", "list"]).as_array().expect("array").len() == 1, "no session was created");
+}

@@ -25,7 +25,8 @@ use crate::roster;
 const DEFAULT_INVITE_SECS: u64 = 24 * 60 * 60;
 const MAX_INVITE_SECS: u64 = 366 * 24 * 60 * 60;
 
-pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<MeshInfo>>, Failure> {
+/// Any caller with a valid token (or none) may list; a presented token that is not valid is refused.
+pub async fn list(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Vec<MeshInfo>>, Failure> {
     let (rows, context) = d.db.call(|c| Ok((crate::meshes::list(c)?, crate::meshes::context(c)?))).await?;
     Ok(Json(rows.iter().map(|m| info(&d, m, context.as_ref())).collect()))
 }
@@ -201,7 +202,7 @@ pub async fn rename(
     Ok(Json(row.info(&d.member.name)))
 }
 
-pub async fn get_context(State(d): State<Arc<Daemon>>) -> Result<Json<Context>, Failure> {
+pub async fn get_context(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Context>, Failure> {
     let mesh =
         d.db.call(|c| match crate::meshes::context(c)? {
             Some(id) => Ok(crate::meshes::get(c, &id)?.map(|m| m.name)),

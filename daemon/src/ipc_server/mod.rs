@@ -310,7 +310,8 @@ async fn method_not_allowed(req: Request) -> Failure {
     Failure::new(ApiErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }
 
-async fn version() -> Json<VersionInfo> {
+/// The version probe; a presented token must still be valid (no route ignores a bad one).
+async fn version(_caller: Caller) -> Json<VersionInfo> {
     Json(VersionInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         ipc: IPC_VERSION,
@@ -330,7 +331,7 @@ async fn shutdown(
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "shutting_down" }))))
 }
 
-async fn status(State(d): State<Arc<Daemon>>) -> Result<Json<Status>, Failure> {
+async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Status>, Failure> {
     let rows =
         d.db.call(|c| {
             let mut out = Vec::new();

@@ -97,7 +97,7 @@ fn name_taken(name: &str, holder: &str) -> Failure {
         .with_hint("launch it under another name: mesh launch --name OTHER -- …")
 }
 
-pub async fn list(State(d): State<Arc<Daemon>>) -> Result<Json<Vec<SessionInfo>>, Failure> {
+pub async fn list(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Vec<SessionInfo>>, Failure> {
     let mut out = Vec::new();
     for s in d.sessions.all() {
         out.push(info(&d, &s).await?);
