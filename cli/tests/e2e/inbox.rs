@@ -147,6 +147,18 @@ fn curl_reads_the_stream_with_a_token_and_gets_401_without() {
     assert!(text.lines().any(|l| l.starts_with("id: ")), "{text}");
     let bad = curl(&["-H", &auth, "-H", "Last-Event-ID: yesterday", "-w", "%{http_code}"]);
     assert!(String::from_utf8_lossy(&bad.stdout).ends_with("400"));
+    // The header and ?since= follow one rule: negative is refused by both, the largest id is no
+    // bogus resync (it resumes from the newest event, with nothing to replay).
+    let bad = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "2", "--unix-socket"])
+        .arg(&socket)
+        .args(["-H", &auth, "-w", "%{http_code}", "http://localhost/v1/events?since=-5"])
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&bad.stdout).ends_with("400"), "{}", String::from_utf8_lossy(&bad.stdout));
+    let out = curl(&["-H", &auth, "-H", "Last-Event-ID: 9223372036854775807"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("resync") && !text.contains("event: message"), "{text}");
 }
 
 #[test]

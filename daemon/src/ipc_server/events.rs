@@ -53,24 +53,22 @@ pub async fn stream(
             ));
         }
     };
-    let resume =
-        match headers.get("last-event-id") {
-            Some(v) => {
-                Some(v.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok()).filter(|id| *id >= 0).ok_or_else(
-                    || Failure::bad_request("Last-Event-ID must be an event id (a non-negative integer)"),
-                )?)
-            }
-            None => q.since,
-        };
+    // The header and `?since=` are read by the same rule: an event id, 0 or more.
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(resume_id(v.to_str().ok())?),
+        None => q.since.map(|since| resume_id(Some(&since.to_string()))).transpose()?,
+    };
     let (start, first) =
         d.db.call(|c| {
             let last: i64 = c.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
             Ok((last, events::first_id(c)?))
         })
         .await?;
+    // An id past the newest (a client of a daemon whose log was lost) resumes from the newest.
+    let resume = resume.map(|r| r.min(start));
     let after = resume.unwrap_or(start);
     let missed = match (resume, first) {
-        (Some(r), Some(first)) if r + 1 < first => Some(first),
+        (Some(r), Some(first)) if r.saturating_add(1) < first => Some(first),
         _ => None,
     };
     let resync = missed.map(|first_id| Event {
@@ -84,6 +82,13 @@ pub async fn stream(
     let tail = follow(d, scope, after, q.follow)
         .flat_map(|batch| stream::iter(batch.into_iter().map(|e| Ok(to_sse(&e, true)))));
     Ok(Sse::new(head.chain(tail)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// A `Last-Event-ID` or `since`: an event id, 0 or more, within the range ids take.
+fn resume_id(text: Option<&str>) -> Result<i64, Failure> {
+    text.and_then(|s| s.trim().parse::<i64>().ok()).filter(|id| *id >= 0).ok_or_else(|| {
+        Failure::bad_request("Last-Event-ID and since must be an event id (an integer from 0 to 2^63-1)")
+    })
 }
 
 fn to_sse(e: &Event, with_id: bool) -> SseEvent {
