@@ -336,6 +336,7 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<InboxMessage> {
         sent_at: r.get::<_, i64>(9)? as u64,
         received_at: r.get::<_, i64>(10)? as u64,
         read_at: r.get::<_, Option<i64>>(11)?.map(|t| t as u64),
+        deleted: false,
     })
 }
 

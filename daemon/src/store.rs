@@ -251,10 +251,25 @@ ALTER TABLE peers ADD COLUMN groups TEXT;
 ALTER TABLE peers ADD COLUMN ended_at INTEGER;
 ALTER TABLE sessions ADD COLUMN end_synced INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Deleted means deleted: whatever removes an inbox row (flush, delete, retention) also removes
+    // its body from the event log, leaving a body-less tombstone; bodies already orphaned by an
+    // earlier version are scrubbed now.
+    r#"
+CREATE INDEX events_by_message ON events(json_extract(data, '$.id')) WHERE kind = 'message';
+CREATE TRIGGER inbox_deleted_scrubs_events AFTER DELETE ON inbox BEGIN
+    UPDATE events SET data = json_set(data, '$.body', NULL, '$.deleted', json('true'))
+    WHERE kind = 'message' AND json_extract(data, '$.id') = old.id;
+END;
+UPDATE events SET data = json_set(data, '$.body', NULL, '$.deleted', json('true'))
+WHERE kind = 'message' AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.id = json_extract(events.data, '$.id'));
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {
-    Db::open(path, MIGRATIONS)
+    let db = Db::open(path, MIGRATIONS)?;
+    // Freed pages are zeroed, so a deleted message's text does not linger in the file.
+    db.call_blocking(|c| c.pragma_update(None, "secure_delete", "ON"))?;
+    Ok(db)
 }
 
 pub fn get_setting(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Option<String>> {

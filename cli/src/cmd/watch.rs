@@ -81,6 +81,9 @@ pub fn run(args: WatchArgs) -> anyhow::Result<()> {
 fn describe(e: &Event) -> String {
     let mesh = e.mesh.as_deref().unwrap_or("-");
     let what = match &e.body {
+        EventBody::Message(m) if m.deleted => {
+            format!("message #{} from {} ({}) [deleted]", m.id, m.from_name, output::short(&m.from))
+        }
         EventBody::Message(m) => match &m.body {
             Some(b) => format!(
                 "message #{} from {} ({}): {}",

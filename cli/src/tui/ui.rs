@@ -384,6 +384,7 @@ mod tests {
             sent_at: T0 + id as u64 * 60_000,
             received_at: T0 + id as u64 * 60_000 + 5,
             read_at: read.then_some(T0 + 3_600_000),
+            deleted: false,
         }
     }
 

@@ -246,3 +246,29 @@ fn flush_and_delete_act_only_on_the_caller_s_own_rows() {
     assert_eq!(alice.json(&["inbox", "flush"])["deleted"], 1);
     assert_eq!(ready_bodies(&s2.json(&["inbox"])), ["for s2"]);
 }
+
+#[test]
+fn a_flushed_or_deleted_message_leaves_no_body_in_the_event_log_or_the_file() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    let secret = "the launch code is 0451-tangerine";
+    alice.ok(&["send", "bob", secret]);
+    alice.ok(&["send", "bob", "keep me"]);
+    wait_for_message(&bob, secret);
+    let keep = wait_for_message(&bob, "keep me");
+    let gone = bob.json(&["inbox"]).as_array().expect("array").iter().find(|m| m["body"] == secret).cloned();
+    bob.ok(&["inbox", "delete", &gone.expect("row")["id"].to_string()]);
+    let replay = bob.ok(&["watch", "--replay", "--no-follow", "--json"]);
+    assert!(!replay.contains(secret), "{replay}");
+    assert!(replay.contains("\"deleted\":true") && replay.contains("keep me"), "{replay}");
+    // Flushing works the same way.
+    bob.ok(&["inbox", "flush", "--all"]);
+    let replay = bob.ok(&["watch", "--replay", "--no-follow"]);
+    assert!(!replay.contains("keep me") && replay.contains(&format!("message #{} from alice", keep["id"])), "{replay}");
+    // And the text is not left in the database's free pages.
+    bob.ok(&["daemon", "down"]);
+    let db = bob.paths().daemon_db();
+    let mut bytes = std::fs::read(&db).expect("daemon.db");
+    bytes.extend(std::fs::read(format!("{}-wal", db.display())).unwrap_or_default());
+    assert!(!mesh_testkit::contains_bytes(&bytes, secret.as_bytes()), "the body is still in {}", db.display());
+}

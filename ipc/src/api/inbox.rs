@@ -112,4 +112,7 @@ pub struct InboxMessage {
     pub sent_at: u64,
     pub received_at: u64,
     pub read_at: Option<u64>,
+    /// In the event log only: the row was deleted since, and its body with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
