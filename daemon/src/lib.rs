@@ -43,6 +43,9 @@ pub struct Options {
     pub embedded: bool,
     /// Also log to stderr.
     pub log_stderr: bool,
+    /// Start on a new, empty database although an earlier one was found corrupt and moved aside (its
+    /// meshes and group keys are then gone from this home).
+    pub fresh: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,47 @@ pub enum StartError {
     Embedded(#[from] embedded::EmbeddedError),
     #[error(transparent)]
     Config(#[from] retention::ConfigError),
+    #[error(
+        "the daemon's database was found corrupt and moved aside to {}; mesh does not start over silently, \
+         because it held your meshes and their keys. To try to recover it: \
+         `sqlite3 '{}' .recover | sqlite3 '{}'`, then `mesh daemon up`. To start fresh instead (you will \
+         have to join your meshes again): `mesh daemon up --fresh`",
+        .aside.display(), .aside.display(), .db.display()
+    )]
+    CorruptDatabaseAside { aside: std::path::PathBuf, db: std::path::PathBuf },
+}
+
+/// A database moved aside as corrupt, while no database took its place: the daemon refuses to start
+/// until the user recovers it or asks for a fresh one (which files the old copies under `corrupt/`).
+fn check_not_recreating(home: &Home, fresh: bool) -> Result<(), StartError> {
+    let db = home.daemon_db();
+    let prefix = format!("{}.corrupt-", db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let entries = std::fs::read_dir(&home.data_dir).map_err(io_err(home.data_dir.display().to_string()))?;
+    let mut aside: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .collect();
+    aside.sort();
+    let Some(newest) = aside.last().cloned() else { return Ok(()) };
+    if db.exists() {
+        return Ok(());
+    }
+    if !fresh {
+        // The main file's name, without a -wal or -shm suffix.
+        let main = aside
+            .iter()
+            .rev()
+            .find(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"));
+        return Err(StartError::CorruptDatabaseAside { aside: main.cloned().unwrap_or(newest), db });
+    }
+    let kept = home.data_dir.join("corrupt");
+    mesh_ipc::paths::create_private_dir(&kept).map_err(io_err(kept.display().to_string()))?;
+    for p in aside {
+        let to = kept.join(p.file_name().expect("a file name"));
+        std::fs::rename(&p, &to).map_err(io_err(p.display().to_string()))?;
+    }
+    tracing::warn!(kept = %kept.display(), "starting on a fresh database; the corrupt one is kept");
+    Ok(())
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -94,6 +138,7 @@ pub fn run(home: Home, options: Options) -> Result<(), StartError> {
 
 async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let member = identity::load_or_create(&home)?;
+    check_not_recreating(&home, options.fresh)?;
     let db = store::open(&home.daemon_db())?;
     let recovered = db.call_blocking(|c| Ok(outbox::recover_inflight(c)? + inbox::recover_reads(c)?))?;
     tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), member = %member.identity.key(),

@@ -26,6 +26,10 @@ pub enum DaemonCommand {
         /// Do not start a local mesh on an embedded broker when no mesh is joined
         #[arg(long)]
         no_embedded: bool,
+        /// Start on a new, empty database although the last one was found corrupt and moved aside
+        /// (your meshes and their keys are then gone from this home: join them again)
+        #[arg(long)]
+        fresh: bool,
         /// With --foreground: stop a daemon already running for this home first, and take its place
         /// (service units use it, so that starting the service hands over from a daemon started by hand)
         #[arg(long, requires = "foreground")]
@@ -52,13 +56,13 @@ pub enum DaemonCommand {
 pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
     let home = super::home()?;
     match cmd {
-        DaemonCommand::Up { foreground: true, no_embedded, replace, detached_child } => {
+        DaemonCommand::Up { foreground: true, no_embedded, fresh, replace, detached_child } => {
             if replace && lifecycle::is_running(&home) {
                 stop(home.clone()).context("stopping the daemon it replaces")?;
             }
-            foreground(home, no_embedded, detached_child)
+            foreground(home, no_embedded, fresh, detached_child)
         }
-        DaemonCommand::Up { foreground: false, no_embedded, .. } => up(home, no_embedded),
+        DaemonCommand::Up { foreground: false, no_embedded, fresh, .. } => up(home, no_embedded, fresh),
         DaemonCommand::Down => down(home),
         DaemonCommand::Status => status(home),
         DaemonCommand::InstallService { no_start } => install_service(&home, no_start),
@@ -66,11 +70,11 @@ pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
     }
 }
 
-fn foreground(home: Home, no_embedded: bool, detached_child: bool) -> anyhow::Result<()> {
+fn foreground(home: Home, no_embedded: bool, fresh: bool, detached_child: bool) -> anyhow::Result<()> {
     if detached_child {
         lifecycle::detach_from_terminal().context("detaching from the terminal")?;
     }
-    let options = mesh_daemon::Options { embedded: !no_embedded, log_stderr: !detached_child };
+    let options = mesh_daemon::Options { embedded: !no_embedded, log_stderr: !detached_child, fresh };
     mesh_daemon::run(home, options)?;
     Ok(())
 }
@@ -79,7 +83,7 @@ async fn probe(client: &IpcClient) -> Result<VersionInfo, IpcError> {
     client.get(routes::VERSION).await
 }
 
-fn up(home: Home, no_embedded: bool) -> anyhow::Result<()> {
+fn up(home: Home, no_embedded: bool, fresh: bool) -> anyhow::Result<()> {
     let client = IpcClient::new(&home);
     if let Ok(v) = super::block_on(probe(&client))? {
         if output::json() {
@@ -97,6 +101,9 @@ fn up(home: Home, no_embedded: bool) -> anyhow::Result<()> {
     command.args(["daemon", "up", "--foreground", "--detached-child"]);
     if no_embedded {
         command.arg("--no-embedded");
+    }
+    if fresh {
+        command.arg("--fresh");
     }
     // A daemon serves every session; it must not inherit the one that started it.
     command.env_remove("MESH_SESSION_FILE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

@@ -155,9 +155,15 @@ fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing
             .collect();
         assert!(!aside.is_empty(), "{damage}: the damaged file was kept");
 
-        // Nothing else was touched: the same identity comes back on a fresh database.
-        home.ok(&["daemon", "up"]);
+        // It keeps refusing: the meshes and their keys were in that file, and nothing is recreated
+        // behind the user's back. The error says how to recover or start fresh.
+        let again = home.fails(&["daemon", "up"], 1);
+        assert!(again.contains(".recover") && again.contains("mesh daemon up --fresh"), "{damage}: {again}");
+        // Starting fresh is a choice: the old file is kept aside, the identity is the same.
+        home.ok(&["daemon", "up", "--fresh"]);
         assert_eq!(home.json(&["daemon", "status"])["member"]["key"], key, "{damage}");
+        assert!(home.paths().data_dir.join("corrupt").read_dir().expect("kept").count() >= 1, "{damage}");
+        home.ok(&["daemon", "down"]);
     }
 }
 
