@@ -180,7 +180,8 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let listener = lifecycle::bind_socket(&home).map_err(io_err(format!("socket {}", home.socket_path().display())))?;
     tracing::info!(socket = %home.socket_path().display(), "serving IPC");
     let app = ipc_server::router(daemon.clone());
-    let serve = axum::serve(IpcListener(listener), app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let serve = axum::serve(IpcListener::new(listener, home.clone()), app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     // Graceful shutdown waits for open requests (event streams, long polls); they get a moment to end.
     let give_up = async {
         shutdown.cancelled().await;

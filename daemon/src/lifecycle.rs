@@ -86,8 +86,57 @@ pub fn bind_socket(home: &Home) -> io::Result<Listener> {
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio()
 }
 
-/// The IPC listener as axum sees it.
-pub struct IpcListener(pub Listener);
+/// How often the listener checks that its socket file is still there.
+const SOCKET_CHECK: Duration = Duration::from_secs(2);
+
+/// The IPC listener as axum sees it. It binds its socket again when the file is deleted (a daemon
+/// whose socket is gone could be neither reached nor stopped), and a failed accept (no file
+/// descriptors left, say) only slows new connections: it is retried after a pause.
+pub struct IpcListener {
+    /// `None` between losing the socket and binding it again.
+    listener: Option<Listener>,
+    home: Home,
+    bound: Option<u64>,
+}
+
+impl IpcListener {
+    pub fn new(listener: Listener, home: Home) -> IpcListener {
+        let bound = socket_inode(&home);
+        IpcListener { listener: Some(listener), home, bound }
+    }
+
+    fn rebind_if_gone(&mut self) {
+        if self.listener.is_some() && self.bound.is_some() && socket_inode(&self.home) == self.bound {
+            return;
+        }
+        // The old listener goes first: dropping it unlinks whatever is at the path, which must not be
+        // the new socket.
+        self.listener = None;
+        match bind_socket(&self.home) {
+            Ok(listener) => {
+                tracing::warn!(socket = %self.home.socket_path().display(), "the IPC socket was removed or replaced; bound it again");
+                self.listener = Some(listener);
+                self.bound = socket_inode(&self.home);
+            }
+            Err(e) => {
+                tracing::error!(error = %mesh_proto::error::chain(&e), "binding the IPC socket again failed; will retry")
+            }
+        }
+    }
+}
+
+fn socket_inode(home: &Home) -> Option<u64> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::symlink_metadata(home.socket_path()).ok().filter(|m| m.file_type().is_socket()).map(|m| m.ino())
+}
+
+/// Accepts on `listener`, or never when there is none.
+async fn accept_on(listener: Option<&Listener>) -> io::Result<Stream> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
 
 impl axum::serve::Listener for IpcListener {
     type Io = Stream;
@@ -95,12 +144,15 @@ impl axum::serve::Listener for IpcListener {
 
     async fn accept(&mut self) -> (Stream, ()) {
         loop {
-            match self.0.accept().await {
-                Ok(s) => return (s, ()),
-                Err(e) => {
-                    tracing::warn!(error = %mesh_proto::error::chain(&e), "accepting an IPC connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            tokio::select! {
+                accepted = accept_on(self.listener.as_ref()) => match accepted {
+                    Ok(s) => return (s, ()),
+                    Err(e) => {
+                        tracing::warn!(error = %mesh_proto::error::chain(&e), "accepting an IPC connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = tokio::time::sleep(SOCKET_CHECK) => self.rebind_if_gone(),
             }
         }
     }

@@ -176,19 +176,48 @@ fn stop(home: Home) -> anyhow::Result<bool> {
     match asked {
         Ok(_) => {}
         Err(IpcError::Unreachable { .. }) if !lifecycle::is_running(&home) => return Ok(false),
-        Err(e) => {
-            let pid = lifecycle::read_pid(&home).map(|p| format!(" (pid {p})")).unwrap_or_default();
-            return Err(anyhow::Error::new(e).context(format!("the daemon{pid} holds its lock but does not answer")));
-        }
+        // It holds the lock but its socket does not answer (deleted, or the daemon is stuck): the
+        // lock file names its pid, and a signal stops it.
+        Err(IpcError::Unreachable { .. }) => return signal_stop(&home),
+        Err(e) => return Err(e.into()),
     }
-    let deadline = Instant::now() + STOP_WAIT;
-    while lifecycle::is_running(&home) {
+    if wait_until_stopped(&home, STOP_WAIT) {
+        return Ok(true);
+    }
+    bail!("the daemon did not exit within {}s; see {}", STOP_WAIT.as_secs(), home.log_dir.display());
+}
+
+fn wait_until_stopped(home: &Home, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    while lifecycle::is_running(home) {
         if Instant::now() >= deadline {
-            bail!("the daemon did not exit within {}s; see {}", STOP_WAIT.as_secs(), home.log_dir.display());
+            return false;
         }
         std::thread::sleep(POLL);
     }
-    Ok(true)
+    true
+}
+
+/// How long a daemon stopped by signal gets to exit after SIGTERM before SIGKILL.
+const TERM_WAIT: Duration = Duration::from_secs(5);
+
+/// Stops the daemon that holds the lock by its pid: SIGTERM (it drains and exits), then SIGKILL.
+fn signal_stop(home: &Home) -> anyhow::Result<bool> {
+    use nix::sys::signal::{Signal, kill};
+    let pid = lifecycle::read_pid(home)
+        .context("the daemon holds its lock but does not answer, and its lock file names no pid")?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("a pid out of range in the lock file")?);
+    errln!("mesh: the daemon (pid {pid}) does not answer on its socket; stopping it with SIGTERM");
+    kill(pid, Signal::SIGTERM).with_context(|| format!("signalling pid {pid}"))?;
+    if wait_until_stopped(home, TERM_WAIT) {
+        return Ok(true);
+    }
+    errln!("mesh: the daemon (pid {pid}) did not exit within {}s; SIGKILL", TERM_WAIT.as_secs());
+    kill(pid, Signal::SIGKILL).with_context(|| format!("signalling pid {pid}"))?;
+    if wait_until_stopped(home, TERM_WAIT) {
+        return Ok(true);
+    }
+    bail!("the daemon (pid {pid}) still holds its lock after SIGKILL")
 }
 
 fn status(home: Home) -> anyhow::Result<()> {

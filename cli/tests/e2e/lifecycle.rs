@@ -100,3 +100,32 @@ fn keys_databases_sockets_and_directories_are_private() {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
 }
+
+#[test]
+fn a_deleted_socket_comes_back_and_down_stops_a_daemon_that_cannot_answer() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up"]);
+    let pid = home.daemon_pid().expect("pid");
+    // The socket file deleted: the daemon notices and binds it again.
+    std::fs::remove_file(home.paths().socket_path()).expect("delete the socket");
+    mesh_testkit::eventually("the daemon reachable again", mesh_testkit::WAIT, || {
+        let out = home.run(&["daemon", "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["pid"] == pid).then_some(())
+    });
+
+    // A daemon that holds its lock but cannot answer at all (stopped, its socket gone): `down` still
+    // stops it, by the pid in the lock file.
+    let nix_pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(nix_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    std::fs::remove_file(home.paths().socket_path()).expect("delete the socket");
+    let out = home.run(&["daemon", "down"]);
+    assert!(out.status.success(), "{}", home.report(&["daemon", "down"], &out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not answer"));
+    mesh_testkit::eventually("the stopped daemon gone", mesh_testkit::WAIT, || {
+        nix::sys::signal::kill(nix_pid, None).is_err().then_some(())
+    });
+    // And the home starts again normally.
+    home.ok(&["daemon", "up"]);
+}
