@@ -28,6 +28,12 @@ fn internal(e: StoreError) -> ErrorFrame {
 }
 
 /// A name refusal from the store, or a storage failure.
+/// A name being claimed (new, or changed) must follow today's rules; a peer keeping the name it has
+/// is never refused for rules that came after it.
+fn check_new_name(name: &str) -> Result<(), ErrorFrame> {
+    names::validate_display(name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))
+}
+
 fn claim_failed(e: StoreError) -> ErrorFrame {
     match e {
         StoreError::NameTaken { .. } => refuse(ErrorCode::NameTaken, format!("{e}; choose another name")),
@@ -79,7 +85,6 @@ pub async fn authenticate(
         .public_identity()
         .verify()
         .map_err(|_| refuse(ErrorCode::BadSignature, "encryption key is not signed by the identity key"))?;
-    names::validate_display(&claims.name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
     let now = now_ms();
 
     match &claims.intent {
@@ -136,6 +141,7 @@ async fn create(
         return Err(refuse(ErrorCode::CreateForbidden, "this broker requires a create token to create meshes"));
     }
     names::validate_display(mesh_name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
+    check_new_name(&claims.name)?;
     let mesh = MeshRecord { id: claims.mesh_id, name: mesh_name.to_owned(), owner: claims.key, created_at: now };
     let owner = peer_from_claims(claims, PeerKind::Member, claims.key, Role::Owner, now);
     match store.create_mesh(mesh.clone(), owner.clone()).await {
@@ -180,6 +186,7 @@ async fn join(
     if invite.expires_at <= now {
         return Err(refuse(ErrorCode::InviteExpired, "the invite has expired; ask for a new one"));
     }
+    check_new_name(&claims.name)?;
     let peer = peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now);
     match store.join(mesh.id, &invite.invite_id, invite.max_uses, peer).await {
         Ok(JoinOutcome::Joined(peer, claimed)) => Ok(Authenticated { mesh, peer, claimed }),
@@ -192,6 +199,9 @@ async fn join(
 async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Result<Authenticated, ErrorFrame> {
     let mesh = load_mesh(store, claims.mesh_id).await?;
     let existing = load_member(store, mesh.id, claims.key).await?;
+    if existing.name != claims.name {
+        check_new_name(&claims.name)?;
+    }
     let peer = PeerRecord {
         last_seen: Some(now),
         ..peer_from_claims(claims, PeerKind::Member, claims.key, existing.role, existing.joined_at)
@@ -225,6 +235,9 @@ async fn connect_session(
     let existing = store.peer(mesh.id, claims.key).await.map_err(internal)?;
     if existing.as_ref().is_some_and(|e| e.kind != PeerKind::Session || e.member != member.key) {
         return Err(refuse(ErrorCode::AttestationInvalid, "this key is registered to someone else"));
+    }
+    if existing.as_ref().is_none_or(|e| e.name != claims.name) {
+        check_new_name(&claims.name)?;
     }
     let joined_at = existing.map_or(now, |p| p.joined_at);
     let peer = peer_from_claims(claims, PeerKind::Session, member.key, Role::Member, joined_at);

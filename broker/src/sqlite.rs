@@ -35,6 +35,8 @@ pub enum DbError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("database {path} is in use by another process (its lock {lock} is held); one process per database")]
+    InUse { path: PathBuf, lock: PathBuf },
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("database task failed: {0}")]
@@ -363,13 +365,37 @@ where
 }
 
 fn create_private(path: &Path) -> Result<(), DbError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let err = |source| DbError::Create { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Directories it creates are private, like every other directory of mesh's.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
     }
     std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(err)?;
     Ok(())
+}
+
+/// An exclusive lock on `<path>.lock`, held while the returned file lives (the kernel releases it when
+/// the process dies): a database that only one process may serve.
+pub fn lock_exclusive(path: &Path) -> Result<std::fs::File, DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = PathBuf::from(lock);
+    create_private(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock)
+        .map_err(|source| DbError::Create { path: lock.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DbError::InUse { path: path.to_owned(), lock }),
+        Err(std::fs::TryLockError::Error(source)) => Err(DbError::Create { path: lock, source }),
+    }
 }
 
 fn move_aside(path: &Path, detail: String) -> DbError {

@@ -174,8 +174,8 @@ async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_nam
     // Another member's session takes the name: the ended one leaves the roster at once.
     let other = Identity::generate();
     let _co = session(&broker, &b, &other, mesh, "worker").await;
-    let gone = presence_of(&mut ca, &worker).await;
-    assert!(gone.removed, "{gone:?}");
+    let gone = presence_where(&mut ca, &worker, |p| p.removed).await;
+    assert!(gone.peer.ended_at.is_some(), "{gone:?}");
     let peers = roster(&mut ca, 7).await;
     assert!(!peers.iter().any(|p| p.key == worker.key()));
     assert_eq!(peers.iter().filter(|p| p.name == "worker").count(), 1);

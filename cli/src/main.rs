@@ -125,9 +125,20 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     }
     // `args_os`: an argument that is not UTF-8 is exactly what may have brought us here.
     if std::env::args_os().any(|a| a == "--json") {
-        let message = e.render().to_string();
-        let first = message.lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned();
-        errln!("{}", serde_json::json!({ "error": { "code": "usage", "message": first, "hint": "see `mesh help`" } }));
+        // clap's message without its usage lines: everything before the first blank line.
+        let rendered = e.render().to_string();
+        let message = rendered
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" ")
+            .trim_start_matches("error: ")
+            .to_owned();
+        errln!(
+            "{}",
+            serde_json::json!({ "error": { "code": "usage", "message": message, "hint": "see `mesh help`" } })
+        );
     } else {
         let _ = e.print();
     }

@@ -251,14 +251,14 @@ pub fn clean_lines(text: &str) -> String {
     text.split('\n').map(clean).collect::<Vec<_>>().join("\n")
 }
 
-/// One line of a message body, made safe to print ([`clean`]), cut at `max` characters.
+/// One line of a message body, cut at `max` characters of the original and made safe to print
+/// ([`clean`]; cut first, so an escape is never shown in half).
 pub fn preview(body: &str, max: usize) -> String {
-    let flat = clean(body);
-    if flat.chars().count() <= max {
-        flat
+    if body.chars().count() <= max {
+        clean(body)
     } else {
-        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
+        let cut: String = body.chars().take(max.saturating_sub(1)).collect();
+        format!("{}…", clean(&cut))
     }
 }
 

@@ -16,6 +16,15 @@ pub fn want(conn: &Connection, mesh: &MeshId, key: &PublicKey, name: &str, join:
     Ok(())
 }
 
+/// Whether `key` is in (or joining) `@name` in `mesh`.
+pub fn is_in(conn: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM groups WHERE mesh_id = ?1 AND key = ?2 AND name = ?3 AND wanted = 1)",
+        params![mesh.to_string(), key.to_string(), name],
+        |r| r.get(0),
+    )
+}
+
 /// Changes the broker has not confirmed yet: (group, join?).
 pub fn to_sync(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Vec<(String, bool)>> {
     let mut stmt = conn.prepare_cached(

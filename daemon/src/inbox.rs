@@ -354,7 +354,7 @@ pub fn list(
          WHERE i.recipient IN (SELECT value FROM json_each(?1))
            AND (?2 IS NULL OR i.mesh_id = ?2)
            AND (?3 = 0 OR i.read_at IS NULL)
-           AND (?4 IS NULL OR i.sender = ?4 OR i.sender_name = ?4)
+           AND (?4 IS NULL OR i.sender = ?4)
          ORDER BY i.id DESC LIMIT ?5"
     ))?;
     let limit = q.limit.unwrap_or(100).min(10_000);
@@ -363,6 +363,16 @@ pub fn list(
         .collect::<Result<_, _>>()?;
     rows.reverse();
     Ok(rows)
+}
+
+/// Whether `key` (a full key) sent any of the rows of `recipients`: a sender that has left every
+/// roster is still named by its key.
+pub fn has_sender(conn: &Connection, recipients: &[PublicKey], key: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE recipient IN (SELECT value FROM json_each(?1)) AND sender = ?2)",
+        params![keys_json(recipients), key.to_ascii_lowercase()],
+        |r| r.get(0),
+    )
 }
 
 pub fn counts(conn: &Connection) -> rusqlite::Result<InboxCounts> {

@@ -77,8 +77,17 @@ pub fn find(conn: &Connection, name_or_id: &str) -> rusqlite::Result<Option<Mesh
         .optional()
 }
 
+/// Whether a mesh here has this name, or one that looks the same (`team`, `TEAM`, `tеam`).
 pub fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row("SELECT EXISTS (SELECT 1 FROM meshes WHERE name = ?1)", [name], |r| r.get(0))
+    let key = mesh_proto::names::skeleton_key(name);
+    let mut stmt = conn.prepare_cached("SELECT name FROM meshes")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for existing in names {
+        if mesh_proto::names::skeleton_key(&existing?) == key {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {

@@ -133,7 +133,17 @@ impl IpcClient {
             req = req.header(crate::AS_SESSION_HEADER, key);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| IpcError::Protocol(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| IpcError::Protocol(format!("request failed: {e}")))?;
+        let resp = sender.send_request(req).await.map_err(|e| {
+            if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+                // The daemon went away in the middle: as unreachable as if it had never answered.
+                unreachable(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    format!("the daemon closed the connection before answering ({e})"),
+                ))
+            } else {
+                IpcError::Protocol(format!("request failed: {e}"))
+            }
+        })?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| IpcError::Protocol(e.to_string()))?.to_bytes();
         conn.abort();

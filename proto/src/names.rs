@@ -23,7 +23,7 @@ pub fn normalize(name: &str) -> String {
 /// trailing space, not starting with `@` or `*` (those are targets), and not 8 or more hex digits (that
 /// would read as a key, or as the key prefix shown beside names).
 pub fn validate_display(name: &str) -> Result<(), ProtoError> {
-    let bad = |why: &str| Err(ProtoError::BadName(format!("{}: {why}", name.escape_debug())));
+    let bad = |why: &str| Err(ProtoError::BadName(format!("{}: {why}", printable(name))));
     if name.is_empty() {
         return bad("must not be empty");
     }
@@ -48,24 +48,93 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     if name.starts_with('@') || name.starts_with('*') {
         return bad("must not start with '@' or '*'");
     }
-    if name.len() >= 8 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if let Some(c) = name.chars().find(|&c| !allowed(c)) {
+        return bad(&format!("{} is not allowed in a name (letters, digits, spaces and - _ . ' only)", shown(c)));
+    }
+    // Read as people read it (look-alikes folded, and l, i, o read as 1 and 0), a name holds no run
+    // of 8 hex digits: it could pass for a key, or for the key prefix shown beside names.
+    let as_read: String = skeleton_key(name)
+        .chars()
+        .map(|c| match c {
+            'l' | 'i' | '|' => '1',
+            'o' => '0',
+            c => c,
+        })
+        .collect();
+    if hex_run(&name.to_ascii_lowercase()) >= 8 || hex_run(&as_read) >= 8 {
         return bad("must not look like a key or the 8-digit key prefix shown beside names");
     }
     Ok(())
 }
 
+/// Letters, marks and digits of any script, plain spaces, and `- _ . '`: no symbols or brackets that
+/// could forge the lines names are shown in.
+fn allowed(c: char) -> bool {
+    c.is_alphanumeric() || c == ' ' || matches!(c, '-' | '_' | '.' | '\'') || is_mark(c)
+}
+
+/// Combining marks (accents written as a separate code point, as some scripts need).
+fn is_mark(c: char) -> bool {
+    use unicode_normalization::char::is_combining_mark;
+    is_combining_mark(c)
+}
+
+/// The longest run of ASCII hex digits in `s`.
+fn hex_run(s: &str) -> usize {
+    s.split(|c: char| !c.is_ascii_hexdigit()).map(str::len).max().unwrap_or(0)
+}
+
+/// A character as an error message shows it: itself when plainly visible, else its code point.
+fn shown(c: char) -> String {
+    if c.is_ascii_graphic() { format!("{c:?}") } else { format!("U+{:04X}", c as u32) }
+}
+
 /// Characters that change how text around them looks without showing themselves: zero-width
 /// characters, bidirectional controls, tag characters, variation selectors (Unicode's
-/// Default_Ignorable_Code_Point) and noncharacters.
+/// Default_Ignorable_Code_Point), noncharacters, and the blank "filler" letters that render as
+/// nothing (Hangul fillers, the Braille blank, Khmer inherent vowels).
 fn invisible(c: char) -> bool {
     matches!(c.identifier_type(), Some(IdentifierType::Default_Ignorable | IdentifierType::Not_Character))
-        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{200E}'
+                | '\u{200F}'
+                | '\u{061C}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180E}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FFA0}'
+        )
+}
+
+/// A name as an error message shows it: only ASCII printable characters and letters as they are,
+/// everything else as `\u{…}`, so an error never carries an invisible or reordering character.
+fn printable(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' || (c.is_alphanumeric() && !invisible(c)) {
+                c.to_string()
+            } else {
+                format!("\\u{{{:04X}}}", c as u32)
+            }
+        })
+        .collect::<String>()
+        .chars()
+        .take(100)
+        .collect()
 }
 
 /// The key two names are compared by: the TS #39 confusable skeleton of the name in lower case.
 /// Names with the same key look alike and may not both be held in one mesh.
 pub fn skeleton_key(name: &str) -> String {
-    unicode_security::skeleton(&normalize(name).to_lowercase()).collect()
+    // Lower-cased before (`ALICE`) and after (`R0bert` folds to `rObert`): case never tells names apart.
+    unicode_security::skeleton(&normalize(name).to_lowercase()).collect::<String>().to_lowercase()
 }
 
 /// A group name (after the `@`): 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
@@ -82,7 +151,8 @@ mod tests {
 
     #[test]
     fn display_names() {
-        for good in ["alice", "Alice Smith", "agent-1", "ユーザー", "café"] {
+        for good in ["alice", "Alice Smith", "agent-1", "ユーザー", "café", "o'brien", "r2.d2", "deadbee", "Ōsaka"]
+        {
             validate_display(good).expect(good);
         }
         validate_display("cafe").expect("a short hex word is a name");
@@ -107,6 +177,13 @@ mod tests {
             "ali\u{2028}ce",  // line separator
             "ali\u{00A0}ce",  // no-break space
             "cafe\u{301}",    // not NFC (e + combining acute)
+            "alice\u{2800}",  // Braille blank
+            "alice\u{3164}",  // Hangul filler
+            "Robert (c679b9a7)",
+            "Robert \u{2192} you [team]: ok",
+            "\u{0441}679b9\u{0430}7", // a key prefix in Cyrillic look-alikes
+            "bob@home",
+            "5a5l5ce9", // l for 1
         ] {
             assert!(validate_display(bad).is_err(), "{} accepted", bad.escape_unicode());
         }
@@ -123,6 +200,8 @@ mod tests {
         assert_eq!(skeleton_key("\u{0410}lice"), skeleton_key("alice"), "Cyrillic capital A");
         assert_eq!(skeleton_key("paypal"), skeleton_key("p\u{0430}yp\u{0430}l"));
         assert_eq!(skeleton_key("rn"), skeleton_key("m"), "TS #39 maps rn to m");
+        assert_eq!(skeleton_key("R0bert"), skeleton_key("Robert"), "digit zero");
+        assert_eq!(skeleton_key("R\u{043E}bert"), skeleton_key("Robert"), "Cyrillic o");
         assert_ne!(skeleton_key("alice"), skeleton_key("bob"));
         assert_ne!(skeleton_key("root"), skeleton_key("root-2"));
     }

@@ -127,8 +127,10 @@ fn act(client: &mesh_ipc::IpcClient, action: InboxAction) -> anyhow::Result<()> 
             if crate::output::json() {
                 super::print_json(&r)?;
             } else {
-                if !r.acked.is_empty() || (r.already_read.is_empty() && r.not_found.is_empty()) {
+                if !r.acked.is_empty() {
                     outln!("marked {} message(s) read; their senders will get a read receipt", r.acked.len());
+                } else if r.already_read.is_empty() && r.not_found.is_empty() {
+                    outln!("nothing unread: no message was marked read");
                 }
                 if !r.already_read.is_empty() {
                     outln!("already read: {}", ids_list(&r.already_read));

@@ -182,13 +182,13 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
     print_mesh(&mesh);
     if let Ok(token) = mesh_proto::invite::InviteToken::decode(&args.token)
         && token.claims.mesh_name != mesh.name
+        && args.mesh_name.as_deref() != Some(mesh.name.as_str())
     {
-        errln!(
-            "note: you already have a mesh named {:?}; this one is {:?} here (its members call it {:?})",
-            token.claims.mesh_name,
-            mesh.name,
-            token.claims.mesh_name
+        let note = format!(
+            "note: this mesh is {:?} here (its members call it {:?}; that name is taken here or not allowed)",
+            mesh.name, token.claims.mesh_name
         );
+        errln!("{}", output::clean(&note));
     }
     if let Some(taken) = &mesh.name_was_taken {
         errln!(
@@ -214,6 +214,14 @@ pub fn rename(args: RenameArgs) -> anyhow::Result<()> {
 /// `mesh use [MESH] [--clear]`: the mesh commands mean when they do not say.
 pub fn use_mesh(args: UseArgs) -> anyhow::Result<()> {
     let client = super::client()?;
+    if super::in_session() && args.mesh.is_none() && !args.clear {
+        let me: mesh_ipc::api::SessionInfo = super::block_on(client.get(routes::SESSION))??;
+        if output::json() {
+            return super::print_json(&serde_json::json!({ "mesh": me.mesh, "session": true }));
+        }
+        outln!("{}", output::clean(&format!("this session acts in its own mesh, {}, whatever the context", me.mesh)));
+        return Ok(());
+    }
     let context: Context = if args.clear || args.mesh.is_some() {
         super::block_on(client.put(routes::CONTEXT, &Context { mesh: args.mesh }))??
     } else {

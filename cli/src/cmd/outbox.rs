@@ -71,7 +71,7 @@ pub fn run(args: OutboxArgs) -> anyhow::Result<()> {
     }
     for r in &rows {
         let to = match (&r.target.kind, &r.target.name) {
-            (TargetKind::Direct, Some(n)) => n.clone(),
+            (TargetKind::Direct, Some(n)) => format!("{n} ({})", output::short(&r.target.address)),
             (TargetKind::Broadcast, _) => "everyone".to_owned(),
             _ => r.target.address.clone(),
         };

@@ -64,6 +64,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = SendRequest { client_message_id, to: args.target, body, mesh: super::context_mesh(args.mesh)? };
     let mut resp: SendResponse = super::block_on(client.post(routes::SEND, &req))??;
+    if let Some(warning) = resp.warning.as_deref().filter(|_| !crate::output::json()) {
+        errln!("note: {}", crate::output::clean(warning));
+    }
     let Some(wait) = args.wait else {
         if crate::output::json() {
             return super::print_json(&resp);
@@ -76,9 +79,25 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         Wait::Delivered => WaitFor::Delivered,
         Wait::Read => WaitFor::Read,
     };
+    // What is committed is said before waiting: if the wait is cut short, the outbox id is known.
+    if !crate::output::json() {
+        outln!("{}", crate::output::clean(&describe(&resp)));
+    }
     let q = WaitQuery { until, timeout_ms: Some(args.timeout.as_millis() as u64) };
     let route = mesh_ipc::routes::with_id(routes::OUTBOX_WAIT, resp.outbox_id);
-    let waited: WaitResponse = super::block_on(client.get_query(&route, &q))??;
+    let waited: WaitResponse = match super::block_on(client.get_query(&route, &q))? {
+        Ok(w) => w,
+        Err(e) => {
+            if crate::output::json() {
+                super::print_json(&resp)?;
+            }
+            return Err(anyhow::Error::new(e).context(format!(
+                "outbox #{} is committed, but waiting for its receipt failed; it goes out when the daemon runs \
+                 (follow it with `mesh outbox`)",
+                resp.outbox_id
+            )));
+        }
+    };
     let e = &waited.entry;
     resp.status = e.status;
     resp.wait = Some(SendWait {
@@ -92,11 +111,8 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     });
     if crate::output::json() {
         super::print_json(&resp)?;
-    } else {
-        outln!("{}", crate::output::clean(&describe(&resp)));
-        if waited.reached {
-            outln!("{}", progress(until, e));
-        }
+    } else if waited.reached {
+        outln!("{}", progress(until, e));
     }
     if !waited.reached {
         return Err(not_reached(until, e, args.timeout));

@@ -18,7 +18,7 @@ pub struct LaunchArgs {
     pub mesh: Option<String>,
     /// The command to run as the session
     #[arg(last = true, required = true, num_args = 1..)]
-    pub command: Vec<String>,
+    pub command: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -40,7 +40,7 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
     if !runnable(program) {
         return Err(crate::output::fail(
             "not_found",
-            format!("no command {program:?} to run (not an executable file, nor found on PATH)"),
+            format!("no command {:?} to run (not an executable file, nor found on PATH)", program.to_string_lossy()),
             None,
         ));
     }
@@ -62,15 +62,16 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
     let ended =
         client.clone().with_bearer(std::fs::read_to_string(&launched.token_file).ok().map(|t| t.trim().to_owned()));
     let _ = super::block_on(ended.post::<_, SessionInfo>(routes::SESSION_END, &serde_json::json!({})));
-    Err(err).with_context(|| format!("running {program:?}"))
+    Err(err).with_context(|| format!("running {:?}", program.to_string_lossy()))
 }
 
 /// Whether `program` names an executable file, directly (with a `/`) or on `PATH`.
-fn runnable(program: &str) -> bool {
+fn runnable(program: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
     let executable =
         |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if program.contains('/') {
+    if program.as_bytes().contains(&b'/') {
         return executable(std::path::Path::new(program));
     }
     std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(program))))

@@ -9,7 +9,6 @@ use crate::output;
 
 #[derive(clap::Args, Debug)]
 pub struct WatchArgs {
-    /// One JSON object per line
     /// Start from the first kept event
     #[arg(long, conflicts_with = "since")]
     pub replay: bool,

@@ -259,3 +259,37 @@ fn on_a_terminal_join_asks_for_a_name_and_for_another_when_it_is_taken() {
     assert_eq!(bob.json(&["meshes"])[0]["my_name"], "carol");
     wait_for_peer(&alice, "carol");
 }
+
+#[test]
+fn offline_names_are_flagged_senders_are_named_by_key_and_nothing_happens_silently() {
+    let mut broker = BrokerProcess::start(MESH);
+    let (alice, bob) = sessions::team(&broker);
+    let bob_key = bob.json(&["daemon", "status"])["member"]["key"].as_str().expect("key").to_owned();
+    bob.ok(&["send", "alice", "from bob"]);
+    wait_for_message(&alice, "from bob");
+
+    // `--from` is a target: by name, prefix or key, it means bob's key; an unknown one is an error.
+    for from in ["bob", &bob_key[..8], bob_key.as_str()] {
+        let got = alice.json(&["inbox", "--from", from]);
+        assert_eq!(ready_bodies(&got), ["from bob"], "--from {from}");
+    }
+    assert_eq!(json_error(&alice, &["inbox", "--from", "nobody"], 1)["code"], "unknown_target");
+
+    // Leaving a group one is not in, joining a mesh again under another name: errors, not successes.
+    assert_eq!(json_error(&bob, &["group", "leave", "nosuch"], 1)["code"], "not_found");
+    let token = alice.ok(&["invite", "--mesh", "team"]).trim().to_owned();
+    let err = json_error(&bob, &["join", &token, "--name", "robert"], 1);
+    assert_eq!(err["code"], "conflict");
+    assert!(err["hint"].as_str().expect("hint").contains("mesh rename"), "{err}");
+
+    // With the broker gone, a name resolves from the roster as last seen, and the send says so.
+    broker.kill9();
+    alice.eventually_json("alice's link offline", &["daemon", "status"], |v| {
+        v["meshes"][0]["connection"]["state"] != "online"
+    });
+    let sent = alice.json(&["send", "bob", "while offline"]);
+    let warning = sent["warning"].as_str().expect("a warning");
+    assert!(warning.contains("as last seen") && warning.contains(&bob_key[..8]), "{warning}");
+    let by_key = alice.json(&["send", &bob_key, "by key, offline"]);
+    assert!(by_key["warning"].is_null(), "a key is exact: {by_key}");
+}

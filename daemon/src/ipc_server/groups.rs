@@ -24,6 +24,11 @@ async fn change(
         Caller::Member => pick_mesh(d, req.mesh).await?.id,
     };
     let key = caller.key(d);
+    let (g, m) = (name.clone(), mesh);
+    let member = d.db.call(move |c| groups::is_in(c, &m, &key, &g)).await?;
+    if !join && !member {
+        return Err(Failure::not_found(format!("you are not in @{name}; nothing to leave")));
+    }
     d.db.call(move |c| groups::want(c, &mesh, &key, &name, join)).await?;
     d.wake_drain(&mesh, &key);
     list(State(d.clone()), caller.clone()).await

@@ -101,7 +101,17 @@ pub async fn join(
     let group_key = token.group_key().map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
     let mesh_id = claims.mesh_id;
     if let Some(existing) = d.db.call(move |c| crate::meshes::get(c, &mesh_id)).await? {
-        return Ok(Json(existing.info(&d.member.name)));
+        let mut info = existing.info(&d.member.name);
+        if let Some(asked) = req.display_name.as_deref().map(names::normalize).filter(|n| *n != info.my_name) {
+            // Already a member: nothing joins, and the name asked for is not silently dropped.
+            return Err(Failure::new(
+                ApiErrorCode::Conflict,
+                format!("you are already in mesh {} as {:?}; nothing was joined", info.name, info.my_name),
+            )
+            .with_hint(format!("to be {asked:?} there: mesh rename {asked:?} --mesh {}", info.name)));
+        }
+        info.context = false;
+        return Ok(Json(info));
     }
     if let Some(name) = &req.mesh_name {
         names::validate_display(name).map_err(super::invalid_name)?;
@@ -134,7 +144,12 @@ pub async fn join(
         }
     };
     let taken = (me != asked).then_some(asked);
-    let wanted = req.mesh_name.unwrap_or(claims.mesh_name.clone());
+    // The inviter's name for the mesh, unless it breaks the rules here (an invite is an admin's word,
+    // not a name check): then one made of its id.
+    let invited = names::normalize(&claims.mesh_name);
+    let invited =
+        if names::validate_display(&invited).is_ok() { invited } else { format!("mesh-{}", &mesh_id.to_string()[..8]) };
+    let wanted = req.mesh_name.unwrap_or(invited);
     let name = d.db.call(move |c| crate::meshes::free_name(c, &wanted)).await?;
     let row = MeshRow {
         id: mesh_id,

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::response::Json;
 use mesh_ipc::MAX_MESSAGE_BYTES;
 use mesh_ipc::api::*;
+use mesh_proto::PublicKey;
 use mesh_proto::message::{self, Content, SealKey};
 use sha2::Digest;
 
@@ -48,6 +49,7 @@ fn response_of(e: OutboxEntry, duplicate: bool) -> SendResponse {
         duplicate,
         sender: e.sender,
         wait: None,
+        warning: None,
     }
 }
 
@@ -176,13 +178,30 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     match committed {
         Ok(entry) => {
             d.wake_drain(&resolved.mesh.id, &sender.key());
-            Ok(Json(response_of(entry.ok_or_else(row_vanished)?, false)))
+            let mut resp = response_of(entry.ok_or_else(row_vanished)?, false);
+            resp.warning = stale_roster_warning(d, &resolved);
+            Ok(Json(resp))
         }
         Err(existing) => {
             let (id, stored) = existing.ok_or_else(row_vanished)?;
             existing_send(d, id, &fingerprint, &stored).await
         }
     }
+}
+
+/// A name resolved while the mesh's connection is down was resolved against the roster as last seen:
+/// say so, with the key it went to (a key is always exact).
+fn stale_roster_warning(d: &Daemon, r: &roster::Resolved) -> Option<String> {
+    let by_name = r.info.kind == TargetKind::Direct && r.info.label.to_ascii_lowercase() != r.info.address;
+    let link = d.link_status(&r.mesh.id, &d.member.identity.key());
+    (by_name && link.state != LinkState::Online).then(|| {
+        format!(
+            "mesh {} is not connected to its broker; {:?} was resolved from the roster as last seen, to key {}",
+            r.mesh.name,
+            r.info.label,
+            &r.info.address[..8]
+        )
+    })
 }
 
 pub async fn inbox(
@@ -194,8 +213,32 @@ pub async fn inbox(
         Caller::Session(s) => Some(own_mesh(&d, s, q.mesh.as_deref()).await?.id),
         Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
-    let recipients = vec![caller.key(&d)];
-    let rows = d.db.call(move |c| inbox::list(c, &recipients, mesh.as_ref(), &q)).await?;
+    let me = caller.key(&d);
+    let recipients = vec![me];
+    let rows =
+        d.db.call(move |c| {
+            // `--from` names a sender as a target does (name, key or prefix) and filters by its key, so
+            // a name someone else holds now never brings their messages in.
+            let from = match q.from.as_deref() {
+                None => None,
+                Some(f) if inbox::has_sender(c, &recipients, f)? => Some(f.to_ascii_lowercase()),
+                Some(f) => {
+                    let scope = match mesh {
+                        Some(id) => crate::roster::Scope {
+                            meshes: crate::meshes::get(c, &id)?.into_iter().collect(),
+                            chosen_by: None,
+                        },
+                        None => roster::Scope { meshes: crate::meshes::list(c)?, chosen_by: None },
+                    };
+                    match roster::resolve(c, f, &scope, &PublicKey([0; 32])) {
+                        Ok(r) => Some(r.info.address),
+                        Err(e) => return Ok(Err(Failure::from(e))),
+                    }
+                }
+            };
+            Ok(Ok(inbox::list(c, &recipients, mesh.as_ref(), &InboxQuery { from, ..q })?))
+        })
+        .await??;
     Ok(Json(rows))
 }
 

@@ -32,6 +32,9 @@ pub struct SendResponse {
     /// With `mesh send --wait`: the receipt waited for, and where the message stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait: Option<SendWait>,
+    /// Something the sender should know: a name resolved from a roster that could not be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// What `mesh send --wait` saw: whether the receipt waited for came from every recipient in time.

@@ -140,6 +140,8 @@ CREATE INDEX peers_by_name_key ON peers(mesh_id, name_key);
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     db: Db,
+    /// The lock that makes this process the database's only broker.
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 impl SqliteStore {
@@ -147,6 +149,9 @@ impl SqliteStore {
     /// process can still hold a lease: they are all released here, and queued items go out as soon
     /// as their recipients connect.
     pub fn open(path: &Path) -> Result<SqliteStore, DbError> {
+        // A second broker on the same file would release the first one's leases and serve its
+        // recipients twice: one process per database.
+        let lock = crate::sqlite::lock_exclusive(path)?;
         let db = Db::open(path, MIGRATIONS)?;
         let released = db.call_blocking(|c| {
             c.execute("UPDATE queue SET lease_until = NULL, lease_conn = NULL WHERE lease_until IS NOT NULL", [])
@@ -158,7 +163,7 @@ impl SqliteStore {
         if keyed > 0 {
             tracing::info!(peers = keyed, "computed the name keys of peers stored by an earlier version");
         }
-        Ok(SqliteStore { db })
+        Ok(SqliteStore { db, _lock: std::sync::Arc::new(lock) })
     }
 
     pub fn db(&self) -> &Db {
@@ -508,6 +513,23 @@ mod tests {
             })
             .expect("queued");
         assert_eq!(pending, [1, 2], "items 1 and 2 are still queued");
+    }
+
+    #[test]
+    fn one_process_per_database_and_its_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("new/dirs/b.db");
+        let first = SqliteStore::open(&path).expect("open");
+        for d in [dir.path().join("new"), dir.path().join("new/dirs")] {
+            assert_eq!(std::fs::metadata(&d).expect("dir").permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+        match SqliteStore::open(&path) {
+            Err(DbError::InUse { .. }) => {}
+            other => panic!("a second store on the same file: {other:?}"),
+        }
+        drop(first);
+        SqliteStore::open(&path).expect("free again once the first is gone");
     }
 
     #[tokio::test]
