@@ -14,7 +14,13 @@ pub struct BrokerConfig {
     pub max_ttl_ms: u64,
     pub sends_per_sec: u32,
     pub send_burst: u32,
+    /// Connections one mesh may hold. A member's own connection is always let in: only sessions are
+    /// refused at this limit, so no member can lock the others out.
     pub max_connections_per_mesh: usize,
+    /// Connections one member may hold in a mesh, its sessions' included.
+    pub max_connections_per_member: usize,
+    /// Sessions one member may have in a mesh that have not ended.
+    pub max_sessions_per_member: usize,
     /// Unacked deliveries per connection before the broker pauses it.
     pub deliver_window: u32,
     /// How long a delivery waits for its ack before it is sent again.
@@ -42,6 +48,8 @@ impl Default for BrokerConfig {
             sends_per_sec: 1000,
             send_burst: 2000,
             max_connections_per_mesh: 1000,
+            max_connections_per_member: 100,
+            max_sessions_per_member: 64,
             deliver_window: 256,
             lease: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),

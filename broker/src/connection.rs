@@ -203,16 +203,31 @@ impl Connection {
             .collect())
     }
 
+    /// Why this connection may not join, if it may not. A connection replacing one of the same key
+    /// takes no more room. A member's own connection is never refused for the mesh's limit (no member
+    /// can lock the others out); each member's connections, its sessions' included, have a limit of
+    /// their own.
+    fn over_connection_limits(&self) -> Option<String> {
+        let (mesh, key, config, hub) = (self.mesh(), self.key(), &self.shared.config, &self.shared.hub);
+        if hub.is_online(mesh, &key) {
+            return None;
+        }
+        let peer = &self.auth.peer;
+        if hub.member_connections(mesh, &peer.member) >= config.max_connections_per_member {
+            return Some(format!(
+                "this member already has {} connections in this mesh, the most one member may hold",
+                config.max_connections_per_member
+            ));
+        }
+        let is_session = peer.kind == mesh_proto::wire::PeerKind::Session;
+        (is_session && hub.connections(mesh) >= config.max_connections_per_mesh)
+            .then(|| "this mesh has reached its connection limit".to_owned())
+    }
+
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
         let (mesh, key) = (self.mesh(), self.key());
-        if self.shared.hub.connections(mesh) >= self.shared.config.max_connections_per_mesh
-            && !self.shared.hub.is_online(mesh, &key)
-        {
-            self.send_error(ErrorFrame::new(
-                ErrorCode::TooManyConnections,
-                "this mesh has reached its connection limit",
-            ))
-            .await;
+        if let Some(why) = self.over_connection_limits() {
+            self.send_error(ErrorFrame::new(ErrorCode::TooManyConnections, why)).await;
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
         }
@@ -245,6 +260,7 @@ impl Connection {
         let kicked = CancellationToken::new();
         let handle = ConnHandle {
             conn_id: self.conn_id,
+            member: self.auth.peer.member,
             wake: wake.clone(),
             outbound: self.out.clone(),
             kicked: kicked.clone(),

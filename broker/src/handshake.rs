@@ -100,7 +100,7 @@ pub async fn authenticate(
         }
         Intent::Connect => match &claims.attestation {
             None => connect_member(store, &claims, now).await,
-            Some(att) => connect_session(store, &claims, att, now).await,
+            Some(att) => connect_session(store, config, &claims, att, now).await,
         },
     }
 }
@@ -212,6 +212,7 @@ async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Re
 
 async fn connect_session(
     store: &dyn Store,
+    config: &BrokerConfig,
     claims: &HelloClaims,
     attestation: &mesh_proto::signed::Signed,
     now: u64,
@@ -238,6 +239,19 @@ async fn connect_session(
     }
     if existing.as_ref().is_none_or(|e| e.name != claims.name) {
         check_new_name(&claims.name)?;
+    }
+    // A session that is new, or back from having ended, takes a place among the member's sessions.
+    if existing.as_ref().is_none_or(|e| e.ended_at.is_some())
+        && store.live_sessions(mesh.id, member.key).await.map_err(internal)? >= config.max_sessions_per_member
+    {
+        return Err(refuse(
+            ErrorCode::TooManySessions,
+            format!(
+                "this member already has {} live sessions in this mesh, the most one member may have; \
+                 end some (their processes exit), or wait for ended ones to be released",
+                config.max_sessions_per_member
+            ),
+        ));
     }
     let joined_at = existing.map_or(now, |p| p.joined_at);
     let peer = peer_from_claims(claims, PeerKind::Session, member.key, Role::Member, joined_at);

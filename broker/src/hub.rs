@@ -19,6 +19,8 @@ pub enum Outbound {
 #[derive(Clone, Debug)]
 pub struct ConnHandle {
     pub conn_id: u64,
+    /// The member the connection speaks for (its own key for a member).
+    pub member: PublicKey,
     /// Wakes the connection's deliverer: its queue has new items.
     pub wake: Arc<Notify>,
     /// Frames for the socket; `try_send` only, so a slow connection never blocks the hub.
@@ -60,6 +62,11 @@ impl Hub {
 
     pub fn connections(&self, mesh: MeshId) -> usize {
         self.lock().get(&mesh).map_or(0, HashMap::len)
+    }
+
+    /// Connections of `member` and its sessions in `mesh`.
+    pub fn member_connections(&self, mesh: MeshId, member: &PublicKey) -> usize {
+        self.lock().get(&mesh).map_or(0, |c| c.values().filter(|h| h.member == *member).count())
     }
 
     pub fn is_online(&self, mesh: MeshId, key: &PublicKey) -> bool {

@@ -456,6 +456,8 @@ pub enum ErrorCode {
     RateLimited,
     IdempotencyConflict,
     TooManyConnections,
+    /// The member already has as many sessions as the broker allows one member.
+    TooManySessions,
     /// Another connection authenticated as the same key; this one is closed.
     Superseded,
     ShuttingDown,
@@ -474,6 +476,7 @@ impl ErrorCode {
             ErrorCode::HandshakeTimeout
                 | ErrorCode::RateLimited
                 | ErrorCode::TooManyConnections
+                | ErrorCode::TooManySessions
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Unavailable
                 | ErrorCode::Internal
@@ -509,6 +512,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::TooManySessions => "too_many_sessions",
             ErrorCode::Superseded => "superseded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unavailable => "unavailable",

@@ -165,6 +165,8 @@ pub trait Store: Send + Sync + 'static {
     /// name, claims the name ([`Store::rename`]'s rule); a peer keeping its name is never refused.
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError>;
     async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError>;
+    /// How many sessions of `member` in `mesh` have not ended.
+    async fn live_sessions(&self, mesh: MeshId, member: PublicKey) -> Result<usize, StoreError>;
     /// Every peer not removed, with its groups.
     async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError>;
     /// Gives `key` the display name `name`. Refused with `NameTaken` when another peer of the mesh

@@ -77,9 +77,15 @@ pub struct ServeArgs {
     /// Default time-to-live of a queued message, e.g. 7d, 12h
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub default_ttl: std::time::Duration,
-    /// Most connections one mesh may hold open
+    /// Most connections one mesh may hold open (a member's own connection is always let in)
     #[arg(long, default_value_t = BrokerConfig::default().max_connections_per_mesh)]
     pub max_connections_per_mesh: usize,
+    /// Most connections one member may hold in a mesh, its sessions' included
+    #[arg(long, default_value_t = BrokerConfig::default().max_connections_per_member)]
+    pub max_connections_per_member: usize,
+    /// Most sessions one member may have in a mesh that have not ended
+    #[arg(long, default_value_t = BrokerConfig::default().max_sessions_per_member)]
+    pub max_sessions_per_member: usize,
     /// Sends per second per member (its sessions share it), sustained
     #[arg(long, default_value_t = BrokerConfig::default().sends_per_sec)]
     pub sends_per_sec: u32,
@@ -142,6 +148,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_frame_bytes: args.max_frame_bytes,
         default_ttl_ms: args.default_ttl.as_millis() as u64,
         max_connections_per_mesh: args.max_connections_per_mesh,
+        max_connections_per_member: args.max_connections_per_member,
+        max_sessions_per_member: args.max_sessions_per_member,
         sends_per_sec: args.sends_per_sec,
         send_burst: args.send_burst,
         lease: args.lease.max(std::time::Duration::from_millis(1)),

@@ -290,6 +290,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn live_sessions(&self, mesh: MeshId, member: PublicKey) -> Result<usize, StoreError> {
+        Ok(self
+            .db
+            .call(move |c| {
+                c.prepare_cached(
+                    "SELECT COUNT(*) FROM peers
+                     WHERE mesh_id = ?1 AND member = ?2 AND kind = 'session' AND ended_at IS NULL AND revoked = 0",
+                )?
+                .query_row(params![mesh.to_string(), member.to_string()], |r| r.get::<_, i64>(0))
+            })
+            .await? as usize)
+    }
+
     async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError> {
         Ok(self.db.call(move |c| peers::roster(c, &mesh)).await?)
     }

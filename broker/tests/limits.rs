@@ -1,0 +1,99 @@
+//! What one member can take from the others: sessions and connections per member, a mesh's limit
+//! that never keeps a member out, and connections that never authenticate.
+
+mod common;
+
+use common::*;
+use mesh_broker::BrokerConfig;
+use mesh_proto::attestation::SessionAttestation;
+use mesh_proto::wire::{ErrorCode, Intent, ServerFrame};
+use mesh_proto::{Identity, MeshId, now_ms};
+
+/// Connects session `session` of `member` under `name`; returns the broker's answer to its hello.
+async fn session_hello_answer(
+    broker: &TestBroker,
+    member: &Identity,
+    session: &Identity,
+    mesh: MeshId,
+    name: &str,
+) -> (Client, ServerFrame) {
+    let mut c = Client::connect(broker).await;
+    let now = now_ms();
+    let att = SessionAttestation {
+        v: 1,
+        mesh_id: mesh,
+        member: member.key(),
+        session: session.key(),
+        name: name.into(),
+        issued_at: now,
+        expires_at: now + 60_000,
+    };
+    let hello = session_hello(&c, session, mesh, name, member, att);
+    c.send(&hello).await;
+    let answer = c.recv().await;
+    (c, answer)
+}
+
+/// Waits on `watcher` until `key` is announced online: its connection is registered then.
+async fn registered(watcher: &mut Client, key: &Identity) {
+    loop {
+        if let ServerFrame::Presence(p) = watcher.recv().await
+            && p.peer.key == key.key()
+            && p.peer.online
+        {
+            return;
+        }
+    }
+}
+
+fn code_of(frame: &ServerFrame) -> Option<ErrorCode> {
+    match frame {
+        ServerFrame::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn one_member_s_sessions_never_lock_the_other_members_out() {
+    let config = BrokerConfig { max_sessions_per_member: 3, max_connections_per_mesh: 4, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let TwoMembers { mesh, a, b, ca, cb } = two_members(&broker).await;
+    drop(cb);
+    // Member a fills its sessions; the next one is refused, typed and transient.
+    let mut ca = ca;
+    let mut held = vec![];
+    for i in 0..3 {
+        let session = Identity::generate();
+        let (c, answer) = session_hello_answer(&broker, &a, &session, mesh, &format!("s{i}")).await;
+        assert!(matches!(answer, ServerFrame::Welcome(_)), "session {i}: {answer:?}");
+        registered(&mut ca, &session).await;
+        held.push(c);
+    }
+    let (_, answer) = session_hello_answer(&broker, &a, &Identity::generate(), mesh, "s3").await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::TooManySessions), "{answer:?}");
+    let ServerFrame::Error(e) = &answer else { unreachable!() };
+    assert!(!e.permanent, "it clears when sessions end");
+
+    // The mesh is at its limit (a and its 3 sessions), yet member b gets in...
+    let mut again = Client::connect(&broker).await;
+    assert!(matches!(again.hello(&b, mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
+    // ...while a session of b's waits for room.
+    let (_, answer) = session_hello_answer(&broker, &b, &Identity::generate(), mesh, "b1").await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::TooManyConnections), "{answer:?}");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn one_member_s_connections_are_bounded() {
+    let config = BrokerConfig { max_connections_per_member: 2, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let TwoMembers { mesh, a, mut ca, .. } = two_members(&broker).await;
+    let s1 = Identity::generate();
+    let (c1, answer) = session_hello_answer(&broker, &a, &s1, mesh, "s1").await;
+    assert!(matches!(answer, ServerFrame::Welcome(_)), "{answer:?}");
+    registered(&mut ca, &s1).await;
+    let (_, answer) = session_hello_answer(&broker, &a, &Identity::generate(), mesh, "s2").await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::TooManyConnections), "{answer:?}");
+    drop((ca, c1));
+    broker.stop().await;
+}
