@@ -21,6 +21,10 @@ pub struct BrokerConfig {
     pub max_connections_per_member: usize,
     /// Sessions one member may have in a mesh that have not ended.
     pub max_sessions_per_member: usize,
+    /// Connections that have not authenticated yet, in all and from one address; past either, new
+    /// connections are refused (HTTP 503) until some authenticate or time out.
+    pub max_pending_handshakes: usize,
+    pub max_pending_per_address: usize,
     /// Unacked deliveries per connection before the broker pauses it.
     pub deliver_window: u32,
     /// How long a delivery waits for its ack before it is sent again.
@@ -50,6 +54,8 @@ impl Default for BrokerConfig {
             max_connections_per_mesh: 1000,
             max_connections_per_member: 100,
             max_sessions_per_member: 64,
+            max_pending_handshakes: 256,
+            max_pending_per_address: 64,
             deliver_window: 256,
             lease: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),

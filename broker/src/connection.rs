@@ -38,7 +38,7 @@ const READ_BATCH_BYTES: usize = 1024 * 1024;
 /// How long a closing connection's writer may take to flush before it is dropped.
 const WRITER_GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
+pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, pending: crate::admission::Pending) {
     let _task = shared.tracker.token();
     let conn_id = shared.next_conn_id();
     async move {
@@ -57,6 +57,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket) {
             },
             () = shared.shutdown.cancelled() => Err(Some(ErrorFrame::new(ErrorCode::ShuttingDown, "broker is shutting down"))),
         };
+        // Authenticated or not, it no longer waits for its hello: its place goes back.
+        drop(pending);
         match auth {
             Ok(auth) => {
                 tracing::info!(mesh = %auth.mesh.id, peer = %auth.peer.key.short(), name = %auth.peer.name, "authenticated");

@@ -5,6 +5,7 @@
 //! `mesh broker serve` and the daemon's embedded broker share it unchanged. The broker sees ciphertext,
 //! public keys and routing metadata only.
 
+mod admission;
 mod config;
 mod connection;
 mod deliver;
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
@@ -37,6 +38,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub(crate) struct Shared {
     store: Arc<dyn Store>,
+    admission: Arc<admission::Admission>,
     config: BrokerConfig,
     hub: hub::Hub,
     limiter: ratelimit::RateLimiter,
@@ -63,6 +65,7 @@ pub async fn run(
     let limiter = ratelimit::RateLimiter::new(config.sends_per_sec, config.send_burst);
     let shared = Arc::new(Shared {
         store,
+        admission: admission::Admission::new(config.max_pending_handshakes, config.max_pending_per_address),
         config,
         hub: hub::Hub::default(),
         limiter,
@@ -83,6 +86,7 @@ pub async fn run(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     shared.tracker.close();
@@ -101,12 +105,33 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }))
 }
 
-async fn upgrade(ws: WebSocketUpgrade, State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+) -> axum::response::Response {
+    // Connections that have not said hello are bounded in all and per address, before they cost a
+    // WebSocket's buffers.
+    let pending = match shared.admission.admit(from.ip()) {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::debug!(%from, why, "connection refused before the handshake");
+            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+        }
+    };
     // The WebSocket layer's hard cap is twice the protocol limit, so frames in between get a typed
-    // `frame_too_large` answer on a connection that stays open.
+    // `frame_too_large` answer on a connection that stays open. Reads start in small chunks (the
+    // buffer grows with the frames that come), so a connection that sends nothing costs little.
     let hard_cap = shared.config.max_frame_bytes.saturating_mul(2).max(64 * 1024);
-    ws.max_message_size(hard_cap).max_frame_size(hard_cap).on_upgrade(move |socket| connection::serve(shared, socket))
+    ws.max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .read_buffer_size(READ_BUFFER)
+        .on_upgrade(move |socket| connection::serve(shared, socket, pending))
+        .into_response()
 }
+
+/// Bytes a connection reads at a time.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// Expires queue items past their TTL (queueing `expired` receipts) on a timer.
 async fn janitor(shared: Arc<Shared>) {

@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// Most sessions one member may have in a mesh that have not ended
     #[arg(long, default_value_t = BrokerConfig::default().max_sessions_per_member)]
     pub max_sessions_per_member: usize,
+    /// Most connections that have not authenticated yet, in all
+    #[arg(long, default_value_t = BrokerConfig::default().max_pending_handshakes)]
+    pub max_pending_handshakes: usize,
+    /// Most connections that have not authenticated yet, from one address
+    #[arg(long, default_value_t = BrokerConfig::default().max_pending_per_address)]
+    pub max_pending_per_address: usize,
     /// Sends per second per member (its sessions share it), sustained
     #[arg(long, default_value_t = BrokerConfig::default().sends_per_sec)]
     pub sends_per_sec: u32,
@@ -150,6 +156,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_mesh: args.max_connections_per_mesh,
         max_connections_per_member: args.max_connections_per_member,
         max_sessions_per_member: args.max_sessions_per_member,
+        max_pending_handshakes: args.max_pending_handshakes,
+        max_pending_per_address: args.max_pending_per_address,
         sends_per_sec: args.sends_per_sec,
         send_burst: args.send_burst,
         lease: args.lease.max(std::time::Duration::from_millis(1)),

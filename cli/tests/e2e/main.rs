@@ -7,6 +7,7 @@ mod flows;
 mod inbox;
 mod ipc_input;
 mod lifecycle;
+mod limits;
 mod outbox;
 mod output;
 mod readme;

@@ -1,0 +1,66 @@
+//! Connections that never authenticate cost a bounded amount: a real broker process flooded with
+//! WebSocket upgrades that never say hello.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use mesh_testkit::BrokerProcess;
+
+use super::*;
+
+/// The bound docs/operations.md states for the broker with its default admission limits.
+const FLOOD_BOUND: u64 = 64 * 1024 * 1024;
+
+/// Opens a connection, asks for the WebSocket upgrade, and returns it with the status code.
+fn upgrade(port: u16) -> Option<(TcpStream, u16)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        b"GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .ok()?;
+    let mut line = String::new();
+    BufReader::new(s.try_clone().ok()?).read_line(&mut line).ok()?;
+    let code = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((s, code))
+}
+
+#[test]
+fn two_thousand_connections_that_never_say_hello_stay_under_the_memory_bound() {
+    // One address may take every place here, to measure the bound in all.
+    let broker = BrokerProcess::start_with(MESH, &["--max-pending-per-address", "100000"]);
+    let before = broker.rss_bytes();
+    let started = Instant::now();
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..2000 {
+        match upgrade(broker.port) {
+            Some((s, 101)) => held.push(s),
+            Some((_, 503)) => refused += 1,
+            other => panic!("unexpected answer: {:?}", other.map(|(_, c)| c)),
+        }
+    }
+    let peak = broker.rss_bytes();
+    eprintln!(
+        "flood: {} admitted, {refused} refused in {:?}; broker RSS {} → {} MiB",
+        held.len(),
+        started.elapsed(),
+        before / (1 << 20),
+        peak / (1 << 20)
+    );
+    assert!(refused > 0, "the global limit refuses the rest");
+    // Places come back only as connections authenticate or time out (10 s): within that, the cap holds.
+    if started.elapsed() < Duration::from_secs(9) {
+        assert_eq!(held.len(), 256, "the default limit of connections waiting to authenticate");
+    }
+    assert!(peak < FLOOD_BOUND, "broker RSS {} MiB with the flood held", peak / (1 << 20));
+    // Someone who does say hello gets in once the flood is gone.
+    drop(held);
+    let home = mesh_testkit::TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up", "--no-embedded"]);
+    mesh_testkit::eventually("a mesh created after the flood", mesh_testkit::WAIT, || {
+        home.run(&["create", "team", "--broker", &broker.url]).status.success().then_some(())
+    });
+}
