@@ -25,6 +25,8 @@ pub struct BrokerConfig {
     /// connections are refused (HTTP 503) until some authenticate or time out.
     pub max_pending_handshakes: usize,
     pub max_pending_per_address: usize,
+    /// Peers in one roster page (`welcome` carries the first; `roster` requests fetch the rest).
+    pub roster_page: usize,
     /// Unacked deliveries per connection before the broker pauses it.
     pub deliver_window: u32,
     /// How long a delivery waits for its ack before it is sent again.
@@ -56,6 +58,7 @@ impl Default for BrokerConfig {
             max_sessions_per_member: 64,
             max_pending_handshakes: 256,
             max_pending_per_address: 64,
+            roster_page: 500,
             deliver_window: 256,
             lease: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),

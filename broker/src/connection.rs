@@ -192,17 +192,33 @@ impl Connection {
         PeerRecord { name, ..self.auth.peer.clone() }
     }
 
-    async fn roster(&self) -> Result<Vec<Peer>, StoreError> {
+    /// One page of the roster in key order, after `after`, and the key to continue after when more
+    /// follow: a welcome's size does not grow with the mesh.
+    async fn roster_page(&self, after: Option<PublicKey>) -> Result<(Vec<Peer>, Option<PublicKey>), StoreError> {
         let mesh = self.mesh();
-        let peers = self.shared.store.roster(mesh).await?;
+        let mut peers = self.shared.store.roster(mesh).await?;
+        peers.sort_by_key(|e| e.peer.key);
         let me = self.key();
-        Ok(peers
-            .into_iter()
+        let page = self.shared.config.roster_page.max(1);
+        let rest = peers.into_iter().filter(|e| after.is_none_or(|a| e.peer.key > a));
+        let mut out: Vec<Peer> = rest
+            .take(page + 1)
             .map(|e| {
                 let online = e.peer.key == me || self.shared.hub.is_online(mesh, &e.peer.key);
                 peer_view(&e.peer, online, Some(e.groups))
             })
-            .collect())
+            .collect();
+        let next = (out.len() > page).then(|| {
+            out.truncate(page);
+            out[page - 1].key
+        });
+        Ok((out, next))
+    }
+
+    /// This connection's own groups, as the roster has them.
+    async fn my_groups(&self) -> Option<Vec<String>> {
+        let peers = self.shared.store.roster(self.mesh()).await.ok()?;
+        peers.into_iter().find(|e| e.peer.key == self.key()).map(|e| e.groups)
     }
 
     /// Why this connection may not join, if it may not. A connection replacing one of the same key
@@ -233,17 +249,16 @@ impl Connection {
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
         }
-        let roster = self.roster().await;
-        // Our own groups, from the roster, so that the mesh hears them with our presence.
-        let my_groups =
-            roster.as_ref().ok().and_then(|r| r.iter().find(|p| p.key == key)).and_then(|p| p.groups.clone());
-        let welcome = match roster {
-            Ok(roster) => ServerFrame::Welcome(Welcome {
+        // Our own groups, so that the mesh hears them with our presence.
+        let my_groups = self.my_groups().await;
+        let welcome = match self.roster_page(None).await {
+            Ok((roster, roster_next)) => ServerFrame::Welcome(Welcome {
                 v: mesh_proto::PROTOCOL_VERSION,
                 mesh_id: mesh,
                 mesh_name: self.auth.mesh.name.clone(),
                 you: peer_view(&self.auth.peer, true, my_groups.clone()),
                 roster,
+                roster_next,
                 limits: self.shared.config.limits(),
                 server_time: now_ms(),
             }),
@@ -472,8 +487,10 @@ impl Connection {
                     }
                 }
             }
-            Ok(ClientFrame::Roster(req)) => match self.roster().await {
-                Ok(peers) => self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers })).await,
+            Ok(ClientFrame::Roster(req)) => match self.roster_page(req.after).await {
+                Ok((peers, next)) => {
+                    self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers, next })).await
+                }
                 Err(e) => {
                     tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster");
                     self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure").with_id(Some(req.id))).await

@@ -97,3 +97,39 @@ async fn one_member_s_connections_are_bounded() {
     drop((ca, c1));
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn the_roster_comes_in_pages_so_a_welcome_does_not_grow_with_the_mesh() {
+    let broker = TestBroker::start(BrokerConfig { roster_page: 2, ..BrokerConfig::default() }).await;
+    let TwoMembers { mesh, a, .. } = two_members(&broker).await;
+    let mut held = vec![];
+    for i in 0..3 {
+        let (c, answer) = session_hello_answer(&broker, &a, &Identity::generate(), mesh, &format!("s{i}")).await;
+        assert!(matches!(answer, ServerFrame::Welcome(_)));
+        held.push(c);
+    }
+    let mut c = Client::connect(&broker).await;
+    let ServerFrame::Welcome(w) = c.hello(&a, mesh, "alice", Intent::Connect).await else { panic!("welcome") };
+    assert_eq!(w.roster.len(), 2);
+    let mut keys: Vec<_> = w.roster.iter().map(|p| p.key).collect();
+    let mut next = w.roster_next;
+    let mut id = 1;
+    while let Some(after) = next {
+        c.send(&mesh_proto::wire::ClientFrame::Roster(mesh_proto::wire::RosterRequest { id, after: Some(after) }))
+            .await;
+        let page = loop {
+            if let ServerFrame::Roster(r) = c.recv().await {
+                break r;
+            }
+        };
+        assert!(page.peers.len() <= 2);
+        keys.extend(page.peers.iter().map(|p| p.key));
+        next = page.next;
+        id += 1;
+    }
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!((keys.len(), sorted), (5, keys.clone()), "every peer once, in key order");
+    broker.stop().await;
+}

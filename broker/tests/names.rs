@@ -63,7 +63,7 @@ async fn presence_where(
 }
 
 async fn roster(c: &mut Client, id: u64) -> Vec<mesh_proto::wire::Peer> {
-    c.send(&ClientFrame::Roster(RosterRequest { id })).await;
+    c.send(&ClientFrame::Roster(RosterRequest { id, after: None })).await;
     loop {
         if let ServerFrame::Roster(r) = c.recv().await {
             return r.peers;

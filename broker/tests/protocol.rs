@@ -115,7 +115,7 @@ async fn sends_are_idempotent_on_client_message_id() {
     // Exactly one copy reached the recipient's queue.
     let ServerFrame::Deliver(d) = t.cb.recv_non_presence().await else { panic!("deliver") };
     t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
-    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9 })).await;
+    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9, after: None })).await;
     assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 9));
     broker.stop().await;
 }
@@ -275,7 +275,7 @@ async fn create_token_is_enforced_when_configured() {
 async fn frames_before_hello_get_not_authenticated() {
     let broker = TestBroker::start(BrokerConfig::default()).await;
     let mut c = Client::connect(&broker).await;
-    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 1 })).await;
+    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 1, after: None })).await;
     expect_error(c.recv().await, ErrorCode::NotAuthenticated);
     assert!(c.try_recv().await.is_none());
     let mut c = Client::connect(&broker).await;
@@ -313,7 +313,7 @@ async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_surviv
     c.send(&hello).await;
     expect_error(c.recv_non_presence().await, ErrorCode::AlreadyAuthenticated);
     // After all that the connection still works.
-    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 10 })).await;
+    c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 10, after: None })).await;
     match c.recv_non_presence().await {
         ServerFrame::Roster(r) => {
             assert_eq!(r.id, 10);
@@ -555,7 +555,7 @@ async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own() {
             },
             30 => ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, "c-6", "not message 6")),
             40 => ClientFrame::Send(dm(&t.a, t.mesh, &stranger, i, "c-40", "x")),
-            45 => ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: i }),
+            45 => ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: i, after: None }),
             _ => ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, &format!("c-{i}"), &format!("message {i}"))),
         };
         frames.push(frame);
@@ -598,7 +598,7 @@ async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own() {
         t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
     }
     assert_eq!(got, expected);
-    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 7 })).await;
+    t.cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 7, after: None })).await;
     assert!(
         matches!(t.cb.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 7),
         "nothing more was delivered"
@@ -721,7 +721,7 @@ async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
     assert_eq!(got, want);
     // Acked, it is gone: nothing more arrives for alice.
     t.ca.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
-    t.ca.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 5 })).await;
+    t.ca.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 5, after: None })).await;
     assert!(matches!(t.ca.recv_non_presence().await, ServerFrame::Roster(r) if r.id == 5));
     broker.stop().await;
 }
@@ -756,7 +756,7 @@ async fn a_repeated_ack_never_removes_a_later_item() {
     // The late duplicate ack of the first item, then the connection drops without acking the second.
     cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![first_id] })).await;
     // A roster request answered after the ack proves the ack was handled before the disconnect.
-    cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9 })).await;
+    cb.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 9, after: None })).await;
     assert!(matches!(cb.recv_non_presence().await, ServerFrame::Roster(_)));
     drop(cb);
 

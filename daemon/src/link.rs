@@ -293,9 +293,12 @@ async fn run(
                 failures = 0;
                 tracing::info!(peers = welcome.roster.len(), "online");
                 let mesh = spec.mesh_id;
-                let stored = if spec.keeps_roster() {
+                let stored = if spec.keeps_roster() && welcome.roster_next.is_none() {
                     let roster_peers = welcome.roster.clone();
                     daemon.db.call(move |c| roster::replace(c, &mesh, &roster_peers)).await
+                } else if spec.keeps_roster() {
+                    // More pages follow: the reader fetches them and replaces the roster once whole.
+                    Ok(())
                 } else {
                     // A session of ours is in the roster as soon as the broker has it, whatever the
                     // order in which the member's link hears of it.
@@ -412,7 +415,15 @@ async fn online(
         .in_current_span(),
     );
 
-    let ended = read_loop(daemon, spec, &mut stream, &out_tx, &reply_tx, &stop).await;
+    // A roster longer than one page is fetched page by page and stored once whole.
+    let mut paging = None;
+    if spec.keeps_roster()
+        && let Some(after) = welcome.roster_next
+    {
+        paging = Some(welcome.roster.clone());
+        let _ = out_tx.send(roster_request(after)).await;
+    }
+    let ended = read_loop(daemon, spec, &mut stream, &out_tx, &reply_tx, &stop, paging).await;
     stop.cancel();
     let _ = drain.await;
     drop(out_tx);
@@ -424,6 +435,13 @@ async fn online(
     ended
 }
 
+/// Request ids the reader uses for roster pages, far from the drain's (which count up from 1).
+const ROSTER_REQUEST_ID: u64 = u64::MAX;
+
+fn roster_request(after: mesh_proto::PublicKey) -> String {
+    ClientFrame::Roster(wire::RosterRequest { id: ROSTER_REQUEST_ID, after: Some(after) }).to_json()
+}
+
 async fn read_loop(
     daemon: &Arc<Daemon>,
     spec: &LinkSpec,
@@ -431,6 +449,7 @@ async fn read_loop(
     out: &mpsc::Sender<String>,
     replies: &mpsc::UnboundedSender<Reply>,
     stop: &CancellationToken,
+    mut paging: Option<Vec<wire::Peer>>,
 ) -> Ended {
     loop {
         let first = tokio::select! {
@@ -508,8 +527,17 @@ async fn read_loop(
                     }
                 }
                 Ok(ServerFrame::Roster(r)) => {
+                    let mut peers = paging.take().unwrap_or_default();
+                    peers.extend(r.peers);
+                    if let Some(after) = r.next {
+                        paging = Some(peers);
+                        if out.send(roster_request(after)).await.is_err() {
+                            return Ended::transient("writer stopped");
+                        }
+                        continue;
+                    }
                     let mesh = spec.mesh_id;
-                    if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &r.peers)).await {
+                    if let Err(e) = daemon.db.call(move |c| roster::replace(c, &mesh, &peers)).await {
                         tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
                     }
                 }

@@ -212,6 +212,9 @@ pub struct Ack {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RosterRequest {
     pub id: u64,
+    /// The page after this key (the `next` of the previous page); absent: the first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<PublicKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,7 +279,11 @@ pub struct Welcome {
     pub mesh_id: MeshId,
     pub mesh_name: String,
     pub you: Peer,
+    /// The roster's first page, in key order.
     pub roster: Vec<Peer>,
+    /// More peers follow: ask with `roster` for the page after this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roster_next: Option<PublicKey>,
     pub limits: Limits,
     pub server_time: u64,
 }
@@ -377,7 +384,11 @@ pub struct Receipt {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RosterReply {
     pub id: u64,
+    /// One page, in key order.
     pub peers: Vec<Peer>,
+    /// More peers follow: ask for the page after this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<PublicKey>,
 }
 
 /// A roster change: a peer came online, went offline, or joined the mesh.

@@ -64,3 +64,15 @@ fn two_thousand_connections_that_never_say_hello_stay_under_the_memory_bound() {
         home.run(&["create", "team", "--broker", &broker.url]).status.success().then_some(())
     });
 }
+
+#[test]
+fn a_daemon_fetches_a_roster_longer_than_a_page_whole() {
+    let broker = BrokerProcess::start_with(MESH, &["--roster-page", "2"]);
+    let (alice, bob) = sessions::team(&broker);
+    let _sessions: Vec<_> = ["s1", "s2", "s3"].iter().map(|n| bob.launch(n, None)).collect();
+    // Restarted, alice's daemon gets a first page of 2 in its welcome and fetches the rest.
+    alice.ok(&["daemon", "down"]);
+    alice.ok(&["daemon", "up", "--no-embedded"]);
+    alice.eventually_json("all five in the roster", &["peers"], |v| v.as_array().expect("array").len() == 5);
+    alice.ok(&["send", "s3", "found on the last page"]);
+}
