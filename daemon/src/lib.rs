@@ -13,6 +13,7 @@ pub mod events;
 pub mod groups;
 pub mod identity;
 pub mod inbox;
+mod ipc_guard;
 pub mod ipc_server;
 pub mod lifecycle;
 pub mod link;

@@ -97,12 +97,15 @@ pub struct IpcListener {
     listener: Option<Listener>,
     home: Home,
     bound: Option<u64>,
+    /// Places for connections ([`crate::ipc_guard`]).
+    places: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl IpcListener {
     pub fn new(listener: Listener, home: Home) -> IpcListener {
         let bound = socket_inode(&home);
-        IpcListener { listener: Some(listener), home, bound }
+        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(crate::ipc_guard::MAX_CONNECTIONS));
+        IpcListener { listener: Some(listener), home, bound, places }
     }
 
     fn rebind_if_gone(&mut self) {
@@ -139,14 +142,16 @@ async fn accept_on(listener: Option<&Listener>) -> io::Result<Stream> {
 }
 
 impl axum::serve::Listener for IpcListener {
-    type Io = Stream;
+    type Io = crate::ipc_guard::GuardedStream;
     type Addr = ();
 
-    async fn accept(&mut self) -> (Stream, ()) {
+    async fn accept(&mut self) -> (crate::ipc_guard::GuardedStream, ()) {
+        // A place first: with none free, new clients wait in the backlog while open ones are served.
+        let place = self.places.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             tokio::select! {
                 accepted = accept_on(self.listener.as_ref()) => match accepted {
-                    Ok(s) => return (s, ()),
+                    Ok(s) => return (crate::ipc_guard::GuardedStream::new(s, place), ()),
                     Err(e) => {
                         tracing::warn!(error = %mesh_proto::error::chain(&e), "accepting an IPC connection failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;

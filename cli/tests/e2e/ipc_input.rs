@@ -124,3 +124,25 @@ fn every_route_refuses_a_garbage_or_dead_token() {
     assert!(home.json(&["daemon", "status"])["pid"].is_u64(), "the daemon still runs");
     assert!(home.json(&["session", "list"]).as_array().expect("array").len() == 1, "no session was created");
 }
+
+/// Connections that never send a request cannot hold the daemon: each is closed when its headers do
+/// not come within 10 s, and however many there are, the daemon answers again once they are.
+#[test]
+fn idle_connections_are_closed_and_never_stop_the_daemon_answering() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let home = TestHome::new(MESH);
+    home.ok(&["daemon", "up", "--no-embedded"]);
+    let socket = home.paths().socket_path();
+    // More silent connections than the daemon serves at once.
+    let silent: Vec<UnixStream> = (0..300).map(|_| UnixStream::connect(&socket).expect("connect")).collect();
+    // A client behind them is answered once the silent ones are closed for want of headers.
+    let out = home.run(&["daemon", "status", "--json"]);
+    assert!(out.status.success(), "{}", home.report(&["daemon", "status"], &out));
+    // Each silent connection was closed by the daemon (end of file), not left open.
+    for mut s in silent.into_iter().take(5) {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("timeout");
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).expect("closed, not timed out"), 0);
+    }
+}
