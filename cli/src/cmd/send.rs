@@ -25,9 +25,18 @@ pub struct SendArgs {
     /// (exit 1 if not in time; the message stays queued either way)
     #[arg(long, value_enum)]
     pub wait: Option<Wait>,
-    /// How long --wait waits
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "wait")]
+    /// How long --wait waits (at most 10m)
+    #[arg(long, default_value = "30s", value_parser = parse_timeout, requires = "wait")]
     pub timeout: std::time::Duration,
+}
+
+/// A `--timeout`: a duration up to the daemon's longest wait, 10 minutes.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err("at most 10m: to follow a message longer, use `mesh watch` or `mesh outbox`".into());
+    }
+    Ok(d)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
