@@ -88,7 +88,7 @@ fn render_inbox(frame: &mut Frame<'_>, app: &App, area: Rect) {
                 marker,
                 Span::styled(clock(m.sent_at), Style::new().dark_gray()),
                 Span::raw(" "),
-                Span::styled(format!("{:<10.10}", m.from_name), name_style),
+                Span::styled(format!("{:<10.10}", output::clean(&m.from_name)), name_style),
                 Span::styled(to, Style::new().fg(Color::Magenta)),
                 Span::raw(" "),
                 body,
@@ -111,7 +111,7 @@ fn outbox_style(status: OutboxStatus) -> Style {
 
 fn target_label(kind: TargetKind, name: Option<&str>, address: &str) -> String {
     match (kind, name) {
-        (TargetKind::Direct, Some(n)) => n.to_owned(),
+        (TargetKind::Direct, Some(n)) => output::clean(n),
         (TargetKind::Broadcast, _) => "everyone".to_owned(),
         _ => address.to_owned(),
     }
@@ -162,7 +162,7 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
             let me = if p.is_self { " (you)" } else { "" };
             ListItem::new(Line::from(vec![
                 dot,
-                Span::raw(format!("{}{me}", p.name)),
+                Span::raw(format!("{}{me}", output::clean(&p.name))),
                 Span::styled(format!("  {} · {}", p.kind.as_str(), p.mesh), Style::new().dark_gray()),
             ]))
         })
@@ -186,7 +186,7 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
             None => (" Message ", Text::from("Select a message.")),
             Some(m) => {
                 let mut lines = vec![
-                    field("From", format!("{} ({})", m.from_name, output::short(&m.from))),
+                    field("From", format!("{} ({})", output::clean(&m.from_name), output::short(&m.from))),
                     field(
                         "To",
                         match m.kind {
@@ -201,9 +201,9 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     Line::raw(""),
                 ];
                 match (m.status, &m.body) {
-                    (InboxStatus::Ready, Some(b)) => lines.extend(b.lines().map(|l| Line::raw(l.to_owned()))),
+                    (InboxStatus::Ready, Some(b)) => lines.extend(b.lines().map(|l| Line::raw(output::clean(l)))),
                     (InboxStatus::Failed, _) => lines.push(Line::styled(
-                        format!("Unreadable: {}", m.error.as_deref().unwrap_or("unknown reason")),
+                        format!("Unreadable: {}", output::clean(m.error.as_deref().unwrap_or("unknown reason"))),
                         Style::new().fg(Color::Red),
                     )),
                     _ => lines.push(Line::styled("Not processed yet.", Style::new().dark_gray())),
@@ -224,10 +224,10 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     field("Read", opt_time(o.read_at)),
                 ];
                 if let Some(e) = &o.last_error {
-                    lines.push(Line::styled(format!("Last error: {e}"), Style::new().fg(Color::Red)));
+                    lines.push(Line::styled(format!("Last error: {}", output::clean(e)), Style::new().fg(Color::Red)));
                 }
                 lines.push(Line::raw(""));
-                lines.extend(o.body.lines().map(|l| Line::raw(l.to_owned())));
+                lines.extend(o.body.lines().map(|l| Line::raw(output::clean(l))));
                 let title = match o.status {
                     OutboxStatus::Dead | OutboxStatus::Aborted => " Sent message · R retry ",
                     OutboxStatus::Pending => " Sent message · x abort ",
@@ -240,7 +240,7 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
             None => (" Peer ", Text::from("Select a peer.")),
             Some(p) => {
                 let lines = vec![
-                    field("Name", p.name.clone()),
+                    field("Name", output::clean(&p.name)),
                     field("Kind", p.kind.as_str().to_owned()),
                     field("Role", p.role.as_str().to_owned()),
                     field("Mesh", p.mesh.clone()),
@@ -273,7 +273,7 @@ fn render_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
                 LinkState::Rejected => Style::new().fg(Color::Red),
                 LinkState::Offline | LinkState::Connecting => Style::new().fg(Color::Yellow),
             };
-            spans.push(Span::styled(format!("│ {} {} ", m.name, m.connection.state.as_str()), style));
+            spans.push(Span::styled(format!("│ {} {} ", output::clean(&m.name), m.connection.state.as_str()), style));
         }
     }
     if let Some(mesh) = &app.mesh {
@@ -598,6 +598,24 @@ mod tests {
         };
         let selected = app.selected_message().expect("a selected message");
         assert_eq!((to.as_str(), mesh.as_deref(), body.as_str()), (selected.from.as_str(), Some("team"), "ok"));
+    }
+
+    #[test]
+    fn a_peer_s_controls_and_bidi_overrides_are_shown_not_obeyed() {
+        let mut app = empty_app();
+        let mut m = message(
+            1,
+            "evil\u{202E}name",
+            TargetKind::Direct,
+            Some("x\u{202E}gnp.exe\x1b]0;t\x07"),
+            false,
+            InboxStatus::Ready,
+        );
+        m.from_name = "evil\u{202E}name".into();
+        app.apply(Snapshot { inbox: vec![m], status: Some(status(LinkState::Online)), ..Snapshot::default() });
+        let shown = screen(&app, 120, 40);
+        assert!(!shown.contains('\u{202E}') && !shown.contains('\x1b') && !shown.contains('\x07'), "{shown}");
+        assert!(shown.contains("<U+202E>"), "{shown}");
     }
 
     #[test]
