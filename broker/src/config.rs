@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use mesh_proto::wire::Limits;
+use mesh_proto::wire::{Limits, MeshLimits};
+
+use crate::store::MeshLimitSettings;
 
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -72,14 +74,39 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
-    pub fn limits(&self) -> Limits {
+    /// The limits announced to a connection of a mesh with these settings.
+    pub fn limits(&self, mesh: &MeshLimitSettings) -> Limits {
         Limits {
+            mesh: self.mesh_limits(mesh),
+            broker: self.broker_mesh_limits(),
             max_frame_bytes: self.max_frame_bytes as u64,
             default_ttl_ms: self.default_ttl_ms,
             max_ttl_ms: self.max_ttl_ms,
             sends_per_sec: self.sends_per_sec,
             send_burst: self.send_burst,
             deliver_window: self.deliver_window,
+        }
+    }
+
+    /// The broker's values of the limits a mesh can set.
+    pub fn broker_mesh_limits(&self) -> MeshLimits {
+        let u32_of = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        MeshLimits {
+            sessions_per_member: u32_of(self.max_sessions_per_member),
+            connections_per_member: u32_of(self.max_connections_per_member),
+            connections: u32_of(self.max_connections_per_mesh),
+        }
+    }
+
+    /// The limits in force in a mesh with these settings: each the smaller of the mesh's and the
+    /// broker's (an operator who lowers a limit lowers it for every mesh).
+    pub fn mesh_limits(&self, mesh: &MeshLimitSettings) -> MeshLimits {
+        let broker = self.broker_mesh_limits();
+        let pick = |set: Option<u32>, max: u32| set.map_or(max, |v| v.min(max));
+        MeshLimits {
+            sessions_per_member: pick(mesh.sessions_per_member, broker.sessions_per_member),
+            connections_per_member: pick(mesh.connections_per_member, broker.connections_per_member),
+            connections: pick(mesh.connections, broker.connections),
         }
     }
 }

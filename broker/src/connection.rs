@@ -9,7 +9,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use mesh_proto::wire::{
     self, Accepted, ClientFrame, DeliveryItem, Envelope, ErrorCode, ErrorFrame, OkReply, Peer, RosterReply,
-    SendMessage, ServerFrame, Welcome,
+    SendMessage, ServerFrame, SetLimitsRequest, Welcome,
 };
 use mesh_proto::{MeshId, PublicKey, crypto, now_ms};
 use tokio::sync::{Notify, mpsc};
@@ -22,7 +22,7 @@ use crate::deliver::deliver_loop;
 use crate::handshake::{self, Authenticated};
 use crate::hub::{ConnHandle, Outbound};
 use crate::presence::{announce, announce_view, peer_view};
-use crate::store::{NewMessage, PeerRecord, StoreError};
+use crate::store::{MeshLimitSettings, NewMessage, PeerRecord, StoreError};
 
 /// Frames waiting for the socket, per connection. Deliveries wait for room (backpressure); presence
 /// frames are skipped when full.
@@ -231,14 +231,15 @@ impl Connection {
             return None;
         }
         let peer = &self.auth.peer;
-        if hub.member_connections(mesh, &peer.member) >= config.max_connections_per_member {
+        let limits = config.mesh_limits(&self.auth.mesh.limits);
+        let most = limits.connections_per_member as usize;
+        if hub.member_connections(mesh, &peer.member) >= most {
             return Some(format!(
-                "this member already has {} connections in this mesh, the most one member may hold",
-                config.max_connections_per_member
+                "this member already has {most} connections in this mesh, the most one member may hold"
             ));
         }
         let is_session = peer.kind == mesh_proto::wire::PeerKind::Session;
-        (is_session && hub.connections(mesh) >= config.max_connections_per_mesh)
+        (is_session && hub.connections(mesh) >= limits.connections as usize)
             .then(|| "this mesh has reached its connection limit".to_owned())
     }
 
@@ -259,7 +260,7 @@ impl Connection {
                 you: peer_view(&self.auth.peer, true, my_groups.clone()),
                 roster,
                 roster_next,
-                limits: self.shared.config.limits(),
+                limits: self.shared.config.limits(&self.auth.mesh.limits),
                 server_time: now_ms(),
             }),
             Err(e) => {
@@ -524,6 +525,7 @@ impl Connection {
             Ok(ClientFrame::LeaveGroup(req)) => self.set_group(req.id, req.group, false).await,
             Ok(ClientFrame::Rename(req)) => self.rename(req.id, req.name).await,
             Ok(ClientFrame::EndSession(req)) => self.end_session(req.id, req.key).await,
+            Ok(ClientFrame::SetLimits(req)) => self.set_limits(req).await,
         }
     }
 
@@ -578,6 +580,42 @@ impl Connection {
                 self.send_error(ErrorFrame::new(ErrorCode::Forbidden, why).with_id(Some(id))).await
             }
             Err(e) => self.answer(id, Err(e)).await,
+        }
+    }
+
+    /// An owner or admin changes the mesh's limits, each within the broker's. They apply to
+    /// sessions and connections that come after; none already in is closed.
+    async fn set_limits(&self, req: SetLimitsRequest) -> bool {
+        let me = &self.auth.peer;
+        if me.kind != mesh_proto::wire::PeerKind::Member || !me.role.is_admin() {
+            let err = ErrorFrame::new(ErrorCode::Forbidden, "only the mesh's owner and admins can change its limits");
+            return self.send_error(err.with_id(Some(req.id))).await;
+        }
+        let broker = self.shared.config.broker_mesh_limits();
+        let asked = [
+            ("sessions_per_member", req.sessions_per_member, broker.sessions_per_member),
+            ("connections_per_member", req.connections_per_member, broker.connections_per_member),
+            ("connections", req.connections, broker.connections),
+        ];
+        for (what, value, most) in asked {
+            if let Some(v) = value.filter(|v| !(1..=most).contains(v)) {
+                let err =
+                    ErrorFrame::new(ErrorCode::LimitOutOfRange, format!("{what} {v}: this broker allows 1 to {most}"));
+                return self.send_error(err.with_id(Some(req.id))).await;
+            }
+        }
+        let change = MeshLimitSettings {
+            sessions_per_member: req.sessions_per_member,
+            connections_per_member: req.connections_per_member,
+            connections: req.connections,
+        };
+        match self.shared.store.set_mesh_limits(self.mesh(), req.reset, change).await {
+            Ok(now) => {
+                let limits = self.shared.config.mesh_limits(&now);
+                tracing::info!(mesh = %self.mesh(), by = %self.key(), ?limits, "mesh limits changed");
+                self.answer(req.id, Ok(())).await
+            }
+            Err(e) => self.answer(req.id, Err(e)).await,
         }
     }
 

@@ -142,7 +142,13 @@ async fn create(
     }
     names::validate_display(mesh_name).map_err(|e| refuse(ErrorCode::InvalidName, e.to_string()))?;
     check_new_name(&claims.name)?;
-    let mesh = MeshRecord { id: claims.mesh_id, name: mesh_name.to_owned(), owner: claims.key, created_at: now };
+    let mesh = MeshRecord {
+        id: claims.mesh_id,
+        name: mesh_name.to_owned(),
+        owner: claims.key,
+        created_at: now,
+        limits: Default::default(),
+    };
     let owner = peer_from_claims(claims, PeerKind::Member, claims.key, Role::Owner, now);
     match store.create_mesh(mesh.clone(), owner.clone()).await {
         Ok(()) => Ok(Authenticated { mesh, peer: owner, claimed: Claimed::default() }),
@@ -171,7 +177,7 @@ async fn join(
     let issuer = load_member(store, mesh.id, invite.issued_by)
         .await
         .map_err(|_| refuse(ErrorCode::InviteInvalid, "the invite's issuer is not a member of this mesh"))?;
-    if !issuer.role.can_invite() {
+    if !issuer.role.is_admin() {
         return Err(refuse(ErrorCode::InviteInvalid, "the invite's issuer may not invite"));
     }
     if invite.role == Role::Owner {
@@ -241,15 +247,15 @@ async fn connect_session(
         check_new_name(&claims.name)?;
     }
     // A session that is new, or back from having ended, takes a place among the member's sessions.
+    let most = config.mesh_limits(&mesh.limits).sessions_per_member as usize;
     if existing.as_ref().is_none_or(|e| e.ended_at.is_some())
-        && store.live_sessions(mesh.id, member.key).await.map_err(internal)? >= config.max_sessions_per_member
+        && store.live_sessions(mesh.id, member.key).await.map_err(internal)? >= most
     {
         return Err(refuse(
             ErrorCode::TooManySessions,
             format!(
-                "this member already has {} live sessions in this mesh, the most one member may have; \
-                 end some (their processes exit), or wait for ended ones to be released",
-                config.max_sessions_per_member
+                "this member already has {most} live sessions in this mesh, the most one member may have; \
+                 end some (their processes exit), or wait for ended ones to be released"
             ),
         ));
     }

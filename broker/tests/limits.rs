@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use mesh_broker::BrokerConfig;
 use mesh_proto::attestation::SessionAttestation;
-use mesh_proto::wire::{ErrorCode, Intent, ServerFrame};
+use mesh_proto::wire::{ClientFrame, ErrorCode, Intent, MeshLimits, ServerFrame, SetLimitsRequest};
 use mesh_proto::{Identity, MeshId, now_ms};
 
 /// Connects session `session` of `member` under `name`; returns the broker's answer to its hello.
@@ -131,5 +131,69 @@ async fn the_roster_comes_in_pages_so_a_welcome_does_not_grow_with_the_mesh() {
     sorted.sort();
     sorted.dedup();
     assert_eq!((keys.len(), sorted), (5, keys.clone()), "every peer once, in key order");
+    broker.stop().await;
+}
+
+/// Sends `frame` on `c` and returns the answer to request `id` (`ok` or an error), skipping presence.
+async fn answer_to(c: &mut Client, frame: ClientFrame, id: u64) -> ServerFrame {
+    c.send(&frame).await;
+    loop {
+        match c.recv().await {
+            ServerFrame::Ok(ok) if ok.id == id => return ServerFrame::Ok(ok),
+            ServerFrame::Error(e) if e.id == Some(id) => return ServerFrame::Error(e),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn owners_and_admins_set_a_mesh_s_limits_within_the_broker_s() {
+    let config = BrokerConfig { max_sessions_per_member: 10, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
+    let set = |id, sessions: Option<u32>, reset| {
+        ClientFrame::SetLimits(SetLimitsRequest { id, reset, sessions_per_member: sessions, ..Default::default() })
+    };
+
+    // A plain member, and a session even of the owner, may not.
+    let answer = answer_to(&mut cb, set(1, Some(1), false), 1).await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::Forbidden), "{answer:?}");
+    let owner_session = Identity::generate();
+    let (mut cs, answer) = session_hello_answer(&broker, &a, &owner_session, mesh, "s0").await;
+    assert!(matches!(answer, ServerFrame::Welcome(_)), "{answer:?}");
+    let answer = answer_to(&mut cs, set(1, Some(1), false), 1).await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::Forbidden), "{answer:?}");
+
+    // Outside 1..=the broker's value is refused, typed and permanent.
+    for bad in [0, 11] {
+        let answer = answer_to(&mut ca, set(2, Some(bad), false), 2).await;
+        assert_eq!(code_of(&answer), Some(ErrorCode::LimitOutOfRange), "{bad}: {answer:?}");
+        let ServerFrame::Error(e) = &answer else { unreachable!() };
+        assert!(e.permanent && e.message.contains("1 to 10"), "{e:?}");
+    }
+
+    // The owner lowers it to 2: the member's third live session is refused; welcome says so.
+    assert!(matches!(answer_to(&mut ca, set(3, Some(2), false), 3).await, ServerFrame::Ok(_)));
+    let (_c1, answer) = session_hello_answer(&broker, &b, &Identity::generate(), mesh, "b1").await;
+    let ServerFrame::Welcome(w) = answer else { panic!("{answer:?}") };
+    assert_eq!((w.limits.mesh.sessions_per_member, w.limits.broker.sessions_per_member), (2, 10));
+    let (_c2, answer) = session_hello_answer(&broker, &b, &Identity::generate(), mesh, "b2").await;
+    assert!(matches!(answer, ServerFrame::Welcome(_)), "{answer:?}");
+    let (_, answer) = session_hello_answer(&broker, &b, &Identity::generate(), mesh, "b3").await;
+    assert_eq!(code_of(&answer), Some(ErrorCode::TooManySessions), "{answer:?}");
+    let ServerFrame::Error(e) = &answer else { unreachable!() };
+    assert!(e.message.contains("already has 2 live sessions"), "{e:?}");
+
+    // A reset gives the broker's value back, and the settings survive a restart of the broker.
+    assert!(matches!(answer_to(&mut ca, set(4, None, true), 4).await, ServerFrame::Ok(_)));
+    let (_c3, answer) = session_hello_answer(&broker, &b, &Identity::generate(), mesh, "b3").await;
+    assert!(matches!(answer, ServerFrame::Welcome(_)), "{answer:?}");
+    let connections = ClientFrame::SetLimits(SetLimitsRequest { id: 5, connections: Some(7), ..Default::default() });
+    assert!(matches!(answer_to(&mut ca, connections, 5).await, ServerFrame::Ok(_)));
+    drop((ca, cb, cs));
+    let broker = broker.restart().await;
+    let mut c = Client::connect(&broker).await;
+    let ServerFrame::Welcome(w) = c.hello(&a, mesh, "alice", Intent::Connect).await else { panic!("welcome") };
+    assert_eq!(w.limits.mesh, MeshLimits { sessions_per_member: 10, connections: 7, ..w.limits.broker });
     broker.stop().await;
 }

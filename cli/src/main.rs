@@ -48,6 +48,8 @@ enum Command {
     Use(cmd::meshes::UseArgs),
     /// Change your display name in a mesh (checked by its broker; no restart needed)
     Rename(cmd::meshes::RenameArgs),
+    /// Show a mesh's limits (sessions and connections per member, connections in all); owners and admins set them
+    Limits(cmd::meshes::LimitsArgs),
     /// List the members and sessions you can reach
     Peers(cmd::meshes::PeersArgs),
     /// Send a message: committed to the outbox at once, delivered by the daemon
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Meshes => cmd::meshes::list(),
         Command::Use(a) => cmd::meshes::use_mesh(a),
         Command::Rename(a) => cmd::meshes::rename(a),
+        Command::Limits(a) => cmd::meshes::limits(a),
         Command::Peers(a) => cmd::meshes::peers(a),
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),

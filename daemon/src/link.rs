@@ -13,7 +13,8 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use mesh_ipc::api::{ConnectionEvent, EventBody, LinkState, LinkStatus, PresenceEvent};
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{
-    self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, ServerFrame, Welcome,
+    self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, Limits, ServerFrame,
+    Welcome,
 };
 use mesh_proto::{Identity, MeshId, codec};
 use rand::Rng;
@@ -186,6 +187,8 @@ pub struct LinkHandle {
     /// Requests made for users (a rename), sent on the link's current connection.
     pub requests: mpsc::Sender<LinkRequest>,
     pub name: Arc<std::sync::Mutex<String>>,
+    /// The limits the broker announced in the last `welcome` (the mesh's, within the broker's).
+    pub limits: Arc<std::sync::Mutex<Option<Limits>>>,
 }
 
 impl LinkHandle {
@@ -231,6 +234,7 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
         cancel: daemon.shutdown.child_token(),
         requests,
         name: spec.name.clone(),
+        limits: Arc::default(),
     };
     let requests_rx = Arc::new(tokio::sync::Mutex::new(requests_rx));
     let span = tracing::info_span!("link", mesh = %spec.mesh_name, key = %spec.identity.key().short());
@@ -292,6 +296,7 @@ async fn run(
             Ok((ws, welcome)) => {
                 failures = 0;
                 tracing::info!(peers = welcome.roster.len(), "online");
+                *handle.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(welcome.limits.clone());
                 let mesh = spec.mesh_id;
                 let stored = if spec.keeps_roster() && welcome.roster_next.is_none() {
                     let roster_peers = welcome.roster.clone();

@@ -21,7 +21,8 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn can_invite(self) -> bool {
+    /// Owners and admins mint invites and set the mesh's limits.
+    pub fn is_admin(self) -> bool {
         matches!(self, Role::Owner | Role::Admin)
     }
 
@@ -118,6 +119,9 @@ pub enum ClientFrame {
     Rename(RenameRequest),
     /// From a member's connection: one of its sessions ended (its process exited).
     EndSession(EndSessionRequest),
+    /// From an owner's or admin's member connection: change this mesh's limits (answered `ok`, or
+    /// `forbidden` / `limit_out_of_range`).
+    SetLimits(SetLimitsRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -243,6 +247,22 @@ pub struct EndSessionRequest {
     pub key: PublicKey,
 }
 
+/// A change to the mesh's limits. A value given replaces the mesh's own setting; one left out keeps
+/// it; `reset` first returns every setting to the broker's (the operator's) value. Each value is
+/// between 1 and the broker's value for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLimitsRequest {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_per_member: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_per_member: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // broker → client
 
@@ -298,6 +318,25 @@ pub struct Limits {
     pub send_burst: u32,
     /// How many deliveries the broker keeps unacked on one connection before it pauses.
     pub deliver_window: u32,
+    /// The limits in force in this mesh: the owner's and admins' settings, within the broker's.
+    #[serde(default)]
+    pub mesh: MeshLimits,
+    /// The broker's (the operator's) values: a mesh's settings can lower them, never raise them,
+    /// and a mesh that sets nothing has them.
+    #[serde(default)]
+    pub broker: MeshLimits,
+}
+
+/// How much of a mesh one member, and everyone together, may hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshLimits {
+    /// Sessions one member may have that have not ended.
+    pub sessions_per_member: u32,
+    /// Connections one member may hold at once, its sessions' included.
+    pub connections_per_member: u32,
+    /// Connections the mesh may hold at once. Members' own connections always get in; only
+    /// sessions are refused at this limit.
+    pub connections: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -469,6 +508,8 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The member already has as many sessions as the broker allows one member.
     TooManySessions,
+    /// A limit set outside what the broker allows (1 to the broker's own value).
+    LimitOutOfRange,
     /// Another connection authenticated as the same key; this one is closed.
     Superseded,
     ShuttingDown,
@@ -524,6 +565,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::TooManySessions => "too_many_sessions",
+            ErrorCode::LimitOutOfRange => "limit_out_of_range",
             ErrorCode::Superseded => "superseded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unavailable => "unavailable",
@@ -552,7 +594,7 @@ impl FrameError {
 }
 
 const CLIENT_TYPES: &[&str] =
-    &["hello", "send", "ack", "roster", "read", "join_group", "leave_group", "rename", "end_session"];
+    &["hello", "send", "ack", "roster", "read", "join_group", "leave_group", "rename", "end_session", "set_limits"];
 const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "ok", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {

@@ -15,6 +15,16 @@ pub struct MeshRecord {
     pub name: String,
     pub owner: PublicKey,
     pub created_at: u64,
+    /// The limits its owner and admins set.
+    pub limits: MeshLimitSettings,
+}
+
+/// A mesh's own limits, set by its owner or admins; `None` leaves the broker's value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshLimitSettings {
+    pub sessions_per_member: Option<u32>,
+    pub connections_per_member: Option<u32>,
+    pub connections: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +250,14 @@ pub trait Store: Send + Sync + 'static {
         message_ids: Vec<String>,
         now: u64,
     ) -> Result<Vec<PublicKey>, StoreError>;
+    /// Changes the mesh's limits: with `reset`, every setting is cleared first; then each value
+    /// `change` has replaces the setting. Returns the settings now.
+    async fn set_mesh_limits(
+        &self,
+        mesh: MeshId,
+        reset: bool,
+        change: MeshLimitSettings,
+    ) -> Result<MeshLimitSettings, StoreError>;
     /// Adds `key` to `@group` (or removes it); idempotent. Returns the groups `key` is in now.
     async fn set_group(
         &self,

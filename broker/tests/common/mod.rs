@@ -24,6 +24,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub db_path: std::path::PathBuf,
+    config: BrokerConfig,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     _dir: tempfile::TempDir,
@@ -31,14 +32,24 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start(config: BrokerConfig) -> TestBroker {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), config).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, config: BrokerConfig) -> TestBroker {
         let db_path = dir.path().join("broker.db");
         let store = Arc::new(SqliteStore::open(&db_path).expect("store opens"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(mesh_broker::run(listener, store, config, shutdown.clone()));
-        TestBroker { addr, db_path, shutdown, task, _dir: dir }
+        let task = tokio::spawn(mesh_broker::run(listener, store, config.clone(), shutdown.clone()));
+        TestBroker { addr, db_path, config, shutdown, task, _dir: dir }
+    }
+
+    /// Stops the broker and starts another on the same database (on a new port).
+    pub async fn restart(self) -> TestBroker {
+        let config = self.config.clone();
+        let dir = self.stop().await;
+        Self::start_in(dir, config).await
     }
 
     pub fn url(&self) -> String {

@@ -1,8 +1,8 @@
-//! `mesh create`, `invite`, `join`, `meshes`, `peers`.
+//! `mesh create`, `invite`, `join`, `meshes`, `use`, `rename`, `limits`, `peers`.
 
 use mesh_ipc::api::{
-    ApiErrorCode, Context, CreateInviteRequest, CreateMeshRequest, InviteResponse, JoinMeshRequest, MeshInfo, PeerInfo,
-    PeersQuery, RenameRequest,
+    ApiErrorCode, Context, CreateInviteRequest, CreateMeshRequest, InviteResponse, JoinMeshRequest, LimitsQuery,
+    MeshInfo, MeshLimitsInfo, PeerInfo, PeersQuery, RenameRequest, SetLimitsRequest,
 };
 use mesh_ipc::routes;
 use mesh_proto::wire::Role;
@@ -66,6 +66,25 @@ pub struct RenameArgs {
     /// The mesh to be renamed in (default: the context, or your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LimitsArgs {
+    /// The mesh (default: the context, or your only mesh)
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// Sessions one member may have that have not ended
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub sessions_per_member: Option<u32>,
+    /// Connections one member may hold at once, its sessions' included
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections_per_member: Option<u32>,
+    /// Connections the mesh may hold at once (members always get in; sessions wait)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub connections: Option<u32>,
+    /// Return every limit to the broker's value first
+    #[arg(long)]
+    pub reset: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -208,6 +227,47 @@ pub fn rename(args: RenameArgs) -> anyhow::Result<()> {
         return super::print_json(&mesh);
     }
     outln!("you are now {:?} in mesh {}", mesh.my_name, mesh.name);
+    Ok(())
+}
+
+/// `mesh limits [--sessions-per-member N] [--connections-per-member N] [--connections N] [--reset]`:
+/// shows a mesh's limits, or (an owner or admin) changes them.
+pub fn limits(args: LimitsArgs) -> anyhow::Result<()> {
+    let client = super::client()?;
+    let mesh = super::context_mesh(args.mesh)?;
+    let changing = args.reset
+        || args.sessions_per_member.is_some()
+        || args.connections_per_member.is_some()
+        || args.connections.is_some();
+    let info: MeshLimitsInfo = if changing {
+        let req = SetLimitsRequest {
+            mesh,
+            reset: args.reset,
+            sessions_per_member: args.sessions_per_member,
+            connections_per_member: args.connections_per_member,
+            connections: args.connections,
+        };
+        super::block_on(client.post(routes::MESHES_LIMITS, &req))??
+    } else {
+        super::block_on(client.get_query(routes::MESHES_LIMITS, &LimitsQuery { mesh }))??
+    };
+    if output::json() {
+        return super::print_json(&info);
+    }
+    outln!("{}", output::clean(&format!("limits of mesh {}{}:", info.mesh, if changing { ", now" } else { "" })));
+    let rows = [
+        ("sessions per member", info.limits.sessions_per_member, info.broker.sessions_per_member),
+        ("connections per member", info.limits.connections_per_member, info.broker.connections_per_member),
+        ("connections", info.limits.connections, info.broker.connections),
+    ];
+    for (what, value, most) in rows {
+        outln!("  {what:<24}{value:>8}   (broker allows {most})");
+    }
+    if !changing && info.can_change {
+        outln!(
+            "change them with `mesh limits --sessions-per-member N` (or --connections-per-member, --connections, --reset)"
+        );
+    }
     Ok(())
 }
 

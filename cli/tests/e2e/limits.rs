@@ -1,5 +1,5 @@
 //! Connections that never authenticate cost a bounded amount: a real broker process flooded with
-//! WebSocket upgrades that never say hello.
+//! WebSocket upgrades that never say hello. A mesh's owner sets its limits within the broker's.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -75,4 +75,44 @@ fn a_daemon_fetches_a_roster_longer_than_a_page_whole() {
     alice.ok(&["daemon", "up", "--no-embedded"]);
     alice.eventually_json("all five in the roster", &["peers"], |v| v.as_array().expect("array").len() == 5);
     alice.ok(&["send", "s3", "found on the last page"]);
+}
+
+#[test]
+fn an_owner_sets_the_mesh_s_limits_and_a_member_cannot() {
+    let broker = BrokerProcess::start_with(MESH, &["--max-sessions-per-member", "8"]);
+    let (alice, bob) = sessions::team(&broker);
+    let shown = alice.json(&["limits"]);
+    assert_eq!(
+        (&shown["limits"]["sessions_per_member"], &shown["broker"]["sessions_per_member"]),
+        (&8.into(), &8.into())
+    );
+    assert_eq!(shown["can_change"], true, "{shown}");
+    assert_eq!(bob.json(&["limits"])["can_change"], false);
+
+    // A member is told who can; a value outside the broker's range is refused by the broker.
+    let err = bob.fails(&["limits", "--sessions-per-member", "1"], 1);
+    assert!(err.contains("only its owner or an admin"), "{err}");
+    let err = alice.fails(&["limits", "--sessions-per-member", "9"], 1);
+    assert!(err.contains("limit_out_of_range") && err.contains("1 to 8"), "{err}");
+    alice.fails(&["limits", "--sessions-per-member", "0"], 2);
+
+    // The owner allows one session per member: bob's second is refused at the broker, and says why.
+    let set = alice.json(&["limits", "--sessions-per-member", "1"]);
+    assert_eq!(set["limits"]["sessions_per_member"], 1, "{set}");
+    let _first = bob.launch("s1", None);
+    let _second = bob.launch("s2", None);
+    bob.eventually_json("s2 refused for too many sessions", &["session", "list"], |v| {
+        v.as_array().expect("array").iter().any(|s| {
+            s["name"] == "s2" && s["connection"]["last_error"].as_str().is_some_and(|e| e.contains("too_many_sessions"))
+        })
+    });
+    // Settings live at the broker: a restarted daemon reads them back from its welcome.
+    alice.ok(&["daemon", "down"]);
+    alice.ok(&["daemon", "up", "--no-embedded"]);
+    alice.eventually_json("the limits after a restart", &["daemon", "status"], |v| {
+        v["meshes"][0]["connection"]["state"] == "online"
+    });
+    assert_eq!(alice.json(&["limits"])["limits"]["sessions_per_member"], 1);
+    let reset = alice.json(&["limits", "--reset"]);
+    assert_eq!(reset["limits"]["sessions_per_member"], 8, "{reset}");
 }

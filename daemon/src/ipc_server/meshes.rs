@@ -13,7 +13,7 @@ use mesh_proto::{MeshId, names};
 
 use std::time::Duration;
 
-use mesh_proto::wire::{ClientFrame, ErrorCode, RenameRequest as RenameFrame};
+use mesh_proto::wire::{ClientFrame, ErrorCode, RenameRequest as RenameFrame, SetLimitsRequest as SetLimitsFrame};
 
 use super::{Body, Caller, Failure, Params, list_scope, own_mesh, pick_mesh};
 use crate::clock::now_ms;
@@ -165,8 +165,36 @@ pub async fn join(
     Ok(Json(MeshInfo { name_was_taken: taken, ..info }))
 }
 
-/// How long a rename waits for the broker's answer.
-const RENAME_WAIT: Duration = Duration::from_secs(10);
+/// How long a request over the member's link (a rename, a change of limits) waits for the broker's
+/// answer.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+fn broker_unreachable(mesh: &MeshRow, doing: &str, why: &str) -> Failure {
+    Failure::new(ApiErrorCode::BrokerUnreachable, format!("{doing} needs the broker of mesh {}: {why}", mesh.name))
+        .with_hint("try again once `mesh daemon status` shows the mesh online")
+}
+
+/// The member's link to `mesh`'s broker, when it is online: requests that change the mesh go over it.
+fn online_link(d: &Daemon, mesh: &MeshRow, doing: &str) -> Result<link::LinkHandle, Failure> {
+    let Some(link) = d.link(&mesh.id, &d.member.identity.key()) else {
+        return Err(broker_unreachable(mesh, doing, "no connection"));
+    };
+    let state = link.status.borrow().state;
+    if state != LinkState::Online {
+        return Err(broker_unreachable(mesh, doing, &format!("the connection is {}", state.as_str())));
+    }
+    Ok(link)
+}
+
+/// A request over a link that did not succeed, as the caller is told.
+fn request_failure(mesh: &MeshRow, doing: &str, e: RequestError) -> Failure {
+    match e {
+        RequestError::Refused(e) => {
+            Failure::new(ApiErrorCode::BrokerRefused, format!("{}: {}", e.code.as_str(), e.message))
+        }
+        RequestError::NotConnected => broker_unreachable(mesh, doing, "the connection was lost"),
+    }
+}
 
 /// The member's display name in one mesh, changed at the broker (which refuses a taken name) over
 /// the live connection, then here; no reconnect, no restart.
@@ -179,27 +207,16 @@ pub async fn rename(
     let mesh = pick_mesh(&d, req.mesh).await?;
     let name = display_name(Some(req.name), &d)?;
     let me = d.member.identity.key();
-    let unreachable = |why: String| {
-        Failure::new(ApiErrorCode::BrokerUnreachable, format!("renaming needs the broker of mesh {}: {why}", mesh.name))
-            .with_hint("try again once `mesh daemon status` shows the mesh online")
-    };
-    let Some(link) = d.link(&mesh.id, &me) else { return Err(unreachable("no connection".into())) };
-    let status = link.status.borrow().clone();
-    if status.state != LinkState::Online {
-        return Err(unreachable(format!("the connection is {}", status.state.as_str())));
-    }
+    let link = online_link(&d, &mesh, "renaming")?;
     let wanted = name.clone();
-    match link.request(move |id| ClientFrame::Rename(RenameFrame { id, name: wanted }), RENAME_WAIT).await {
+    match link.request(move |id| ClientFrame::Rename(RenameFrame { id, name: wanted }), REQUEST_WAIT).await {
         Ok(()) => {}
         Err(RequestError::Refused(e)) if e.code == ErrorCode::NameTaken => {
             return Err(Failure::new(ApiErrorCode::NameTaken, e.message));
         }
-        Err(RequestError::Refused(e)) => {
-            return Err(Failure::new(ApiErrorCode::BrokerRefused, format!("{}: {}", e.code.as_str(), e.message)));
-        }
-        Err(RequestError::NotConnected) => return Err(unreachable("the connection was lost".into())),
+        Err(e) => return Err(request_failure(&mesh, "renaming", e)),
     }
-    *link.name.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name.clone();
+    *lock(&link.name) = name.clone();
     let (id, stored) = (mesh.id, name.clone());
     let row =
         d.db.call(move |c| {
@@ -215,6 +232,80 @@ pub async fn rename(
     tracing::info!(mesh = %row.name, name = %name, "renamed");
     d.notify_changed();
     Ok(Json(row.info(&d.member.name)))
+}
+
+/// A mesh's limits as its broker announced them. A session sees its own mesh's.
+pub async fn limits(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Params(q): Params<LimitsQuery>,
+) -> Result<Json<MeshLimitsInfo>, Failure> {
+    let mesh = match &caller {
+        Caller::Session(s) => own_mesh(&d, s, q.mesh.as_deref()).await?,
+        Caller::Member => pick_mesh(&d, q.mesh).await?,
+    };
+    let known =
+        d.link(&mesh.id, &d.member.identity.key()).and_then(|l| lock(&l.limits).as_ref().map(|l| (l.mesh, l.broker)));
+    let Some((limits, broker)) = known else {
+        return Err(broker_unreachable(&mesh, "knowing the limits", "not connected since the daemon started"));
+    };
+    let can_change = matches!(caller, Caller::Member) && mesh.role.is_admin();
+    Ok(Json(MeshLimitsInfo { mesh: mesh.name, limits, broker, can_change }))
+}
+
+/// Changes a mesh's limits at its broker (which checks the role and the ranges), over the member's
+/// live connection.
+pub async fn set_limits(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<SetLimitsRequest>,
+) -> Result<Json<MeshLimitsInfo>, Failure> {
+    caller.member_only("changing a mesh's limits")?;
+    let mesh = pick_mesh(&d, req.mesh.clone()).await?;
+    if !mesh.role.is_admin() {
+        return Err(Failure::new(
+            ApiErrorCode::BadRequest,
+            format!(
+                "you are a {} of {:?}; only its owner or an admin can change its limits",
+                mesh.role.as_str(),
+                mesh.name
+            ),
+        ));
+    }
+    let link = online_link(&d, &mesh, "changing the limits")?;
+    let frame = SetLimitsFrame {
+        id: 0,
+        reset: req.reset,
+        sessions_per_member: req.sessions_per_member,
+        connections_per_member: req.connections_per_member,
+        connections: req.connections,
+    };
+    let asked = frame.clone();
+    if let Err(e) = link.request(move |id| ClientFrame::SetLimits(SetLimitsFrame { id, ..frame }), REQUEST_WAIT).await {
+        return Err(request_failure(&mesh, "changing the limits", e));
+    }
+    // What is in force now follows from the answer: each value asked for, or on reset the
+    // broker's, or what was in force.
+    let mut announced = lock(&link.limits);
+    let Some(known) = announced.as_mut() else {
+        return Err(Failure::new(ApiErrorCode::Internal, "the link is online but has no limits".into()));
+    };
+    let now = &mut known.mesh;
+    let broker = known.broker;
+    let pick =
+        |asked: Option<u32>, before: u32, reset_to: u32| asked.unwrap_or(if req.reset { reset_to } else { before });
+    now.sessions_per_member = pick(asked.sessions_per_member, now.sessions_per_member, broker.sessions_per_member);
+    now.connections_per_member =
+        pick(asked.connections_per_member, now.connections_per_member, broker.connections_per_member);
+    now.connections = pick(asked.connections, now.connections, broker.connections);
+    let limits = *now;
+    drop(announced);
+    tracing::info!(mesh = %mesh.name, ?limits, "mesh limits changed");
+    Ok(Json(MeshLimitsInfo { mesh: mesh.name, limits, broker, can_change: true }))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub async fn get_context(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Context>, Failure> {
@@ -251,7 +342,7 @@ pub async fn invite(
     // An invite carries the mesh key and admits a new member: the member's decision, not an agent's.
     caller.member_only("minting an invite")?;
     let mesh = pick_mesh(&d, req.mesh).await?;
-    if !mesh.role.can_invite() {
+    if !mesh.role.is_admin() {
         return Err(Failure::new(
             ApiErrorCode::BadRequest,
             format!("you are a {} of {:?}; only its owner or an admin can invite", mesh.role.as_str(), mesh.name),

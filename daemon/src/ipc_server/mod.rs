@@ -255,6 +255,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::MESHES, get(meshes::list).post(meshes::create))
         .route(routes::MESHES_JOIN, post(meshes::join))
         .route(routes::MESHES_RENAME, post(meshes::rename))
+        .route(routes::MESHES_LIMITS, get(meshes::limits).post(meshes::set_limits))
         .route(routes::CONTEXT, get(meshes::get_context).put(meshes::set_context))
         .route(routes::INVITES, post(meshes::invite))
         .route(routes::PEERS, get(meshes::peers))

@@ -1,6 +1,6 @@
 //! Meshes, invites, names, the context and rosters: `/v1/meshes…`, `/v1/context`, `/v1/invites`, `/v1/peers`.
 
-use mesh_proto::wire::{PeerKind, Role};
+use mesh_proto::wire::{MeshLimits, PeerKind, Role};
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/meshes` lists these; `POST /v1/meshes` and `POST /v1/meshes/join` return one.
@@ -59,6 +59,43 @@ pub struct RenameRequest {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+}
+
+/// `GET /v1/meshes/limits`: one mesh's limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitsQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+/// `POST /v1/meshes/limits`: change one mesh's limits (its owner or an admin, as the member). A value
+/// given replaces the mesh's setting, one left out keeps it; `reset` first returns every setting to
+/// the broker's value. Each value is between 1 and the broker's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLimitsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_per_member: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_per_member: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+}
+
+/// A mesh's limits, as its broker announced them when the daemon last connected (or as just set).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshLimitsInfo {
+    /// The mesh's local name.
+    pub mesh: String,
+    /// In force in the mesh.
+    pub limits: MeshLimits,
+    /// The broker's values: the most a mesh can set, and what a reset returns to.
+    pub broker: MeshLimits,
+    /// Whether this member (an owner or admin) can change them.
+    pub can_change: bool,
 }
 
 /// `GET` and `PUT /v1/context`: the mesh commands mean when they do not say (`mesh use`).

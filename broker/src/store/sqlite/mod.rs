@@ -8,8 +8,8 @@ use mesh_proto::{MeshId, PublicKey};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Claimed, Enqueued, Expired, JoinOutcome, Lease, MeshRecord, NewMessage, PeerRecord, Reaped, RosterEntry,
-    SentRecord, Store, StoreError,
+    Claimed, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord, Reaped,
+    RosterEntry, SentRecord, Store, StoreError,
 };
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
@@ -135,6 +135,12 @@ ALTER TABLE peers ADD COLUMN name_key TEXT;
 ALTER TABLE peers ADD COLUMN ended_at INTEGER;
 CREATE INDEX peers_by_name_key ON peers(mesh_id, name_key);
 "#,
+    // Owners and admins set a mesh's limits within the broker's; NULL is the broker's value.
+    r#"
+ALTER TABLE meshes ADD COLUMN max_sessions_per_member INTEGER;
+ALTER TABLE meshes ADD COLUMN max_connections_per_member INTEGER;
+ALTER TABLE meshes ADD COLUMN max_connections INTEGER;
+"#,
 ];
 
 #[derive(Clone, Debug)]
@@ -229,14 +235,24 @@ impl Store for SqliteStore {
         Ok(self
             .db
             .call(move |c| {
-                c.query_row("SELECT id, name, owner, created_at FROM meshes WHERE id = ?1", [id.to_string()], |r| {
-                    Ok(MeshRecord {
-                        id: parse(r.get(0)?)?,
-                        name: r.get(1)?,
-                        owner: parse(r.get(2)?)?,
-                        created_at: r.get::<_, i64>(3)? as u64,
-                    })
-                })
+                c.query_row(
+                    "SELECT id, name, owner, created_at, max_sessions_per_member, max_connections_per_member, \
+                     max_connections FROM meshes WHERE id = ?1",
+                    [id.to_string()],
+                    |r| {
+                        Ok(MeshRecord {
+                            id: parse(r.get(0)?)?,
+                            name: r.get(1)?,
+                            owner: parse(r.get(2)?)?,
+                            created_at: r.get::<_, i64>(3)? as u64,
+                            limits: MeshLimitSettings {
+                                sessions_per_member: r.get(4)?,
+                                connections_per_member: r.get(5)?,
+                                connections: r.get(6)?,
+                            },
+                        })
+                    },
+                )
                 .optional()
             })
             .await?)
@@ -433,6 +449,48 @@ impl Store for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         self.write(move |tx| Ok(peers::set_group(tx, &mesh, &key, &group, member)?)).await
     }
+
+    async fn set_mesh_limits(
+        &self,
+        mesh: MeshId,
+        reset: bool,
+        change: MeshLimitSettings,
+    ) -> Result<MeshLimitSettings, StoreError> {
+        self.write(move |tx| {
+            // Each column: the new value when one is given; else NULL on reset; else unchanged.
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE meshes SET \
+                     max_sessions_per_member = CASE WHEN ?3 IS NOT NULL THEN ?3 WHEN ?2 THEN NULL \
+                         ELSE max_sessions_per_member END, \
+                     max_connections_per_member = CASE WHEN ?4 IS NOT NULL THEN ?4 WHEN ?2 THEN NULL \
+                         ELSE max_connections_per_member END, \
+                     max_connections = CASE WHEN ?5 IS NOT NULL THEN ?5 WHEN ?2 THEN NULL \
+                         ELSE max_connections END \
+                     WHERE id = ?1 \
+                     RETURNING max_sessions_per_member, max_connections_per_member, max_connections",
+                )?
+                .query_row(
+                    params![
+                        mesh.to_string(),
+                        reset,
+                        change.sessions_per_member,
+                        change.connections_per_member,
+                        change.connections
+                    ],
+                    |r| {
+                        Ok(MeshLimitSettings {
+                            sessions_per_member: r.get(0)?,
+                            connections_per_member: r.get(1)?,
+                            connections: r.get(2)?,
+                        })
+                    },
+                )
+                .optional()?;
+            changed.ok_or_else(|| TxError::Domain(StoreError::Backend(format!("mesh {mesh} is not in the database"))))
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -494,7 +552,8 @@ mod tests {
             .expect("old rows");
         }
         let store = SqliteStore::open(&path).expect("upgraded");
-        let record = MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1 };
+        let record =
+            MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1, limits: Default::default() };
         store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
         store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
         let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
@@ -553,7 +612,8 @@ mod tests {
         let mesh = MeshId::generate();
         {
             let store = SqliteStore::open(&path).expect("open");
-            let record = MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1 };
+            let record =
+                MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1, limits: Default::default() };
             store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
             store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
             let msg = NewMessage {
