@@ -99,13 +99,20 @@ pub struct IpcListener {
     bound: Option<u64>,
     /// Places for connections ([`crate::ipc_guard`]).
     places: std::sync::Arc<tokio::sync::Semaphore>,
+    /// When a failed accept (out of file descriptors, say) was last logged: once per
+    /// [`ACCEPT_WARN_EVERY`], not once per retry.
+    accept_warned: Option<tokio::time::Instant>,
 }
+
+/// A failing accept is retried after this long (connections already open are served meanwhile).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl IpcListener {
     pub fn new(listener: Listener, home: Home) -> IpcListener {
         let bound = socket_inode(&home);
         let places = std::sync::Arc::new(tokio::sync::Semaphore::new(crate::ipc_guard::MAX_CONNECTIONS));
-        IpcListener { listener: Some(listener), home, bound, places }
+        IpcListener { listener: Some(listener), home, bound, places, accept_warned: None }
     }
 
     fn rebind_if_gone(&mut self) {
@@ -153,8 +160,14 @@ impl axum::serve::Listener for IpcListener {
                 accepted = accept_on(self.listener.as_ref()) => match accepted {
                     Ok(s) => return (crate::ipc_guard::GuardedStream::new(s, place), ()),
                     Err(e) => {
-                        tracing::warn!(error = %mesh_proto::error::chain(&e), "accepting an IPC connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if self.accept_warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                            tracing::warn!(
+                                error = %mesh_proto::error::chain(&e),
+                                "accepting an IPC connection failed; new clients wait (logged at most every 10 s)"
+                            );
+                            self.accept_warned = Some(tokio::time::Instant::now());
+                        }
+                        tokio::time::sleep(ACCEPT_RETRY).await;
                     }
                 },
                 () = tokio::time::sleep(SOCKET_CHECK) => self.rebind_if_gone(),

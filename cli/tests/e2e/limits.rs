@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use mesh_testkit::BrokerProcess;
+use mesh_testkit::{BrokerProcess, WAIT, eventually};
 
 use super::*;
 
@@ -115,4 +115,81 @@ fn an_owner_sets_the_mesh_s_limits_and_a_member_cannot() {
     assert_eq!(alice.json(&["limits"])["limits"]["sessions_per_member"], 1);
     let reset = alice.json(&["limits", "--reset"]);
     assert_eq!(reset["limits"]["sessions_per_member"], 8, "{reset}");
+}
+
+/// One HTTP/1.1 request on a kept-open IPC connection; returns the status code and the body.
+fn http(stream: &mut std::os::unix::net::UnixStream, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Read;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: mesh\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("write request");
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("status line");
+    let code = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status code");
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header");
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("length");
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("body");
+    (code, String::from_utf8(body).expect("utf-8"))
+}
+
+/// Out of file descriptors, the daemon still answers the IPC connections it has and keeps its broker
+/// links; new clients wait, and are served once descriptors are free again.
+#[test]
+fn a_daemon_out_of_file_descriptors_keeps_serving_its_connections_and_links() {
+    use std::os::unix::net::UnixStream;
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = sessions::team(&broker);
+    alice.ok(&["daemon", "down"]);
+    // Alice's daemon again, with at most 64 descriptors (it uses about 25).
+    let mesh = alice.cmd(&[]);
+    let mut up = std::process::Command::new("sh");
+    up.args(["-c", "ulimit -n 64 && exec \"$0\" daemon up --no-embedded"]).arg(mesh.get_program());
+    for (key, value) in mesh.get_envs() {
+        match value {
+            Some(v) => up.env(key, v),
+            None => up.env_remove(key),
+        };
+    }
+    let out = up.output().expect("mesh daemon up");
+    assert!(out.status.success(), "{}", alice.report(&["daemon", "up"], &out));
+    alice.eventually_json("alice online", &["daemon", "status"], |v| v["meshes"][0]["connection"]["state"] == "online");
+
+    let socket = alice.paths().socket_path();
+    let mut kept = UnixStream::connect(&socket).expect("connect");
+    assert_eq!(http(&mut kept, "GET", mesh_ipc::routes::STATUS, "").0, 200);
+    // More clients than descriptors left: the daemon runs out while accepting them.
+    let flood: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&socket).expect("connect")).collect();
+    eventually("the daemon to run out of descriptors", WAIT, || {
+        alice.log_tail(200).contains("Too many open files").then_some(())
+    });
+
+    // Meanwhile the kept connection is answered, and a send over it reaches bob over the broker link.
+    let (code, status) = http(&mut kept, "GET", mesh_ipc::routes::STATUS, "");
+    assert_eq!(code, 200, "{status}");
+    assert!(status.contains(r#""state":"online""#), "{status}");
+    let send = r#"{"client_message_id":"fd-1","to":"bob","body":"sent while out of descriptors"}"#;
+    let (code, answer) = http(&mut kept, "POST", mesh_ipc::routes::SEND, send);
+    assert_eq!(code, 200, "{answer}");
+    bob.eventually_json("bob has the message", &["inbox"], |v| {
+        v.as_array().expect("array").iter().any(|m| m["body"] == "sent while out of descriptors")
+    });
+
+    // Once the flood is gone, new clients are served again.
+    drop(flood);
+    eventually("a new client served", WAIT, || alice.run(&["daemon", "status"]).status.success().then_some(()));
 }
