@@ -45,6 +45,8 @@ pub struct Daemon {
     pub embedded_broker: Mutex<Option<String>>,
     pub sessions: SessionRegistry,
     pub changed: Arc<crate::events::Changed>,
+    /// Waiting notice claims (`POST /v1/notices/claim` with a wait).
+    pub claimants: crate::notices::Claimants,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
     group_keys: Mutex<HashMap<MeshId, GroupKey>>,
 }
@@ -65,6 +67,7 @@ impl Daemon {
             embedded_broker: Mutex::new(None),
             sessions: SessionRegistry::default(),
             changed: crate::events::Changed::new(),
+            claimants: Default::default(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
         }

@@ -263,6 +263,20 @@ END;
 UPDATE events SET data = json_set(data, '$.body', NULL, '$.deleted', json('true'))
 WHERE kind = 'message' AND NOT EXISTS (SELECT 1 FROM inbox WHERE inbox.id = json_extract(events.data, '$.id'));
 "#,
+    // Which messages were announced to their recipient on which channel (pushed to an agent, or
+    // woke it): each at most once per channel. A deleted message takes its notices with it.
+    r#"
+CREATE TABLE notices (
+    inbox_id INTEGER NOT NULL,
+    channel TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (inbox_id, channel)
+) WITHOUT ROWID;
+CREATE INDEX inbox_unread ON inbox(recipient, id) WHERE read_at IS NULL AND status = 'ready';
+CREATE TRIGGER inbox_deleted_drops_notices AFTER DELETE ON inbox BEGIN
+    DELETE FROM notices WHERE inbox_id = old.id;
+END;
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

@@ -55,6 +55,8 @@ pub mod routes {
     pub const SESSION: &str = "/v1/session";
     pub const SESSION_END: &str = "/v1/session/end";
     pub const INBOX_ACK: &str = "/v1/inbox/ack";
+    /// `POST`: claim unread messages not yet announced to the caller on a channel (push, wake).
+    pub const NOTICES_CLAIM: &str = "/v1/notices/claim";
     pub const INBOX_FLUSH: &str = "/v1/inbox/flush";
     pub const INBOX_DELETE: &str = "/v1/inbox/delete";
     /// `POST`: process a row again (after a decrypt failure, say).

@@ -92,7 +92,7 @@ fn every_route_refuses_a_garbage_or_dead_token() {
     let dead = std::fs::read_to_string(&session.token_file).expect("token").trim().to_owned();
     session.kill();
     home.eventually_json("the session to end", &["session", "list"], |v| v[0]["live"] == false);
-    let routes_to_try: [(&str, &str, &str); 20] = [
+    let routes_to_try: [(&str, &str, &str); 23] = [
         ("GET", routes::VERSION, ""),
         ("GET", routes::STATUS, ""),
         ("GET", routes::MESHES, ""),
@@ -113,6 +113,9 @@ fn every_route_refuses_a_garbage_or_dead_token() {
         ("POST", routes::SEND, r#"{"client_message_id":"c","to":"alice","body":"x"}"#),
         ("POST", routes::INBOX_ACK, r#"{"all":true}"#),
         ("POST", routes::GROUPS_JOIN, r#"{"group":"ops"}"#),
+        ("GET", routes::MESHES_LIMITS, ""),
+        ("POST", routes::MESHES_LIMITS, r#"{"connections":1}"#),
+        ("POST", routes::NOTICES_CLAIM, r#"{"channel":"push"}"#),
     ];
     for token in ["not-a-token", dead.as_str()] {
         let client = IpcClient::new(&home.paths()).with_bearer(Some(token.to_owned()));

@@ -25,7 +25,7 @@ const MAX_TARGET_CHARS: usize = 80;
 const TARGET_HINT: &str = "a target is a name, a key or a 4+ digit key prefix (see `mesh peers`), @group, or *";
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// Within the IPC idle timeout ([`crate::ipc_guard::IDLE_TIMEOUT`]).
-const MAX_WAIT: Duration = Duration::from_secs(600);
+pub(super) const MAX_WAIT: Duration = Duration::from_secs(600);
 /// How long a replay waits for the worker before answering with the row as it stands.
 const REPLAY_WAIT: Duration = Duration::from_secs(10);
 

@@ -9,6 +9,7 @@ mod events;
 mod groups;
 mod meshes;
 mod messages;
+mod notices;
 mod sessions;
 
 use std::sync::Arc;
@@ -270,6 +271,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::SESSION_END, post(sessions::end))
         .route(routes::EVENTS, get(events::stream))
         .route(routes::INBOX_ACK, post(messages::ack))
+        .route(routes::NOTICES_CLAIM, post(notices::claim))
         .route(routes::INBOX_FLUSH, post(messages::flush))
         .route(routes::INBOX_DELETE, post(messages::delete))
         .route(routes::INBOX_REPLAY, post(messages::replay))
@@ -448,6 +450,12 @@ fn resolve_failure(e: ResolveError) -> Failure {
     Failure::from(e)
 }
 
+/// Calls `POST /v1/notices/claim`'s handler directly.
+#[cfg(test)]
+pub async fn test_call_claim(d: Arc<Daemon>, caller: Caller, req: ClaimNoticesRequest) -> ClaimNoticesResponse {
+    notices::claim(axum::extract::State(d), caller, Body(req)).await.expect("claim").0
+}
+
 #[cfg(test)]
 mod tests {
     //! Whatever bytes a client sends, the answer is a JSON error below 500 (or success), never a
@@ -482,6 +490,7 @@ mod tests {
         routes::INBOX_ACK,
         routes::INBOX_FLUSH,
         routes::INBOX_DELETE,
+        routes::NOTICES_CLAIM,
         routes::SESSIONS,
         routes::GROUPS_JOIN,
         "/v1/outbox/7/retry",

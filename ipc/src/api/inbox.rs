@@ -116,3 +116,49 @@ pub struct InboxMessage {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
 }
+
+/// How an agent is told of a message: each message is announced at most once per channel to its
+/// recipient, and announcing never marks it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoticeChannel {
+    /// Pushed into the agent's context while it works (`mesh mcp`'s notifications).
+    Push,
+    /// Woke the idle agent (the wait hook).
+    Wake,
+}
+
+impl NoticeChannel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeChannel::Push => "push",
+            NoticeChannel::Wake => "wake",
+        }
+    }
+}
+
+/// `POST /v1/notices/claim`: the caller's unread messages not yet announced on `channel`, each
+/// recorded as announced there in the same step (so no two claimants announce one message). With
+/// `wait_ms`, waits that long for one to arrive; a newer waiting claim by the same recipient on the
+/// same channel ends this one (`superseded`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimNoticesRequest {
+    pub channel: NoticeChannel,
+    /// At most 10 minutes; `0` answers at once.
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Messages claimed at most (default and most: 100); the oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimNoticesResponse {
+    /// Claimed now, oldest first: announce them.
+    pub messages: Vec<InboxMessage>,
+    /// Unread and not yet announced on the channel, beyond `limit`: claim again.
+    pub more: u64,
+    /// A newer waiting claim on the same channel took over; nothing was claimed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+}
