@@ -84,6 +84,8 @@ async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_u
         ("alice", ErrorCode::NameTaken),
         ("Alice", ErrorCode::NameTaken),
         ("\u{0430}lice", ErrorCode::NameTaken),    // Cyrillic а
+        ("\u{13AA}LICE", ErrorCode::NameTaken),    // Cherokee Ꭺ in capitals
+        ("aIice", ErrorCode::NameTaken),           // a capital i for the l
         ("al\u{200B}ice", ErrorCode::InvalidName), // zero-width space
         ("\u{202E}ecila", ErrorCode::InvalidName), // right-to-left override
         ("alice\u{0301}", ErrorCode::InvalidName), // not NFC
@@ -112,6 +114,13 @@ async fn a_rename_is_checked_and_the_mesh_sees_the_new_name() {
     assert_eq!(err.id, Some(1));
     cb.send(&ClientFrame::Rename(RenameRequest { id: 2, name: "bad\u{2066}name".into() })).await;
     assert_eq!(expect_error(cb.recv_non_presence().await, ErrorCode::InvalidName).id, Some(2));
+    // Capitals of another script that lower-case to letters unlike any Latin one.
+    cb.send(&ClientFrame::Rename(RenameRequest { id: 7, name: "\u{0391}LICE".into() })).await;
+    assert_eq!(expect_error(cb.recv_non_presence().await, ErrorCode::NameTaken).id, Some(7));
+    cb.send(&ClientFrame::Rename(RenameRequest { id: 8, name: "\u{0412}ob".into() })).await;
+    assert!(matches!(cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 8), "bob may look like bob");
+    ca.send(&ClientFrame::Rename(RenameRequest { id: 9, name: "BOB".into() })).await;
+    assert_eq!(expect_error(ca.recv_non_presence().await, ErrorCode::NameTaken).id, Some(9), "BOB looks like Вob");
     cb.send(&ClientFrame::Rename(RenameRequest { id: 3, name: "robert".into() })).await;
     assert!(matches!(cb.recv_non_presence().await, ServerFrame::Ok(ok) if ok.id == 3));
     presence_where(&mut ca, &b, |p| p.peer.name == "robert").await;

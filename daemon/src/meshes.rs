@@ -77,13 +77,13 @@ pub fn find(conn: &Connection, name_or_id: &str) -> rusqlite::Result<Option<Mesh
         .optional()
 }
 
-/// Whether a mesh here has this name, or one that looks the same (`team`, `TEAM`, `tеam`).
+/// Whether a mesh here has this name, or one that looks the same (`team`, `TEAM`, `tеam`, `ΤΕΑΜ`).
 pub fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    let key = mesh_proto::names::skeleton_key(name);
+    let keys = mesh_proto::names::name_keys(name);
     let mut stmt = conn.prepare_cached("SELECT name FROM meshes")?;
     let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
     for existing in names {
-        if mesh_proto::names::skeleton_key(&existing?) == key {
+        if mesh_proto::names::name_keys(&existing?).collides(&keys) {
             return Ok(true);
         }
     }
@@ -157,4 +157,21 @@ pub fn free_name(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
         }
     }
     unreachable!("an unbounded range always yields a free name")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_mesh_name_that_looks_like_one_here_is_taken() {
+        let (_dir, d) = crate::daemon::for_tests();
+        d.db.call_blocking(|c| {
+            for alike in ["team", "TEAM", "t\u{0435}am", "\u{03A4}\u{0395}\u{0391}\u{039C}"] {
+                assert!(super::name_taken(c, alike)?, "{alike:?} looks like team");
+            }
+            assert!(!super::name_taken(c, "tram")?);
+            assert_eq!(super::free_name(c, "\u{03A4}\u{0395}\u{0391}\u{039C}")?, "\u{03A4}\u{0395}\u{0391}\u{039C}-2");
+            Ok(())
+        })
+        .expect("names");
+    }
 }

@@ -2,8 +2,9 @@
 //!
 //! A display name is shown to people beside messages, so it must not be able to pass for another:
 //! it is kept in Unicode NFC, may not hold invisible or direction-changing characters, and within a
-//! mesh no two names may share a confusable skeleton (Unicode TS #39, case folded): `сla` (Cyrillic
-//! с) cannot stand beside `cla`, nor `Alice` beside `alice`. The broker enforces the last rule.
+//! mesh no two names may look alike by their confusable skeletons (Unicode TS #39, in lower case, as
+//! written and in upper case; [`NameKeys`]): `сla` (Cyrillic с) cannot stand beside `cla`, nor `Alice`
+//! beside `alice`, nor `ВОВ` (Cyrillic) beside `bob`. The broker enforces the last rule.
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_security::GeneralSecurityProfile;
@@ -130,11 +131,49 @@ fn printable(name: &str) -> String {
         .collect()
 }
 
-/// The key two names are compared by: the TS #39 confusable skeleton of the name in lower case.
-/// Names with the same key look alike and may not both be held in one mesh.
-pub fn skeleton_key(name: &str) -> String {
-    // Lower-cased before (`ALICE`) and after (`R0bert` folds to `rObert`): case never tells names apart.
+/// The folded key of a name: the TS #39 confusable skeleton of the name in lower case, lowered again
+/// (`R0bert` folds to `rObert`). See [`name_keys`] for all the keys names are compared by.
+fn skeleton_key(name: &str) -> String {
     unicode_security::skeleton(&normalize(name).to_lowercase()).collect::<String>().to_lowercase()
+}
+
+/// The keys two names are compared by, each a TS #39 confusable skeleton. Two names that share a key
+/// of the same kind look alike, and may not both be held in one mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameKeys {
+    /// Of the name in lower case: `ALICE` and `alice`, `сla` (Cyrillic с) and `cla`.
+    pub folded: String,
+    /// Of the name as written, then lowered: `aIice` (a capital i) and `alice`.
+    pub cased: String,
+    /// Of the name in upper case, then lowered: `Вob` or `ВОВ` (Cyrillic В) and `bob`, `ᎪLICE`
+    /// (Cherokee Ꭺ) and `alice`, `ƅoƅ` and `bob`.
+    pub upper: String,
+}
+
+impl NameKeys {
+    pub fn collides(&self, other: &NameKeys) -> bool {
+        self.folded == other.folded || self.cased == other.cased || self.upper == other.upper
+    }
+}
+
+pub fn name_keys(name: &str) -> NameKeys {
+    let name = normalize(name);
+    NameKeys {
+        folded: skeleton_key(&name),
+        cased: lowered(unicode_security::skeleton(&name)),
+        upper: lowered(unicode_security::skeleton(&name.to_uppercase())),
+    }
+}
+
+/// A skeleton in lower case. The skeleton reads a capital I as `l`; that `l` is kept apart from the
+/// lowered L, so that `ALI` does not pass for `ALL`.
+fn lowered(skeleton: impl Iterator<Item = char>) -> String {
+    skeleton.map(|c| if c == 'l' { '|' } else { c }).collect::<String>().to_lowercase()
+}
+
+/// Whether two names look alike (see [`NameKeys`]).
+pub fn confusable(a: &str, b: &str) -> bool {
+    name_keys(a).collides(&name_keys(b))
 }
 
 /// A group name (after the `@`): 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`.
@@ -203,6 +242,29 @@ mod tests {
         assert_eq!(skeleton_key("R0bert"), skeleton_key("Robert"), "digit zero");
         assert_eq!(skeleton_key("R\u{043E}bert"), skeleton_key("Robert"), "Cyrillic o");
         assert_ne!(skeleton_key("alice"), skeleton_key("bob"));
+    }
+
+    #[test]
+    fn capitals_and_other_scripts_cannot_pass_for_a_name() {
+        for (impostor, name) in [
+            ("\u{0412}ob", "Bob"),
+            ("\u{0412}ob", "bob"),
+            ("\u{0412}\u{041E}\u{0412}", "bob"),
+            ("\u{0392}\u{039F}\u{0392}", "bob"),
+            ("\u{13F4}OB", "bob"),
+            ("\u{042C}\u{043E}\u{042C}", "bob"),
+            ("\u{0185}o\u{0185}", "bob"),
+            ("aIice", "alice"),
+            ("\u{13AA}LICE", "alice"),
+            ("\u{13AA}Iice", "alice"),
+            ("\u{0410}lice", "alice"),
+            ("D\u{0391}VE", "dave"),
+        ] {
+            assert!(confusable(impostor, name), "{impostor:?} passes for {name:?}");
+        }
+        for (a, b) in [("Ali", "All"), ("ALI", "ALL"), ("alice", "bob"), ("root", "root-2"), ("Eli", "Ell")] {
+            assert!(!confusable(a, b), "{a:?} and {b:?} are told apart");
+        }
         assert_ne!(skeleton_key("root"), skeleton_key("root-2"));
     }
 

@@ -180,7 +180,7 @@ pub trait Store: Send + Sync + 'static {
     /// Every peer not removed, with its groups.
     async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError>;
     /// Gives `key` the display name `name`. Refused with `NameTaken` when another peer of the mesh
-    /// holds a name with the same confusable skeleton ([`mesh_proto::names::skeleton_key`]); an
+    /// holds a name that looks alike ([`mesh_proto::names::NameKeys`]); an
     /// ended session holding it gives it up and leaves the roster (returned in `reaped`).
     async fn rename(&self, mesh: MeshId, key: PublicKey, name: String) -> Result<(PeerRecord, Claimed), StoreError>;
     /// Marks `session`, a session of `member`, ended now: it receives no broadcasts or group

@@ -50,10 +50,10 @@ pub async fn launch(
     let holder =
         d.db.call(move |c| {
             let own: Option<String> = crate::sessions::key_of(c, &mesh_id, &wanted)?.map(|k| k.to_string());
-            let key = names::skeleton_key(&wanted);
+            let keys = names::name_keys(&wanted);
             Ok(roster::list(c, Some(&mesh_id))?.into_iter().find(|r| {
                 r.peer.ended_at.is_none()
-                    && names::skeleton_key(&r.peer.name) == key
+                    && names::name_keys(&r.peer.name).collides(&keys)
                     && Some(r.peer.key.to_string()) != own
             }))
         })

@@ -141,6 +141,15 @@ ALTER TABLE meshes ADD COLUMN max_sessions_per_member INTEGER;
 ALTER TABLE meshes ADD COLUMN max_connections_per_member INTEGER;
 ALTER TABLE meshes ADD COLUMN max_connections INTEGER;
 "#,
+    // Names are compared by three keys (`names::NameKeys`): also as written and in upper case, so
+    // that capitals of other scripts cannot pass for a name. Every key is filled in again at open.
+    r#"
+ALTER TABLE peers ADD COLUMN name_key_cased TEXT;
+ALTER TABLE peers ADD COLUMN name_key_upper TEXT;
+UPDATE peers SET name_key = NULL;
+CREATE INDEX peers_by_name_key_cased ON peers(mesh_id, name_key_cased);
+CREATE INDEX peers_by_name_key_upper ON peers(mesh_id, name_key_upper);
+"#,
 ];
 
 #[derive(Clone, Debug)]

@@ -1,8 +1,8 @@
 //! Members, sessions and their names, invites and groups: the `peers`, `invite_uses` and
 //! `group_members` tables.
 //!
-//! A name is unique in a mesh up to confusables: `name_key` holds each peer's
-//! [`names::skeleton_key`], and a peer taking a name (joining, renaming, a session's first
+//! A name is unique in a mesh up to confusables: `name_key`, `name_key_cased` and `name_key_upper`
+//! hold each peer's [`names::NameKeys`], and a peer taking a name (joining, renaming, a session's first
 //! connection) is refused while another peer holds the same key. An ended session gives its name
 //! up: it leaves the roster at once when someone claims the name, else after the grace period.
 
@@ -25,15 +25,17 @@ pub fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
 /// Inserts a peer, or refreshes its name, keys and last sighting; a session that comes back is no
 /// longer ended.
 pub fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    let mut insert = tx.prepare_cached(
         "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked,
-             name_key, ended_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL)
+             name_key, name_key_cased, name_key_upper, ended_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, NULL)
          ON CONFLICT (mesh_id, key) DO UPDATE SET
            name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, last_seen = excluded.last_seen,
-           name_key = excluded.name_key, ended_at = NULL",
-    )?
-    .execute(params![
+           name_key = excluded.name_key, name_key_cased = excluded.name_key_cased,
+           name_key_upper = excluded.name_key_upper, ended_at = NULL",
+    )?;
+    let keys = names::name_keys(&p.name);
+    insert.execute(params![
         mesh.to_string(),
         p.key.to_string(),
         p.kind.as_str(),
@@ -45,7 +47,9 @@ pub fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::
         p.joined_at as i64,
         p.last_seen.map(|t| t as i64),
         p.revoked,
-        names::skeleton_key(&p.name),
+        keys.folded,
+        keys.cased,
+        keys.upper,
     ])?;
     Ok(())
 }
@@ -67,11 +71,13 @@ fn describe_holder(p: &PeerRecord) -> String {
 /// Lets `key` take `name` in `mesh`: refused (before anything is written) while another peer that
 /// has not ended holds a name with the same skeleton key; ended sessions holding it are removed.
 pub fn claim_name(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> Result<Claimed, TxError> {
+    let keys = names::name_keys(name);
     let holders: Vec<PeerRecord> = tx
         .prepare_cached(&format!(
-            "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND name_key = ?2 AND key != ?3 AND revoked = 0"
+            "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key != ?2 AND revoked = 0
+               AND (name_key = ?3 OR name_key_cased = ?4 OR name_key_upper = ?5)"
         ))?
-        .query_map(params![mesh.to_string(), names::skeleton_key(name), key.to_string()], peer_from_row)?
+        .query_map(params![mesh.to_string(), key.to_string(), keys.folded, keys.cased, keys.upper], peer_from_row)?
         .collect::<Result<_, _>>()?;
     if let Some(live) = holders.iter().find(|p| p.ended_at.is_none()) {
         return Err(TxError::Domain(StoreError::NameTaken { name: name.to_owned(), holder: describe_holder(live) }));
@@ -135,8 +141,12 @@ pub fn rename(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> Re
         return Ok((peer, Claimed::default()));
     }
     let claimed = claim_name(tx, mesh, key, name)?;
-    tx.prepare_cached("UPDATE peers SET name = ?3, name_key = ?4 WHERE mesh_id = ?1 AND key = ?2")?
-        .execute(params![mesh.to_string(), key.to_string(), name, names::skeleton_key(name)])?;
+    let keys = names::name_keys(name);
+    tx.prepare_cached(
+        "UPDATE peers SET name = ?3, name_key = ?4, name_key_cased = ?5, name_key_upper = ?6
+         WHERE mesh_id = ?1 AND key = ?2",
+    )?
+    .execute(params![mesh.to_string(), key.to_string(), name, keys.folded, keys.cased, keys.upper])?;
     peer.name = name.to_owned();
     Ok((peer, claimed))
 }
@@ -267,15 +277,18 @@ fn peer_from_row_at(row: &Row<'_>, offset: usize) -> rusqlite::Result<PeerRecord
     })
 }
 
-/// Fills `name_key` for peers stored before names were compared by skeleton.
+/// Fills the name keys of peers stored before names were compared by them.
 pub fn backfill_name_keys(conn: &Connection) -> rusqlite::Result<usize> {
     let rows: Vec<(String, String, String)> = conn
         .prepare("SELECT mesh_id, key, name FROM peers WHERE name_key IS NULL")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    let mut update = conn.prepare("UPDATE peers SET name_key = ?3 WHERE mesh_id = ?1 AND key = ?2")?;
+    let mut update = conn.prepare(
+        "UPDATE peers SET name_key = ?3, name_key_cased = ?4, name_key_upper = ?5 WHERE mesh_id = ?1 AND key = ?2",
+    )?;
     for (mesh, key, name) in &rows {
-        update.execute(params![mesh, key, names::skeleton_key(name)])?;
+        let keys = names::name_keys(name);
+        update.execute(params![mesh, key, keys.folded, keys.cased, keys.upper])?;
     }
     Ok(rows.len())
 }
