@@ -232,18 +232,36 @@ pub fn short(key: &str) -> &str {
 /// make text read backwards. `--json` output keeps the exact text.
 pub fn clean(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
+    // Whether the last character written is part of an emoji (a symbol, or a joiner or selector kept).
+    let mut in_emoji = false;
     for c in text.chars() {
+        let after_emoji = std::mem::replace(&mut in_emoji, false);
         match c {
+            // The joiner and emoji presentation selectors inside an emoji (`❤️`, `👩‍💻`) stay.
+            '\u{200D}' | '\u{FE0E}' | '\u{FE0F}' if after_emoji => {
+                in_emoji = true;
+                out.push(c)
+            }
             '\n' => out.push('⏎'),
             '\t' => out.push(' '),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}' => {
-                out.push_str(&format!("<U+{:04X}>", c as u32))
+            c if shown_as_code(c) => out.push_str(&format!("<U+{:04X}>", c as u32)),
+            c => {
+                in_emoji = !c.is_ascii() && !c.is_alphanumeric();
+                out.push(c)
             }
-            c => out.push(c),
         }
     }
     out
+}
+
+/// Characters that render as nothing, reorder text or break lines where a terminal would not (the
+/// ones names may not hold, [`mesh_proto::names::invisible`]: zero-width and bidirectional controls,
+/// soft hyphens, tag characters that can smuggle hidden text, fillers), and the other format and
+/// separator characters: shown by their code point, so what a person reads is what was sent.
+fn shown_as_code(c: char) -> bool {
+    mesh_proto::names::invisible(c)
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{FFF9}'..='\u{FFFB}' | '\u{1D173}'..='\u{1D17A}')
 }
 
 /// Like [`clean`], keeping line breaks (for multi-line messages such as a daemon's start-up log).
@@ -281,5 +299,15 @@ mod tests {
         assert_eq!(clean("a\u{200B}b\u{9b}c\u{7f}"), "a<U+200B>b\\x9bc\\x7f");
         assert_eq!(clean("café\tok"), "café ok");
         assert!(!clean("\u{1b}\u{9d}\u{85}").chars().any(char::is_control));
+        // Invisible, smuggling and line-breaking characters: none reaches the terminal as itself.
+        let hostile =
+            "x\u{ad}\u{34f}\u{180e}\u{3164}\u{2800}\u{e0041}\u{206a}\u{1d173}\u{fff9}\u{2028}\u{2029}\u{200d}\u{fe0f}";
+        assert_eq!(
+            clean(hostile),
+            "x<U+00AD><U+034F><U+180E><U+3164><U+2800><U+E0041><U+206A><U+1D173><U+FFF9><U+2028><U+2029><U+200D><U+FE0F>"
+        );
+        assert_eq!(clean("naïve 東京 😀 ok"), "naïve 東京 😀 ok", "letters and emoji stay as they are");
+        assert_eq!(clean("\u{2764}\u{FE0F} \u{1F469}\u{200D}\u{1F4BB}"), "\u{2764}\u{FE0F} \u{1F469}\u{200D}\u{1F4BB}");
+        assert_eq!(clean("a\u{200D}b\u{FE0F}"), "a<U+200D>b<U+FE0F>", "not inside an emoji");
     }
 }

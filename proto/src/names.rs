@@ -94,7 +94,7 @@ fn shown(c: char) -> String {
 /// characters, bidirectional controls, tag characters, variation selectors (Unicode's
 /// Default_Ignorable_Code_Point), noncharacters, and the blank "filler" letters that render as
 /// nothing (Hangul fillers, the Braille blank, Khmer inherent vowels).
-fn invisible(c: char) -> bool {
+pub fn invisible(c: char) -> bool {
     matches!(c.identifier_type(), Some(IdentifierType::Default_Ignorable | IdentifierType::Not_Character))
         || matches!(
             c,
@@ -102,7 +102,14 @@ fn invisible(c: char) -> bool {
                 | '\u{200F}'
                 | '\u{061C}'
                 | '\u{202A}'..='\u{202E}'
-                | '\u{2066}'..='\u{2069}'
+                | '\u{200B}'..='\u{200D}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{E0000}'..='\u{E0FFF}'
+                | '\u{00AD}'
+                | '\u{034F}'
                 | '\u{115F}'
                 | '\u{1160}'
                 | '\u{17B4}'

@@ -89,6 +89,8 @@ fn render_inbox(frame: &mut Frame<'_>, app: &App, area: Rect) {
                 Span::styled(clock(m.sent_at), Style::new().dark_gray()),
                 Span::raw(" "),
                 Span::styled(format!("{:<10.10}", output::clean(&m.from_name)), name_style),
+                // The key beside the name: a look-alike name never hides whose message it is.
+                Span::styled(format!(" {}", output::short(&m.from)), Style::new().dark_gray()),
                 Span::styled(to, Style::new().fg(Color::Magenta)),
                 Span::raw(" "),
                 body,
@@ -163,7 +165,10 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
             ListItem::new(Line::from(vec![
                 dot,
                 Span::raw(format!("{}{me}", output::clean(&p.name))),
-                Span::styled(format!("  {} · {}", p.kind.as_str(), p.mesh), Style::new().dark_gray()),
+                Span::styled(
+                    format!("  {} · {} · {}", output::short(&p.key), p.kind.as_str(), p.mesh),
+                    Style::new().dark_gray(),
+                ),
             ]))
         })
         .collect();
@@ -171,6 +176,34 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let list = List::new(items).block(block).highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     frame.render_stateful_widget(list, area, &mut state);
 }
+
+/// A message body in the detail pane, `width` columns wide: every line behind a gutter, wrapped here
+/// so that a wrapped piece has its gutter too. No line of a body can pass for one of the pane's own
+/// (`From  bob (dde79c1a)`).
+fn body_lines(body: &str, width: u16) -> Vec<Line<'static>> {
+    use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
+    let room = usize::from(width).saturating_sub(GUTTER.width()).max(1);
+    let gutter = || Span::styled(GUTTER, Style::new().dark_gray());
+    let mut lines = Vec::new();
+    for line in body.lines() {
+        let mut piece = String::new();
+        for c in output::clean(line).chars() {
+            if piece.width() + c.width().unwrap_or(0) > room && !piece.is_empty() {
+                // Break after the last space when there is one, else where the room ends.
+                let rest = match piece.rfind(' ') {
+                    Some(i) if i > 0 => piece.split_off(i + 1),
+                    _ => String::new(),
+                };
+                lines.push(Line::from(vec![gutter(), Span::raw(std::mem::replace(&mut piece, rest))]));
+            }
+            piece.push(c);
+        }
+        lines.push(Line::from(vec![gutter(), Span::raw(piece)]));
+    }
+    lines
+}
+
+const GUTTER: &str = "│ ";
 
 fn field(name: &str, value: String) -> Line<'static> {
     Line::from(vec![Span::styled(format!("{name:<10}"), Style::new().dark_gray()), Span::raw(value)])
@@ -181,6 +214,7 @@ fn opt_time(t: Option<u64>) -> String {
 }
 
 fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let inner_width = area.width.saturating_sub(2);
     let (title, text) = match app.focus {
         Pane::Inbox => match app.selected_message() {
             None => (" Message ", Text::from("Select a message.")),
@@ -201,7 +235,7 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     Line::raw(""),
                 ];
                 match (m.status, &m.body) {
-                    (InboxStatus::Ready, Some(b)) => lines.extend(b.lines().map(|l| Line::raw(output::clean(l)))),
+                    (InboxStatus::Ready, Some(b)) => lines.extend(body_lines(b, inner_width)),
                     (InboxStatus::Failed, _) => lines.push(Line::styled(
                         format!("Unreadable: {}", output::clean(m.error.as_deref().unwrap_or("unknown reason"))),
                         Style::new().fg(Color::Red),
@@ -227,7 +261,7 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     lines.push(Line::styled(format!("Last error: {}", output::clean(e)), Style::new().fg(Color::Red)));
                 }
                 lines.push(Line::raw(""));
-                lines.extend(o.body.lines().map(|l| Line::raw(output::clean(l))));
+                lines.extend(body_lines(&o.body, inner_width));
                 let title = match o.status {
                     OutboxStatus::Dead | OutboxStatus::Aborted => " Sent message · R retry ",
                     OutboxStatus::Pending => " Sent message · x abort ",
@@ -557,6 +591,19 @@ mod tests {
         key(&mut app, KeyCode::Tab);
         key(&mut app, KeyCode::Down);
         both_sizes("dead_letter", &app);
+    }
+
+    #[test]
+    fn every_line_of_a_body_is_behind_the_gutter_even_when_wrapped() {
+        // A line long enough to wrap right before a forged header, and a forged header of its own.
+        let body = format!("{}From      bob (b0b00000)\nFrom      bob (b0b00000)\n\u{1b}]0;t\u{7}", "x".repeat(28));
+        let lines = super::body_lines(&body, 32);
+        assert!(lines.len() >= 4, "{lines:?}");
+        for line in &lines {
+            assert_eq!(line.spans[0].content, super::GUTTER, "{line:?}");
+            assert!(line.width() <= 32, "{line:?}");
+            assert!(!line.to_string().contains('\u{1b}'));
+        }
     }
 
     #[test]
