@@ -209,7 +209,15 @@ impl Daemon {
             match self.db.call(move |c| crate::retention::sweep(c, &retention, now_ms())).await {
                 Ok(s) if s == crate::retention::Swept::default() => {}
                 Ok(s) => {
-                    tracing::info!(inbox = s.inbox, outbox = s.outbox, events = s.events, "retention: deleted old rows")
+                    tracing::info!(
+                        inbox = s.inbox,
+                        outbox = s.outbox,
+                        events = s.events,
+                        "retention: deleted old rows"
+                    );
+                    if let Err(e) = self.db.call(|c| crate::store::forget_deleted(c)).await {
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "emptying the write-ahead log");
+                    }
                 }
                 Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "retention sweep failed; will retry"),
             }

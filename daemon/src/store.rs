@@ -286,6 +286,18 @@ pub fn open(path: &Path) -> Result<Db, DbError> {
     Ok(db)
 }
 
+/// Moves every committed page into the database file and empties the write-ahead log, so that text
+/// just deleted (zeroed in its pages by `secure_delete`) leaves no older copy in either file. Run
+/// after a delete; it waits for nothing, as the daemon is the file's only user.
+pub fn forget_deleted(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let (busy, _log, _moved): (i64, i64, i64) =
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    if busy != 0 {
+        tracing::warn!("the write-ahead log could not be emptied after a delete; it will be at the next checkpoint");
+    }
+    Ok(())
+}
+
 pub fn get_setting(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Option<String>> {
     use rusqlite::OptionalExtension;
     conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()

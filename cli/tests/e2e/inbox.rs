@@ -258,6 +258,15 @@ fn a_flushed_or_deleted_message_leaves_no_body_in_the_event_log_or_the_file() {
     let keep = wait_for_message(&bob, "keep me");
     let gone = bob.json(&["inbox"]).as_array().expect("array").iter().find(|m| m["body"] == secret).cloned();
     bob.ok(&["inbox", "delete", &gone.expect("row")["id"].to_string()]);
+    // Not in the database's files, the write-ahead log included, while the daemon runs (a backup
+    // taken now holds no deleted text).
+    let files = || {
+        let db = bob.paths().daemon_db();
+        let mut bytes = std::fs::read(&db).expect("daemon.db");
+        bytes.extend(std::fs::read(format!("{}-wal", db.display())).unwrap_or_default());
+        bytes
+    };
+    assert!(!mesh_testkit::contains_bytes(&files(), secret.as_bytes()), "the deleted body is still on disk");
     let replay = bob.ok(&["watch", "--replay", "--no-follow", "--json"]);
     assert!(!replay.contains(secret), "{replay}");
     assert!(replay.contains("\"deleted\":true") && replay.contains("keep me"), "{replay}");
@@ -265,10 +274,8 @@ fn a_flushed_or_deleted_message_leaves_no_body_in_the_event_log_or_the_file() {
     bob.ok(&["inbox", "flush", "--all"]);
     let replay = bob.ok(&["watch", "--replay", "--no-follow"]);
     assert!(!replay.contains("keep me") && replay.contains(&format!("message #{} from alice", keep["id"])), "{replay}");
-    // And the text is not left in the database's free pages.
+    assert!(!mesh_testkit::contains_bytes(&files(), b"keep me"), "the flushed body is still on disk");
+    // Nor after the daemon stops.
     bob.ok(&["daemon", "down"]);
-    let db = bob.paths().daemon_db();
-    let mut bytes = std::fs::read(&db).expect("daemon.db");
-    bytes.extend(std::fs::read(format!("{}-wal", db.display())).unwrap_or_default());
-    assert!(!mesh_testkit::contains_bytes(&bytes, secret.as_bytes()), "the body is still in {}", db.display());
+    assert!(!mesh_testkit::contains_bytes(&files(), secret.as_bytes()), "the body is still on disk");
 }

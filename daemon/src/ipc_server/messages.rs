@@ -310,6 +310,9 @@ pub async fn flush(
 ) -> Result<Json<InboxFlushResponse>, Failure> {
     let recipients = vec![caller.key(&d)];
     let deleted = d.db.call(move |c| inbox::flush(c, &recipients, req.before, req.all)).await?;
+    if deleted > 0 {
+        d.db.call(|c| crate::store::forget_deleted(c)).await?;
+    }
     tracing::info!(deleted, "inbox flushed");
     Ok(Json(InboxFlushResponse { deleted: deleted as u64 }))
 }
@@ -322,6 +325,9 @@ pub async fn delete(
     let recipients = vec![caller.key(&d)];
     let ids = req.ids.clone();
     let deleted = d.db.call(move |c| inbox::delete(c, &recipients, &ids)).await?;
+    if !deleted.is_empty() {
+        d.db.call(|c| crate::store::forget_deleted(c)).await?;
+    }
     let not_found = req.ids.into_iter().filter(|id| !deleted.contains(id)).collect();
     Ok(Json(InboxDeleteResponse { deleted, not_found }))
 }
