@@ -23,10 +23,14 @@ pub struct BrokerConfig {
     pub max_connections_per_member: usize,
     /// Sessions one member may have in a mesh that have not ended.
     pub max_sessions_per_member: usize,
-    /// Connections that have not authenticated yet, in all and from one address; past either, new
-    /// connections are refused (HTTP 503) until some authenticate or time out.
+    /// Connections that have not authenticated yet, in all and from one address; past either, a new
+    /// connection takes the place of the one waiting longest (which is closed).
     pub max_pending_handshakes: usize,
     pub max_pending_per_address: usize,
+    /// New connections one address may open a second (bursts of twice `max_pending_per_address`);
+    /// past it, HTTP 503. At the bounds above a new connection takes the place of the one that has
+    /// waited longest, so only opening connections faster than this could hold places.
+    pub handshakes_per_sec_per_address: u32,
     /// Peers in one roster page (`welcome` carries the first; `roster` requests fetch the rest).
     pub roster_page: usize,
     /// Unacked deliveries per connection before the broker pauses it.
@@ -60,6 +64,7 @@ impl Default for BrokerConfig {
             max_sessions_per_member: 64,
             max_pending_handshakes: 256,
             max_pending_per_address: 64,
+            handshakes_per_sec_per_address: 64,
             roster_page: 500,
             deliver_window: 256,
             lease: Duration::from_secs(30),

@@ -56,6 +56,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, pending: crate
                 Err(_) => Err(Some(ErrorFrame::new(ErrorCode::HandshakeTimeout, "no hello within the handshake timeout"))),
             },
             () = shared.shutdown.cancelled() => Err(Some(ErrorFrame::new(ErrorCode::ShuttingDown, "broker is shutting down"))),
+            () = pending.evicted() => Err(Some(ErrorFrame::new(
+                ErrorCode::Unavailable,
+                "too many connections are waiting to authenticate and this one waited longest; retry",
+            ))),
         };
         // Authenticated or not, it no longer waits for its hello: its place goes back.
         drop(pending);
@@ -674,7 +678,7 @@ impl Connection {
             Some(t) => t.min(config.max_ttl_ms),
         };
         let peer = &self.auth.peer;
-        if let Err(retry_after_ms) = self.shared.limiter.try_take(self.mesh(), peer.member) {
+        if let Err(retry_after_ms) = self.shared.limiter.try_take((self.mesh(), peer.member)) {
             return Err(Refusal::RateLimited { send: Box::new(send), retry_after_ms });
         }
         let now = now_ms();

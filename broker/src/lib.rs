@@ -41,7 +41,7 @@ pub(crate) struct Shared {
     admission: Arc<admission::Admission>,
     config: BrokerConfig,
     hub: hub::Hub,
-    limiter: ratelimit::RateLimiter,
+    limiter: ratelimit::RateLimiter<(mesh_proto::MeshId, mesh_proto::PublicKey)>,
     next_conn: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -65,7 +65,11 @@ pub async fn run(
     let limiter = ratelimit::RateLimiter::new(config.sends_per_sec, config.send_burst);
     let shared = Arc::new(Shared {
         store,
-        admission: admission::Admission::new(config.max_pending_handshakes, config.max_pending_per_address),
+        admission: admission::Admission::new(
+            config.max_pending_handshakes,
+            config.max_pending_per_address,
+            config.handshakes_per_sec_per_address,
+        ),
         config,
         hub: hub::Hub::default(),
         limiter,

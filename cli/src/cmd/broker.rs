@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// Most connections that have not authenticated yet, from one address
     #[arg(long, default_value_t = BrokerConfig::default().max_pending_per_address)]
     pub max_pending_per_address: usize,
+    /// New connections one address may open a second (bursts of twice --max-pending-per-address)
+    #[arg(long, default_value_t = BrokerConfig::default().handshakes_per_sec_per_address, value_parser = clap::value_parser!(u32).range(1..))]
+    pub handshakes_per_sec_per_address: u32,
     /// Peers per roster page (a welcome carries the first page; clients fetch the rest)
     #[arg(long, default_value_t = BrokerConfig::default().roster_page as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub roster_page: u64,
@@ -161,6 +164,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_sessions_per_member: args.max_sessions_per_member,
         max_pending_handshakes: args.max_pending_handshakes,
         max_pending_per_address: args.max_pending_per_address,
+        handshakes_per_sec_per_address: args.handshakes_per_sec_per_address,
         roster_page: usize::try_from(args.roster_page).unwrap_or(usize::MAX),
         sends_per_sec: args.sends_per_sec,
         send_burst: args.send_burst,
