@@ -57,6 +57,11 @@ impl Broker {
                 "100000000",
                 "--send-burst",
                 "100000000",
+                // Every simulated peer connects from this one address; real ones have their own.
+                "--handshakes-per-sec-per-address",
+                "1000000",
+                "--max-pending-per-address",
+                "100000",
             ])
             .arg("--db")
             .arg(dir.path().join("broker.db"))
