@@ -572,11 +572,16 @@ impl Connection {
             let err = ErrorFrame::new(ErrorCode::Forbidden, "only a member's connection can end its sessions");
             return self.send_error(err.with_id(Some(id))).await;
         }
-        match self.shared.store.end_session(self.mesh(), self.key(), session, now_ms()).await {
-            Ok(ended) => {
-                if let Some(peer) = ended {
+        // As many ended sessions stay in the roster as the member may have live ones.
+        let keep = self.shared.config.mesh_limits(&self.auth.mesh.limits).sessions_per_member as usize;
+        match self.shared.store.end_session(self.mesh(), self.key(), session, now_ms(), keep).await {
+            Ok(done) => {
+                if let Some(peer) = done.ended {
                     let online = self.shared.hub.is_online(self.mesh(), &peer.key);
                     announce(&self.shared, self.mesh(), &peer, online, false);
+                }
+                for gone in &done.removed {
+                    announce(&self.shared, self.mesh(), gone, false, true);
                 }
                 self.answer(id, Ok(())).await
             }

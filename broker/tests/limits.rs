@@ -197,3 +197,28 @@ async fn owners_and_admins_set_a_mesh_s_limits_within_the_broker_s() {
     assert_eq!(w.limits.mesh, MeshLimits { sessions_per_member: 10, connections: 7, ..w.limits.broker });
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn sessions_started_and_ended_in_a_loop_cannot_grow_the_roster() {
+    let config = BrokerConfig { max_sessions_per_member: 3, ..BrokerConfig::default() };
+    let broker = TestBroker::start(config).await;
+    let TwoMembers { mesh, b, mut cb, .. } = two_members(&broker).await;
+    for i in 0..10u64 {
+        let session = Identity::generate();
+        let (c, answer) = session_hello_answer(&broker, &b, &session, mesh, &format!("s{i}")).await;
+        assert!(matches!(answer, ServerFrame::Welcome(_)), "session {i}: {answer:?}");
+        drop(c);
+        let end = ClientFrame::EndSession(mesh_proto::wire::EndSessionRequest { id: 100 + i, key: session.key() });
+        assert!(matches!(answer_to(&mut cb, end, 100 + i).await, ServerFrame::Ok(_)), "end {i}");
+    }
+    let roster = ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 1, after: None });
+    cb.send(&roster).await;
+    let peers = loop {
+        if let ServerFrame::Roster(r) = cb.recv().await {
+            break r.peers;
+        }
+    };
+    let ended: Vec<_> = peers.iter().filter(|p| p.ended_at.is_some()).map(|p| p.name.as_str()).collect();
+    assert_eq!((peers.len(), ended.len()), (2 + 3, 3), "two members and three ended sessions: {ended:?}");
+    broker.stop().await;
+}

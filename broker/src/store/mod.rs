@@ -56,6 +56,15 @@ pub struct Claimed {
     pub reaped: Vec<PeerRecord>,
 }
 
+/// What ending a session did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ended {
+    /// The session, now ended; `None` when it had ended already.
+    pub ended: Option<PeerRecord>,
+    /// The member's older ended sessions, past the number kept, removed from the roster.
+    pub removed: Vec<PeerRecord>,
+}
+
 /// What a pass over the sessions did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reaped {
@@ -183,7 +192,8 @@ pub trait Store: Send + Sync + 'static {
     /// holds a name that looks alike ([`mesh_proto::names::NameKeys`]); an
     /// ended session holding it gives it up and leaves the roster (returned in `reaped`).
     async fn rename(&self, mesh: MeshId, key: PublicKey, name: String) -> Result<(PeerRecord, Claimed), StoreError>;
-    /// Marks `session`, a session of `member`, ended now: it receives no broadcasts or group
+    /// Marks `session`, a session of `member`, ended now (keeping the member's newest `keep_ended`
+    /// ended sessions in the roster, removing older ones): it receives no broadcasts or group
     /// messages from now on. `None` when it had already ended; `Forbidden` when it is not a session
     /// of `member`.
     async fn end_session(
@@ -192,7 +202,8 @@ pub trait Store: Send + Sync + 'static {
         member: PublicKey,
         session: PublicKey,
         now: u64,
-    ) -> Result<Option<PeerRecord>, StoreError>;
+        keep_ended: usize,
+    ) -> Result<Ended, StoreError>;
     /// Ends sessions unseen for `stale_ms` that are not `online`, and removes sessions that ended
     /// more than `grace_ms` ago (with their group memberships; their queues stay until their TTL).
     async fn reap_sessions(

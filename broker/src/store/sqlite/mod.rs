@@ -8,8 +8,8 @@ use mesh_proto::{MeshId, PublicKey};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Claimed, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord, Reaped,
-    RosterEntry, SentRecord, Store, StoreError,
+    Claimed, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord,
+    Reaped, RosterEntry, SentRecord, Store, StoreError,
 };
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
@@ -342,8 +342,9 @@ impl Store for SqliteStore {
         member: PublicKey,
         session: PublicKey,
         now: u64,
-    ) -> Result<Option<PeerRecord>, StoreError> {
-        self.write(move |tx| peers::end_session(tx, &mesh, &member, &session, now)).await
+        keep_ended: usize,
+    ) -> Result<Ended, StoreError> {
+        self.write(move |tx| peers::end_session(tx, &mesh, &member, &session, now, keep_ended)).await
     }
 
     async fn reap_sessions(

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{TxError, bad_text};
 use crate::sqlite::parse_col as parse;
-use crate::store::{Claimed, PeerRecord, Reaped, RosterEntry, StoreError};
+use crate::store::{Claimed, Ended, PeerRecord, Reaped, RosterEntry, StoreError};
 
 pub const PEER_COLUMNS: &str =
     "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at";
@@ -157,7 +157,8 @@ pub fn end_session(
     member: &PublicKey,
     session: &PublicKey,
     now: u64,
-) -> Result<Option<PeerRecord>, TxError> {
+    keep_ended: usize,
+) -> Result<Ended, TxError> {
     let Some(peer) = get_peer(tx, mesh, session)? else {
         return Err(TxError::Domain(StoreError::Forbidden(format!("no session {} in this mesh", session.short()))));
     };
@@ -165,14 +166,27 @@ pub fn end_session(
         return Err(TxError::Domain(StoreError::Forbidden(format!("{} is not one of your sessions", session.short()))));
     }
     if peer.ended_at.is_some() {
-        return Ok(None);
+        return Ok(Ended::default());
     }
     tx.prepare_cached("UPDATE peers SET ended_at = ?3 WHERE mesh_id = ?1 AND key = ?2")?.execute(params![
         mesh.to_string(),
         session.to_string(),
         now as i64
     ])?;
-    Ok(Some(PeerRecord { ended_at: Some(now), ..peer }))
+    // The member's ended sessions beyond the newest `keep_ended` leave the roster now rather than
+    // after the grace period: starting and ending sessions in a loop cannot grow the roster.
+    let removed: Vec<PeerRecord> = tx
+        .prepare_cached(&format!(
+            "SELECT {PEER_COLUMNS} FROM peers
+             WHERE mesh_id = ?1 AND member = ?2 AND kind = 'session' AND ended_at IS NOT NULL
+             ORDER BY ended_at DESC, key LIMIT -1 OFFSET ?3"
+        ))?
+        .query_map(params![mesh.to_string(), member.to_string(), keep_ended as i64], peer_from_row)?
+        .collect::<Result<_, _>>()?;
+    for gone in &removed {
+        remove_peer(tx, mesh, &gone.key)?;
+    }
+    Ok(Ended { ended: Some(PeerRecord { ended_at: Some(now), ..peer }), removed })
 }
 
 pub fn set_group(
