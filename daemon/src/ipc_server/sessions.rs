@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::response::Json;
 use mesh_ipc::api::*;
 use mesh_proto::names;
+use mesh_proto::wire::ErrorCode;
 
 use super::{Body, Caller, Failure, pick_mesh};
 use crate::daemon::Daemon;
@@ -75,14 +76,23 @@ pub async fn launch(
             .await
             .ok()
             .and_then(|r| r.ok().map(|s| s.clone()));
-        if let Some(s) = settled
-            && s.state == LinkState::Rejected
+        // Refused for good, or for now by a limit of the mesh: the launch fails with the reason
+        // rather than running the command with a session that cannot connect. (A broker that is
+        // merely unreachable is no refusal: the session runs and its sends wait in the outbox.)
+        let why = settled.as_ref().and_then(|s| s.last_error.clone()).unwrap_or_default();
+        let limited = [ErrorCode::TooManySessions, ErrorCode::TooManyConnections]
+            .iter()
+            .any(|code| why.contains(&format!("refused: {}:", code.as_str())));
+        if let Some(s) = &settled
+            && (s.state == LinkState::Rejected || limited)
         {
-            let why = s.last_error.clone().unwrap_or_default();
             d.end_session(&session).await;
-            return Err(if why.starts_with(mesh_proto::wire::ErrorCode::NameTaken.as_str()) {
+            return Err(if why.starts_with(ErrorCode::NameTaken.as_str()) {
                 Failure::new(ApiErrorCode::NameTaken, format!("session {name:?}: {why}"))
                     .with_hint("launch it under another name: mesh launch --name OTHER -- …")
+            } else if limited {
+                Failure::new(ApiErrorCode::BrokerRefused, format!("the broker refused session {name:?}: {why}"))
+                    .with_hint("end a session of yours (`mesh session list`), or ask the mesh's owner (`mesh limits`)")
             } else {
                 Failure::new(ApiErrorCode::BrokerRefused, format!("the broker refused session {name:?}: {why}"))
             });
