@@ -106,3 +106,20 @@ pub async fn create_local_mesh(daemon: &Arc<Daemon>, url: &str, token: &str) -> 
         .await
         .map_err(EmbeddedError::from)
 }
+
+/// Creates the local mesh `local` again, with its id, name and keys, on an embedded broker that
+/// started on a new database (`mesh daemon up --fresh` after its database was lost).
+pub async fn recreate_local_mesh(
+    daemon: &Arc<Daemon>,
+    url: &str,
+    token: &str,
+    local: &MeshRow,
+) -> Result<(), EmbeddedError> {
+    let member = &daemon.member;
+    let intent = Intent::Create { mesh_name: local.name.clone(), create_token: Some(token.to_owned()) };
+    let name = local.my_name.clone().unwrap_or_else(|| member.name.clone());
+    let (_ws, welcome) = link::handshake(url, &member.identity, &name, local.id, None, |_| intent).await?;
+    let id = local.id;
+    daemon.db.call(move |c| crate::roster::replace(c, &id, &welcome.roster)).await?;
+    Ok(())
+}

@@ -26,6 +26,7 @@ pub mod roster;
 pub mod sessions;
 pub mod store;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,39 +77,113 @@ pub enum StartError {
         .aside.display(), .aside.display(), .db.display()
     )]
     CorruptDatabaseAside { aside: std::path::PathBuf, db: std::path::PathBuf },
+    #[error(
+        "the daemon's database {} is missing or empty, though this home had one; mesh does not start over \
+         silently, because it held your meshes and their keys. Put the file back (from a backup), then \
+         `mesh daemon up`; or start fresh (you will have to join your meshes again): `mesh daemon up --fresh`",
+        .db.display()
+    )]
+    DatabaseGone { db: std::path::PathBuf },
+    #[error(
+        "the embedded broker's database {} {}; the local mesh {mesh:?} lived there, with the messages it had \
+         not delivered yet, so mesh does not start it over silently. {}To start the local mesh again on a new \
+         database (messages it still held are lost; your meshes, keys, inbox and outbox stay): \
+         `mesh daemon up --fresh`",
+        .db.display(),
+        match .aside { Some(a) => format!("was found corrupt and moved aside to {}", a.display()), None => "is missing or empty".to_owned() },
+        match .aside { Some(a) => format!("To try to recover it: `sqlite3 '{}' .recover | sqlite3 '{}'`, then `mesh daemon up`. ", a.display(), .db.display()), None => String::new() }
+    )]
+    EmbeddedBrokerLost { db: std::path::PathBuf, mesh: String, aside: Option<std::path::PathBuf> },
 }
 
-/// A database moved aside as corrupt, while no database took its place: the daemon refuses to start
-/// until the user recovers it or asks for a fresh one (which files the old copies under `corrupt/`).
-fn check_not_recreating(home: &Home, fresh: bool) -> Result<(), StartError> {
-    let db = home.daemon_db();
+/// What happened to a database that held state, if anything did.
+enum Lost {
+    /// Moved aside as corrupt (the newest main file moved), and nothing took its place.
+    Aside(std::path::PathBuf),
+    /// Gone or emptied (truncated to nothing) although it had been created.
+    Gone,
+}
+
+/// Whether the database at `db` was lost: moved aside as corrupt with nothing in its place, or
+/// (when `created` says it existed) missing or empty. With `fresh`, what is left of it is filed
+/// under `corrupt/` and `None` is returned: the caller starts on a new one.
+fn lost_database(home: &Home, db: &Path, created: bool, fresh: bool) -> Result<Option<Lost>, StartError> {
     let prefix = format!("{}.corrupt-", db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let entries = std::fs::read_dir(&home.data_dir).map_err(io_err(home.data_dir.display().to_string()))?;
-    let mut aside: Vec<std::path::PathBuf> = entries
+    let mut leftovers: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
         .collect();
-    aside.sort();
-    let Some(newest) = aside.last().cloned() else { return Ok(()) };
-    if db.exists() {
-        return Ok(());
-    }
-    if !fresh {
+    leftovers.sort();
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    let empty = len(db).is_none_or(|n| n == 0) && len(&wal).is_none_or(|n| n == 0);
+    let lost = if !leftovers.is_empty() && len(db).is_none() {
         // The main file's name, without a -wal or -shm suffix.
-        let main = aside
+        let main = leftovers
             .iter()
             .rev()
             .find(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"));
-        return Err(StartError::CorruptDatabaseAside { aside: main.cloned().unwrap_or(newest), db });
+        Some(Lost::Aside(main.or(leftovers.last()).cloned().unwrap_or_default()))
+    } else if created && empty {
+        Some(Lost::Gone)
+    } else {
+        None
+    };
+    if lost.is_none() || !fresh {
+        return Ok(lost);
     }
     let kept = home.data_dir.join("corrupt");
     mesh_ipc::paths::create_private_dir(&kept).map_err(io_err(kept.display().to_string()))?;
-    for p in aside {
-        let to = kept.join(p.file_name().expect("a file name"));
+    let stamp = now_ms_wall();
+    for p in leftovers.into_iter().chain([db.to_owned(), wal].into_iter().filter(|p| p.exists())) {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let to = if name.contains(".corrupt-") { kept.join(name) } else { kept.join(format!("{name}.lost-{stamp}")) };
         std::fs::rename(&p, &to).map_err(io_err(p.display().to_string()))?;
     }
-    tracing::warn!(kept = %kept.display(), "starting on a fresh database; the corrupt one is kept");
-    Ok(())
+    tracing::warn!(db = %db.display(), kept = %kept.display(), "starting on a fresh database; what was left is kept");
+    Ok(None)
+}
+
+fn now_ms_wall() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// The daemon's database must not start over silently: moved aside as corrupt, emptied or deleted
+/// after it was created, the daemon refuses to start until the user recovers it or asks for a
+/// fresh one (`--fresh`, which files what is left under `corrupt/`).
+fn check_not_recreating(home: &Home, fresh: bool) -> Result<(), StartError> {
+    let db = home.daemon_db();
+    let created = created_marker(home).exists();
+    match lost_database(home, &db, created, fresh)? {
+        None => Ok(()),
+        Some(Lost::Aside(aside)) => Err(StartError::CorruptDatabaseAside { aside, db }),
+        Some(Lost::Gone) => Err(StartError::DatabaseGone { db }),
+    }
+}
+
+/// Written once the daemon's database has been created: from then on, a missing or empty one is a
+/// loss, not a first start.
+fn created_marker(home: &Home) -> PathBuf {
+    home.data_dir.join("daemon.db.created")
+}
+
+/// The embedded broker's database must not start over silently either while the local mesh lives
+/// there: it holds the messages the local broker has not delivered yet.
+fn check_embedded_broker(home: &Home, meshes: &[meshes::MeshRow], fresh: bool) -> Result<bool, StartError> {
+    let Some(local) = meshes.iter().find(|m| m.embedded) else { return Ok(false) };
+    let db = home.embedded_broker_db();
+    match lost_database(home, &db, true, fresh)? {
+        None => Ok(fresh && !db.exists()),
+        Some(lost) => Err(StartError::EmbeddedBrokerLost {
+            db,
+            mesh: local.name.clone(),
+            aside: match lost {
+                Lost::Aside(p) => Some(p),
+                Lost::Gone => None,
+            },
+        }),
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -142,6 +217,11 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let member = identity::load_or_create(&home)?;
     check_not_recreating(&home, options.fresh)?;
     let db = store::open(&home.daemon_db())?;
+    let marker = created_marker(&home);
+    if !marker.exists() {
+        mesh_ipc::paths::write_private_file(&marker, now_ms_wall().to_string().as_bytes())
+            .map_err(io_err(marker.display().to_string()))?;
+    }
     let recovered = db.call_blocking(|c| Ok(outbox::recover_inflight(c)? + inbox::recover_reads(c)?))?;
     tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), member = %member.identity.key(),
         recovered_inflight = recovered, "daemon starting");
@@ -161,8 +241,13 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     }
 
     let mut meshes = daemon.db.call(|c| meshes::list(c)).await?;
+    let restart_local = check_embedded_broker(&home, &meshes, options.fresh)?;
     if meshes.iter().any(|m| m.embedded) || (meshes.is_empty() && options.embedded) {
         let (url, token) = embedded::start(&daemon).await?;
+        if restart_local && let Some(local) = meshes.iter().find(|m| m.embedded) {
+            embedded::recreate_local_mesh(&daemon, &url, &token, local).await?;
+            tracing::warn!(mesh = %local.name, "started the local mesh again on a new embedded broker database");
+        }
         if meshes.is_empty() {
             let row = embedded::create_local_mesh(&daemon, &url, &token).await?;
             tracing::info!(mesh = %row.name, %url, "created the local mesh");

@@ -129,7 +129,7 @@ fn a_broker_restarted_while_deliveries_are_leased_redelivers_each_once() {
 
 #[test]
 fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing_else_is_lost() {
-    for damage in ["garbage", "truncated"] {
+    for damage in ["garbage", "truncated", "emptied", "deleted"] {
         let home = TestHome::new(MESH);
         home.ok(&["init", "--name", "alice"]);
         home.ok(&["daemon", "up"]);
@@ -141,30 +141,65 @@ fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing
         let db = home.paths().daemon_db();
         match damage {
             "garbage" => std::fs::write(&db, vec![0x5a; 64 * 1024]).expect("overwrite"),
-            _ => {
+            "truncated" => {
                 let bytes = std::fs::read(&db).expect("read");
                 std::fs::write(&db, &bytes[..bytes.len() / 3]).expect("truncate");
             }
+            "emptied" => std::fs::write(&db, b"").expect("empty"),
+            _ => std::fs::remove_file(&db).expect("delete"),
         }
         let err = home.fails(&["daemon", "up"], 1);
-        assert!(err.contains("corrupt") && err.contains("moved aside"), "{damage}: {err}");
-        let aside: Vec<_> = std::fs::read_dir(&home.paths().data_dir)
-            .expect("data dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("daemon.db.corrupt-"))
-            .collect();
-        assert!(!aside.is_empty(), "{damage}: the damaged file was kept");
+        if matches!(damage, "garbage" | "truncated") {
+            assert!(err.contains("corrupt") && err.contains("moved aside"), "{damage}: {err}");
+            let aside: Vec<_> = std::fs::read_dir(&home.paths().data_dir)
+                .expect("data dir")
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("daemon.db.corrupt-"))
+                .collect();
+            assert!(!aside.is_empty(), "{damage}: the damaged file was kept");
+        } else {
+            assert!(err.contains("missing or empty") && err.contains("mesh daemon up --fresh"), "{damage}: {err}");
+        }
 
         // It keeps refusing: the meshes and their keys were in that file, and nothing is recreated
         // behind the user's back. The error says how to recover or start fresh.
         let again = home.fails(&["daemon", "up"], 1);
-        assert!(again.contains(".recover") && again.contains("mesh daemon up --fresh"), "{damage}: {again}");
+        let recover = if matches!(damage, "garbage" | "truncated") { ".recover" } else { "from a backup" };
+        assert!(again.contains(recover) && again.contains("mesh daemon up --fresh"), "{damage}: {again}");
         // Starting fresh is a choice: the old file is kept aside, the identity is the same.
         home.ok(&["daemon", "up", "--fresh"]);
         assert_eq!(home.json(&["daemon", "status"])["member"]["key"], key, "{damage}");
-        assert!(home.paths().data_dir.join("corrupt").read_dir().expect("kept").count() >= 1, "{damage}");
+        if damage != "deleted" {
+            assert!(home.paths().data_dir.join("corrupt").read_dir().expect("kept").count() >= 1, "{damage}");
+        }
         home.ok(&["daemon", "down"]);
     }
+}
+
+#[test]
+fn a_lost_embedded_broker_database_is_never_replaced_silently_and_fresh_brings_the_local_mesh_back() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up"]);
+    let local = home.json(&["meshes"])[0].clone();
+    home.ok(&["daemon", "down"]);
+    std::fs::write(home.paths().embedded_broker_db(), vec![0x5a; 64 * 1024]).expect("overwrite");
+    let err = home.fails(&["daemon", "up"], 1);
+    assert!(err.contains("corrupt") && err.contains("moved aside"), "{err}");
+    // The second start does not bring up an empty broker under the local mesh.
+    let again = home.fails(&["daemon", "up"], 1);
+    assert!(again.contains("embedded broker") && again.contains("mesh daemon up --fresh"), "{again}");
+    assert!(again.contains(local["name"].as_str().expect("name")), "names the local mesh: {again}");
+    // Fresh: the local mesh again, same id and name, working.
+    home.ok(&["daemon", "up", "--fresh"]);
+    let meshes = home.json(&["meshes"]);
+    assert_eq!((&meshes[0]["id"], &meshes[0]["name"]), (&local["id"], &local["name"]));
+    home.eventually_json("the local mesh online", &["daemon", "status"], |v| {
+        v["meshes"][0]["connection"]["state"] == "online"
+    });
+    home.ok(&["send", "alice", "after the loss"]);
+    wait_for_message(&home, "after the loss");
+    assert!(home.paths().data_dir.join("corrupt").read_dir().expect("kept").count() >= 1);
 }
 
 /// Leases far shorter than the recipient's acks: each delivery is sent several times before its first
