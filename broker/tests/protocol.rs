@@ -303,6 +303,13 @@ async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_surviv
     assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id, Some(9));
     c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await.expect("send binary");
     expect_error(c.recv_non_presence().await, ErrorCode::BadFrame);
+    // A key spelled in upper case is another spelling, not another key: refused, never routed to a
+    // recipient that would then fail to verify it.
+    let upper = serde_json::to_string(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 10, "c-up", "hi")))
+        .expect("json")
+        .replace(&t.b.key().to_string(), &t.b.key().to_string().to_uppercase());
+    c.send_text(&upper).await;
+    assert_eq!(expect_error(c.recv_non_presence().await, ErrorCode::BadFrame).id, Some(10));
     c.send_text(&format!(r#"{{"type":"roster","id":11,"pad":"{}"}}"#, "x".repeat(5000))).await;
     assert_eq!(
         expect_error(c.recv_non_presence().await, ErrorCode::FrameTooLarge).id,

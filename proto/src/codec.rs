@@ -22,8 +22,13 @@ pub fn unb64url(what: &'static str, s: &str) -> Result<Vec<u8>, ProtoError> {
     URL_SAFE_NO_PAD.decode(s).map_err(|e| ProtoError::encoding(what, e))
 }
 
-/// Decodes `N` bytes of lowercase or uppercase hex.
+/// Decodes `N` bytes of lowercase hex. Keys are compared and signed in this one form, so another
+/// spelling of the same bytes (upper case) is refused rather than read: it would route to a key that
+/// then fails to verify what the sender signed.
 pub fn unhex_array<const N: usize>(what: &'static str, s: &str) -> Result<[u8; N], ProtoError> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(ProtoError::encoding(what, "hex must be lower case"));
+    }
     let mut out = [0u8; N];
     hex::decode_to_slice(s, &mut out).map_err(|e| ProtoError::encoding(what, e))?;
     Ok(out)
