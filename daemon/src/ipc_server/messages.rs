@@ -215,32 +215,48 @@ pub async fn inbox(
         Caller::Member => list_scope(&d, q.mesh.clone(), q.all_meshes).await?.map(|m| m.id),
     };
     let me = caller.key(&d);
-    let recipients = vec![me];
-    let rows =
-        d.db.call(move |c| {
-            // `--from` names a sender as a target does (name, key or prefix) and filters by its key, so
-            // a name someone else holds now never brings their messages in.
-            let from = match q.from.as_deref() {
-                None => None,
-                Some(f) if inbox::has_sender(c, &recipients, f)? => Some(f.to_ascii_lowercase()),
-                Some(f) => {
-                    let scope = match mesh {
-                        Some(id) => crate::roster::Scope {
-                            meshes: crate::meshes::get(c, &id)?.into_iter().collect(),
-                            chosen_by: None,
-                        },
-                        None => roster::Scope { meshes: crate::meshes::list(c)?, chosen_by: None },
-                    };
-                    match roster::resolve(c, f, &scope, &PublicKey([0; 32])) {
-                        Ok(r) => Some(r.info.address),
-                        Err(e) => return Ok(Err(Failure::from(e))),
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0));
+    if wait > MAX_WAIT {
+        return Err(Failure::bad_request(format!("wait_ms is at most {} (10 minutes)", MAX_WAIT.as_millis())));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changed = d.subscribe();
+    loop {
+        changed.borrow_and_update();
+        let (q, recipients) = (q.clone(), vec![me]);
+        let rows =
+            d.db.call(move |c| {
+                // `--from` names a sender as a target does (name, key or prefix) and filters by its key,
+                // so a name someone else holds now never brings their messages in.
+                let from = match q.from.as_deref() {
+                    None => None,
+                    Some(f) if inbox::has_sender(c, &recipients, f)? => Some(f.to_ascii_lowercase()),
+                    Some(f) => {
+                        let scope = match mesh {
+                            Some(id) => crate::roster::Scope {
+                                meshes: crate::meshes::get(c, &id)?.into_iter().collect(),
+                                chosen_by: None,
+                            },
+                            None => roster::Scope { meshes: crate::meshes::list(c)?, chosen_by: None },
+                        };
+                        match roster::resolve(c, f, &scope, &PublicKey([0; 32])) {
+                            Ok(r) => Some(r.info.address),
+                            Err(e) => return Ok(Err(Failure::from(e))),
+                        }
                     }
-                }
-            };
-            Ok(Ok(inbox::list(c, &recipients, mesh.as_ref(), &InboxQuery { from, ..q })?))
-        })
-        .await??;
-    Ok(Json(rows))
+                };
+                Ok(Ok(inbox::list(c, &recipients, mesh.as_ref(), &InboxQuery { from, ..q })?))
+            })
+            .await??;
+        if !rows.is_empty() || wait.is_zero() {
+            return Ok(Json(rows));
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Err(Failure::stopping()) },
+            () = d.shutdown.cancelled() => return Err(Failure::stopping()),
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(rows)),
+        }
+    }
 }
 
 pub async fn outbox(
@@ -364,7 +380,7 @@ pub async fn replay(
         tokio::select! {
             _ = changed.changed() => {}
             () = tokio::time::sleep_until(deadline) => return Ok(Json(row)),
-            () = d.shutdown.cancelled() => return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
+            () = d.shutdown.cancelled() => return Err(Failure::stopping()),
         }
     }
 }
@@ -443,8 +459,8 @@ pub async fn wait(
             return Ok(Json(WaitResponse { reached: q.until.reached(&entry), entry }));
         }
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())) },
-            () = d.shutdown.cancelled() => return Err(Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())),
+            r = changed.changed() => if r.is_err() { return Err(Failure::stopping()) },
+            () = d.shutdown.cancelled() => return Err(Failure::stopping()),
             () = tokio::time::sleep_until(deadline) => return Ok(Json(WaitResponse { reached: false, entry })),
         }
     }

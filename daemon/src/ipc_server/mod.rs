@@ -43,6 +43,11 @@ impl Failure {
         Failure(ApiError { code, message, hint: None, candidates: Vec::new() })
     }
 
+    /// A request cut short by the daemon's shutdown.
+    pub fn stopping() -> Failure {
+        Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())
+    }
+
     pub fn bad_request(msg: impl Into<String>) -> Failure {
         Failure::new(ApiErrorCode::BadRequest, msg.into())
     }

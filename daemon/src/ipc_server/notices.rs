@@ -53,16 +53,12 @@ pub async fn claim(
             }
         };
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return Err(stopping()) },
+            r = changed.changed() => if r.is_err() { return Err(Failure::stopping()) },
             () = superseded => {}
-            () = d.shutdown.cancelled() => return Err(stopping()),
+            () = d.shutdown.cancelled() => return Err(Failure::stopping()),
             () = tokio::time::sleep_until(deadline) => {
                 return Ok(Json(ClaimNoticesResponse { messages: Vec::new(), more, superseded: false }));
             }
         }
     }
-}
-
-fn stopping() -> Failure {
-    Failure::new(ApiErrorCode::ShuttingDown, "the daemon is stopping".into())
 }
