@@ -29,6 +29,9 @@ pub struct InboxArgs {
     /// The newest N messages
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// When no message matches, wait this long (at most 10m) for one that does (e.g. 30s)
+    #[arg(long, value_parser = super::send::parse_timeout)]
+    pub wait: Option<std::time::Duration>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -84,6 +87,7 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
         unread: args.unread,
         from: args.from,
         limit: Some(args.limit),
+        wait_ms: args.wait.map(|w| w.as_millis() as u64),
     };
     let messages: Vec<InboxMessage> = super::block_on(client.get_query(routes::INBOX, &q))??;
     if crate::output::json() {

@@ -31,7 +31,7 @@ pub struct SendArgs {
 }
 
 /// A `--timeout`: a duration up to the daemon's longest wait, 10 minutes.
-fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d > std::time::Duration::from_secs(600) {
         return Err("at most 10m: to follow a message longer, use `mesh watch` or `mesh outbox`".into());

@@ -279,3 +279,24 @@ fn a_flushed_or_deleted_message_leaves_no_body_in_the_event_log_or_the_file() {
     bob.ok(&["daemon", "down"]);
     assert!(!mesh_testkit::contains_bytes(&files(), secret.as_bytes()), "the body is still on disk");
 }
+
+#[test]
+fn inbox_wait_returns_as_soon_as_a_matching_message_arrives() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    // Nothing yet: the listing waits, then answers with the message that arrived meanwhile.
+    let waiting = bob
+        .cmd(&["inbox", "--unread", "--from", "alice", "--wait", "5m", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mesh inbox --wait");
+    alice.ok(&["send", "bob", "worth the wait"]);
+    let out = waiting.wait_with_output().expect("inbox output");
+    assert!(out.status.success());
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(ready_bodies(&got), ["worth the wait"]);
+    // With nothing to wait for, it returns an empty listing at the end of the wait.
+    bob.ok(&["inbox", "ack", "--all"]);
+    let empty = bob.json(&["inbox", "--unread", "--wait", "1s"]);
+    assert_eq!(empty.as_array().expect("array").len(), 0);
+}

@@ -248,7 +248,8 @@ pub async fn inbox(
                 Ok(Ok(inbox::list(c, &recipients, mesh.as_ref(), &InboxQuery { from, ..q })?))
             })
             .await??;
-        if !rows.is_empty() || wait.is_zero() {
+        // A row still being filed (`received`) is not worth waking a waiter for: its body comes next.
+        if rows.iter().any(|m| m.status != InboxStatus::Received) || wait.is_zero() {
             return Ok(Json(rows));
         }
         tokio::select! {
