@@ -7,6 +7,7 @@
 #[macro_use]
 mod output;
 mod cmd;
+mod mcp;
 mod tui;
 
 use std::process::ExitCode;
@@ -68,6 +69,8 @@ enum Command {
     Group(cmd::group::GroupCommand),
     /// Follow your events live: messages, receipts, presence, connection state
     Watch(cmd::watch::WatchArgs),
+    /// Serve MCP on stdin/stdout for an agent (started by the agent: `claude mcp add mesh -- mesh mcp`)
+    Mcp(mcp::McpArgs),
     /// A live screen: inbox, sent messages, peers, with actions
     Tui,
     /// Print shell completions
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Session(c) => cmd::session::run(c),
         Command::Group(c) => cmd::group::run(c),
         Command::Watch(a) => cmd::watch::run(a),
+        Command::Mcp(a) => mcp::run(a),
         Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;

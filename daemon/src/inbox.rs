@@ -355,11 +355,12 @@ pub fn list(
            AND (?2 IS NULL OR i.mesh_id = ?2)
            AND (?3 = 0 OR i.read_at IS NULL)
            AND (?4 IS NULL OR i.sender = ?4)
+           AND (?6 IS NULL OR i.id = ?6)
          ORDER BY i.id DESC LIMIT ?5"
     ))?;
     let limit = q.limit.unwrap_or(100).min(10_000);
     let mut rows: Vec<InboxMessage> = stmt
-        .query_map(params![recipients, mesh.map(|m| m.to_string()), q.unread, from, limit], message_from_row)?
+        .query_map(params![recipients, mesh.map(|m| m.to_string()), q.unread, from, limit, q.id], message_from_row)?
         .collect::<Result<_, _>>()?;
     rows.reverse();
     Ok(rows)

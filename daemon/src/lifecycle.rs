@@ -183,6 +183,15 @@ impl axum::serve::Listener for IpcListener {
 /// Logs to a daily-rotated file in the log directory (7 kept), and to stderr when asked.
 /// The filter comes from `MESH_LOG` (default `info`). Returns the guard that flushes the file.
 pub fn init_logging(log_dir: &Path, stderr: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    init_logging_as("daemon", log_dir, stderr)
+}
+
+/// [`init_logging`] for another of mesh's processes (`mcp`): its files are `<process>.<date>.log`.
+pub fn init_logging_as(
+    process: &str,
+    log_dir: &Path,
+    stderr: bool,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer, fmt};
@@ -190,7 +199,7 @@ pub fn init_logging(log_dir: &Path, stderr: bool) -> Option<tracing_appender::no
     let filter = || EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let appender = tracing_appender::rolling::Builder::new()
         .rotation(tracing_appender::rolling::Rotation::DAILY)
-        .filename_prefix("daemon")
+        .filename_prefix(process)
         .filename_suffix("log")
         .max_log_files(7)
         .build(log_dir);
@@ -200,7 +209,7 @@ pub fn init_logging(log_dir: &Path, stderr: bool) -> Option<tracing_appender::no
             (Some(fmt::layer().with_ansi(false).with_writer(writer).with_filter(filter())), Some(guard))
         }
         Err(e) => {
-            eprintln!("mesh daemon: cannot open the log in {}: {e}", log_dir.display());
+            eprintln!("mesh {process}: cannot open the log in {}: {e}", log_dir.display());
             (None, None)
         }
     };

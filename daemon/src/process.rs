@@ -19,6 +19,35 @@ pub fn is_alive(p: &ProcessId) -> bool {
     lookup(p.pid).is_some_and(|now| now.start == p.start)
 }
 
+/// Whether `ancestor` is `pid` itself or one of its ancestors (its parent, the parent's parent, …).
+/// Where the process tree cannot be read, only `pid` itself.
+pub fn is_self_or_ancestor(ancestor: u32, pid: u32) -> bool {
+    let mut at = pid;
+    // A process tree is shallow; the bound keeps a malformed one from looping.
+    for _ in 0..64 {
+        if at == ancestor {
+            return true;
+        }
+        match parent(at) {
+            Some(p) if p != 0 && p != at => at = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+#[cfg(target_os = "linux")]
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: field 3 (state), then field 4 (ppid).
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn parent(_pid: u32) -> Option<u32> {
+    None
+}
+
 #[cfg(target_os = "linux")]
 fn start_time(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -48,6 +77,23 @@ mod tests {
         let me = lookup(std::process::id()).expect("we are running");
         assert!(is_alive(&me));
         assert!(!is_alive(&ProcessId { start: format!("{}0", me.start), ..me.clone() }));
+    }
+
+    #[test]
+    fn a_process_s_ancestors_are_found_and_others_are_not() {
+        let me = std::process::id();
+        assert!(is_self_or_ancestor(me, me));
+        if cfg!(target_os = "linux") {
+            assert!(is_self_or_ancestor(std::os::unix::process::parent_id(), me), "the parent");
+            assert!(is_self_or_ancestor(1, me), "init is everyone's ancestor");
+        }
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn");
+        assert!(!is_self_or_ancestor(child.id(), me), "a child is no ancestor");
+        if cfg!(target_os = "linux") {
+            assert!(is_self_or_ancestor(me, child.id()), "we are the child's parent");
+        }
+        child.kill().expect("kill");
+        child.wait().expect("wait");
     }
 
     #[test]

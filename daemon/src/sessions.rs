@@ -265,6 +265,11 @@ impl SessionRegistry {
     pub fn live(&self) -> Vec<Arc<Session>> {
         self.all().into_iter().filter(|s| s.is_live()).collect()
     }
+
+    /// The live session named `name` in `mesh`, if there is one.
+    pub fn live_named(&self, mesh: &MeshId, name: &str) -> Option<Arc<Session>> {
+        self.lock().by_key.values().find(|s| s.is_live() && s.mesh_id == *mesh && s.name == name).cloned()
+    }
 }
 
 #[cfg(test)]

@@ -88,6 +88,7 @@ pub fn run(args: InboxArgs) -> anyhow::Result<()> {
         from: args.from,
         limit: Some(args.limit),
         wait_ms: args.wait.map(|w| w.as_millis() as u64),
+        ..InboxQuery::default()
     };
     let messages: Vec<InboxMessage> = super::block_on(client.get_query(routes::INBOX, &q))??;
     if crate::output::json() {

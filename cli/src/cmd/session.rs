@@ -45,7 +45,12 @@ pub fn launch(args: LaunchArgs) -> anyhow::Result<()> {
         ));
     }
     let client = super::client()?;
-    let req = LaunchRequest { name: args.name, mesh: super::context_mesh(args.mesh)?, pid: std::process::id() };
+    let req = LaunchRequest {
+        name: args.name,
+        mesh: super::context_mesh(args.mesh)?,
+        pid: std::process::id(),
+        resume: false,
+    };
     let launched: LaunchResponse = super::block_on(client.post(routes::SESSIONS, &req))??;
     if crate::output::json() {
         // Standard output belongs to the command; the session is described on standard error.

@@ -46,6 +46,15 @@ pub async fn launch(
     let proc = process::lookup(req.pid).ok_or_else(|| {
         Failure::bad_request(format!("process {} is not running; a session needs a live process", req.pid))
     })?;
+    if req.resume
+        && let Some(s) = d.sessions.live_named(&mesh.id, &name)
+        && let Some(p) = s.process.as_ref().filter(|p| process::is_alive(p))
+        && process::is_self_or_ancestor(p.pid, req.pid)
+        && let Some(file) = &s.token_file
+    {
+        let token_file = file.display().to_string();
+        return Ok(Json(LaunchResponse { session: info(&d, &s).await?, token_file }));
+    }
     // The roster already shows someone else under this name (or one that looks the same): refuse now.
     let (mesh_id, wanted) = (mesh.id, name.clone());
     let holder =
