@@ -145,8 +145,9 @@ fn summary(messages: &[InboxMessage]) -> serde_json::Value {
         lines.push(format!("… and {} more.", total - SUMMARY_LINES));
     }
     lines.push("Read them with the inbox tool; mark them read with the read tool.".to_owned());
+    let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
     json!({
         "content": lines.join("\n"),
-        "meta": { "kind": "summary", "count": total.to_string() },
+        "meta": { "kind": "summary", "count": total.to_string(), "message_ids": ids.join(",") },
     })
 }

@@ -8,6 +8,7 @@ mod inbox;
 mod ipc_input;
 mod lifecycle;
 mod limits;
+mod mcp;
 mod outbox;
 mod output;
 mod readme;
