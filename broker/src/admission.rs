@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::ratelimit::RateLimiter;
 
@@ -35,8 +35,8 @@ struct Waiting {
 struct Place {
     id: u64,
     address: IpAddr,
-    /// Told when a newer connection takes this place.
-    evicted: Arc<Notify>,
+    /// Cancelled when a newer connection takes this place.
+    evicted: CancellationToken,
 }
 
 /// A connection admitted and not yet authenticated; its place is given back when this is dropped.
@@ -44,7 +44,7 @@ struct Place {
 pub struct Pending {
     admission: Arc<Admission>,
     id: u64,
-    evicted: Arc<Notify>,
+    evicted: CancellationToken,
 }
 
 impl Admission {
@@ -76,12 +76,11 @@ impl Admission {
             None
         };
         if let Some(place) = oldest.and_then(|i| w.queue.remove(i)) {
-            // notify_one keeps a permit: the evicted connection sees it even if not waiting yet.
-            place.evicted.notify_one();
+            place.evicted.cancel();
         }
         let id = w.next;
         w.next += 1;
-        let evicted = Arc::new(Notify::new());
+        let evicted = CancellationToken::new();
         w.queue.push_back(Place { id, address, evicted: evicted.clone() });
         Ok(Pending { admission: self.clone(), id, evicted })
     }
@@ -94,7 +93,12 @@ impl Admission {
 impl Pending {
     /// Resolves when a newer connection took this one's place.
     pub async fn evicted(&self) {
-        self.evicted.notified().await
+        self.evicted.cancelled().await
+    }
+
+    /// The same, as a future the connection's stream can own.
+    pub fn eviction(&self) -> crate::guard::Eviction {
+        Box::pin(self.evicted.clone().cancelled_owned())
     }
 }
 

@@ -9,8 +9,10 @@ mod admission;
 mod config;
 mod connection;
 mod deliver;
+pub mod guard;
 mod handshake;
 mod hub;
+mod listener;
 mod presence;
 mod ratelimit;
 pub mod sqlite;
@@ -24,7 +26,6 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use mesh_proto::now_ms;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,14 +84,15 @@ pub async fn run(
         .route(mesh_proto::wire::WS_PATH, get(upgrade))
         .with_state(shared.clone());
     tracing::info!(addr = ?listener.local_addr().ok(), "broker listening");
-    // Frames are small and often follow one another (accepted, then deliver): without TCP_NODELAY the
-    // second waits for the peer's delayed ACK, up to 40 ms per hop.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Connections before their first request are bounded like those before their hello, with places
+    // and a rate of their own.
+    let before_request = admission::Admission::new(
+        shared.config.max_pending_handshakes,
+        shared.config.max_pending_per_address,
+        shared.config.handshakes_per_sec_per_address,
+    );
+    let listener = listener::GuardedListener::new(listener, before_request, shared.config.handshake_timeout);
+    let app = app.into_make_service_with_connect_info::<listener::Remote>();
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
     shared.tracker.close();
@@ -112,7 +114,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn upgrade(
     ws: WebSocketUpgrade,
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(from): ConnectInfo<std::net::SocketAddr>,
+    ConnectInfo(listener::Remote(from)): ConnectInfo<listener::Remote>,
 ) -> axum::response::Response {
     // Connections that have not said hello are bounded in all and per address, before they cost a
     // WebSocket's buffers.

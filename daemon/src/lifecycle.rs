@@ -158,7 +158,7 @@ impl axum::serve::Listener for IpcListener {
         loop {
             tokio::select! {
                 accepted = accept_on(self.listener.as_ref()) => match accepted {
-                    Ok(s) => return (crate::ipc_guard::GuardedStream::new(s, place), ()),
+                    Ok(s) => return (crate::ipc_guard::guard(s, place), ()),
                     Err(e) => {
                         if self.accept_warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
                             tracing::warn!(

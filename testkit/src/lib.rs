@@ -291,6 +291,11 @@ impl BrokerProcess {
     }
 
     /// The broker's resident memory now, in bytes (from `/proc`).
+    /// How many file descriptors the broker holds (0 where `/proc` cannot tell).
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status

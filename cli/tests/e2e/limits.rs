@@ -196,3 +196,35 @@ fn a_daemon_out_of_file_descriptors_keeps_serving_its_connections_and_links() {
     drop(flood);
     eventually("a new client served", WAIT, || alice.run(&["daemon", "status"]).status.success().then_some(()));
 }
+
+/// Connections that never send a request (not even the HTTP upgrade), from one address: each takes a
+/// place among those waiting for their request, a newer one the oldest's, and one address opens only
+/// so many a second. The broker holds a bounded number of descriptors, and a member from another
+/// address connects while they are held.
+#[test]
+fn silent_connections_from_one_address_hold_few_descriptors_and_keep_no_one_out() {
+    let broker = BrokerProcess::start(MESH);
+    let idle = broker.open_files();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", broker.port).parse().expect("addr");
+    let held: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..2000 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.2:0".parse().expect("source")).expect("bind 127.0.0.2");
+            if let Ok(s) = socket.connect(addr).await {
+                held.push(s);
+            }
+        }
+        held
+    });
+    let during = broker.open_files();
+    eprintln!("silent flood: {} connections opened; broker descriptors {idle} → {during}", held.len());
+    // 64 waiting from that address at most, plus what the broker holds anyway.
+    assert!(during <= idle + 64 + 16, "the broker holds {during} descriptors (idle: {idle})");
+    let home = mesh_testkit::TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up", "--no-embedded"]);
+    home.ok(&["create", "team", "--broker", &broker.url]);
+    drop(held);
+}
