@@ -2,9 +2,10 @@
 //!
 //! A display name is shown to people beside messages, so it must not be able to pass for another:
 //! it is kept in Unicode NFC, may not hold invisible or direction-changing characters, and within a
-//! mesh no two names may look alike by their confusable skeletons (Unicode TS #39, in lower case, as
-//! written and in upper case; [`NameKeys`]): `сla` (Cyrillic с) cannot stand beside `cla`, nor `Alice`
-//! beside `alice`, nor `ВОВ` (Cyrillic) beside `bob`. The broker enforces the last rule.
+//! mesh no two names may look alike by their confusable skeletons (Unicode TS #39, of the name in
+//! lower case, as written and in upper case; [`NameKeys`]): `сla` (Cyrillic с) cannot stand beside
+//! `cla`, nor `Alice` beside `alice`, nor `ВОВ` (Cyrillic) beside `bob`. The broker enforces the last
+//! rule.
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_security::GeneralSecurityProfile;
@@ -43,6 +44,10 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     if name.trim() != name {
         return bad("has leading or trailing spaces");
     }
+    if name.contains("  ") {
+        // Runs of spaces could push a name's own text into the columns it is shown in.
+        return bad("has two spaces in a row");
+    }
     if name.nfc().ne(name.chars()) {
         return bad("is not in Unicode normal form C (normalise it first)");
     }
@@ -68,10 +73,12 @@ pub fn validate_display(name: &str) -> Result<(), ProtoError> {
     Ok(())
 }
 
-/// Letters, marks and digits of any script, plain spaces, and `- _ . '`: no symbols or brackets that
-/// could forge the lines names are shown in.
+/// Letters, marks and digits that Unicode's general security profile (TS #39) allows in identifiers,
+/// plain spaces, and `- _ . '`: no symbols or brackets that could forge the lines names are shown in,
+/// and none of the letters made to look like others (small capitals `ʙᴏʙ`, superscripts `ᵇᵒᵇ`, circled
+/// `ⓑⓞⓑ`, fullwidth, mathematical) or of scripts in limited use.
 fn allowed(c: char) -> bool {
-    c.is_alphanumeric() || c == ' ' || matches!(c, '-' | '_' | '.' | '\'') || is_mark(c)
+    c == ' ' || matches!(c, '-' | '_' | '.' | '\'') || ((c.is_alphanumeric() || is_mark(c)) && c.identifier_allowed())
 }
 
 /// Combining marks (accents written as a separate code point, as some scripts need).
@@ -137,44 +144,39 @@ fn printable(name: &str) -> String {
         .collect()
 }
 
-/// The folded key of a name: the TS #39 confusable skeleton of the name in lower case, lowered again
-/// (`R0bert` folds to `rObert`). See [`name_keys`] for all the keys names are compared by.
+/// A name as people read it for the key check: its TS #39 confusable skeleton in lower case, lowered
+/// again (`R0bert` folds to `rObert`). [`name_keys`] are what names are compared by.
 fn skeleton_key(name: &str) -> String {
     unicode_security::skeleton(&normalize(name).to_lowercase()).collect::<String>().to_lowercase()
 }
 
-/// The keys two names are compared by, each a TS #39 confusable skeleton. Two names that share a key
-/// of the same kind look alike, and may not both be held in one mesh.
+/// The keys two names are compared by: the TS #39 confusable skeleton of the name in lower case, as
+/// written, and in upper case, each keeping its case. Names that share any key look alike and may not
+/// both be held in one mesh: `alice`, `Alice` and `ALICE` (case never tells names apart), `сla`
+/// (Cyrillic с) and `cla`, `aIice` (a capital i) and `alice`, `ALlCE` (a lower-case l) and `ALICE`,
+/// `Вob` (Cyrillic В) and `BOB`. Keeping case keeps `ALI` and `ALL`, or `Clara` and `Ciara`, apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NameKeys {
-    /// Of the name in lower case: `ALICE` and `alice`, `сla` (Cyrillic с) and `cla`.
-    pub folded: String,
-    /// Of the name as written, then lowered: `aIice` (a capital i) and `alice`.
-    pub cased: String,
-    /// Of the name in upper case, then lowered: `Вob` or `ВОВ` (Cyrillic В) and `bob`, `ᎪLICE`
-    /// (Cherokee Ꭺ) and `alice`, `ƅoƅ` and `bob`.
+    pub lower: String,
+    pub written: String,
     pub upper: String,
 }
 
 impl NameKeys {
+    /// Whether any key of one is any key of the other.
     pub fn collides(&self, other: &NameKeys) -> bool {
-        self.folded == other.folded || self.cased == other.cased || self.upper == other.upper
+        self.all().iter().any(|k| other.all().contains(k))
+    }
+
+    pub fn all(&self) -> [&str; 3] {
+        [&self.lower, &self.written, &self.upper]
     }
 }
 
 pub fn name_keys(name: &str) -> NameKeys {
     let name = normalize(name);
-    NameKeys {
-        folded: skeleton_key(&name),
-        cased: lowered(unicode_security::skeleton(&name)),
-        upper: lowered(unicode_security::skeleton(&name.to_uppercase())),
-    }
-}
-
-/// A skeleton in lower case. The skeleton reads a capital I as `l`; that `l` is kept apart from the
-/// lowered L, so that `ALI` does not pass for `ALL`.
-fn lowered(skeleton: impl Iterator<Item = char>) -> String {
-    skeleton.map(|c| if c == 'l' { '|' } else { c }).collect::<String>().to_lowercase()
+    let skeleton = |s: &str| unicode_security::skeleton(s).collect::<String>();
+    NameKeys { lower: skeleton(&name.to_lowercase()), written: skeleton(&name), upper: skeleton(&name.to_uppercase()) }
 }
 
 /// Whether two names look alike (see [`NameKeys`]).
@@ -251,6 +253,31 @@ mod tests {
     }
 
     #[test]
+    fn letters_made_to_look_like_others_and_runs_of_spaces_are_refused() {
+        for name in [
+            "\u{0299}\u{1D0F}\u{0299}",                 // small capitals ʙᴏʙ
+            "\u{1D2E}\u{1D3C}\u{1D2E}",                 // modifier letters ᴮᴼᴮ
+            "\u{24D1}\u{24DE}\u{24D1}",                 // circled ⓑⓞⓑ
+            "\u{1F171}ob",                              // 🅱ob
+            "\u{FF42}\u{FF4F}\u{FF42}",                 // fullwidth ｂｏｂ
+            "\u{1D41B}\u{1D428}\u{1D41B}",              // mathematical bold 𝐛𝐨𝐛
+            "\u{13AA}\u{13DE}\u{13C6}\u{13DF}\u{13AC}", // Cherokee ᎪᏞᏆᏟᎬ
+            "bob  1664157\u{1D05}",                     // a space run and a small-capital d
+            "1664157\u{1D05}",
+            "alice \u{2078}\u{00B9}\u{2079}\u{00B9}\u{2074}\u{1D43}\u{1D49}\u{1D9C}",
+        ] {
+            assert!(validate_display(name).is_err(), "{name:?} is accepted");
+        }
+        for name in ["Zoë", "José", "東京", "Ольга", "Σοφία", "محمد", "O'Brien", "build-bot 2", "ALİCE"]
+        {
+            assert!(validate_display(name).is_ok(), "{name:?} is refused");
+        }
+        for (a, b) in [("Ali", "All"), ("ALI", "ALL"), ("Eli", "Ell"), ("Clara", "Ciara"), ("Dan", "Dam")] {
+            assert!(!confusable(a, b), "{a:?} and {b:?} are told apart");
+        }
+    }
+
+    #[test]
     fn capitals_and_other_scripts_cannot_pass_for_a_name() {
         for (impostor, name) in [
             ("\u{0412}ob", "Bob"),
@@ -265,8 +292,11 @@ mod tests {
             ("\u{13AA}Iice", "alice"),
             ("\u{0410}lice", "alice"),
             ("D\u{0391}VE", "dave"),
+            ("ALlCE", "alice"),
         ] {
-            assert!(confusable(impostor, name), "{impostor:?} passes for {name:?}");
+            // Refused outright (letters made to look like others), or as a look-alike of `name`.
+            let refused = validate_display(impostor).is_err() || confusable(impostor, name);
+            assert!(refused, "{impostor:?} passes for {name:?}");
         }
         for (a, b) in [("Ali", "All"), ("ALI", "ALL"), ("alice", "bob"), ("root", "root-2"), ("Eli", "Ell")] {
             assert!(!confusable(a, b), "{a:?} and {b:?} are told apart");

@@ -164,7 +164,8 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
             let me = if p.is_self { " (you)" } else { "" };
             ListItem::new(Line::from(vec![
                 dot,
-                Span::raw(format!("{}{me}", output::clean(&p.name))),
+                // Cut so that the key beside it always shows.
+                Span::raw(format!("{}{me}", output::preview(&p.name, NAME_SHOWN))),
                 Span::styled(
                     format!("  {} · {} · {}", output::short(&p.key), p.kind.as_str(), p.mesh),
                     Style::new().dark_gray(),
@@ -205,6 +206,9 @@ fn body_lines(body: &str, width: u16) -> Vec<Line<'static>> {
 
 const GUTTER: &str = "│ ";
 
+/// A name is cut to this many characters wherever a key follows it, so the key always shows.
+const NAME_SHOWN: usize = 20;
+
 fn field(name: &str, value: String) -> Line<'static> {
     Line::from(vec![Span::styled(format!("{name:<10}"), Style::new().dark_gray()), Span::raw(value)])
 }
@@ -220,7 +224,10 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
             None => (" Message ", Text::from("Select a message.")),
             Some(m) => {
                 let mut lines = vec![
-                    field("From", format!("{} ({})", output::clean(&m.from_name), output::short(&m.from))),
+                    field(
+                        "From",
+                        format!("{} ({})", output::preview(&m.from_name, NAME_SHOWN), output::short(&m.from)),
+                    ),
                     field(
                         "To",
                         match m.kind {

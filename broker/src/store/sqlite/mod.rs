@@ -150,6 +150,11 @@ UPDATE peers SET name_key = NULL;
 CREATE INDEX peers_by_name_key_cased ON peers(mesh_id, name_key_cased);
 CREATE INDEX peers_by_name_key_upper ON peers(mesh_id, name_key_upper);
 "#,
+    // The three keys keep their case now (`name_key` in lower case, `name_key_cased` as written,
+    // `name_key_upper`) and are compared any to any: filled in again at open.
+    r#"
+UPDATE peers SET name_key = NULL;
+"#,
 ];
 
 #[derive(Clone, Debug)]

@@ -47,8 +47,8 @@ pub fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::
         p.joined_at as i64,
         p.last_seen.map(|t| t as i64),
         p.revoked,
-        keys.folded,
-        keys.cased,
+        keys.lower,
+        keys.written,
         keys.upper,
     ])?;
     Ok(())
@@ -75,9 +75,9 @@ pub fn claim_name(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -
     let holders: Vec<PeerRecord> = tx
         .prepare_cached(&format!(
             "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND key != ?2 AND revoked = 0
-               AND (name_key = ?3 OR name_key_cased = ?4 OR name_key_upper = ?5)"
+               AND (name_key IN (?3, ?4, ?5) OR name_key_cased IN (?3, ?4, ?5) OR name_key_upper IN (?3, ?4, ?5))"
         ))?
-        .query_map(params![mesh.to_string(), key.to_string(), keys.folded, keys.cased, keys.upper], peer_from_row)?
+        .query_map(params![mesh.to_string(), key.to_string(), keys.lower, keys.written, keys.upper], peer_from_row)?
         .collect::<Result<_, _>>()?;
     if let Some(live) = holders.iter().find(|p| p.ended_at.is_none()) {
         return Err(TxError::Domain(StoreError::NameTaken { name: name.to_owned(), holder: describe_holder(live) }));
@@ -146,7 +146,7 @@ pub fn rename(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> Re
         "UPDATE peers SET name = ?3, name_key = ?4, name_key_cased = ?5, name_key_upper = ?6
          WHERE mesh_id = ?1 AND key = ?2",
     )?
-    .execute(params![mesh.to_string(), key.to_string(), name, keys.folded, keys.cased, keys.upper])?;
+    .execute(params![mesh.to_string(), key.to_string(), name, keys.lower, keys.written, keys.upper])?;
     peer.name = name.to_owned();
     Ok((peer, claimed))
 }
@@ -302,7 +302,7 @@ pub fn backfill_name_keys(conn: &Connection) -> rusqlite::Result<usize> {
     )?;
     for (mesh, key, name) in &rows {
         let keys = names::name_keys(name);
-        update.execute(params![mesh, key, keys.folded, keys.cased, keys.upper])?;
+        update.execute(params![mesh, key, keys.lower, keys.written, keys.upper])?;
     }
     Ok(rows.len())
 }
