@@ -83,12 +83,12 @@ async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_u
     for (name, code) in [
         ("alice", ErrorCode::NameTaken),
         ("Alice", ErrorCode::NameTaken),
-        ("\u{0430}lice", ErrorCode::NameTaken),    // Cyrillic а
-        ("\u{13AA}LICE", ErrorCode::InvalidName),  // Cherokee Ꭺ: a script in limited use
-        ("aIice", ErrorCode::NameTaken),           // a capital i for the l
-        ("ALlCE", ErrorCode::NameTaken),           // a lower-case l for the I of ALICE
+        ("\u{0430}lice", ErrorCode::NameTaken),   // Cyrillic а
+        ("\u{13AA}LICE", ErrorCode::InvalidName), // Cherokee Ꭺ: a script in limited use
+        ("aIice", ErrorCode::NameTaken),          // a capital i for the l
+        ("ALlCE", ErrorCode::NameTaken),          // a lower-case l for the I of ALICE
         ("\u{1D00}\u{029F}\u{026A}\u{1D04}\u{1D07}", ErrorCode::InvalidName), // small capitals ᴀʟɪᴄᴇ
-        ("alice  x", ErrorCode::InvalidName),      // a run of spaces
+        ("alice  x", ErrorCode::InvalidName),     // a run of spaces
         ("al\u{200B}ice", ErrorCode::InvalidName), // zero-width space
         ("\u{202E}ecila", ErrorCode::InvalidName), // right-to-left override
         ("alice\u{0301}", ErrorCode::InvalidName), // not NFC

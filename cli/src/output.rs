@@ -232,27 +232,45 @@ pub fn short(key: &str) -> &str {
 /// make text read backwards. `--json` output keeps the exact text.
 pub fn clean(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    // Whether the last character written is part of an emoji (a symbol, or a joiner or selector kept).
-    let mut in_emoji = false;
-    for c in text.chars() {
-        let after_emoji = std::mem::replace(&mut in_emoji, false);
+    // What the last character written was, for the joiner and selectors an emoji may hold.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Last {
+        Other,
+        /// A symbol an emoji sequence can start with or continue.
+        Symbol,
+        /// A presentation selector right after such a symbol.
+        Selector,
+    }
+    let mut last = Last::Other;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let before = std::mem::replace(&mut last, Last::Other);
         match c {
-            // The joiner and emoji presentation selectors inside an emoji (`❤️`, `👩‍💻`) stay.
-            '\u{200D}' | '\u{FE0E}' | '\u{FE0F}' if after_emoji => {
-                in_emoji = true;
+            // Inside an emoji (`❤️`, `👩‍💻`) the joiner and one presentation selector stay; anywhere
+            // else, and repeated, they could carry text a person cannot see.
+            '\u{FE0E}' | '\u{FE0F}' if before == Last::Symbol => {
+                last = Last::Selector;
                 out.push(c)
             }
+            '\u{200D}' if before != Last::Other && chars.peek().is_some_and(|&n| emoji_symbol(n)) => out.push(c),
             '\n' => out.push('⏎'),
             '\t' => out.push(' '),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
             c if shown_as_code(c) => out.push_str(&format!("<U+{:04X}>", c as u32)),
             c => {
-                in_emoji = !c.is_ascii() && !c.is_alphanumeric();
+                if emoji_symbol(c) {
+                    last = Last::Symbol;
+                }
                 out.push(c)
             }
         }
     }
     out
+}
+
+/// A visible symbol outside ASCII that is no letter or digit: what emoji are made of.
+fn emoji_symbol(c: char) -> bool {
+    !c.is_ascii() && !c.is_alphanumeric() && !c.is_control() && !shown_as_code(c) && !c.is_whitespace()
 }
 
 /// Characters that render as nothing, reorder text or break lines where a terminal would not (the
@@ -261,6 +279,19 @@ pub fn clean(text: &str) -> String {
 /// separator characters: shown by their code point, so what a person reads is what was sent.
 fn shown_as_code(c: char) -> bool {
     mesh_proto::names::invisible(c)
+        // Private use (no meaning of their own), specials and blank format or filler characters.
+        || matches!(
+            c,
+            '\u{E000}'..='\u{F8FF}'
+                | '\u{F0000}'..='\u{10FFFF}'
+                | '\u{FDD0}'..='\u{FDEF}'
+                | '\u{FFF0}'..='\u{FFF8}'
+                | '\u{FFFE}'
+                | '\u{FFFF}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{16FE4}'
+                | '\u{1D159}'
+        )
         || matches!(c, '\u{2028}' | '\u{2029}' | '\u{FFF9}'..='\u{FFFB}' | '\u{1D173}'..='\u{1D17A}')
 }
 
@@ -309,5 +340,12 @@ mod tests {
         assert_eq!(clean("naïve 東京 😀 ok"), "naïve 東京 😀 ok", "letters and emoji stay as they are");
         assert_eq!(clean("\u{2764}\u{FE0F} \u{1F469}\u{200D}\u{1F4BB}"), "\u{2764}\u{FE0F} \u{1F469}\u{200D}\u{1F4BB}");
         assert_eq!(clean("a\u{200D}b\u{FE0F}"), "a<U+200D>b<U+FE0F>", "not inside an emoji");
+        // A run of selectors or joiners after an emoji is a hidden channel: one selector stays.
+        assert_eq!(clean("\u{1F600}\u{FE0E}\u{FE0F}\u{200D}\u{FE0E}"), "\u{1F600}\u{FE0E}<U+FE0F><U+200D><U+FE0E>");
+        assert_eq!(clean("\u{1F44D}\u{1F3FD} \u{1F1EB}\u{1F1F7}"), "\u{1F44D}\u{1F3FD} \u{1F1EB}\u{1F1F7}");
+        assert_eq!(
+            clean("\u{E000}\u{FDD0}\u{FFF0}\u{16FE4}\u{1D159}\u{13430}"),
+            "<U+E000><U+FDD0><U+FFF0><U+16FE4><U+1D159><U+13430>"
+        );
     }
 }

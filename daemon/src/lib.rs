@@ -163,9 +163,10 @@ fn check_not_recreating(home: &Home, fresh: bool) -> Result<(), StartError> {
 }
 
 /// Written once the daemon's database has been created: from then on, a missing or empty one is a
-/// loss, not a first start.
+/// loss, not a first start. It lives beside the identity, not the database, so that removing the
+/// database's files (`rm data/daemon.db*`) does not remove it too.
 fn created_marker(home: &Home) -> PathBuf {
-    home.data_dir.join("daemon.db.created")
+    home.config_dir.join("daemon-db-created")
 }
 
 /// The embedded broker's database must not start over silently either while the local mesh lives

@@ -146,7 +146,14 @@ fn a_corrupt_or_truncated_database_is_moved_aside_with_a_clear_error_and_nothing
                 std::fs::write(&db, &bytes[..bytes.len() / 3]).expect("truncate");
             }
             "emptied" => std::fs::write(&db, b"").expect("empty"),
-            _ => std::fs::remove_file(&db).expect("delete"),
+            _ => {
+                // Every file of the database, as `rm data/daemon.db*` would.
+                for entry in std::fs::read_dir(&home.paths().data_dir).expect("data dir").filter_map(|e| e.ok()) {
+                    if entry.file_name().to_string_lossy().starts_with("daemon.db") {
+                        std::fs::remove_file(entry.path()).expect("delete");
+                    }
+                }
+            }
         }
         let err = home.fails(&["daemon", "up"], 1);
         if matches!(damage, "garbage" | "truncated") {
