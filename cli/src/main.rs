@@ -4,6 +4,7 @@
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage, 3 daemon unreachable.
 
+mod agent;
 #[macro_use]
 mod output;
 mod cmd;

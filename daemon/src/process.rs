@@ -36,6 +36,31 @@ pub fn is_self_or_ancestor(ancestor: u32, pid: u32) -> bool {
     false
 }
 
+/// The agent a hook or an MCP server serves: the nearest ancestor of this process that is not a
+/// shell (agents run their hooks through `sh -c`, sometimes through more than one shell).
+pub fn agent_pid() -> u32 {
+    let mut at = std::os::unix::process::parent_id();
+    for _ in 0..16 {
+        let shell =
+            command_name(at).is_some_and(|n| matches!(n.as_str(), "sh" | "bash" | "dash" | "zsh" | "fish" | "ksh"));
+        match parent(at) {
+            Some(p) if shell && p > 1 => at = p,
+            _ => break,
+        }
+    }
+    at
+}
+
+#[cfg(target_os = "linux")]
+fn command_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn command_name(_pid: u32) -> Option<String> {
+    None
+}
+
 #[cfg(target_os = "linux")]
 fn parent(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

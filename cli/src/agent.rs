@@ -1,0 +1,94 @@
+//! Which session an agent's MCP server or hook acts as: inside `mesh launch` the launched session;
+//! otherwise the session named `--name` (default: the agent's working directory's name) of the agent
+//! that runs it — resumed when that agent already has it live, registered for the agent (its nearest
+//! ancestor that is not a shell) when not; the member only when asked (`--as-member`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use mesh_ipc::api::{LaunchRequest, LaunchResponse, SessionInfo};
+use mesh_ipc::{IpcClient, routes};
+
+/// Who an MCP server or a hook acts as.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub client: IpcClient,
+    /// A session's name, or `None` for the member.
+    pub session: Option<String>,
+}
+
+/// What the command line (or the hook's input) says about it.
+#[derive(Clone, Debug, Default)]
+pub struct Who {
+    pub name: Option<String>,
+    pub mesh: Option<String>,
+    pub as_member: bool,
+    /// The agent's working directory, when the agent says (hooks); else this process's.
+    pub cwd: Option<PathBuf>,
+}
+
+pub async fn identity(who: Who) -> anyhow::Result<Identity> {
+    if crate::cmd::in_session() {
+        let client = crate::cmd::client()?;
+        let me: SessionInfo = client.get(routes::SESSION).await?;
+        return Ok(Identity { client, session: Some(me.name) });
+    }
+    let member = crate::cmd::client()?;
+    if who.as_member {
+        return Ok(Identity { client: member, session: None });
+    }
+    let name = match who.name {
+        Some(n) => n,
+        None => {
+            let dir = match who.cwd {
+                Some(d) => d,
+                None => std::env::current_dir().context("the working directory")?,
+            };
+            default_name(&dir)
+        }
+    };
+    let req = LaunchRequest {
+        name,
+        mesh: crate::cmd::context_mesh(who.mesh)?,
+        pid: mesh_daemon::process::agent_pid(),
+        resume: true,
+    };
+    let launched: LaunchResponse = member.post(routes::SESSIONS, &req).await?;
+    let token = std::fs::read_to_string(&launched.token_file)
+        .with_context(|| format!("reading the session's token from {}", launched.token_file))?;
+    Ok(Identity { client: member.with_bearer(Some(token.trim().to_owned())), session: Some(launched.session.name) })
+}
+
+/// The name of the agent's working directory, made a valid display name (`my project!` → `my
+/// project`), or `agent` when nothing of it is left.
+pub fn default_name(dir: &Path) -> String {
+    let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name_from(&base)
+}
+
+fn name_from(base: &str) -> String {
+    let kept: String = base
+        .chars()
+        .map(|c| if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { ' ' })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(mesh_proto::names::MAX_NAME_LEN)
+        .collect();
+    let kept = mesh_proto::names::normalize(kept.trim());
+    if mesh_proto::names::validate_display(&kept).is_ok() { kept } else { "agent".to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_working_directory_becomes_a_valid_name() {
+        assert_eq!(super::name_from("web-app"), "web-app");
+        assert_eq!(super::name_from("my project!"), "my project");
+        assert_eq!(super::name_from("  "), "agent");
+        assert_eq!(super::name_from("deadbeefcafe"), "agent", "it would look like a key");
+        assert_eq!(super::name_from("a\u{202E}b"), "a b");
+    }
+}
