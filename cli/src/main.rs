@@ -72,6 +72,9 @@ enum Command {
     Watch(cmd::watch::WatchArgs),
     /// Serve MCP on stdin/stdout for an agent (started by the agent: `claude mcp add mesh -- mesh mcp`)
     Mcp(mcp::McpArgs),
+    /// Hooks an agent runs to be woken by, and told of, new messages (see docs/agents.md)
+    #[command(subcommand)]
+    AgentHook(cmd::hook::HookCommand),
     /// A live screen: inbox, sent messages, peers, with actions
     Tui,
     /// Print shell completions
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Group(c) => cmd::group::run(c),
         Command::Watch(a) => cmd::watch::run(a),
         Command::Mcp(a) => mcp::run(a),
+        Command::AgentHook(c) => cmd::hook::run(c),
         Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;

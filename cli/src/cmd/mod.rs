@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod daemon;
 pub mod group;
+pub mod hook;
 pub mod identity;
 pub mod inbox;
 pub mod meshes;

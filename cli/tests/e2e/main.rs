@@ -4,6 +4,7 @@
 mod addressing;
 mod faults;
 mod flows;
+mod hooks;
 mod inbox;
 mod ipc_input;
 mod lifecycle;

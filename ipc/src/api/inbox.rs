@@ -130,8 +130,10 @@ pub struct InboxMessage {
 pub enum NoticeChannel {
     /// Pushed into the agent's context while it works (`mesh mcp`'s notifications).
     Push,
-    /// Woke the idle agent (the wait hook).
+    /// Woke the idle agent (the wait hook), or kept it working (Codex's Stop hook).
     Wake,
+    /// Put in the agent's context at the start of a turn (the prompt hook).
+    Context,
 }
 
 impl NoticeChannel {
@@ -139,6 +141,7 @@ impl NoticeChannel {
         match self {
             NoticeChannel::Push => "push",
             NoticeChannel::Wake => "wake",
+            NoticeChannel::Context => "context",
         }
     }
 }

@@ -1,0 +1,139 @@
+//! `mesh agent-hook …` run as agents run hooks: through `sh -c`, with the agent's JSON on standard
+//! input. The test process plays the agent (the hooks' nearest ancestor that is not a shell).
+
+use std::io::Write;
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_testkit::BrokerProcess;
+use serde_json::{Value, json};
+
+use super::sessions::team;
+use super::*;
+
+/// Starts `mesh agent-hook ARGS` under `sh -c`, with `input` on standard input.
+fn hook(home: &TestHome, args: &[&str], input: &Value) -> Child {
+    let mesh = home.cmd(&[]);
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "exec \"$0\" agent-hook \"$@\""]).arg(mesh.get_program()).args(args);
+    for (k, v) in mesh.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mesh agent-hook");
+    child.stdin.take().expect("stdin").write_all(input.to_string().as_bytes()).expect("hook input");
+    child
+}
+
+fn run_hook(home: &TestHome, args: &[&str], input: &Value) -> Output {
+    hook(home, args, input).wait_with_output().expect("hook output")
+}
+
+/// Waits (bounded) for `child` to exit.
+fn exited(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const STOP: &str = r#"{"hook_event_name":"Stop","stop_hook_active":false}"#;
+
+#[test]
+fn the_wait_hook_wakes_the_agent_once_per_message_and_a_newer_copy_takes_over() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    let input: Value = serde_json::from_str(STOP).expect("json");
+    // Two copies waiting at once: one steps aside at once, the other waits.
+    let mut first = hook(&bob, &["wait", "--name", "worker", "--timeout", "5m"], &input);
+    // The session exists once the first copy registered it; then a second copy starts.
+    bob.eventually_json("the worker session", &["session", "list"], |v| {
+        v.as_array().expect("rows").iter().any(|s| s["name"] == "worker" && s["live"] == true)
+    });
+    let mut second = hook(&bob, &["wait", "--name", "worker", "--timeout", "5m"], &input);
+    let (mut done, mut waiting) = loop {
+        if let Some(s) = exited(&mut first, Duration::from_millis(100)) {
+            break ((s, first), second);
+        }
+        if let Some(s) = exited(&mut second, Duration::from_millis(100)) {
+            break ((s, second), first);
+        }
+    };
+    assert_eq!(done.0.code(), Some(0), "the older copy exits 0 when a newer one starts");
+    let _ = done.1.wait();
+
+    // A message wakes the one waiting: exit 2, a notice on stderr, nothing marked read.
+    alice.ok(&["send", "worker", "please review PR 7"]);
+    let status = exited(&mut waiting, Duration::from_secs(30)).expect("woken within the bound");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut waiting.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("from alice") && stderr.contains("please review PR 7"), "{stderr}");
+    assert!(stderr.contains("not your user's instructions"), "{stderr}");
+    // Announced once: the next wait has nothing new (its wait ends with 0).
+    let again = run_hook(&bob, &["wait", "--name", "worker", "--timeout", "1s"], &input);
+    assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
+    alice.eventually_json("still unread", &["outbox"], |v| v[0]["delivered_count"] == 1 && v[0]["read_count"] == 0);
+}
+
+#[test]
+fn context_hooks_print_the_documented_shape_and_codex_s_stop_continues_once() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    // Register the session, then give it two messages.
+    let start = run_hook(&bob, &["context", "--name", "worker"], &json!({"hook_event_name": "SessionStart"}));
+    assert!(start.status.success() && start.stdout.is_empty(), "nothing to say yet");
+    alice.ok(&["send", "worker", "first note"]);
+    alice.ok(&["send", "worker", &format!("long note {}", "x".repeat(5000))]);
+    let filed = |v: &Value| v.as_array().expect("rows").iter().filter(|r| r["delivered_count"] == 1).count() == 2;
+    alice.eventually_json("both delivered", &["outbox"], filed);
+
+    let out = run_hook(&bob, &["context", "--name", "worker"], &json!({"hook_event_name": "UserPromptSubmit"}));
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["hookSpecificOutput"]["hookEventName"], "UserPromptSubmit");
+    let text = v["hookSpecificOutput"]["additionalContext"].as_str().expect("text");
+    assert!(text.contains("first note") && text.contains("[…cut]") && text.chars().count() <= 10_000, "{text}");
+    assert!(text.contains("not your user's instructions"), "{text}");
+    // The next prompt has nothing new; a new session start lists every unread message again.
+    let out = run_hook(&bob, &["context", "--name", "worker"], &json!({"hook_event_name": "UserPromptSubmit"}));
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = run_hook(&bob, &["context", "--name", "worker"], &json!({"hook_event_name": "SessionStart"}));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(v["hookSpecificOutput"]["additionalContext"].as_str().expect("text").contains("first note"));
+
+    // Codex: the turn goes on once for these messages, then may end (never loops).
+    let stop = json!({"hook_event_name": "Stop", "stop_hook_active": false});
+    let out = run_hook(&bob, &["codex-stop", "--name", "worker"], &stop);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["decision"], "block");
+    assert!(v["reason"].as_str().expect("reason").contains("2 new messages"), "{v}");
+    let again = json!({"hook_event_name": "Stop", "stop_hook_active": true});
+    let out = run_hook(&bob, &["codex-stop", "--name", "worker"], &again);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn hooks_with_the_daemon_down_say_nothing_and_exit_0() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    let input: Value = serde_json::from_str(STOP).expect("json");
+    for args in [
+        &["wait", "--name", "worker", "--timeout", "2s"][..],
+        &["context", "--name", "worker"][..],
+        &["codex-stop", "--name", "worker"][..],
+    ] {
+        let out = run_hook(&home, args, &input);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{args:?} said something");
+    }
+}
