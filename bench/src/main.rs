@@ -5,6 +5,7 @@
 
 mod fanout;
 mod load;
+mod mcp;
 mod peer;
 mod procs;
 mod send;
@@ -67,6 +68,14 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
+    /// An agent's MCP server: push latency from `mesh send` on another daemon, start to ready, idle cost
+    Mcp {
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// How long the idle server is watched (seconds)
+        #[arg(long, default_value = "60s", value_parser = humantime_like)]
+        idle: Duration,
+    },
     /// Every scenario, small: seconds, for CI (no timing is judged)
     Smoke,
 }
@@ -109,6 +118,7 @@ fn main() -> anyhow::Result<()> {
                 fanout::broadcast(&bin, receivers, rounds, timeout).await?,
                 fanout::sse(&bin, receivers.min(64), rounds, timeout).await?,
             ],
+            Scenario::Mcp { messages, idle } => vec![mcp::run(&bin, messages, idle).await?],
             Scenario::Smoke => {
                 let nats = std::process::Command::new("nats-server").arg("--version").output().is_ok();
                 vec![
@@ -119,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                         .await?,
                     fanout::broadcast(&bin, 3, 2, timeout).await?,
                     fanout::sse(&bin, 2, 2, timeout).await?,
+                    mcp::run(&bin, 3, Duration::from_secs(1)).await?,
                 ]
             }
         })
