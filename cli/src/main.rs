@@ -85,7 +85,26 @@ enum Command {
     },
 }
 
+/// `mesh mcp …` parsed on its own: an agent's long-lived server need not build (and keep in memory)
+/// the whole command tree.
+#[derive(Parser, Debug)]
+#[command(name = "mesh mcp", about = "Serve MCP on stdin/stdout for an agent")]
+struct McpOnly {
+    #[command(flatten)]
+    args: mcp::McpArgs,
+    /// Accepted as everywhere; `mesh mcp` speaks JSON-RPC whatever it says.
+    #[arg(long, hide = true)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "mcp") {
+        let only = match McpOnly::try_parse_from(std::env::args_os().skip(1)) {
+            Ok(o) => o,
+            Err(e) => return usage_error(&e),
+        };
+        return finish(mcp::run(only.args));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
@@ -122,6 +141,10 @@ fn main() -> ExitCode {
             Ok(())
         }
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => ExitCode::from(output::report_error(&e)),
