@@ -88,7 +88,7 @@ enum Command {
 /// `mesh mcp …` parsed on its own: an agent's long-lived server need not build (and keep in memory)
 /// the whole command tree.
 #[derive(Parser, Debug)]
-#[command(name = "mesh mcp", about = "Serve MCP on stdin/stdout for an agent")]
+#[command(name = "mesh mcp", bin_name = "mesh mcp", about = "Serve MCP on stdin/stdout for an agent")]
 struct McpOnly {
     #[command(flatten)]
     args: mcp::McpArgs,
