@@ -45,9 +45,9 @@ pub async fn run(bin: &std::path::Path, messages: usize, idle: Duration) -> anyh
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let list: Value = serde_json::from_str(&bob.run(&["session", "list", "--json"])?)?;
-        let online = list.as_array().is_some_and(|a| {
-            a.iter().any(|s| s["name"] == "worker" && s["connection"]["state"] == "online")
-        });
+        let online = list
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["name"] == "worker" && s["connection"]["state"] == "online"));
         if online {
             break;
         }
@@ -93,9 +93,7 @@ pub async fn run(bin: &std::path::Path, messages: usize, idle: Duration) -> anyh
 }
 
 /// The next JSON line the server writes, within 30 s.
-async fn next_line(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-) -> anyhow::Result<Value> {
+async fn next_line(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> anyhow::Result<Value> {
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .context("mesh mcp said nothing for 30 s")??

@@ -75,6 +75,8 @@ enum Command {
     /// Hooks an agent runs to be woken by, and told of, new messages (see docs/agents.md)
     #[command(subcommand)]
     AgentHook(cmd::hook::HookCommand),
+    /// Add `mesh mcp` and the hooks to Claude Code's or Codex's configuration (or --remove them)
+    Setup(cmd::setup::SetupArgs),
     /// A live screen: inbox, sent messages, peers, with actions
     Tui,
     /// Print shell completions
@@ -131,6 +133,7 @@ fn main() -> ExitCode {
         Command::Watch(a) => cmd::watch::run(a),
         Command::Mcp(a) => mcp::run(a),
         Command::AgentHook(c) => cmd::hook::run(c),
+        Command::Setup(a) => cmd::setup::run(a),
         Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -11,6 +11,7 @@ pub mod outbox;
 pub mod send;
 pub mod service;
 pub mod session;
+pub mod setup;
 pub mod watch;
 
 use anyhow::Context;

@@ -15,6 +15,7 @@ mod output;
 mod readme;
 mod service;
 mod sessions;
+mod setup;
 mod tui;
 
 pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
