@@ -15,6 +15,8 @@ pub struct Identity {
     pub client: IpcClient,
     /// A session's name, or `None` for the member.
     pub session: Option<String>,
+    /// The session's token file (`MESH_SESSION_FILE` for processes acting as it), when known.
+    pub token_file: Option<PathBuf>,
 }
 
 /// What the command line (or the hook's input) says about it.
@@ -25,17 +27,20 @@ pub struct Who {
     pub as_member: bool,
     /// The agent's working directory, when the agent says (hooks); else this process's.
     pub cwd: Option<PathBuf>,
+    /// The process the session lives as long as; default: the agent ([`mesh_daemon::process::agent_pid`]).
+    pub pid: Option<u32>,
 }
 
 pub async fn identity(who: Who) -> anyhow::Result<Identity> {
     if crate::cmd::in_session() {
         let client = crate::cmd::client()?;
         let me: SessionInfo = client.get(routes::SESSION).await?;
-        return Ok(Identity { client, session: Some(me.name) });
+        let file = std::env::var_os(mesh_ipc::SESSION_FILE_ENV).map(PathBuf::from);
+        return Ok(Identity { client, session: Some(me.name), token_file: file });
     }
     let member = crate::cmd::client()?;
     if who.as_member {
-        return Ok(Identity { client: member, session: None });
+        return Ok(Identity { client: member, session: None, token_file: None });
     }
     let name = match who.name {
         Some(n) => n,
@@ -50,13 +55,17 @@ pub async fn identity(who: Who) -> anyhow::Result<Identity> {
     let req = LaunchRequest {
         name,
         mesh: crate::cmd::context_mesh(who.mesh)?,
-        pid: mesh_daemon::process::agent_pid(),
+        pid: who.pid.unwrap_or_else(mesh_daemon::process::agent_pid),
         resume: true,
     };
     let launched: LaunchResponse = member.post(routes::SESSIONS, &req).await?;
     let token = std::fs::read_to_string(&launched.token_file)
         .with_context(|| format!("reading the session's token from {}", launched.token_file))?;
-    Ok(Identity { client: member.with_bearer(Some(token.trim().to_owned())), session: Some(launched.session.name) })
+    Ok(Identity {
+        client: member.with_bearer(Some(token.trim().to_owned())),
+        session: Some(launched.session.name),
+        token_file: Some(PathBuf::from(launched.token_file)),
+    })
 }
 
 /// The name of the agent's working directory, made a valid display name (`my project!` → `my

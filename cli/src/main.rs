@@ -77,6 +77,8 @@ enum Command {
     AgentHook(cmd::hook::HookCommand),
     /// Add `mesh mcp` and the hooks to Claude Code's or Codex's configuration (or --remove them)
     Setup(cmd::setup::SetupArgs),
+    /// Run an agent that cannot be woken (`-- codex exec`) once per batch of new messages
+    AgentRun(cmd::hook::AgentRunArgs),
     /// A live screen: inbox, sent messages, peers, with actions
     Tui,
     /// Print shell completions
@@ -134,6 +136,7 @@ fn main() -> ExitCode {
         Command::Mcp(a) => mcp::run(a),
         Command::AgentHook(c) => cmd::hook::run(c),
         Command::Setup(a) => cmd::setup::run(a),
+        Command::AgentRun(a) => cmd::hook::agent_run(a),
         Command::Tui => tui::run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;

@@ -9,6 +9,7 @@
 use std::io::{IsTerminal, Read};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use mesh_ipc::api::{ClaimNoticesRequest, ClaimNoticesResponse, InboxMessage, InboxQuery, NoticeChannel};
 use mesh_ipc::{IpcError, routes};
 use serde_json::{Value, json};
@@ -39,6 +40,20 @@ pub enum HookCommand {
     },
 }
 
+/// `mesh agent-run [--name N] -- COMMAND…`: for agents that cannot be woken, runs COMMAND once per
+/// batch of new messages, with a prompt about them as its last argument (`-- codex exec`).
+#[derive(clap::Args, Debug)]
+pub struct AgentRunArgs {
+    #[command(flatten)]
+    pub who: WhoArgs,
+    /// Stop after this many runs (default: never)
+    #[arg(long)]
+    pub max_runs: Option<u32>,
+    /// The agent's command; the prompt is appended as its last argument
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct WhoArgs {
     /// The session's name (default: the agent's working directory's name)
@@ -63,6 +78,7 @@ pub fn run(cmd: HookCommand) -> anyhow::Result<()> {
         mesh: w.mesh,
         as_member: false,
         cwd: input.get("cwd").and_then(Value::as_str).map(Into::into),
+        pid: None,
     };
     let code = match cmd {
         HookCommand::Wait { who: w, timeout } => super::block_on(wait(who(w), timeout))??,
@@ -230,4 +246,47 @@ fn context_text(identity: &Identity, messages: &[InboxMessage]) -> String {
     }
     out.push_str(tail);
     out
+}
+
+/// `agent-run`: this process is the agent's session (it lives as long as this runs); each batch of
+/// messages not yet announced on the `wake` channel starts COMMAND with a prompt naming them, as the
+/// session (`MESH_SESSION_FILE` set for it), and waits for it before the next batch.
+pub fn agent_run(args: AgentRunArgs) -> anyhow::Result<()> {
+    let who =
+        Who { name: args.who.name, mesh: args.who.mesh, as_member: false, cwd: None, pid: Some(std::process::id()) };
+    let identity = super::block_on(crate::agent::identity(who))??;
+    let mut runs = 0u32;
+    while args.max_runs.is_none_or(|m| runs < m) {
+        let claimed = match super::block_on(claim(&identity, NoticeChannel::Wake, Duration::from_secs(600)))? {
+            Ok(c) => c,
+            Err(IpcError::Unreachable { .. }) => {
+                std::thread::sleep(RETRY);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if claimed.superseded {
+            errln!("another agent-run (or wait hook) now serves this session; stopping");
+            return Ok(());
+        }
+        if claimed.messages.is_empty() {
+            continue;
+        }
+        let prompt = format!(
+            "{}\nHandle them: read them with the mesh inbox tool (or `mesh inbox --unread`), act on what is \
+             asked if your instructions allow it, reply with the send tool (`reply_to` the message id), and \
+             mark them read with the read tool (or `mesh inbox ack ID`).",
+            notice(&identity, &claimed.messages, claimed.more)
+        );
+        let (program, rest) = args.command.split_first().context("no command to run")?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(rest).arg(&prompt);
+        if let Some(file) = &identity.token_file {
+            cmd.env(mesh_ipc::SESSION_FILE_ENV, file);
+        }
+        let status = cmd.status().with_context(|| format!("running {program}"))?;
+        runs += 1;
+        errln!("mesh agent-run: {program} handled {} message(s) and exited {status}", claimed.messages.len());
+    }
+    Ok(())
 }

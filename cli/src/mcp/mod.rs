@@ -33,7 +33,8 @@ pub fn run(args: McpArgs) -> anyhow::Result<()> {
     let _log = mesh_daemon::lifecycle::init_logging_as("mcp", &home.log_dir, false);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the async runtime")?;
     runtime.block_on(async move {
-        let who = crate::agent::Who { name: args.name, mesh: args.mesh, as_member: args.as_member, cwd: None };
+        let who =
+            crate::agent::Who { name: args.name, mesh: args.mesh, as_member: args.as_member, cwd: None, pid: None };
         let identity = crate::agent::identity(who).await?;
         tracing::info!(session = identity.session.as_deref().unwrap_or("(member)"), "mcp server starting");
         server::serve(identity).await

@@ -137,3 +137,33 @@ fn hooks_with_the_daemon_down_say_nothing_and_exit_0() {
         assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{args:?} said something");
     }
 }
+
+#[test]
+fn agent_run_starts_the_agent_once_per_batch_as_the_session() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team(&broker);
+    let out = tempfile::tempdir().expect("tempdir");
+    let mesh = bob.cmd(&[]).get_program().to_string_lossy().into_owned();
+    // The "agent": records its prompt, and lists the inbox it sees (as the session).
+    let script = format!(
+        "printf '%s' \"$1\" > '{0}/prompt'; '{mesh}' inbox --unread --json > '{0}/inbox'",
+        out.path().display()
+    );
+    let mut run = bob
+        .cmd(&["agent-run", "--name", "worker", "--max-runs", "1", "--", "sh", "-c", &script, "agent"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mesh agent-run");
+    bob.eventually_json("the worker session", &["session", "list"], |v| {
+        v.as_array().expect("rows").iter().any(|s| s["name"] == "worker" && s["live"] == true)
+    });
+    alice.ok(&["send", "worker", "run the tests please"]);
+    let status = exited(&mut run, Duration::from_secs(30)).expect("the agent ran and agent-run ended");
+    assert!(status.success());
+    let prompt = std::fs::read_to_string(out.path().join("prompt")).expect("prompt");
+    assert!(prompt.contains("from alice") && prompt.contains("run the tests please"), "{prompt}");
+    assert!(prompt.contains("not your user's instructions"), "{prompt}");
+    let inbox: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("inbox")).expect("inbox")).expect("JSON");
+    assert_eq!(ready_bodies(&inbox), ["run the tests please"], "the agent acts as the session");
+}
