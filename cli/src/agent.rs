@@ -42,22 +42,23 @@ pub async fn identity(who: Who) -> anyhow::Result<Identity> {
     if who.as_member {
         return Ok(Identity { client: member, session: None, token_file: None });
     }
-    let name = match who.name {
-        Some(n) => n,
-        None => {
-            let dir = match who.cwd {
-                Some(d) => d,
-                None => std::env::current_dir().context("the working directory")?,
-            };
-            default_name(&dir)
-        }
+    let pid = who.pid.unwrap_or_else(mesh_daemon::process::agent_pid);
+    let (name, mesh) = match who.name {
+        Some(n) => (n, crate::cmd::context_mesh(who.mesh)?),
+        None => match agents_session(&member, pid).await? {
+            // The agent has a session already (its MCP server or an earlier hook made it): that one,
+            // whatever directory the agent has moved to since.
+            Some(live) => (live.name, Some(live.mesh)),
+            None => {
+                let dir = match who.cwd {
+                    Some(d) => d,
+                    None => std::env::current_dir().context("the working directory")?,
+                };
+                (default_name(&dir), crate::cmd::context_mesh(who.mesh)?)
+            }
+        },
     };
-    let req = LaunchRequest {
-        name,
-        mesh: crate::cmd::context_mesh(who.mesh)?,
-        pid: who.pid.unwrap_or_else(mesh_daemon::process::agent_pid),
-        resume: true,
-    };
+    let req = LaunchRequest { name, mesh, pid, resume: true };
     let launched: LaunchResponse = member.post(routes::SESSIONS, &req).await?;
     let token = std::fs::read_to_string(&launched.token_file)
         .with_context(|| format!("reading the session's token from {}", launched.token_file))?;
@@ -65,6 +66,16 @@ pub async fn identity(who: Who) -> anyhow::Result<Identity> {
         client: member.with_bearer(Some(token.trim().to_owned())),
         session: Some(launched.session.name),
         token_file: Some(PathBuf::from(launched.token_file)),
+    })
+}
+
+/// The live session whose process is `pid`, when there is exactly one.
+async fn agents_session(member: &IpcClient, pid: u32) -> anyhow::Result<Option<SessionInfo>> {
+    let all: Vec<SessionInfo> = member.get(routes::SESSIONS).await?;
+    let mut mine = all.into_iter().filter(|s| s.live && s.pid == Some(pid));
+    Ok(match (mine.next(), mine.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
     })
 }
 

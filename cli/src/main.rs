@@ -183,6 +183,11 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     } else {
         let _ = e.print();
     }
+    // An agent reads a hook's exit 2 as "wake up and read this": a mistyped hook must not do that,
+    // after every turn.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "agent-hook") {
+        return ExitCode::from(output::EXIT_FAILURE);
+    }
     ExitCode::from(output::EXIT_USAGE)
 }
 

@@ -16,38 +16,67 @@ use tokio::sync::Notify;
 
 use crate::inbox;
 
-/// Claims up to `limit` of `recipient`'s unread, filed messages not yet announced on `channel`, the
-/// oldest first. Returns them, and how many more are waiting.
+/// Who claims, for a claim that is confirmed once the claimant has delivered what it claimed: its
+/// unconfirmed claims go to the next claimant that is not it (it died before delivering them).
+pub type Claimant<'a> = Option<&'a str>;
+
+/// Whether a message still waits to be announced on a channel (for claimant `?3`): no notice there, or
+/// one another claimant took and never confirmed.
+const WAITING: &str = "NOT EXISTS (SELECT 1 FROM notices n WHERE n.inbox_id = i.id AND n.channel = ?2
+                         AND (n.confirmed = 1 OR n.claimant IS ?3))";
+
+/// Claims up to `limit` of `recipient`'s unread, filed messages still waiting to be announced on
+/// `channel`, the oldest first. Without a claimant the claim is final; with one, it stands once the
+/// claimant [`confirm`]s it. Returns them, and how many more are waiting.
 pub fn claim(
     conn: &Connection,
     recipient: &PublicKey,
     channel: NoticeChannel,
+    claimant: Claimant<'_>,
     limit: u32,
     now: u64,
 ) -> rusqlite::Result<(Vec<InboxMessage>, u64)> {
     let tx = conn.unchecked_transaction()?;
     let ids: Vec<i64> = tx
-        .prepare_cached(
-            "INSERT INTO notices (inbox_id, channel, at)
-             SELECT i.id, ?2, ?3 FROM inbox i
-             WHERE i.recipient = ?1 AND i.read_at IS NULL AND i.status = 'ready'
-               AND NOT EXISTS (SELECT 1 FROM notices n WHERE n.inbox_id = i.id AND n.channel = ?2)
-             ORDER BY i.id LIMIT ?4
-             RETURNING inbox_id",
-        )?
-        .query_map(params![recipient.to_string(), channel.as_str(), now as i64, limit], |r| r.get(0))?
+        .prepare_cached(&format!(
+            "INSERT INTO notices (inbox_id, channel, at, claimant, confirmed)
+             SELECT i.id, ?2, ?4, ?3, ?3 IS NULL FROM inbox i
+             WHERE i.recipient = ?1 AND i.read_at IS NULL AND i.status = 'ready' AND {WAITING}
+             ORDER BY i.id LIMIT ?5
+             ON CONFLICT (inbox_id, channel) DO UPDATE SET
+               at = excluded.at, claimant = excluded.claimant, confirmed = excluded.confirmed
+             RETURNING inbox_id"
+        ))?
+        .query_map(params![recipient.to_string(), channel.as_str(), claimant, now as i64, limit], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let more: i64 = tx
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT COUNT(*) FROM inbox i
-             WHERE i.recipient = ?1 AND i.read_at IS NULL AND i.status = 'ready'
-               AND NOT EXISTS (SELECT 1 FROM notices n WHERE n.inbox_id = i.id AND n.channel = ?2)",
-        )?
-        .query_row(params![recipient.to_string(), channel.as_str()], |r| r.get(0))?;
+             WHERE i.recipient = ?1 AND i.read_at IS NULL AND i.status = 'ready' AND {WAITING}"
+        ))?
+        .query_row(params![recipient.to_string(), channel.as_str(), claimant], |r| r.get(0))?;
     let mut messages = ids.into_iter().map(|id| inbox::get(&tx, id)).collect::<Result<Vec<_>, _>>()?;
     messages.sort_by_key(|m| m.id);
     tx.commit()?;
     Ok((messages, more.max(0) as u64))
+}
+
+/// `claimant` delivered these messages it claimed on `channel`: they are announced for good.
+pub fn confirm(
+    conn: &Connection,
+    recipient: &PublicKey,
+    channel: NoticeChannel,
+    claimant: &str,
+    ids: &[i64],
+) -> rusqlite::Result<usize> {
+    let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+    conn.prepare_cached(
+        "UPDATE notices SET confirmed = 1
+         WHERE channel = ?2 AND claimant = ?3 AND confirmed = 0
+           AND inbox_id IN (SELECT value FROM json_each(?4))
+           AND inbox_id IN (SELECT id FROM inbox WHERE recipient = ?1)",
+    )?
+    .execute(params![recipient.to_string(), channel.as_str(), claimant, ids])
 }
 
 /// The current waiting claim of each (recipient, channel): its number, and how to tell it it was
@@ -62,7 +91,7 @@ pub struct Claimants {
 }
 
 /// A waiting claim's place; it is current until a newer one for the same recipient and channel.
-pub struct Claimant<'a> {
+pub struct Waiter<'a> {
     claimants: &'a Claimants,
     key: (PublicKey, NoticeChannel),
     id: u64,
@@ -71,7 +100,7 @@ pub struct Claimant<'a> {
 
 impl Claimants {
     /// Registers a waiting claim; the one it replaces is told at once.
-    pub fn enter(&self, recipient: PublicKey, channel: NoticeChannel) -> Claimant<'_> {
+    pub fn enter(&self, recipient: PublicKey, channel: NoticeChannel) -> Waiter<'_> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         let key = (recipient, channel);
@@ -80,7 +109,7 @@ impl Claimants {
             // notify_one stores a permit: the older claim sees it even if not waiting at this instant.
             older.notify_one();
         }
-        Claimant { claimants: self, key, id, superseded: notify }
+        Waiter { claimants: self, key, id, superseded: notify }
     }
 
     /// How many claims are waiting.
@@ -93,14 +122,14 @@ impl Claimants {
     }
 }
 
-impl Claimant<'_> {
+impl Waiter<'_> {
     /// Whether a newer claim took this one's place.
     pub fn is_current(&self) -> bool {
         self.claimants.lock().get(&self.key).is_some_and(|(id, _)| *id == self.id)
     }
 }
 
-impl Drop for Claimant<'_> {
+impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let mut current = self.claimants.lock();
         if current.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
@@ -137,13 +166,13 @@ mod tests {
             insert(c, &me, 4, "failed")?; // not filed: never announced
             insert(c, &other, 5, "ready")?; // another recipient's
             c.execute("UPDATE inbox SET read_at = 5 WHERE id = ?1", [ids[2]])?; // read already
-            let (first, more) = claim(c, &me, NoticeChannel::Push, 1, 10)?;
+            let (first, more) = claim(c, &me, NoticeChannel::Push, None, 1, 10)?;
             assert_eq!((first.iter().map(|m| m.id).collect::<Vec<_>>(), more), (vec![ids[0]], 1));
-            let (second, more) = claim(c, &me, NoticeChannel::Push, 100, 10)?;
+            let (second, more) = claim(c, &me, NoticeChannel::Push, None, 100, 10)?;
             assert_eq!((second.iter().map(|m| m.id).collect::<Vec<_>>(), more), (vec![ids[1]], 0));
-            assert!(claim(c, &me, NoticeChannel::Push, 100, 10)?.0.is_empty(), "never twice on a channel");
+            assert!(claim(c, &me, NoticeChannel::Push, None, 100, 10)?.0.is_empty(), "never twice on a channel");
             // Another channel has its own record; nothing was marked read.
-            assert_eq!(claim(c, &me, NoticeChannel::Wake, 100, 10)?.0.len(), 2);
+            assert_eq!(claim(c, &me, NoticeChannel::Wake, None, 100, 10)?.0.len(), 2);
             let unread: i64 =
                 c.query_row("SELECT COUNT(*) FROM inbox WHERE read_at IS NULL AND status = 'ready'", [], |r| r.get(0))?;
             assert_eq!(unread, 3);
@@ -156,12 +185,34 @@ mod tests {
         .expect("claims");
     }
 
+    #[test]
+    fn a_claim_never_confirmed_goes_to_the_next_claimant() {
+        let (_dir, d) = for_tests();
+        let me = d.member.identity.key();
+        d.db.call_blocking(move |c| {
+            let id = insert(c, &me, 1, "ready")?;
+            let push = NoticeChannel::Push;
+            assert_eq!(claim(c, &me, push, Some("a"), 100, 1)?.0.len(), 1, "a claims it");
+            assert!(claim(c, &me, push, Some("a"), 100, 2)?.0.is_empty(), "a has it in hand");
+            // a died before delivering: b gets it, delivers and confirms; nobody gets it again.
+            let (taken, _) = claim(c, &me, push, Some("b"), 100, 3)?;
+            assert_eq!(taken.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id]);
+            assert_eq!(confirm(c, &me, push, "a", &[id])?, 0, "a's confirmation is no longer a's to give");
+            assert_eq!(confirm(c, &me, push, "b", &[id])?, 1);
+            assert!(claim(c, &me, push, Some("c"), 100, 4)?.0.is_empty());
+            assert!(claim(c, &me, push, None, 100, 5)?.0.is_empty());
+            Ok(())
+        })
+        .expect("claims");
+    }
+
     #[tokio::test]
     async fn a_waiting_claim_returns_when_a_message_arrives_or_a_newer_one_takes_over() {
         let (_dir, d) = for_tests();
         let me = d.member.identity.key();
         let wait = |d: Arc<crate::daemon::Daemon>| async move {
-            let req = ClaimNoticesRequest { channel: NoticeChannel::Wake, wait_ms: 60_000, limit: None };
+            let req =
+                ClaimNoticesRequest { channel: NoticeChannel::Wake, wait_ms: 60_000, limit: None, claimant: None };
             test_call_claim(d, Caller::Member, req).await
         };
         // The first waits; a second supersedes it at once.

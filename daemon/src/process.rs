@@ -19,27 +19,15 @@ pub fn is_alive(p: &ProcessId) -> bool {
     lookup(p.pid).is_some_and(|now| now.start == p.start)
 }
 
-/// Whether `ancestor` is `pid` itself or one of its ancestors (its parent, the parent's parent, …).
-/// Where the process tree cannot be read, only `pid` itself.
-pub fn is_self_or_ancestor(ancestor: u32, pid: u32) -> bool {
-    let mut at = pid;
-    // A process tree is shallow; the bound keeps a malformed one from looping.
-    for _ in 0..64 {
-        if at == ancestor {
-            return true;
-        }
-        match parent(at) {
-            Some(p) if p != 0 && p != at => at = p,
-            _ => return false,
-        }
-    }
-    false
-}
-
 /// The agent a hook or an MCP server serves: the nearest ancestor of this process that is not a
 /// shell (agents run their hooks through `sh -c`, sometimes through more than one shell).
 pub fn agent_pid() -> u32 {
-    let mut at = std::os::unix::process::parent_id();
+    agent_pid_of(std::os::unix::process::parent_id())
+}
+
+/// `start`, or its nearest ancestor that is not a shell when `start` is one.
+fn agent_pid_of(start: u32) -> u32 {
+    let mut at = start;
     for _ in 0..16 {
         let shell =
             command_name(at).is_some_and(|n| matches!(n.as_str(), "sh" | "bash" | "dash" | "zsh" | "fish" | "ksh"));
@@ -105,20 +93,16 @@ mod tests {
     }
 
     #[test]
-    fn a_process_s_ancestors_are_found_and_others_are_not() {
+    fn the_agent_is_the_nearest_ancestor_that_is_not_a_shell() {
         let me = std::process::id();
-        assert!(is_self_or_ancestor(me, me));
+        assert_eq!(agent_pid_of(me), me, "a process that is no shell is its own agent");
         if cfg!(target_os = "linux") {
-            assert!(is_self_or_ancestor(std::os::unix::process::parent_id(), me), "the parent");
-            assert!(is_self_or_ancestor(1, me), "init is everyone's ancestor");
+            // A shell (kept alive by a second command) is not an agent: its parent, this test, is.
+            let mut shell = std::process::Command::new("sh").args(["-c", "sleep 5; true"]).spawn().expect("sh");
+            assert_eq!(agent_pid_of(shell.id()), me);
+            shell.kill().expect("kill");
+            shell.wait().expect("wait");
         }
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn");
-        assert!(!is_self_or_ancestor(child.id(), me), "a child is no ancestor");
-        if cfg!(target_os = "linux") {
-            assert!(is_self_or_ancestor(me, child.id()), "we are the child's parent");
-        }
-        child.kill().expect("kill");
-        child.wait().expect("wait");
     }
 
     #[test]

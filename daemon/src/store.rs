@@ -277,6 +277,12 @@ CREATE TRIGGER inbox_deleted_drops_notices AFTER DELETE ON inbox BEGIN
     DELETE FROM notices WHERE inbox_id = old.id;
 END;
 "#,
+    // A notice can be claimed first and confirmed once delivered: one claimed by a claimant that
+    // never confirmed it (it died before delivering) goes to the next claimant.
+    r#"
+ALTER TABLE notices ADD COLUMN claimant TEXT;
+ALTER TABLE notices ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

@@ -57,6 +57,8 @@ pub mod routes {
     pub const INBOX_ACK: &str = "/v1/inbox/ack";
     /// `POST`: claim unread messages not yet announced to the caller on a channel (push, wake).
     pub const NOTICES_CLAIM: &str = "/v1/notices/claim";
+    /// `POST`: confirm a claim once its messages were delivered.
+    pub const NOTICES_CONFIRM: &str = "/v1/notices/confirm";
     pub const INBOX_FLUSH: &str = "/v1/inbox/flush";
     pub const INBOX_DELETE: &str = "/v1/inbox/delete";
     /// `POST`: process a row again (after a decrypt failure, say).

@@ -10,7 +10,10 @@ use std::io::{IsTerminal, Read};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use mesh_ipc::api::{ClaimNoticesRequest, ClaimNoticesResponse, InboxMessage, InboxQuery, NoticeChannel};
+use mesh_ipc::api::{
+    ClaimNoticesRequest, ClaimNoticesResponse, ConfirmNoticesRequest, ConfirmNoticesResponse, InboxMessage, InboxQuery,
+    NoticeChannel,
+};
 use mesh_ipc::{IpcError, routes};
 use serde_json::{Value, json};
 
@@ -80,13 +83,21 @@ pub fn run(cmd: HookCommand) -> anyhow::Result<()> {
         cwd: input.get("cwd").and_then(Value::as_str).map(Into::into),
         pid: None,
     };
-    let code = match cmd {
-        HookCommand::Wait { who: w, timeout } => super::block_on(wait(who(w), timeout))??,
+    let ran = match cmd {
+        HookCommand::Wait { who: w, timeout } => super::block_on(wait(who(w), timeout)),
         HookCommand::Context { who: w } => {
             let event = input.get("hook_event_name").and_then(Value::as_str).unwrap_or("UserPromptSubmit").to_owned();
-            super::block_on(context(who(w), event))??
+            super::block_on(context(who(w), event))
         }
-        HookCommand::CodexStop { who: w } => super::block_on(codex_stop(who(w)))??,
+        HookCommand::CodexStop { who: w } => super::block_on(codex_stop(who(w))),
+    };
+    // Exit 2 means "new messages" to the agent, and only that: every failure is 1.
+    let code = match ran.and_then(|r| r) {
+        Ok(code) => code,
+        Err(e) => {
+            crate::output::report_error(&e);
+            1
+        }
     };
     std::process::exit(code)
 }
@@ -114,20 +125,36 @@ fn unreachable(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<IpcError>(), Some(IpcError::Unreachable { .. }))
 }
 
+/// This process, as a claimant: what it claims and dies before telling goes to the next one.
+fn me() -> &'static str {
+    static ME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ME.get_or_init(|| uuid::Uuid::new_v4().to_string())
+}
+
 async fn claim(identity: &Identity, channel: NoticeChannel, wait: Duration) -> Result<ClaimNoticesResponse, IpcError> {
-    let req = ClaimNoticesRequest { channel, wait_ms: wait.as_millis() as u64, limit: None };
+    let req =
+        ClaimNoticesRequest { channel, wait_ms: wait.as_millis() as u64, limit: None, claimant: Some(me().into()) };
     identity.client.post(routes::NOTICES_CLAIM, &req).await
+}
+
+/// The agent was told of `messages` (the output is written): the claim stands.
+async fn confirm(identity: &Identity, channel: NoticeChannel, messages: &[InboxMessage]) -> Result<(), IpcError> {
+    let req = ConfirmNoticesRequest { channel, claimant: me().into(), ids: messages.iter().map(|m| m.id).collect() };
+    identity.client.post::<_, ConfirmNoticesResponse>(routes::NOTICES_CONFIRM, &req).await.map(|_| ())
 }
 
 /// `wait`: exit 2 with a notice on standard error when a message not yet announced arrives (or
 /// waits already); 0 when the wait ends, when a newer copy takes over, or with the daemon down.
 async fn wait(who: Who, timeout: Duration) -> anyhow::Result<i32> {
     let deadline = Instant::now() + timeout;
+    let mut tried = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        // A message already waiting is taken even with no time to wait.
+        if left.is_zero() && tried {
             return Ok(0);
         }
+        tried = true;
         let Some(identity) = session(&who).await? else {
             tokio::time::sleep(RETRY.min(left)).await;
             continue;
@@ -137,6 +164,7 @@ async fn wait(who: Who, timeout: Duration) -> anyhow::Result<i32> {
             Ok(c) if c.messages.is_empty() => return Ok(0),
             Ok(c) => {
                 eprintln!("{}", notice(&identity, &c.messages, c.more));
+                confirm(&identity, NoticeChannel::Wake, &c.messages).await?;
                 return Ok(2);
             }
             Err(IpcError::Unreachable { .. }) => tokio::time::sleep(RETRY.min(left)).await,
@@ -154,6 +182,7 @@ async fn context(who: Who, event: String) -> anyhow::Result<i32> {
         Err(IpcError::Unreachable { .. }) => return Ok(0),
         Err(e) => return Err(e.into()),
     };
+    let claimed_ids = claimed.messages.clone();
     let mut messages = claimed.messages;
     if event == "SessionStart" {
         // A new context window: every unread message, not only those never shown.
@@ -166,6 +195,7 @@ async fn context(who: Who, event: String) -> anyhow::Result<i32> {
     }
     let text = context_text(&identity, &messages);
     println!("{}", json!({ "hookSpecificOutput": { "hookEventName": event, "additionalContext": text } }));
+    confirm(&identity, NoticeChannel::Context, &claimed_ids).await?;
     Ok(0)
 }
 
@@ -177,6 +207,7 @@ async fn codex_stop(who: Who) -> anyhow::Result<i32> {
     match claim(&identity, NoticeChannel::Wake, Duration::ZERO).await {
         Ok(c) if !c.messages.is_empty() => {
             println!("{}", json!({ "decision": "block", "reason": notice(&identity, &c.messages, c.more) }));
+            confirm(&identity, NoticeChannel::Wake, &c.messages).await?;
             Ok(0)
         }
         Ok(_) | Err(IpcError::Unreachable { .. }) => Ok(0),
@@ -235,7 +266,8 @@ fn context_text(identity: &Identity, messages: &[InboxMessage]) -> String {
                 mesh_ipc::api::TargetKind::Broadcast => " to everyone".to_owned(),
                 mesh_ipc::api::TargetKind::Direct => String::new(),
             },
-            crate::output::clean_lines(&shown),
+            // Quoted, so no line of a peer's text can pass for the notice's own.
+            crate::output::clean_lines(&shown).lines().map(|l| format!("> {l}")).collect::<Vec<_>>().join("\n"),
             if cut { " […cut]" } else { "" }
         );
         if out.chars().count() + entry.chars().count() + tail.len() > MAX_CONTEXT {
@@ -285,6 +317,7 @@ pub fn agent_run(args: AgentRunArgs) -> anyhow::Result<()> {
             cmd.env(mesh_ipc::SESSION_FILE_ENV, file);
         }
         let status = cmd.status().with_context(|| format!("running {program}"))?;
+        super::block_on(confirm(&identity, NoticeChannel::Wake, &claimed.messages))??;
         runs += 1;
         errln!("mesh agent-run: {program} handled {} message(s) and exited {status}", claimed.messages.len());
     }

@@ -10,6 +10,7 @@
 
 mod push;
 mod server;
+mod stdio;
 
 use anyhow::Context;
 

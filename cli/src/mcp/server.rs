@@ -39,7 +39,7 @@ message has an `id`; `send` with `reply_to` answers its sender.";
 /// Serves MCP on standard input and output until the client goes away.
 pub async fn serve(identity: Identity) -> anyhow::Result<()> {
     let server = MeshServer::new(identity);
-    let running = server.serve(rmcp::transport::stdio_pipes()).await?;
+    let running = server.serve(super::stdio::guarded()).await?;
     let reason = running.waiting().await?;
     tracing::info!(?reason, "mcp server stopped");
     Ok(())
@@ -251,8 +251,14 @@ impl MeshServer {
                 Some("send a shorter message, or a path or link to the content"),
             ));
         }
+        if let Some(secs) = args.timeout_secs.filter(|s| !(1..=600).contains(s)) {
+            return Err(tool_error("bad_request", format!("timeout_secs is 1 to 600, not {secs}"), None));
+        }
         let to = match (args.to, args.reply_to) {
-            (Some(to), _) => to,
+            (Some(_), Some(_)) => {
+                return Err(tool_error("bad_request", "give `to` or `reply_to`, not both", None));
+            }
+            (Some(to), None) => to,
             (None, Some(id)) => {
                 let q = InboxQuery { id: Some(id), limit: Some(1), ..InboxQuery::default() };
                 let found: Vec<InboxMessage> = client.get_query(routes::INBOX, &q).await.map_err(ipc_error)?;
@@ -321,7 +327,11 @@ impl MeshServer {
         let unread: Vec<InboxMessage> = client.get_query(routes::INBOX, &q).await.map_err(ipc_error)?;
         let req = InboxAckRequest { ids: if all { Vec::new() } else { ids }, all };
         let acked: InboxAckResponse = client.post(routes::INBOX_ACK, &req).await.map_err(ipc_error)?;
-        let read = unread.iter().filter(|m| acked.acked.contains(&m.id)).map(message).collect();
+        let read = unread
+            .iter()
+            .filter(|m| acked.acked.contains(&m.id))
+            .map(|m| Message { read: true, ..message(m) })
+            .collect();
         Ok(Json(ReadOutput { read, already_read: acked.already_read, not_found: acked.not_found }))
     }
 

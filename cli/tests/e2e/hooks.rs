@@ -59,6 +59,7 @@ fn the_wait_hook_wakes_the_agent_once_per_message_and_a_newer_copy_takes_over() 
     bob.eventually_json("the worker session", &["session", "list"], |v| {
         v.as_array().expect("rows").iter().any(|s| s["name"] == "worker" && s["live"] == true)
     });
+    wait_for_peer(&alice, "worker");
     let mut second = hook(&bob, &["wait", "--name", "worker", "--timeout", "5m"], &input);
     let (mut done, mut waiting) = loop {
         if let Some(s) = exited(&mut first, Duration::from_millis(100)) {
@@ -83,6 +84,18 @@ fn the_wait_hook_wakes_the_agent_once_per_message_and_a_newer_copy_takes_over() 
     let again = run_hook(&bob, &["wait", "--name", "worker", "--timeout", "1s"], &input);
     assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
     alice.eventually_json("still unread", &["outbox"], |v| v[0]["delivered_count"] == 1 && v[0]["read_count"] == 0);
+    // A message already waiting is taken even with no time to wait.
+    alice.ok(&["send", "worker", "one more"]);
+    alice.eventually_json("delivered", &["outbox"], |v| v[1]["delivered_count"] == 1);
+    let now = run_hook(&bob, &["wait", "--name", "worker", "--timeout", "0s"], &input);
+    assert_eq!(now.status.code(), Some(2), "{}", String::from_utf8_lossy(&now.stderr));
+    // Without --name, a hook acts as its agent's live session, wherever the agent has moved to.
+    let moved = json!({"hook_event_name": "Stop", "cwd": "/somewhere/else"});
+    alice.ok(&["send", "worker", "found you"]);
+    alice.eventually_json("delivered", &["outbox"], |v| v[2]["delivered_count"] == 1);
+    let found = run_hook(&bob, &["wait", "--timeout", "5s"], &moved);
+    let said = String::from_utf8_lossy(&found.stderr);
+    assert!(found.status.code() == Some(2) && said.contains("for worker") && said.contains("found you"), "{said}");
 }
 
 #[test]
@@ -92,6 +105,7 @@ fn context_hooks_print_the_documented_shape_and_codex_s_stop_continues_once() {
     // Register the session, then give it two messages.
     let start = run_hook(&bob, &["context", "--name", "worker"], &json!({"hook_event_name": "SessionStart"}));
     assert!(start.status.success() && start.stdout.is_empty(), "nothing to say yet");
+    wait_for_peer(&alice, "worker");
     alice.ok(&["send", "worker", "first note"]);
     alice.ok(&["send", "worker", &format!("long note {}", "x".repeat(5000))]);
     let filed = |v: &Value| v.as_array().expect("rows").iter().filter(|r| r["delivered_count"] == 1).count() == 2;
@@ -136,6 +150,10 @@ fn hooks_with_the_daemon_down_say_nothing_and_exit_0() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{args:?} said something");
     }
+    // A mistyped hook fails with 1, never with the 2 that wakes the agent.
+    for args in [&["wait", "--timeout", "11m"][..], &["wait", "--bogus"][..], &["context", "--mesh"][..]] {
+        assert_eq!(run_hook(&home, args, &input).status.code(), Some(1), "{args:?}");
+    }
 }
 
 #[test]
@@ -157,6 +175,7 @@ fn agent_run_starts_the_agent_once_per_batch_as_the_session() {
     bob.eventually_json("the worker session", &["session", "list"], |v| {
         v.as_array().expect("rows").iter().any(|s| s["name"] == "worker" && s["live"] == true)
     });
+    wait_for_peer(&alice, "worker");
     alice.ok(&["send", "worker", "run the tests please"]);
     let status = exited(&mut run, Duration::from_secs(30)).expect("the agent ran and agent-run ended");
     assert!(status.success());

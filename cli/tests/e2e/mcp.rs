@@ -129,6 +129,7 @@ fn an_agent_uses_every_tool_and_gets_typed_errors() {
     let broker = BrokerProcess::start(MESH);
     let (alice, bob) = team(&broker);
     let mut agent = Driver::start(&python, &bob, &["--name", "worker"]);
+    wait_for_peer(&alice, "worker");
 
     let tools = agent.request(json!({"op": "tools"}));
     let mut names: Vec<&str> =
@@ -205,6 +206,8 @@ fn each_server_pushes_only_its_own_session_s_messages() {
     let (alice, bob) = team(&broker);
     let mut one = Driver::start(&python, &bob, &["--name", "one"]);
     let mut two = Driver::start(&python, &bob, &["--name", "two"]);
+    wait_for_peer(&alice, "one");
+    wait_for_peer(&alice, "two");
     alice.ok(&["send", "one", "for one only"]);
     alice.ok(&["send", "two", "for two only"]);
     alice.ok(&["send", "*", "for everyone"]);
@@ -232,6 +235,7 @@ fn every_message_is_announced_once_across_restarts_of_the_server_and_the_daemon(
     let mut seen: Vec<i64> = Vec::new();
 
     let mut agent = Driver::start(&python, &bob, &["--name", "worker"]);
+    wait_for_peer(&alice, "worker");
     alice.ok(&["send", "worker", "before the kill"]);
     seen.extend(announced(&agent.notes(1, 20)));
 
@@ -271,4 +275,47 @@ fn every_message_is_announced_once_across_restarts_of_the_server_and_the_daemon(
     // Announcing marked nothing read.
     let inbox = agent.ok("inbox", json!({"limit": 200}));
     assert_eq!(inbox["messages"].as_array().expect("messages").len(), total + 1, "all still unread");
+}
+
+/// Requests that do not parse are answered (JSON-RPC parse errors, with their id when it can be
+/// read), never left hanging, and the server goes on serving.
+#[test]
+fn a_request_that_does_not_parse_is_answered_and_the_server_goes_on() {
+    use std::io::BufRead;
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "alice"]);
+    home.ok(&["daemon", "up"]);
+    let mut server = home
+        .cmd(&["mcp", "--as-member"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mesh mcp");
+    let mut stdin = server.stdin.take().expect("stdin");
+    let mut out = std::io::BufReader::new(server.stdout.take().expect("stdout"));
+    let mut next = || {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("a line");
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("not JSON-RPC: {line:?}: {e}"))
+    };
+    // A lone surrogate, bytes that are not UTF-8, JSON cut short.
+    stdin
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"ping\",\"params\":{\"a\":\"\\ud800 x\"}}\n")
+        .expect("write");
+    let answer = next();
+    assert_eq!((&answer["id"], &answer["error"]["code"]), (&json!(7), &json!(-32700)), "{answer}");
+    stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":8,\"method\":\"\xff\xfe\"}\n").expect("write");
+    assert_eq!(next()["id"], 8);
+    stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\n").expect("write");
+    assert_eq!(next()["error"]["code"], -32700);
+    // And it still serves.
+    let init = json!({"jsonrpc": "2.0", "id": 10, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+    stdin.write_all(format!("{init}\n").as_bytes()).expect("write");
+    let answer = next();
+    assert_eq!(answer["id"], 10, "{answer}");
+    assert!(answer["result"]["serverInfo"]["name"] == "mesh", "{answer}");
+    drop(stdin);
+    let _ = server.wait();
 }

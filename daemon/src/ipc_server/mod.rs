@@ -277,6 +277,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::EVENTS, get(events::stream))
         .route(routes::INBOX_ACK, post(messages::ack))
         .route(routes::NOTICES_CLAIM, post(notices::claim))
+        .route(routes::NOTICES_CONFIRM, post(notices::confirm))
         .route(routes::INBOX_FLUSH, post(messages::flush))
         .route(routes::INBOX_DELETE, post(messages::delete))
         .route(routes::INBOX_REPLAY, post(messages::replay))

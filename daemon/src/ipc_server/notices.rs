@@ -32,23 +32,27 @@ pub async fn claim(
     if wait > MAX_WAIT {
         return Err(Failure::bad_request(format!("wait_ms is at most {} (10 minutes)", MAX_WAIT.as_millis())));
     }
+    if req.claimant.as_ref().is_some_and(|c| c.is_empty() || c.len() > 64) {
+        return Err(Failure::bad_request("claimant is 1 to 64 characters"));
+    }
     let deadline = tokio::time::Instant::now() + wait;
     let recipient = caller.key(&d);
-    let claimant = (!wait.is_zero()).then(|| d.claimants.enter(recipient, req.channel));
+    let waiter = (!wait.is_zero()).then(|| d.claimants.enter(recipient, req.channel));
     let mut changed = d.subscribe();
     loop {
         changed.borrow_and_update();
-        if claimant.as_ref().is_some_and(|c| !c.is_current()) {
+        if waiter.as_ref().is_some_and(|w| !w.is_current()) {
             return Ok(Json(ClaimNoticesResponse { messages: Vec::new(), more: 0, superseded: true }));
         }
-        let channel = req.channel;
-        let (messages, more) = d.db.call(move |c| notices::claim(c, &recipient, channel, limit, now_ms())).await?;
+        let (channel, claimant) = (req.channel, req.claimant.clone());
+        let (messages, more) =
+            d.db.call(move |c| notices::claim(c, &recipient, channel, claimant.as_deref(), limit, now_ms())).await?;
         if !messages.is_empty() || wait.is_zero() {
             return Ok(Json(ClaimNoticesResponse { messages, more, superseded: false }));
         }
         let superseded = async {
-            match &claimant {
-                Some(c) => c.superseded.notified().await,
+            match &waiter {
+                Some(w) => w.superseded.notified().await,
                 None => std::future::pending().await,
             }
         };
@@ -61,4 +65,15 @@ pub async fn claim(
             }
         }
     }
+}
+
+/// Confirms the caller's own claim: what it claimed was delivered.
+pub async fn confirm(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<ConfirmNoticesRequest>,
+) -> Result<Json<ConfirmNoticesResponse>, Failure> {
+    let recipient = caller.key(&d);
+    let confirmed = d.db.call(move |c| notices::confirm(c, &recipient, req.channel, &req.claimant, &req.ids)).await?;
+    Ok(Json(ConfirmNoticesResponse { confirmed: confirmed as u64 }))
 }

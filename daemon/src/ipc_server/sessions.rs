@@ -49,7 +49,7 @@ pub async fn launch(
     if req.resume
         && let Some(s) = d.sessions.live_named(&mesh.id, &name)
         && let Some(p) = s.process.as_ref().filter(|p| process::is_alive(p))
-        && process::is_self_or_ancestor(p.pid, req.pid)
+        && p.pid == req.pid
         && let Some(file) = &s.token_file
     {
         let token_file = file.display().to_string();

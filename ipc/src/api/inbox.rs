@@ -159,6 +159,24 @@ pub struct ClaimNoticesRequest {
     /// Messages claimed at most (default and most: 100); the oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// Who claims (a random id per process, at most 64 characters). With it, the claim stands once
+    /// confirmed (`POST /v1/notices/confirm`) after the messages were delivered; claimed and never
+    /// confirmed (the claimant died), they go to the next claimant. Without it the claim is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimant: Option<String>,
+}
+
+/// `POST /v1/notices/confirm`: the claimant delivered these messages it claimed on `channel`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmNoticesRequest {
+    pub channel: NoticeChannel,
+    pub claimant: String,
+    pub ids: Vec<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfirmNoticesResponse {
+    pub confirmed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

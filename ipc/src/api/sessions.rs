@@ -13,8 +13,8 @@ pub struct LaunchRequest {
     pub mesh: Option<String>,
     /// The process that will run as the session (the launcher, which then executes the command).
     pub pid: u32,
-    /// When the session is live already and its process is `pid` or one of `pid`'s ancestors (an
-    /// agent whose MCP server or hook asks again), answer with it rather than `name_taken`.
+    /// When the session is live already and its process is `pid` (an agent whose MCP server or
+    /// hook asks again), answer with it rather than `name_taken`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume: bool,
 }
