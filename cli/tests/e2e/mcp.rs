@@ -40,6 +40,11 @@ struct Driver {
 
 impl Driver {
     fn start(python: &str, home: &TestHome, args: &[&str]) -> Driver {
+        Self::start_with(python, home, args, None)
+    }
+
+    /// The same, the server acting as the session whose token file is `session` (`mesh launch`'s).
+    fn start_with(python: &str, home: &TestHome, args: &[&str], session: Option<&std::path::Path>) -> Driver {
         let dir = tempfile::tempdir().expect("tempdir");
         let pidfile = dir.path().join("server.pid");
         let mesh = home.cmd(&[]);
@@ -58,6 +63,9 @@ impl Driver {
                 Some(v) => cmd.env(k, v),
                 None => cmd.env_remove(k),
             };
+        }
+        if let Some(file) = session {
+            cmd.env("MESH_SESSION_FILE", file);
         }
         let mut child = cmd.spawn().expect("python MCP driver");
         let stdin = child.stdin.take().expect("stdin");
@@ -190,6 +198,8 @@ fn an_agent_uses_every_tool_and_gets_typed_errors() {
         (json!({"body": "to no one"}), "bad_request"),
         (json!({"to": "alice"}), "invalid_arguments"),
         (json!({"to": "alice", "body": "x", "wait": "never"}), "invalid_arguments"),
+        (json!({"to": "alice", "body": "x", "timeout_secs": 0}), "bad_request"),
+        (json!({"to": "alice", "reply_to": 1, "body": "x"}), "bad_request"),
         (json!({"reply_to": 999_999, "body": "x"}), "not_found"),
     ] {
         let r = agent.call("send", args.clone());
@@ -204,27 +214,55 @@ fn each_server_pushes_only_its_own_session_s_messages() {
     let Some(python) = python_with_mcp() else { return };
     let broker = BrokerProcess::start(MESH);
     let (alice, bob) = team(&broker);
-    let mut one = Driver::start(&python, &bob, &["--name", "one"]);
-    let mut two = Driver::start(&python, &bob, &["--name", "two"]);
+    // Two sessions of bob's, `one` in @ops; a server for each, inside its session.
+    let (s1, s2) = (bob.launch("one", None), bob.launch("two", None));
+    s1.ok(&["group", "join", "ops"]);
+    let mut one = Driver::start_with(&python, &bob, &[], Some(&s1.token_file));
+    let mut two = Driver::start_with(&python, &bob, &[], Some(&s2.token_file));
     wait_for_peer(&alice, "one");
     wait_for_peer(&alice, "two");
+    alice.eventually_json("one in @ops", &["peers"], |v| {
+        v.as_array().expect("peers").iter().any(|p| p["name"] == "one" && p["groups"].to_string().contains("ops"))
+    });
     alice.ok(&["send", "one", "for one only"]);
     alice.ok(&["send", "two", "for two only"]);
+    alice.ok(&["send", "@ops", "for ops"]);
     alice.ok(&["send", "*", "for everyone"]);
-    let (a, b) = (one.notes(2, 20), two.notes(2, 20));
+    let (a, b) = (one.notes(3, 20), two.notes(2, 20));
     let bodies = |n: &[Value]| {
         let mut v: Vec<String> = n.iter().map(|x| x["content"].as_str().expect("content").to_owned()).collect();
         v.sort();
         v
     };
-    assert_eq!(bodies(&a), ["for everyone", "for one only"], "{a:?}");
-    assert_eq!(bodies(&b), ["for everyone", "for two only"], "{b:?}");
+    assert_eq!(bodies(&a), ["for everyone", "for one only", "for ops"], "{a:?}");
+    // Two hears nothing more: a message for it after the others arrives alone.
+    alice.ok(&["send", "two", "last"]);
+    let b = two.notes(b.len() + 1, 20);
+    assert_eq!(bodies(&b), ["for everyone", "for two only", "last"], "{b:?}");
     // And each lists only its own.
     let listed = one.ok("inbox", json!({"unread_only": false}));
-    assert!(listed["messages"].as_array().expect("messages").iter().all(|m| m["body"] != "for two only"), "{listed}");
+    let mine: Vec<&str> =
+        listed["messages"].as_array().expect("messages").iter().map(|m| m["body"].as_str().expect("body")).collect();
+    assert!(!mine.contains(&"for two only") && !mine.contains(&"last"), "{listed}");
     // The member's own inbox is not the sessions'.
     let member = bob.json(&["inbox"]);
     assert!(ready_bodies(&member).iter().all(|b| b != "for one only" && b != "for two only"), "{member}");
+}
+
+#[test]
+fn a_dead_session_s_server_answers_with_a_typed_error() {
+    let Some(python) = python_with_mcp() else { return };
+    let broker = BrokerProcess::start(MESH);
+    let (_alice, bob) = team(&broker);
+    let mut session = bob.launch("short-lived", None);
+    let mut agent = Driver::start_with(&python, &bob, &[], Some(&session.token_file));
+    agent.ok("status", json!({}));
+    session.kill();
+    bob.eventually_json("the session ended", &["session", "list"], |v| {
+        v.as_array().expect("rows").iter().any(|s| s["name"] == "short-lived" && s["live"] == false)
+    });
+    let r = agent.call("inbox", json!({}));
+    assert_eq!((&r["isError"], &r["structured"]["code"]), (&json!(true), &json!("unauthorized")), "{r}");
 }
 
 #[test]
@@ -243,7 +281,7 @@ fn every_message_is_announced_once_across_restarts_of_the_server_and_the_daemon(
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.server_pid()), nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9 the server");
     drop(agent);
-    let sent: Vec<String> = (0..30).map(|i| format!("while down {i}")).collect();
+    let sent: Vec<String> = (0..100).map(|i| format!("while down {i}")).collect();
     for body in &sent {
         alice.ok(&["send", "worker", body]);
     }
