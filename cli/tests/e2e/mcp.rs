@@ -183,6 +183,9 @@ fn an_agent_uses_every_tool_and_gets_typed_errors() {
     agent.ok("send", json!({"reply_to": id, "body": "replying"}));
     wait_for_message(&alice, "replying");
 
+    // A client that follows the inbox resource hears that it changed.
+    assert_eq!(agent.request(json!({"op": "subscribe"}))["ok"], true);
+    let before = agent.request(json!({"op": "updates"}))["updates"].as_u64().expect("count");
     // `wait` returns when a message arrives.
     alice.ok(&["send", "worker", "worth waiting for"]);
     let waited = agent.ok("wait", json!({"timeout_secs": 30}));
@@ -190,6 +193,13 @@ fn an_agent_uses_every_tool_and_gets_typed_errors() {
         waited["messages"].as_array().expect("messages").iter().any(|m| m["body"] == "worth waiting for"),
         "{waited}"
     );
+    agent.notes(2, 20);
+    let updated = |a: &mut Driver| a.request(json!({"op": "updates"}))["updates"].as_u64().expect("count");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while updated(&mut agent) <= before && std::time::Instant::now() < end {
+        agent.notes(2, 1);
+    }
+    assert!(updated(&mut agent) > before, "resources/updated for mesh://inbox");
 
     // Typed errors, as the CLI's.
     for (args, code) in [
