@@ -99,6 +99,11 @@ mod tests {
         if cfg!(target_os = "linux") {
             // A shell (kept alive by a second command) is not an agent: its parent, this test, is.
             let mut shell = std::process::Command::new("sh").args(["-c", "sleep 5; true"]).spawn().expect("sh");
+            // Until it has exec'd, the child still carries this process's name.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while command_name(shell.id()).as_deref() != Some("sh") && std::time::Instant::now() < end {
+                std::thread::yield_now();
+            }
             assert_eq!(agent_pid_of(shell.id()), me);
             shell.kill().expect("kill");
             shell.wait().expect("wait");
