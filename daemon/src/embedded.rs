@@ -64,7 +64,15 @@ pub async fn start(daemon: &Arc<Daemon>) -> Result<(String, String), EmbeddedErr
         daemon.db.call(move |c| set_setting(c, PORT_KEY, &bound.to_string())).await?;
     }
     let store = SqliteStore::open(&daemon.home.embedded_broker_db())?;
-    let config = BrokerConfig { create_token: Some(token.clone()), ..BrokerConfig::default() };
+    // Every peer of the embedded broker is on this machine, so all come from one address: the
+    // per-address bounds of connections not yet authenticated are the broker-wide ones here.
+    let defaults = BrokerConfig::default();
+    let config = BrokerConfig {
+        create_token: Some(token.clone()),
+        max_pending_per_address: defaults.max_pending_handshakes,
+        handshakes_per_sec_per_address: 1000,
+        ..defaults
+    };
     let url = format!("ws://127.0.0.1:{bound}");
     tracing::info!(%url, "embedded broker started");
     daemon.tracker.spawn(mesh_broker::run(listener, Arc::new(store), config, daemon.shutdown.clone()));
