@@ -47,6 +47,8 @@ pub struct Daemon {
     pub changed: Arc<crate::events::Changed>,
     /// Waiting notice claims (`POST /v1/notices/claim` with a wait).
     pub claimants: crate::notices::Claimants,
+    /// `config/daemon.json`'s `webhooks` section (defaults until start-up has read it).
+    pub webhook_config: std::sync::OnceLock<crate::webhooks::Config>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
     group_keys: Mutex<HashMap<MeshId, GroupKey>>,
 }
@@ -68,6 +70,7 @@ impl Daemon {
             sessions: SessionRegistry::default(),
             changed: crate::events::Changed::new(),
             claimants: Default::default(),
+            webhook_config: std::sync::OnceLock::new(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
         }
@@ -199,20 +202,22 @@ impl Daemon {
     }
 
     /// Deletes rows past their retention, at start-up and then hourly.
-    pub async fn janitor(self: Arc<Self>, retention: crate::retention::Retention) {
+    pub async fn janitor(self: Arc<Self>, config: crate::retention::DaemonConfig) {
         let mut tick = tokio::time::interval(crate::retention::SWEEP_EVERY);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.db.call(move |c| crate::retention::sweep(c, &retention, now_ms())).await {
+            let config = config.clone();
+            match self.db.call(move |c| crate::retention::sweep(c, &config, now_ms())).await {
                 Ok(s) if s == crate::retention::Swept::default() => {}
                 Ok(s) => {
                     tracing::info!(
                         inbox = s.inbox,
                         outbox = s.outbox,
                         events = s.events,
+                        webhook_deliveries = s.webhook_deliveries,
                         "retention: deleted old rows"
                     );
                     if let Err(e) = self.db.call(|c| crate::store::forget_deleted(c)).await {

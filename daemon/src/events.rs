@@ -30,7 +30,8 @@ impl Changed {
     }
 }
 
-/// Appends one event; call inside the transaction of the change it reports.
+/// Appends one event, and queues its webhook deliveries; call inside the transaction of the change
+/// it reports.
 pub fn append(
     conn: &Connection,
     mesh: Option<&MeshId>,
@@ -45,6 +46,7 @@ pub fn append(
         EventBody::Outbox(o) => serde_json::to_string(o),
         EventBody::Presence(p) => serde_json::to_string(p),
         EventBody::Connection(c) => serde_json::to_string(c),
+        EventBody::Webhook(w) => serde_json::to_string(w),
         EventBody::Resync { first_id } => serde_json::to_string(&serde_json::json!({ "first_id": first_id })),
     }
     .expect("event payloads serialise");
@@ -52,7 +54,9 @@ pub fn append(
         "INSERT INTO events (at, kind, mesh_id, audience, data) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![now as i64, body.kind(), mesh.map(MeshId::to_string), audience.map(PublicKey::to_string), data],
     )?;
-    Ok(conn.last_insert_rowid())
+    let id = conn.last_insert_rowid();
+    crate::webhooks::enqueue(conn, id, mesh, audience, body, now)?;
+    Ok(id)
 }
 
 /// Which events a subscriber sees.

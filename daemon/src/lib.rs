@@ -25,6 +25,7 @@ pub mod retention;
 pub mod roster;
 pub mod sessions;
 pub mod store;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -261,7 +262,11 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     daemon.rehydrate_sessions(&meshes).await?;
     tracker.spawn(inbox::run_worker(daemon.clone()));
     tracker.spawn(daemon.clone().session_reaper());
-    tracker.spawn(daemon.clone().janitor(retention::load(&home)?));
+    let config = retention::load(&home)?;
+    webhooks::set_deadline(config.webhooks.deadline);
+    let _ = daemon.webhook_config.set(config.webhooks.clone());
+    tracker.spawn(daemon.clone().janitor(config.clone()));
+    tracker.spawn(webhooks::worker::run(daemon.clone(), config.webhooks.clone()));
     tracker.spawn(daemon.clone().lease_sweeper());
     tracker.spawn(stop_on_signals(shutdown.clone()));
 

@@ -4,6 +4,8 @@
 //! (`done`, `aborted`) 7 days, dead ones 30 days; events 7 days. Unread messages are never deleted by
 //! the janitor. Override in `config/daemon.json`:
 //! `{"retention": {"read_days": 7, "failed_days": 30, "outbox_days": 7, "dead_days": 30, "events_days": 7}}`.
+//! The same file's `webhooks` section configures webhook delivery ([`crate::webhooks::Config`]),
+//! the retention of webhook deliveries included.
 
 use std::time::Duration;
 
@@ -31,10 +33,12 @@ impl Default for Retention {
     }
 }
 
-#[derive(Default, Deserialize)]
+/// `config/daemon.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
-struct DaemonConfig {
-    retention: Retention,
+pub struct DaemonConfig {
+    pub retention: Retention,
+    pub webhooks: crate::webhooks::Config,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,15 +49,16 @@ pub struct ConfigError {
 }
 
 /// Reads `config/daemon.json`; defaults when it does not exist.
-pub fn load(home: &Home) -> Result<Retention, ConfigError> {
+pub fn load(home: &Home) -> Result<DaemonConfig, ConfigError> {
     let path = home.config_dir.join("daemon.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str::<DaemonConfig>(&text)
-            .map(|c| c.retention)
-            .map_err(|e| ConfigError { path: path.display().to_string(), detail: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Retention::default()),
-        Err(e) => Err(ConfigError { path: path.display().to_string(), detail: e.to_string() }),
-    }
+    let error = |detail: String| ConfigError { path: path.display().to_string(), detail };
+    let config = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<DaemonConfig>(&text).map_err(|e| error(e.to_string()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DaemonConfig::default(),
+        Err(e) => return Err(error(e.to_string())),
+    };
+    config.webhooks.check().map_err(error)?;
+    Ok(config)
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,10 +66,12 @@ pub struct Swept {
     pub inbox: usize,
     pub outbox: usize,
     pub events: usize,
+    pub webhook_deliveries: usize,
 }
 
 /// Deletes what is past its retention.
-pub fn sweep(conn: &mut Connection, r: &Retention, now: u64) -> rusqlite::Result<Swept> {
+pub fn sweep(conn: &mut Connection, config: &DaemonConfig, now: u64) -> rusqlite::Result<Swept> {
+    let r = &config.retention;
     let before = |days: u64| now.saturating_sub(days.saturating_mul(DAY_MS)) as i64;
     let tx = conn.transaction()?;
     let mut swept = Swept::default();
@@ -86,6 +93,7 @@ pub fn sweep(conn: &mut Connection, r: &Retention, now: u64) -> rusqlite::Result
         params![],
     )?;
     swept.events += crate::events::prune(&tx, before(r.events_days) as u64)?;
+    swept.webhook_deliveries += crate::webhooks::prune(&tx, &config.webhooks, now)?;
     tx.commit()?;
     Ok(swept)
 }
@@ -118,7 +126,7 @@ mod tests {
             insert(c, 4, "ready", now - 2 * DAY_MS, Some(now - DAY_MS), Some("sent"))?; // read yesterday: kept
             insert(c, 5, "failed", now - 31 * DAY_MS, None, None)?; // failed a month ago: gone
             insert(c, 6, "failed", now - 20 * DAY_MS, None, None)?; // failed 20 days ago: kept
-            let swept = sweep(c, &Retention::default(), now)?;
+            let swept = sweep(c, &DaemonConfig::default(), now)?;
             assert_eq!(swept.inbox, 2);
             let left: Vec<i64> = c
                 .prepare("SELECT id FROM inbox ORDER BY id")?
@@ -134,11 +142,20 @@ mod tests {
     fn config_file_overrides_and_typos_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let home = Home::at(dir.path());
-        assert_eq!(load(&home).expect("defaults"), Retention::default());
+        assert_eq!(load(&home).expect("defaults"), DaemonConfig::default());
         home.ensure_dirs().expect("dirs");
-        std::fs::write(home.config_dir.join("daemon.json"), r#"{"retention": {"read_days": 1}}"#).expect("write");
-        assert_eq!(load(&home).expect("parsed").read_days, 1);
-        std::fs::write(home.config_dir.join("daemon.json"), r#"{"retention": {"read_dayz": 1}}"#).expect("write");
+        let write = |text: &str| std::fs::write(home.config_dir.join("daemon.json"), text).expect("write");
+        write(r#"{"retention": {"read_days": 1}, "webhooks": {"deadline": "2h", "retry_schedule": ["1s", "500ms"]}}"#);
+        let config = load(&home).expect("parsed");
+        assert_eq!(config.retention.read_days, 1);
+        assert_eq!(config.webhooks.deadline, Duration::from_secs(7200));
+        assert_eq!(config.webhooks.retry_schedule, [Duration::from_secs(1), Duration::from_millis(500)]);
+        assert_eq!(config.webhooks.max_in_flight, 8, "the rest keeps its default");
+        write(r#"{"retention": {"read_dayz": 1}}"#);
         assert!(load(&home).is_err());
+        write(r#"{"webhooks": {"deadline": "two days"}}"#);
+        assert!(load(&home).unwrap_err().to_string().contains("two days"));
+        write(r#"{"webhooks": {"retry_schedule": []}}"#);
+        assert!(load(&home).unwrap_err().to_string().contains("retry_schedule"));
     }
 }

@@ -283,6 +283,57 @@ END;
 ALTER TABLE notices ADD COLUMN claimant TEXT;
 ALTER TABLE notices ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
 "#,
+    // Webhook endpoints and their deliveries (docs/webhooks.md). A delivery carries its payload, made
+    // when the event was; deleting a message scrubs its body from the payloads that report it.
+    r#"
+CREATE TABLE webhooks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    owner_mesh TEXT,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    mesh_id TEXT,
+    peer TEXT,
+    description TEXT,
+    allow_insecure_http INTEGER NOT NULL DEFAULT 0,
+    secret TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_until INTEGER,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    disabled_reason TEXT,
+    failing_since INTEGER,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_success_at INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX webhooks_by_owner ON webhooks(owner);
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id INTEGER NOT NULL,
+    uid TEXT NOT NULL UNIQUE,
+    event_type TEXT NOT NULL,
+    event_id INTEGER,
+    inbox_id INTEGER,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    lease_until INTEGER,
+    deadline INTEGER NOT NULL,
+    last_attempt_at INTEGER,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    delivered_at INTEGER
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(webhook_id, status, next_attempt_at, id);
+CREATE INDEX webhook_deliveries_by_status ON webhook_deliveries(status, delivered_at);
+CREATE INDEX webhook_deliveries_by_inbox ON webhook_deliveries(inbox_id) WHERE inbox_id IS NOT NULL;
+CREATE TRIGGER inbox_deleted_scrubs_webhooks AFTER DELETE ON inbox BEGIN
+    UPDATE webhook_deliveries SET payload = json_set(payload, '$.data.body', NULL, '$.data.deleted', json('true'))
+    WHERE inbox_id = old.id;
+END;
+"#,
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

@@ -125,6 +125,13 @@ fn describe(e: &Event) -> String {
             c.state.as_str(),
             c.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
         ),
+        EventBody::Webhook(w) => format!(
+            "webhook #{} {} is {}{}",
+            w.id,
+            output::clean(&w.url),
+            if w.enabled { "enabled" } else { "disabled" },
+            w.reason.as_deref().map(|r| format!(" ({})", output::clean(r))).unwrap_or_default()
+        ),
         EventBody::Resync { first_id } => {
             format!("events before #{first_id} were pruned; re-read the inbox and outbox")
         }

@@ -62,6 +62,9 @@ pub enum EventBody {
     Presence(PresenceEvent),
     /// The audience's broker connection changed state.
     Connection(ConnectionEvent),
+    /// One of the audience's webhook endpoints was disabled (it answered 410 Gone, or kept failing)
+    /// or enabled again.
+    Webhook(crate::api::WebhookEvent),
     /// Events before `first_id` were pruned: re-read state from the inbox and outbox.
     Resync { first_id: i64 },
 }
@@ -75,6 +78,7 @@ impl EventBody {
             EventBody::Outbox(_) => "outbox",
             EventBody::Presence(_) => "presence",
             EventBody::Connection(_) => "connection",
+            EventBody::Webhook(_) => "webhook",
             EventBody::Resync { .. } => "resync",
         }
     }

@@ -104,6 +104,7 @@ mod inbox;
 mod meshes;
 mod sending;
 mod sessions;
+mod webhooks;
 
 pub use daemon::*;
 pub use events::*;
@@ -112,3 +113,4 @@ pub use inbox::*;
 pub use meshes::*;
 pub use sending::*;
 pub use sessions::*;
+pub use webhooks::*;

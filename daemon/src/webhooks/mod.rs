@@ -1,0 +1,871 @@
+//! Webhooks: events POSTed to the user's endpoints, durably (docs/webhooks.md).
+//!
+//! An endpoint belongs to an identity (the member or a session) and receives that identity's events
+//! only, exactly as its event stream would: [`enqueue`] runs inside `events::append`, so a delivery
+//! row is committed in the same transaction as the change it reports, and posting is left to the
+//! [`worker`]. A delivery is `pending → delivered`, or `pending → dead` past its deadline or after a
+//! permanent refusal; `redeliver` makes it pending again. A pending row being attempted carries a
+//! lease; a lease that runs out (its worker died) makes the row claimable again.
+
+pub mod sign;
+pub mod worker;
+
+use std::time::Duration;
+
+use mesh_ipc::api::{
+    DeliveriesQuery, DeliveryFilter, DeliveryInfo, DeliveryStatus, DisabledWebhook, EventBody, WebhookDeliveryCounts,
+    WebhookEvent, WebhookInfo, WebhookStatus,
+};
+use mesh_proto::{MeshId, PublicKey};
+use rand::Rng;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Deserialize;
+
+use crate::events;
+
+/// How the worker delivers: `config/daemon.json`'s `webhooks` section, durations as `"5s"`, `"48h"`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Delay before each retry (the last repeats), each with full jitter.
+    #[serde(deserialize_with = "durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// A delivery not delivered this long after it was made is dead.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// How long the secret before a rotation still signs too.
+    #[serde(deserialize_with = "duration")]
+    pub rotation_overlap: Duration,
+    /// An endpoint whose every attempt failed for this long (and at least `disable_after_attempts`
+    /// times) is disabled.
+    #[serde(deserialize_with = "duration")]
+    pub disable_after: Duration,
+    pub disable_after_attempts: u32,
+    /// Per request, connecting included.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    pub max_in_flight_per_endpoint: u32,
+    pub max_in_flight: u32,
+    /// How long delivered rows are kept, and dead ones.
+    #[serde(deserialize_with = "duration")]
+    pub delivered_retention: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub dead_retention: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Config {
+            retry_schedule: vec![s(5), s(30), s(120), s(600), s(1800), s(3600), s(7200)],
+            deadline: s(48 * 3600),
+            rotation_overlap: s(24 * 3600),
+            disable_after: s(24 * 3600),
+            disable_after_attempts: 10,
+            timeout: s(10),
+            max_in_flight_per_endpoint: 1,
+            max_in_flight: 8,
+            delivered_retention: s(7 * 24 * 3600),
+            dead_retention: s(30 * 24 * 3600),
+        }
+    }
+}
+
+impl Config {
+    /// Values that would make the worker misbehave.
+    pub fn check(&self) -> Result<(), String> {
+        if self.retry_schedule.is_empty() || self.retry_schedule.iter().any(Duration::is_zero) {
+            return Err("webhooks.retry_schedule needs at least one delay, each above zero".into());
+        }
+        if self.timeout.is_zero() || self.deadline.is_zero() {
+            return Err("webhooks.timeout and webhooks.deadline must be above zero".into());
+        }
+        if self.max_in_flight == 0 || self.max_in_flight_per_endpoint == 0 {
+            return Err("webhooks.max_in_flight and max_in_flight_per_endpoint must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// How long an attempt may hold its row: its timeout and a margin for reading the answer.
+    pub fn lease_ms(&self) -> u64 {
+        ms(self.timeout).saturating_mul(2).saturating_add(5_000)
+    }
+
+    /// Delay before the retry after `attempts` attempts: the schedule's step, with full jitter
+    /// (`jitter` in 0..=1), at least 100 ms.
+    pub fn backoff_ms(&self, attempts: u32, jitter: f64) -> u64 {
+        let i = (attempts.max(1) as usize - 1).min(self.retry_schedule.len() - 1);
+        ((ms(self.retry_schedule[i]) as f64 * jitter.clamp(0.0, 1.0)) as u64).max(100)
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|t| humantime::parse_duration(t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
+        .collect()
+}
+
+/// Why a webhook request was refused before it was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("{0:?} is not a URL: {1}")]
+    Invalid(String, String),
+    #[error("webhook URLs are http:// or https://, not {0}://")]
+    Scheme(String),
+    #[error("the URL has a user name or password in it; put a token in the path or query instead")]
+    Credentials,
+    #[error("plain http:// is only for this machine (localhost, 127.0.0.1, ::1); {0} would carry messages unencrypted")]
+    InsecureHttp(String),
+    #[error("{0} is this daemon's own broker; a webhook cannot post to it")]
+    OwnBroker(String),
+}
+
+/// Checks a webhook URL: http(s) only, plain http only to loopback unless allowed, no credentials,
+/// and not one of `forbidden` (this machine's broker addresses).
+pub fn check_url(
+    url: &str,
+    allow_insecure_http: bool,
+    resolved: &[std::net::SocketAddr],
+    forbidden_ports: &[u16],
+) -> Result<reqwest::Url, UrlError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| UrlError::Invalid(url.to_owned(), e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(UrlError::Scheme(parsed.scheme().to_owned()));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(UrlError::Credentials);
+    }
+    let host = parsed.host_str().unwrap_or_default().to_owned();
+    if parsed.host_str().is_none() {
+        return Err(UrlError::Invalid(url.to_owned(), "no host".into()));
+    }
+    let loopback = is_loopback_host(&parsed);
+    if parsed.scheme() == "http" && !loopback && !allow_insecure_http {
+        return Err(UrlError::InsecureHttp(host));
+    }
+    let port = parsed.port_or_known_default().unwrap_or(0);
+    let local = loopback || resolved.iter().any(|a| a.ip().is_loopback() || a.ip().is_unspecified());
+    if local && forbidden_ports.contains(&port) {
+        return Err(UrlError::OwnBroker(format!("{host}:{port}")));
+    }
+    Ok(parsed)
+}
+
+fn is_loopback_host(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// A new endpoint, checked.
+pub struct NewWebhook {
+    pub owner: PublicKey,
+    /// A session's mesh (its events are of that mesh only); `None` for the member.
+    pub owner_mesh: Option<MeshId>,
+    pub url: String,
+    pub events: Vec<String>,
+    pub mesh: Option<MeshId>,
+    pub peer: Option<PublicKey>,
+    pub description: Option<String>,
+    pub allow_insecure_http: bool,
+}
+
+/// Stores an endpoint with a new secret; returns its id and the secret.
+pub fn add(conn: &Connection, w: &NewWebhook, now: u64) -> rusqlite::Result<(i64, String)> {
+    let secret = sign::new_secret();
+    conn.execute(
+        "INSERT INTO webhooks (owner, owner_mesh, url, events, mesh_id, peer, description, allow_insecure_http,
+             secret, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            w.owner.to_string(),
+            w.owner_mesh.map(|m| m.to_string()),
+            w.url,
+            serde_json::to_string(&w.events).expect("kinds serialise"),
+            w.mesh.map(|m| m.to_string()),
+            w.peer.map(|p| p.to_string()),
+            w.description,
+            w.allow_insecure_http,
+            secret,
+            now as i64,
+        ],
+    )?;
+    Ok((conn.last_insert_rowid(), secret))
+}
+
+/// Which endpoints a caller may see and manage: a session its own, the member every one.
+#[derive(Clone, Copy, Debug)]
+pub enum Visible<'a> {
+    All,
+    OwnedBy(&'a PublicKey),
+}
+
+impl Visible<'_> {
+    fn owner(&self) -> Option<String> {
+        match self {
+            Visible::All => None,
+            Visible::OwnedBy(k) => Some(k.to_string()),
+        }
+    }
+}
+
+const INFO_COLUMNS: &str = "w.id, w.url, w.events, COALESCE(m.name, w.mesh_id), w.peer,
+    (SELECT p.name FROM peers p WHERE p.key = w.peer LIMIT 1), w.description, w.owner,
+    COALESCE(s.name, (SELECT p.name FROM peers p WHERE p.key = w.owner LIMIT 1), ''), s.name, w.enabled,
+    w.disabled_reason, w.allow_insecure_http, w.created_at, w.failing_since, w.failures, w.last_success_at,
+    w.previous_until,
+    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'),
+    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.attempts > 0),
+    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'delivered'),
+    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'dead')";
+
+const INFO_FROM: &str = "webhooks w LEFT JOIN meshes m ON m.id = w.mesh_id LEFT JOIN sessions s ON s.key = w.owner";
+
+fn info_from_row(r: &Row<'_>) -> rusqlite::Result<WebhookInfo> {
+    let events: String = r.get(2)?;
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64)) };
+    Ok(WebhookInfo {
+        id: r.get(0)?,
+        url: r.get(1)?,
+        events: serde_json::from_str(&events).unwrap_or_default(),
+        mesh: r.get(3)?,
+        from: r.get(4)?,
+        from_name: r.get(5)?,
+        description: r.get(6)?,
+        owner: r.get(7)?,
+        owner_name: r.get(8)?,
+        session: r.get(9)?,
+        enabled: r.get(10)?,
+        disabled_reason: r.get(11)?,
+        allow_insecure_http: r.get(12)?,
+        created_at: r.get::<_, i64>(13)? as u64,
+        failing_since: opt_u64(14)?,
+        failures: r.get(15)?,
+        last_success_at: opt_u64(16)?,
+        previous_secret_until: opt_u64(17)?,
+        deliveries: WebhookDeliveryCounts {
+            pending: r.get::<_, i64>(18)? as u64,
+            failing: r.get::<_, i64>(19)? as u64,
+            delivered: r.get::<_, i64>(20)? as u64,
+            dead: r.get::<_, i64>(21)? as u64,
+        },
+    })
+}
+
+pub fn list(conn: &Connection, visible: Visible<'_>) -> rusqlite::Result<Vec<WebhookInfo>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {INFO_COLUMNS} FROM {INFO_FROM} WHERE ?1 IS NULL OR w.owner = ?1 ORDER BY w.id"
+    ))?;
+    stmt.query_map([visible.owner()], info_from_row)?.collect()
+}
+
+pub fn get(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<Option<WebhookInfo>> {
+    conn.query_row(
+        &format!("SELECT {INFO_COLUMNS} FROM {INFO_FROM} WHERE w.id = ?1 AND (?2 IS NULL OR w.owner = ?2)"),
+        params![id, visible.owner()],
+        info_from_row,
+    )
+    .optional()
+}
+
+/// A new secret; the current one keeps signing until `now + overlap`. `None`: no such endpoint.
+pub fn rotate(
+    conn: &Connection,
+    visible: Visible<'_>,
+    id: i64,
+    overlap: Duration,
+    now: u64,
+) -> rusqlite::Result<Option<(String, u64)>> {
+    let secret = sign::new_secret();
+    let until = now.saturating_add(ms(overlap));
+    let n = conn.execute(
+        "UPDATE webhooks SET previous_secret = secret, previous_until = ?3, secret = ?4
+         WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+        params![id, visible.owner(), until as i64, secret],
+    )?;
+    Ok((n == 1).then_some((secret, until)))
+}
+
+/// Enables or disables an endpoint (by its owner's request, or by the worker), with an event for its
+/// owner; enabling also makes its pending deliveries due now. `false`: no such endpoint.
+pub fn set_enabled(
+    conn: &Connection,
+    visible: Visible<'_>,
+    id: i64,
+    enabled: bool,
+    reason: Option<&str>,
+    now: u64,
+) -> rusqlite::Result<bool> {
+    let row: Option<(String, String, Option<String>, bool)> = conn
+        .query_row(
+            "SELECT owner, url, mesh_id, enabled FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+            params![id, visible.owner()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    let Some((owner, url, mesh, was)) = row else { return Ok(false) };
+    if enabled {
+        conn.execute(
+            "UPDATE webhooks SET enabled = 1, disabled_reason = NULL, failing_since = NULL, failures = 0 WHERE id = ?1",
+            [id],
+        )?;
+        conn.execute(
+            "UPDATE webhook_deliveries SET next_attempt_at = ?2 WHERE webhook_id = ?1 AND status = 'pending'",
+            params![id, now as i64],
+        )?;
+    } else {
+        conn.execute("UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1", params![id, reason])?;
+    }
+    if was != enabled {
+        let owner: PublicKey = mesh_broker::sqlite::parse_col(owner)?;
+        let mesh: Option<MeshId> = mesh.map(mesh_broker::sqlite::parse_col).transpose()?;
+        let event = EventBody::Webhook(WebhookEvent { id, url, enabled, reason: reason.map(str::to_owned) });
+        events::append(conn, mesh.as_ref(), Some(&owner), &event, now)?;
+    }
+    Ok(true)
+}
+
+/// Removes an endpoint and its deliveries. `false`: no such endpoint.
+pub fn remove(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<bool> {
+    let n = conn
+        .execute("DELETE FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)", params![id, visible.owner()])?;
+    if n == 1 {
+        conn.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?1", [id])?;
+    }
+    Ok(n == 1)
+}
+
+/// The peer an event concerns, for an endpoint's `from` filter.
+fn peer_of(body: &EventBody) -> Option<&str> {
+    match body {
+        EventBody::Message(m) => Some(&m.from),
+        EventBody::Receipt(r) => Some(&r.recipient),
+        EventBody::Presence(p) => Some(&p.key),
+        _ => None,
+    }
+}
+
+/// The delivery deadline [`enqueue`] gives new rows (from the configuration, set at start-up).
+static DEADLINE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(48 * 3600 * 1000);
+
+pub fn set_deadline(deadline: Duration) {
+    DEADLINE_MS.store(ms(deadline), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn deadline() -> Duration {
+    Duration::from_millis(DEADLINE_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Queues a delivery of one event to every endpoint that wants it: owned by its audience (or, for
+/// presence, by an identity of its mesh), asking for its kind, and matching its mesh and peer
+/// filters. Runs in the event's transaction. Disabled endpoints queue too: enabling one resumes them.
+pub fn enqueue(
+    conn: &Connection,
+    event_id: i64,
+    mesh: Option<&MeshId>,
+    audience: Option<&PublicKey>,
+    body: &EventBody,
+    now: u64,
+) -> rusqlite::Result<usize> {
+    let kind = body.kind();
+    if !mesh_ipc::api::WEBHOOK_EVENT_KINDS.contains(&kind) {
+        return Ok(0);
+    }
+    let mesh_text = mesh.map(MeshId::to_string);
+    let mut stmt = conn.prepare_cached(
+        "SELECT id FROM webhooks
+         WHERE (owner = ?1 OR (?1 IS NULL AND (owner_mesh IS NULL OR owner_mesh = ?2)))
+           AND EXISTS (SELECT 1 FROM json_each(events) WHERE value = ?3)
+           AND (mesh_id IS NULL OR mesh_id = ?2)
+           AND (peer IS NULL OR peer = ?4)",
+    )?;
+    let ids: Vec<i64> = stmt
+        .query_map(params![audience.map(PublicKey::to_string), mesh_text, kind, peer_of(body)], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut data = serde_json::to_value(body).expect("events serialise");
+    let data = data.get_mut("data").map(serde_json::Value::take).unwrap_or_default();
+    let mut data = match data {
+        serde_json::Value::Object(map) => map,
+        other => serde_json::Map::from_iter([("value".to_owned(), other)]),
+    };
+    data.insert("event_id".into(), event_id.into());
+    if let Some(m) = &mesh_text {
+        data.insert("mesh_id".into(), m.clone().into());
+        if !data.contains_key("mesh") {
+            let name: Option<String> =
+                conn.query_row("SELECT name FROM meshes WHERE id = ?1", [m], |r| r.get(0)).optional()?;
+            data.insert("mesh".into(), name.unwrap_or_else(|| m.clone()).into());
+        }
+    }
+    if let Some(a) = audience {
+        data.insert("audience".into(), a.to_string().into());
+    }
+    let payload = payload(kind, now, serde_json::Value::Object(data));
+    let inbox_id = match body {
+        EventBody::Message(m) => Some(m.id),
+        _ => None,
+    };
+    for id in &ids {
+        insert_delivery(conn, *id, kind, Some(event_id), inbox_id, &payload, now, deadline())?;
+    }
+    Ok(ids.len())
+}
+
+/// A Standard Webhooks body: `{type, timestamp, data}`.
+fn payload(kind: &str, now: u64, data: serde_json::Value) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(now);
+    serde_json::json!({
+        "type": kind,
+        "timestamp": humantime::format_rfc3339_millis(at).to_string(),
+        "data": data,
+    })
+    .to_string()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_delivery(
+    conn: &Connection,
+    webhook: i64,
+    kind: &str,
+    event_id: Option<i64>,
+    inbox_id: Option<i64>,
+    payload: &str,
+    now: u64,
+    deadline: Duration,
+) -> rusqlite::Result<i64> {
+    let mut uid = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut uid);
+    conn.prepare_cached(
+        "INSERT INTO webhook_deliveries (webhook_id, uid, event_type, event_id, inbox_id, payload, status,
+             next_attempt_at, deadline, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?8, ?7)",
+    )?
+    .execute(params![
+        webhook,
+        format!("msg_{}", hex::encode(uid)),
+        kind,
+        event_id,
+        inbox_id,
+        payload,
+        now as i64,
+        now.saturating_add(ms(deadline)) as i64
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Queues a `webhook.test` delivery to one endpoint. `None`: no such endpoint.
+pub fn enqueue_test(
+    conn: &Connection,
+    visible: Visible<'_>,
+    id: i64,
+    now: u64,
+    deadline: Duration,
+) -> rusqlite::Result<Option<i64>> {
+    let Some(w) = get(conn, visible, id)? else { return Ok(None) };
+    let data = serde_json::json!({
+        "webhook_id": w.id,
+        "message": "a test delivery from `mesh webhook test`",
+        "audience": w.owner,
+    });
+    let payload = payload("webhook.test", now, data);
+    insert_delivery(conn, id, "webhook.test", None, None, &payload, now, deadline).map(Some)
+}
+
+const DELIVERY_COLUMNS: &str = "id, webhook_id, uid, event_type, event_id, status, attempts, created_at,
+    next_attempt_at, deadline, last_attempt_at, last_status, last_error, delivered_at";
+
+fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
+    let status: String = r.get(5)?;
+    let status = match status.as_str() {
+        "delivered" => DeliveryStatus::Delivered,
+        "dead" => DeliveryStatus::Dead,
+        _ => DeliveryStatus::Pending,
+    };
+    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64)) };
+    Ok(DeliveryInfo {
+        id: r.get(0)?,
+        webhook_id: r.get(1)?,
+        message_id: r.get(2)?,
+        event_type: r.get(3)?,
+        event_id: r.get(4)?,
+        attempts: r.get(6)?,
+        created_at: r.get::<_, i64>(7)? as u64,
+        next_attempt_at: if status == DeliveryStatus::Pending { opt_u64(8)? } else { None },
+        deadline: r.get::<_, i64>(9)? as u64,
+        last_attempt_at: opt_u64(10)?,
+        last_status: r.get::<_, Option<i64>>(11)?.and_then(|s| u16::try_from(s).ok()),
+        last_error: r.get(12)?,
+        delivered_at: opt_u64(13)?,
+        status,
+    })
+}
+
+pub fn delivery(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<Option<DeliveryInfo>> {
+    conn.query_row(
+        &format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?1
+             AND webhook_id IN (SELECT id FROM webhooks WHERE ?2 IS NULL OR owner = ?2)"
+        ),
+        params![id, visible.owner()],
+        delivery_from_row,
+    )
+    .optional()
+}
+
+/// An endpoint's deliveries, newest first.
+pub fn deliveries(conn: &Connection, webhook: i64, q: &DeliveriesQuery) -> rusqlite::Result<Vec<DeliveryInfo>> {
+    let (status, failed) = match q.status {
+        None => (None, false),
+        Some(DeliveryFilter::Pending) => (Some("pending"), false),
+        Some(DeliveryFilter::Failed) => (Some("pending"), true),
+        Some(DeliveryFilter::Delivered) => (Some("delivered"), false),
+        Some(DeliveryFilter::Dead) => (Some("dead"), false),
+    };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
+         WHERE webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (NOT ?3 OR attempts > 0)
+         ORDER BY id DESC LIMIT ?4"
+    ))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 10_000);
+    stmt.query_map(params![webhook, status, failed, limit], delivery_from_row)?.collect()
+}
+
+/// Makes deliveries pending again, due now, with a new deadline: one (any state), or every dead one
+/// of an endpoint. Returns how many.
+pub fn redeliver(conn: &Connection, target: Redeliver, now: u64, deadline: Duration) -> rusqlite::Result<usize> {
+    let (sql, id) = match target {
+        Redeliver::One(id) => ("id = ?1", id),
+        Redeliver::AllDead(webhook) => ("webhook_id = ?1 AND status = 'dead'", webhook),
+    };
+    conn.execute(
+        &format!(
+            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, deadline = ?3,
+                 lease_until = NULL, delivered_at = NULL WHERE {sql}"
+        ),
+        params![id, now as i64, now.saturating_add(ms(deadline)) as i64],
+    )
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Redeliver {
+    One(i64),
+    AllDead(i64),
+}
+
+/// For `mesh daemon status`.
+pub fn status(conn: &Connection) -> rusqlite::Result<WebhookStatus> {
+    let (endpoints, pending, failing, delivered, dead) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM webhooks),
+            COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'pending' AND attempts > 0), 0),
+            COALESCE(SUM(status = 'delivered'), 0), COALESCE(SUM(status = 'dead'), 0)
+         FROM webhook_deliveries",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        },
+    )?;
+    let disabled = conn
+        .prepare_cached("SELECT id, url, COALESCE(disabled_reason, '') FROM webhooks WHERE enabled = 0 ORDER BY id")?
+        .query_map([], |r| Ok(DisabledWebhook { id: r.get(0)?, url: r.get(1)?, reason: r.get(2)? }))?
+        .collect::<Result<_, _>>()?;
+    Ok(WebhookStatus {
+        endpoints: endpoints as u64,
+        deliveries: WebhookDeliveryCounts {
+            pending: pending as u64,
+            failing: failing as u64,
+            delivered: delivered as u64,
+            dead: dead as u64,
+        },
+        disabled,
+    })
+}
+
+/// One attempt's worth of work, claimed under a lease.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub delivery: i64,
+    pub webhook: i64,
+    pub uid: String,
+    pub url: String,
+    pub payload: String,
+    /// The current secret, then the previous one while its overlap lasts.
+    pub secrets: Vec<String>,
+    pub lease_until: u64,
+}
+
+/// What the worker should do next: the jobs it claimed, and when to look again at the latest.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub jobs: Vec<Job>,
+    /// The earliest time a delivery not claimed now could be (a retry falling due, a lease running
+    /// out); `None` when nothing is waiting on time.
+    pub next_at: Option<u64>,
+}
+
+/// Claims up to `free` due deliveries, never more than `per_endpoint` in flight to one endpoint,
+/// taking endpoints in turn from `start` so that one busy endpoint does not take every slot. Each
+/// endpoint's deliveries go oldest first (by due time, then creation).
+pub fn claim(
+    conn: &mut Connection,
+    free: usize,
+    per_endpoint: u32,
+    start: usize,
+    lease_ms: u64,
+    now: u64,
+) -> rusqlite::Result<Claimed> {
+    let tx = conn.transaction()?;
+    let now_i = now as i64;
+    let endpoints: Vec<(i64, i64, Option<i64>, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT w.id,
+                (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'
+                    AND d.lease_until > ?1),
+                (SELECT MIN(d.next_attempt_at) FROM webhook_deliveries d WHERE d.webhook_id = w.id
+                    AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until <= ?1)),
+                (SELECT MIN(d.lease_until) FROM webhook_deliveries d WHERE d.webhook_id = w.id
+                    AND d.status = 'pending' AND d.lease_until > ?1)
+             FROM webhooks w WHERE w.enabled = 1 ORDER BY w.id",
+        )?
+        .query_map([now_i], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Claimed::default();
+    let mut wake = |at: i64| {
+        let at = at.max(0) as u64;
+        out.next_at = Some(out.next_at.map_or(at, |n: u64| n.min(at)));
+    };
+    let mut jobs = Vec::new();
+    let n = endpoints.len();
+    for i in 0..n {
+        let (webhook, inflight, due, lease_ends) = endpoints[(start + i) % n];
+        if let Some(l) = lease_ends {
+            wake(l);
+        }
+        let room = (per_endpoint as i64 - inflight).max(0) as usize;
+        let Some(due) = due else { continue };
+        if room == 0 {
+            continue; // it is woken when one of its attempts finishes
+        }
+        if due > now_i || jobs.len() >= free {
+            wake(due);
+            continue;
+        }
+        let take = room.min(free - jobs.len());
+        let ids: Vec<i64> = tx
+            .prepare_cached(
+                "SELECT id FROM webhook_deliveries WHERE webhook_id = ?1 AND status = 'pending'
+                   AND next_attempt_at <= ?2 AND (lease_until IS NULL OR lease_until <= ?2)
+                 ORDER BY next_attempt_at, id LIMIT ?3",
+            )?
+            .query_map(params![webhook, now_i, take as i64], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in ids {
+            jobs.push(lease(&tx, id, now, lease_ms)?);
+        }
+        // More may be due behind these; they are claimed when these finish.
+    }
+    tx.commit()?;
+    out.jobs = jobs;
+    Ok(out)
+}
+
+fn lease(tx: &Connection, id: i64, now: u64, lease_ms: u64) -> rusqlite::Result<Job> {
+    let until = now.saturating_add(lease_ms);
+    tx.prepare_cached("UPDATE webhook_deliveries SET lease_until = ?2 WHERE id = ?1")?
+        .execute(params![id, until as i64])?;
+    tx.prepare_cached(
+        "SELECT d.id, d.webhook_id, d.uid, w.url, d.payload, w.secret,
+                CASE WHEN w.previous_until > ?2 THEN w.previous_secret END
+         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE d.id = ?1",
+    )?
+    .query_row(params![id, now as i64], |r| {
+        let previous: Option<String> = r.get(6)?;
+        Ok(Job {
+            delivery: r.get(0)?,
+            webhook: r.get(1)?,
+            uid: r.get(2)?,
+            url: r.get(3)?,
+            payload: r.get(4)?,
+            secrets: std::iter::once(r.get(5)?).chain(previous).collect(),
+            lease_until: until,
+        })
+    })
+}
+
+/// At start-up: this process is the only worker, so no lease taken before is still held.
+pub fn release_leases(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute("UPDATE webhook_deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL", [])
+}
+
+/// How one attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx answer.
+    Delivered { status: u16 },
+    /// 410 Gone: the endpoint asks not to be called again.
+    Gone,
+    /// Worth retrying: no answer in time, no connection, 5xx, 429 (with its `Retry-After`).
+    Retry { status: Option<u16>, error: String, retry_after: Option<Duration> },
+    /// A 3xx or another 4xx: retried once, then dead.
+    Refused { status: u16, error: String },
+}
+
+/// What [`settle`] did, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    Delivered,
+    RetryAt(u64),
+    Dead,
+    /// The endpoint was disabled; the delivery waits for it to be enabled.
+    Disabled,
+    /// The lease was no longer ours (the row was redelivered, removed, or its lease ran out and it
+    /// was claimed again): nothing recorded.
+    Stale,
+}
+
+/// Records one attempt's outcome, in one transaction, if the job still holds its lease.
+pub fn settle(
+    conn: &mut Connection,
+    job: &Job,
+    outcome: &Outcome,
+    cfg: &Config,
+    now: u64,
+    jitter: f64,
+) -> rusqlite::Result<Settled> {
+    let tx = conn.transaction()?;
+    let row: Option<(u32, i64)> = tx
+        .query_row(
+            "SELECT attempts, deadline FROM webhook_deliveries WHERE id = ?1 AND status = 'pending' AND lease_until = ?2",
+            params![job.delivery, job.lease_until as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((attempts, deadline)) = row else { return Ok(Settled::Stale) };
+    let attempts = attempts + 1;
+    let (status, error) = match outcome {
+        Outcome::Delivered { status } => (Some(*status), None),
+        Outcome::Gone => (Some(410), Some("410 Gone: the endpoint asked not to be called again".to_owned())),
+        Outcome::Retry { status, error, .. } => (*status, Some(error.clone())),
+        Outcome::Refused { status, error } => (Some(*status), Some(error.clone())),
+    };
+    tx.execute(
+        "UPDATE webhook_deliveries SET attempts = ?2, last_attempt_at = ?3, last_status = ?4, last_error = ?5,
+             lease_until = NULL WHERE id = ?1",
+        params![job.delivery, attempts, now as i64, status, error],
+    )?;
+    let settled = match outcome {
+        Outcome::Delivered { .. } => {
+            tx.execute(
+                "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ?2 WHERE id = ?1",
+                params![job.delivery, now as i64],
+            )?;
+            tx.execute(
+                "UPDATE webhooks SET failing_since = NULL, failures = 0, last_success_at = ?2 WHERE id = ?1",
+                params![job.webhook, now as i64],
+            )?;
+            Settled::Delivered
+        }
+        Outcome::Gone => {
+            set_enabled(&tx, Visible::All, job.webhook, false, Some("it answered 410 Gone"), now)?;
+            Settled::Disabled
+        }
+        Outcome::Retry { .. } | Outcome::Refused { .. } => {
+            tx.execute(
+                "UPDATE webhooks SET failing_since = COALESCE(failing_since, ?2), failures = failures + 1 WHERE id = ?1",
+                params![job.webhook, now as i64],
+            )?;
+            let permanent = matches!(outcome, Outcome::Refused { .. }) && attempts >= 2;
+            let delay = match outcome {
+                Outcome::Retry { retry_after: Some(after), .. } => ms(*after).max(100),
+                _ => cfg.backoff_ms(attempts, jitter),
+            };
+            let next = now.saturating_add(delay);
+            let settled = if permanent || next as i64 > deadline {
+                tx.execute("UPDATE webhook_deliveries SET status = 'dead' WHERE id = ?1", [job.delivery])?;
+                Settled::Dead
+            } else {
+                tx.execute(
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?2 WHERE id = ?1",
+                    params![job.delivery, next as i64],
+                )?;
+                Settled::RetryAt(next)
+            };
+            let (since, failures): (i64, u32) =
+                tx.query_row("SELECT failing_since, failures FROM webhooks WHERE id = ?1", [job.webhook], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            if failures >= cfg.disable_after_attempts && now.saturating_sub(since as u64) >= ms(cfg.disable_after) {
+                let reason = format!(
+                    "every attempt failed for {} ({failures} attempts); the last: {}",
+                    humantime::format_duration(Duration::from_secs(now.saturating_sub(since as u64) / 1000)),
+                    error.as_deref().unwrap_or("failed")
+                );
+                set_enabled(&tx, Visible::All, job.webhook, false, Some(&reason), now)?;
+                Settled::Disabled
+            } else {
+                settled
+            }
+        }
+    };
+    tx.commit()?;
+    Ok(settled)
+}
+
+/// Housekeeping the worker does on a timer: pending deliveries past their deadline become dead (those
+/// of disabled endpoints too), and previous secrets past their overlap are forgotten.
+pub fn maintain(conn: &Connection, now: u64) -> rusqlite::Result<(usize, usize)> {
+    let dead = conn.execute(
+        "UPDATE webhook_deliveries SET status = 'dead', lease_until = NULL,
+             last_error = COALESCE(last_error, 'never attempted') || ' (deadline passed)'
+         WHERE status = 'pending' AND deadline < ?1 AND (lease_until IS NULL OR lease_until <= ?1)",
+        [now as i64],
+    )?;
+    let forgotten = conn.execute(
+        "UPDATE webhooks SET previous_secret = NULL, previous_until = NULL WHERE previous_until <= ?1",
+        [now as i64],
+    )?;
+    Ok((dead, forgotten))
+}
+
+/// Retention: delivered rows after `delivered_retention`, dead ones after `dead_retention`.
+pub fn prune(conn: &Connection, cfg: &Config, now: u64) -> rusqlite::Result<usize> {
+    let before = |d: Duration| now.saturating_sub(ms(d)) as i64;
+    Ok(conn.execute(
+        "DELETE FROM webhook_deliveries WHERE status = 'delivered' AND delivered_at < ?1",
+        [before(cfg.delivered_retention)],
+    )? + conn.execute(
+        "DELETE FROM webhook_deliveries WHERE status = 'dead' AND COALESCE(last_attempt_at, created_at) < ?1",
+        [before(cfg.dead_retention)],
+    )?)
+}
+
+/// A jitter factor for [`settle`].
+pub fn jitter() -> f64 {
+    rand::thread_rng().gen_range(0.0..=1.0)
+}
+
+#[cfg(test)]
+mod tests;
