@@ -70,6 +70,9 @@ enum Command {
     Group(cmd::group::GroupCommand),
     /// Follow your events live: messages, receipts, presence, connection state
     Watch(cmd::watch::WatchArgs),
+    /// POST your messages and receipts to an HTTP endpoint, signed (see docs/webhooks.md)
+    #[command(subcommand)]
+    Webhook(cmd::webhook::WebhookCommand),
     /// Serve MCP on stdin/stdout for an agent (started by the agent: `claude mcp add mesh -- mesh mcp`)
     Mcp(mcp::McpArgs),
     /// Hooks an agent runs to be woken by, and told of, new messages (see docs/agents.md)
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::Session(c) => cmd::session::run(c),
         Command::Group(c) => cmd::group::run(c),
         Command::Watch(a) => cmd::watch::run(a),
+        Command::Webhook(c) => cmd::webhook::run(c),
         Command::Mcp(a) => mcp::run(a),
         Command::AgentHook(c) => cmd::hook::run(c),
         Command::Setup(a) => cmd::setup::run(a),

@@ -68,6 +68,27 @@ pub mod routes {
     pub const GROUPS_LEAVE: &str = "/v1/groups/leave";
     /// `GET`: Server-Sent Events of the caller (needs a bearer token).
     pub const EVENTS: &str = "/v1/events";
+    /// `GET` the caller's webhook endpoints; `POST` adds one.
+    pub const WEBHOOKS: &str = "/v1/webhooks";
+    /// `GET`: one endpoint.
+    pub const WEBHOOK: &str = "/v1/webhooks/{id}";
+    /// `POST`: queue a `webhook.test` delivery and wait for its first attempt.
+    pub const WEBHOOK_TEST: &str = "/v1/webhooks/{id}/test";
+    /// `POST`: a new signing secret; the previous one still signs during the overlap.
+    pub const WEBHOOK_ROTATE: &str = "/v1/webhooks/{id}/rotate";
+    pub const WEBHOOK_DISABLE: &str = "/v1/webhooks/{id}/disable";
+    /// `POST`: enable again; its pending deliveries are due at once.
+    pub const WEBHOOK_ENABLE: &str = "/v1/webhooks/{id}/enable";
+    /// `POST`: remove the endpoint and its deliveries.
+    pub const WEBHOOK_REMOVE: &str = "/v1/webhooks/{id}/remove";
+    /// `GET`: its deliveries, newest first (`?status=&limit=`).
+    pub const WEBHOOK_DELIVERIES: &str = "/v1/webhooks/{id}/deliveries";
+    /// `POST`: every dead delivery of the endpoint pending again.
+    pub const WEBHOOK_REDELIVER: &str = "/v1/webhooks/{id}/redeliver";
+    /// `GET`: one delivery.
+    pub const DELIVERY: &str = "/v1/webhook-deliveries/{id}";
+    /// `POST`: one delivery pending again, whatever its state.
+    pub const DELIVERY_REDELIVER: &str = "/v1/webhook-deliveries/{id}/redeliver";
 
     /// A route template with its `{id}` filled in.
     pub fn with_id(template: &str, id: i64) -> String {

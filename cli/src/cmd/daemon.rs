@@ -249,6 +249,25 @@ fn status(home: Home) -> anyhow::Result<()> {
     );
     let i = status.inbox;
     outln!("inbox:   {} unread of {}, {} failed", i.unread, i.total, i.failed);
+    let w = &status.webhooks;
+    if w.endpoints > 0 {
+        let d = &w.deliveries;
+        outln!(
+            "webhooks: {} endpoint{}, {} disabled; deliveries {} pending ({} failing), {} dead",
+            w.endpoints,
+            if w.endpoints == 1 { "" } else { "s" },
+            w.disabled.len(),
+            d.pending,
+            d.failing,
+            d.dead
+        );
+        for x in &w.disabled {
+            outln!("{}", output::clean(&format!("  webhook #{} {} is DISABLED: {}", x.id, x.url, x.reason)));
+        }
+        if !w.disabled.is_empty() {
+            outln!("  fix the endpoint, then `mesh webhook enable ID`");
+        }
+    }
     Ok(())
 }
 

@@ -13,6 +13,7 @@ pub mod service;
 pub mod session;
 pub mod setup;
 pub mod watch;
+pub mod webhook;
 
 use anyhow::Context;
 use mesh_ipc::{Home, IpcClient};

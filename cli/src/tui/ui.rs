@@ -505,6 +505,7 @@ mod tests {
             outbox: OutboxCounts::default(),
             inbox: InboxCounts::default(),
             embedded_broker: None,
+            webhooks: WebhookStatus::default(),
         }
     }
 

@@ -17,11 +17,31 @@ mod service;
 mod sessions;
 mod setup;
 mod tui;
+mod webhooks;
 
 pub const MESH: &str = env!("CARGO_BIN_EXE_mesh");
 
 use mesh_testkit::TestHome;
 use serde_json::Value;
+
+/// A Python that can `import MODULE` (`MESH_TEST_PYTHON`, else `python3`), or `None` outside CI, where
+/// the test says it is skipped and why; under CI a missing one fails the test.
+pub fn python_with(module: &str, package: &str) -> Option<String> {
+    let python = std::env::var("MESH_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    match (ok, std::env::var_os("CI").is_some()) {
+        (true, _) => Some(python),
+        (false, false) => {
+            eprintln!("skipped: {python} cannot import {module} (pip install {package}); this test did not run");
+            None
+        }
+        (false, true) => panic!("{python} with {module} (`pip install {package}`) is required under CI"),
+    }
+}
 
 /// The bodies of `home`'s inbox rows that are `ready`.
 pub fn ready_bodies(inbox: &Value) -> Vec<String> {

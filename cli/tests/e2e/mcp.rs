@@ -13,20 +13,7 @@ use super::*;
 
 /// The Python with the MCP SDK, or `None` (the test says it is skipped) outside CI.
 fn python_with_mcp() -> Option<String> {
-    let python = std::env::var("MESH_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let ok = Command::new(&python)
-        .args(["-c", "import mcp, mcp_types"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    match (ok, std::env::var_os("CI").is_some()) {
-        (true, _) => Some(python),
-        (false, false) => {
-            eprintln!("skipped: {python} has no MCP SDK (pip install mcp); the MCP client tests did not run");
-            None
-        }
-        (false, true) => panic!("{python} with the MCP SDK (`pip install mcp`) is required under CI"),
-    }
+    super::python_with("mcp, mcp_types", "mcp")
 }
 
 /// A Python MCP client running `mesh mcp ARGS` for `home` (see `mcp_driver.py`).

@@ -11,6 +11,7 @@ mod meshes;
 mod messages;
 mod notices;
 mod sessions;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -284,6 +285,17 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::GROUPS, get(groups::list))
         .route(routes::GROUPS_JOIN, post(groups::join))
         .route(routes::GROUPS_LEAVE, post(groups::leave))
+        .route(routes::WEBHOOKS, get(webhooks::list).post(webhooks::add))
+        .route(routes::WEBHOOK, get(webhooks::show))
+        .route(routes::WEBHOOK_TEST, post(webhooks::test))
+        .route(routes::WEBHOOK_ROTATE, post(webhooks::rotate))
+        .route(routes::WEBHOOK_DISABLE, post(webhooks::disable))
+        .route(routes::WEBHOOK_ENABLE, post(webhooks::enable))
+        .route(routes::WEBHOOK_REMOVE, post(webhooks::remove))
+        .route(routes::WEBHOOK_DELIVERIES, get(webhooks::deliveries))
+        .route(routes::WEBHOOK_REDELIVER, post(webhooks::redeliver_dead))
+        .route(routes::DELIVERY, get(webhooks::delivery))
+        .route(routes::DELIVERY_REDELIVER, post(webhooks::redeliver_one))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(check_version))
@@ -349,10 +361,10 @@ async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<St
                 let counts = outbox::counts(c, Some(&m.id))?;
                 out.push((m, peers, counts));
             }
-            Ok((out, outbox::counts(c, None)?, inbox::counts(c)?))
+            Ok((out, outbox::counts(c, None)?, inbox::counts(c)?, crate::webhooks::status(c)?))
         })
         .await?;
-    let (per_mesh, outbox, inbox) = rows;
+    let (per_mesh, outbox, inbox, webhooks) = rows;
     let me = d.member.identity.key();
     let meshes = per_mesh
         .into_iter()
@@ -377,6 +389,7 @@ async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<St
         outbox,
         inbox,
         embedded_broker: d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+        webhooks,
     }))
 }
 
@@ -499,6 +512,10 @@ mod tests {
         routes::NOTICES_CLAIM,
         routes::SESSIONS,
         routes::GROUPS_JOIN,
+        routes::WEBHOOKS,
+        "/v1/webhooks/1/rotate",
+        "/v1/webhooks/x/test",
+        "/v1/webhook-deliveries/1/redeliver",
         "/v1/outbox/7/retry",
         "/v1/outbox/abc/abort",
     ];

@@ -210,12 +210,12 @@ pub fn add(conn: &Connection, w: &NewWebhook, now: u64) -> rusqlite::Result<(i64
 
 /// Which endpoints a caller may see and manage: a session its own, the member every one.
 #[derive(Clone, Copy, Debug)]
-pub enum Visible<'a> {
+pub enum Visible {
     All,
-    OwnedBy(&'a PublicKey),
+    OwnedBy(PublicKey),
 }
 
-impl Visible<'_> {
+impl Visible {
     fn owner(&self) -> Option<String> {
         match self {
             Visible::All => None,
@@ -267,14 +267,14 @@ fn info_from_row(r: &Row<'_>) -> rusqlite::Result<WebhookInfo> {
     })
 }
 
-pub fn list(conn: &Connection, visible: Visible<'_>) -> rusqlite::Result<Vec<WebhookInfo>> {
+pub fn list(conn: &Connection, visible: Visible) -> rusqlite::Result<Vec<WebhookInfo>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {INFO_COLUMNS} FROM {INFO_FROM} WHERE ?1 IS NULL OR w.owner = ?1 ORDER BY w.id"
     ))?;
     stmt.query_map([visible.owner()], info_from_row)?.collect()
 }
 
-pub fn get(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<Option<WebhookInfo>> {
+pub fn get(conn: &Connection, visible: Visible, id: i64) -> rusqlite::Result<Option<WebhookInfo>> {
     conn.query_row(
         &format!("SELECT {INFO_COLUMNS} FROM {INFO_FROM} WHERE w.id = ?1 AND (?2 IS NULL OR w.owner = ?2)"),
         params![id, visible.owner()],
@@ -286,7 +286,7 @@ pub fn get(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result
 /// A new secret; the current one keeps signing until `now + overlap`. `None`: no such endpoint.
 pub fn rotate(
     conn: &Connection,
-    visible: Visible<'_>,
+    visible: Visible,
     id: i64,
     overlap: Duration,
     now: u64,
@@ -305,7 +305,7 @@ pub fn rotate(
 /// owner; enabling also makes its pending deliveries due now. `false`: no such endpoint.
 pub fn set_enabled(
     conn: &Connection,
-    visible: Visible<'_>,
+    visible: Visible,
     id: i64,
     enabled: bool,
     reason: Option<&str>,
@@ -341,7 +341,7 @@ pub fn set_enabled(
 }
 
 /// Removes an endpoint and its deliveries. `false`: no such endpoint.
-pub fn remove(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<bool> {
+pub fn remove(conn: &Connection, visible: Visible, id: i64) -> rusqlite::Result<bool> {
     let n = conn
         .execute("DELETE FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)", params![id, visible.owner()])?;
     if n == 1 {
@@ -474,7 +474,7 @@ fn insert_delivery(
 /// Queues a `webhook.test` delivery to one endpoint. `None`: no such endpoint.
 pub fn enqueue_test(
     conn: &Connection,
-    visible: Visible<'_>,
+    visible: Visible,
     id: i64,
     now: u64,
     deadline: Duration,
@@ -518,7 +518,7 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
     })
 }
 
-pub fn delivery(conn: &Connection, visible: Visible<'_>, id: i64) -> rusqlite::Result<Option<DeliveryInfo>> {
+pub fn delivery(conn: &Connection, visible: Visible, id: i64) -> rusqlite::Result<Option<DeliveryInfo>> {
     conn.query_row(
         &format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = ?1

@@ -295,7 +295,7 @@ fn a_rotation_signs_with_both_secrets_until_the_overlap_ends() {
         let (w, old) = add(c, &hook(member(), None, &["message"]), 1)?;
         let (new, until) = rotate(c, Visible::All, w, Duration::from_secs(3600), 10)?.expect("rotated");
         assert_eq!(until, 10 + H);
-        assert!(rotate(c, Visible::OwnedBy(&session()), w, Duration::from_secs(1), 10)?.is_none(), "not the session's");
+        assert!(rotate(c, Visible::OwnedBy(session()), w, Duration::from_secs(1), 10)?.is_none(), "not the session's");
         queue_n(c, 2)?;
         let job = claim(c, 8, 1, 0, 1000, 20)?.jobs.remove(0);
         assert_eq!(job.secrets, vec![new.clone(), old]);

@@ -15,6 +15,8 @@ pub struct Status {
     pub inbox: InboxCounts,
     /// `ws://127.0.0.1:PORT` when this daemon runs an embedded broker.
     pub embedded_broker: Option<String>,
+    #[serde(default)]
+    pub webhooks: crate::api::WebhookStatus,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

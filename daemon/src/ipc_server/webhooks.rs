@@ -1,0 +1,385 @@
+//! Webhook endpoints: `/v1/webhooks…` and `/v1/webhook-deliveries/{id}…` (docs/webhooks.md).
+//!
+//! A session registers, sees and manages its own endpoints only; the member every endpoint of this
+//! daemon. An endpoint receives its owner's events only, like the owner's event stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::Json;
+use mesh_ipc::api::*;
+use mesh_proto::Target;
+
+use super::{Body, Caller, Failure, Params, RowId, own_mesh, target_scope};
+use crate::clock::now_ms;
+use crate::daemon::Daemon;
+use crate::webhooks::{self, Config, Redeliver, UrlError, Visible};
+
+const MAX_URL_BYTES: usize = 2048;
+const MAX_DESCRIPTION_CHARS: usize = 200;
+/// How long a name may take to resolve when an endpoint is added.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn config(d: &Daemon) -> Config {
+    d.webhook_config.get().cloned().unwrap_or_default()
+}
+
+/// A session sees its own endpoints; the member all of them.
+fn visible(caller: &Caller) -> Visible {
+    match caller {
+        Caller::Member => Visible::All,
+        Caller::Session(s) => Visible::OwnedBy(s.key()),
+    }
+}
+
+fn no_webhook(id: i64) -> Failure {
+    Failure::not_found(format!("no webhook #{id}")).with_hint("`mesh webhook list` shows yours")
+}
+
+pub async fn add(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<AddWebhookRequest>,
+) -> Result<Json<AddWebhookResponse>, Failure> {
+    if req.url.len() > MAX_URL_BYTES {
+        return Err(Failure::bad_request(format!("the URL is longer than {MAX_URL_BYTES} bytes")));
+    }
+    if req.description.as_ref().is_some_and(|t| t.chars().count() > MAX_DESCRIPTION_CHARS) {
+        return Err(Failure::bad_request(format!("a description is at most {MAX_DESCRIPTION_CHARS} characters")));
+    }
+    let events = event_kinds(&req.events)?;
+    let url = checked_url(&d, &req.url, req.allow_insecure_http).await?;
+    let owner = caller.key(&d);
+    let (owner_mesh, mesh) = match &caller {
+        Caller::Session(s) => (
+            Some(s.mesh_id),
+            match &req.mesh {
+                Some(asked) => Some(own_mesh(&d, s, Some(asked)).await?.id),
+                None => None,
+            },
+        ),
+        Caller::Member => (
+            None,
+            match req.mesh.clone() {
+                Some(asked) => Some(
+                    d.db.call(move |c| Ok(crate::meshes::context_mesh(c, Some(&asked))))
+                        .await?
+                        .map_err(Failure::from)?
+                        .map(|(row, _)| row.id)
+                        .ok_or_else(|| Failure::new(ApiErrorCode::UnknownMesh, "no such mesh".into()))?,
+                ),
+                None => None,
+            },
+        ),
+    };
+    let peer = match req.from.clone() {
+        None => None,
+        Some(from) => {
+            let scope_mesh = mesh.or(owner_mesh).map(|m| m.to_string());
+            let resolved =
+                d.db.call(move |c| {
+                    Ok(target_scope(c, scope_mesh.as_deref())
+                        .and_then(|s| crate::roster::resolve(c, &from, &s, &owner)))
+                })
+                .await?
+                .map_err(Failure::from)?;
+            match resolved.target {
+                Target::Key(k) => Some(k),
+                Target::Group(_) | Target::All => {
+                    return Err(Failure::bad_request("--from names one peer, not a group or everyone"));
+                }
+            }
+        }
+    };
+    let new = webhooks::NewWebhook {
+        owner,
+        owner_mesh,
+        url: url.to_string(),
+        events,
+        mesh,
+        peer,
+        description: req.description.filter(|t| !t.trim().is_empty()),
+        allow_insecure_http: req.allow_insecure_http,
+    };
+    let (webhook, secret) =
+        d.db.call(move |c| {
+            let (id, secret) = webhooks::add(c, &new, now_ms())?;
+            Ok((webhooks::get(c, Visible::All, id)?, secret))
+        })
+        .await?;
+    let webhook = webhook.ok_or_else(|| no_webhook(0))?;
+    tracing::info!(webhook = webhook.id, owner = %owner, "webhook added");
+    Ok(Json(AddWebhookResponse { webhook, secret }))
+}
+
+/// The kinds asked for, checked; none means the default.
+fn event_kinds(asked: &[String]) -> Result<Vec<String>, Failure> {
+    let mut kinds: Vec<String> = Vec::new();
+    for k in asked.iter().flat_map(|k| k.split(',')).map(str::trim).filter(|k| !k.is_empty()) {
+        if !WEBHOOK_EVENT_KINDS.contains(&k) {
+            return Err(Failure::bad_request(format!(
+                "{k:?} is not an event kind a webhook can receive; choose from {}",
+                WEBHOOK_EVENT_KINDS.join(", ")
+            )));
+        }
+        if !kinds.iter().any(|x| x == k) {
+            kinds.push(k.to_owned());
+        }
+    }
+    if kinds.is_empty() {
+        kinds = DEFAULT_WEBHOOK_EVENTS.iter().map(|k| k.to_string()).collect();
+    }
+    Ok(kinds)
+}
+
+/// Checks a URL against the rules (docs/webhooks.md), resolving its host to see whether it is this
+/// machine's broker.
+async fn checked_url(d: &Daemon, url: &str, allow_insecure_http: bool) -> Result<reqwest::Url, Failure> {
+    let parsed = webhooks::check_url(url, allow_insecure_http, &[], &[]).map_err(url_failure)?;
+    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(0);
+    let resolved: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            _ => Vec::new(), // not resolvable now; it may be later, and each attempt says why it failed
+        };
+    let mut forbidden: Vec<u16> = Vec::new();
+    let embedded = d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let meshes = d.db.call(|c| crate::meshes::list(c)).await?;
+    for broker in embedded.into_iter().chain(meshes.into_iter().map(|m| m.broker_url)) {
+        if let Ok(u) = reqwest::Url::parse(&broker)
+            && u.host_str()
+                .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+            && let Some(p) = u.port_or_known_default()
+        {
+            forbidden.push(p);
+        }
+    }
+    webhooks::check_url(url, allow_insecure_http, &resolved, &forbidden).map_err(url_failure)
+}
+
+fn url_failure(e: UrlError) -> Failure {
+    let hint = match e {
+        UrlError::InsecureHttp(_) => Some("use https://, or pass --allow-insecure-http if this network is yours"),
+        _ => None,
+    };
+    let f = Failure::bad_request(e.to_string());
+    match hint {
+        Some(h) => f.with_hint(h),
+        None => f,
+    }
+}
+
+pub async fn list(State(d): State<Arc<Daemon>>, caller: Caller) -> Result<Json<Vec<WebhookInfo>>, Failure> {
+    let vis = visible(&caller);
+    Ok(Json(d.db.call(move |c| webhooks::list(c, vis)).await?))
+}
+
+/// Runs `f` on the caller's endpoint `id`; a missing one (or another's) is `not_found`.
+async fn with_webhook<R: Send + 'static>(
+    d: &Daemon,
+    caller: &Caller,
+    id: i64,
+    f: impl FnOnce(&mut rusqlite::Connection, Visible) -> rusqlite::Result<Option<R>> + Send + 'static,
+) -> Result<R, Failure> {
+    let vis = visible(caller);
+    d.db.call(move |c| f(c, vis)).await?.ok_or_else(|| no_webhook(id))
+}
+
+pub async fn show(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<WebhookInfo>, Failure> {
+    Ok(Json(with_webhook(&d, &caller, id, move |c, vis| webhooks::get(c, vis, id)).await?))
+}
+
+pub async fn rotate(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<RotateWebhookResponse>, Failure> {
+    let overlap = config(&d).rotation_overlap;
+    let (secret, until, webhook) = with_webhook(&d, &caller, id, move |c, vis| {
+        let tx = c.transaction()?;
+        let Some((secret, until)) = webhooks::rotate(&tx, vis, id, overlap, now_ms())? else { return Ok(None) };
+        let info = webhooks::get(&tx, vis, id)?;
+        tx.commit()?;
+        Ok(info.map(|w| (secret, until, w)))
+    })
+    .await?;
+    tracing::info!(webhook = id, "webhook secret rotated");
+    Ok(Json(RotateWebhookResponse { webhook, secret, previous_valid_until: until }))
+}
+
+async fn set_enabled(d: Arc<Daemon>, caller: Caller, id: i64, enabled: bool) -> Result<Json<WebhookInfo>, Failure> {
+    let info = with_webhook(&d, &caller, id, move |c, vis| {
+        let tx = c.transaction()?;
+        let reason = (!enabled).then_some("disabled by `mesh webhook disable`");
+        if !webhooks::set_enabled(&tx, vis, id, enabled, reason, now_ms())? {
+            return Ok(None);
+        }
+        let info = webhooks::get(&tx, vis, id)?;
+        tx.commit()?;
+        Ok(info)
+    })
+    .await?;
+    d.notify_changed();
+    Ok(Json(info))
+}
+
+pub async fn disable(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<WebhookInfo>, Failure> {
+    set_enabled(d, caller, id, false).await
+}
+
+pub async fn enable(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<WebhookInfo>, Failure> {
+    set_enabled(d, caller, id, true).await
+}
+
+pub async fn remove(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<WebhookInfo>, Failure> {
+    let info = with_webhook(&d, &caller, id, move |c, vis| {
+        let tx = c.transaction()?;
+        let Some(info) = webhooks::get(&tx, vis, id)? else { return Ok(None) };
+        webhooks::remove(&tx, vis, id)?;
+        tx.commit()?;
+        Ok(Some(info))
+    })
+    .await?;
+    d.notify_changed();
+    Ok(Json(info))
+}
+
+pub async fn deliveries(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+    Params(q): Params<DeliveriesQuery>,
+) -> Result<Json<Vec<DeliveryInfo>>, Failure> {
+    Ok(Json(
+        with_webhook(&d, &caller, id, move |c, vis| {
+            if webhooks::get(c, vis, id)?.is_none() {
+                return Ok(None);
+            }
+            webhooks::deliveries(c, id, &q).map(Some)
+        })
+        .await?,
+    ))
+}
+
+pub async fn delivery(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<DeliveryInfo>, Failure> {
+    let vis = visible(&caller);
+    d.db.call(move |c| webhooks::delivery(c, vis, id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| Failure::not_found(format!("no webhook delivery #{id}")))
+}
+
+pub async fn redeliver_dead(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<RedeliverResponse>, Failure> {
+    let deadline = config(&d).deadline;
+    let n = with_webhook(&d, &caller, id, move |c, vis| {
+        if webhooks::get(c, vis, id)?.is_none() {
+            return Ok(None);
+        }
+        webhooks::redeliver(c, Redeliver::AllDead(id), now_ms(), deadline).map(Some)
+    })
+    .await?;
+    d.notify_changed();
+    Ok(Json(RedeliverResponse { redelivered: n as u64 }))
+}
+
+pub async fn redeliver_one(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<RedeliverResponse>, Failure> {
+    let deadline = config(&d).deadline;
+    let vis = visible(&caller);
+    let n =
+        d.db.call(move |c| {
+            if webhooks::delivery(c, vis, id)?.is_none() {
+                return Ok(None);
+            }
+            webhooks::redeliver(c, Redeliver::One(id), now_ms(), deadline).map(Some)
+        })
+        .await?
+        .ok_or_else(|| Failure::not_found(format!("no webhook delivery #{id}")))?;
+    d.notify_changed();
+    Ok(Json(RedeliverResponse { redelivered: n as u64 }))
+}
+
+/// Queues a test delivery and waits for its first attempt (at most the request timeout and a margin).
+pub async fn test(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    RowId(id): RowId,
+) -> Result<Json<TestWebhookResponse>, Failure> {
+    let cfg = config(&d);
+    let deadline = cfg.deadline;
+    let delivery = with_webhook(&d, &caller, id, move |c, vis| {
+        match webhooks::get(c, vis, id)? {
+            Some(w) if !w.enabled => return Ok(Some(Err(w.disabled_reason))),
+            Some(_) => {}
+            None => return Ok(None),
+        }
+        webhooks::enqueue_test(c, vis, id, now_ms(), deadline).map(|d| d.map(Ok))
+    })
+    .await?
+    .map_err(|reason| {
+        Failure::bad_request(format!("webhook #{id} is disabled ({})", reason.unwrap_or_default()))
+            .with_hint(format!("`mesh webhook enable {id}` first"))
+    })?;
+    let mut changed = d.subscribe();
+    d.notify_changed();
+    let wait = cfg.timeout + Duration::from_secs(5);
+    let give_up = tokio::time::sleep(wait);
+    tokio::pin!(give_up);
+    loop {
+        changed.borrow_and_update();
+        let info =
+            d.db.call(move |c| webhooks::delivery(c, Visible::All, delivery))
+                .await?
+                .ok_or_else(|| Failure::not_found(format!("the test delivery #{delivery} was removed")))?;
+        if info.attempts > 0 || info.status != DeliveryStatus::Pending {
+            return Ok(Json(TestWebhookResponse { delivery: info }));
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Err(Failure::stopping()) },
+            () = &mut give_up => return Ok(Json(TestWebhookResponse { delivery: info })),
+            () = d.shutdown.cancelled() => return Err(Failure::stopping()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kinds_are_checked_split_and_deduplicated() {
+        assert_eq!(event_kinds(&[]).expect("default"), ["message", "receipt"]);
+        assert_eq!(event_kinds(&["presence,message".into(), "message".into()]).expect("ok"), ["presence", "message"]);
+        assert!(event_kinds(&["messages".into()]).is_err());
+        assert!(event_kinds(&["webhook".into()]).is_err(), "an endpoint's own state is not an event it can get");
+    }
+}
