@@ -11,6 +11,7 @@ mod procs;
 mod send;
 mod stats;
 mod throughput;
+mod webhook;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,6 +77,15 @@ enum Scenario {
         #[arg(long, default_value = "60s", value_parser = humantime_like)]
         idle: Duration,
     },
+    /// Webhooks: send to verified request at a local endpoint, deliveries per second to 1 and 10
+    /// endpoints, inbox accept latency while one endpoint hangs
+    Webhook {
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Messages per sustained burst
+        #[arg(long, default_value_t = 500)]
+        burst: usize,
+    },
     /// Every scenario, small: seconds, for CI (no timing is judged)
     Smoke,
 }
@@ -119,6 +129,7 @@ fn main() -> anyhow::Result<()> {
                 fanout::sse(&bin, receivers.min(64), rounds, timeout).await?,
             ],
             Scenario::Mcp { messages, idle } => vec![mcp::run(&bin, messages, idle).await?],
+            Scenario::Webhook { messages, burst } => vec![webhook::run(&bin, messages, burst).await?],
             Scenario::Smoke => {
                 let nats = std::process::Command::new("nats-server").arg("--version").output().is_ok();
                 vec![
@@ -130,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                     fanout::broadcast(&bin, 3, 2, timeout).await?,
                     fanout::sse(&bin, 2, 2, timeout).await?,
                     mcp::run(&bin, 3, Duration::from_secs(1)).await?,
+                    webhook::run(&bin, 3, 5).await?,
                 ]
             }
         })

@@ -23,7 +23,7 @@ fn every_scenario_runs_small_and_delivers_everything() {
         .collect();
     let scenarios: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().expect("scenario")).collect();
     // `load` twice: as fast as possible, then at an offered rate.
-    assert_eq!(scenarios, ["send", "load", "load", "throughput", "fanout_broadcast", "fanout_sse", "mcp"]);
+    assert_eq!(scenarios, ["send", "load", "load", "throughput", "fanout_broadcast", "fanout_sse", "mcp", "webhook"]);
     for l in &lines {
         for field in ["p50_ms", "p99_ms", "msgs_per_s", "delivered_ratio", "peak_rss_mb"] {
             let applies = match field {
