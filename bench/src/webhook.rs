@@ -42,7 +42,12 @@ fn verified(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> bool {
     sigs.split(' ').any(|s| s == expected)
 }
 
-async fn ok(State(r): State<Receiver>, Path(name): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+async fn ok(
+    State(r): State<Receiver>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
     let at = Instant::now();
     let secret = r.secrets.lock().expect("lock").get(&name).cloned();
     if !secret.is_some_and(|s| verified(&s, &headers, &body)) {
@@ -170,7 +175,12 @@ async fn wait_for(rx: &mut mpsc::UnboundedReceiver<Seen>, matches: impl Fn(&Seen
 
 /// Sends `burst` messages back to back and waits for `burst × endpoints` verified requests; the
 /// deliveries per second from the first send to the last request.
-async fn sustained<F, Fut>(rx: &mut mpsc::UnboundedReceiver<Seen>, send: &F, burst: usize, endpoints: usize) -> anyhow::Result<f64>
+async fn sustained<F, Fut>(
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    send: &F,
+    burst: usize,
+    endpoints: usize,
+) -> anyhow::Result<f64>
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<SendResponse>>,
@@ -203,7 +213,8 @@ where
         send(body.clone()).await?;
         loop {
             let q = InboxQuery { unread: true, wait_ms: Some(10_000), limit: Some(10), ..InboxQuery::default() };
-            let rows: Vec<InboxMessage> = reader.get_query(routes::INBOX, &q).await.map_err(|e| anyhow::anyhow!("inbox: {e}"))?;
+            let rows: Vec<InboxMessage> =
+                reader.get_query(routes::INBOX, &q).await.map_err(|e| anyhow::anyhow!("inbox: {e}"))?;
             if rows.iter().any(|m| m.body.as_deref() == Some(body.as_str())) {
                 break;
             }

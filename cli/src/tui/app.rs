@@ -2,7 +2,9 @@
 //! from a value. Key handling returns [`Action`]s for the I/O side to carry out.
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use mesh_ipc::api::{InboxMessage, InboxStatus, OutboxEntry, OutboxStatus, PeerInfo, SessionInfo, Status};
+use mesh_ipc::api::{
+    DeliveryInfo, InboxMessage, InboxStatus, OutboxEntry, OutboxStatus, PeerInfo, SessionInfo, Status, WebhookInfo,
+};
 
 /// Whose messages the screen shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +19,8 @@ pub enum Pane {
     Inbox,
     Outbox,
     Peers,
+    /// In the peers' place when `w` switched to it: the viewer's webhook endpoints.
+    Webhooks,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,9 +73,16 @@ pub enum Action {
     AckAll,
     Delete(i64),
     Flush,
-    Send { to: String, body: String, mesh: Option<String> },
+    Send {
+        to: String,
+        body: String,
+        mesh: Option<String>,
+    },
     Retry(i64),
     Abort(i64),
+    /// Every dead delivery of this endpoint due again.
+    RedeliverDead(i64),
+    EnableWebhook(i64, bool),
     Quit,
 }
 
@@ -83,6 +94,9 @@ pub struct Snapshot {
     pub peers: Vec<PeerInfo>,
     pub status: Option<Status>,
     pub sessions: Vec<SessionInfo>,
+    pub webhooks: Vec<WebhookInfo>,
+    /// Dead deliveries of those endpoints, newest first.
+    pub dead_deliveries: Vec<DeliveryInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +109,9 @@ pub struct App {
     /// `None`: every mesh.
     pub mesh: Option<String>,
     pub focus: Pane,
-    pub selected: [usize; 3],
+    pub selected: [usize; 4],
+    /// The third pane shows webhooks instead of peers.
+    pub show_webhooks: bool,
     pub mode: Mode,
     pub filter: Filter,
     pub daemon: Daemon,
@@ -115,7 +131,8 @@ impl App {
             locked,
             mesh: None,
             focus: Pane::Inbox,
-            selected: [0; 3],
+            selected: [0; 4],
+            show_webhooks: false,
             mode: Mode::Normal,
             filter: Filter::default(),
             daemon: Daemon::Connecting,
@@ -183,6 +200,7 @@ impl App {
             Pane::Inbox => self.visible_inbox().len(),
             Pane::Outbox => self.visible_outbox().len(),
             Pane::Peers => self.visible_peers().len(),
+            Pane::Webhooks => self.data.webhooks.len(),
         }
     }
 
@@ -191,7 +209,13 @@ impl App {
             Pane::Inbox => 0,
             Pane::Outbox => 1,
             Pane::Peers => 2,
+            Pane::Webhooks => 3,
         }
+    }
+
+    /// The third pane: peers, or webhooks after `w`.
+    pub fn third(&self) -> Pane {
+        if self.show_webhooks { Pane::Webhooks } else { Pane::Peers }
     }
 
     pub fn selection(&self, pane: Pane) -> usize {
@@ -199,7 +223,7 @@ impl App {
     }
 
     fn clamp(&mut self) {
-        for pane in [Pane::Inbox, Pane::Outbox, Pane::Peers] {
+        for pane in [Pane::Inbox, Pane::Outbox, Pane::Peers, Pane::Webhooks] {
             let n = self.len(pane);
             let s = &mut self.selected[Self::index(pane)];
             *s = (*s).min(n.saturating_sub(1));
@@ -216,6 +240,15 @@ impl App {
 
     pub fn selected_peer(&self) -> Option<&PeerInfo> {
         self.visible_peers().get(self.selection(Pane::Peers)).copied()
+    }
+
+    pub fn selected_webhook(&self) -> Option<&WebhookInfo> {
+        self.data.webhooks.get(self.selection(Pane::Webhooks))
+    }
+
+    /// The dead deliveries of an endpoint, newest first.
+    pub fn dead_of(&self, webhook: i64) -> Vec<&DeliveryInfo> {
+        self.data.dead_deliveries.iter().filter(|d| d.webhook_id == webhook).collect()
     }
 
     fn meshes(&self) -> Vec<String> {
@@ -315,18 +348,36 @@ impl App {
             KeyCode::Tab => {
                 self.focus = match self.focus {
                     Pane::Inbox => Pane::Outbox,
-                    Pane::Outbox => Pane::Peers,
-                    Pane::Peers => Pane::Inbox,
+                    Pane::Outbox => self.third(),
+                    Pane::Peers | Pane::Webhooks => Pane::Inbox,
                 };
                 vec![]
             }
             KeyCode::BackTab => {
                 self.focus = match self.focus {
-                    Pane::Inbox => Pane::Peers,
+                    Pane::Inbox => self.third(),
                     Pane::Outbox => Pane::Inbox,
-                    Pane::Peers => Pane::Outbox,
+                    Pane::Peers | Pane::Webhooks => Pane::Outbox,
                 };
                 vec![]
+            }
+            KeyCode::Char('w') => {
+                self.show_webhooks = !self.show_webhooks;
+                if matches!(self.focus, Pane::Peers | Pane::Webhooks) {
+                    self.focus = self.third();
+                }
+                vec![]
+            }
+            KeyCode::Char('R') if self.focus == Pane::Webhooks => match self.selected_webhook() {
+                Some(w) if w.deliveries.dead > 0 => vec![Action::RedeliverDead(w.id)],
+                Some(_) => {
+                    self.notice = Some("this endpoint has no dead delivery".into());
+                    vec![]
+                }
+                None => vec![],
+            },
+            KeyCode::Char('e') if self.focus == Pane::Webhooks => {
+                self.selected_webhook().map(|w| vec![Action::EnableWebhook(w.id, !w.enabled)]).unwrap_or_default()
             }
             KeyCode::Down | KeyCode::Char('j') => {
                 self.move_by(1);
@@ -423,7 +474,7 @@ impl App {
             }
             KeyCode::Char('v') if !self.locked => {
                 self.viewer = (self.viewer + 1) % self.viewers.len();
-                self.selected = [0; 3];
+                self.selected = [0; 4];
                 vec![Action::Refresh]
             }
             KeyCode::Char('m') => {

@@ -1,5 +1,6 @@
 //! The TUI's I/O: loading a snapshot of the current view and carrying out actions, through IPC only.
 
+use mesh_ipc::api::{DeliveriesQuery, DeliveryFilter, DeliveryInfo, RedeliverResponse, WebhookInfo};
 use mesh_ipc::api::{
     InboxAckRequest, InboxAckResponse, InboxDeleteRequest, InboxDeleteResponse, InboxFlushRequest, InboxFlushResponse,
     InboxQuery, OutboxEntry, OutboxQuery, SendRequest, SendResponse,
@@ -8,8 +9,20 @@ use mesh_ipc::{IpcClient, IpcError, routes};
 
 use super::app::{Action, Snapshot};
 
+/// Dead deliveries shown per endpoint.
+const DEAD_SHOWN: u32 = 20;
+
 pub async fn snapshot(client: &IpcClient) -> Result<Snapshot, IpcError> {
+    let webhooks: Vec<WebhookInfo> = client.get(routes::WEBHOOKS).await?;
+    let mut dead_deliveries = Vec::new();
+    for w in webhooks.iter().filter(|w| w.deliveries.dead > 0) {
+        let q = DeliveriesQuery { status: Some(DeliveryFilter::Dead), limit: Some(DEAD_SHOWN) };
+        let rows: Vec<DeliveryInfo> = client.get_query(&routes::with_id(routes::WEBHOOK_DELIVERIES, w.id), &q).await?;
+        dead_deliveries.extend(rows);
+    }
     Ok(Snapshot {
+        webhooks,
+        dead_deliveries,
         inbox: client.get_query(routes::INBOX, &InboxQuery { limit: Some(500), ..InboxQuery::default() }).await?,
         outbox: client.get_query(routes::OUTBOX, &OutboxQuery { limit: Some(200), ..OutboxQuery::default() }).await?,
         peers: client.get(routes::PEERS).await?,
@@ -49,6 +62,15 @@ pub async fn perform(client: &IpcClient, action: Action) -> Result<Option<String
         Action::Retry(id) => {
             let r: OutboxEntry = client.post(&routes::with_id(routes::OUTBOX_RETRY, id), &empty).await?;
             Some(format!("outbox #{} is {} again", r.id, r.status.as_str()))
+        }
+        Action::RedeliverDead(id) => {
+            let r: RedeliverResponse = client.post(&routes::with_id(routes::WEBHOOK_REDELIVER, id), &empty).await?;
+            Some(format!("webhook #{id}: {} dead deliveries due again", r.redelivered))
+        }
+        Action::EnableWebhook(id, on) => {
+            let route = if on { routes::WEBHOOK_ENABLE } else { routes::WEBHOOK_DISABLE };
+            let w: WebhookInfo = client.post(&routes::with_id(route, id), &empty).await?;
+            Some(format!("webhook #{} {}", w.id, if w.enabled { "enabled" } else { "disabled" }))
         }
         Action::Abort(id) => {
             let r: OutboxEntry = client.post(&routes::with_id(routes::OUTBOX_ABORT, id), &empty).await?;

@@ -20,7 +20,11 @@ pub fn render(frame: &mut Frame<'_>, app: &App) {
             .areas(left);
     render_inbox(frame, app, inbox);
     render_outbox(frame, app, outbox);
-    render_peers(frame, app, peers);
+    if app.show_webhooks {
+        render_webhooks(frame, app, peers);
+    } else {
+        render_peers(frame, app, peers);
+    }
     render_detail(frame, app, right);
     render_status(frame, app, status);
     match &app.mode {
@@ -178,6 +182,53 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
     frame.render_stateful_widget(list, area, &mut state);
 }
 
+fn render_webhooks(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let rows = &app.data.webhooks;
+    let disabled = rows.iter().filter(|w| !w.enabled).count();
+    let dead: u64 = rows.iter().map(|w| w.deliveries.dead).sum();
+    let mut title = format!(" Webhooks · {} ", rows.len());
+    if disabled > 0 {
+        title.push_str(&format!("· {disabled} disabled "));
+    }
+    if dead > 0 {
+        title.push_str(&format!("· {dead} dead "));
+    }
+    let block = pane_block(title, app.focus == Pane::Webhooks);
+    if rows.is_empty() {
+        let text = "No webhooks. `mesh webhook add URL` adds one (w: peers).";
+        frame.render_widget(Paragraph::new(text).style(Style::new().dark_gray()).block(block), area);
+        return;
+    }
+    let items: Vec<ListItem<'_>> = rows
+        .iter()
+        .map(|w| {
+            let state = if !w.enabled {
+                Span::styled("✗ ", Style::new().fg(Color::Red))
+            } else if w.failing_since.is_some() {
+                Span::styled("● ", Style::new().fg(Color::Yellow))
+            } else {
+                Span::styled("● ", Style::new().fg(Color::Green))
+            };
+            let d = &w.deliveries;
+            let dead = if d.dead > 0 {
+                Span::styled(format!(" · {} dead", d.dead), Style::new().fg(Color::Red))
+            } else {
+                Span::raw("")
+            };
+            ListItem::new(Line::from(vec![
+                state,
+                Span::styled(format!("#{:<3}", w.id), Style::new().dark_gray()),
+                Span::raw(output::preview(&w.url, 40)),
+                Span::styled(format!("  {} pending", d.pending), Style::new().dark_gray()),
+                dead,
+            ]))
+        })
+        .collect();
+    let mut state = list_state(app, Pane::Webhooks, items.len());
+    let list = List::new(items).block(block).highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    frame.render_stateful_widget(list, area, &mut state);
+}
+
 /// A message body in the detail pane, `width` columns wide: every line behind a gutter, wrapped here
 /// so that a wrapped piece has its gutter too. No line of a body can pass for one of the pane's own
 /// (`From  bob (dde79c1a)`).
@@ -294,6 +345,53 @@ fn render_detail(frame: &mut Frame<'_>, app: &App, area: Rect) {
                 (" Peer · c write ", Text::from(lines))
             }
         },
+        Pane::Webhooks => match app.selected_webhook() {
+            None => (" Webhook ", Text::from("Select an endpoint.")),
+            Some(w) => {
+                let state = match (w.enabled, &w.disabled_reason) {
+                    (true, _) if w.failing_since.is_some() => {
+                        format!("failing since {} ({} attempts)", opt_time(w.failing_since), w.failures)
+                    }
+                    (true, _) => "enabled".to_owned(),
+                    (false, r) => format!("DISABLED: {}", r.as_deref().unwrap_or("")),
+                };
+                let d = &w.deliveries;
+                let owner = match &w.session {
+                    Some(s) => format!("session {s}"),
+                    None => format!("member {}", w.owner_name),
+                };
+                let mut lines = vec![
+                    field("URL", output::clean(&w.url)),
+                    field("State", output::clean(&state)).style(if w.enabled {
+                        Style::new()
+                    } else {
+                        Style::new().fg(Color::Red)
+                    }),
+                    field("Events", format!("{} of {}", w.events.join(", "), output::clean(&owner))),
+                    field("Pending", format!("{} ({} after a failed attempt)", d.pending, d.failing)),
+                    field("Delivered", d.delivered.to_string()),
+                    field("Dead", d.dead.to_string()),
+                    field("Last 2xx", opt_time(w.last_success_at)),
+                ];
+                let dead = app.dead_of(w.id);
+                if !dead.is_empty() {
+                    lines.push(Line::raw(""));
+                    lines.push(Line::styled("Dead deliveries (newest first)", Style::new().fg(Color::Red)));
+                    for x in dead {
+                        lines.push(Line::raw(format!(
+                            "#{} {} · {} attempts · {}",
+                            x.id,
+                            x.event_type,
+                            x.attempts,
+                            output::clean(x.last_error.as_deref().unwrap_or("—"))
+                        )));
+                    }
+                }
+                let title =
+                    if w.enabled { " Webhook · R redeliver · e off " } else { " Webhook · R redeliver · e on " };
+                (title, Text::from(lines))
+            }
+        },
     };
     let block = Block::new().borders(Borders::ALL).title(title);
     frame.render_widget(Paragraph::new(text).wrap(Wrap { trim: false }).block(block), area);
@@ -336,13 +434,15 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
 
 const HELP: &[(&str, &str)] = &[
     ("↑/↓ j/k", "move"),
-    ("Tab", "next pane (inbox, outbox, peers)"),
+    ("Tab", "next pane (inbox, outbox, peers or webhooks)"),
+    ("w", "peers / webhooks in the third pane"),
     ("Enter / r", "reply to the selected message"),
     ("a / A", "mark read (sends a read receipt) / all"),
     ("d", "delete the selected message"),
     ("F", "flush read messages (asks first)"),
     ("c", "compose (to the selected peer in Peers)"),
     ("R / x", "retry / abort the selected sent message"),
+    ("R / e", "webhooks: redeliver dead / enable or disable"),
     ("/", "filter by sender or text"),
     ("u / s", "unread only / only this sender"),
     ("v / m", "switch identity (member, sessions) / mesh"),
@@ -563,9 +663,33 @@ mod tests {
                 peer("reviewer", BOB, PeerKind::Session, false, false),
             ],
             status: Some(status(LinkState::Online)),
-            sessions: vec![],
+            ..Snapshot::default()
         });
         app
+    }
+
+    fn webhook(id: i64, url: &str, enabled: bool, dead: u64) -> WebhookInfo {
+        WebhookInfo {
+            id,
+            url: url.into(),
+            events: vec!["message".into(), "receipt".into()],
+            mesh: None,
+            from: None,
+            from_name: None,
+            description: None,
+            owner: ALICE.into(),
+            owner_name: "alice".into(),
+            session: None,
+            enabled,
+            disabled_reason: (!enabled).then(|| "it answered 410 Gone".to_owned()),
+            allow_insecure_http: false,
+            created_at: T0,
+            failing_since: None,
+            failures: 0,
+            last_success_at: Some(T0),
+            previous_secret_until: None,
+            deliveries: WebhookDeliveryCounts { pending: 1, failing: 0, delivered: 40, dead },
+        }
     }
 
     fn key(app: &mut App, code: KeyCode) {
@@ -620,6 +744,45 @@ mod tests {
         key(&mut app, KeyCode::BackTab);
         key(&mut app, KeyCode::Down);
         both_sizes("peers", &app);
+    }
+
+    #[test]
+    fn webhooks_pane_with_a_disabled_endpoint_and_its_dead_deliveries() {
+        let mut app = busy_app();
+        let mut data = app.data.clone();
+        data.webhooks = vec![
+            webhook(1, "https://hooks.example.com/mesh", true, 0),
+            webhook(2, "http://127.0.0.1:8080/agent", false, 2),
+        ];
+        data.dead_deliveries = [7, 5]
+            .into_iter()
+            .map(|id| DeliveryInfo {
+                id,
+                webhook_id: 2,
+                message_id: format!("msg_{id}"),
+                event_type: "message".into(),
+                event_id: Some(id * 10),
+                status: DeliveryStatus::Dead,
+                attempts: 9,
+                created_at: T0,
+                next_attempt_at: None,
+                deadline: T0,
+                last_attempt_at: Some(T0),
+                last_status: Some(503),
+                last_error: Some("503 Service Unavailable".into()),
+                delivered_at: None,
+            })
+            .collect();
+        app.apply(data);
+        key(&mut app, KeyCode::Char('w'));
+        key(&mut app, KeyCode::BackTab);
+        key(&mut app, KeyCode::Down);
+        assert_eq!(app.focus, super::Pane::Webhooks);
+        let actions = app.on_key(KeyEvent::new(KeyCode::Char('R'), KeyModifiers::NONE));
+        assert_eq!(actions, vec![super::super::app::Action::RedeliverDead(2)]);
+        let actions = app.on_key(KeyEvent::new(KeyCode::Char('e'), KeyModifiers::NONE));
+        assert_eq!(actions, vec![super::super::app::Action::EnableWebhook(2, true)]);
+        both_sizes("webhooks", &app);
     }
 
     #[test]
