@@ -148,6 +148,8 @@ pub async fn run(bin: &std::path::Path, messages: usize, burst: usize) -> anyhow
         // `POST /v1/send` on alice's daemon to the verified request at the receiver bob's daemon posts to.
         "p50_ms": r3(latency.pct(50.0)),
         "p99_ms": r3(latency.pct(99.0)),
+        // Every message reached the receiver, verified (the bursts are waited for in full).
+        "delivered_ratio": latency.len() as f64 / messages.max(1) as f64,
         "burst": burst,
         "deliveries_per_s_1_endpoint": r3(one),
         "deliveries_per_s_10_endpoints": r3(ten),

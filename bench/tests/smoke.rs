@@ -40,4 +40,5 @@ fn every_scenario_runs_small_and_delivers_everything() {
         }
     }
     assert_eq!(lines[3]["delivered_per_s"].as_f64().map(|x| x > 0.0), Some(true));
+    assert_eq!(lines[7]["refused_signatures"], 0, "every webhook request verified: {}", lines[7]);
 }
