@@ -218,6 +218,8 @@ pub fn run(home: Home, options: Options) -> Result<(), StartError> {
 async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let member = identity::load_or_create(&home)?;
     check_not_recreating(&home, options.fresh)?;
+    let config = retention::load(&home)?;
+    webhooks::set_deadline(config.webhooks.deadline);
     let db = store::open(&home.daemon_db())?;
     let marker = created_marker(&home);
     if !marker.exists() {
@@ -233,6 +235,7 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let daemon = Arc::new(Daemon::new(home.clone(), db, member, shutdown.clone(), tracker.clone()));
     let token = identity::member_token(&home)?;
     let _ = daemon.member_token_hash.set(sessions::token_hash(&token));
+    let _ = daemon.webhook_config.set(config.webhooks.clone());
     if let Some(n) = std::env::var("MESH_FAULT_DECRYPT_FAILURES").ok().and_then(|v| v.parse().ok()) {
         tracing::warn!(failures = n, "fault injection: the next decryptions will fail");
         daemon.inject_decrypt_failures.store(n, std::sync::atomic::Ordering::SeqCst);
@@ -262,9 +265,6 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     daemon.rehydrate_sessions(&meshes).await?;
     tracker.spawn(inbox::run_worker(daemon.clone()));
     tracker.spawn(daemon.clone().session_reaper());
-    let config = retention::load(&home)?;
-    webhooks::set_deadline(config.webhooks.deadline);
-    let _ = daemon.webhook_config.set(config.webhooks.clone());
     tracker.spawn(daemon.clone().janitor(config.clone()));
     tracker.spawn(webhooks::worker::run(daemon.clone(), config.webhooks.clone()));
     tracker.spawn(daemon.clone().lease_sweeper());

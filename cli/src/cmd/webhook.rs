@@ -156,7 +156,8 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             let d = &r.delivery;
             if d.status != DeliveryStatus::Delivered {
                 let why = match (d.attempts, &d.last_error) {
-                    (0, _) => "the endpoint did not answer in time".to_owned(),
+                    (0, _) => "no attempt finished in time (earlier deliveries to this endpoint go first, or it is slow to answer)"
+                        .to_owned(),
                     (_, Some(e)) => e.clone(),
                     (_, None) => "it failed".to_owned(),
                 };
