@@ -154,22 +154,33 @@ pub fn check_url(
         return Err(UrlError::InsecureHttp(host));
     }
     let port = parsed.port_or_known_default().unwrap_or(0);
-    let local = loopback || resolved.iter().any(|a| a.ip().is_loopback() || a.ip().is_unspecified());
+    let unspecified = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => is_local(std::net::IpAddr::V6(ip)),
+        _ => false,
+    };
+    let local = loopback || unspecified || resolved.iter().any(|a| is_local(a.ip()));
     if local && forbidden_ports.contains(&port) {
         return Err(UrlError::OwnBroker(format!("{host}:{port}")));
     }
     Ok(parsed)
 }
 
+/// `localhost` (with or without its final dot) or a loopback address, IPv4-mapped ones included. Names
+/// under `.localhost` are not: they go to the resolver, which could answer with any address.
 fn is_loopback_host(url: &reqwest::Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(d)) => {
-            d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost")
-        }
+        Some(url::Host::Domain(d)) => d.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => std::net::IpAddr::V6(ip).to_canonical().is_loopback(),
         None => false,
     }
+}
+
+/// Whether an address is this machine's: loopback or unspecified, IPv4-mapped ones included.
+fn is_local(ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified()
 }
 
 /// A new endpoint, checked.
@@ -798,12 +809,15 @@ pub fn settle(
                 params![job.webhook, now as i64],
             )?;
             let permanent = matches!(outcome, Outcome::Refused { .. }) && attempts >= 2;
+            // Never sooner than the schedule, nor than the endpoint's `Retry-After`; a retry that
+            // would fall past the deadline is made at the deadline, the last one.
+            let backoff = cfg.backoff_ms(attempts, jitter);
             let delay = match outcome {
-                Outcome::Retry { retry_after: Some(after), .. } => ms(*after).max(100),
-                _ => cfg.backoff_ms(attempts, jitter),
+                Outcome::Retry { retry_after: Some(after), .. } => ms(*after).max(backoff),
+                _ => backoff,
             };
-            let next = now.saturating_add(delay);
-            let settled = if permanent || next as i64 > deadline {
+            let next = now.saturating_add(delay).min(deadline.max(0) as u64);
+            let settled = if permanent || now as i64 >= deadline {
                 tx.execute("UPDATE webhook_deliveries SET status = 'dead' WHERE id = ?1", [job.delivery])?;
                 Settled::Dead
             } else {

@@ -228,20 +228,27 @@ fn failures_back_off_then_die_at_the_deadline_and_refusals_die_after_two() {
             Settled::Dead,
             "a refusal is final at the second attempt"
         );
-        // 429 with Retry-After is honoured; past the deadline the delivery is dead.
+        // 429 with Retry-After is honoured; a Retry-After shorter than the schedule is not.
         let job = claim(c, 8, 1, 0, 1000, 5030)?.jobs.remove(0);
         let later =
             Outcome::Retry { status: Some(429), error: "429".into(), retry_after: Some(Duration::from_secs(60)) };
         assert_eq!(settle(c, &job, &later, &cfg, 5040, 0.5)?, Settled::RetryAt(65_040));
         let job = claim(c, 8, 1, 0, 1000, 65_040)?.jobs.remove(0);
+        let soon = Outcome::Retry { status: Some(429), error: "429".into(), retry_after: Some(Duration::from_secs(1)) };
+        assert_eq!(settle(c, &job, &soon, &cfg, 65_050, 1.0)?, Settled::RetryAt(65_050 + 120_000), "the third step");
+        // A retry past the deadline is made at the deadline, the last attempt; failing then, it is dead.
+        let job = claim(c, 8, 1, 0, 1000, 185_050)?.jobs.remove(0);
         let beyond = Outcome::Retry {
-            status: Some(429),
-            error: "429".into(),
-            retry_after: Some(Duration::from_secs(49 * 3600)),
+            status: Some(503),
+            error: "503".into(),
+            retry_after: Some(Duration::from_secs(72 * 3600)),
         };
-        assert_eq!(settle(c, &job, &beyond, &cfg, 65_050, 0.5)?, Settled::Dead);
+        let deadline = 10 + 48 * H;
+        assert_eq!(settle(c, &job, &beyond, &cfg, 185_060, 0.5)?, Settled::RetryAt(deadline), "one attempt, not dead");
+        let job = claim(c, 8, 1, 0, 1000, deadline)?.jobs.remove(0);
+        assert_eq!(settle(c, &job, &beyond, &cfg, deadline, 0.5)?, Settled::Dead);
         let d = delivery(c, Visible::All, 1)?.expect("row");
-        assert_eq!((d.status, d.attempts, d.last_status), (DeliveryStatus::Dead, 3, Some(429)));
+        assert_eq!((d.status, d.attempts, d.last_status), (DeliveryStatus::Dead, 5, Some(503)));
         Ok(())
     })
     .expect("db");
@@ -368,4 +375,17 @@ fn urls_are_checked() {
     assert!(matches!(ok("http://127.0.0.1:7777/"), Err(UrlError::OwnBroker(_))));
     let resolved = ["127.0.0.1:0".parse().expect("addr")];
     assert!(matches!(check_url("https://me.example:7777/", false, &resolved, &[7777]), Err(UrlError::OwnBroker(_))));
+    // The broker stays refused whatever the flag and however the address is written.
+    for url in
+        ["http://[::ffff:127.0.0.1]:7777/", "http://localhost.:7777/", "http://0.0.0.0:7777/", "http://[::]:7777/"]
+    {
+        assert!(matches!(check_url(url, true, &[], &[7777]), Err(UrlError::OwnBroker(_))), "{url}");
+    }
+    let mapped = ["[::ffff:127.0.0.1]:0".parse().expect("addr")];
+    assert!(matches!(check_url("https://me.example:7777/", true, &mapped, &[7777]), Err(UrlError::OwnBroker(_))));
+    assert!(ok("http://localhost.:8080/").is_ok(), "localhost with its final dot is this machine");
+    assert!(
+        matches!(ok("http://foo.localhost:8080/"), Err(UrlError::InsecureHttp(_))),
+        "a name the resolver answers for"
+    );
 }
