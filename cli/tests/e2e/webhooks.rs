@@ -406,3 +406,22 @@ fn bad_endpoints_are_refused_with_a_reason() {
     assert_eq!(home.json(&["webhook", "list"]).as_array().map(Vec::len), Some(2));
     assert!(home.fails(&["webhook", "show", "999"], 1).contains("no webhook #999"));
 }
+
+#[test]
+fn endpoints_that_hang_cannot_hold_every_slot() {
+    let Some(py) = python() else { return };
+    let rx = Receiver::start(&py);
+    let broker = BrokerProcess::start(MESH);
+    // Nine endpoints that never answer (more than the 8 slots), cut after 1 s and retried at once.
+    let (alice, bob) = team_with(&broker, r#"{"webhooks": {"retry_schedule": ["100ms"], "timeout": "1s"}}"#);
+    for i in 0..9 {
+        add(alice.cmd(&["webhook", "add", &rx.url(&format!("hang/h{i}"))]));
+    }
+    add(alice.cmd(&["webhook", "add", &rx.url("ok/healthy")]));
+    for i in 0..40 {
+        bob.ok(&["send", "alice", &format!("h{i}")]);
+    }
+    // One at a time, a slot per hanging timeout would take 40 s; the answering endpoint keeps slots.
+    let want: BTreeSet<String> = (0..40).map(|i| format!("h{i}")).collect();
+    rx.wait("healthy", "all forty while nine endpoints hang", |r| bodies(r) == want);
+}

@@ -637,20 +637,32 @@ pub struct Claimed {
     pub next_at: Option<u64>,
 }
 
-/// Claims up to `free` due deliveries, never more than `per_endpoint` in flight to one endpoint,
-/// taking endpoints in turn from `start` so that one busy endpoint does not take every slot. Each
-/// endpoint's deliveries go oldest first (by due time, then creation).
-pub fn claim(
-    conn: &mut Connection,
-    free: usize,
-    per_endpoint: u32,
-    start: usize,
-    lease_ms: u64,
-    now: u64,
-) -> rusqlite::Result<Claimed> {
+/// How much the worker may claim now.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Free slots in all.
+    pub free: usize,
+    /// In flight to one endpoint.
+    pub per_endpoint: u32,
+    /// In flight, in all, to endpoints whose last attempt failed: the rest of the slots stay for the
+    /// endpoints that answer, so endpoints that hang cannot hold every slot for long.
+    pub failing: usize,
+}
+
+impl Caps {
+    /// The caps from the configuration, with `free` slots free.
+    pub fn new(cfg: &Config, free: usize) -> Caps {
+        Caps { free, per_endpoint: cfg.max_in_flight_per_endpoint, failing: (cfg.max_in_flight as usize / 2).max(1) }
+    }
+}
+
+/// Claims due deliveries within `caps`, taking endpoints in turn from `start` so that one busy
+/// endpoint does not take every slot. Each endpoint's deliveries go oldest first (by due time, then
+/// creation).
+pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now: u64) -> rusqlite::Result<Claimed> {
     let tx = conn.transaction()?;
     let now_i = now as i64;
-    let endpoints: Vec<(i64, i64, Option<i64>, Option<i64>)> = tx
+    let endpoints: Vec<(i64, i64, Option<i64>, Option<i64>, bool)> = tx
         .prepare_cached(
             "SELECT w.id,
                 (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'
@@ -658,33 +670,39 @@ pub fn claim(
                 (SELECT MIN(d.next_attempt_at) FROM webhook_deliveries d WHERE d.webhook_id = w.id
                     AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until <= ?1)),
                 (SELECT MIN(d.lease_until) FROM webhook_deliveries d WHERE d.webhook_id = w.id
-                    AND d.status = 'pending' AND d.lease_until > ?1)
+                    AND d.status = 'pending' AND d.lease_until > ?1),
+                w.failing_since IS NOT NULL
              FROM webhooks w WHERE w.enabled = 1 ORDER BY w.id",
         )?
-        .query_map([now_i], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([now_i], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Claimed::default();
     let mut wake = |at: i64| {
         let at = at.max(0) as u64;
         out.next_at = Some(out.next_at.map_or(at, |n: u64| n.min(at)));
     };
+    let failing_in_flight: i64 = endpoints.iter().filter(|e| e.4).map(|e| e.1).sum();
+    let mut failing_room = (caps.failing as i64 - failing_in_flight).max(0) as usize;
     let mut jobs = Vec::new();
     let n = endpoints.len();
     for i in 0..n {
-        let (webhook, inflight, due, lease_ends) = endpoints[(start + i) % n];
+        let (webhook, inflight, due, lease_ends, failing) = endpoints[(start + i) % n];
         if let Some(l) = lease_ends {
             wake(l);
         }
-        let room = (per_endpoint as i64 - inflight).max(0) as usize;
+        let mut room = (caps.per_endpoint as i64 - inflight).max(0) as usize;
+        if failing {
+            room = room.min(failing_room);
+        }
         let Some(due) = due else { continue };
         if room == 0 {
-            continue; // it is woken when one of its attempts finishes
+            continue; // it is woken when an attempt finishes
         }
-        if due > now_i || jobs.len() >= free {
+        if due > now_i || jobs.len() >= caps.free {
             wake(due);
             continue;
         }
-        let take = room.min(free - jobs.len());
+        let take = room.min(caps.free - jobs.len());
         let ids: Vec<i64> = tx
             .prepare_cached(
                 "SELECT id FROM webhook_deliveries WHERE webhook_id = ?1 AND status = 'pending'
@@ -693,6 +711,9 @@ pub fn claim(
             )?
             .query_map(params![webhook, now_i, take as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        if failing {
+            failing_room -= ids.len();
+        }
         for id in ids {
             jobs.push(lease(&tx, id, now, lease_ms)?);
         }

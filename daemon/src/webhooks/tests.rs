@@ -158,6 +158,10 @@ fn queue_n(c: &Connection, n: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn caps(free: usize, per_endpoint: u32) -> Caps {
+    Caps { free, per_endpoint, failing: free }
+}
+
 fn ids(claimed: &Claimed) -> Vec<i64> {
     claimed.jobs.iter().map(|j| j.delivery).collect()
 }
@@ -169,11 +173,11 @@ fn one_in_flight_per_endpoint_in_order_and_a_lease_that_runs_out_comes_back() {
     db.call_blocking(|c| {
         add(c, &hook(member(), None, &["message"]), 1)?;
         queue_n(c, 3)?;
-        let first = claim(c, 8, 1, 0, 1000, 20)?;
+        let first = claim(c, caps(8, 1), 0, 1000, 20)?;
         assert_eq!(ids(&first), vec![1], "one at a time to one endpoint, the oldest first");
-        assert_eq!(ids(&claim(c, 8, 1, 0, 1000, 21)?), Vec::<i64>::new(), "none while it is in flight");
+        assert_eq!(ids(&claim(c, caps(8, 1), 0, 1000, 21)?), Vec::<i64>::new(), "none while it is in flight");
         // The worker died: after its lease the row is claimable again, by the same rule.
-        let again = claim(c, 8, 1, 0, 1000, 1021)?;
+        let again = claim(c, caps(8, 1), 0, 1000, 1021)?;
         assert_eq!(ids(&again), vec![1]);
         assert_eq!(again.jobs[0].uid, first.jobs[0].uid, "the same webhook-id on every attempt");
         assert_eq!(
@@ -185,7 +189,7 @@ fn one_in_flight_per_endpoint_in_order_and_a_lease_that_runs_out_comes_back() {
             settle(c, &again.jobs[0], &Outcome::Delivered { status: 204 }, &cfg, 1023, 0.5)?,
             Settled::Delivered
         );
-        assert_eq!(ids(&claim(c, 8, 1, 0, 1000, 1024)?), vec![2]);
+        assert_eq!(ids(&claim(c, caps(8, 1), 0, 1000, 1024)?), vec![2]);
         Ok(())
     })
     .expect("db");
@@ -200,8 +204,31 @@ fn endpoints_take_turns_within_the_global_cap() {
         }
         queue_n(c, 2)?; // deliveries 1..=6: two per endpoint
         let webhooks = |cl: &Claimed| cl.jobs.iter().map(|j| j.webhook).collect::<Vec<_>>();
-        assert_eq!(webhooks(&claim(c, 2, 1, 0, 1000, 20)?), vec![1, 2]);
-        assert_eq!(webhooks(&claim(c, 2, 1, 2, 1000, 20)?), vec![3], "the third endpoint's turn; the others are busy");
+        assert_eq!(webhooks(&claim(c, caps(2, 1), 0, 1000, 20)?), vec![1, 2]);
+        assert_eq!(
+            webhooks(&claim(c, caps(2, 1), 2, 1000, 20)?),
+            vec![3],
+            "the third endpoint's turn; the others are busy"
+        );
+        Ok(())
+    })
+    .expect("db");
+}
+
+#[test]
+fn endpoints_that_keep_failing_share_only_part_of_the_slots() {
+    let (_dir, db) = crate::store::temp_db();
+    db.call_blocking(|c| {
+        for _ in 0..4 {
+            add(c, &hook(member(), None, &["message"]), 1)?;
+        }
+        queue_n(c, 1)?; // one delivery per endpoint
+        c.execute("UPDATE webhooks SET failing_since = 5 WHERE id IN (1, 2, 3)", [])?;
+        let cl = claim(c, Caps { free: 4, per_endpoint: 1, failing: 2 }, 0, 1000, 20)?;
+        let webhooks: Vec<i64> = cl.jobs.iter().map(|j| j.webhook).collect();
+        assert_eq!(webhooks, vec![1, 2, 4], "two failing endpoints at most; the answering one still gets its turn");
+        let cl = claim(c, Caps { free: 1, per_endpoint: 1, failing: 2 }, 0, 1000, 21)?;
+        assert!(cl.jobs.is_empty(), "the failing share is in use: {:?}", cl.jobs);
         Ok(())
     })
     .expect("db");
@@ -215,13 +242,13 @@ fn failures_back_off_then_die_at_the_deadline_and_refusals_die_after_two() {
     db.call_blocking(|c| {
         add(c, &hook(member(), None, &["message"]), 1)?;
         queue_n(c, 2)?;
-        let job = claim(c, 8, 1, 0, 1000, 20)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 20)?.jobs.remove(0);
         assert_eq!(settle(c, &job, &retry, &cfg, 30, 1.0)?, Settled::RetryAt(5030), "the first step, full jitter at 1");
-        let job = claim(c, 8, 1, 0, 1000, 31)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 31)?.jobs.remove(0);
         assert_eq!(job.delivery, 2, "a failed delivery does not hold back the next one");
         let refused = Outcome::Refused { status: 404, error: "404".into() };
         assert_eq!(settle(c, &job, &refused, &cfg, 40, 0.0)?, Settled::RetryAt(140), "jitter 0: the 100 ms floor");
-        let job = claim(c, 8, 1, 0, 1000, 140)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 140)?.jobs.remove(0);
         assert_eq!(job.delivery, 2);
         assert_eq!(
             settle(c, &job, &refused, &cfg, 150, 0.5)?,
@@ -229,15 +256,15 @@ fn failures_back_off_then_die_at_the_deadline_and_refusals_die_after_two() {
             "a refusal is final at the second attempt"
         );
         // 429 with Retry-After is honoured; a Retry-After shorter than the schedule is not.
-        let job = claim(c, 8, 1, 0, 1000, 5030)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 5030)?.jobs.remove(0);
         let later =
             Outcome::Retry { status: Some(429), error: "429".into(), retry_after: Some(Duration::from_secs(60)) };
         assert_eq!(settle(c, &job, &later, &cfg, 5040, 0.5)?, Settled::RetryAt(65_040));
-        let job = claim(c, 8, 1, 0, 1000, 65_040)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 65_040)?.jobs.remove(0);
         let soon = Outcome::Retry { status: Some(429), error: "429".into(), retry_after: Some(Duration::from_secs(1)) };
         assert_eq!(settle(c, &job, &soon, &cfg, 65_050, 1.0)?, Settled::RetryAt(65_050 + 120_000), "the third step");
         // A retry past the deadline is made at the deadline, the last attempt; failing then, it is dead.
-        let job = claim(c, 8, 1, 0, 1000, 185_050)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 185_050)?.jobs.remove(0);
         let beyond = Outcome::Retry {
             status: Some(503),
             error: "503".into(),
@@ -245,7 +272,7 @@ fn failures_back_off_then_die_at_the_deadline_and_refusals_die_after_two() {
         };
         let deadline = 10 + 48 * H;
         assert_eq!(settle(c, &job, &beyond, &cfg, 185_060, 0.5)?, Settled::RetryAt(deadline), "one attempt, not dead");
-        let job = claim(c, 8, 1, 0, 1000, deadline)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, deadline)?.jobs.remove(0);
         assert_eq!(settle(c, &job, &beyond, &cfg, deadline, 0.5)?, Settled::Dead);
         let d = delivery(c, Visible::All, 1)?.expect("row");
         assert_eq!((d.status, d.attempts, d.last_status), (DeliveryStatus::Dead, 5, Some(503)));
@@ -265,7 +292,7 @@ fn gone_disables_and_so_does_failing_for_a_day_with_ten_attempts_and_enable_resu
         // Nine failures over 30 hours: still enabled (too few attempts); the tenth disables it.
         let mut now = 20;
         for i in 0..10 {
-            let job = claim(c, 8, 1, 0, 1000, now)?.jobs.remove(0);
+            let job = claim(c, caps(8, 1), 0, 1000, now)?.jobs.remove(0);
             let settled = settle(c, &job, &down, &cfg, now, 0.0)?;
             if i < 9 {
                 assert!(matches!(settled, Settled::RetryAt(_)), "attempt {i}: {settled:?}");
@@ -278,14 +305,14 @@ fn gone_disables_and_so_does_failing_for_a_day_with_ten_attempts_and_enable_resu
         let info = get(c, Visible::All, w)?.expect("webhook");
         assert!(!info.enabled);
         assert!(info.disabled_reason.as_deref().unwrap_or("").contains("10 attempts"), "{info:?}");
-        assert_eq!(claim(c, 8, 1, 0, 1000, now)?.jobs.len(), 0, "a disabled endpoint gets no attempt");
+        assert_eq!(claim(c, caps(8, 1), 0, 1000, now)?.jobs.len(), 0, "a disabled endpoint gets no attempt");
         let kinds: Vec<String> = c
             .prepare("SELECT kind FROM events WHERE kind = 'webhook'")?
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         assert_eq!(kinds.len(), 1, "its owner is told");
         set_enabled(c, Visible::All, w, true, None, now)?;
-        let job = claim(c, 8, 1, 0, 1000, now)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, now)?.jobs.remove(0);
         assert_eq!(settle(c, &job, &Outcome::Gone, &cfg, now, 0.0)?, Settled::Disabled);
         let info = get(c, Visible::All, w)?.expect("webhook");
         assert_eq!(info.disabled_reason.as_deref(), Some("it answered 410 Gone"));
@@ -304,11 +331,11 @@ fn a_rotation_signs_with_both_secrets_until_the_overlap_ends() {
         assert_eq!(until, 10 + H);
         assert!(rotate(c, Visible::OwnedBy(session()), w, Duration::from_secs(1), 10)?.is_none(), "not the session's");
         queue_n(c, 2)?;
-        let job = claim(c, 8, 1, 0, 1000, 20)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 20)?.jobs.remove(0);
         assert_eq!(job.secrets, vec![new.clone(), old]);
         settle(c, &job, &Outcome::Delivered { status: 200 }, &Config::default(), 21, 0.0)?;
         assert_eq!(maintain(c, 10 + H)?, (0, 1), "the previous secret is forgotten when the overlap ends");
-        let job = claim(c, 8, 1, 0, 1000, 10 + H)?.jobs.remove(0);
+        let job = claim(c, caps(8, 1), 0, 1000, 10 + H)?.jobs.remove(0);
         assert_eq!(job.secrets, vec![new]);
         Ok(())
     })
@@ -354,7 +381,7 @@ fn redeliver_makes_dead_rows_due_with_a_new_deadline() {
         assert_eq!(redeliver(c, Redeliver::AllDead(w), 50 * H, Duration::from_secs(3600))?, 2);
         let d = delivery(c, Visible::All, 1)?.expect("row");
         assert_eq!((d.status, d.attempts, d.deadline), (DeliveryStatus::Pending, 0, 51 * H));
-        assert_eq!(ids(&claim(c, 8, 1, 0, 1000, 50 * H)?), vec![1]);
+        assert_eq!(ids(&claim(c, caps(8, 1), 0, 1000, 50 * H)?), vec![1]);
         Ok(())
     })
     .expect("db");

@@ -53,10 +53,9 @@ pub async fn run(d: Arc<Daemon>, cfg: Config) {
                 Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "webhooks: maintenance"),
             }
         }
-        let free = slots.available_permits();
-        let (per, lease) = (cfg.max_in_flight_per_endpoint, cfg.lease_ms());
+        let (caps, lease) = (super::Caps::new(&cfg, slots.available_permits()), cfg.lease_ms());
         turn = turn.wrapping_add(1);
-        let claimed = d.db.call(move |c| super::claim(c, free, per, turn, lease, now_ms())).await;
+        let claimed = d.db.call(move |c| super::claim(c, caps, turn, lease, now_ms())).await;
         let next_at = match claimed {
             Ok(claimed) => {
                 for job in claimed.jobs {
