@@ -656,13 +656,27 @@ impl Caps {
     }
 }
 
+/// One enabled endpoint as [`claim`] sees it.
+#[derive(Clone, Copy)]
+struct Load {
+    webhook: i64,
+    /// Its deliveries being attempted (under a lease).
+    inflight: i64,
+    /// When its earliest delivery not being attempted is due.
+    due: Option<i64>,
+    /// When the earliest lease on its deliveries runs out.
+    lease_ends: Option<i64>,
+    /// Its last attempt failed.
+    failing: bool,
+}
+
 /// Claims due deliveries within `caps`, taking endpoints in turn from `start` so that one busy
 /// endpoint does not take every slot. Each endpoint's deliveries go oldest first (by due time, then
 /// creation).
 pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now: u64) -> rusqlite::Result<Claimed> {
     let tx = conn.transaction()?;
     let now_i = now as i64;
-    let endpoints: Vec<(i64, i64, Option<i64>, Option<i64>, bool)> = tx
+    let endpoints: Vec<Load> = tx
         .prepare_cached(
             "SELECT w.id,
                 (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'
@@ -674,19 +688,27 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
                 w.failing_since IS NOT NULL
              FROM webhooks w WHERE w.enabled = 1 ORDER BY w.id",
         )?
-        .query_map([now_i], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map([now_i], |r| {
+            Ok(Load {
+                webhook: r.get(0)?,
+                inflight: r.get(1)?,
+                due: r.get(2)?,
+                lease_ends: r.get(3)?,
+                failing: r.get(4)?,
+            })
+        })?
         .collect::<Result<_, _>>()?;
     let mut out = Claimed::default();
     let mut wake = |at: i64| {
         let at = at.max(0) as u64;
         out.next_at = Some(out.next_at.map_or(at, |n: u64| n.min(at)));
     };
-    let failing_in_flight: i64 = endpoints.iter().filter(|e| e.4).map(|e| e.1).sum();
+    let failing_in_flight: i64 = endpoints.iter().filter(|e| e.failing).map(|e| e.inflight).sum();
     let mut failing_room = (caps.failing as i64 - failing_in_flight).max(0) as usize;
     let mut jobs = Vec::new();
     let n = endpoints.len();
     for i in 0..n {
-        let (webhook, inflight, due, lease_ends, failing) = endpoints[(start + i) % n];
+        let Load { webhook, inflight, due, lease_ends, failing } = endpoints[(start + i) % n];
         if let Some(l) = lease_ends {
             wake(l);
         }
