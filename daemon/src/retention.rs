@@ -157,5 +157,9 @@ mod tests {
         assert!(load(&home).unwrap_err().to_string().contains("two days"));
         write(r#"{"webhooks": {"retry_schedule": []}}"#);
         assert!(load(&home).unwrap_err().to_string().contains("retry_schedule"));
+        write(r#"{"webhooks": {"timeout": "99999999999d"}}"#);
+        assert!(load(&home).unwrap_err().to_string().contains("timeout"), "bounded");
+        write(r#"{"webhooks": {"disable_after_attempts": 0}}"#);
+        assert!(load(&home).is_err());
     }
 }

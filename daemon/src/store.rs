@@ -317,6 +317,7 @@ CREATE TABLE webhook_deliveries (
     payload TEXT NOT NULL,
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    round_start INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
     lease_until INTEGER,
     deadline INTEGER NOT NULL,

@@ -122,10 +122,20 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             for w in &list {
                 let state = if w.enabled { "enabled" } else { "DISABLED" };
                 let d = &w.deliveries;
+                let mut filters = String::new();
+                if let Some(m) = &w.mesh {
+                    filters.push_str(&format!(" in {m}"));
+                }
+                if let Some(f) = &w.from {
+                    filters.push_str(&format!(
+                        " from {}",
+                        w.from_name.clone().unwrap_or_else(|| output::short(f).to_owned())
+                    ));
+                }
                 outln!(
                     "{}",
                     clean(&format!(
-                        "#{:<4} {state:<8} {}  [{}] for {}  pending {} (failing {}), dead {}{}",
+                        "#{:<4} {state:<8} {}  [{}{filters}] for {}  pending {} (failing {}), dead {}{}",
                         w.id,
                         w.url,
                         w.events.join(","),
@@ -155,16 +165,34 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             }
             let d = &r.delivery;
             if d.status != DeliveryStatus::Delivered {
-                let why = match (d.attempts, &d.last_error) {
-                    (0, _) => "no attempt finished in time (earlier deliveries to this endpoint go first, or it is slow to answer)"
-                        .to_owned(),
-                    (_, Some(e)) => e.clone(),
-                    (_, None) => "it failed".to_owned(),
+                let w: WebhookInfo = super::block_on(client.get(&with_id(routes::WEBHOOK, a.id)))??;
+                let last = d.last_error.as_deref().map(clean).unwrap_or_else(|| "it failed".to_owned());
+                let (why, hint) = match (d.status, d.attempts) {
+                    (_, 0) => (
+                        "no attempt finished in time (earlier deliveries to this endpoint go first, or it is slow to answer)"
+                            .to_owned(),
+                        format!("`mesh webhook deliveries {}` follows it", a.id),
+                    ),
+                    _ if !w.enabled => (
+                        format!("{last}; the endpoint is now disabled ({})", clean(w.disabled_reason.as_deref().unwrap_or(""))),
+                        format!("fix the endpoint, then `mesh webhook enable {}`", a.id),
+                    ),
+                    (DeliveryStatus::Dead, _) => (
+                        format!("{last}; the endpoint refused it, so it is dead"),
+                        format!("fix the endpoint, then `mesh webhook redeliver {}`", d.id),
+                    ),
+                    _ => (
+                        format!(
+                            "{last}; it is retried on the schedule (next attempt {})",
+                            d.next_attempt_at.map(output::until).unwrap_or_default()
+                        ),
+                        format!("`mesh webhook deliveries {}` follows it", a.id),
+                    ),
                 };
                 return Err(output::fail(
                     "webhook_test_failed",
-                    format!("the test delivery #{} was not delivered: {}", d.id, clean(&why)),
-                    Some(format!("it is retried on the schedule; `mesh webhook deliveries {}` follows it", a.id)),
+                    format!("the test delivery #{} was not delivered: {why}", d.id),
+                    Some(hint),
                 ));
             }
         }
@@ -203,6 +231,18 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
                 super::block_on(client.get_query(&with_id(routes::WEBHOOK_DELIVERIES, a.id), &q))??;
             if output::json() {
                 return super::print_json(&rows);
+            }
+            let w: WebhookInfo = super::block_on(client.get(&with_id(routes::WEBHOOK, a.id)))??;
+            if !w.enabled {
+                outln!(
+                    "{}",
+                    clean(&format!(
+                        "webhook #{} is DISABLED ({}): pending deliveries wait for `mesh webhook enable {}`",
+                        w.id,
+                        w.disabled_reason.as_deref().unwrap_or(""),
+                        w.id
+                    ))
+                );
             }
             if rows.is_empty() {
                 outln!("no deliveries");
@@ -294,6 +334,9 @@ fn print_delivery(d: &DeliveryInfo) {
     let state = match d.status {
         DeliveryStatus::Delivered => format!("delivered {}", d.delivered_at.map(output::ago).unwrap_or_default()),
         DeliveryStatus::Dead => "dead".to_owned(),
+        DeliveryStatus::Pending if d.deadline < mesh_proto::now_ms() => {
+            "past its deadline (dead at the next sweep)".to_owned()
+        }
         DeliveryStatus::Pending if d.attempts == 0 => "pending".to_owned(),
         DeliveryStatus::Pending => {
             format!("failing, next attempt {}", d.next_attempt_at.map(output::until).unwrap_or_default())

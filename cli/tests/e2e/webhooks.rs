@@ -397,9 +397,13 @@ fn bad_endpoints_are_refused_with_a_reason() {
     refused(&["not a url"], "not a URL");
     refused(&["https://example.com/x", "--events", "message,gossip"], "gossip");
     refused(&["https://example.com/x", "--from", "nobody-here"], "nobody-here");
+    refused(&["https://example.com/x", "--from", "*"], "one peer");
+    refused(&["https://example.com/x", "--events", ""], "names no kind");
     let broker = home.json(&["daemon", "status"])["embedded_broker"].as_str().expect("embedded").to_owned();
     let port = broker.rsplit(':').next().expect("port");
-    refused(&[&format!("http://localhost:{port}/x")], "own broker");
+    refused(&[&format!("http://localhost:{port}/x")], "broker this daemon uses");
+    let mapped = format!("http://[::ffff:127.0.0.1]:{port}/x");
+    refused(&[&mapped, "--allow-insecure-http"], "broker this daemon uses");
     // Allowed on request, and https anywhere.
     home.ok(&["webhook", "add", "http://example.com/hook", "--allow-insecure-http"]);
     home.ok(&["webhook", "add", "https://example.com/hook", "--events", "presence"]);

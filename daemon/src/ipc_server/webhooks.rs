@@ -11,7 +11,7 @@ use axum::response::Json;
 use mesh_ipc::api::*;
 use mesh_proto::Target;
 
-use super::{Body, Caller, Failure, Params, RowId, own_mesh, target_scope};
+use super::{Body, Caller, Failure, Params, RowId, own_mesh};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::webhooks::{self, Config, Redeliver, UrlError, Visible};
@@ -75,12 +75,18 @@ pub async fn add(
     };
     let peer = match req.from.clone() {
         None => None,
+        Some(from) if from.trim() == "*" || from.trim().starts_with('@') => {
+            return Err(Failure::bad_request("--from names one peer, not a group or everyone"));
+        }
         Some(from) => {
-            let scope_mesh = mesh.or(owner_mesh).map(|m| m.to_string());
+            // Looked up in the endpoint's mesh (or the session's), else in every mesh: the context
+            // (`mesh use`, MESH_CONTEXT) does not apply to webhooks.
+            let scope_mesh = mesh.or(owner_mesh);
             let resolved =
                 d.db.call(move |c| {
-                    Ok(target_scope(c, scope_mesh.as_deref())
-                        .and_then(|s| crate::roster::resolve(c, &from, &s, &owner)))
+                    let meshes =
+                        crate::meshes::list(c)?.into_iter().filter(|m| scope_mesh.is_none_or(|s| s == m.id)).collect();
+                    Ok(crate::roster::resolve(c, &from, &crate::roster::Scope { meshes, chosen_by: None }, &owner))
                 })
                 .await?
                 .map_err(Failure::from)?;
@@ -126,6 +132,12 @@ fn event_kinds(asked: &[String]) -> Result<Vec<String>, Failure> {
         if !kinds.iter().any(|x| x == k) {
             kinds.push(k.to_owned());
         }
+    }
+    if kinds.is_empty() && !asked.is_empty() {
+        return Err(Failure::bad_request(format!(
+            "--events names no kind; choose from {} (or leave it out for message,receipt)",
+            WEBHOOK_EVENT_KINDS.join(", ")
+        )));
     }
     if kinds.is_empty() {
         kinds = DEFAULT_WEBHOOK_EVENTS.iter().map(|k| k.to_string()).collect();
@@ -268,6 +280,9 @@ pub async fn deliveries(
     RowId(id): RowId,
     Params(q): Params<DeliveriesQuery>,
 ) -> Result<Json<Vec<DeliveryInfo>>, Failure> {
+    if q.limit.is_some_and(|l| !(1..=10_000).contains(&l)) {
+        return Err(Failure::bad_request("limit is 1 to 10000"));
+    }
     Ok(Json(
         with_webhook(&d, &caller, id, move |c, vis| {
             if webhooks::get(c, vis, id)?.is_none() {
@@ -297,15 +312,13 @@ pub async fn redeliver_dead(
     RowId(id): RowId,
 ) -> Result<Json<RedeliverResponse>, Failure> {
     let deadline = config(&d).deadline;
-    let n = with_webhook(&d, &caller, id, move |c, vis| {
-        if webhooks::get(c, vis, id)?.is_none() {
-            return Ok(None);
-        }
-        webhooks::redeliver(c, Redeliver::AllDead(id), now_ms(), deadline).map(Some)
+    let (n, endpoint_enabled) = with_webhook(&d, &caller, id, move |c, vis| {
+        let Some(w) = webhooks::get(c, vis, id)? else { return Ok(None) };
+        Ok(Some((webhooks::redeliver(c, Redeliver::AllDead(id), now_ms(), deadline)?, w.enabled)))
     })
     .await?;
     d.notify_changed();
-    Ok(Json(RedeliverResponse { redelivered: n as u64 }))
+    Ok(Json(RedeliverResponse { redelivered: n as u64, endpoint_enabled }))
 }
 
 pub async fn redeliver_one(
@@ -315,17 +328,16 @@ pub async fn redeliver_one(
 ) -> Result<Json<RedeliverResponse>, Failure> {
     let deadline = config(&d).deadline;
     let vis = visible(&caller);
-    let n =
+    let (n, endpoint_enabled) =
         d.db.call(move |c| {
-            if webhooks::delivery(c, vis, id)?.is_none() {
-                return Ok(None);
-            }
-            webhooks::redeliver(c, Redeliver::One(id), now_ms(), deadline).map(Some)
+            let Some(delivery) = webhooks::delivery(c, vis, id)? else { return Ok(None) };
+            let enabled = webhooks::get(c, Visible::All, delivery.webhook_id)?.is_some_and(|w| w.enabled);
+            Ok(Some((webhooks::redeliver(c, Redeliver::One(id), now_ms(), deadline)?, enabled)))
         })
         .await?
         .ok_or_else(|| Failure::not_found(format!("no webhook delivery #{id}")))?;
     d.notify_changed();
-    Ok(Json(RedeliverResponse { redelivered: n as u64 }))
+    Ok(Json(RedeliverResponse { redelivered: n as u64, endpoint_enabled }))
 }
 
 /// Queues a test delivery and waits for its first attempt (at most the request timeout and a margin).
@@ -378,6 +390,8 @@ mod tests {
     #[test]
     fn event_kinds_are_checked_split_and_deduplicated() {
         assert_eq!(event_kinds(&[]).expect("default"), ["message", "receipt"]);
+        assert!(event_kinds(&["".into()]).is_err(), "given but empty is a mistake, not the default");
+        assert!(event_kinds(&[",".into()]).is_err());
         assert_eq!(event_kinds(&["presence,message".into(), "message".into()]).expect("ok"), ["presence", "message"]);
         assert!(event_kinds(&["messages".into()]).is_err());
         assert!(event_kinds(&["webhook".into()]).is_err(), "an endpoint's own state is not an event it can get");

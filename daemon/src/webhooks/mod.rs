@@ -83,6 +83,22 @@ impl Config {
         if self.max_in_flight == 0 || self.max_in_flight_per_endpoint == 0 {
             return Err("webhooks.max_in_flight and max_in_flight_per_endpoint must be at least 1".into());
         }
+        let day = Duration::from_secs(24 * 3600);
+        if self.timeout > Duration::from_secs(300) {
+            return Err("webhooks.timeout is at most 5m".into());
+        }
+        if self.deadline > 30 * day || self.rotation_overlap > 30 * day || self.disable_after > 30 * day {
+            return Err("webhooks.deadline, rotation_overlap and disable_after are at most 30d".into());
+        }
+        if self.retry_schedule.iter().any(|d| *d > self.deadline) {
+            return Err("a webhooks.retry_schedule step is longer than the deadline".into());
+        }
+        if self.disable_after_attempts == 0 {
+            return Err("webhooks.disable_after_attempts must be at least 1".into());
+        }
+        if self.max_in_flight > 256 || self.max_in_flight_per_endpoint > self.max_in_flight {
+            return Err("webhooks.max_in_flight is at most 256, and max_in_flight_per_endpoint at most that".into());
+        }
         Ok(())
     }
 
@@ -120,13 +136,15 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
 pub enum UrlError {
     #[error("{0:?} is not a URL: {1}")]
     Invalid(String, String),
-    #[error("webhook URLs are http:// or https://, not {0}://")]
+    #[error("webhook URLs are http:// or https://, not {0}:")]
     Scheme(String),
     #[error("the URL has a user name or password in it; put a token in the path or query instead")]
     Credentials,
+    #[error("the URL's port is 0; nothing listens there")]
+    PortZero,
     #[error("plain http:// is only for this machine (localhost, 127.0.0.1, ::1); {0} would carry messages unencrypted")]
     InsecureHttp(String),
-    #[error("{0} is this daemon's own broker; a webhook cannot post to it")]
+    #[error("{0} is a broker this daemon uses (on this machine); a webhook cannot post to it")]
     OwnBroker(String),
 }
 
@@ -138,7 +156,9 @@ pub fn check_url(
     resolved: &[std::net::SocketAddr],
     forbidden_ports: &[u16],
 ) -> Result<reqwest::Url, UrlError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| UrlError::Invalid(url.to_owned(), e.to_string()))?;
+    let mut parsed = reqwest::Url::parse(url).map_err(|e| UrlError::Invalid(url.to_owned(), e.to_string()))?;
+    // A fragment is never sent; keeping it would only show a URL that is not the one posted to.
+    parsed.set_fragment(None);
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(UrlError::Scheme(parsed.scheme().to_owned()));
     }
@@ -154,6 +174,9 @@ pub fn check_url(
         return Err(UrlError::InsecureHttp(host));
     }
     let port = parsed.port_or_known_default().unwrap_or(0);
+    if port == 0 {
+        return Err(UrlError::PortZero);
+    }
     let unspecified = match parsed.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_unspecified(),
         Some(url::Host::Ipv6(ip)) => is_local(std::net::IpAddr::V6(ip)),
@@ -555,7 +578,7 @@ pub fn deliveries(conn: &Connection, webhook: i64, q: &DeliveriesQuery) -> rusql
          WHERE webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (NOT ?3 OR attempts > 0)
          ORDER BY id DESC LIMIT ?4"
     ))?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 10_000);
+    let limit = q.limit.unwrap_or(50).clamp(1, 10_000); // the route refuses others
     stmt.query_map(params![webhook, status, failed, limit], delivery_from_row)?.collect()
 }
 
@@ -568,7 +591,7 @@ pub fn redeliver(conn: &Connection, target: Redeliver, now: u64, deadline: Durat
     };
     conn.execute(
         &format!(
-            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?2, deadline = ?3,
+            "UPDATE webhook_deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?2, deadline = ?3,
                  lease_until = NULL, delivered_at = NULL WHERE {sql}"
         ),
         params![id, now as i64, now.saturating_add(ms(deadline)) as i64],
@@ -810,15 +833,18 @@ pub fn settle(
     jitter: f64,
 ) -> rusqlite::Result<Settled> {
     let tx = conn.transaction()?;
-    let row: Option<(u32, i64)> = tx
+    let row: Option<(u32, u32, i64)> = tx
         .query_row(
-            "SELECT attempts, deadline FROM webhook_deliveries WHERE id = ?1 AND status = 'pending' AND lease_until = ?2",
+            "SELECT attempts, round_start, deadline FROM webhook_deliveries
+             WHERE id = ?1 AND status = 'pending' AND lease_until = ?2",
             params![job.delivery, job.lease_until as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    let Some((attempts, deadline)) = row else { return Ok(Settled::Stale) };
+    let Some((attempts, round_start, deadline)) = row else { return Ok(Settled::Stale) };
     let attempts = attempts + 1;
+    // Attempts since the delivery was made, or last redelivered: what the retry rules count.
+    let this_round = attempts.saturating_sub(round_start);
     let (status, error) = match outcome {
         Outcome::Delivered { status } => (Some(*status), None),
         Outcome::Gone => (Some(410), Some("410 Gone: the endpoint asked not to be called again".to_owned())),
@@ -851,10 +877,10 @@ pub fn settle(
                 "UPDATE webhooks SET failing_since = COALESCE(failing_since, ?2), failures = failures + 1 WHERE id = ?1",
                 params![job.webhook, now as i64],
             )?;
-            let permanent = matches!(outcome, Outcome::Refused { .. }) && attempts >= 2;
+            let permanent = matches!(outcome, Outcome::Refused { .. }) && this_round >= 2;
             // Never sooner than the schedule, nor than the endpoint's `Retry-After`; a retry that
             // would fall past the deadline is made at the deadline, the last one.
-            let backoff = cfg.backoff_ms(attempts, jitter);
+            let backoff = cfg.backoff_ms(this_round, jitter);
             let delay = match outcome {
                 Outcome::Retry { retry_after: Some(after), .. } => ms(*after).max(backoff),
                 _ => backoff,

@@ -399,6 +399,12 @@ fn urls_are_checked() {
     assert!(matches!(ok("ftp://example.com/"), Err(UrlError::Scheme(_))));
     assert!(matches!(ok("https://user:pw@example.com/"), Err(UrlError::Credentials)));
     assert!(matches!(ok("not a url"), Err(UrlError::Invalid(..))));
+    assert!(matches!(ok("http://127.0.0.1:0/"), Err(UrlError::PortZero)));
+    assert_eq!(
+        ok("https://example.com/x#part").ok().as_deref(),
+        Some("https://example.com/x"),
+        "a fragment is never sent"
+    );
     assert!(matches!(ok("http://127.0.0.1:7777/"), Err(UrlError::OwnBroker(_))));
     let resolved = ["127.0.0.1:0".parse().expect("addr")];
     assert!(matches!(check_url("https://me.example:7777/", false, &resolved, &[7777]), Err(UrlError::OwnBroker(_))));

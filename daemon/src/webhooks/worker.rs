@@ -122,11 +122,14 @@ async fn attempt(d: &Daemon, client: &reqwest::Client, cfg: &Config, job: Job) {
     }
 }
 
+/// An outcome for the log: the status, or the kind of failure, never the answer's text (an endpoint
+/// may echo the message back).
 fn describe(o: &Outcome) -> String {
     match o {
-        Outcome::Delivered { status } => format!("{status}"),
-        Outcome::Gone => "410 Gone".into(),
-        Outcome::Retry { error, .. } | Outcome::Refused { error, .. } => error.clone(),
+        Outcome::Delivered { status } | Outcome::Refused { status, .. } => format!("{status}"),
+        Outcome::Retry { status: Some(status), .. } => format!("{status}"),
+        Outcome::Gone => "410".into(),
+        Outcome::Retry { status: None, error, .. } => error.split(':').next().unwrap_or("failed").to_owned(),
     }
 }
 

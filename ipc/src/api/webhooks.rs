@@ -146,6 +146,8 @@ pub struct DeliveryInfo {
 pub struct RedeliverResponse {
     /// Deliveries made pending again, due now.
     pub redelivered: u64,
+    /// Whether their endpoint is enabled (a disabled one's wait until it is).
+    pub endpoint_enabled: bool,
 }
 
 /// `POST /v1/webhooks/{id}/test` answer: the test delivery after its first attempt (or still
