@@ -10,6 +10,8 @@ last part of the path; what it answers depends on the path:
   /fail/N/NAME      500 to the first N requests (with a body), then 204
   /status/S/NAME    S every time (410, 404, 302, 429 with Retry-After: 1, ...)
   /hang/NAME        never answers (the request is held until the process ends)
+  /slow/MS/N/NAME   the first N requests: reported on arrival (answered null), then 204 after MS
+                    milliseconds (reported again); then 204 at once
 
 POST /control {"endpoint": NAME, "secrets": [...]} sets the secrets NAME's requests are verified with;
 POST /verify {"endpoint": NAME, "body": ..., "headers": {...}} verifies a request given in JSON (a
@@ -90,6 +92,9 @@ class Handler(BaseHTTPRequestHandler):
                 extra = (("Retry-After", "1"),)
             if 300 <= status < 400:
                 extra = (("Location", "http://127.0.0.1:1/elsewhere"),)
+        elif parts[0] == "slow" and n <= int(parts[2]):
+            emit({"endpoint": endpoint, "headers": headers, "body": body.decode(), "verified": verify(endpoint, body, headers), "answered": None})
+            time.sleep(int(parts[1]) / 1000)
         elif parts[0] == "hang":
             emit({"endpoint": endpoint, "headers": headers, "body": body.decode(), "verified": verify(endpoint, body, headers), "answered": None})
             time.sleep(3600)
