@@ -297,13 +297,13 @@ CREATE TABLE webhooks (
     description TEXT,
     allow_insecure_http INTEGER NOT NULL DEFAULT 0,
     secret TEXT NOT NULL,
-    previous_secret TEXT,
-    previous_until INTEGER,
+    previous TEXT NOT NULL DEFAULT '[]',
     enabled INTEGER NOT NULL DEFAULT 1,
     disabled_reason TEXT,
     failing_since INTEGER,
     failures INTEGER NOT NULL DEFAULT 0,
     last_success_at INTEGER,
+    slow INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL
 );
 CREATE INDEX webhooks_by_owner ON webhooks(owner);

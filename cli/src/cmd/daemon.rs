@@ -95,7 +95,19 @@ fn up(home: Home, no_embedded: bool, fresh: bool) -> anyhow::Result<()> {
     }
     home.ensure_dirs().context("creating mesh's directories")?;
     let log_path = home.startup_log();
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    // 0600: it may hold a configuration error quoting the file.
+    let log = {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f
+    };
     let exe = std::env::current_exe().context("finding the mesh executable")?;
     let mut command = std::process::Command::new(exe);
     command.args(["daemon", "up", "--foreground", "--detached-child"]);

@@ -158,17 +158,17 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
         WebhookCommand::Test(a) => {
             let r: TestWebhookResponse =
                 super::block_on(client.post(&with_id(routes::WEBHOOK_TEST, a.id), &serde_json::json!({})))??;
+            let w: WebhookInfo = super::block_on(client.get(&with_id(routes::WEBHOOK, a.id)))??;
             if output::json() {
                 super::print_json(&r)?;
             } else {
-                print_delivery(&r.delivery);
+                print_delivery(&r.delivery, w.enabled);
             }
             let d = &r.delivery;
             if d.status != DeliveryStatus::Delivered {
-                let w: WebhookInfo = super::block_on(client.get(&with_id(routes::WEBHOOK, a.id)))??;
                 let last = d.last_error.as_deref().map(clean).unwrap_or_else(|| "it failed".to_owned());
-                let (why, hint) = match (d.status, d.attempts) {
-                    (_, 0) => (
+                let (why, hint) = match (d.status, d.last_attempt_at) {
+                    (_, None) => (
                         "no attempt finished in time (earlier deliveries to this endpoint go first, or it is slow to answer)"
                             .to_owned(),
                         format!("`mesh webhook deliveries {}` follows it", a.id),
@@ -248,7 +248,7 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
                 outln!("no deliveries");
             }
             for d in &rows {
-                print_delivery(d);
+                print_delivery(d, w.enabled);
             }
         }
         WebhookCommand::Redeliver(a) => {
@@ -261,11 +261,18 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             if output::json() {
                 return super::print_json(&r);
             }
-            outln!(
-                "{} {} due again now",
-                r.redelivered,
-                if r.redelivered == 1 { "delivery is" } else { "deliveries are" }
-            );
+            let what = if r.redelivered == 1 { "delivery is" } else { "deliveries are" };
+            if !r.endpoint_enabled {
+                return Err(output::fail(
+                    "webhook_disabled",
+                    format!(
+                        "{} {what} pending again, but the endpoint is disabled: nothing is posted until it is enabled",
+                        r.redelivered
+                    ),
+                    Some("`mesh webhook enable ID`, once the endpoint is fixed".to_owned()),
+                ));
+            }
+            outln!("{} {what} due again now", r.redelivered);
         }
     }
     Ok(())
@@ -277,8 +284,9 @@ fn change(client: &mesh_ipc::IpcClient, route: &str, id: i64, done: &str) -> any
         return super::print_json(&w);
     }
     outln!("{}", clean(&format!("webhook #{} {} is {done}", w.id, w.url)));
-    if w.enabled && w.deliveries.pending > 0 {
-        outln!("{} waiting deliveries are due now", w.deliveries.pending);
+    let n = w.deliveries.pending;
+    if route == routes::WEBHOOK_ENABLE && n > 0 {
+        outln!("{n} waiting {} due now", if n == 1 { "delivery is" } else { "deliveries are" });
     }
     Ok(())
 }
@@ -330,8 +338,9 @@ fn print_webhook(w: &WebhookInfo) {
     }
 }
 
-fn print_delivery(d: &DeliveryInfo) {
+fn print_delivery(d: &DeliveryInfo, endpoint_enabled: bool) {
     let state = match d.status {
+        DeliveryStatus::Pending if !endpoint_enabled => "waiting (the endpoint is disabled)".to_owned(),
         DeliveryStatus::Delivered => format!("delivered {}", d.delivered_at.map(output::ago).unwrap_or_default()),
         DeliveryStatus::Dead => "dead".to_owned(),
         DeliveryStatus::Pending if d.deadline < mesh_proto::now_ms() => {

@@ -430,3 +430,28 @@ fn endpoints_that_hang_cannot_hold_every_slot() {
     let want: BTreeSet<String> = (0..40).map(|i| format!("h{i}")).collect();
     rx.wait("healthy", "all forty while nine endpoints hang", |r| bodies(r) == want);
 }
+
+#[test]
+fn an_endpoint_whose_port_becomes_a_broker_of_this_daemon_is_disabled_not_posted_to() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "solo"]);
+    home.ok(&["daemon", "up", "--no-embedded"]);
+    // Added while nothing listens on its port; then a broker starts there and this daemon uses it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (id, broker) = loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let id = home.json(&["webhook", "add", &format!("http://127.0.0.1:{port}/hook")])["webhook"]["id"].clone();
+        let broker = BrokerProcess::spawn(MESH, &dir.path().join("b.db"), port, &[]);
+        if broker.port == port {
+            break (id, broker);
+        }
+        home.ok(&["webhook", "remove", &id.to_string()]);
+    };
+    home.ok(&["create", "team", "--broker", &broker.url]);
+    let id = id.to_string();
+    let out = home.run(&["webhook", "test", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = home.json(&["webhook", "show", &id]);
+    assert_eq!(info["enabled"], false, "{info}");
+    assert!(info["disabled_reason"].as_str().is_some_and(|r| r.contains("broker this daemon uses")), "{info}");
+}

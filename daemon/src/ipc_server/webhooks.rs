@@ -18,8 +18,6 @@ use crate::webhooks::{self, Config, Redeliver, UrlError, Visible};
 
 const MAX_URL_BYTES: usize = 2048;
 const MAX_DESCRIPTION_CHARS: usize = 200;
-/// How long a name may take to resolve when an endpoint is added.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn config(d: &Daemon) -> Config {
     d.webhook_config.get().cloned().unwrap_or_default()
@@ -145,30 +143,9 @@ fn event_kinds(asked: &[String]) -> Result<Vec<String>, Failure> {
     Ok(kinds)
 }
 
-/// Checks a URL against the rules (docs/webhooks.md), resolving its host to see whether it is this
-/// machine's broker.
+/// Checks a URL against the rules (docs/webhooks.md), with this machine's brokers as they are now.
 async fn checked_url(d: &Daemon, url: &str, allow_insecure_http: bool) -> Result<reqwest::Url, Failure> {
-    let parsed = webhooks::check_url(url, allow_insecure_http, &[], &[]).map_err(url_failure)?;
-    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
-    let port = parsed.port_or_known_default().unwrap_or(0);
-    let resolved: Vec<std::net::SocketAddr> =
-        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await {
-            Ok(Ok(addrs)) => addrs.collect(),
-            _ => Vec::new(), // not resolvable now; it may be later, and each attempt says why it failed
-        };
-    let mut forbidden: Vec<u16> = Vec::new();
-    let embedded = d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let meshes = d.db.call(|c| crate::meshes::list(c)).await?;
-    for broker in embedded.into_iter().chain(meshes.into_iter().map(|m| m.broker_url)) {
-        if let Ok(u) = reqwest::Url::parse(&broker)
-            && u.host_str()
-                .is_some_and(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
-            && let Some(p) = u.port_or_known_default()
-        {
-            forbidden.push(p);
-        }
-    }
-    webhooks::check_url(url, allow_insecure_http, &resolved, &forbidden).map_err(url_failure)
+    webhooks::check_url_now(d, url, allow_insecure_http).await?.map_err(url_failure)
 }
 
 fn url_failure(e: UrlError) -> Failure {
@@ -372,7 +349,7 @@ pub async fn test(
             d.db.call(move |c| webhooks::delivery(c, Visible::All, delivery))
                 .await?
                 .ok_or_else(|| Failure::not_found(format!("the test delivery #{delivery} was removed")))?;
-        if info.attempts > 0 || info.status != DeliveryStatus::Pending {
+        if info.last_attempt_at.is_some() || info.status != DeliveryStatus::Pending {
             return Ok(Json(TestWebhookResponse { delivery: info }));
         }
         tokio::select! {

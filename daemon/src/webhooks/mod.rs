@@ -206,6 +206,48 @@ fn is_local(ip: std::net::IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified()
 }
 
+/// How long a name may take to resolve when a URL is checked against this machine's brokers.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The ports of the brokers this daemon uses on this machine: the embedded one, and any mesh's broker
+/// on a loopback address.
+pub async fn broker_ports(d: &crate::daemon::Daemon) -> Result<Vec<u16>, mesh_broker::sqlite::DbError> {
+    let embedded = d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let meshes = d.db.call(|c| crate::meshes::list(c)).await?;
+    Ok(embedded
+        .into_iter()
+        .chain(meshes.into_iter().map(|m| m.broker_url))
+        .filter_map(|broker| reqwest::Url::parse(&broker).ok())
+        .filter(is_loopback_host)
+        .filter_map(|u| u.port_or_known_default())
+        .collect())
+}
+
+/// [`check_url`] against this machine's brokers as they are now, resolving the host when its port is
+/// one of theirs.
+pub async fn check_url_now(
+    d: &crate::daemon::Daemon,
+    url: &str,
+    allow_insecure_http: bool,
+) -> Result<Result<reqwest::Url, UrlError>, mesh_broker::sqlite::DbError> {
+    let parsed = match check_url(url, allow_insecure_http, &[], &[]) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let forbidden = broker_ports(d).await?;
+    let port = parsed.port_or_known_default().unwrap_or(0);
+    let mut resolved = Vec::new();
+    if forbidden.contains(&port) {
+        let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+        if let Ok(Ok(addrs)) =
+            tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port))).await
+        {
+            resolved.extend(addrs);
+        }
+    }
+    Ok(check_url(url, allow_insecure_http, &resolved, &forbidden))
+}
+
 /// A new endpoint, checked.
 pub struct NewWebhook {
     pub owner: PublicKey,
@@ -262,9 +304,10 @@ const INFO_COLUMNS: &str = "w.id, w.url, w.events, COALESCE(m.name, w.mesh_id), 
     (SELECT p.name FROM peers p WHERE p.key = w.peer LIMIT 1), w.description, w.owner,
     COALESCE(s.name, (SELECT p.name FROM peers p WHERE p.key = w.owner LIMIT 1), ''), s.name, w.enabled,
     w.disabled_reason, w.allow_insecure_http, w.created_at, w.failing_since, w.failures, w.last_success_at,
-    w.previous_until,
+    w.previous,
     (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'),
-    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.attempts > 0),
+    (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending'
+        AND d.last_error IS NOT NULL),
     (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'delivered'),
     (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'dead')";
 
@@ -291,7 +334,7 @@ fn info_from_row(r: &Row<'_>) -> rusqlite::Result<WebhookInfo> {
         failing_since: opt_u64(14)?,
         failures: r.get(15)?,
         last_success_at: opt_u64(16)?,
-        previous_secret_until: opt_u64(17)?,
+        previous_secret_until: previous(&r.get::<_, String>(17)?, crate::clock::now_ms()).iter().map(|p| p.until).max(),
         deliveries: WebhookDeliveryCounts {
             pending: r.get::<_, i64>(18)? as u64,
             failing: r.get::<_, i64>(19)? as u64,
@@ -317,7 +360,25 @@ pub fn get(conn: &Connection, visible: Visible, id: i64) -> rusqlite::Result<Opt
     .optional()
 }
 
-/// A new secret; the current one keeps signing until `now + overlap`. `None`: no such endpoint.
+/// A secret replaced by a rotation, and until when it still signs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+struct Previous {
+    secret: String,
+    until: u64,
+}
+
+/// Most secrets a request is signed with during overlapping rotations (the current one included).
+const MAX_SECRETS: usize = 8;
+
+/// The previous secrets still signing at `now`, newest first.
+fn previous(json: &str, now: u64) -> Vec<Previous> {
+    let mut all: Vec<Previous> = serde_json::from_str(json).unwrap_or_default();
+    all.retain(|p| p.until > now);
+    all
+}
+
+/// A new secret; the current one keeps signing until `now + overlap`, and the ones before it until
+/// their own ends (the newest few). `None`: no such endpoint.
 pub fn rotate(
     conn: &Connection,
     visible: Visible,
@@ -325,14 +386,24 @@ pub fn rotate(
     overlap: Duration,
     now: u64,
 ) -> rusqlite::Result<Option<(String, u64)>> {
-    let secret = sign::new_secret();
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT secret, previous FROM webhooks WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
+            params![id, visible.owner()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((current, before)) = row else { return Ok(None) };
     let until = now.saturating_add(ms(overlap));
-    let n = conn.execute(
-        "UPDATE webhooks SET previous_secret = secret, previous_until = ?3, secret = ?4
-         WHERE id = ?1 AND (?2 IS NULL OR owner = ?2)",
-        params![id, visible.owner(), until as i64, secret],
+    let mut kept = vec![Previous { secret: current, until }];
+    kept.extend(previous(&before, now));
+    kept.truncate(MAX_SECRETS - 1);
+    let secret = sign::new_secret();
+    conn.execute(
+        "UPDATE webhooks SET secret = ?2, previous = ?3 WHERE id = ?1",
+        params![id, secret, serde_json::to_string(&kept).expect("secrets serialise")],
     )?;
-    Ok((n == 1).then_some((secret, until)))
+    Ok(Some((secret, until)))
 }
 
 /// Enables or disables an endpoint (by its owner's request, or by the worker), with an event for its
@@ -575,7 +646,7 @@ pub fn deliveries(conn: &Connection, webhook: i64, q: &DeliveriesQuery) -> rusql
     };
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
-         WHERE webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (NOT ?3 OR attempts > 0)
+         WHERE webhook_id = ?1 AND (?2 IS NULL OR status = ?2) AND (NOT ?3 OR last_error IS NOT NULL)
          ORDER BY id DESC LIMIT ?4"
     ))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 10_000); // the route refuses others
@@ -608,7 +679,7 @@ pub enum Redeliver {
 pub fn status(conn: &Connection) -> rusqlite::Result<WebhookStatus> {
     let (endpoints, pending, failing, delivered, dead) = conn.query_row(
         "SELECT (SELECT COUNT(*) FROM webhooks),
-            COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'pending' AND attempts > 0), 0),
+            COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'pending' AND last_error IS NOT NULL), 0),
             COALESCE(SUM(status = 'delivered'), 0), COALESCE(SUM(status = 'dead'), 0)
          FROM webhook_deliveries",
         [],
@@ -660,6 +731,9 @@ pub struct Claimed {
     pub next_at: Option<u64>,
 }
 
+/// A successful answer slower than this puts its endpoint among the limited ones (see [`Caps`]).
+pub const SLOW_ANSWER: Duration = Duration::from_secs(1);
+
 /// How much the worker may claim now.
 #[derive(Clone, Copy, Debug)]
 pub struct Caps {
@@ -667,15 +741,16 @@ pub struct Caps {
     pub free: usize,
     /// In flight to one endpoint.
     pub per_endpoint: u32,
-    /// In flight, in all, to endpoints whose last attempt failed: the rest of the slots stay for the
-    /// endpoints that answer, so endpoints that hang cannot hold every slot for long.
-    pub failing: usize,
+    /// In flight, in all, to endpoints not yet known to answer promptly (never answered 2xx, failed
+    /// their last attempt, or took over [`SLOW_ANSWER`] to succeed): the rest of the slots stay for the
+    /// endpoints that answer at once, which slow or hanging endpoints therefore cannot starve.
+    pub limited: usize,
 }
 
 impl Caps {
     /// The caps from the configuration, with `free` slots free.
     pub fn new(cfg: &Config, free: usize) -> Caps {
-        Caps { free, per_endpoint: cfg.max_in_flight_per_endpoint, failing: (cfg.max_in_flight as usize / 2).max(1) }
+        Caps { free, per_endpoint: cfg.max_in_flight_per_endpoint, limited: (cfg.max_in_flight as usize / 2).max(1) }
     }
 }
 
@@ -689,8 +764,8 @@ struct Load {
     due: Option<i64>,
     /// When the earliest lease on its deliveries runs out.
     lease_ends: Option<i64>,
-    /// Its last attempt failed.
-    failing: bool,
+    /// Not known to answer promptly (see [`Caps::limited`]).
+    limited: bool,
 }
 
 /// Claims due deliveries within `caps`, taking endpoints in turn from `start` so that one busy
@@ -708,7 +783,7 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
                     AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until <= ?1)),
                 (SELECT MIN(d.lease_until) FROM webhook_deliveries d WHERE d.webhook_id = w.id
                     AND d.status = 'pending' AND d.lease_until > ?1),
-                w.failing_since IS NOT NULL
+                w.failing_since IS NOT NULL OR w.last_success_at IS NULL OR w.slow = 1
              FROM webhooks w WHERE w.enabled = 1 ORDER BY w.id",
         )?
         .query_map([now_i], |r| {
@@ -717,7 +792,7 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
                 inflight: r.get(1)?,
                 due: r.get(2)?,
                 lease_ends: r.get(3)?,
-                failing: r.get(4)?,
+                limited: r.get(4)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -726,18 +801,18 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
         let at = at.max(0) as u64;
         out.next_at = Some(out.next_at.map_or(at, |n: u64| n.min(at)));
     };
-    let failing_in_flight: i64 = endpoints.iter().filter(|e| e.failing).map(|e| e.inflight).sum();
-    let mut failing_room = (caps.failing as i64 - failing_in_flight).max(0) as usize;
+    let limited_in_flight: i64 = endpoints.iter().filter(|e| e.limited).map(|e| e.inflight).sum();
+    let mut limited_room = usize::try_from(limited_in_flight).map_or(0, |n| caps.limited.saturating_sub(n));
     let mut jobs = Vec::new();
     let n = endpoints.len();
     for i in 0..n {
-        let Load { webhook, inflight, due, lease_ends, failing } = endpoints[(start + i) % n];
+        let Load { webhook, inflight, due, lease_ends, limited } = endpoints[(start + i) % n];
         if let Some(l) = lease_ends {
             wake(l);
         }
         let mut room = (caps.per_endpoint as i64 - inflight).max(0) as usize;
-        if failing {
-            room = room.min(failing_room);
+        if limited {
+            room = room.min(limited_room);
         }
         let Some(due) = due else { continue };
         if room == 0 {
@@ -756,8 +831,8 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
             )?
             .query_map(params![webhook, now_i, take as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        if failing {
-            failing_room -= ids.len();
+        if limited {
+            limited_room -= ids.len();
         }
         for id in ids {
             jobs.push(lease(&tx, id, now, lease_ms)?);
@@ -771,22 +846,22 @@ pub fn claim(conn: &mut Connection, caps: Caps, start: usize, lease_ms: u64, now
 
 fn lease(tx: &Connection, id: i64, now: u64, lease_ms: u64) -> rusqlite::Result<Job> {
     let until = now.saturating_add(lease_ms);
-    tx.prepare_cached("UPDATE webhook_deliveries SET lease_until = ?2 WHERE id = ?1")?
+    // An attempt counts from its start: one cut short by a crash was made all the same.
+    tx.prepare_cached("UPDATE webhook_deliveries SET lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")?
         .execute(params![id, until as i64])?;
     tx.prepare_cached(
-        "SELECT d.id, d.webhook_id, d.uid, w.url, d.payload, w.secret,
-                CASE WHEN w.previous_until > ?2 THEN w.previous_secret END
+        "SELECT d.id, d.webhook_id, d.uid, w.url, d.payload, w.secret, w.previous
          FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE d.id = ?1",
     )?
-    .query_row(params![id, now as i64], |r| {
-        let previous: Option<String> = r.get(6)?;
+    .query_row(params![id], |r| {
+        let before: String = r.get(6)?;
         Ok(Job {
             delivery: r.get(0)?,
             webhook: r.get(1)?,
             uid: r.get(2)?,
             url: r.get(3)?,
             payload: r.get(4)?,
-            secrets: std::iter::once(r.get(5)?).chain(previous).collect(),
+            secrets: std::iter::once(r.get(5)?).chain(previous(&before, now).into_iter().map(|p| p.secret)).collect(),
             lease_until: until,
         })
     })
@@ -800,10 +875,12 @@ pub fn release_leases(conn: &Connection) -> rusqlite::Result<usize> {
 /// How one attempt ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A 2xx answer.
-    Delivered { status: u16 },
+    /// A 2xx answer; `slow` when it took more than [`SLOW_ANSWER`].
+    Delivered { status: u16, slow: bool },
     /// 410 Gone: the endpoint asks not to be called again.
     Gone,
+    /// Not posted: the URL has become a broker this daemon uses (one was started on its port).
+    OwnBroker(String),
     /// Worth retrying: no answer in time, no connection, 5xx, 429 (with its `Retry-After`).
     Retry { status: Option<u16>, error: String, retry_after: Option<Duration> },
     /// A 3xx or another 4xx: retried once, then dead.
@@ -842,34 +919,38 @@ pub fn settle(
         )
         .optional()?;
     let Some((attempts, round_start, deadline)) = row else { return Ok(Settled::Stale) };
-    let attempts = attempts + 1;
     // Attempts since the delivery was made, or last redelivered: what the retry rules count.
     let this_round = attempts.saturating_sub(round_start);
     let (status, error) = match outcome {
-        Outcome::Delivered { status } => (Some(*status), None),
+        Outcome::Delivered { status, .. } => (Some(*status), None),
         Outcome::Gone => (Some(410), Some("410 Gone: the endpoint asked not to be called again".to_owned())),
+        Outcome::OwnBroker(why) => (None, Some(why.clone())),
         Outcome::Retry { status, error, .. } => (*status, Some(error.clone())),
         Outcome::Refused { status, error } => (Some(*status), Some(error.clone())),
     };
     tx.execute(
-        "UPDATE webhook_deliveries SET attempts = ?2, last_attempt_at = ?3, last_status = ?4, last_error = ?5,
-             lease_until = NULL WHERE id = ?1",
-        params![job.delivery, attempts, now as i64, status, error],
+        "UPDATE webhook_deliveries SET last_attempt_at = ?2, last_status = ?3, last_error = ?4, lease_until = NULL
+         WHERE id = ?1",
+        params![job.delivery, now as i64, status, error],
     )?;
     let settled = match outcome {
-        Outcome::Delivered { .. } => {
+        Outcome::Delivered { slow, .. } => {
             tx.execute(
                 "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ?2 WHERE id = ?1",
                 params![job.delivery, now as i64],
             )?;
             tx.execute(
-                "UPDATE webhooks SET failing_since = NULL, failures = 0, last_success_at = ?2 WHERE id = ?1",
-                params![job.webhook, now as i64],
+                "UPDATE webhooks SET failing_since = NULL, failures = 0, last_success_at = ?2, slow = ?3 WHERE id = ?1",
+                params![job.webhook, now as i64, slow],
             )?;
             Settled::Delivered
         }
         Outcome::Gone => {
             set_enabled(&tx, Visible::All, job.webhook, false, Some("it answered 410 Gone"), now)?;
+            Settled::Disabled
+        }
+        Outcome::OwnBroker(why) => {
+            set_enabled(&tx, Visible::All, job.webhook, false, Some(why), now)?;
             Settled::Disabled
         }
         Outcome::Retry { .. } | Outcome::Refused { .. } => {
@@ -926,10 +1007,22 @@ pub fn maintain(conn: &Connection, now: u64) -> rusqlite::Result<(usize, usize)>
          WHERE status = 'pending' AND deadline < ?1 AND (lease_until IS NULL OR lease_until <= ?1)",
         [now as i64],
     )?;
-    let forgotten = conn.execute(
-        "UPDATE webhooks SET previous_secret = NULL, previous_until = NULL WHERE previous_until <= ?1",
-        [now as i64],
-    )?;
+    let rows: Vec<(i64, String)> = conn
+        .prepare_cached("SELECT id, previous FROM webhooks WHERE previous != '[]'")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut forgotten = 0;
+    for (id, before) in rows {
+        let all: Vec<Previous> = serde_json::from_str(&before).unwrap_or_default();
+        let kept = previous(&before, now);
+        if kept.len() != all.len() {
+            forgotten += all.len() - kept.len();
+            conn.execute(
+                "UPDATE webhooks SET previous = ?2 WHERE id = ?1",
+                params![id, serde_json::to_string(&kept).expect("secrets serialise")],
+            )?;
+        }
+    }
     Ok((dead, forgotten))
 }
 

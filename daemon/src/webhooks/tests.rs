@@ -159,7 +159,7 @@ fn queue_n(c: &Connection, n: i64) -> rusqlite::Result<()> {
 }
 
 fn caps(free: usize, per_endpoint: u32) -> Caps {
-    Caps { free, per_endpoint, failing: free }
+    Caps { free, per_endpoint, limited: usize::MAX }
 }
 
 fn ids(claimed: &Claimed) -> Vec<i64> {
@@ -181,12 +181,12 @@ fn one_in_flight_per_endpoint_in_order_and_a_lease_that_runs_out_comes_back() {
         assert_eq!(ids(&again), vec![1]);
         assert_eq!(again.jobs[0].uid, first.jobs[0].uid, "the same webhook-id on every attempt");
         assert_eq!(
-            settle(c, &first.jobs[0], &Outcome::Delivered { status: 200 }, &cfg, 1022, 0.5)?,
+            settle(c, &first.jobs[0], &Outcome::Delivered { status: 200, slow: false }, &cfg, 1022, 0.5)?,
             Settled::Stale,
             "the first holder's lease is gone: its late answer records nothing"
         );
         assert_eq!(
-            settle(c, &again.jobs[0], &Outcome::Delivered { status: 204 }, &cfg, 1023, 0.5)?,
+            settle(c, &again.jobs[0], &Outcome::Delivered { status: 204, slow: false }, &cfg, 1023, 0.5)?,
             Settled::Delivered
         );
         assert_eq!(ids(&claim(c, caps(8, 1), 0, 1000, 1024)?), vec![2]);
@@ -216,19 +216,22 @@ fn endpoints_take_turns_within_the_global_cap() {
 }
 
 #[test]
-fn endpoints_that_keep_failing_share_only_part_of_the_slots() {
+fn endpoints_not_known_to_answer_promptly_share_only_part_of_the_slots() {
     let (_dir, db) = crate::store::temp_db();
     db.call_blocking(|c| {
-        for _ in 0..4 {
+        for _ in 0..6 {
             add(c, &hook(member(), None, &["message"]), 1)?;
         }
         queue_n(c, 1)?; // one delivery per endpoint
-        c.execute("UPDATE webhooks SET failing_since = 5 WHERE id IN (1, 2, 3)", [])?;
-        let cl = claim(c, Caps { free: 4, per_endpoint: 1, failing: 2 }, 0, 1000, 20)?;
+        // 1: failing; 2: slow to succeed; 3: never answered; 4, 5, 6: answer at once.
+        c.execute("UPDATE webhooks SET last_success_at = 1 WHERE id != 3", [])?;
+        c.execute("UPDATE webhooks SET failing_since = 5 WHERE id = 1", [])?;
+        c.execute("UPDATE webhooks SET slow = 1 WHERE id = 2", [])?;
+        let cl = claim(c, Caps { free: 8, per_endpoint: 1, limited: 2 }, 0, 1000, 20)?;
         let webhooks: Vec<i64> = cl.jobs.iter().map(|j| j.webhook).collect();
-        assert_eq!(webhooks, vec![1, 2, 4], "two failing endpoints at most; the answering one still gets its turn");
-        let cl = claim(c, Caps { free: 1, per_endpoint: 1, failing: 2 }, 0, 1000, 21)?;
-        assert!(cl.jobs.is_empty(), "the failing share is in use: {:?}", cl.jobs);
+        assert_eq!(webhooks, vec![1, 2, 4, 5, 6], "two limited endpoints at most; the prompt ones all get a slot");
+        let cl = claim(c, Caps { free: 3, per_endpoint: 1, limited: 2 }, 0, 1000, 21)?;
+        assert!(cl.jobs.is_empty(), "the limited share is in use: {:?}", cl.jobs);
         Ok(())
     })
     .expect("db");
@@ -333,10 +336,26 @@ fn a_rotation_signs_with_both_secrets_until_the_overlap_ends() {
         queue_n(c, 2)?;
         let job = claim(c, caps(8, 1), 0, 1000, 20)?.jobs.remove(0);
         assert_eq!(job.secrets, vec![new.clone(), old]);
-        settle(c, &job, &Outcome::Delivered { status: 200 }, &Config::default(), 21, 0.0)?;
+        settle(c, &job, &Outcome::Delivered { status: 200, slow: false }, &Config::default(), 21, 0.0)?;
         assert_eq!(maintain(c, 10 + H)?, (0, 1), "the previous secret is forgotten when the overlap ends");
         let job = claim(c, caps(8, 1), 0, 1000, 10 + H)?.jobs.remove(0);
         assert_eq!(job.secrets, vec![new]);
+        Ok(())
+    })
+    .expect("db");
+}
+
+#[test]
+fn a_second_rotation_keeps_the_first_secret_signing_until_its_own_end() {
+    let (_dir, db) = crate::store::temp_db();
+    db.call_blocking(|c| {
+        let (w, s0) = add(c, &hook(member(), None, &["message"]), 1)?;
+        let (s1, _) = rotate(c, Visible::All, w, Duration::from_secs(3600), 10)?.expect("rotated");
+        let (s2, _) = rotate(c, Visible::All, w, Duration::from_secs(3600), 20)?.expect("rotated");
+        queue_n(c, 1)?;
+        let job = claim(c, caps(8, 1), 0, 1000, 30)?.jobs.remove(0);
+        assert_eq!(job.secrets, vec![s2, s1.clone(), s0], "newest first; the first secret is still within its hour");
+        assert_eq!(maintain(c, 10 + H)?.1, 1, "the first secret's hour ends first");
         Ok(())
     })
     .expect("db");

@@ -98,7 +98,11 @@ fn client(cfg: &Config) -> reqwest::Result<reqwest::Client> {
 
 /// One POST of one delivery, and its outcome recorded.
 async fn attempt(d: &Daemon, client: &reqwest::Client, cfg: &Config, job: Job) {
-    let outcome = post(client, &job).await;
+    // A broker may have been started on the endpoint's port since it was added.
+    let outcome = match super::check_url_now(d, &job.url, true).await {
+        Ok(Err(e @ super::UrlError::OwnBroker(_))) => Outcome::OwnBroker(format!("not posted: {e}")),
+        _ => post(client, &job).await,
+    };
     let (job_c, outcome_c, cfg_c) = (job.clone(), outcome.clone(), cfg.clone());
     let jitter = super::jitter();
     match d.db.call(move |c| super::settle(c, &job_c, &outcome_c, &cfg_c, now_ms(), jitter)).await {
@@ -126,14 +130,16 @@ async fn attempt(d: &Daemon, client: &reqwest::Client, cfg: &Config, job: Job) {
 /// may echo the message back).
 fn describe(o: &Outcome) -> String {
     match o {
-        Outcome::Delivered { status } | Outcome::Refused { status, .. } => format!("{status}"),
+        Outcome::Delivered { status, .. } | Outcome::Refused { status, .. } => format!("{status}"),
         Outcome::Retry { status: Some(status), .. } => format!("{status}"),
         Outcome::Gone => "410".into(),
+        Outcome::OwnBroker(_) => "own broker".into(),
         Outcome::Retry { status: None, error, .. } => error.split(':').next().unwrap_or("failed").to_owned(),
     }
 }
 
 async fn post(client: &reqwest::Client, job: &Job) -> Outcome {
+    let started = tokio::time::Instant::now();
     let timestamp = now_ms() / 1000;
     let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
     let signature = super::sign::header(&secrets, &job.uid, timestamp, job.payload.as_bytes());
@@ -169,7 +175,7 @@ async fn post(client: &reqwest::Client, job: &Job) -> Outcome {
         if text.is_empty() { format!("{status} {reason}") } else { format!("{status} {reason}: {text}") }
     };
     match status {
-        200..=299 => Outcome::Delivered { status },
+        200..=299 => Outcome::Delivered { status, slow: started.elapsed() > super::SLOW_ANSWER },
         410 => Outcome::Gone,
         429 | 500..=599 => Outcome::Retry { status: Some(status), error: error(), retry_after },
         _ => Outcome::Refused { status, error: error() },
