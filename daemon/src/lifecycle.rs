@@ -199,6 +199,13 @@ pub fn init_logging_as(
     // Whatever the process creates from here on (logs, which may quote a peer or an endpoint) is
     // its user's only: 0600 files, 0700 directories.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // Logs an earlier version left readable by others are tightened too.
+    if let Ok(entries) = std::fs::read_dir(log_dir) {
+        use std::os::unix::fs::PermissionsExt;
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()) {
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
     let filter = || EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let appender = tracing_appender::rolling::Builder::new()
         .rotation(tracing_appender::rolling::Rotation::DAILY)

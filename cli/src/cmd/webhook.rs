@@ -204,7 +204,7 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             }
             outln!("new signing secret for #{} (shown this once): {}", a.id, r.secret);
             outln!(
-                "requests carry signatures by both secrets until {} ({}); give your receiver the new one before then",
+                "the previous secret also signs until {} ({}); give your receiver the new one before then",
                 output::time(r.previous_valid_until),
                 output::until(r.previous_valid_until)
             );
@@ -259,7 +259,7 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
             };
             let r: RedeliverResponse = super::block_on(client.post(&route, &serde_json::json!({})))??;
             if output::json() {
-                return super::print_json(&r);
+                super::print_json(&r)?;
             }
             let what = if r.redelivered == 1 { "delivery is" } else { "deliveries are" };
             if !r.endpoint_enabled {
@@ -269,8 +269,14 @@ pub fn run(cmd: WebhookCommand) -> anyhow::Result<()> {
                         "{} {what} pending again, but the endpoint is disabled: nothing is posted until it is enabled",
                         r.redelivered
                     ),
-                    Some("`mesh webhook enable ID`, once the endpoint is fixed".to_owned()),
+                    Some(
+                        "`mesh webhook enable ID` (the endpoint's id, from `mesh webhook list`), once it is fixed"
+                            .to_owned(),
+                    ),
                 ));
+            }
+            if output::json() {
+                return Ok(());
             }
             outln!("{} {what} due again now", r.redelivered);
         }

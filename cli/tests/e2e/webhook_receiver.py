@@ -10,6 +10,7 @@ last part of the path; what it answers depends on the path:
   /fail/N/NAME      500 to the first N requests (with a body), then 204
   /status/S/NAME    S every time (410, 404, 302, 429 with Retry-After: 1, ...)
   /hang/NAME        never answers (the request is held until the process ends)
+  /after/K/NAME     204 to the first K requests, then never answers
   /slow/MS/N/NAME   the first N requests: reported on arrival (answered null), then 204 after MS
                     milliseconds (reported again); then 204 at once
 
@@ -95,7 +96,7 @@ class Handler(BaseHTTPRequestHandler):
         elif parts[0] == "slow" and n <= int(parts[2]):
             emit({"endpoint": endpoint, "headers": headers, "body": body.decode(), "verified": verify(endpoint, body, headers), "answered": None})
             time.sleep(int(parts[1]) / 1000)
-        elif parts[0] == "hang":
+        elif parts[0] == "hang" or (parts[0] == "after" and n > int(parts[1])):
             emit({"endpoint": endpoint, "headers": headers, "body": body.decode(), "verified": verify(endpoint, body, headers), "answered": None})
             time.sleep(3600)
             return

@@ -455,3 +455,24 @@ fn an_endpoint_whose_port_becomes_a_broker_of_this_daemon_is_disabled_not_posted
     assert_eq!(info["enabled"], false, "{info}");
     assert!(info["disabled_reason"].as_str().is_some_and(|r| r.contains("broker this daemon uses")), "{info}");
 }
+
+#[test]
+fn endpoints_that_answered_at_once_and_then_hang_cannot_hold_every_slot() {
+    let Some(py) = python() else { return };
+    let rx = Receiver::start(&py);
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob) = team_with(&broker, r#"{"webhooks": {"timeout": "60s"}}"#);
+    // Ten endpoints that answer their first request at once (so they count as prompt), then hang.
+    for i in 0..10 {
+        let (id, _) = add(alice.cmd(&["webhook", "add", &rx.url(&format!("after/1/t{i}"))]));
+        alice.ok(&["webhook", "test", &id.to_string()]);
+    }
+    let (healthy, _) = add(alice.cmd(&["webhook", "add", &rx.url("ok/steady")]));
+    alice.ok(&["webhook", "test", &healthy.to_string()]);
+    for i in 0..20 {
+        bob.ok(&["send", "alice", &format!("s{i}")]);
+    }
+    // Their hanging requests (cut only after 60 s) leave the answering endpoint slots.
+    let want: BTreeSet<String> = (0..20).map(|i| format!("s{i}")).collect();
+    rx.wait("steady", "all twenty while ten endpoints hang", |r| bodies(r) == want);
+}

@@ -663,7 +663,7 @@ pub fn redeliver(conn: &Connection, target: Redeliver, now: u64, deadline: Durat
     conn.execute(
         &format!(
             "UPDATE webhook_deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?2, deadline = ?3,
-                 lease_until = NULL, delivered_at = NULL WHERE {sql}"
+                 delivered_at = NULL WHERE {sql}"
         ),
         params![id, now as i64, now.saturating_add(ms(deadline)) as i64],
     )

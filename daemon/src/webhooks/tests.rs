@@ -400,7 +400,15 @@ fn redeliver_makes_dead_rows_due_with_a_new_deadline() {
         assert_eq!(redeliver(c, Redeliver::AllDead(w), 50 * H, Duration::from_secs(3600))?, 2);
         let d = delivery(c, Visible::All, 1)?.expect("row");
         assert_eq!((d.status, d.attempts, d.deadline), (DeliveryStatus::Pending, 0, 51 * H));
-        assert_eq!(ids(&claim(c, caps(8, 1), 0, 1000, 50 * H)?), vec![1]);
+        let job = claim(c, caps(8, 1), 0, 1000, 50 * H)?.jobs.remove(0);
+        assert_eq!(job.delivery, 1);
+        // Redelivering one that is being attempted does not send it a second time at once.
+        assert_eq!(redeliver(c, Redeliver::One(1), 50 * H + 1, Duration::from_secs(3600))?, 1);
+        assert!(claim(c, caps(8, 1), 0, 1000, 50 * H + 2)?.jobs.is_empty(), "still in flight");
+        assert_eq!(
+            settle(c, &job, &Outcome::Delivered { status: 200, slow: false }, &Config::default(), 50 * H + 3, 0.5)?,
+            Settled::Delivered
+        );
         Ok(())
     })
     .expect("db");

@@ -35,8 +35,12 @@ pub async fn run(d: Arc<Daemon>, cfg: Config) {
         Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "webhooks: releasing leases"),
     }
     let cfg = Arc::new(cfg);
-    let slots = Arc::new(Semaphore::new(cfg.max_in_flight as usize));
-    let finished = Arc::new(Notify::new());
+    let slots = Slots {
+        active: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
+        slow: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
+        finished: Arc::new(Notify::new()),
+    };
+    let finished = slots.finished.clone();
     let mut changed = d.subscribe();
     let mut turn = 0usize;
     let mut last_maintained: Option<tokio::time::Instant> = None;
@@ -53,18 +57,17 @@ pub async fn run(d: Arc<Daemon>, cfg: Config) {
                 Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "webhooks: maintenance"),
             }
         }
-        let (caps, lease) = (super::Caps::new(&cfg, slots.available_permits()), cfg.lease_ms());
+        let (caps, lease) = (super::Caps::new(&cfg, slots.active.available_permits()), cfg.lease_ms());
         turn = turn.wrapping_add(1);
         let claimed = d.db.call(move |c| super::claim(c, caps, turn, lease, now_ms())).await;
         let next_at = match claimed {
             Ok(claimed) => {
                 for job in claimed.jobs {
-                    let Ok(permit) = slots.clone().try_acquire_owned() else { break };
-                    let (d, client, cfg, finished) = (d.clone(), client.clone(), cfg.clone(), finished.clone());
+                    let Ok(permit) = slots.active.clone().try_acquire_owned() else { break };
+                    let (d, client, cfg, slots) = (d.clone(), client.clone(), cfg.clone(), slots.clone());
                     d.clone().tracker.spawn(async move {
-                        attempt(&d, &client, &cfg, job).await;
-                        drop(permit);
-                        finished.notify_one();
+                        attempt(&d, &client, &cfg, job, permit, &slots).await;
+                        slots.finished.notify_one();
                     });
                 }
                 claimed.next_at
@@ -96,12 +99,47 @@ fn client(cfg: &Config) -> reqwest::Result<reqwest::Client> {
         .build()
 }
 
+/// The worker's slots: `max_in_flight` active ones, which claims are counted against, and as many
+/// for requests that have run over [`super::SLOW_ANSWER`]. A request that slow moves to a slow slot
+/// when one is free and gives its active slot back, so requests that hang (even to endpoints that
+/// usually answer at once) cannot hold every slot.
+#[derive(Clone)]
+struct Slots {
+    active: Arc<Semaphore>,
+    slow: Arc<Semaphore>,
+    finished: Arc<Notify>,
+}
+
 /// One POST of one delivery, and its outcome recorded.
-async fn attempt(d: &Daemon, client: &reqwest::Client, cfg: &Config, job: Job) {
+async fn attempt(
+    d: &Daemon,
+    client: &reqwest::Client,
+    cfg: &Config,
+    job: Job,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    slots: &Slots,
+) {
     // A broker may have been started on the endpoint's port since it was added.
     let outcome = match super::check_url_now(d, &job.url, true).await {
         Ok(Err(e @ super::UrlError::OwnBroker(_))) => Outcome::OwnBroker(format!("not posted: {e}")),
-        _ => post(client, &job).await,
+        _ => {
+            let request = post(client, &job);
+            tokio::pin!(request);
+            tokio::select! {
+                outcome = &mut request => outcome,
+                () = tokio::time::sleep(super::SLOW_ANSWER) => {
+                    let _slow = match slots.slow.clone().try_acquire_owned() {
+                        Ok(slow) => {
+                            drop(permit);
+                            slots.finished.notify_one();
+                            Some(slow)
+                        }
+                        Err(_) => None,
+                    };
+                    request.await
+                }
+            }
+        }
     };
     let (job_c, outcome_c, cfg_c) = (job.clone(), outcome.clone(), cfg.clone());
     let jitter = super::jitter();
