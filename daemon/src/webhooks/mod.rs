@@ -594,8 +594,11 @@ pub fn enqueue_test(
     insert_delivery(conn, id, "webhook.test", None, None, &payload, now, deadline).map(Some)
 }
 
+/// A delivery's columns, with whether its endpoint is enabled (a disabled one's deliveries have no
+/// next attempt).
 const DELIVERY_COLUMNS: &str = "id, webhook_id, uid, event_type, event_id, status, attempts, created_at,
-    next_attempt_at, deadline, last_attempt_at, last_status, last_error, delivered_at";
+    next_attempt_at, deadline, last_attempt_at, last_status, last_error, delivered_at,
+    COALESCE((SELECT enabled FROM webhooks w WHERE w.id = webhook_id), 0)";
 
 fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
     let status: String = r.get(5)?;
@@ -613,7 +616,7 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
         event_id: r.get(4)?,
         attempts: r.get(6)?,
         created_at: r.get::<_, i64>(7)? as u64,
-        next_attempt_at: if status == DeliveryStatus::Pending { opt_u64(8)? } else { None },
+        next_attempt_at: if status == DeliveryStatus::Pending && r.get::<_, bool>(14)? { opt_u64(8)? } else { None },
         deadline: r.get::<_, i64>(9)? as u64,
         last_attempt_at: opt_u64(10)?,
         last_status: r.get::<_, Option<i64>>(11)?.and_then(|s| u16::try_from(s).ok()),

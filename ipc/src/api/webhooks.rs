@@ -130,7 +130,7 @@ pub struct DeliveryInfo {
     pub status: DeliveryStatus,
     pub attempts: u32,
     pub created_at: u64,
-    /// When the next attempt is due (pending only).
+    /// When the next attempt is due (pending, to an enabled endpoint, only).
     pub next_attempt_at: Option<u64>,
     /// After this it is dead.
     pub deadline: u64,
