@@ -119,27 +119,34 @@ async fn attempt(
     permit: tokio::sync::OwnedSemaphorePermit,
     slots: &Slots,
 ) {
-    // A broker may have been started on the endpoint's port since it was added.
-    let outcome = match super::check_url_now(d, &job.url, true).await {
-        Ok(Err(e @ super::UrlError::OwnBroker(_))) => Outcome::OwnBroker(format!("not posted: {e}")),
-        _ => {
-            let request = post(client, &job);
-            tokio::pin!(request);
-            tokio::select! {
-                outcome = &mut request => outcome,
-                () = tokio::time::sleep(super::SLOW_ANSWER) => {
-                    let _slow = match slots.slow.clone().try_acquire_owned() {
-                        Ok(slow) => {
-                            drop(permit);
-                            slots.finished.notify_one();
-                            Some(slow)
-                        }
-                        Err(_) => None,
-                    };
-                    request.await
+    // A broker may have been started on the endpoint's port since it was added. The daemon stopping
+    // abandons the attempt: its lease is released at the next start, and it is made again then.
+    let attempt = async {
+        match super::check_url_now(d, &job.url, true).await {
+            Ok(Err(e @ super::UrlError::OwnBroker(_))) => Outcome::OwnBroker(format!("not posted: {e}")),
+            _ => {
+                let request = post(client, &job);
+                tokio::pin!(request);
+                tokio::select! {
+                    outcome = &mut request => outcome,
+                    () = tokio::time::sleep(super::SLOW_ANSWER) => {
+                        let _slow = match slots.slow.clone().try_acquire_owned() {
+                            Ok(slow) => {
+                                drop(permit);
+                                slots.finished.notify_one();
+                                Some(slow)
+                            }
+                            Err(_) => None,
+                        };
+                        request.await
+                    }
                 }
             }
         }
+    };
+    let outcome = tokio::select! {
+        outcome = attempt => outcome,
+        () = d.shutdown.cancelled() => return,
     };
     let (job_c, outcome_c, cfg_c) = (job.clone(), outcome.clone(), cfg.clone());
     let jitter = super::jitter();
