@@ -47,6 +47,8 @@ pub struct Daemon {
     pub changed: Arc<crate::events::Changed>,
     /// Waiting notice claims (`POST /v1/notices/claim` with a wait).
     pub claimants: crate::notices::Claimants,
+    /// What the daemon counts while it runs (`GET /v1/metrics`).
+    pub counters: crate::metrics::Counters,
     /// `config/daemon.json`'s `webhooks` section (defaults until start-up has read it).
     pub webhook_config: std::sync::OnceLock<crate::webhooks::Config>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
@@ -71,6 +73,7 @@ impl Daemon {
             changed: crate::events::Changed::new(),
             claimants: Default::default(),
             webhook_config: std::sync::OnceLock::new(),
+            counters: Default::default(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
         }

@@ -18,6 +18,7 @@ pub mod ipc_server;
 pub mod lifecycle;
 pub mod link;
 pub mod meshes;
+pub mod metrics;
 pub mod notices;
 pub mod outbox;
 pub mod process;

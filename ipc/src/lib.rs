@@ -68,6 +68,8 @@ pub mod routes {
     pub const GROUPS_LEAVE: &str = "/v1/groups/leave";
     /// `GET`: Server-Sent Events of the caller (needs a bearer token).
     pub const EVENTS: &str = "/v1/events";
+    /// `GET`: Prometheus metrics of the daemon (the member's bearer token).
+    pub const METRICS: &str = "/v1/metrics";
     /// `GET` the caller's webhook endpoints; `POST` adds one.
     pub const WEBHOOKS: &str = "/v1/webhooks";
     /// `GET`: one endpoint.

@@ -10,6 +10,7 @@ mod ipc_input;
 mod lifecycle;
 mod limits;
 mod mcp;
+mod metrics;
 mod outbox;
 mod output;
 mod readme;

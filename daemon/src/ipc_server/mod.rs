@@ -258,6 +258,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route(routes::VERSION, get(version))
         .route(routes::STATUS, get(status))
+        .route(routes::METRICS, get(metrics))
         .route(routes::SHUTDOWN, post(shutdown))
         .route(routes::MESHES, get(meshes::list).post(meshes::create))
         .route(routes::MESHES_JOIN, post(meshes::join))
@@ -391,6 +392,36 @@ async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<St
         embedded_broker: d.embedded_broker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
         webhooks,
     }))
+}
+
+/// `GET /v1/metrics`: Prometheus text, for the member's bearer token only.
+async fn metrics(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Failure> {
+    if !headers.contains_key(axum::http::header::AUTHORIZATION) {
+        return Err(Failure::new(
+            ApiErrorCode::Unauthorized,
+            "metrics need the member's bearer token (config/member.token)".into(),
+        ));
+    }
+    caller.member_only("the daemon's metrics")?;
+    let (outbox, inbox, webhooks, meshes) =
+        d.db.call(|c| {
+            Ok((outbox::counts(c, None)?, inbox::counts(c)?, crate::webhooks::status(c)?, crate::meshes::list(c)?))
+        })
+        .await?;
+    let me = d.member.identity.key();
+    let snapshot = crate::metrics::Snapshot {
+        outbox,
+        inbox,
+        webhooks,
+        links: meshes.iter().map(|m| (m.name.clone(), d.link_status(&m.id, &me).state)).collect(),
+        live_sessions: d.sessions.live().len() as u64,
+    };
+    let body = crate::metrics::render(&d.counters, &snapshot);
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
 }
 
 /// The one mesh a request acts in: the one it names, the context set by `mesh use`, or the only one

@@ -152,6 +152,13 @@ async fn attempt(
     let jitter = super::jitter();
     match d.db.call(move |c| super::settle(c, &job_c, &outcome_c, &cfg_c, now_ms(), jitter)).await {
         Ok(settled) => {
+            d.counters.webhook_attempt(match settled {
+                Settled::Delivered => "delivered",
+                Settled::RetryAt(_) => "retry",
+                Settled::Dead => "dead",
+                Settled::Disabled => "disabled",
+                Settled::Stale => "stale",
+            });
             match settled {
                 Settled::Delivered | Settled::Stale => {
                     tracing::debug!(webhook = job.webhook, delivery = job.delivery, ?settled, "webhook attempt")
