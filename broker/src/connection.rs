@@ -21,6 +21,7 @@ use crate::Shared;
 use crate::deliver::deliver_loop;
 use crate::handshake::{self, Authenticated};
 use crate::hub::{ConnHandle, Outbound};
+use crate::metrics::Metrics;
 use crate::presence::{announce, announce_view, peer_view};
 use crate::store::{MeshLimitSettings, NewMessage, PeerRecord, StoreError};
 
@@ -63,6 +64,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, pending: crate
         };
         // Authenticated or not, it no longer waits for its hello: its place goes back.
         drop(pending);
+        Metrics::count(&shared.metrics.handshakes, match &auth {
+            Ok(_) => "ok",
+            Err(Some(err)) => err.code.as_str(),
+            Err(None) => "closed",
+        });
         match auth {
             Ok(auth) => {
                 tracing::info!(mesh = %auth.mesh.id, peer = %auth.peer.key.short(), name = %auth.peer.name, "authenticated");
@@ -278,6 +284,9 @@ impl Connection {
         if !self.send_frame(welcome).await || !welcomed {
             return;
         }
+        let kind = crate::metrics::KindLabel { kind: self.auth.peer.kind.as_str() };
+        self.shared.metrics.connections.get_or_create(&kind).inc();
+        let _open = scopeguard_dec(self.shared.metrics.clone(), kind);
         let wake = Arc::new(Notify::new());
         let kicked = CancellationToken::new();
         let handle = ConnHandle {
@@ -475,8 +484,10 @@ impl Connection {
             Ok(ClientFrame::Ack(ack)) => {
                 let ids = ack.delivery_ids;
                 match self.shared.store.ack(self.mesh(), self.key(), ids.clone(), now_ms()).await {
-                    Ok(senders) => {
-                        for sender in senders {
+                    Ok(done) => {
+                        self.shared.metrics.acks.inc_by(ids.len() as u64);
+                        self.receipts("delivered", done.receipts);
+                        for sender in done.woken {
                             self.shared.hub.wake(self.mesh(), &sender);
                         }
                         let _ = acked.send(ids);
@@ -505,8 +516,9 @@ impl Connection {
                 let result = self.shared.store.record_reads(self.mesh(), self.key(), req.message_ids, now_ms()).await;
                 self.answer(
                     req.id,
-                    result.map(|senders| {
-                        for sender in senders {
+                    result.map(|done| {
+                        self.receipts("read", done.receipts);
+                        for sender in done.woken {
                             self.shared.hub.wake(self.mesh(), &sender);
                         }
                     }),
@@ -641,6 +653,22 @@ impl Connection {
 
     /// Stages a valid send in `sends`, or answers it at once (after the sends staged before it) when
     /// it is refused or over the rate limit.
+    /// Counts a send's answer for the metrics.
+    fn count_send<T>(&self, reply: &Result<T, ErrorFrame>) {
+        Metrics::count(
+            &self.shared.metrics.sends,
+            match reply {
+                Ok(_) => "accepted",
+                Err(err) => err.code.as_str(),
+            },
+        );
+    }
+
+    /// Counts receipts queued for the metrics.
+    fn receipts(&self, kind: &'static str, n: u64) {
+        self.shared.metrics.receipts.get_or_create(&crate::metrics::KindLabel { kind }).inc_by(n);
+    }
+
     async fn stage_or_answer(&self, send: SendMessage, sends: &mut Vec<(u64, NewMessage)>) -> bool {
         let id = send.id;
         let refusal = match self.stage(send) {
@@ -657,6 +685,7 @@ impl Connection {
             Refusal::Invalid(err) => Err(err),
             Refusal::RateLimited { send, retry_after_ms } => self.over_limit(*send, retry_after_ms).await,
         };
+        self.count_send(&reply);
         self.send_frame(match reply {
             Ok(accepted) => ServerFrame::Accepted(accepted),
             Err(err) => ServerFrame::Error(err.with_id(Some(id))),
@@ -758,6 +787,13 @@ impl Connection {
         };
         let mut open = true;
         for (id, result) in ids.into_iter().zip(results) {
+            Metrics::count(
+                &self.shared.metrics.sends,
+                match &result {
+                    Ok(_) => "accepted",
+                    Err(err) => err.code.as_str(),
+                },
+            );
             let reply = match result {
                 Ok(done) => {
                     for key in &done.woken {
@@ -776,6 +812,17 @@ impl Connection {
         }
         open
     }
+}
+
+/// Counts a connection as closed when dropped, however its run ends.
+fn scopeguard_dec(metrics: Arc<crate::metrics::Metrics>, kind: crate::metrics::KindLabel) -> impl Drop {
+    struct Open(Arc<crate::metrics::Metrics>, crate::metrics::KindLabel);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.connections.get_or_create(&self.1).dec();
+        }
+    }
+    Open(metrics, kind)
 }
 
 /// Why a send was not staged.

@@ -53,6 +53,11 @@ pub(crate) async fn deliver_loop(
                     more = lease.items.len() >= asked;
                     foreign = lease.next_foreign_expiry;
                     for item in lease.items {
+                        if item.redelivery {
+                            shared.metrics.redeliveries.inc();
+                        } else {
+                            shared.metrics.deliveries.inc();
+                        }
                         inflight.insert(item.delivery_id, now + lease_ms);
                         let frame = wire::deliver_frame_json(item.delivery_id, &item.item_json);
                         // A peer that stops reading fills the buffer; stopping must not wait for it.

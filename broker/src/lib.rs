@@ -13,6 +13,7 @@ pub mod guard;
 mod handshake;
 mod hub;
 mod listener;
+pub mod metrics;
 mod presence;
 mod ratelimit;
 pub mod sqlite;
@@ -46,6 +47,7 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -61,6 +63,25 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    run_with_metrics(listener, store, config, shutdown, None).await
+}
+
+/// [`run`], also serving Prometheus metrics (`GET /metrics`) on `metrics` when given.
+pub async fn run_with_metrics(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    config: BrokerConfig,
+    shutdown: CancellationToken,
+    metrics: Option<tokio::net::TcpListener>,
+) -> std::io::Result<()> {
+    let counts = metrics::Metrics::new();
+    {
+        let counts = counts.clone();
+        store.observe_commits(Arc::new(move |size, took| {
+            counts.batch_size.observe(size as f64);
+            counts.commit_seconds.observe(took.as_secs_f64());
+        }));
+    }
     // Connection ids only need to be unique among the leases of one store: seed them with the start
     // time so a restarted broker never reuses an id a stale lease still carries.
     let limiter = ratelimit::RateLimiter::new(config.sends_per_sec, config.send_burst);
@@ -77,8 +98,19 @@ pub async fn run(
         next_conn: AtomicU64::new(now_ms() << 16),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        metrics: counts,
     });
     shared.tracker.spawn(janitor(shared.clone()));
+    if let Some(listener) = metrics {
+        let app = Router::new().route("/metrics", get(scrape)).with_state(shared.clone());
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+        let stop = shutdown.clone();
+        shared.tracker.spawn(async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
     let app = Router::new()
         .route("/health", get(health))
         .route(mesh_proto::wire::WS_PATH, get(upgrade))
@@ -100,6 +132,21 @@ pub async fn run(
         tracing::warn!("some connections did not close within the shutdown grace period");
     }
     served
+}
+
+/// `GET /metrics` on the metrics listener.
+async fn scrape(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    match shared.store.queue_stats(now_ms()).await {
+        Ok(queues) => (
+            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            shared.metrics.encode(&queues),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "reading the queues for metrics");
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "storage failure").into_response()
+        }
+    }
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -149,6 +196,8 @@ async fn janitor(shared: Arc<Shared>) {
         }
         match shared.store.expire(now_ms()).await {
             Ok(done) => {
+                shared.metrics.expired.inc_by(done.messages_expired);
+                shared.metrics.receipts.get_or_create(&metrics::KindLabel { kind: "expired" }).inc_by(done.receipts);
                 if done.messages_expired + done.receipts_dropped > 0 {
                     tracing::info!(
                         messages = done.messages_expired,

@@ -54,7 +54,11 @@ struct Inner {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
     batcher: OnceLock<Batcher>,
+    observer: Arc<OnceLock<CommitObserver>>,
 }
+
+/// Told the size and duration of every group commit (for metrics).
+pub type CommitObserver = Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,7 +157,11 @@ impl Drop for Batcher {
 /// which is checked (`total_changes`). When a job fails, or refuses after writing, the whole
 /// transaction is rolled back and the batch runs again with each job in its own savepoint, so that
 /// the failing job is undone alone and the others still commit.
-fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) {
+fn batch_loop(
+    conn: Arc<Mutex<Connection>>,
+    jobs: mpsc::Receiver<Box<dyn Job>>,
+    observer: Arc<OnceLock<CommitObserver>>,
+) {
     // This thread checkpoints (below), not each commit: a checkpoint inside a commit delays every
     // caller of that batch.
     if let Err(e) = conn.lock().unwrap_or_else(PoisonError::into_inner).pragma_update(None, "wal_autocheckpoint", 0) {
@@ -171,8 +179,12 @@ fn batch_loop(conn: Arc<Mutex<Connection>>, jobs: mpsc::Receiver<Box<dyn Job>>) 
             }
         }
         let guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = std::time::Instant::now();
         let committed = run_batch(&guard, &mut batch);
         drop(guard);
+        if let Some(observe) = observer.get() {
+            observe(batch.len(), started.elapsed());
+        }
         for job in batch {
             job.answer(committed.as_ref().map(|_| ()));
         }
@@ -270,12 +282,22 @@ impl Db {
         // value (`lease_until <= ?`) is prepared again whenever the value changes.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         migrate(&conn, path, migrations)?;
-        let inner = Inner { conn: Arc::new(Mutex::new(conn)), path: path.to_owned(), batcher: OnceLock::new() };
+        let inner = Inner {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
+            batcher: OnceLock::new(),
+            observer: Default::default(),
+        };
         Ok(Db { inner: Arc::new(inner) })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Tells `observer` of every group commit from now on (the first observer set stays).
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        let _ = self.inner.observer.set(observer);
     }
 
     /// Runs `f` in a write transaction shared with the other `batch` calls waiting at the same time
@@ -297,7 +319,10 @@ impl Db {
             let conn = self.inner.conn.clone();
             let thread = std::thread::Builder::new()
                 .name("db-batch".into())
-                .spawn(move || batch_loop(conn, queue))
+                .spawn({
+                    let observer = self.inner.observer.clone();
+                    move || batch_loop(conn, queue, observer)
+                })
                 .expect("spawning the database batch thread");
             Batcher { jobs: Some(jobs), thread: Some(thread) }
         });

@@ -240,6 +240,8 @@ pub struct BrokerProcess {
     child: Child,
     pub url: String,
     pub port: u16,
+    /// `http://ADDR/metrics` when started with `--metrics-listen`.
+    pub metrics: Option<String>,
     pub db: PathBuf,
     extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
@@ -282,7 +284,11 @@ impl BrokerProcess {
             .unwrap_or_else(|| panic!("no ws:// URL in the broker's ready line {line:?}"))
             .to_owned();
         let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the broker URL");
-        BrokerProcess { child, url, port, db: db.to_owned(), extra: extra.to_vec(), _dir: None }
+        let metrics = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned());
+        BrokerProcess { child, url, port, metrics, db: db.to_owned(), extra: extra.to_vec(), _dir: None }
     }
 
     /// The broker process's pid.

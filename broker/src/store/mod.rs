@@ -104,6 +104,27 @@ pub struct Enqueued {
 pub struct Leased {
     pub delivery_id: u64,
     pub item_json: String,
+    /// It was leased before, and that lease ran out unacked: this is a redelivery.
+    pub redelivery: bool,
+}
+
+/// One mesh's queue, for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStat {
+    pub mesh: MeshId,
+    /// Items queued (messages and receipts).
+    pub depth: u64,
+    /// Age of the oldest queued message, in ms (0 when only receipts are queued).
+    pub oldest_ms: u64,
+}
+
+/// What an ack or a read queued for senders.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Receipted {
+    /// Senders to wake.
+    pub woken: Vec<PublicKey>,
+    /// Receipts queued.
+    pub receipts: u64,
 }
 
 /// What one `lease` call took.
@@ -137,6 +158,8 @@ pub enum JoinOutcome {
 pub struct Expired {
     pub messages_expired: u64,
     pub receipts_dropped: u64,
+    /// `expired` receipts queued for the senders of the expired messages.
+    pub receipts: u64,
     /// Senders that got an `expired` receipt, to be woken.
     pub woken: Vec<(MeshId, PublicKey)>,
 }
@@ -245,12 +268,16 @@ pub trait Store: Send + Sync + 'static {
         recipient: PublicKey,
         delivery_ids: Vec<u64>,
         now: u64,
-    ) -> Result<Vec<PublicKey>, StoreError>;
+    ) -> Result<Receipted, StoreError>;
     /// Frees the leases a closed connection held.
     async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError>;
     /// Drops items past their TTL (queueing `expired` receipts for undelivered messages) and forgets
     /// idempotency records past retention.
     async fn expire(&self, now: u64) -> Result<Expired, StoreError>;
+    /// Items queued per mesh, and the age at `now` of each mesh's oldest queued message (metrics).
+    async fn queue_stats(&self, now: u64) -> Result<Vec<QueueStat>, StoreError>;
+    /// Tells `observer` the size and duration of every commit of store writes (metrics).
+    fn observe_commits(&self, observer: crate::sqlite::CommitObserver);
     /// Records that `reader` read these messages and queues a `read` receipt for each one's sender,
     /// once per (message, reader), and only for messages addressed to the reader. Returns the senders
     /// to wake; unknown or expired message ids are skipped.
@@ -260,7 +287,7 @@ pub trait Store: Send + Sync + 'static {
         reader: PublicKey,
         message_ids: Vec<String>,
         now: u64,
-    ) -> Result<Vec<PublicKey>, StoreError>;
+    ) -> Result<Receipted, StoreError>;
     /// Changes the mesh's limits: with `reset`, every setting is cleared first; then each value
     /// `change` has replaces the setting. Returns the settings now.
     async fn set_mesh_limits(

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Subcommand, Debug)]
 pub enum BrokerCommand {
     /// Serve a broker until SIGINT or SIGTERM
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Install a user service (systemd or launchd; one per MESH_HOME) running `mesh broker serve`
     /// with the options given after `--`, e.g. `mesh broker install-service -- --listen 0.0.0.0:7777`
     InstallService {
@@ -113,11 +113,15 @@ pub struct ServeArgs {
     /// How long an ended session stays in the roster (DMs to it wait for its next launch)
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub session_grace: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given; keep it on a private
+    /// address, e.g. 127.0.0.1:9464)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
     match cmd {
-        BrokerCommand::Serve(args) => serve(args),
+        BrokerCommand::Serve(args) => serve(*args),
         BrokerCommand::InstallService { no_start, serve } => {
             // The options are checked now, not when the service first starts.
             #[derive(clap::Parser)]
@@ -180,16 +184,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let metrics = match args.metrics_listen {
+            Some(at) => Some(
+                tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening for metrics on {at}"))?,
+            ),
+            None => None,
+        };
+        let metrics_url = match &metrics {
+            Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
+            None => None,
+        };
         // The first line of stdout says where to connect (port 0 picks a free port).
         if crate::output::json() {
-            let ready = serde_json::json!({ "listening": format!("ws://{addr}"), "database": db });
+            let ready =
+                serde_json::json!({ "listening": format!("ws://{addr}"), "database": db, "metrics": metrics_url });
             outln!("{ready}");
         } else {
-            outln!("mesh broker listening on ws://{addr} (database {})", db.display());
+            let metrics = metrics_url.map(|u| format!(", metrics at {u}")).unwrap_or_default();
+            outln!("mesh broker listening on ws://{addr} (database {}{metrics})", db.display());
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signals(shutdown.clone()));
-        mesh_broker::run(listener, Arc::new(store), config, shutdown).await.context("serving")?;
+        mesh_broker::run_with_metrics(listener, Arc::new(store), config, shutdown, metrics).await.context("serving")?;
         Ok(())
     })
 }

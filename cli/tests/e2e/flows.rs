@@ -82,7 +82,9 @@ fn a_fresh_home_gets_a_local_mesh_on_an_embedded_broker_that_others_can_join() {
     let status = alice.json(&["daemon", "status"]);
     assert!(status["embedded_broker"].as_str().is_some_and(|u| u.starts_with("ws://127.0.0.1:")), "{status}");
     assert_eq!(status["meshes"][0]["name"], "alice-local");
-    assert_eq!(status["meshes"][0]["connection"]["state"], "online");
+    alice.eventually_json("the local mesh online", &["daemon", "status"], |s| {
+        s["meshes"][0]["connection"]["state"] == "online"
+    });
 
     let token = alice.ok(&["invite"]).trim().to_owned();
     bob.ok(&["init", "--name", "bob"]);

@@ -218,10 +218,14 @@ fn silent_connections_from_one_address_hold_few_descriptors_and_keep_no_one_out(
         }
         held
     });
-    let during = broker.open_files();
+    // 64 waiting from that address at most, plus what the broker holds anyway (the ones it evicted
+    // may take a moment to close on a loaded machine, while the flood's last connections still stand).
+    let bound = idle + 64 + 16;
+    let during = eventually("the broker's descriptors within bounds", WAIT, || {
+        let n = broker.open_files();
+        (n <= bound).then_some(n)
+    });
     eprintln!("silent flood: {} connections opened; broker descriptors {idle} → {during}", held.len());
-    // 64 waiting from that address at most, plus what the broker holds anyway.
-    assert!(during <= idle + 64 + 16, "the broker holds {during} descriptors (idle: {idle})");
     let home = mesh_testkit::TestHome::new(MESH);
     home.ok(&["init", "--name", "alice"]);
     home.ok(&["daemon", "up", "--no-embedded"]);

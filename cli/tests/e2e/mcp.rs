@@ -269,7 +269,10 @@ fn every_message_is_announced_once_across_restarts_of_the_server_and_the_daemon(
     let (alice, bob) = team(&broker);
     let mut seen: Vec<i64> = Vec::new();
 
-    let mut agent = Driver::start(&python, &bob, &["--name", "worker"]);
+    // A launched session stays live while its MCP server is down, so what is sent meanwhile reaches
+    // bob's daemon and waits there.
+    let session = bob.launch("worker", None);
+    let mut agent = Driver::start_with(&python, &bob, &[], Some(&session.token_file));
     wait_for_peer(&alice, "worker");
     alice.ok(&["send", "worker", "before the kill"]);
     seen.extend(announced(&agent.notes(1, 20)));
@@ -282,7 +285,17 @@ fn every_message_is_announced_once_across_restarts_of_the_server_and_the_daemon(
     for body in &sent {
         alice.ok(&["send", "worker", body]);
     }
-    let mut agent = Driver::start(&python, &bob, &["--name", "worker"]);
+    // All of them wait in bob's daemon before a server starts again.
+    alice.eventually_json("bob's daemon has them all", &["outbox", "--limit", "1000"], |v| {
+        v.as_array().is_some_and(|rows| {
+            rows.iter()
+                .filter(|r| r["body"].as_str().is_some_and(|b| b.starts_with("while down")))
+                .filter(|r| r["delivered_count"] == 1)
+                .count()
+                == sent.len()
+        })
+    });
+    let mut agent = Driver::start_with(&python, &bob, &[], Some(&session.token_file));
     let notes = agent.notes(1, 20);
     assert_eq!(notes[0]["meta"]["kind"], "summary", "what waited comes as one summary first: {notes:?}");
     // Some may have reached the daemon only after the summary: those come one by one.

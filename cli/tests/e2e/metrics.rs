@@ -91,3 +91,61 @@ fn metrics_match_a_known_workload_and_need_the_members_token() {
     let session_token = std::fs::read_to_string(&session.token_file).expect("session token");
     assert_eq!(scrape(Some(session_token.trim())).0, "401");
 }
+
+/// A broker's `/metrics`, parsed.
+fn scrape_broker(python: &str, url: &str) -> BTreeMap<String, f64> {
+    let out = Command::new("curl").args(["-sf", "--max-time", "5", url]).output().expect("curl");
+    assert!(out.status.success(), "GET {url} failed");
+    parse(python, &String::from_utf8_lossy(&out.stdout))
+}
+
+fn value(m: &BTreeMap<String, f64>, name: &str) -> f64 {
+    *m.get(name).unwrap_or_else(|| panic!("{name} missing in {m:#?}"))
+}
+
+#[test]
+fn broker_metrics_count_a_known_workload_exactly() {
+    let Some(python) = super::python_with("prometheus_client", "prometheus_client") else { return };
+    let broker = mesh_testkit::BrokerProcess::start_with(MESH, &["--metrics-listen", "127.0.0.1:0"]);
+    let url = broker.metrics.clone().expect("the broker says where its metrics are");
+    let (alice, bob) = super::sessions::team(&broker);
+    let mesh = alice.json(&["meshes"]).as_array().expect("meshes").iter().find(|m| m["name"] == "team").expect("team")
+        ["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let before = scrape_broker(&python, &url);
+    for i in 0..5 {
+        alice.ok(&["send", "--mesh", "team", "bob", &format!("counted {i}")]);
+    }
+    bob.eventually_json("five messages", &["inbox"], |v| ready_bodies(v).len() == 5);
+    bob.ok(&["inbox", "ack", "--all"]);
+    alice.eventually_json("five read receipts", &["outbox", "--mesh", "team"], |v| {
+        v.as_array().is_some_and(|rows| rows.len() == 5 && rows.iter().all(|r| r["read_count"] == 1))
+    });
+    let depth = format!("mesh_broker_queue_depth{{mesh={mesh}}}");
+    // Everything delivered and acked, receipts included: the queue is empty again.
+    let after = eventually("the queue drained", WAIT, || {
+        let m = scrape_broker(&python, &url);
+        (m.get(&depth) == Some(&0.0)
+            && value(&m, "mesh_broker_deliveries_total{}") == value(&m, "mesh_broker_acks_total{}"))
+        .then_some(m)
+    });
+    let delta = |name: &str| value(&after, name) - before.get(name).copied().unwrap_or(0.0);
+    assert_eq!(delta("mesh_broker_sends_total{result=accepted}"), 5.0);
+    assert_eq!(delta("mesh_broker_receipts_total{kind=delivered}"), 5.0);
+    assert_eq!(delta("mesh_broker_receipts_total{kind=read}"), 5.0);
+    assert_eq!(delta("mesh_broker_receipts_total{kind=expired}"), 0.0);
+    assert_eq!(delta("mesh_broker_handshakes_total{result=ok}"), 0.0, "no connection was made again");
+    assert_eq!(delta("mesh_broker_redeliveries_total{}"), 0.0);
+    assert_eq!(delta("mesh_broker_expired_total{}"), 0.0);
+    // Five messages to bob, and the receipts to alice in however many items they were batched into.
+    assert!(delta("mesh_broker_deliveries_total{}") >= 6.0, "{after:#?}");
+    assert_eq!(delta("mesh_broker_deliveries_total{}"), delta("mesh_broker_acks_total{}"));
+    assert_eq!(value(&after, "mesh_broker_connections{kind=member}"), 2.0);
+    assert_eq!(value(&after, "mesh_broker_connections{kind=session}"), 0.0);
+    assert_eq!(value(&after, &format!("mesh_broker_queue_oldest_age_seconds{{mesh={mesh}}}")), 0.0);
+    assert!(value(&after, "mesh_broker_store_batch_size_count{}") > 0.0);
+    assert!(value(&after, "mesh_broker_store_commit_seconds_count{}") > 0.0);
+    assert_eq!(value(&after, &format!("mesh_broker_build_info{{version={}}}", env!("CARGO_PKG_VERSION"))), 1.0);
+}

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Claimed, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord,
-    Reaped, RosterEntry, SentRecord, Store, StoreError,
+    QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
 };
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
@@ -424,7 +424,7 @@ impl Store for SqliteStore {
         recipient: PublicKey,
         delivery_ids: Vec<u64>,
         now: u64,
-    ) -> Result<Vec<PublicKey>, StoreError> {
+    ) -> Result<Receipted, StoreError> {
         self.write(move |tx| queue::ack(tx, mesh, recipient, &delivery_ids, now)).await
     }
 
@@ -445,13 +445,42 @@ impl Store for SqliteStore {
         self.write(move |tx| queue::expire(tx, now)).await
     }
 
+    async fn queue_stats(&self, now: u64) -> Result<Vec<QueueStat>, StoreError> {
+        let rows: Vec<(String, i64, Option<i64>)> = self
+            .db
+            .call(|c| {
+                c.prepare_cached(
+                    "SELECT me.id, COUNT(q.id), MIN(m.created_at) FROM meshes me
+                     LEFT JOIN queue q ON q.mesh_id = me.id LEFT JOIN messages m ON m.seq = q.message_seq
+                     GROUP BY me.id",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(mesh, depth, oldest)| {
+                Ok(QueueStat {
+                    mesh: parse(mesh)?,
+                    depth: depth as u64,
+                    oldest_ms: oldest.map_or(0, |t| now.saturating_sub(t.max(0) as u64)),
+                })
+            })
+            .collect::<Result<_, rusqlite::Error>>()
+            .map_err(|e| StoreError::from(DbError::Sqlite(e)))
+    }
+
+    fn observe_commits(&self, observer: crate::sqlite::CommitObserver) {
+        self.db.observe_commits(observer);
+    }
+
     async fn record_reads(
         &self,
         mesh: MeshId,
         reader: PublicKey,
         message_ids: Vec<String>,
         now: u64,
-    ) -> Result<Vec<PublicKey>, StoreError> {
+    ) -> Result<Receipted, StoreError> {
         self.write(move |tx| queue::record_reads(tx, mesh, reader, &message_ids, now)).await
     }
 

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{RECEIPT_TTL_MS, TxError};
 use crate::sqlite::parse_col as parse;
-use crate::store::{Enqueued, Expired, Lease, Leased, NewMessage, StoreError};
+use crate::store::{Enqueued, Expired, Lease, Leased, NewMessage, Receipted, StoreError};
 
 fn queue_receipt(tx: &Connection, mesh: &str, to: &str, receipt: &Receipt, expires_at: u64) -> rusqlite::Result<()> {
     queue_item(tx, mesh, to, &DeliveryItem::Receipt(receipt.clone()), expires_at)
@@ -42,6 +42,11 @@ impl ReceiptsBySender {
             self.0.entry((mesh, sender)).or_default().push(receipt);
         }
         Ok(())
+    }
+
+    /// How many receipts were added.
+    fn count(&self) -> u64 {
+        self.0.values().map(|r| r.len() as u64).sum()
     }
 
     /// Queues them; returns the (mesh, sender) pairs to wake.
@@ -165,21 +170,21 @@ pub fn lease(
     // No `LIMIT ?`: SQLite re-plans a statement whose bound LIMIT changes; rows are read lazily,
     // so taking `limit` of them reads no more.
     let (mesh_s, recipient_s) = (mesh.to_string(), recipient.to_string());
-    let mut rows: Vec<(i64, Option<String>)> = Vec::new();
-    for sql in [
+    let mut rows: Vec<(i64, Option<String>, bool)> = Vec::new();
+    for (again, sql) in [true, false].into_iter().zip([
         "SELECT q.id, COALESCE(q.receipt, m.item) FROM queue q LEFT JOIN messages m ON m.seq = q.message_seq
          WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND q.lease_until <= ?3 AND q.expires_at > ?3
          ORDER BY q.id",
         "SELECT q.id, COALESCE(q.receipt, m.item) FROM queue q LEFT JOIN messages m ON m.seq = q.message_seq
          WHERE q.mesh_id = ?1 AND q.recipient = ?2 AND q.lease_until IS NULL AND q.expires_at > ?3
          ORDER BY q.id",
-    ] {
+    ]) {
         let want = limit as usize - rows.len();
         if want == 0 {
             break;
         }
         let mut pick = tx.prepare_cached(sql)?;
-        let picked = pick.query_map(params![mesh_s, recipient_s, now as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let picked = pick.query_map(params![mesh_s, recipient_s, now as i64], |r| Ok((r.get(0)?, r.get(1)?, again)))?;
         for row in picked.take(want) {
             rows.push(row?);
         }
@@ -188,10 +193,10 @@ pub fn lease(
         tx.prepare_cached("UPDATE queue SET lease_until = ?2, lease_conn = ?3, attempts = attempts + 1 WHERE id = ?1")?;
     let short = rows.len() < limit as usize;
     let mut out = Vec::with_capacity(rows.len());
-    for (id, item) in rows {
+    for (id, item, redelivery) in rows {
         mark.execute(params![id, (now + lease_ms) as i64, conn as i64])?;
         match item {
-            Some(item_json) => out.push(Leased { delivery_id: id as u64, item_json }),
+            Some(item_json) => out.push(Leased { delivery_id: id as u64, item_json, redelivery }),
             None => tracing::error!(delivery_id = id, "queue row without an item; skipped"),
         }
     }
@@ -215,7 +220,7 @@ pub fn ack(
     recipient: PublicKey,
     delivery_ids: &[u64],
     now: u64,
-) -> Result<Vec<PublicKey>, TxError> {
+) -> Result<Receipted, TxError> {
     let mesh = mesh.to_string();
     let recipient = recipient.to_string();
     let mut receipts = ReceiptsBySender::default();
@@ -229,8 +234,10 @@ pub fn ack(
             forget_body_if_done(tx, seq)?;
         }
     }
+    let count = receipts.count();
     let senders = receipts.queue(tx, now)?;
-    Ok(senders.into_iter().map(|(_, sender)| parse(sender)).collect::<Result<Vec<_>, _>>()?)
+    let woken = senders.into_iter().map(|(_, sender)| parse(sender)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Receipted { woken, receipts: count })
 }
 
 /// Drops items past their TTL with `expired` receipts, and idempotency records past retention.
@@ -254,6 +261,7 @@ pub fn expire(tx: &Connection, now: u64) -> Result<Expired, TxError> {
             None => out.receipts_dropped += 1,
         }
     }
+    out.receipts = receipts.count();
     for (mesh, sender) in receipts.queue(tx, now)? {
         out.woken.push((parse(mesh)?, parse(sender)?));
     }
@@ -276,9 +284,10 @@ pub fn record_reads(
     reader: PublicKey,
     message_ids: &[String],
     now: u64,
-) -> Result<Vec<PublicKey>, TxError> {
+) -> Result<Receipted, TxError> {
     let (mesh_s, reader_s) = (mesh.to_string(), reader.to_string());
     let mut senders = Vec::new();
+    let mut receipts = 0;
     for message_id in message_ids {
         let row: Option<(String, String, Option<String>)> = tx
             .prepare_cached(
@@ -313,9 +322,10 @@ pub fn record_reads(
             };
             queue_receipt(tx, &mesh_s, &sender, &receipt, now + RECEIPT_TTL_MS)?;
             senders.push(parse(sender)?);
+            receipts += 1;
         }
     }
     senders.sort();
     senders.dedup();
-    Ok(senders)
+    Ok(Receipted { woken: senders, receipts })
 }
