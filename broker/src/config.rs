@@ -48,6 +48,9 @@ pub struct BrokerConfig {
     /// An ended session stays in the roster this long (DMs to it still queue for its next launch),
     /// then leaves it.
     pub session_grace: Duration,
+    /// Added to the time this broker announces (`server_time`): for testing clients against a
+    /// broker whose clock is off. 0 in production.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +77,7 @@ impl Default for BrokerConfig {
             janitor_interval: Duration::from_secs(60),
             session_stale: Duration::from_secs(24 * 60 * 60),
             session_grace: Duration::from_secs(60 * 60),
+            clock_offset_ms: 0,
         }
     }
 }

@@ -47,7 +47,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, pending: crate
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);
         let writer = shared.tracker.spawn(write_loop(sink, out_rx, shared.config.ping_interval));
         let challenge: [u8; 32] = crypto::random_bytes();
-        let hello = ServerFrame::Challenge(wire::Challenge { v: mesh_proto::PROTOCOL_VERSION, nonce: challenge.to_vec(), server_time: now_ms() });
+        let hello = ServerFrame::Challenge(wire::Challenge { v: mesh_proto::PROTOCOL_VERSION, nonce: challenge.to_vec(), server_time: now_ms().saturating_add_signed(shared.config.clock_offset_ms) });
         if out_tx.send(Outbound::Text(hello.to_json())).await.is_err() {
             return;
         }
@@ -271,7 +271,7 @@ impl Connection {
                 roster,
                 roster_next,
                 limits: self.shared.config.limits(&self.auth.mesh.limits),
-                server_time: now_ms(),
+                server_time: now_ms().saturating_add_signed(self.shared.config.clock_offset_ms),
             }),
             Err(e) => {
                 tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster for welcome");

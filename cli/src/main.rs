@@ -70,6 +70,8 @@ enum Command {
     Group(cmd::group::GroupCommand),
     /// Follow your events live: messages, receipts, presence, connection state
     Watch(cmd::watch::WatchArgs),
+    /// Check what mesh needs (daemon, files, disk, brokers, clocks, dead letters) and say how to fix it
+    Doctor,
     /// POST your messages and receipts to an HTTP endpoint, signed (see docs/webhooks.md)
     #[command(subcommand)]
     Webhook(cmd::webhook::WebhookCommand),
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
         Command::Group(c) => cmd::group::run(c),
         Command::Watch(a) => cmd::watch::run(a),
         Command::Webhook(c) => cmd::webhook::run(c),
+        Command::Doctor => cmd::doctor::run(),
         Command::Mcp(a) => mcp::run(a),
         Command::AgentHook(c) => cmd::hook::run(c),
         Command::Setup(a) => cmd::setup::run(a),

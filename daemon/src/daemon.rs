@@ -263,6 +263,7 @@ impl Daemon {
                 state: LinkState::Offline,
                 since: self.started_at,
                 last_error: Some("no link".into()),
+                clock_skew_ms: None,
             })
     }
 

@@ -224,8 +224,12 @@ pub enum RequestError {
 
 /// Starts the state machine of one link as a tracked task.
 pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
-    let (status_tx, status_rx) =
-        watch::channel(LinkStatus { state: LinkState::Connecting, since: now_ms(), last_error: None });
+    let (status_tx, status_rx) = watch::channel(LinkStatus {
+        state: LinkState::Connecting,
+        since: now_ms(),
+        last_error: None,
+        clock_skew_ms: None,
+    });
     // One request at a time is plenty: they are rare, and each waits for its answer.
     let (requests, requests_rx) = mpsc::channel(4);
     let handle = LinkHandle {
@@ -295,7 +299,9 @@ async fn run(
         let wait = match connected {
             Ok((ws, welcome)) => {
                 failures = 0;
-                tracing::info!(peers = welcome.roster.len(), "online");
+                let skew = welcome.server_time as i64 - now_ms() as i64;
+                status.send_modify(|s| s.clock_skew_ms = Some(skew));
+                tracing::info!(peers = welcome.roster.len(), skew_ms = skew, "online");
                 *handle.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(welcome.limits.clone());
                 let mesh = spec.mesh_id;
                 let stored = if spec.keeps_roster() && welcome.roster_next.is_none() {

@@ -117,6 +117,9 @@ pub struct ServeArgs {
     /// address, e.g. 127.0.0.1:9464)
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// For tests: announce a time this many ms off (a broker whose clock is wrong)
+    #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
+    pub test_clock_offset_ms: i64,
 }
 
 pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
@@ -175,6 +178,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lease: args.lease.max(std::time::Duration::from_millis(1)),
         session_stale: args.session_stale,
         session_grace: args.session_grace,
+        clock_offset_ms: args.test_clock_offset_ms,
         ..BrokerConfig::default()
     };
     let runtime =

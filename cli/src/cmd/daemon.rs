@@ -313,7 +313,7 @@ fn print_meshes_summary(status: &Status) {
 
 /// The daemon's service for this home: `mesh daemon up --foreground --replace`, so that starting it
 /// takes over from a daemon started by hand.
-fn service() -> anyhow::Result<service::Service> {
+pub(crate) fn service() -> anyhow::Result<service::Service> {
     Ok(service::Service {
         kind: "daemon",
         description: "mesh daemon: durable, end-to-end encrypted messaging between agent sessions",

@@ -2,6 +2,7 @@
 
 pub mod broker;
 pub mod daemon;
+pub mod doctor;
 pub mod group;
 pub mod hook;
 pub mod identity;

@@ -114,6 +114,12 @@ impl Service {
         )
     }
 
+    /// Where this service's unit (Linux) or agent (macOS) file is, when it is installed.
+    pub fn installed_file(&self) -> Option<PathBuf> {
+        let path = if cfg!(target_os = "macos") { self.plist_path() } else { self.unit_path() };
+        path.ok().filter(|p| p.exists())
+    }
+
     fn unit_path(&self) -> anyhow::Result<PathBuf> {
         let dir = dirs::config_dir().context("cannot find the user's config directory")?;
         Ok(dir.join("systemd").join("user").join(format!("{}.service", self.name())))

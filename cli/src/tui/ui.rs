@@ -597,7 +597,7 @@ mod tests {
                 name: "team".into(),
                 my_name: "alice".into(),
                 broker: "ws://broker:7777".into(),
-                connection: LinkStatus { state, since: T0, last_error: None },
+                connection: LinkStatus { state, since: T0, last_error: None, clock_skew_ms: None },
                 peers_online: 1,
                 peers_total: 2,
                 outbox: OutboxCounts::default(),

@@ -48,6 +48,9 @@ pub struct LinkStatus {
     /// The last failure, with the broker's error code when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The broker's clock minus this machine's, in ms, as measured at the last `welcome`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_ms: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,0 +1,225 @@
+//! `mesh doctor`: what to check when something is wrong, each check with the fix to try.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use mesh_ipc::api::{LinkState, SessionInfo, Status, VersionInfo};
+use mesh_ipc::{Home, routes};
+use serde::Serialize;
+
+use crate::output;
+
+/// Less free space than this in the data directory is a failure.
+const MIN_FREE_BYTES: u64 = 100 * 1024 * 1024;
+/// A broker clock further off than this makes signed times (invites, attestations) fail.
+const MAX_SKEW_MS: i64 = 30_000;
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: String,
+    ok: bool,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+fn pass(name: impl Into<String>, detail: impl Into<String>) -> Check {
+    Check { name: name.into(), ok: true, detail: detail.into(), fix: None }
+}
+
+fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { name: name.into(), ok: false, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let home = super::home()?;
+    let mut checks = vec![files(&home), disk(&home), service()];
+    let client = mesh_ipc::IpcClient::new(&home);
+    match super::block_on(client.get::<VersionInfo>(routes::VERSION))? {
+        Ok(v) if v.version == env!("CARGO_PKG_VERSION") => {
+            checks.insert(0, pass("daemon", format!("running (pid {}, version {})", v.pid, v.version)));
+            daemon_checks(&client, &mut checks)?;
+        }
+        Ok(v) => checks.insert(
+            0,
+            fail(
+                "daemon",
+                format!("running version {}, but this mesh is {}", v.version, env!("CARGO_PKG_VERSION")),
+                "restart it with this version: mesh daemon down && mesh daemon up",
+            ),
+        ),
+        Err(e) => checks
+            .insert(0, fail("daemon", format!("not reachable: {e}"), "mesh daemon up (then run mesh doctor again)")),
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if output::json() {
+        super::print_json(&serde_json::json!({ "ok": failed == 0, "checks": checks }))?;
+    } else {
+        for c in &checks {
+            let mark = if c.ok { "✔" } else { "✘" };
+            outln!("{}", output::clean(&format!("{mark} {}: {}", c.name, c.detail)));
+            if let Some(fix) = &c.fix {
+                outln!("{}", output::clean(&format!("    fix: {fix}")));
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(output::fail(
+            "checks_failed",
+            format!("{failed} of {} checks failed", checks.len()),
+            Some("try the fixes above, then mesh doctor again".to_owned()),
+        ));
+    }
+    Ok(())
+}
+
+/// Directories 0700, and the identity, token, databases and socket 0600.
+fn files(home: &Home) -> Check {
+    let mut loose = Vec::new();
+    let mut fixes = Vec::new();
+    let dirs = [&home.config_dir, &home.data_dir, &home.run_dir, &home.log_dir];
+    for dir in dirs {
+        if mode(dir).is_some_and(|m| m & 0o077 != 0) {
+            loose.push(format!("{} is {:o}", dir.display(), mode(dir).unwrap_or(0)));
+            fixes.push(format!("chmod 700 '{}'", dir.display()));
+        }
+    }
+    let files = [
+        home.identity_path(),
+        home.member_token_path(),
+        home.daemon_db(),
+        home.embedded_broker_db(),
+        home.socket_path(),
+    ];
+    for file in &files {
+        if mode(file).is_some_and(|m| m & 0o077 != 0) {
+            loose.push(format!("{} is {:o}", file.display(), mode(file).unwrap_or(0)));
+            fixes.push(format!("chmod 600 '{}'", file.display()));
+        }
+    }
+    if loose.is_empty() {
+        pass("files", "directories 0700; identity, token, databases and socket 0600")
+    } else {
+        fail("files", format!("readable by others: {}", loose.join(", ")), fixes.join("; "))
+    }
+}
+
+/// The permission bits of `path`, when it exists.
+fn mode(path: &Path) -> Option<u32> {
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o777)
+}
+
+fn disk(home: &Home) -> Check {
+    match nix::sys::statvfs::statvfs(&home.data_dir) {
+        Ok(s) => {
+            let free = s.blocks_available().saturating_mul(s.fragment_size());
+            let shown = format!("{} MiB free in {}", free / (1024 * 1024), home.data_dir.display());
+            if free >= MIN_FREE_BYTES {
+                pass("disk", shown)
+            } else {
+                fail("disk", shown, "free some space: messages are refused when the database cannot grow")
+            }
+        }
+        Err(e) => fail("disk", format!("cannot read {}: {e}", home.data_dir.display()), "mesh daemon up creates it"),
+    }
+}
+
+/// Installed or not, and when installed, enabled.
+fn service() -> Check {
+    let Ok(service) = super::daemon::service() else {
+        return pass("service", "no service for this home (MESH_HOME cannot be named in one)");
+    };
+    let Some(file) = service.installed_file() else {
+        return pass(
+            "service",
+            "not installed: the daemon runs until you stop it (optional: mesh daemon install-service)",
+        );
+    };
+    if cfg!(target_os = "macos") {
+        return pass("service", format!("installed ({})", file.display()));
+    }
+    let unit = format!("{}.service", service.name());
+    match std::process::Command::new("systemctl").args(["--user", "is-enabled", &unit]).output() {
+        Ok(out) if out.status.success() => pass("service", format!("{unit} installed and enabled")),
+        Ok(out) => fail(
+            "service",
+            format!("{unit} installed but {}", String::from_utf8_lossy(&out.stdout).trim()),
+            format!("systemctl --user enable --now {unit}"),
+        ),
+        Err(_) => pass("service", format!("{unit} installed (systemctl is not available to say more)")),
+    }
+}
+
+/// The checks that ask the daemon: each mesh's broker and clock, dead letters, webhooks, sessions.
+fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyhow::Result<()> {
+    let status: Status = super::block_on(client.get(routes::STATUS))??;
+    for m in &status.meshes {
+        let c = &m.connection;
+        let name = format!("mesh {}", m.name);
+        checks.push(match c.state {
+            LinkState::Online => pass(
+                name,
+                format!("broker {} reachable, {} of {} peers online", m.broker, m.peers_online, m.peers_total),
+            ),
+            state => fail(
+                name,
+                format!(
+                    "{} since {}{}",
+                    state.as_str(),
+                    output::ago(c.since),
+                    c.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+                format!("check that the broker at {} runs and that this machine reaches it", m.broker),
+            ),
+        });
+        if let Some(skew) = c.clock_skew_ms {
+            let name = format!("clock ({})", m.name);
+            let detail = format!("{:+.1} s against the broker", skew as f64 / 1000.0);
+            checks.push(if skew.abs() <= MAX_SKEW_MS {
+                pass(name, detail)
+            } else {
+                fail(name, detail, "set this machine's clock from the network (timedatectl set-ntp true), or ask the broker's operator to")
+            });
+        }
+    }
+    let dead = status.outbox.dead;
+    checks.push(if dead == 0 {
+        pass("outbox", format!("{} pending, no dead letters", status.outbox.pending + status.outbox.inflight))
+    } else {
+        fail(
+            "outbox",
+            format!("{dead} dead letters"),
+            "mesh outbox --status dead shows why; mesh outbox retry ID sends one again",
+        )
+    });
+    let w = &status.webhooks;
+    if w.endpoints > 0 {
+        let dead = w.deliveries.dead;
+        checks.push(if dead == 0 && w.disabled.is_empty() {
+            pass("webhooks", format!("{} endpoints, {} deliveries pending", w.endpoints, w.deliveries.pending))
+        } else {
+            fail(
+                "webhooks",
+                format!("{} disabled endpoints, {dead} dead deliveries", w.disabled.len()),
+                "mesh webhook list; fix the endpoint, then mesh webhook enable ID and mesh webhook redeliver --all-dead ID",
+            )
+        });
+    }
+    let sessions: Vec<SessionInfo> = super::block_on(client.get(routes::SESSIONS))??;
+    let stuck: Vec<String> = sessions
+        .iter()
+        .filter(|s| s.live && s.connection.as_ref().is_some_and(|c| c.state != LinkState::Online))
+        .map(|s| s.name.clone())
+        .collect();
+    let live = sessions.iter().filter(|s| s.live).count();
+    checks.push(if stuck.is_empty() {
+        pass("sessions", format!("{live} live, every one connected"))
+    } else {
+        fail(
+            "sessions",
+            format!("live but not connected: {}", stuck.join(", ")),
+            "mesh session list says why; a session whose process is gone ends by itself within a second",
+        )
+    });
+    Ok(())
+}
