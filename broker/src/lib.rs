@@ -35,6 +35,15 @@ pub use config::BrokerConfig;
 pub use store::Store;
 pub use store::sqlite::SqliteStore;
 
+/// Connections waiting for their request on the metrics listener, in all and per address, and new
+/// ones per address a second.
+const METRICS_PENDING: usize = 64;
+const METRICS_PENDING_PER_ADDRESS: usize = 16;
+const METRICS_PER_SEC_PER_ADDRESS: u32 = 50;
+
+/// The metrics' content type: `prometheus-client` writes OpenMetrics text.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// How long shutdown waits for connections to close before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -104,6 +113,14 @@ pub async fn run_with_metrics(
     if let Some(listener) = metrics {
         let app = Router::new().route("/metrics", get(scrape)).with_state(shared.clone());
         tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
+        // Bounded like the main port before its first request: a few places, a header deadline, so
+        // that connections held open on it cannot use up the broker's descriptors.
+        let listener = listener::GuardedListener::new(
+            listener,
+            admission::Admission::new(METRICS_PENDING, METRICS_PENDING_PER_ADDRESS, METRICS_PER_SEC_PER_ADDRESS),
+            shared.config.handshake_timeout,
+        );
+        let app = app.into_make_service_with_connect_info::<listener::Remote>();
         let stop = shutdown.clone();
         shared.tracker.spawn(async move {
             if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
@@ -137,11 +154,9 @@ pub async fn run_with_metrics(
 /// `GET /metrics` on the metrics listener.
 async fn scrape(State(shared): State<Arc<Shared>>) -> axum::response::Response {
     match shared.store.queue_stats(now_ms()).await {
-        Ok(queues) => (
-            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            shared.metrics.encode(&queues),
-        )
-            .into_response(),
+        Ok(queues) => {
+            ([(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], shared.metrics.encode(&queues)).into_response()
+        }
         Err(e) => {
             tracing::error!(error = %mesh_proto::error::chain(&e), "reading the queues for metrics");
             (axum::http::StatusCode::SERVICE_UNAVAILABLE, "storage failure").into_response()

@@ -183,8 +183,14 @@ fn down(home: Home) -> anyhow::Result<()> {
 /// request carries the session's token, and the daemon refuses it: only the member stops the daemon.
 fn stop(home: Home) -> anyhow::Result<bool> {
     let client = super::client()?;
-    let asked: Result<serde_json::Value, IpcError> =
-        super::block_on(client.post(routes::SHUTDOWN, &serde_json::json!({})))?;
+    let asked: Option<Result<serde_json::Value, IpcError>> = super::block_on(async {
+        tokio::time::timeout(ANSWER_WAIT, client.post(routes::SHUTDOWN, &serde_json::json!({}))).await.ok()
+    })?;
+    let Some(asked) = asked else {
+        // Connected, but no answer (a stopped or wedged process): stopped by its pid like one whose
+        // socket is gone.
+        return signal_stop(&home);
+    };
     match asked {
         Ok(_) => {}
         Err(IpcError::Unreachable { .. }) if !lifecycle::is_running(&home) => return Ok(false),
@@ -209,6 +215,9 @@ fn wait_until_stopped(home: &Home, wait: Duration) -> bool {
     }
     true
 }
+
+/// How long the daemon may take to answer the request to stop before it is stopped by signal.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a daemon stopped by signal gets to exit after SIGTERM before SIGKILL.
 const TERM_WAIT: Duration = Duration::from_secs(5);

@@ -13,6 +13,18 @@ use crate::output;
 const MIN_FREE_BYTES: u64 = 100 * 1024 * 1024;
 /// A broker clock further off than this makes signed times (invites, attestations) fail.
 const MAX_SKEW_MS: i64 = 30_000;
+/// How long a daemon may take to answer before it counts as not answering.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One IPC request, given at most [`ANSWER_WITHIN`].
+fn ask<T>(f: impl std::future::Future<Output = Result<T, mesh_ipc::IpcError>>) -> anyhow::Result<Result<T, String>> {
+    super::block_on(async {
+        match tokio::time::timeout(ANSWER_WITHIN, f).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {} s", ANSWER_WITHIN.as_secs())),
+        }
+    })
+}
 
 #[derive(Debug, Serialize)]
 struct Check {
@@ -35,10 +47,16 @@ pub fn run() -> anyhow::Result<()> {
     let home = super::home()?;
     let mut checks = vec![files(&home), disk(&home), service()];
     let client = mesh_ipc::IpcClient::new(&home);
-    match super::block_on(client.get::<VersionInfo>(routes::VERSION))? {
+    match ask(client.get::<VersionInfo>(routes::VERSION))? {
         Ok(v) if v.version == env!("CARGO_PKG_VERSION") => {
             checks.insert(0, pass("daemon", format!("running (pid {}, version {})", v.pid, v.version)));
-            daemon_checks(&client, &mut checks)?;
+            if let Err(why) = daemon_checks(&client, &mut checks)? {
+                checks[0] = fail(
+                    "daemon",
+                    format!("running (pid {}) but {why}", v.pid),
+                    "mesh daemon down (it stops a daemon that does not answer by its pid), then mesh daemon up",
+                );
+            }
         }
         Ok(v) => checks.insert(
             0,
@@ -48,8 +66,14 @@ pub fn run() -> anyhow::Result<()> {
                 "restart it with this version: mesh daemon down && mesh daemon up",
             ),
         ),
-        Err(e) => checks
-            .insert(0, fail("daemon", format!("not reachable: {e}"), "mesh daemon up (then run mesh doctor again)")),
+        Err(e) => checks.insert(
+            0,
+            fail(
+                "daemon",
+                format!("not reachable: {e} (the checks that ask it were skipped)"),
+                "mesh daemon up, or mesh daemon down first if it runs but does not answer; then mesh doctor again",
+            ),
+        ),
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
     if output::json() {
@@ -84,13 +108,15 @@ fn files(home: &Home) -> Check {
             fixes.push(format!("chmod 700 '{}'", dir.display()));
         }
     }
-    let files = [
-        home.identity_path(),
-        home.member_token_path(),
-        home.daemon_db(),
-        home.embedded_broker_db(),
-        home.socket_path(),
-    ];
+    let with_sides = |db: std::path::PathBuf| {
+        let side = |suffix: &str| std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        [side("-wal"), side("-shm"), db]
+    };
+    let files: Vec<std::path::PathBuf> = [home.identity_path(), home.member_token_path(), home.socket_path()]
+        .into_iter()
+        .chain(with_sides(home.daemon_db()))
+        .chain(with_sides(home.embedded_broker_db()))
+        .collect();
     for file in &files {
         if mode(file).is_some_and(|m| m & 0o077 != 0) {
             loose.push(format!("{} is {:o}", file.display(), mode(file).unwrap_or(0)));
@@ -151,8 +177,12 @@ fn service() -> Check {
 }
 
 /// The checks that ask the daemon: each mesh's broker and clock, dead letters, webhooks, sessions.
-fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyhow::Result<()> {
-    let status: Status = super::block_on(client.get(routes::STATUS))??;
+/// `Err`: the daemon stopped answering.
+fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyhow::Result<Result<(), String>> {
+    let status: Status = match ask(client.get(routes::STATUS))? {
+        Ok(s) => s,
+        Err(why) => return Ok(Err(why)),
+    };
     for m in &status.meshes {
         let c = &m.connection;
         let name = format!("mesh {}", m.name);
@@ -172,7 +202,8 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
                 format!("check that the broker at {} runs and that this machine reaches it", m.broker),
             ),
         });
-        if let Some(skew) = c.clock_skew_ms {
+        // Measured at the last welcome: only said while the link is up.
+        if let Some(skew) = c.clock_skew_ms.filter(|_| c.state == LinkState::Online) {
             let name = format!("clock ({})", m.name);
             let detail = format!("{:+.1} s against the broker", skew as f64 / 1000.0);
             checks.push(if skew.abs() <= MAX_SKEW_MS {
@@ -205,7 +236,10 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
             )
         });
     }
-    let sessions: Vec<SessionInfo> = super::block_on(client.get(routes::SESSIONS))??;
+    let sessions: Vec<SessionInfo> = match ask(client.get(routes::SESSIONS))? {
+        Ok(s) => s,
+        Err(why) => return Ok(Err(why)),
+    };
     let stuck: Vec<String> = sessions
         .iter()
         .filter(|s| s.live && s.connection.as_ref().is_some_and(|c| c.state != LinkState::Online))
@@ -221,5 +255,5 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
             "mesh session list says why; a session whose process is gone ends by itself within a second",
         )
     });
-    Ok(())
+    Ok(Ok(()))
 }

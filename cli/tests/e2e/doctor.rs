@@ -84,3 +84,37 @@ fn a_broker_that_is_down_or_whose_clock_is_off_is_named() {
     assert_eq!(mesh["ok"], false);
     assert!(mesh["fix"].as_str().is_some_and(|f| f.contains(&broker.url)), "{mesh}");
 }
+
+#[test]
+fn a_daemon_that_does_not_answer_is_a_failure_not_a_hang() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "solo"]);
+    home.ok(&["daemon", "up"]);
+    let pid = nix::unistd::Pid::from_raw(home.daemon_pid().expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the daemon");
+    let (code, checks) = doctor(&home);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("let it go on");
+    assert_eq!(code, 1);
+    let daemon = check(&checks, "daemon");
+    assert_eq!(daemon["ok"], false);
+    assert!(daemon["detail"].as_str().is_some_and(|d| d.contains("no answer within")), "{daemon}");
+    assert!(daemon["fix"].as_str().is_some_and(|f| f.contains("mesh daemon down")), "{daemon}");
+    assert_eq!(check(&checks, "files")["ok"], true, "the checks that need no daemon still ran");
+}
+
+#[test]
+fn daemon_down_stops_a_daemon_that_does_not_answer() {
+    let home = TestHome::new(MESH);
+    home.ok(&["init", "--name", "solo"]);
+    home.ok(&["daemon", "up"]);
+    let pid = nix::unistd::Pid::from_raw(home.daemon_pid().expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the daemon");
+    // Doctor's fix for it, followed: the request to stop gets no answer, so the pid is signalled.
+    home.ok(&["daemon", "down"]);
+    mesh_testkit::eventually("the daemon gone", mesh_testkit::WAIT, || {
+        nix::sys::signal::kill(pid, None).is_err().then_some(())
+    });
+    home.ok(&["daemon", "up"]);
+    let (code, _) = doctor(&home);
+    assert_eq!(code, 0);
+}

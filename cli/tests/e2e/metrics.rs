@@ -13,7 +13,7 @@ use super::*;
 fn parse(python: &str, text: &str) -> BTreeMap<String, f64> {
     let script = r#"
 import json, sys
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 out = {}
 for family in text_string_to_metric_families(sys.stdin.read()):
     for s in family.samples:

@@ -421,7 +421,7 @@ async fn metrics(
         live_sessions: d.sessions.live().len() as u64,
     };
     let body = crate::metrics::render(&d.counters, &snapshot);
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
+    Ok(([(axum::http::header::CONTENT_TYPE, mesh_broker::METRICS_CONTENT_TYPE)], body).into_response())
 }
 
 /// The one mesh a request acts in: the one it names, the context set by `mesh use`, or the only one
