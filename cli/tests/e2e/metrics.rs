@@ -86,7 +86,14 @@ fn metrics_match_a_known_workload_and_need_the_members_token() {
     for (name, value) in expect {
         assert_eq!(m.get(&name), Some(&value), "{name} in {m:#?}");
     }
-    // Only with the member's token: none, or a session's, is refused.
+    // Only with the member's token: none, or a session's, is refused. The scheme's case does not matter.
+    let lower = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket"])
+        .arg(&socket)
+        .args(["-H", &format!("authorization: bearer {}", token.trim()), "http://localhost/v1/metrics"])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&lower.stdout), "200");
     assert_eq!(scrape(None).0, "401");
     let session_token = std::fs::read_to_string(&session.token_file).expect("session token");
     assert_eq!(scrape(Some(session_token.trim())).0, "401");

@@ -228,9 +228,14 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, d: &Arc<Daemon>) -> Result<Self, Failure> {
         let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else { return Ok(Caller::Member) };
-        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
-            Failure::new(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
-        })?;
+        // The scheme is case-insensitive (RFC 9110), the token is not.
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t))
+            .ok_or_else(|| {
+                Failure::new(ApiErrorCode::Unauthorized, "Authorization must be `Bearer <session token>`".into())
+            })?;
         let token = token.trim();
         if d.member_token_hash.get().is_some_and(|h| *h == crate::sessions::token_hash(token)) {
             // With its token, the member may act as any of its sessions (the all-sessions view).
@@ -394,7 +399,7 @@ async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<St
     }))
 }
 
-/// `GET /v1/metrics`: Prometheus text, for the member's bearer token only.
+/// `GET /v1/metrics`: OpenMetrics text, for the member's bearer token only.
 async fn metrics(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
