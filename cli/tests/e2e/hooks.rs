@@ -3,9 +3,9 @@
 
 use std::io::Write;
 use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mesh_testkit::BrokerProcess;
+use mesh_testkit::{BrokerProcess, WAIT, eventually};
 use serde_json::{Value, json};
 
 use super::sessions::team;
@@ -38,17 +38,8 @@ fn run_hook(home: &TestHome, args: &[&str], input: &Value) -> Output {
 }
 
 /// Waits (bounded) for `child` to exit.
-fn exited(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn exited(what: &str, child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    eventually(what, within, || child.try_wait().expect("try_wait"))
 }
 
 const STOP: &str = r#"{"hook_event_name":"Stop","stop_hook_active":false}"#;
@@ -66,20 +57,18 @@ fn the_wait_hook_wakes_the_agent_once_per_message_and_a_newer_copy_takes_over() 
     });
     wait_for_peer(&alice, "worker");
     let mut second = hook(&bob, &["wait", "--name", "worker", "--timeout", "5m"], &input);
-    let (mut done, mut waiting) = loop {
-        if let Some(s) = exited(&mut first, Duration::from_millis(100)) {
-            break ((s, first), second);
-        }
-        if let Some(s) = exited(&mut second, Duration::from_millis(100)) {
-            break ((s, second), first);
-        }
-    };
+    let (status, first_done) =
+        eventually("one copy to step aside", WAIT, || match first.try_wait().expect("try_wait") {
+            Some(s) => Some((s, true)),
+            None => second.try_wait().expect("try_wait").map(|s| (s, false)),
+        });
+    let (mut done, mut waiting) = if first_done { ((status, first), second) } else { ((status, second), first) };
     assert_eq!(done.0.code(), Some(0), "the older copy exits 0 when a newer one starts");
     let _ = done.1.wait();
 
     // A message wakes the one waiting: exit 2, a notice on stderr, nothing marked read.
     alice.ok(&["send", "worker", "please review PR 7"]);
-    let status = exited(&mut waiting, Duration::from_secs(30)).expect("woken within the bound");
+    let status = exited("the waiting copy woken", &mut waiting, Duration::from_secs(30));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut waiting.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
     assert_eq!(status.code(), Some(2), "{stderr}");
@@ -182,7 +171,7 @@ fn agent_run_starts_the_agent_once_per_batch_as_the_session() {
     });
     wait_for_peer(&alice, "worker");
     alice.ok(&["send", "worker", "run the tests please"]);
-    let status = exited(&mut run, Duration::from_secs(30)).expect("the agent ran and agent-run ended");
+    let status = exited("the agent to run and agent-run to end", &mut run, Duration::from_secs(30));
     assert!(status.success());
     let prompt = std::fs::read_to_string(out.path().join("prompt")).expect("prompt");
     assert!(prompt.contains("from alice") && prompt.contains("run the tests please"), "{prompt}");
