@@ -486,7 +486,7 @@ impl Connection {
                 match self.shared.store.ack(self.mesh(), self.key(), ids.clone(), now_ms()).await {
                     Ok(done) => {
                         self.shared.metrics.acks.inc_by(ids.len() as u64);
-                        self.receipts("delivered", done.receipts);
+                        self.shared.metrics.receipts_queued("delivered", done.receipts);
                         for sender in done.woken {
                             self.shared.hub.wake(self.mesh(), &sender);
                         }
@@ -517,7 +517,7 @@ impl Connection {
                 self.answer(
                     req.id,
                     result.map(|done| {
-                        self.receipts("read", done.receipts);
+                        self.shared.metrics.receipts_queued("read", done.receipts);
                         for sender in done.woken {
                             self.shared.hub.wake(self.mesh(), &sender);
                         }
@@ -651,8 +651,6 @@ impl Connection {
         }
     }
 
-    /// Stages a valid send in `sends`, or answers it at once (after the sends staged before it) when
-    /// it is refused or over the rate limit.
     /// Counts a send's answer for the metrics.
     fn count_send<T>(&self, reply: &Result<T, ErrorFrame>) {
         Metrics::count(
@@ -664,11 +662,8 @@ impl Connection {
         );
     }
 
-    /// Counts receipts queued for the metrics.
-    fn receipts(&self, kind: &'static str, n: u64) {
-        self.shared.metrics.receipts.get_or_create(&crate::metrics::KindLabel { kind }).inc_by(n);
-    }
-
+    /// Stages a valid send in `sends`, or answers it at once (after the sends staged before it) when
+    /// it is refused or over the rate limit.
     async fn stage_or_answer(&self, send: SendMessage, sends: &mut Vec<(u64, NewMessage)>) -> bool {
         let id = send.id;
         let refusal = match self.stage(send) {
@@ -787,13 +782,7 @@ impl Connection {
         };
         let mut open = true;
         for (id, result) in ids.into_iter().zip(results) {
-            Metrics::count(
-                &self.shared.metrics.sends,
-                match &result {
-                    Ok(_) => "accepted",
-                    Err(err) => err.code.as_str(),
-                },
-            );
+            self.count_send(&result);
             let reply = match result {
                 Ok(done) => {
                     for key in &done.woken {

@@ -212,7 +212,7 @@ async fn janitor(shared: Arc<Shared>) {
         match shared.store.expire(now_ms()).await {
             Ok(done) => {
                 shared.metrics.expired.inc_by(done.messages_expired);
-                shared.metrics.receipts.get_or_create(&metrics::KindLabel { kind: "expired" }).inc_by(done.receipts);
+                shared.metrics.receipts_queued("expired", done.receipts);
                 if done.messages_expired + done.receipts_dropped > 0 {
                     tracing::info!(
                         messages = done.messages_expired,

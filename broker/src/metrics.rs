@@ -99,6 +99,11 @@ impl Metrics {
         Arc::new(Metrics { registry, ..m })
     }
 
+    /// `n` receipts of `kind` (delivered, read, expired) queued for senders.
+    pub fn receipts_queued(&self, kind: &'static str, n: u64) {
+        self.receipts.get_or_create(&KindLabel { kind }).inc_by(n);
+    }
+
     pub fn count(family: &Family<ResultLabel, Counter>, result: &'static str) {
         family.get_or_create(&ResultLabel { result }).inc();
     }

@@ -72,35 +72,43 @@ pub struct Snapshot {
 
 const LINK_STATES: [LinkState; 4] = [LinkState::Connecting, LinkState::Online, LinkState::Offline, LinkState::Rejected];
 
+/// A gauge per `(label value, figure)`, labelled by `label`.
+fn gauges<L>(pairs: &[(&'static str, u64)], label: impl Fn(&'static str) -> L) -> Family<L, Gauge>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Gauge>::default();
+    for (value, n) in pairs {
+        family.get_or_create(&label(value)).set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    family
+}
+
 /// The text exposition.
 pub fn render(counters: &Counters, s: &Snapshot) -> String {
     let mut registry = Registry::with_prefix("mesh_daemon");
     registry.register("build", "The daemon's version", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
-    let gauge_family = |pairs: &[(&'static str, u64)]| {
-        let f = Family::<StatusLabel, Gauge>::default();
-        for (status, n) in pairs {
-            f.get_or_create(&StatusLabel { status }).set(i64::try_from(*n).unwrap_or(i64::MAX));
-        }
-        f
-    };
     let o = &s.outbox;
     registry.register(
         "outbox",
         "Outbox rows, by status",
-        gauge_family(&[
-            ("pending", o.pending),
-            ("inflight", o.inflight),
-            ("done", o.done),
-            ("dead", o.dead),
-            ("aborted", o.aborted),
-        ]),
+        gauges(
+            &[
+                ("pending", o.pending),
+                ("inflight", o.inflight),
+                ("done", o.done),
+                ("dead", o.dead),
+                ("aborted", o.aborted),
+            ],
+            |status| StatusLabel { status },
+        ),
     );
-    let inbox = Family::<StateLabel, Gauge>::default();
     let i = &s.inbox;
-    for (state, n) in [("unread", i.unread), ("failed", i.failed), ("total", i.total)] {
-        inbox.get_or_create(&StateLabel { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-    registry.register("inbox", "Inbox rows: unread, failed to read, and in all", inbox);
+    registry.register(
+        "inbox",
+        "Inbox rows: unread, failed to read, and in all",
+        gauges(&[("unread", i.unread), ("failed", i.failed), ("total", i.total)], |state| StateLabel { state }),
+    );
     let links = Family::<MeshStateLabel, Gauge>::default();
     for (mesh, state) in &s.links {
         for candidate in LINK_STATES {
@@ -114,17 +122,22 @@ pub fn render(counters: &Counters, s: &Snapshot) -> String {
     sessions.set(i64::try_from(s.live_sessions).unwrap_or(i64::MAX));
     registry.register("sessions_live", "Sessions whose process is running", sessions);
     let w = &s.webhooks;
-    let endpoints = Family::<StateLabel, Gauge>::default();
     let disabled = w.disabled.len() as u64;
-    for (state, n) in [("enabled", w.endpoints.saturating_sub(disabled)), ("disabled", disabled)] {
-        endpoints.get_or_create(&StateLabel { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-    registry.register("webhook_endpoints", "Webhook endpoints, enabled or disabled", endpoints);
+    registry.register(
+        "webhook_endpoints",
+        "Webhook endpoints, enabled or disabled",
+        gauges(&[("enabled", w.endpoints.saturating_sub(disabled)), ("disabled", disabled)], |state| StateLabel {
+            state,
+        }),
+    );
     let d = &w.deliveries;
     registry.register(
         "webhook_deliveries",
         "Webhook deliveries, by status (failing: pending after a failed attempt, counted in pending too)",
-        gauge_family(&[("pending", d.pending), ("failing", d.failing), ("delivered", d.delivered), ("dead", d.dead)]),
+        gauges(
+            &[("pending", d.pending), ("failing", d.failing), ("delivered", d.delivered), ("dead", d.dead)],
+            |status| StatusLabel { status },
+        ),
     );
     registry.register(
         "webhook_attempts",

@@ -16,6 +16,7 @@ use rand::Rng;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::events;
+use crate::store::opt_ms;
 
 /// Attempts before a row is dead.
 pub const MAX_ATTEMPTS: u32 = 25;
@@ -107,7 +108,6 @@ const ENTRY_COLUMNS: &str =
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
     let kind: String = r.get(4)?;
-    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|t| t as u64)) };
     Ok(OutboxEntry {
         id: r.get(0)?,
         client_message_id: r.get(1)?,
@@ -119,17 +119,17 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         last_error: r.get(10)?,
         message_id: r.get(11)?,
         enqueued_at: r.get::<_, i64>(12)? as u64,
-        sent_at: opt_u64(13)?,
-        delivered_at: opt_u64(14)?,
+        sent_at: opt_ms(r, 13)?,
+        delivered_at: opt_ms(r, 14)?,
         delivered_count: r.get(15)?,
-        read_at: opt_u64(16)?,
+        read_at: opt_ms(r, 16)?,
         recipients: r.get(17)?,
         session: r.get(18)?,
         expired_count: r.get(19)?,
         read_count: r.get(20)?,
         mesh_id: r.get(21)?,
         sender: r.get(22)?,
-        next_attempt_at: if status == "pending" { opt_u64(23)? } else { None },
+        next_attempt_at: if status == "pending" { opt_ms(r, 23)? } else { None },
         link: None,
     })
 }

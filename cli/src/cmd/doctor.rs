@@ -103,8 +103,8 @@ fn files(home: &Home) -> Check {
     let mut fixes = Vec::new();
     let dirs = [&home.config_dir, &home.data_dir, &home.run_dir, &home.log_dir];
     for dir in dirs {
-        if mode(dir).is_some_and(|m| m & 0o077 != 0) {
-            loose.push(format!("{} is {:o}", dir.display(), mode(dir).unwrap_or(0)));
+        if let Some(m) = mode(dir).filter(|m| m & 0o077 != 0) {
+            loose.push(format!("{} is {m:o}", dir.display()));
             fixes.push(format!("chmod 700 '{}'", dir.display()));
         }
     }
@@ -118,8 +118,8 @@ fn files(home: &Home) -> Check {
         .chain(with_sides(home.embedded_broker_db()))
         .collect();
     for file in &files {
-        if mode(file).is_some_and(|m| m & 0o077 != 0) {
-            loose.push(format!("{} is {:o}", file.display(), mode(file).unwrap_or(0)));
+        if let Some(m) = mode(file).filter(|m| m & 0o077 != 0) {
+            loose.push(format!("{} is {m:o}", file.display()));
             fixes.push(format!("chmod 600 '{}'", file.display()));
         }
     }

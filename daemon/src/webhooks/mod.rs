@@ -22,6 +22,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Deserialize;
 
 use crate::events;
+use crate::store::opt_ms;
 
 /// How the worker delivers: `config/daemon.json`'s `webhooks` section, durations as `"5s"`, `"48h"`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -315,7 +316,6 @@ const INFO_FROM: &str = "webhooks w LEFT JOIN meshes m ON m.id = w.mesh_id LEFT 
 
 fn info_from_row(r: &Row<'_>) -> rusqlite::Result<WebhookInfo> {
     let events: String = r.get(2)?;
-    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64)) };
     Ok(WebhookInfo {
         id: r.get(0)?,
         url: r.get(1)?,
@@ -331,9 +331,9 @@ fn info_from_row(r: &Row<'_>) -> rusqlite::Result<WebhookInfo> {
         disabled_reason: r.get(11)?,
         allow_insecure_http: r.get(12)?,
         created_at: r.get::<_, i64>(13)? as u64,
-        failing_since: opt_u64(14)?,
+        failing_since: opt_ms(r, 14)?,
         failures: r.get(15)?,
-        last_success_at: opt_u64(16)?,
+        last_success_at: opt_ms(r, 16)?,
         previous_secret_until: previous(&r.get::<_, String>(17)?, crate::clock::now_ms()).iter().map(|p| p.until).max(),
         deliveries: WebhookDeliveryCounts {
             pending: r.get::<_, i64>(18)? as u64,
@@ -607,7 +607,6 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
         "dead" => DeliveryStatus::Dead,
         _ => DeliveryStatus::Pending,
     };
-    let opt_u64 = |i: usize| -> rusqlite::Result<Option<u64>> { Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64)) };
     Ok(DeliveryInfo {
         id: r.get(0)?,
         webhook_id: r.get(1)?,
@@ -616,12 +615,12 @@ fn delivery_from_row(r: &Row<'_>) -> rusqlite::Result<DeliveryInfo> {
         event_id: r.get(4)?,
         attempts: r.get(6)?,
         created_at: r.get::<_, i64>(7)? as u64,
-        next_attempt_at: if status == DeliveryStatus::Pending && r.get::<_, bool>(14)? { opt_u64(8)? } else { None },
+        next_attempt_at: if status == DeliveryStatus::Pending && r.get::<_, bool>(14)? { opt_ms(r, 8)? } else { None },
         deadline: r.get::<_, i64>(9)? as u64,
-        last_attempt_at: opt_u64(10)?,
+        last_attempt_at: opt_ms(r, 10)?,
         last_status: r.get::<_, Option<i64>>(11)?.and_then(|s| u16::try_from(s).ok()),
         last_error: r.get(12)?,
-        delivered_at: opt_u64(13)?,
+        delivered_at: opt_ms(r, 13)?,
         status,
     })
 }
