@@ -77,6 +77,7 @@ pub async fn mesh_of(url: &str, n: usize) -> anyhow::Result<(MeshId, GroupKey, V
         mesh_id: mesh,
         mesh_name: "bench".into(),
         broker_url: url.to_owned(),
+        tls_pin: None,
         role: Role::Member,
         issued_at: now_ms(),
         expires_at: now_ms() + 3_600_000,

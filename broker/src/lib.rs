@@ -18,6 +18,7 @@ mod presence;
 mod ratelimit;
 pub mod sqlite;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,17 +73,27 @@ pub async fn run(
     config: BrokerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    run_with_metrics(listener, store, config, shutdown, None).await
+    run_with(listener, store, config, shutdown, Extras::default()).await
 }
 
-/// [`run`], also serving Prometheus metrics (`GET /metrics`) on `metrics` when given.
-pub async fn run_with_metrics(
+/// What a broker may serve besides plain WebSockets on its port.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Prometheus metrics (`GET /metrics`, plain HTTP) on a listener of their own.
+    pub metrics: Option<tokio::net::TcpListener>,
+    /// TLS on the main port: `wss://` and `https://…/health`.
+    pub tls: Option<Arc<tls::ServerTls>>,
+}
+
+/// [`run`], with TLS on the main port and metrics on their own, as `extras` says.
+pub async fn run_with(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Store>,
     config: BrokerConfig,
     shutdown: CancellationToken,
-    metrics: Option<tokio::net::TcpListener>,
+    extras: Extras,
 ) -> std::io::Result<()> {
+    let Extras { metrics, tls } = extras;
     let counts = metrics::Metrics::new();
     {
         let counts = counts.clone();
@@ -140,7 +151,8 @@ pub async fn run_with_metrics(
         shared.config.max_pending_per_address,
         shared.config.handshakes_per_sec_per_address,
     );
-    let listener = listener::GuardedListener::new(listener, before_request, shared.config.handshake_timeout);
+    let listener = listener::GuardedListener::new(listener, before_request, shared.config.handshake_timeout)
+        .with_tls(tls.as_ref().map(|t| t.acceptor()));
     let app = app.into_make_service_with_connect_info::<listener::Remote>();
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();

@@ -50,6 +50,8 @@ enum Command {
     Use(cmd::meshes::UseArgs),
     /// Change your display name in a mesh (checked by its broker; no restart needed)
     Rename(cmd::meshes::RenameArgs),
+    /// Show or change the pin of a mesh's broker certificate (after its operator replaced it)
+    Repin(cmd::meshes::RepinArgs),
     /// Show a mesh's limits (sessions and connections per member, connections in all); owners and admins set them
     Limits(cmd::meshes::LimitsArgs),
     /// List the members and sessions you can reach
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Meshes => cmd::meshes::list(),
         Command::Use(a) => cmd::meshes::use_mesh(a),
         Command::Rename(a) => cmd::meshes::rename(a),
+        Command::Repin(a) => cmd::meshes::repin(a),
         Command::Limits(a) => cmd::meshes::limits(a),
         Command::Peers(a) => cmd::meshes::peers(a),
         Command::Send(a) => cmd::send::run(a),

@@ -9,6 +9,7 @@ use mesh_broker::sqlite::Db;
 use mesh_ipc::Home;
 use mesh_ipc::api::{LinkState, LinkStatus};
 use mesh_proto::crypto::GroupKey;
+use mesh_proto::pin::CertPin;
 use mesh_proto::{Identity, MeshId, PublicKey};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,8 @@ pub struct Daemon {
     pub webhook_config: std::sync::OnceLock<crate::webhooks::Config>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
     group_keys: Mutex<HashMap<MeshId, GroupKey>>,
+    /// Each mesh's broker certificate pin, read by its links at every connect.
+    tls_pins: Mutex<HashMap<MeshId, CertPin>>,
 }
 
 impl Daemon {
@@ -76,6 +79,7 @@ impl Daemon {
             counters: Default::default(),
             links: Mutex::new(HashMap::new()),
             group_keys: Mutex::new(HashMap::new()),
+            tls_pins: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,9 +95,28 @@ impl Daemon {
         self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).get(mesh).cloned()
     }
 
+    /// The pin of `mesh`'s broker certificate, if it has one.
+    pub fn tls_pin(&self, mesh: &MeshId) -> Option<CertPin> {
+        self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).get(mesh).copied()
+    }
+
+    /// Changes the pin of `mesh`'s broker certificate (stored already) and has its links that are
+    /// waiting to reconnect try again now.
+    pub fn repin(&self, mesh: &MeshId, pin: CertPin) {
+        self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).insert(*mesh, pin);
+        for ((m, _), link) in self.links.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            if m == mesh {
+                link.retry.notify_one();
+            }
+        }
+    }
+
     /// Starts the member's link to `mesh` (once; a second call is a no-op).
     pub fn attach_mesh(self: &Arc<Self>, mesh: &MeshRow) {
         self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(mesh.id, mesh.group_key.clone());
+        if let Some(pin) = mesh.tls_pin {
+            self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).insert(mesh.id, pin);
+        }
         self.start_link(LinkSpec {
             mesh_id: mesh.id,
             mesh_name: mesh.name.clone(),
@@ -331,6 +354,7 @@ pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
         embedded: false,
         joined_at: 1,
         my_name: None,
+        tls_pin: None,
     };
     let me = Peer {
         key: public.key,

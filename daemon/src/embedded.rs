@@ -90,7 +90,8 @@ pub async fn create_local_mesh(daemon: &Arc<Daemon>, url: &str, token: &str) -> 
     };
     let mesh_id = MeshId::generate();
     let intent = Intent::Create { mesh_name: name.clone(), create_token: Some(token.to_owned()) };
-    let (_ws, welcome) = link::handshake(url, &member.identity, &member.name, mesh_id, None, |_| intent).await?;
+    let broker = link::Broker { url, pin: None, mesh: &name };
+    let (_ws, welcome) = link::handshake(broker, &member.identity, &member.name, mesh_id, None, |_| intent).await?;
     let row = MeshRow {
         id: mesh_id,
         name,
@@ -100,6 +101,7 @@ pub async fn create_local_mesh(daemon: &Arc<Daemon>, url: &str, token: &str) -> 
         embedded: true,
         joined_at: now_ms(),
         my_name: None,
+        tls_pin: None,
     };
     let stored = row.clone();
     daemon
@@ -126,7 +128,8 @@ pub async fn recreate_local_mesh(
     let member = &daemon.member;
     let intent = Intent::Create { mesh_name: local.name.clone(), create_token: Some(token.to_owned()) };
     let name = local.my_name.clone().unwrap_or_else(|| member.name.clone());
-    let (_ws, welcome) = link::handshake(url, &member.identity, &name, local.id, None, |_| intent).await?;
+    let broker = link::Broker { url, pin: None, mesh: &local.name };
+    let (_ws, welcome) = link::handshake(broker, &member.identity, &name, local.id, None, |_| intent).await?;
     let id = local.id;
     daemon.db.call(move |c| crate::roster::replace(c, &id, &welcome.roster)).await?;
     Ok(())

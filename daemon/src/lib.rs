@@ -26,6 +26,7 @@ pub mod retention;
 pub mod roster;
 pub mod sessions;
 pub mod store;
+pub mod tls;
 pub mod webhooks;
 
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use mesh_ipc::api::{ConnectionEvent, EventBody, LinkState, LinkStatus, PresenceEvent};
+use mesh_proto::pin::CertPin;
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{
     self, Ack, ClientFrame, DeliveryItem, ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, Limits, ServerFrame,
@@ -28,6 +29,7 @@ use tracing::Instrument;
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::drain::{self, LinkRequest, Reply};
+use crate::tls::{CertError, Trust};
 use crate::{events, inbox, outbox, roster};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -52,14 +54,28 @@ pub enum LinkError {
     Refused(ErrorFrame),
     #[error("unexpected answer from the broker: {0}")]
     Protocol(String),
+    /// The broker's TLS certificate was refused (a pin that does not match, an expired certificate…).
+    #[error("{0}")]
+    Certificate(#[from] CertError),
 }
 
-/// The WebSocket URL for a broker address: `ws://host:port` gets the `/v1/ws` path.
+/// The broker one connection goes to, and how its certificate is checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Broker<'a> {
+    /// `ws://` or `wss://`.
+    pub url: &'a str,
+    /// For `wss://`: the certificate's pin, else the platform's roots decide.
+    pub pin: Option<CertPin>,
+    /// The mesh's local name, for what a refusal tells the user to do.
+    pub mesh: &'a str,
+}
+
+/// The WebSocket URL for a broker address: `ws://host:port` (or `wss://`) gets the `/v1/ws` path.
 pub fn ws_endpoint(url: &str) -> Result<String, String> {
-    if url.starts_with("wss://") {
-        return Err(format!("broker address {url:?}: wss:// is not supported yet; use ws:// (see docs/operations.md)"));
-    }
-    let rest = url.strip_prefix("ws://").ok_or_else(|| format!("broker address {url:?} must start with ws://"))?;
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))
+        .ok_or_else(|| format!("broker address {url:?} must start with wss:// (or ws://)"))?;
     if rest.is_empty() {
         return Err(format!("broker address {url:?} has no host"));
     }
@@ -68,8 +84,30 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
         Some(i) if &rest[i..] == "/" => format!("{}{}", url.trim_end_matches('/'), wire::WS_PATH),
         Some(_) => url.to_owned(),
     };
-    full.parse::<tokio_tungstenite::tungstenite::http::Uri>().map_err(|e| format!("broker address {url:?}: {e}"))?;
+    let uri = full
+        .parse::<tokio_tungstenite::tungstenite::http::Uri>()
+        .map_err(|e| format!("broker address {url:?}: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("broker address {url:?} has no host"));
+    }
     Ok(full)
+}
+
+/// Whether a broker address is plain `ws://` to another machine: the traffic's metadata (who talks
+/// to whom, when, how much) open to anyone on the path. Loopback (`localhost`, 127.0.0.0/8, `::1`)
+/// never leaves this machine.
+pub fn unencrypted(url: &str) -> bool {
+    if !url.starts_with("ws://") {
+        return false;
+    }
+    let Ok(uri) = url.parse::<tokio_tungstenite::tungstenite::http::Uri>() else {
+        return true;
+    };
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let host = host.trim_end_matches('.');
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    !loopback
 }
 
 /// Who connects, to which mesh, with what claims.
@@ -110,23 +148,14 @@ impl std::fmt::Debug for LinkSpec {
 
 /// Connects, answers the challenge and returns the socket with the broker's `welcome`.
 pub async fn handshake(
-    url: &str,
+    broker: Broker<'_>,
     identity: &Identity,
     name: &str,
     mesh_id: MeshId,
     attestation: Option<Signed>,
     intent: impl FnOnce(&[u8]) -> Intent,
 ) -> Result<(Ws, Welcome), LinkError> {
-    let endpoint = ws_endpoint(url).map_err(|detail| LinkError::Unreachable { url: url.to_owned(), detail })?;
-    let unreachable = |detail: String| LinkError::Unreachable { url: url.to_owned(), detail };
-    let (mut ws, _) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        // No Nagle: a small frame right after another must not wait for the broker's delayed ACK.
-        tokio_tungstenite::connect_async_with_config(&endpoint, None, true),
-    )
-    .await
-    .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
+    let (mut ws, _) = connect(broker).await?;
     let challenge = match next_frame(&mut ws).await? {
         ServerFrame::Challenge(c) if c.v == mesh_proto::PROTOCOL_VERSION => c.nonce,
         ServerFrame::Challenge(c) => return Err(LinkError::Protocol(format!("broker speaks protocol v{}", c.v))),
@@ -148,11 +177,60 @@ pub async fn handshake(
         attestation,
     };
     let hello = ClientFrame::Hello(Hello { v: mesh_proto::PROTOCOL_VERSION, auth: Signed::sign(identity, &claims) });
-    ws.send(Message::Text(hello.to_json().into())).await.map_err(|e| unreachable(e.to_string()))?;
+    ws.send(Message::Text(hello.to_json().into()))
+        .await
+        .map_err(|e| LinkError::Unreachable { url: broker.url.to_owned(), detail: e.to_string() })?;
     match next_frame(&mut ws).await? {
         ServerFrame::Welcome(w) => Ok((ws, w)),
         ServerFrame::Error(e) => Err(LinkError::Refused(e)),
         other => Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
+    }
+}
+
+/// The certificate a `wss://` broker presents now, and whether it passes the platform's verification
+/// (when not, why).
+pub async fn presented_certificate(url: &str, mesh: &str) -> Result<(CertPin, Result<(), CertError>), LinkError> {
+    match connect(Broker { url, pin: None, mesh }).await {
+        Ok((_, Some(pin))) => Ok((pin, Ok(()))),
+        Ok((_, None)) => Err(LinkError::Protocol(format!("{url} is not a TLS address"))),
+        Err(LinkError::Certificate(refused)) => match refused.presented() {
+            Some(pin) => Ok((pin, Err(refused))),
+            None => Err(LinkError::Certificate(refused)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the WebSocket, over TLS for `wss://` with the broker's certificate checked as `broker` says;
+/// with the certificate the broker presented.
+async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
+    use tokio_tungstenite::Connector;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let url = broker.url;
+    let unreachable = |detail: String| LinkError::Unreachable { url: url.to_owned(), detail };
+    let endpoint = ws_endpoint(url).map_err(unreachable)?;
+    let verifier = endpoint.starts_with("wss://").then(|| crate::tls::Verifier::new(Trust::from_pin(broker.pin)));
+    let connector = match &verifier {
+        Some(v) => Connector::Rustls(v.client_config().map_err(unreachable)?),
+        None => Connector::Plain,
+    };
+    // No Nagle: a small frame right after another must not wait for the broker's delayed ACK.
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(&endpoint, None, true, Some(connector));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(unreachable("timed out".into())),
+        Ok(Ok((ws, _))) => Ok((ws, verifier.and_then(|v| v.presented()))),
+        Ok(Err(WsError::Io(e))) => {
+            let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            if let (Some(verifier), Some(tls)) = (&verifier, tls) {
+                let host = endpoint.parse::<tokio_tungstenite::tungstenite::http::Uri>().ok();
+                let host = host.as_ref().and_then(|u| u.host()).unwrap_or_default();
+                if let Some(refused) = verifier.explain(tls, host, broker.mesh) {
+                    return Err(LinkError::Certificate(refused));
+                }
+            }
+            Err(unreachable(e.to_string()))
+        }
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
     }
 }
 
@@ -189,6 +267,8 @@ pub struct LinkHandle {
     pub name: Arc<std::sync::Mutex<String>>,
     /// The limits the broker announced in the last `welcome` (the mesh's, within the broker's).
     pub limits: Arc<std::sync::Mutex<Option<Limits>>>,
+    /// Ends a wait before the next attempt (a pin was just corrected, say).
+    pub retry: Arc<Notify>,
 }
 
 impl LinkHandle {
@@ -239,6 +319,7 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
         requests,
         name: spec.name.clone(),
         limits: Arc::default(),
+        retry: Arc::new(Notify::new()),
     };
     let requests_rx = Arc::new(tokio::sync::Mutex::new(requests_rx));
     let span = tracing::info_span!("link", mesh = %spec.mesh_name, key = %spec.identity.key().short());
@@ -292,8 +373,9 @@ async fn run(
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
         let name = spec.name();
+        let broker = Broker { url: &spec.broker_url, pin: daemon.tls_pin(&spec.mesh_id), mesh: &spec.mesh_name };
         let connected = tokio::select! {
-            r = handshake(&spec.broker_url, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
+            r = handshake(broker, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
             () = handle.cancel.cancelled() => return,
         };
         let wait = match connected {
@@ -342,6 +424,14 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(why)).await;
                 REJECTED_RETRY
             }
+            Err(LinkError::Certificate(e)) => {
+                // Never a silent fallback: the link stays down, saying why, until the certificate or
+                // the pin is put right.
+                tracing::warn!(error = %e, "broker certificate refused");
+                set_state(&status, LinkState::Rejected, Some(e.to_string()));
+                record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(e.to_string())).await;
+                REJECTED_RETRY
+            }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 tracing::info!(error = %mesh_proto::error::chain(&e), failures, "cannot connect");
@@ -352,6 +442,7 @@ async fn run(
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = handle.retry.notified() => {}
             () = handle.cancel.cancelled() => return,
         }
     }
@@ -639,11 +730,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plain_ws_is_unencrypted_unless_it_stays_on_this_machine() {
+        for local in
+            ["ws://127.0.0.1:7777", "ws://127.9.9.9:1", "ws://localhost:1", "ws://LOCALHOST.:1", "ws://[::1]:7777"]
+        {
+            assert!(!unencrypted(local), "{local}");
+        }
+        for remote in ["ws://10.0.0.1:7777", "ws://broker.example:7777", "ws://[::ffff:10.0.0.1]:1", "ws://0.0.0.0:1"] {
+            assert!(unencrypted(remote), "{remote}");
+        }
+        assert!(!unencrypted("wss://broker.example:7777"));
+    }
+
+    #[test]
     fn endpoints() {
         assert_eq!(ws_endpoint("ws://127.0.0.1:7000").expect("ok"), "ws://127.0.0.1:7000/v1/ws");
         assert_eq!(ws_endpoint("ws://h:1/").expect("ok"), "ws://h:1/v1/ws");
         assert_eq!(ws_endpoint("ws://h/custom/ws").expect("ok"), "ws://h/custom/ws");
-        assert!(ws_endpoint("wss://h").expect_err("no TLS yet").contains("not supported"));
+        assert_eq!(ws_endpoint("wss://h").expect("ok"), "wss://h/v1/ws");
+        assert!(ws_endpoint("wss://").is_err());
+        assert!(ws_endpoint("wss://:7777").is_err());
         assert!(ws_endpoint("http://h").is_err());
         assert!(ws_endpoint("ws://").is_err());
     }

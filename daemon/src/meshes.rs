@@ -1,9 +1,10 @@
 //! The meshes this member belongs to: id, local name, broker URL, role and group key.
 
 use mesh_broker::sqlite::parse_col;
-use mesh_ipc::api::MeshInfo;
+use mesh_ipc::api::{MeshInfo, Transport};
 use mesh_proto::MeshId;
 use mesh_proto::crypto::GroupKey;
+use mesh_proto::pin::CertPin;
 use mesh_proto::wire::Role;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -18,6 +19,8 @@ pub struct MeshRow {
     pub joined_at: u64,
     /// The member's display name in this mesh; `None`: the identity's name.
     pub my_name: Option<String>,
+    /// The broker's certificate, for a `wss://` broker verified by pin instead of the platform's roots.
+    pub tls_pin: Option<CertPin>,
 }
 
 impl MeshRow {
@@ -29,11 +32,18 @@ impl MeshRow {
             broker: self.broker_url.clone(),
             role: self.role,
             embedded: self.embedded,
+            transport: self.transport(),
+            tls_pin: self.tls_pin.map(|p| p.to_string()),
             joined_at: self.joined_at,
             my_name: self.display_name(me).to_owned(),
             context: false,
             name_was_taken: None,
         }
+    }
+
+    /// How the connection to its broker is protected.
+    pub fn transport(&self) -> Transport {
+        Transport::of(&self.broker_url, self.tls_pin.is_some(), crate::link::unencrypted(&self.broker_url))
     }
 
     /// The member's name in this mesh.
@@ -42,7 +52,7 @@ impl MeshRow {
     }
 }
 
-const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at, my_name";
+const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at, my_name, tls_pin";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
     let role: String = r.get(3)?;
@@ -59,6 +69,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
         embedded: r.get(5)?,
         joined_at: r.get::<_, i64>(6)? as u64,
         my_name: r.get(7)?,
+        tls_pin: r.get::<_, Option<String>>(8)?.map(parse_col).transpose()?,
     })
 }
 
@@ -92,7 +103,7 @@ pub fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 
 pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
         params![
             m.id.to_string(),
             m.name,
@@ -102,8 +113,15 @@ pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
             m.embedded,
             m.joined_at as i64,
             m.my_name,
+            m.tls_pin.map(|p| p.to_string()),
         ],
     )?;
+    Ok(())
+}
+
+/// Records the pin of the broker's certificate for `mesh`.
+pub fn set_tls_pin(conn: &Connection, mesh: &MeshId, pin: &CertPin) -> rusqlite::Result<()> {
+    conn.execute("UPDATE meshes SET tls_pin = ?2 WHERE id = ?1", params![mesh.to_string(), pin.to_string()])?;
     Ok(())
 }
 

@@ -335,6 +335,8 @@ CREATE TRIGGER inbox_deleted_scrubs_webhooks AFTER DELETE ON inbox BEGIN
     WHERE inbox_id = old.id;
 END;
 "#,
+    // The pin of a broker's TLS certificate (`sha256:…`), for a broker no authority vouches for.
+    "ALTER TABLE meshes ADD COLUMN tls_pin TEXT;",
 ];
 
 pub fn open(path: &Path) -> Result<Db, DbError> {

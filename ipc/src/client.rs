@@ -39,6 +39,14 @@ impl IpcError {
             _ => None,
         }
     }
+
+    /// The daemon's error answer, when that is what this is.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            IpcError::Api { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

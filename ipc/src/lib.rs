@@ -36,6 +36,7 @@ pub mod routes {
     pub const MESHES: &str = "/v1/meshes";
     pub const MESHES_JOIN: &str = "/v1/meshes/join";
     pub const MESHES_RENAME: &str = "/v1/meshes/rename";
+    pub const MESHES_REPIN: &str = "/v1/meshes/repin";
     /// `GET` a mesh's limits; `POST` changes them.
     pub const MESHES_LIMITS: &str = "/v1/meshes/limits";
     pub const CONTEXT: &str = "/v1/context";

@@ -14,6 +14,7 @@ use crate::codec;
 use crate::crypto::{self, GroupKey, KEY_LEN};
 use crate::ids::MeshId;
 use crate::keys::{Identity, PublicKey, Sig};
+use crate::pin::CertPin;
 use crate::signed::{Claims, Signed};
 use crate::wire::Role;
 
@@ -28,6 +29,10 @@ pub struct InviteClaims {
     pub mesh_id: MeshId,
     pub mesh_name: String,
     pub broker_url: String,
+    /// For a broker whose certificate no authority vouches for (self-signed): the certificate the
+    /// joiner must find there. Invites before pins have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pin: Option<CertPin>,
     pub role: Role,
     pub issued_by: PublicKey,
     pub issued_at: u64,
@@ -54,6 +59,7 @@ pub struct InviteParams {
     pub mesh_id: MeshId,
     pub mesh_name: String,
     pub broker_url: String,
+    pub tls_pin: Option<CertPin>,
     pub role: Role,
     pub issued_at: u64,
     pub expires_at: u64,
@@ -94,6 +100,7 @@ impl InviteToken {
             mesh_id: params.mesh_id,
             mesh_name: params.mesh_name,
             broker_url: params.broker_url,
+            tls_pin: params.tls_pin,
             role: params.role,
             issued_by: admin.key(),
             issued_at: params.issued_at,
@@ -170,6 +177,7 @@ mod tests {
             mesh_id: MeshId::generate(),
             mesh_name: "team".into(),
             broker_url: "ws://127.0.0.1:1".into(),
+            tls_pin: Some(CertPin::of_der(b"broker")),
             role: Role::Member,
             issued_at: 1,
             expires_at: 2,

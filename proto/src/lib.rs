@@ -14,6 +14,7 @@ pub mod invite;
 pub mod keys;
 pub mod message;
 pub mod names;
+pub mod pin;
 pub mod signed;
 pub mod wire;
 

@@ -162,6 +162,7 @@ pub fn mint_invite(admin: &Identity, mesh: MeshId, url: &str, expires_at: u64, m
         mesh_id: mesh,
         mesh_name: "team".into(),
         broker_url: url.to_owned(),
+        tls_pin: None,
         role: Role::Member,
         issued_at: now_ms(),
         expires_at,

@@ -40,7 +40,15 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
                 args.extend(["--db".to_owned(), absolute_db(&db)?]);
             }
             "--create-token" => token = words.next(),
+            "--tls-cert" | "--tls-key" => {
+                let file = words.next().unwrap_or_default();
+                args.extend([word, absolute_db(&file)?]);
+            }
             w if w.starts_with("--db=") => args.push(format!("--db={}", absolute_db(&w["--db=".len()..])?)),
+            w if w.starts_with("--tls-cert=") || w.starts_with("--tls-key=") => {
+                let (flag, file) = w.split_once('=').unwrap_or((w, ""));
+                args.push(format!("{flag}={}", absolute_db(file)?));
+            }
             w if w.starts_with("--create-token=") => token = Some(w["--create-token=".len()..].to_owned()),
             _ => args.push(word),
         }
@@ -56,6 +64,7 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
 
 const CREATE_TOKEN_ENV: &str = "MESH_BROKER_CREATE_TOKEN";
 
+/// A path given to the service, made absolute.
 fn absolute_db(db: &str) -> anyhow::Result<String> {
     Ok(super::service::absolute(std::path::Path::new(db))?.display().to_string())
 }
@@ -117,6 +126,16 @@ pub struct ServeArgs {
     /// address, e.g. 127.0.0.1:9464)
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve TLS (wss://) with this PEM certificate chain, leaf first (reloaded on SIGHUP)
+    #[arg(long, value_name = "FILE", requires = "tls_key", conflicts_with = "tls_self_signed")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (reloaded on SIGHUP)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve TLS (wss://) with a self-signed certificate for these host names or addresses
+    /// (comma-separated), made on first start beside the database and reused after; members pin it
+    #[arg(long, value_name = "HOSTS", value_delimiter = ',', num_args = 1)]
+    pub tls_self_signed: Option<Vec<String>>,
     /// For tests: announce a time this many ms off (a broker whose clock is wrong)
     #[arg(long, hide = true, default_value_t = 0, allow_negative_numbers = true)]
     pub test_clock_offset_ms: i64,
@@ -153,7 +172,7 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
-    let db = match args.db {
+    let db = match args.db.clone() {
         Some(p) => p,
         None => {
             let home = super::home()?;
@@ -162,6 +181,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let store = SqliteStore::open(&db)?;
+    let tls = server_tls(&args, &db)?;
     let config = BrokerConfig {
         create_token: args.create_token,
         max_frame_bytes: args.max_frame_bytes,
@@ -198,20 +218,71 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
             None => None,
         };
-        // The first line of stdout says where to connect (port 0 picks a free port).
+        // SIGHUP is caught before the ready line: one sent right after it must not end the broker.
+        if let Some(tls) = &tls {
+            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            tokio::spawn(reload_on_hangup(tls.clone(), hangup));
+        }
+        // The first line of stdout says where to connect (port 0 picks a free port), and with TLS
+        // the pin of the certificate, for `mesh create --pin`.
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let pin = tls.as_ref().map(|t| t.pin().to_string());
         if crate::output::json() {
-            let ready =
-                serde_json::json!({ "listening": format!("ws://{addr}"), "database": db, "metrics": metrics_url });
+            let ready = serde_json::json!({
+                "listening": format!("{scheme}://{addr}"),
+                "database": db,
+                "metrics": metrics_url,
+                "tls_pin": pin,
+            });
             outln!("{ready}");
         } else {
             let metrics = metrics_url.map(|u| format!(", metrics at {u}")).unwrap_or_default();
-            outln!("mesh broker listening on ws://{addr} (database {}{metrics})", db.display());
+            let pin = pin.map(|p| format!(", certificate {p}")).unwrap_or_default();
+            outln!("mesh broker listening on {scheme}://{addr} (database {}{pin}{metrics})", db.display());
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signals(shutdown.clone()));
-        mesh_broker::run_with_metrics(listener, Arc::new(store), config, shutdown, metrics).await.context("serving")?;
+        mesh_broker::run_with(listener, Arc::new(store), config, shutdown, mesh_broker::Extras { metrics, tls })
+            .await
+            .context("serving")?;
         Ok(())
     })
+}
+
+/// The certificate to serve, from files or made once and kept beside the database.
+fn server_tls(args: &ServeArgs, db: &std::path::Path) -> anyhow::Result<Option<Arc<mesh_broker::tls::ServerTls>>> {
+    use mesh_broker::tls::ServerTls;
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_self_signed) {
+        (Some(cert), Some(key), _) => ServerTls::from_files(cert, key)?,
+        (_, _, Some(hosts)) => {
+            let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+            if hosts.is_empty() {
+                return Err(crate::output::fail(
+                    "usage",
+                    "--tls-self-signed needs the host names or addresses members use to reach this broker",
+                    Some("for example --tls-self-signed broker.example.com,203.0.113.7".into()),
+                ));
+            }
+            let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            ServerTls::self_signed(dir, &hosts)?
+        }
+        _ => return Ok(None),
+    };
+    tracing::info!(cert = %tls.cert_path().display(), pin = %tls.pin(), "serving TLS");
+    Ok(Some(Arc::new(tls)))
+}
+
+/// SIGHUP reads the certificate and key again; connections already up are not touched.
+async fn reload_on_hangup(tls: Arc<mesh_broker::tls::ServerTls>, mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(pin) => tracing::info!(%pin, "reloaded the TLS certificate; new connections get it"),
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the TLS certificate failed; still serving the previous one")
+            }
+        }
+    }
 }
 
 fn init_logging() {

@@ -305,12 +305,13 @@ fn print_meshes_summary(status: &Status) {
             .map(|e| format!(" — {e}"))
             .unwrap_or_default();
         let line = format!(
-            "mesh {} (as {}): {} since {} via {}; {}/{} peers online; outbox {} pending{}",
+            "mesh {} (as {}): {} since {} via {}{}; {}/{} peers online; outbox {} pending{}",
             m.name,
             m.my_name,
             conn.state.as_str(),
             output::ago(conn.since),
             m.broker,
+            super::meshes::transport_note(m.transport),
             m.peers_online,
             m.peers_total,
             m.outbox.pending + m.outbox.inflight,

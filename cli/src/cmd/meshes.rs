@@ -2,7 +2,8 @@
 
 use mesh_ipc::api::{
     ApiErrorCode, Context, CreateInviteRequest, CreateMeshRequest, InviteResponse, JoinMeshRequest, LimitsQuery,
-    MeshInfo, MeshLimitsInfo, PeerInfo, PeersQuery, RenameRequest, SetLimitsRequest,
+    MeshInfo, MeshLimitsInfo, PeerInfo, PeersQuery, RenameRequest, RepinRequest, RepinResponse, SetLimitsRequest,
+    Transport,
 };
 use mesh_ipc::routes;
 use mesh_proto::wire::Role;
@@ -13,9 +14,17 @@ use crate::output;
 pub struct CreateArgs {
     /// The mesh's name
     pub name: String,
-    /// The broker, e.g. ws://broker.example:7777
+    /// The broker, e.g. wss://broker.example:7777
     #[arg(long)]
     pub broker: String,
+    /// The SHA-256 of a self-signed broker's certificate (`mesh broker serve` prints it), checked
+    /// instead of certificate authorities, now and by everyone you invite. Without it, a terminal
+    /// shows an unknown certificate and asks
+    #[arg(long, value_name = "SHA256")]
+    pub pin: Option<String>,
+    /// Allow plain ws:// to another machine (metadata visible on the network)
+    #[arg(long)]
+    pub insecure: bool,
     /// The broker's create token, if it requires one
     #[arg(long, env = "MESH_BROKER_CREATE_TOKEN", hide_env_values = true)]
     pub create_token: Option<String>,
@@ -57,6 +66,20 @@ pub struct JoinArgs {
     /// A local name for the mesh itself (default: the inviter's name for it)
     #[arg(long)]
     pub mesh_name: Option<String>,
+    /// Allow the invite's broker on plain ws:// to another machine (metadata visible on the network)
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RepinArgs {
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// The certificate to pin (`sha256:…`, as the broker's operator gives it); the broker must be
+    /// presenting it. Without it, a terminal shows the certificate presented and asks
+    #[arg(long, value_name = "SHA256")]
+    pub pin: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,28 +130,114 @@ pub struct PeersArgs {
 }
 
 fn print_mesh(m: &MeshInfo) {
-    let embedded = if m.embedded { ", embedded broker" } else { "" };
+    let embedded = if m.embedded { ", embedded broker".to_owned() } else { transport_note(m.transport) };
     let context = if m.context { "  (context: `mesh use`)" } else { "" };
     let line =
         format!("{}  {}  {} as {:?} via {}{embedded}{context}", m.name, m.id, m.role.as_str(), m.my_name, m.broker);
     outln!("{}", output::clean(&line));
 }
 
+/// What a listing says of a mesh's transport: nothing for loopback.
+pub fn transport_note(t: Transport) -> String {
+    match t {
+        Transport::Loopback => String::new(),
+        other => format!(" ({})", other.as_str()),
+    }
+}
+
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     let client = super::client()?;
-    let req = CreateMeshRequest {
+    let mut req = CreateMeshRequest {
         name: args.name,
         broker: args.broker,
         create_token: args.create_token,
         display_name: args.display_name,
+        pin: args.pin,
+        insecure: args.insecure,
     };
-    let mesh: MeshInfo = super::block_on(client.post(routes::MESHES, &req))??;
+    let mesh: MeshInfo = loop {
+        match super::block_on(client.post::<_, MeshInfo>(routes::MESHES, &req))? {
+            Ok(mesh) => break mesh,
+            Err(e) if req.pin.is_none() && e.code() == Some(ApiErrorCode::CertificateUntrusted) => {
+                let presented = e.api().and_then(|a| a.certificate.clone());
+                match presented {
+                    Some(cert) if super::interactive() && confirm_certificate(&req.broker, &cert)? => {
+                        req.pin = Some(cert)
+                    }
+                    _ => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if crate::output::json() {
         return super::print_json(&mesh);
     }
     out!("created mesh ");
     print_mesh(&mesh);
     outln!("invite someone with: mesh invite --mesh {}", mesh.name);
+    Ok(())
+}
+
+/// Shows a certificate no authority vouches for and asks whether to pin it.
+fn confirm_certificate(broker: &str, cert: &str) -> anyhow::Result<bool> {
+    errln!(
+        "{}",
+        output::clean(&format!("the broker at {broker} presents a certificate no authority here vouches for:"))
+    );
+    errln!("    {}", output::clean(cert));
+    errln!("compare it with the one its operator sees (`mesh broker serve` prints it on start).");
+    let answer = super::prompt("pin this certificate for the mesh and everyone you invite? (yes/no)", Some("no"))?;
+    Ok(answer.is_some_and(|a| a.eq_ignore_ascii_case("yes") || a.eq_ignore_ascii_case("y")))
+}
+
+/// `mesh repin [--mesh M] [--pin SHA256]`: the pin of a mesh's broker certificate, after its operator
+/// changed it.
+pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
+    let client = super::client()?;
+    let mesh = super::context_mesh(args.mesh)?;
+    let pin = match args.pin {
+        Some(pin) => pin,
+        None => {
+            let seen: RepinResponse =
+                super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh: mesh.clone(), pin: None }))??;
+            if output::json() && !super::interactive() {
+                return super::print_json(&seen);
+            }
+            let current = match &seen.previous {
+                Some(p) if *p == seen.presented => "the pinned one".to_owned(),
+                Some(p) => format!("not the pinned one ({p})"),
+                None if seen.trusted_by_platform => {
+                    "vouched for by a certificate authority; the mesh has no pin".into()
+                }
+                None => "the mesh has no pin".into(),
+            };
+            errln!("{}", output::clean(&format!("mesh {}: the broker at {} presents", seen.mesh, seen.broker)));
+            errln!("    {}", output::clean(&seen.presented));
+            errln!("{}", output::clean(&format!("which is {current}.")));
+            if seen.previous.as_deref() == Some(seen.presented.as_str()) {
+                return Ok(());
+            }
+            if !super::interactive() {
+                return Err(output::fail(
+                    "usage",
+                    "confirm the certificate with the broker's operator, then pin it",
+                    Some(format!("mesh repin --mesh {} --pin {}", seen.mesh, seen.presented)),
+                ));
+            }
+            if !confirm_certificate(&seen.broker, &seen.presented)? {
+                anyhow::bail!("nothing changed");
+            }
+            seen.presented
+        }
+    };
+    let done: RepinResponse =
+        super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh, pin: Some(pin) }))??;
+    if output::json() {
+        return super::print_json(&done);
+    }
+    outln!("{}", output::clean(&format!("mesh {} now pins {}", done.mesh, done.presented)));
+    errln!("invites you make from now on carry it; members invited before run `mesh repin` themselves");
     Ok(())
 }
 
@@ -181,6 +290,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
             mesh_name: args.mesh_name.clone(),
             display_name: display_name.clone(),
             suffix_if_taken: !interactive,
+            insecure: args.insecure,
         };
         match super::block_on(client.post::<_, MeshInfo>(routes::MESHES_JOIN, &req))? {
             Ok(mesh) => break mesh,

@@ -597,6 +597,8 @@ mod tests {
                 name: "team".into(),
                 my_name: "alice".into(),
                 broker: "ws://broker:7777".into(),
+                transport: mesh_ipc::api::Transport::Unencrypted,
+                tls_pin: None,
                 connection: LinkStatus { state, since: T0, last_error: None, clock_skew_ms: None },
                 peers_online: 1,
                 peers_total: 2,

@@ -8,6 +8,7 @@ use axum::response::Json;
 use mesh_ipc::api::*;
 use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
+use mesh_proto::pin::CertPin;
 use mesh_proto::wire::{Intent, Role};
 use mesh_proto::{MeshId, names};
 
@@ -50,6 +51,12 @@ pub async fn create(
     caller.member_only("creating a mesh")?;
     names::validate_display(&req.name).map_err(super::invalid_name)?;
     link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
+    let pin =
+        req.pin.as_deref().map(str::parse::<CertPin>).transpose().map_err(|e| Failure::bad_request(e.to_string()))?;
+    if pin.is_some() && !req.broker.starts_with("wss://") {
+        return Err(Failure::bad_request(format!("a pin is for a wss:// broker; {} is not TLS", req.broker)));
+    }
+    allowed_transport(&req.broker, req.insecure)?;
     let me = display_name(req.display_name.clone(), &d)?;
     let name = req.name.clone();
     if d.db.call(move |c| crate::meshes::name_taken(c, &name)).await? {
@@ -57,7 +64,25 @@ pub async fn create(
     }
     let mesh_id = MeshId::generate();
     let intent = Intent::Create { mesh_name: req.name.clone(), create_token: req.create_token.clone() };
-    let (_ws, welcome) = link::handshake(&req.broker, &d.member.identity, &me, mesh_id, None, |_| intent).await?;
+    let broker = link::Broker { url: &req.broker, pin, mesh: &req.name };
+    let (_ws, welcome) = match link::handshake(broker, &d.member.identity, &me, mesh_id, None, |_| intent).await {
+        Ok(done) => done,
+        Err(LinkError::Certificate(crate::tls::CertError::Changed { expected, got, .. })) => {
+            return Err(Failure(ApiError {
+                certificate: Some(got.to_string()),
+                ..Failure::new(
+                    ApiErrorCode::CertificateRefused,
+                    format!(
+                        "the broker at {} presents {got}, not the pin given ({expected}); nothing was created",
+                        req.broker
+                    ),
+                )
+                .with_hint("check the pin with the broker's operator (`mesh broker serve` prints it on start)")
+                .0
+            }));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let row = MeshRow {
         id: mesh_id,
         name: req.name,
@@ -67,8 +92,24 @@ pub async fn create(
         embedded: false,
         joined_at: now_ms(),
         my_name: Some(me),
+        tls_pin: pin,
     };
     store_and_attach(&d, row, welcome.roster).await
+}
+
+/// Plain `ws://` leaves this machine only when the caller accepts it.
+fn allowed_transport(url: &str, insecure: bool) -> Result<(), Failure> {
+    if link::unencrypted(url) && !insecure {
+        return Err(Failure::new(
+            ApiErrorCode::InsecureTransport,
+            format!(
+                "{url} is plain ws:// to another machine: who talks to whom, when and how much would be visible on \
+                 the network (message bodies stay end-to-end encrypted)"
+            ),
+        )
+        .with_hint("use the broker's wss:// address, or accept this with --insecure"));
+    }
+    Ok(())
 }
 
 async fn store_and_attach(
@@ -120,14 +161,19 @@ pub async fn join(
             return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
         }
     }
+    link::ws_endpoint(&claims.broker_url).map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
+    allowed_transport(&claims.broker_url, req.insecure)?;
+    let pin = claims.tls_pin.filter(|_| claims.broker_url.starts_with("wss://"));
     let asked = display_name(req.display_name.clone(), &d)?;
     let key = d.member.identity.key();
     let mut attempt = 1;
     let (me, welcome) = loop {
         let me = if attempt == 1 { asked.clone() } else { format!("{asked}-{attempt}") };
         let invite = token.invite.clone();
-        let joined = link::handshake(&claims.broker_url, &d.member.identity, &me, mesh_id, None, |challenge| {
-            Intent::Join { invite, proof: token.prove(challenge, &key) }
+        let broker = link::Broker { url: &claims.broker_url, pin, mesh: &claims.mesh_name };
+        let joined = link::handshake(broker, &d.member.identity, &me, mesh_id, None, |challenge| Intent::Join {
+            invite,
+            proof: token.prove(challenge, &key),
         })
         .await;
         match joined {
@@ -139,6 +185,12 @@ pub async fn join(
                     )));
                 }
                 attempt += 1;
+            }
+            Err(LinkError::Certificate(e @ crate::tls::CertError::Untrusted { .. })) => {
+                // A joiner has nothing to pin with: the inviter's daemon knows the certificate.
+                return Err(Failure::from(LinkError::Certificate(e)).with_hint(
+                    "the invite carries no pin for this broker; ask for an invite made after the mesh was pinned (mesh repin)",
+                ));
             }
             Err(e) => return Err(e.into()),
         }
@@ -160,6 +212,7 @@ pub async fn join(
         embedded: false,
         joined_at: now_ms(),
         my_name: Some(me),
+        tls_pin: pin,
     };
     let Json(info) = store_and_attach(&d, row, welcome.roster).await?;
     Ok(Json(MeshInfo { name_was_taken: taken, ..info }))
@@ -365,6 +418,7 @@ pub async fn invite(
         mesh_id: mesh.id,
         mesh_name: mesh.name.clone(),
         broker_url: mesh.broker_url.clone(),
+        tls_pin: mesh.tls_pin,
         role,
         issued_at: now,
         expires_at: now.saturating_add(secs.saturating_mul(1000)),
@@ -376,6 +430,7 @@ pub async fn invite(
         token: token.encode(),
         mesh: mesh.name,
         broker: mesh.broker_url,
+        tls_pin: mesh.tls_pin.map(|p| p.to_string()),
         expires_at: token.claims.expires_at,
         max_uses,
         role,
@@ -397,4 +452,51 @@ pub async fn peers(
     let me = caller.key(&d);
     let name_of = |id: &MeshId| all.iter().find(|m| m.id == *id).map_or_else(|| id.to_string(), |m| m.name.clone());
     Ok(Json(rows.iter().map(|r| roster::peer_info(r, &name_of(&r.mesh_id), &me)).collect()))
+}
+
+/// The pin of a mesh's broker certificate: shown (no `pin`), or changed to the certificate the
+/// broker presents, which must be the one given.
+pub async fn repin(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<RepinRequest>,
+) -> Result<Json<RepinResponse>, Failure> {
+    caller.member_only("changing a broker's certificate pin")?;
+    let wanted =
+        req.pin.as_deref().map(str::parse::<CertPin>).transpose().map_err(|e| Failure::bad_request(e.to_string()))?;
+    let mesh = pick_mesh(&d, req.mesh).await?;
+    if !mesh.broker_url.starts_with("wss://") {
+        return Err(Failure::bad_request(format!(
+            "mesh {} reaches its broker at {}: no TLS, no certificate to pin",
+            mesh.name, mesh.broker_url
+        )));
+    }
+    let (presented, verdict) = link::presented_certificate(&mesh.broker_url, &mesh.name).await?;
+    let answer = |pinned: bool| RepinResponse {
+        mesh: mesh.name.clone(),
+        broker: mesh.broker_url.clone(),
+        presented: presented.to_string(),
+        previous: mesh.tls_pin.map(|p| p.to_string()),
+        pinned,
+        trusted_by_platform: verdict.is_ok(),
+        platform_refused: verdict.as_ref().err().map(ToString::to_string),
+    };
+    let Some(wanted) = wanted else {
+        return Ok(Json(answer(false)));
+    };
+    if wanted != presented {
+        return Err(Failure(ApiError {
+            certificate: Some(presented.to_string()),
+            ..Failure::new(
+                ApiErrorCode::CertificateRefused,
+                format!("the broker at {} presents {presented}, not {wanted}; nothing changed", mesh.broker_url),
+            )
+            .0
+        }));
+    }
+    let id = mesh.id;
+    d.db.call(move |c| crate::meshes::set_tls_pin(c, &id, &wanted)).await?;
+    d.repin(&mesh.id, wanted);
+    tracing::info!(mesh = %mesh.name, pin = %wanted, previous = ?mesh.tls_pin, "broker certificate pinned");
+    Ok(Json(answer(true)))
 }

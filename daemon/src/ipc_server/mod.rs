@@ -41,7 +41,7 @@ pub struct Failure(pub ApiError);
 
 impl Failure {
     pub fn new(code: ApiErrorCode, message: String) -> Failure {
-        Failure(ApiError { code, message, hint: None, candidates: Vec::new() })
+        Failure(ApiError { code, message, hint: None, candidates: Vec::new(), certificate: None })
     }
 
     /// A request cut short by the daemon's shutdown.
@@ -94,6 +94,22 @@ impl From<LinkError> for Failure {
             LinkError::Unreachable { .. } => Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()),
             LinkError::Refused(_) => Failure::new(ApiErrorCode::BrokerRefused, e.to_string()),
             LinkError::Protocol(_) => Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()),
+            LinkError::Certificate(refused) => {
+                let presented = refused.presented().map(|p| p.to_string());
+                let failure = match &refused {
+                    crate::tls::CertError::Untrusted { got } => {
+                        Failure::new(ApiErrorCode::CertificateUntrusted, refused.to_string()).with_hint(format!(
+                            "if the broker is self-signed, check {got} with its operator (`mesh broker serve` prints it) and pin it with --pin {got}"
+                        ))
+                    }
+                    crate::tls::CertError::Changed { mesh, .. } => {
+                        Failure::new(ApiErrorCode::CertificateRefused, refused.to_string())
+                            .with_hint(format!("mesh repin --mesh {mesh}"))
+                    }
+                    _ => Failure::new(ApiErrorCode::CertificateRefused, refused.to_string()),
+                };
+                Failure(ApiError { certificate: presented, ..failure.0 })
+            }
         }
     }
 }
@@ -268,6 +284,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::MESHES, get(meshes::list).post(meshes::create))
         .route(routes::MESHES_JOIN, post(meshes::join))
         .route(routes::MESHES_RENAME, post(meshes::rename))
+        .route(routes::MESHES_REPIN, post(meshes::repin))
         .route(routes::MESHES_LIMITS, get(meshes::limits).post(meshes::set_limits))
         .route(routes::CONTEXT, get(meshes::get_context).put(meshes::set_context))
         .route(routes::INVITES, post(meshes::invite))
@@ -379,6 +396,8 @@ async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<St
             name: m.name.clone(),
             my_name: m.display_name(&d.member.name).to_owned(),
             broker: m.broker_url.clone(),
+            transport: m.transport(),
+            tls_pin: m.tls_pin.map(|p| p.to_string()),
             connection: d.link_status(&m.id, &me),
             peers_online: peers.iter().filter(|p| p.peer.online && p.peer.key != me).count() as u32,
             peers_total: peers.iter().filter(|p| p.peer.key != me).count() as u32,

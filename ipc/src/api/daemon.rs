@@ -33,10 +33,52 @@ pub struct MeshStatus {
     #[serde(default)]
     pub my_name: String,
     pub broker: String,
+    /// How the connection to the broker is protected.
+    #[serde(default)]
+    pub transport: Transport,
+    /// For a broker verified by pin: the pin (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pin: Option<String>,
     pub connection: LinkStatus,
     pub peers_online: u32,
     pub peers_total: u32,
     pub outbox: OutboxCounts,
+}
+
+/// How a mesh's broker connection is protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// `ws://` to this machine: nothing leaves it.
+    #[default]
+    Loopback,
+    /// `wss://`, verified by the platform's certificate authorities.
+    Tls,
+    /// `wss://`, verified by the pin of the broker's certificate.
+    TlsPinned,
+    /// `ws://` to another machine: who talks to whom, when and how much is visible on the path
+    /// (message bodies stay end-to-end encrypted).
+    Unencrypted,
+}
+
+impl Transport {
+    pub fn of(broker_url: &str, pinned: bool, unencrypted: bool) -> Transport {
+        match (broker_url.starts_with("wss://"), pinned, unencrypted) {
+            (true, true, _) => Transport::TlsPinned,
+            (true, false, _) => Transport::Tls,
+            (false, _, true) => Transport::Unencrypted,
+            (false, _, false) => Transport::Loopback,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Loopback => "loopback",
+            Transport::Tls => "TLS",
+            Transport::TlsPinned => "TLS, pinned certificate",
+            Transport::Unencrypted => "unencrypted transport",
+        }
+    }
 }
 
 /// A broker connection as the daemon sees it.

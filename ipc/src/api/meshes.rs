@@ -12,6 +12,12 @@ pub struct MeshInfo {
     pub role: Role,
     /// True for the local mesh served by this daemon's embedded broker.
     pub embedded: bool,
+    /// How the connection to the broker is protected.
+    #[serde(default)]
+    pub transport: super::Transport,
+    /// For a broker verified by pin: the pin (`sha256:…`), which invites carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pin: Option<String>,
     pub joined_at: u64,
     /// The member's display name in this mesh.
     #[serde(default)]
@@ -28,10 +34,17 @@ pub struct MeshInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateMeshRequest {
     pub name: String,
-    /// `ws://host:port` (the `/v1/ws` path is added when missing).
+    /// `wss://host:port` or `ws://host:port` (the `/v1/ws` path is added when missing).
     pub broker: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_token: Option<String>,
+    /// For `wss://`: the SHA-256 of the broker's certificate (`sha256:…`), which then verifies it
+    /// instead of the platform's certificate authorities, now and for everyone invited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+    /// Allow plain `ws://` to another machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// The member's display name in the new mesh (default: the identity's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
@@ -51,6 +64,38 @@ pub struct JoinMeshRequest {
     /// `name_taken`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suffix_if_taken: bool,
+    /// Allow an invite's plain `ws://` broker on another machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// `POST /v1/meshes/repin`: the pin of a mesh's broker certificate. Without `pin`, nothing changes:
+/// the answer says what the broker presents now. With it, the broker must present exactly that
+/// certificate, which then becomes the mesh's pin (for this member; invites made after carry it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepinRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepinResponse {
+    pub mesh: String,
+    pub broker: String,
+    /// The certificate the broker presents now.
+    pub presented: String,
+    /// The mesh's pin before this request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// Whether the mesh is now pinned to `presented`.
+    pub pinned: bool,
+    /// Whether this machine's certificate authorities vouch for the presented certificate.
+    pub trusted_by_platform: bool,
+    /// When they do not: why (no authority, expired, another host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_refused: Option<String>,
 }
 
 /// `POST /v1/meshes/rename`: the member's display name in one mesh.
@@ -127,6 +172,9 @@ pub struct InviteResponse {
     pub token: String,
     pub mesh: String,
     pub broker: String,
+    /// The broker certificate's pin the invite carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pin: Option<String>,
     pub expires_at: u64,
     pub max_uses: Option<u32>,
     pub role: Role,

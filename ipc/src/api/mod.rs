@@ -31,6 +31,9 @@ pub struct ApiError {
     /// For an unknown or ambiguous target: the peers it could mean ("did you mean").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<Candidate>,
+    /// For a refused broker certificate: the one presented (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// A peer a mistyped or ambiguous target could mean.
@@ -69,6 +72,13 @@ pub enum ApiErrorCode {
     InvalidName,
     /// The broker could not be reached.
     BrokerUnreachable,
+    /// A `wss://` broker whose certificate no authority here vouches for: pin it (the error's
+    /// `certificate` is the one it presented) after checking it with the broker's operator.
+    CertificateUntrusted,
+    /// The broker's certificate was refused: not the pinned one, expired, for another host.
+    CertificateRefused,
+    /// Plain `ws://` to another machine without `insecure`.
+    InsecureTransport,
     ShuttingDown,
     Internal,
     #[serde(other)]
@@ -82,7 +92,8 @@ impl ApiErrorCode {
             | ApiErrorCode::InvalidName
             | ApiErrorCode::UnknownTarget
             | ApiErrorCode::AmbiguousTarget
-            | ApiErrorCode::VersionMismatch => 400,
+            | ApiErrorCode::VersionMismatch
+            | ApiErrorCode::InsecureTransport => 400,
             ApiErrorCode::Unauthorized => 401,
             ApiErrorCode::NotFound | ApiErrorCode::UnknownMesh => 404,
             ApiErrorCode::MethodNotAllowed => 405,
@@ -90,7 +101,9 @@ impl ApiErrorCode {
             ApiErrorCode::PayloadTooLarge => 413,
             ApiErrorCode::UnsupportedMediaType => 415,
             ApiErrorCode::BrokerRefused => 422,
-            ApiErrorCode::BrokerUnreachable => 502,
+            ApiErrorCode::BrokerUnreachable | ApiErrorCode::CertificateUntrusted | ApiErrorCode::CertificateRefused => {
+                502
+            }
             ApiErrorCode::ShuttingDown => 503,
             ApiErrorCode::Internal | ApiErrorCode::Unknown => 500,
         }

@@ -1,0 +1,213 @@
+//! TLS on the broker's port (`wss://`): a certificate and key read from PEM files, or a self-signed
+//! pair generated once for given host names and kept beside the database. The pair in use can be
+//! swapped while serving ([`ServerTls::reload`], on SIGHUP): connections already up keep the session
+//! they made, new handshakes get the new certificate.
+//!
+//! rustls with the ring provider: nothing to install, no OpenSSL.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use mesh_proto::pin::CertPin;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// File names of a generated self-signed pair in the broker's directory.
+pub const SELF_SIGNED_CERT: &str = "broker-tls-cert.pem";
+pub const SELF_SIGNED_KEY: &str = "broker-tls-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("the key in {key} does not go with the certificate in {cert}: {detail}")]
+    Mismatch { cert: PathBuf, key: PathBuf, detail: String },
+    #[error("generating a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is readable by others (mode {mode:o}); chmod 600 it")]
+    KeyMode { path: PathBuf, mode: u32 },
+}
+
+/// The certificate the broker presents, and where it comes from.
+pub struct ServerTls {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: Arc<Current>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("cert", &self.cert_path).field("pin", &self.pin()).finish_non_exhaustive()
+    }
+}
+
+/// The pair handed to each new handshake.
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
+}
+
+impl ServerTls {
+    /// Serves the certificate chain in `cert` (leaf first) with the private key in `key`, both PEM.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pair = load(cert, key, &provider)?;
+        let current = Arc::new(Current(RwLock::new(Arc::new(pair))));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Generate(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        // A WebSocket upgrade is HTTP/1.1; /health too.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            cert_path: cert.to_owned(),
+            key_path: key.to_owned(),
+            provider,
+            current,
+            config: Arc::new(config),
+        })
+    }
+
+    /// A self-signed certificate for `hosts` (names or IP addresses), generated in `dir` on first use
+    /// (key 0600) and reused after, whatever hosts are given then: its pin is what members recorded.
+    pub fn self_signed(dir: &Path, hosts: &[String]) -> Result<ServerTls, TlsError> {
+        let (cert, key) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
+        if !cert.exists() || !key.exists() {
+            generate(&cert, &key, hosts)?;
+            tracing::info!(cert = %cert.display(), ?hosts, "generated a self-signed TLS certificate");
+        }
+        check_key_mode(&key)?;
+        ServerTls::from_files(&cert, &key)
+    }
+
+    /// Reads the files again; on success new handshakes present the new pair. On failure the pair in
+    /// use stays.
+    pub fn reload(&self) -> Result<CertPin, TlsError> {
+        let pair = load(&self.cert_path, &self.key_path, &self.provider)?;
+        let pin = pin_of(&pair);
+        *self.current.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(pair);
+        Ok(pin)
+    }
+
+    /// The SHA-256 of the leaf certificate now presented: what `mesh create --pin` takes.
+    pub fn pin(&self) -> CertPin {
+        pin_of(&self.current.0.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.clone())
+    }
+}
+
+fn pin_of(pair: &CertifiedKey) -> CertPin {
+    CertPin::of_der(pair.cert.first().map_or(&[][..], |c| c.as_ref()))
+}
+
+fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let read =
+        |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Read { path: path.to_owned(), detail: e.to_string() };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| read(cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read(cert, e))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert.to_owned() });
+    }
+    let secret = PrivateKeyDer::from_pem_file(key).map_err(|e| read(key, e))?;
+    CertifiedKey::from_der(chain, secret, provider).map_err(|e| TlsError::Mismatch {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn generate(cert: &Path, key: &Path, hosts: &[String]) -> Result<(), TlsError> {
+    let mut params = rcgen::CertificateParams::new(hosts.to_vec()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, hosts.first().map_or("mesh broker", String::as_str));
+    name.push(rcgen::DnType::OrganizationName, "mesh broker (self-signed)");
+    params.distinguished_name = name;
+    let pair = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let issued = params.self_signed(&pair).map_err(|e| TlsError::Generate(e.to_string()))?;
+    // The key first, created 0600 from the start; the certificate is public.
+    write_private(key, pair.serialize_pem().as_bytes())?;
+    std::fs::write(cert, issued.pem()).map_err(|source| TlsError::Write { path: cert.to_owned(), source })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    write().map_err(|source| TlsError::Write { path: path.to_owned(), source })
+}
+
+/// A generated key is the broker's alone: refuse to serve one others can read.
+fn check_key_mode(key: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(key)
+        .map_err(|e| TlsError::Read { path: key.to_owned(), detail: e.to_string() })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyMode { path: key.to_owned(), mode: mode & 0o777 });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_self_signed_pair_is_made_once_kept_private_and_reused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let first = ServerTls::self_signed(dir.path(), &["localhost".into(), "127.0.0.1".into()]).expect("made");
+        let mode = std::fs::metadata(dir.path().join(SELF_SIGNED_KEY)).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = ServerTls::self_signed(dir.path(), &["other.example".into()]).expect("reused");
+        assert_eq!(first.pin(), again.pin(), "the same certificate, so pins recorded stay good");
+        std::fs::set_permissions(dir.path().join(SELF_SIGNED_KEY), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        assert!(matches!(ServerTls::self_signed(dir.path(), &[]), Err(TlsError::KeyMode { .. })));
+    }
+
+    #[test]
+    fn reload_swaps_the_pair_and_keeps_the_old_one_when_the_new_files_are_bad() {
+        let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+        let tls = ServerTls::self_signed(a.path(), &["localhost".into()]).expect("a");
+        let before = tls.pin();
+        let other = ServerTls::self_signed(b.path(), &["localhost".into()]).expect("b");
+        std::fs::write(a.path().join(SELF_SIGNED_CERT), "not pem").expect("garbage");
+        assert!(tls.reload().is_err());
+        assert_eq!(tls.pin(), before, "a failed reload keeps serving the old pair");
+        // A certificate with a key that is not its own is refused too.
+        std::fs::copy(b.path().join(SELF_SIGNED_CERT), a.path().join(SELF_SIGNED_CERT)).expect("copy");
+        assert!(matches!(tls.reload(), Err(TlsError::Mismatch { .. })));
+        std::fs::copy(b.path().join(SELF_SIGNED_KEY), a.path().join(SELF_SIGNED_KEY)).expect("copy");
+        assert_eq!(tls.reload().expect("reloaded"), other.pin());
+        assert_eq!(tls.pin(), other.pin());
+    }
+}
