@@ -32,12 +32,19 @@ fn short_tempdir(prefix: &str) -> tempfile::TempDir {
 pub struct TestHome {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl TestHome {
     /// `bin` is the `mesh` binary under test (`env!("CARGO_BIN_EXE_mesh")`).
     pub fn new(bin: &str) -> TestHome {
-        TestHome { dir: short_tempdir("mesh-"), bin: PathBuf::from(bin) }
+        TestHome { dir: short_tempdir("mesh-"), bin: PathBuf::from(bin), env: Vec::new() }
+    }
+
+    /// Every command of this home (and the daemon it starts) runs with `key` set to `value`.
+    pub fn with_env(mut self, key: &str, value: impl Into<std::ffi::OsString>) -> TestHome {
+        self.env.push((key.to_owned(), value.into()));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -52,6 +59,7 @@ impl TestHome {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(args).env("MESH_HOME", self.dir.path()).env_remove("MESH_SESSION_FILE").stdin(Stdio::null());
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -242,6 +250,8 @@ pub struct BrokerProcess {
     pub port: u16,
     /// `http://ADDR/metrics` when started with `--metrics-listen`.
     pub metrics: Option<String>,
+    /// With TLS: the pin of the certificate it serves (`sha256:…`).
+    pub tls_pin: Option<String>,
     pub db: PathBuf,
     extra: Vec<String>,
     _dir: Option<tempfile::TempDir>,
@@ -280,15 +290,19 @@ impl BrokerProcess {
         BufReader::new(stdout).read_line(&mut line).expect("reading the broker's ready line");
         let url = line
             .split_whitespace()
-            .find(|w| w.starts_with("ws://"))
+            .find(|w| w.starts_with("ws://") || w.starts_with("wss://"))
             .unwrap_or_else(|| panic!("no ws:// URL in the broker's ready line {line:?}"))
             .to_owned();
+        let tls_pin = line
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned());
         let port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port in the broker URL");
         let metrics = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
             .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned());
-        BrokerProcess { child, url, port, metrics, db: db.to_owned(), extra: extra.to_vec(), _dir: None }
+        BrokerProcess { child, url, port, metrics, tls_pin, db: db.to_owned(), extra: extra.to_vec(), _dir: None }
     }
 
     /// The broker process's pid.
@@ -309,6 +323,11 @@ impl BrokerProcess {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Sends the broker a signal (SIGHUP: reload its certificate).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).expect("signalling the broker");
     }
 
     pub fn kill9(&mut self) {

@@ -176,6 +176,54 @@ fn service() -> Check {
     }
 }
 
+/// A `wss://` mesh's broker certificate: the pinned one, or one an authority here vouches for. Asked
+/// only of a broker that answered lately (online, or refused): one that does not answer has failed
+/// its own check already.
+fn certificate(client: &mesh_ipc::IpcClient, m: &mesh_ipc::api::MeshStatus) -> Option<Check> {
+    use mesh_ipc::api::{RepinRequest, RepinResponse, Transport};
+    let name = format!("certificate ({})", m.name);
+    if m.transport == Transport::Unencrypted {
+        return Some(pass(
+            name,
+            "none: plain ws:// to another machine (--insecure); metadata is visible on the network",
+        ));
+    }
+    if !matches!(m.transport, Transport::Tls | Transport::TlsPinned)
+        || !matches!(m.connection.state, LinkState::Online | LinkState::Rejected)
+    {
+        return None;
+    }
+    // The daemon connects to look: up to its connect timeout.
+    let request = RepinRequest { mesh: Some(m.name.clone()), pin: None };
+    let asked = super::block_on(async {
+        let probe = client.post::<_, RepinResponse>(routes::MESHES_REPIN, &request);
+        tokio::time::timeout(std::time::Duration::from_secs(15), probe).await
+    });
+    let seen = match asked {
+        Ok(Ok(Ok(seen))) => seen,
+        Ok(Ok(Err(e))) => {
+            return Some(fail(name, e.to_string(), "mesh repin --mesh NAME shows what the broker presents"));
+        }
+        Ok(Err(_)) | Err(_) => {
+            return Some(fail(name, "no answer in time", "try again; check that the broker answers"));
+        }
+    };
+    let fix_pin = format!(
+        "if the broker's operator confirms {} as its certificate: mesh repin --mesh {} --pin {}",
+        seen.presented, m.name, seen.presented
+    );
+    Some(match &m.tls_pin {
+        Some(pin) if *pin == seen.presented => pass(name, format!("pinned {pin}, and the broker presents it")),
+        Some(pin) => fail(name, format!("broker certificate changed: expected {pin}, got {}", seen.presented), fix_pin),
+        None if seen.trusted_by_platform => pass(name, "vouched for by a certificate authority this machine trusts"),
+        None => fail(
+            name,
+            seen.platform_refused.unwrap_or_else(|| "refused".into()),
+            "the broker's operator renews or fixes its certificate (or it is self-signed: pin it with mesh repin)",
+        ),
+    })
+}
+
 /// The checks that ask the daemon: each mesh's broker and clock, dead letters, webhooks, sessions.
 /// `Err`: the daemon stopped answering.
 fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyhow::Result<Result<(), String>> {
@@ -202,6 +250,9 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
                 format!("check that the broker at {} runs and that this machine reaches it", m.broker),
             ),
         });
+        if let Some(check) = certificate(client, m) {
+            checks.push(check);
+        }
         // Measured at the last welcome: only said while the link is up.
         if let Some(skew) = c.clock_skew_ms.filter(|_| c.state == LinkState::Online) {
             let name = format!("clock ({})", m.name);

@@ -18,6 +18,7 @@ mod readme;
 mod service;
 mod sessions;
 mod setup;
+mod tls;
 mod tui;
 mod webhooks;
 
