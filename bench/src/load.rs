@@ -43,9 +43,10 @@ pub async fn run(
     msgs: usize,
     rate: Option<f64>,
     timeout: Duration,
+    tls: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let broker = Broker::start(bin)?;
-    let (mesh, _gk, conns) = peer::mesh_of(&broker.url, peers.max(2)).await?;
+    let broker = Broker::start_with(bin, tls)?;
+    let (mesh, _gk, conns) = peer::mesh_of(&broker.endpoint, peers.max(2)).await?;
     let directory: Arc<Vec<(PublicKey, EncPublicKey)>> =
         Arc::new(conns.iter().map(|(id, _)| (id.key(), id.enc_key())).collect());
     // Every message is sealed before the clock starts: the load generator shares the machine with the
@@ -145,6 +146,7 @@ pub async fn run(
     let accept = shared.accept.lock().await.clone();
     Ok(json!({
         "scenario": "load",
+        "transport": if tls { "wss" } else { "ws" },
         "peers": directory.len(),
         "msgs": msgs,
         "offered_per_s": rate,

@@ -49,6 +49,9 @@ enum Scenario {
         rate: Option<f64>,
         #[arg(long, default_value = "900s", value_parser = humantime_like)]
         timeout: Duration,
+        /// Run it again over wss:// (self-signed TLS) in the same run, and report TLS's cost
+        #[arg(long)]
+        tls: bool,
     },
     /// The broker's sustained durable rate, beside NATS JetStream in the same run
     Throughput {
@@ -61,6 +64,9 @@ enum Scenario {
         /// Skip the NATS JetStream reference
         #[arg(long)]
         no_nats: bool,
+        /// Run it again over wss:// (self-signed TLS) in the same run, and report TLS's cost
+        #[arg(long)]
+        tls: bool,
     },
     /// One broadcast to N peers, and one event to N stream watchers
     Fanout {
@@ -111,6 +117,29 @@ fn print(json: bool, v: &serde_json::Value) {
     }
 }
 
+/// What TLS costs: the rate over `wss://` against `ws://` in the same run (and latencies where the
+/// scenario has them). Target: within 15 %.
+fn tls_cost(plain: &serde_json::Value, over_tls: &serde_json::Value) -> serde_json::Value {
+    let rate = |v: &serde_json::Value| v["msgs_per_s"].as_f64().unwrap_or(0.0);
+    let ratio = rate(over_tls) / rate(plain).max(1e-9);
+    let mut cost = serde_json::json!({
+        "scenario": "tls_cost",
+        "of": plain["scenario"],
+        "ws_msgs_per_s": rate(plain),
+        "wss_msgs_per_s": rate(over_tls),
+        "wss_to_ws": stats::r3(ratio),
+        "cost_pct": stats::r3((1.0 - ratio) * 100.0),
+        "within_15_pct": ratio >= 0.85,
+    });
+    if let (Some(a), Some(b)) = (plain["p50_ms"].as_f64(), over_tls["p50_ms"].as_f64()) {
+        cost["ws_p50_ms"] = a.into();
+        cost["wss_p50_ms"] = b.into();
+        cost["ws_p99_ms"] = plain["p99_ms"].clone();
+        cost["wss_p99_ms"] = over_tls["p99_ms"].clone();
+    }
+    cost
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bin = procs::mesh_bin(cli.mesh_bin)?;
@@ -119,10 +148,27 @@ fn main() -> anyhow::Result<()> {
     let results = rt.block_on(async {
         anyhow::Ok(match cli.scenario {
             Scenario::Send { runs } => vec![send::run(&bin, runs).await?],
-            Scenario::Load { peers, msgs, rate, timeout } => vec![load::run(&bin, peers, msgs, rate, timeout).await?],
-            Scenario::Throughput { senders, msgs, body_bytes, no_nats } => {
-                let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: !no_nats };
-                vec![throughput::run(&bin, p).await?]
+            Scenario::Load { peers, msgs, rate, timeout, tls } => {
+                let plain = load::run(&bin, peers, msgs, rate, timeout, false).await?;
+                if tls {
+                    let over_tls = load::run(&bin, peers, msgs, rate, timeout, true).await?;
+                    let cost = tls_cost(&plain, &over_tls);
+                    vec![plain, over_tls, cost]
+                } else {
+                    vec![plain]
+                }
+            }
+            Scenario::Throughput { senders, msgs, body_bytes, no_nats, tls } => {
+                let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: !no_nats, tls: false };
+                let plain = throughput::run(&bin, p).await?;
+                if tls {
+                    let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: false, tls: true };
+                    let over_tls = throughput::run(&bin, p).await?;
+                    let cost = tls_cost(&plain, &over_tls);
+                    vec![plain, over_tls, cost]
+                } else {
+                    vec![plain]
+                }
             }
             Scenario::Fanout { receivers, rounds } => vec![
                 fanout::broadcast(&bin, receivers, rounds, timeout).await?,
@@ -134,10 +180,19 @@ fn main() -> anyhow::Result<()> {
                 let nats = std::process::Command::new("nats-server").arg("--version").output().is_ok();
                 vec![
                     send::run(&bin, 5).await?,
-                    load::run(&bin, 3, 5, None, timeout).await?,
-                    load::run(&bin, 3, 5, Some(100.0), timeout).await?,
-                    throughput::run(&bin, throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats })
-                        .await?,
+                    load::run(&bin, 3, 5, None, timeout, false).await?,
+                    load::run(&bin, 3, 5, Some(100.0), timeout, false).await?,
+                    load::run(&bin, 3, 5, None, timeout, true).await?,
+                    throughput::run(
+                        &bin,
+                        throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats, tls: false },
+                    )
+                    .await?,
+                    throughput::run(
+                        &bin,
+                        throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats: false, tls: true },
+                    )
+                    .await?,
                     fanout::broadcast(&bin, 3, 2, timeout).await?,
                     fanout::sse(&bin, 2, 2, timeout).await?,
                     mcp::run(&bin, 3, Duration::from_secs(1)).await?,

@@ -17,15 +17,43 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A broker's address, and for `wss://` the client configuration that trusts it.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub url: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration whose only authority is the (self-signed) certificate in `pem`.
+pub fn trusting(pem: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pem)? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Connects and completes the handshake.
 pub async fn connect(
-    url: &str,
+    endpoint: &Endpoint,
     mesh: MeshId,
     id: &Identity,
     name: &str,
     intent: impl FnOnce(&[u8]) -> Intent,
 ) -> anyhow::Result<(Ws, Welcome)> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(format!("{url}{}", wire::WS_PATH), None, true)
+    let connector = match &endpoint.tls {
+        Some(config) => tokio_tungstenite::Connector::Rustls(config.clone()),
+        None => tokio_tungstenite::Connector::Plain,
+    };
+    let url = format!("{}{}", endpoint.url, wire::WS_PATH);
+    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector))
         .await
         .context("connecting")?;
     let challenge = match next(&mut ws).await? {
@@ -66,17 +94,17 @@ async fn next(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
 
 /// A mesh of `n` peers on one broker, every one connected: the first created it, the others joined
 /// with one invite. Returns the mesh, its group key and each peer's identity and socket.
-pub async fn mesh_of(url: &str, n: usize) -> anyhow::Result<(MeshId, GroupKey, Vec<(Identity, Ws)>)> {
+pub async fn mesh_of(endpoint: &Endpoint, n: usize) -> anyhow::Result<(MeshId, GroupKey, Vec<(Identity, Ws)>)> {
     let mesh = MeshId::generate();
     let group_key = GroupKey::generate();
     let owner = Identity::generate();
     let (ws, _) =
-        connect(url, mesh, &owner, "peer-0", |_| Intent::Create { mesh_name: "bench".into(), create_token: None })
+        connect(endpoint, mesh, &owner, "peer-0", |_| Intent::Create { mesh_name: "bench".into(), create_token: None })
             .await?;
     let params = InviteParams {
         mesh_id: mesh,
         mesh_name: "bench".into(),
-        broker_url: url.to_owned(),
+        broker_url: endpoint.url.clone(),
         tls_pin: None,
         role: Role::Member,
         issued_at: now_ms(),
@@ -87,11 +115,11 @@ pub async fn mesh_of(url: &str, n: usize) -> anyhow::Result<(MeshId, GroupKey, V
     let mut peers = vec![(owner, ws)];
     let mut joins = tokio::task::JoinSet::new();
     for i in 1..n {
-        let (url, invite) = (url.to_owned(), invite.clone());
+        let (endpoint, invite) = (endpoint.clone(), invite.clone());
         joins.spawn(async move {
             let id = Identity::generate();
             let key = id.key();
-            let (ws, _) = connect(&url, mesh, &id, &format!("peer-{i}"), |challenge| Intent::Join {
+            let (ws, _) = connect(&endpoint, mesh, &id, &format!("peer-{i}"), |challenge| Intent::Join {
                 invite: invite.invite.clone(),
                 proof: invite.prove(challenge, &key),
             })

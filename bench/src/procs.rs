@@ -41,12 +41,20 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 pub struct Broker {
     child: Child,
     pub url: String,
+    /// Where protocol-level peers connect, and how they trust a TLS broker.
+    pub endpoint: crate::peer::Endpoint,
     _dir: tempfile::TempDir,
 }
 
 impl Broker {
     pub fn start(bin: &Path) -> anyhow::Result<Broker> {
+        Broker::start_with(bin, false)
+    }
+
+    /// With `tls`, the broker serves `wss://` with a self-signed certificate, which peers trust.
+    pub fn start_with(bin: &Path, tls: bool) -> anyhow::Result<Broker> {
         let dir = tempfile::Builder::new().prefix("mesh-bench-").tempdir_in("/tmp")?;
+        let tls_args: &[&str] = if tls { &["--tls-self-signed", "localhost,127.0.0.1"] } else { &[] };
         let mut child = Command::new(bin)
             .args([
                 "broker",
@@ -63,6 +71,7 @@ impl Broker {
                 "--max-pending-per-address",
                 "100000",
             ])
+            .args(tls_args)
             .arg("--db")
             .arg(dir.path().join("broker.db"))
             .env("MESH_LOG", "warn")
@@ -73,8 +82,14 @@ impl Broker {
             .context("starting mesh broker serve")?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let url = line.split_whitespace().find(|w| w.starts_with("ws://")).context("broker ready line")?.to_owned();
-        Ok(Broker { child, url, _dir: dir })
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("ws://") || w.starts_with("wss://"))
+            .context("broker ready line")?
+            .to_owned();
+        let trust = if tls { Some(crate::peer::trusting(&dir.path().join("broker-tls-cert.pem"))?) } else { None };
+        let endpoint = crate::peer::Endpoint { url: url.clone(), tls: trust };
+        Ok(Broker { child, url, endpoint, _dir: dir })
     }
 
     pub fn pid(&self) -> u32 {

@@ -27,6 +27,8 @@ pub struct Params {
     pub body_bytes: usize,
     pub timeout: Duration,
     pub nats: bool,
+    /// Over `wss://` (self-signed) instead of `ws://`.
+    pub tls: bool,
 }
 
 pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json::Value> {
@@ -35,6 +37,7 @@ pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json:
     let MeshRun { accepted_per_s, delivered_per_s, payload, rss, broker_cpu_s } = mesh_result;
     Ok(json!({
         "scenario": "throughput",
+        "transport": if p.tls { "wss" } else { "ws" },
         "senders": p.senders,
         "msgs": p.msgs * p.senders,
         "payload_bytes": payload,
@@ -59,8 +62,8 @@ struct MeshRun {
 }
 
 async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
-    let broker = Broker::start(bin)?;
-    let (mesh, _gk, conns) = peer::mesh_of(&broker.url, p.senders * 2).await?;
+    let broker = Broker::start_with(bin, p.tls)?;
+    let (mesh, _gk, conns) = peer::mesh_of(&broker.endpoint, p.senders * 2).await?;
     let mut conns = conns.into_iter();
     let total = p.senders * p.msgs;
     let accepted = Arc::new(AtomicUsize::new(0));
