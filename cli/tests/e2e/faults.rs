@@ -53,12 +53,27 @@ fn restart(victim: Victim, alice: &TestHome, bob: &TestHome, broker: &mut Broker
 #[test]
 fn random_kill_9_of_daemons_and_broker_under_load_loses_and_duplicates_nothing() {
     let rounds: usize = std::env::var("MESH_FAULT_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    kill_9_under_load(BrokerProcess::start(MESH), rounds);
+}
+
+/// The same over TLS: a self-signed broker, pinned; its certificate survives its restarts.
+#[test]
+fn random_kill_9_under_load_over_tls_loses_and_duplicates_nothing() {
+    let rounds: usize = std::env::var("MESH_FAULT_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    kill_9_under_load(
+        BrokerProcess::start_with(MESH, &["--tls-self-signed", "localhost,127.0.0.1"]),
+        rounds.div_ceil(2),
+    );
+}
+
+/// Sends `rounds` × 200 messages from alice to bob, killing (SIGKILL) the sender's daemon, the
+/// recipient's or the broker at a random point of each round; every message arrives exactly once.
+fn kill_9_under_load(mut broker: BrokerProcess, rounds: usize) {
     let seed: u64 =
         std::env::var("MESH_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(mesh_proto::now_ms);
-    eprintln!("fault suite: {rounds} rounds, MESH_FAULT_SEED={seed}");
+    eprintln!("fault suite: {rounds} rounds on {}, MESH_FAULT_SEED={seed}", broker.url);
     let mut rng = StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let mut broker = BrokerProcess::start(MESH);
     let (alice, bob) = team(&broker);
 
     let mut sent = Vec::with_capacity(rounds * PER_ROUND);

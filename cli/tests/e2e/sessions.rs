@@ -13,7 +13,10 @@ pub fn team(broker: &BrokerProcess) -> (TestHome, TestHome) {
     bob.ok(&["init", "--name", "bob"]);
     alice.ok(&["daemon", "up", "--no-embedded"]);
     bob.ok(&["daemon", "up", "--no-embedded"]);
-    alice.ok(&["create", "team", "--broker", &broker.url]);
+    match &broker.tls_pin {
+        Some(pin) => alice.ok(&["create", "team", "--broker", &broker.url, "--pin", pin]),
+        None => alice.ok(&["create", "team", "--broker", &broker.url]),
+    };
     let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
     bob.ok(&["join", &token]);
     wait_for_peer(&alice, "bob");
