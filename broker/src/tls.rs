@@ -31,8 +31,58 @@ pub enum TlsError {
     Generate(String),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("{path} is readable by others (mode {mode:o}); chmod 600 it")]
+    #[error("{path} is open to other users (mode {mode:o}); chmod 600 it")]
     KeyMode { path: PathBuf, mode: u32 },
+    #[error("{found} is there but {missing} is not; restore it, or remove both to make a new pair")]
+    HalfPair { found: PathBuf, missing: PathBuf },
+    #[error("{0:?} is not a host name or an IP address")]
+    BadHost(String),
+}
+
+/// What a certificate says of itself: when it is valid, and for which names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFacts {
+    /// Seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// DNS names and IP addresses of its subject alternative names.
+    pub names: Vec<String>,
+}
+
+impl CertFacts {
+    /// `None` when `der` is not a certificate x509-parser can read.
+    pub fn of(der: &[u8]) -> Option<CertFacts> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let validity = cert.validity();
+        let names = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(ip) => match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                        16 => <[u8; 16]>::try_from(*ip).ok().map(|b| std::net::IpAddr::from(b).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Some(CertFacts {
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
+            names,
+        })
+    }
+
+    /// Whether `at` (seconds since the epoch) is within its dates.
+    pub fn valid_at(&self, at: i64) -> bool {
+        self.not_before <= at && at <= self.not_after
+    }
 }
 
 /// The certificate the broker presents, and where it comes from.
@@ -64,6 +114,7 @@ impl ServerTls {
     /// Serves the certificate chain in `cert` (leaf first) with the private key in `key`, both PEM.
     pub fn from_files(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        check_key_mode(key)?;
         let pair = load(cert, key, &provider)?;
         let current = Arc::new(Current(RwLock::new(Arc::new(pair))));
         let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -85,18 +136,43 @@ impl ServerTls {
     /// A self-signed certificate for `hosts` (names or IP addresses), generated in `dir` on first use
     /// (key 0600) and reused after, whatever hosts are given then: its pin is what members recorded.
     pub fn self_signed(dir: &Path, hosts: &[String]) -> Result<ServerTls, TlsError> {
+        check_hosts(hosts)?;
         let (cert, key) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
-        if !cert.exists() || !key.exists() {
-            generate(&cert, &key, hosts)?;
-            tracing::info!(cert = %cert.display(), ?hosts, "generated a self-signed TLS certificate");
+        match (cert.exists(), key.exists()) {
+            (false, false) => {
+                generate(&cert, &key, hosts)?;
+                tracing::info!(cert = %cert.display(), ?hosts, "generated a self-signed TLS certificate");
+            }
+            (true, false) => return Err(TlsError::HalfPair { found: cert, missing: key }),
+            (false, true) => return Err(TlsError::HalfPair { found: key, missing: cert }),
+            (true, true) => {}
         }
-        check_key_mode(&key)?;
-        ServerTls::from_files(&cert, &key)
+        let tls = ServerTls::from_files(&cert, &key)?;
+        let names = tls.facts().map(|f| f.names).unwrap_or_default();
+        let missing: Vec<&String> = hosts.iter().filter(|h| !names.iter().any(|n| n.eq_ignore_ascii_case(h))).collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                cert = %cert.display(),
+                ?names,
+                ?missing,
+                "the self-signed certificate kept here is not for every host asked for; it is served as it is \
+                 (its pin is what members recorded): remove both files to make one for these hosts, then \
+                 members run mesh repin"
+            );
+        }
+        Ok(tls)
+    }
+
+    /// What the certificate now presented says of itself.
+    pub fn facts(&self) -> Option<CertFacts> {
+        let current = self.current.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        current.cert.first().and_then(|c| CertFacts::of(c.as_ref()))
     }
 
     /// Reads the files again; on success new handshakes present the new pair. On failure the pair in
     /// use stays.
     pub fn reload(&self) -> Result<CertPin, TlsError> {
+        check_key_mode(&self.key_path)?;
         let pair = load(&self.cert_path, &self.key_path, &self.provider)?;
         let pin = pin_of(&pair);
         *self.current.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(pair);
@@ -132,11 +208,38 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
         return Err(TlsError::NoCertificate { path: cert.to_owned() });
     }
     let secret = PrivateKeyDer::from_pem_file(key).map_err(|e| read(key, e))?;
-    CertifiedKey::from_der(chain, secret, provider).map_err(|e| TlsError::Mismatch {
+    let pair = CertifiedKey::from_der(chain, secret, provider).map_err(|e| TlsError::Mismatch {
         cert: cert.to_owned(),
         key: key.to_owned(),
         detail: e.to_string(),
-    })
+    })?;
+    // Served all the same (the operator may be about to replace it), but said loudly.
+    if let Some(facts) = pair.cert.first().and_then(|c| CertFacts::of(c.as_ref()))
+        && !facts.valid_at(mesh_proto::now_ms() as i64 / 1000)
+    {
+        tracing::warn!(
+            cert = %cert.display(),
+            not_before = facts.not_before,
+            not_after = facts.not_after,
+            "the TLS certificate is outside its validity dates: clients will refuse it"
+        );
+    }
+    Ok(pair)
+}
+
+/// Host names and addresses a self-signed certificate may be made for.
+pub fn check_hosts(hosts: &[String]) -> Result<(), TlsError> {
+    for host in hosts {
+        let name_ok = rustls::pki_types::ServerName::try_from(host.as_str()).is_ok()
+            && !host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+        // `300.1.1.1` parses as neither an address nor (by these rules) a name of letters.
+        let looks_numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        if !name_ok || (looks_numeric && host.parse::<std::net::IpAddr>().is_err()) {
+            return Err(TlsError::BadHost(host.chars().take(100).collect()));
+        }
+    }
+    Ok(())
 }
 
 fn generate(cert: &Path, key: &Path, hosts: &[String]) -> Result<(), TlsError> {
@@ -147,30 +250,37 @@ fn generate(cert: &Path, key: &Path, hosts: &[String]) -> Result<(), TlsError> {
     params.distinguished_name = name;
     let pair = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
     let issued = params.self_signed(&pair).map_err(|e| TlsError::Generate(e.to_string()))?;
-    // The key first, created 0600 from the start; the certificate is public.
+    // The key first, a new file created 0600 (never one already there); the certificate is public.
     write_private(key, pair.serialize_pem().as_bytes())?;
-    std::fs::write(cert, issued.pem()).map_err(|source| TlsError::Write { path: cert.to_owned(), source })
+    let write_cert = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(cert)?;
+        file.write_all(issued.pem().as_bytes())?;
+        file.sync_all()
+    };
+    write_cert().map_err(|source| TlsError::Write { path: cert.to_owned(), source })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
         file.write_all(bytes)?;
         file.sync_all()
     };
     write().map_err(|source| TlsError::Write { path: path.to_owned(), source })
 }
 
-/// A generated key is the broker's alone: refuse to serve one others can read.
+/// The private key is the broker's alone: refuse one other users can read or write (a group that
+/// may read it, as some systems arrange for TLS keys, is allowed).
 fn check_key_mode(key: &Path) -> Result<(), TlsError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(key)
         .map_err(|e| TlsError::Read { path: key.to_owned(), detail: e.to_string() })?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    if mode & 0o007 != 0 || mode & 0o020 != 0 {
         return Err(TlsError::KeyMode { path: key.to_owned(), mode: mode & 0o777 });
     }
     Ok(())
@@ -189,9 +299,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = ServerTls::self_signed(dir.path(), &["other.example".into()]).expect("reused");
         assert_eq!(first.pin(), again.pin(), "the same certificate, so pins recorded stay good");
+        assert_eq!(first.facts().expect("facts").names, ["localhost", "127.0.0.1"]);
         std::fs::set_permissions(dir.path().join(SELF_SIGNED_KEY), std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
         assert!(matches!(ServerTls::self_signed(dir.path(), &[]), Err(TlsError::KeyMode { .. })));
+        // Half a pair is never completed by a new key (nor is a key others can read ever written).
+        std::fs::remove_file(dir.path().join(SELF_SIGNED_CERT)).expect("rm");
+        let key_before = std::fs::read(dir.path().join(SELF_SIGNED_KEY)).expect("key");
+        assert!(matches!(ServerTls::self_signed(dir.path(), &["localhost".into()]), Err(TlsError::HalfPair { .. })));
+        assert_eq!(std::fs::read(dir.path().join(SELF_SIGNED_KEY)).expect("key"), key_before);
+    }
+
+    #[test]
+    fn hosts_that_are_not_names_or_addresses_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        for bad in ["a b", "300.1.1.1", "line\nbreak", "", "under_score!"] {
+            assert!(matches!(ServerTls::self_signed(dir.path(), &[bad.into()]), Err(TlsError::BadHost(_))), "{bad:?}");
+        }
+        assert!(!dir.path().join(SELF_SIGNED_KEY).exists(), "nothing made");
+        ServerTls::self_signed(dir.path(), &["broker.lan".into(), "10.0.0.5".into(), "::1".into()])
+            .expect("good hosts");
     }
 
     #[test]

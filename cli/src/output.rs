@@ -127,6 +127,8 @@ pub struct Described {
     pub hint: Option<String>,
     pub exit: u8,
     pub candidates: Vec<mesh_ipc::api::Candidate>,
+    /// For a refused broker certificate: the one presented.
+    pub certificate: Option<String>,
 }
 
 pub fn describe_error(err: &anyhow::Error) -> Described {
@@ -136,6 +138,7 @@ pub fn describe_error(err: &anyhow::Error) -> Described {
         hint: None,
         exit: EXIT_FAILURE,
         candidates: Vec::new(),
+        certificate: None,
     };
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<IpcError>() {
@@ -149,6 +152,7 @@ pub fn describe_error(err: &anyhow::Error) -> Described {
                     d.code = api_code(error.code);
                     d.hint = error.hint.clone();
                     d.candidates = error.candidates.clone();
+                    d.certificate = error.certificate.clone();
                 }
                 IpcError::Protocol(_) => d.code = "protocol".into(),
             }
@@ -178,6 +182,9 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
         let mut error = serde_json::json!({ "code": d.code, "message": d.message, "hint": d.hint });
         if !d.candidates.is_empty() {
             error["candidates"] = serde_json::to_value(&d.candidates).unwrap_or_default();
+        }
+        if let Some(certificate) = &d.certificate {
+            error["certificate"] = certificate.as_str().into();
         }
         errln!("{}", serde_json::json!({ "error": error }));
     } else {

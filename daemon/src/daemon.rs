@@ -100,10 +100,15 @@ impl Daemon {
         self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).get(mesh).copied()
     }
 
-    /// Changes the pin of `mesh`'s broker certificate (stored already) and has its links that are
-    /// waiting to reconnect try again now.
-    pub fn repin(&self, mesh: &MeshId, pin: CertPin) {
-        self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).insert(*mesh, pin);
+    /// Changes (or drops) the pin of `mesh`'s broker certificate (stored already) and has its links
+    /// that are waiting to reconnect try again now.
+    pub fn repin(&self, mesh: &MeshId, pin: Option<CertPin>) {
+        let mut pins = self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner);
+        match pin {
+            Some(pin) => pins.insert(*mesh, pin),
+            None => pins.remove(mesh),
+        };
+        drop(pins);
         for ((m, _), link) in self.links.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             if m == mesh {
                 link.retry.notify_one();

@@ -90,6 +90,10 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("broker address {url:?} has no host"));
     }
+    // It travels in every invite and every listing: no secret belongs in it.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("broker address {url:?}: no user name or password in a broker address"));
+    }
     Ok(full)
 }
 
@@ -201,6 +205,20 @@ pub async fn presented_certificate(url: &str, mesh: &str) -> Result<(CertPin, Re
     }
 }
 
+/// Whether a `wss://` broker passes the check `pin` asks for (the platform's authorities without one):
+/// `Ok(Err(why))` when its certificate is refused.
+pub async fn check_certificate(
+    url: &str,
+    pin: Option<CertPin>,
+    mesh: &str,
+) -> Result<Result<(), CertError>, LinkError> {
+    match connect(Broker { url, pin, mesh }).await {
+        Ok(_) => Ok(Ok(())),
+        Err(LinkError::Certificate(refused)) => Ok(Err(refused)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Opens the WebSocket, over TLS for `wss://` with the broker's certificate checked as `broker` says;
 /// with the certificate the broker presented.
 async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
@@ -227,8 +245,16 @@ async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError>
                 if let Some(refused) = verifier.explain(tls, host, broker.mesh) {
                     return Err(LinkError::Certificate(refused));
                 }
+                if matches!(tls, rustls::Error::InvalidMessage(_)) {
+                    return Err(unreachable(format!("{e} (does it speak TLS? a plain broker is ws://)")));
+                }
             }
             Err(unreachable(e.to_string()))
+        }
+        Ok(Err(e @ WsError::Protocol(tokio_tungstenite::tungstenite::error::ProtocolError::HttparseError(_))))
+            if verifier.is_none() =>
+        {
+            Err(unreachable(format!("{e} (does it speak TLS? then its address is wss://)")))
         }
         Ok(Err(e)) => Err(unreachable(e.to_string())),
     }
@@ -329,6 +355,11 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
 
 fn set_state(tx: &watch::Sender<LinkStatus>, state: LinkState, last_error: Option<String>) {
     tx.send_modify(|s| {
+        // A refused link trying again is still refused until that attempt says otherwise: "rejected
+        // since" keeps counting from the first refusal.
+        if s.state == LinkState::Rejected && state == LinkState::Connecting {
+            return;
+        }
         if s.state != state {
             s.since = now_ms();
         }
@@ -448,6 +479,17 @@ async fn run(
     }
 }
 
+/// Why a connection broke, in words: a TLS connection cut without its closing message (the broker
+/// killed, a proxy dropping it) is said as such, not as rustls's advice to programmers.
+fn lost(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the broker's end closed without a goodbye (it stopped, or the network dropped the connection)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// 0.5 s · 2^failures, capped at 30 s, with jitter.
 fn reconnect_delay(failures: u32) -> Duration {
     let exp = RECONNECT_MIN_MS.saturating_mul(1u64 << failures.min(16)).min(RECONNECT_MAX_MS);
@@ -561,7 +603,7 @@ async fn read_loop(
         let first = match first {
             Err(_) => return Ended::transient("no traffic from the broker for 75 s"),
             Ok(None) => return Ended::transient("the broker closed the connection"),
-            Ok(Some(Err(e))) => return Ended::transient(format!("connection lost: {e}")),
+            Ok(Some(Err(e))) => return Ended::transient(format!("connection lost: {}", lost(&e))),
             Ok(Some(Ok(m))) => m,
         };
         // Take whatever else is already here, so deliveries are committed and acked in batches.
@@ -750,6 +792,7 @@ mod tests {
         assert_eq!(ws_endpoint("wss://h").expect("ok"), "wss://h/v1/ws");
         assert!(ws_endpoint("wss://").is_err());
         assert!(ws_endpoint("wss://:7777").is_err());
+        assert!(ws_endpoint("wss://admin:s3cret@h:7777").expect_err("credentials").contains("no user name"));
         assert!(ws_endpoint("http://h").is_err());
         assert!(ws_endpoint("ws://").is_err());
     }

@@ -119,9 +119,12 @@ pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Records the pin of the broker's certificate for `mesh`.
-pub fn set_tls_pin(conn: &Connection, mesh: &MeshId, pin: &CertPin) -> rusqlite::Result<()> {
-    conn.execute("UPDATE meshes SET tls_pin = ?2 WHERE id = ?1", params![mesh.to_string(), pin.to_string()])?;
+/// Records (or, with `None`, drops) the pin of the broker's certificate for `mesh`.
+pub fn set_tls_pin(conn: &Connection, mesh: &MeshId, pin: Option<&CertPin>) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE meshes SET tls_pin = ?2 WHERE id = ?1",
+        params![mesh.to_string(), pin.map(ToString::to_string)],
+    )?;
     Ok(())
 }
 

@@ -325,6 +325,11 @@ impl BrokerProcess {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// Whether the broker process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends the broker a signal (SIGHUP: reload its certificate).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal).expect("signalling the broker");

@@ -149,16 +149,20 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
             #[derive(clap::Parser)]
             struct Check {
                 #[command(flatten)]
-                _serve: ServeArgs,
+                serve: ServeArgs,
             }
-            <Check as clap::Parser>::try_parse_from(std::iter::once("serve".to_owned()).chain(serve.iter().cloned()))
-                .map_err(|e| {
+            let checked = <Check as clap::Parser>::try_parse_from(
+                std::iter::once("serve".to_owned()).chain(serve.iter().cloned()),
+            )
+            .map_err(|e| {
                 crate::output::fail(
                     "usage",
                     format!("options for `mesh broker serve`: {}", e.kind()),
                     Some(e.to_string()),
                 )
             })?;
+            // Files named now must serve now: a unit that cannot start would restart forever.
+            check_tls_options(&checked.serve)?;
             let done = super::service::install(&service(serve)?, no_start, || {})?;
             super::service::report_installed(&done)
         }
@@ -218,12 +222,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(l) => Some(format!("http://{}/metrics", l.local_addr()?)),
             None => None,
         };
-        // SIGHUP is caught before the ready line: one sent right after it must not end the broker.
-        if let Some(tls) = &tls {
-            let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .context("listening for SIGHUP")?;
-            tokio::spawn(reload_on_hangup(tls.clone(), hangup));
-        }
+        // SIGHUP is caught before the ready line, with TLS or without: one sent right after it (or a
+        // renewal hook signalling every broker on the host) must not end the broker.
+        let hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("listening for SIGHUP")?;
+        tokio::spawn(reload_on_hangup(tls.clone(), hangup));
         // The first line of stdout says where to connect (port 0 picks a free port), and with TLS
         // the pin of the certificate, for `mesh create --pin`.
         let scheme = if tls.is_some() { "wss" } else { "ws" };
@@ -250,20 +253,39 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The TLS options of a service to be installed, checked as `serve` will use them (without making a
+/// self-signed pair yet).
+fn check_tls_options(args: &ServeArgs) -> anyhow::Result<()> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        mesh_broker::tls::ServerTls::from_files(cert, key)?;
+    }
+    if let Some(hosts) = &args.tls_self_signed {
+        self_signed_hosts(hosts)?;
+    }
+    Ok(())
+}
+
+/// The hosts of `--tls-self-signed`, at least one, each a name or an address.
+fn self_signed_hosts(hosts: &[String]) -> anyhow::Result<Vec<String>> {
+    let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+    if hosts.is_empty() {
+        return Err(crate::output::fail(
+            "usage",
+            "--tls-self-signed needs the host names or addresses members use to reach this broker",
+            Some("for example --tls-self-signed broker.example.com,203.0.113.7".into()),
+        ));
+    }
+    mesh_broker::tls::check_hosts(&hosts).map_err(|e| crate::output::fail("usage", e.to_string(), None))?;
+    Ok(hosts)
+}
+
 /// The certificate to serve, from files or made once and kept beside the database.
 fn server_tls(args: &ServeArgs, db: &std::path::Path) -> anyhow::Result<Option<Arc<mesh_broker::tls::ServerTls>>> {
     use mesh_broker::tls::ServerTls;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_self_signed) {
         (Some(cert), Some(key), _) => ServerTls::from_files(cert, key)?,
         (_, _, Some(hosts)) => {
-            let hosts: Vec<String> = hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
-            if hosts.is_empty() {
-                return Err(crate::output::fail(
-                    "usage",
-                    "--tls-self-signed needs the host names or addresses members use to reach this broker",
-                    Some("for example --tls-self-signed broker.example.com,203.0.113.7".into()),
-                ));
-            }
+            let hosts = self_signed_hosts(hosts)?;
             let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             ServerTls::self_signed(dir, &hosts)?
         }
@@ -274,8 +296,12 @@ fn server_tls(args: &ServeArgs, db: &std::path::Path) -> anyhow::Result<Option<A
 }
 
 /// SIGHUP reads the certificate and key again; connections already up are not touched.
-async fn reload_on_hangup(tls: Arc<mesh_broker::tls::ServerTls>, mut hangup: tokio::signal::unix::Signal) {
+async fn reload_on_hangup(tls: Option<Arc<mesh_broker::tls::ServerTls>>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: this broker serves no TLS certificate; nothing to reload");
+            continue;
+        };
         match tls.reload() {
             Ok(pin) => tracing::info!(%pin, "reloaded the TLS certificate; new connections get it"),
             Err(e) => {

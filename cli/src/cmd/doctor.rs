@@ -194,7 +194,7 @@ fn certificate(client: &mesh_ipc::IpcClient, m: &mesh_ipc::api::MeshStatus) -> O
         return None;
     }
     // The daemon connects to look: up to its connect timeout.
-    let request = RepinRequest { mesh: Some(m.name.clone()), pin: None };
+    let request = RepinRequest { mesh: Some(m.name.clone()), pin: None, unpin: false };
     let asked = super::block_on(async {
         let probe = client.post::<_, RepinResponse>(routes::MESHES_REPIN, &request);
         tokio::time::timeout(std::time::Duration::from_secs(15), probe).await
@@ -212,15 +212,34 @@ fn certificate(client: &mesh_ipc::IpcClient, m: &mesh_ipc::api::MeshStatus) -> O
         "if the broker's operator confirms {} as its certificate: mesh repin --mesh {} --pin {}",
         seen.presented, m.name, seen.presented
     );
-    Some(match &m.tls_pin {
-        Some(pin) if *pin == seen.presented => pass(name, format!("pinned {pin}, and the broker presents it")),
-        Some(pin) => fail(name, format!("broker certificate changed: expected {pin}, got {}", seen.presented), fix_pin),
-        None if seen.trusted_by_platform => pass(name, "vouched for by a certificate authority this machine trusts"),
-        None => fail(
-            name,
-            seen.platform_refused.unwrap_or_else(|| "refused".into()),
-            "the broker's operator renews or fixes its certificate (or it is self-signed: pin it with mesh repin)",
-        ),
+    let operator_fix = |why: &str| {
+        if why.contains("expired") || why.contains("not valid yet") {
+            "the broker's operator renews its certificate (then sends the broker SIGHUP); for one not valid yet, \
+             check this machine's clock"
+                .to_owned()
+        } else if why.contains("is not for") {
+            format!("reach the broker by a name its certificate is for, or its operator adds this one ({})", m.broker)
+        } else {
+            format!(
+                "if the broker is self-signed, confirm {} with its operator and pin it: mesh repin --mesh {} --pin {}",
+                seen.presented, m.name, seen.presented
+            )
+        }
+    };
+    Some(match (&m.tls_pin, &seen.pin_refused) {
+        (Some(pin), _) if *pin != seen.presented => {
+            fail(name, format!("broker certificate changed: expected {pin}, got {}", seen.presented), fix_pin)
+        }
+        (Some(_), Some(why)) => fail(name, why.clone(), operator_fix(why)),
+        (Some(pin), None) => pass(name, format!("pinned {pin}, and the broker presents it")),
+        (None, _) if seen.trusted_by_platform => {
+            pass(name, "vouched for by a certificate authority this machine trusts")
+        }
+        (None, _) => {
+            let why = seen.platform_refused.clone().unwrap_or_else(|| "refused".into());
+            let fix = operator_fix(&why);
+            fail(name, why, fix)
+        }
     })
 }
 
@@ -247,7 +266,11 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
                     output::ago(c.since),
                     c.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
                 ),
-                format!("check that the broker at {} runs and that this machine reaches it", m.broker),
+                if c.last_error.as_deref().is_some_and(|e| e.contains("certificate")) {
+                    format!("see the certificate ({}) check", m.name)
+                } else {
+                    format!("check that the broker at {} runs and that this machine reaches it", m.broker)
+                },
             ),
         });
         if let Some(check) = certificate(client, m) {

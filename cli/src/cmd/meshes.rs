@@ -20,7 +20,7 @@ pub struct CreateArgs {
     /// The SHA-256 of a self-signed broker's certificate (`mesh broker serve` prints it), checked
     /// instead of certificate authorities, now and by everyone you invite. Without it, a terminal
     /// shows an unknown certificate and asks
-    #[arg(long, value_name = "SHA256")]
+    #[arg(long, value_name = "SHA256", value_parser = parse_pin)]
     pub pin: Option<String>,
     /// Allow plain ws:// to another machine (metadata visible on the network)
     #[arg(long)]
@@ -78,8 +78,21 @@ pub struct RepinArgs {
     pub mesh: Option<String>,
     /// The certificate to pin (`sha256:…`, as the broker's operator gives it); the broker must be
     /// presenting it. Without it, a terminal shows the certificate presented and asks
-    #[arg(long, value_name = "SHA256")]
+    #[arg(long, value_name = "SHA256", value_parser = parse_pin, conflicts_with = "unpin")]
     pub pin: Option<String>,
+    /// Drop the mesh's pin: certificate authorities this machine trusts verify the broker from now
+    /// on (they must vouch for the certificate it presents now)
+    #[arg(long)]
+    pub unpin: bool,
+}
+
+/// A pin as typed (`sha256:` and 64 hex digits; upper case, colons and no prefix accepted), written
+/// the one way.
+fn parse_pin(typed: &str) -> Result<String, String> {
+    typed.parse::<mesh_proto::pin::CertPin>().map(|p| p.to_string()).map_err(|_| {
+        "expected sha256: and 64 hex digits (colons and upper case accepted), as `mesh broker serve` prints it"
+            .to_owned()
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -196,11 +209,28 @@ fn confirm_certificate(broker: &str, cert: &str) -> anyhow::Result<bool> {
 pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let mesh = super::context_mesh(args.mesh)?;
+    if args.unpin {
+        let done: RepinResponse =
+            super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh, pin: None, unpin: true }))??;
+        if output::json() {
+            return super::print_json(&done);
+        }
+        outln!(
+            "{}",
+            output::clean(&format!(
+                "mesh {} has no pin now: certificate authorities this machine trusts verify its broker",
+                done.mesh
+            ))
+        );
+        errln!("invites made from now on carry no pin; members who joined before run `mesh repin --unpin` themselves");
+        return Ok(());
+    }
     let pin = match args.pin {
         Some(pin) => pin,
         None => {
-            let seen: RepinResponse =
-                super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh: mesh.clone(), pin: None }))??;
+            let seen: RepinResponse = super::block_on(
+                client.post(routes::MESHES_REPIN, &RepinRequest { mesh: mesh.clone(), pin: None, unpin: false }),
+            )??;
             if output::json() && !super::interactive() {
                 return super::print_json(&seen);
             }
@@ -215,6 +245,9 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
             errln!("{}", output::clean(&format!("mesh {}: the broker at {} presents", seen.mesh, seen.broker)));
             errln!("    {}", output::clean(&seen.presented));
             errln!("{}", output::clean(&format!("which is {current}.")));
+            if let Some(why) = &seen.pin_refused {
+                errln!("{}", output::clean(&format!("with its pin, the broker is refused: {why}")));
+            }
             if seen.previous.as_deref() == Some(seen.presented.as_str()) {
                 return Ok(());
             }
@@ -232,12 +265,12 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
         }
     };
     let done: RepinResponse =
-        super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh, pin: Some(pin) }))??;
+        super::block_on(client.post(routes::MESHES_REPIN, &RepinRequest { mesh, pin: Some(pin), unpin: false }))??;
     if output::json() {
         return super::print_json(&done);
     }
     outln!("{}", output::clean(&format!("mesh {} now pins {}", done.mesh, done.presented)));
-    errln!("invites you make from now on carry it; members invited before run `mesh repin` themselves");
+    errln!("invites made from now on carry it; members who joined before run `mesh repin` themselves");
     Ok(())
 }
 
@@ -272,7 +305,17 @@ pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
         invite.role.as_str(),
         output::time(invite.expires_at)
     );
-    errln!("join with: mesh join <token>");
+    if mesh_daemon::link::unencrypted(&invite.broker) {
+        errln!(
+            "{}",
+            output::clean(&format!(
+                "note: {} is plain ws:// to another machine; joiners need mesh join <token> --insecure",
+                invite.broker
+            ))
+        );
+    } else {
+        errln!("join with: mesh join <token>");
+    }
     Ok(())
 }
 

@@ -33,7 +33,7 @@ impl TestCa {
         self.dir.path().join("ca.pem")
     }
 
-    /// A certificate for `hosts` signed by this CA, expired or not: (certificate file, key file).
+    /// A certificate for `hosts` signed by this CA, expired or not: (certificate file, key file 0600).
     fn leaf(&self, name: &str, hosts: &[&str], expired: bool) -> (PathBuf, PathBuf) {
         let mut params =
             rcgen::CertificateParams::new(hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()).expect("params");
@@ -47,9 +47,16 @@ impl TestCa {
         let (cert_file, key_file) =
             (self.dir.path().join(format!("{name}.pem")), self.dir.path().join(format!("{name}-key.pem")));
         std::fs::write(&cert_file, cert.pem()).expect("cert");
-        std::fs::write(&key_file, key.serialize_pem()).expect("key");
+        write_key(&key_file, &key.serialize_pem());
         (cert_file, key_file)
     }
+}
+
+/// A private key file as an operator keeps one: 0600.
+fn write_key(path: &Path, pem: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pem).expect("key");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
 fn self_signed_broker() -> BrokerProcess {
@@ -99,6 +106,10 @@ fn a_self_signed_broker_is_pinned_at_create_and_joiners_verify_it_from_the_invit
     let refused = alice.fails(&["create", "team", "--broker", &broker.url], 1);
     assert!(refused.contains("not signed by an authority this machine trusts"), "{refused}");
     assert!(refused.contains(&format!("--pin {pin}")), "{refused}");
+    let refused = alice.fails(&["--json", "create", "team", "--broker", &broker.url], 1);
+    let refused: Value = serde_json::from_str(refused.trim()).expect("a JSON error");
+    assert_eq!(refused["error"]["code"], "certificate_untrusted");
+    assert_eq!(refused["error"]["certificate"], pin.as_str(), "the certificate to check, for scripts");
     assert!(alice.json(&["meshes"]).as_array().expect("array").is_empty());
 
     alice.ok(&["create", "team", "--broker", &broker.url, "--pin", &pin]);
@@ -307,4 +318,89 @@ fn sighup_reloads_the_certificate_for_new_connections_and_keeps_the_ones_up() {
     let status = alice.json(&["daemon", "status"]);
     assert_eq!(status["meshes"][0]["connection"]["state"], "online");
     assert_eq!(status["meshes"][0]["connection"]["since"], since, "the link did not reconnect");
+}
+
+#[test]
+fn any_certificate_can_be_pinned_and_a_pin_that_cannot_work_is_never_kept() {
+    let ca = TestCa::new();
+    let bob = member("bob"); // trusts no test authority
+    let serve = |cert: &Path, key: &Path| {
+        let (cert, key) = (cert.to_str().expect("utf-8"), key.to_str().expect("utf-8"));
+        BrokerProcess::start_with(MESH, &["--tls-cert", cert, "--tls-key", key])
+    };
+    let pin_of_file =
+        |cert: &Path, key: &Path| mesh_broker::tls::ServerTls::from_files(cert, key).expect("a pair").pin().to_string();
+
+    // A leaf issued by an authority this machine does not know, pinned.
+    let (issued, issued_key) = ca.leaf("issued", &["localhost"], false);
+    let broker = serve(&issued, &issued_key);
+    bob.ok(&["create", "issued", "--broker", &broker.url, "--pin", &pin_of_file(&issued, &issued_key)]);
+    bob.eventually_json("online", &["daemon", "status"], |s| s["meshes"][0]["connection"]["state"] == "online");
+
+    // A self-signed certificate marked as an authority (what `openssl req -x509` makes), pinned.
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("cert");
+    let dir = tempfile::tempdir().expect("dir");
+    let (ca_like, ca_like_key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&ca_like, cert.pem()).expect("cert");
+    write_key(&ca_like_key, &key.serialize_pem());
+    let other = serve(&ca_like, &ca_like_key);
+    bob.ok(&["create", "selfca", "--broker", &other.url, "--pin", &pin_of_file(&ca_like, &ca_like_key)]);
+
+    // The operator of the first broker moves to an expired certificate: repin to it is refused with
+    // the reason, and the mesh keeps its working pin.
+    drop(broker);
+    let (expired, expired_key) = ca.leaf("expired", &["localhost"], true);
+    let url = bob.json(&["meshes"])[0]["broker"].as_str().expect("url").to_owned();
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let db = tempfile::tempdir().expect("db");
+    let expired_args: Vec<String> =
+        ["--tls-cert", expired.to_str().expect("utf-8"), "--tls-key", expired_key.to_str().expect("utf-8")]
+            .map(str::to_owned)
+            .to_vec();
+    let _expired_broker = BrokerProcess::spawn(MESH, &db.path().join("b.db"), port, &expired_args);
+    let refused = bob.fails(&["repin", "--mesh", "issued", "--pin", &pin_of_file(&expired, &expired_key)], 1);
+    assert!(refused.contains("has expired; nothing changed"), "{refused}");
+    assert_eq!(mesh_status(&bob, "issued")["tls_pin"], pin_of_file(&issued, &issued_key).as_str());
+    // Without authorities vouching for it, a pin cannot be dropped either.
+    let refused = bob.fails(&["repin", "--mesh", "selfca", "--unpin"], 1);
+    assert!(refused.contains("without its pin the broker would be refused"), "{refused}");
+    assert_eq!(mesh_status(&bob, "selfca")["transport"], "tls_pinned");
+}
+
+#[test]
+fn a_pin_is_dropped_for_authorities_once_they_vouch_for_the_broker() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf("good", &["localhost"], false);
+    let broker = BrokerProcess::start_with(
+        MESH,
+        &["--tls-cert", cert.to_str().expect("utf-8"), "--tls-key", key.to_str().expect("utf-8")],
+    );
+    let alice = TestHome::new(MESH).with_env("SSL_CERT_FILE", ca.file());
+    alice.ok(&["init", "--name", "alice"]);
+    alice.ok(&["daemon", "up", "--no-embedded"]);
+    let url = format!("wss://localhost:{}", broker.port);
+    alice.ok(&["create", "team", "--broker", &url]);
+    // Pinned for a while, then the authority vouches again and the pin goes.
+    let shown = alice.json(&["repin", "--mesh", "team"]);
+    assert_eq!(shown["trusted_by_platform"], true);
+    alice.ok(&["repin", "--mesh", "team", "--pin", shown["presented"].as_str().expect("pin")]);
+    assert_eq!(mesh_status(&alice, "team")["transport"], "tls_pinned");
+    alice.ok(&["repin", "--mesh", "team", "--unpin"]);
+    let team = mesh_status(&alice, "team");
+    assert_eq!(team["transport"], "tls");
+    assert!(team.get("tls_pin").is_none_or(Value::is_null));
+    let invite = alice.json(&["invite", "--mesh", "team"]);
+    assert!(invite.get("tls_pin").is_none_or(Value::is_null), "invites carry no pin now");
+}
+
+#[test]
+fn sighup_never_stops_a_broker_even_without_tls() {
+    let mut broker = BrokerProcess::start(MESH);
+    broker.signal(nix::sys::signal::Signal::SIGHUP);
+    let alice = member("alice");
+    alice.ok(&["create", "team", "--broker", &broker.url]);
+    assert!(broker.running(), "a renewal hook signalling every broker must not end a plain one");
 }

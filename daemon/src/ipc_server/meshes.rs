@@ -162,7 +162,9 @@ pub async fn join(
         }
     }
     link::ws_endpoint(&claims.broker_url).map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
-    allowed_transport(&claims.broker_url, req.insecure)?;
+    allowed_transport(&claims.broker_url, req.insecure).map_err(|f| {
+        f.with_hint("the invite's broker is plain ws://; to join all the same: mesh join TOKEN --insecure")
+    })?;
     let pin = claims.tls_pin.filter(|_| claims.broker_url.starts_with("wss://"));
     let asked = display_name(req.display_name.clone(), &d)?;
     let key = d.member.identity.key();
@@ -187,10 +189,26 @@ pub async fn join(
                 attempt += 1;
             }
             Err(LinkError::Certificate(e @ crate::tls::CertError::Untrusted { .. })) => {
-                // A joiner has nothing to pin with: the inviter's daemon knows the certificate.
+                // A joiner has nothing to pin with: the invite decides how the broker is verified.
                 return Err(Failure::from(LinkError::Certificate(e)).with_hint(
-                    "the invite carries no pin for this broker; ask for an invite made after the mesh was pinned (mesh repin)",
+                    "this machine does not trust the authority that signed the broker's certificate, and the \
+                     invite carries no pin: trust that authority here (the daemon reads SSL_CERT_FILE), or ask \
+                     for an invite from a member whose mesh pins the certificate (mesh repin --pin)",
                 ));
+            }
+            Err(LinkError::Certificate(crate::tls::CertError::Changed { expected, got, .. })) => {
+                return Err(Failure(ApiError {
+                    certificate: Some(got.to_string()),
+                    ..Failure::new(
+                        ApiErrorCode::CertificateRefused,
+                        format!(
+                            "the broker presents {got}, not the certificate this invite names ({expected}); nothing \
+                             was joined"
+                        ),
+                    )
+                    .with_hint("the operator may have replaced it: ask for a new invite")
+                    .0
+                }));
             }
             Err(e) => return Err(e.into()),
         }
@@ -454,8 +472,9 @@ pub async fn peers(
     Ok(Json(rows.iter().map(|r| roster::peer_info(r, &name_of(&r.mesh_id), &me)).collect()))
 }
 
-/// The pin of a mesh's broker certificate: shown (no `pin`), or changed to the certificate the
-/// broker presents, which must be the one given.
+/// The pin of a mesh's broker certificate: shown (no `pin`), changed to the certificate the broker
+/// presents (which must be the one given, and must then pass), or dropped (`unpin`: the platform's
+/// authorities must vouch for the broker).
 pub async fn repin(
     State(d): State<Arc<Daemon>>,
     caller: Caller,
@@ -464,6 +483,9 @@ pub async fn repin(
     caller.member_only("changing a broker's certificate pin")?;
     let wanted =
         req.pin.as_deref().map(str::parse::<CertPin>).transpose().map_err(|e| Failure::bad_request(e.to_string()))?;
+    if wanted.is_some() && req.unpin {
+        return Err(Failure::bad_request("give a pin or ask to unpin, not both"));
+    }
     let mesh = pick_mesh(&d, req.mesh).await?;
     if !mesh.broker_url.starts_with("wss://") {
         return Err(Failure::bad_request(format!(
@@ -472,6 +494,10 @@ pub async fn repin(
         )));
     }
     let (presented, verdict) = link::presented_certificate(&mesh.broker_url, &mesh.name).await?;
+    let pin_refused = match mesh.tls_pin {
+        Some(pin) => link::check_certificate(&mesh.broker_url, Some(pin), &mesh.name).await?.err(),
+        None => None,
+    };
     let answer = |pinned: bool| RepinResponse {
         mesh: mesh.name.clone(),
         broker: mesh.broker_url.clone(),
@@ -480,23 +506,39 @@ pub async fn repin(
         pinned,
         trusted_by_platform: verdict.is_ok(),
         platform_refused: verdict.as_ref().err().map(ToString::to_string),
+        pin_refused: pin_refused.as_ref().map(ToString::to_string),
     };
-    let Some(wanted) = wanted else {
+    let refused = |message: String| {
+        Failure(ApiError {
+            certificate: Some(presented.to_string()),
+            ..Failure::new(ApiErrorCode::CertificateRefused, message).0
+        })
+    };
+    let id = mesh.id;
+    if req.unpin {
+        if let Err(why) = &verdict {
+            return Err(refused(format!("without its pin the broker would be refused: {why}; nothing changed")));
+        }
+        d.db.call(move |c| crate::meshes::set_tls_pin(c, &id, None)).await?;
+        d.repin(&mesh.id, None);
+        tracing::info!(mesh = %mesh.name, previous = ?mesh.tls_pin, "broker certificate unpinned");
         return Ok(Json(answer(false)));
+    }
+    let Some(wanted) = wanted else {
+        return Ok(Json(answer(mesh.tls_pin == Some(presented))));
     };
     if wanted != presented {
-        return Err(Failure(ApiError {
-            certificate: Some(presented.to_string()),
-            ..Failure::new(
-                ApiErrorCode::CertificateRefused,
-                format!("the broker at {} presents {presented}, not {wanted}; nothing changed", mesh.broker_url),
-            )
-            .0
-        }));
+        return Err(refused(format!(
+            "the broker at {} presents {presented}, not {wanted}; nothing changed",
+            mesh.broker_url
+        )));
     }
-    let id = mesh.id;
-    d.db.call(move |c| crate::meshes::set_tls_pin(c, &id, &wanted)).await?;
-    d.repin(&mesh.id, wanted);
+    // A real handshake with the new pin before it is kept: a pin that cannot work is never stored.
+    if let Err(why) = link::check_certificate(&mesh.broker_url, Some(wanted), &mesh.name).await? {
+        return Err(refused(format!("{why}; nothing changed")));
+    }
+    d.db.call(move |c| crate::meshes::set_tls_pin(c, &id, Some(&wanted))).await?;
+    d.repin(&mesh.id, Some(wanted));
     tracing::info!(mesh = %mesh.name, pin = %wanted, previous = ?mesh.tls_pin, "broker certificate pinned");
     Ok(Json(answer(true)))
 }

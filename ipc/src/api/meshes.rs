@@ -78,6 +78,10 @@ pub struct RepinRequest {
     pub mesh: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
+    /// Drop the mesh's pin: the platform's certificate authorities verify the broker from now on
+    /// (they must vouch for what it presents now).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpin: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +100,10 @@ pub struct RepinResponse {
     /// When they do not: why (no authority, expired, another host's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_refused: Option<String>,
+    /// For a pinned mesh (before this request): why the broker is refused with its pin, if it is
+    /// (another certificate, or the pinned one out of its dates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_refused: Option<String>,
 }
 
 /// `POST /v1/meshes/rename`: the member's display name in one mesh.
