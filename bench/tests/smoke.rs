@@ -22,8 +22,25 @@ fn every_scenario_runs_small_and_delivers_everything() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     let scenarios: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().expect("scenario")).collect();
-    // `load` twice: as fast as possible, then at an offered rate.
-    assert_eq!(scenarios, ["send", "load", "load", "throughput", "fanout_broadcast", "fanout_sse", "mcp", "webhook"]);
+    // `load` three times: as fast as possible, at an offered rate, over TLS; `throughput` twice: over
+    // ws:// and over wss://.
+    assert_eq!(
+        scenarios,
+        [
+            "send",
+            "load",
+            "load",
+            "load",
+            "throughput",
+            "throughput",
+            "fanout_broadcast",
+            "fanout_sse",
+            "mcp",
+            "webhook"
+        ]
+    );
+    let transports: Vec<&str> = lines.iter().filter_map(|l| l["transport"].as_str()).collect();
+    assert_eq!(transports, ["ws", "ws", "wss", "ws", "wss"], "the TLS runs really ran over wss://");
     for l in &lines {
         for field in ["p50_ms", "p99_ms", "msgs_per_s", "delivered_ratio", "peak_rss_mb"] {
             let applies = match field {
@@ -39,6 +56,8 @@ fn every_scenario_runs_small_and_delivers_everything() {
             assert_eq!(ratio.as_f64(), Some(1.0), "not everything was delivered: {l}");
         }
     }
-    assert_eq!(lines[3]["delivered_per_s"].as_f64().map(|x| x > 0.0), Some(true));
-    assert_eq!(lines[7]["refused_signatures"], 0, "every webhook request verified: {}", lines[7]);
+    for throughput in &lines[4..6] {
+        assert_eq!(throughput["delivered_per_s"].as_f64().map(|x| x > 0.0), Some(true), "{throughput}");
+    }
+    assert_eq!(lines[9]["refused_signatures"], 0, "every webhook request verified: {}", lines[9]);
 }

@@ -254,6 +254,13 @@ fn plain_ws_to_another_machine_needs_insecure_and_is_shown_as_unencrypted() {
     let pinned_plain =
         alice.fails(&["create", "odd", "--broker", &broker.url, "--pin", &format!("sha256:{}", "0".repeat(64))], 1);
     assert!(pinned_plain.contains("a pin is for a wss:// broker"), "{pinned_plain}");
+    // The wrong scheme for a broker is said as such, both ways.
+    let tls_to_plain = alice.fails(&["create", "odd", "--broker", &broker.url.replacen("ws://", "wss://", 1)], 1);
+    assert!(tls_to_plain.contains("does it speak TLS? a plain broker is ws://"), "{tls_to_plain}");
+    let tls_broker = self_signed_broker();
+    let plain_to_tls = alice.fails(&["create", "odd", "--broker", &tls_broker.url.replacen("wss://", "ws://", 1)], 1);
+    assert!(plain_to_tls.contains("then its address is wss://"), "{plain_to_tls}");
+    assert!(alice.json(&["meshes"]).as_array().expect("array").iter().all(|m| m["name"] != "odd"));
 }
 
 #[test]
