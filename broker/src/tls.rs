@@ -138,14 +138,9 @@ impl ServerTls {
     pub fn self_signed(dir: &Path, hosts: &[String]) -> Result<ServerTls, TlsError> {
         check_hosts(hosts)?;
         let (cert, key) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
-        match (cert.exists(), key.exists()) {
-            (false, false) => {
-                generate(&cert, &key, hosts)?;
-                tracing::info!(cert = %cert.display(), ?hosts, "generated a self-signed TLS certificate");
-            }
-            (true, false) => return Err(TlsError::HalfPair { found: cert, missing: key }),
-            (false, true) => return Err(TlsError::HalfPair { found: key, missing: cert }),
-            (true, true) => {}
+        if !check_self_signed_files(dir)? {
+            generate(&cert, &key, hosts)?;
+            tracing::info!(cert = %cert.display(), ?hosts, "generated a self-signed TLS certificate");
         }
         let tls = ServerTls::from_files(&cert, &key)?;
         let names = tls.facts().map(|f| f.names).unwrap_or_default();
@@ -207,24 +202,54 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert.to_owned() });
     }
-    let secret = PrivateKeyDer::from_pem_file(key).map_err(|e| read(key, e))?;
+    let secret = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::Read {
+            path: key.to_owned(),
+            detail: "no private key in it (PEM PKCS#8, PKCS#1 or SEC1, not encrypted: decrypt an encrypted key first)"
+                .into(),
+        },
+        e => read(key, e),
+    })?;
     let pair = CertifiedKey::from_der(chain, secret, provider).map_err(|e| TlsError::Mismatch {
         cert: cert.to_owned(),
         key: key.to_owned(),
-        detail: e.to_string(),
+        detail: match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "the key is not the first certificate's (the file must start with the broker's own certificate, \
+                 then its chain)"
+                    .into()
+            }
+            e => e.to_string(),
+        },
     })?;
     // Served all the same (the operator may be about to replace it), but said loudly.
     if let Some(facts) = pair.cert.first().and_then(|c| CertFacts::of(c.as_ref()))
         && !facts.valid_at(mesh_proto::now_ms() as i64 / 1000)
     {
+        let date = |secs: i64| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0).unsigned_abs());
+            humantime::format_rfc3339_seconds(at).to_string()
+        };
         tracing::warn!(
             cert = %cert.display(),
-            not_before = facts.not_before,
-            not_after = facts.not_after,
+            not_before = %date(facts.not_before),
+            not_after = %date(facts.not_after),
             "the TLS certificate is outside its validity dates: clients will refuse it"
         );
     }
     Ok(pair)
+}
+
+/// Whether `dir` holds a self-signed pair already (`false`: neither file, one will be made); half a
+/// pair is an error, never completed.
+pub fn check_self_signed_files(dir: &Path) -> Result<bool, TlsError> {
+    let (cert, key) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
+    match (cert.exists(), key.exists()) {
+        (false, false) => Ok(false),
+        (true, false) => Err(TlsError::HalfPair { found: cert, missing: key }),
+        (false, true) => Err(TlsError::HalfPair { found: key, missing: cert }),
+        (true, true) => Ok(true),
+    }
 }
 
 /// Host names and addresses a self-signed certificate may be made for.

@@ -90,11 +90,30 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("broker address {url:?} has no host"));
     }
+    if let Some(port) = uri.authority().and_then(|a| a.as_str().rsplit_once(':')).map(|(_, p)| p)
+        && !port.ends_with(']')
+        && !matches!(port.parse::<u16>(), Ok(1..))
+    {
+        return Err(format!("broker address {url:?}: {port:?} is not a port (1 to 65535)"));
+    }
     // It travels in every invite and every listing: no secret belongs in it.
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err(format!("broker address {url:?}: no user name or password in a broker address"));
     }
     Ok(full)
+}
+
+/// A broker address with its scheme in lower case (`WSS://h` is `wss://h`); anything else as typed.
+pub fn normalize_scheme(url: &str) -> String {
+    for scheme in ["wss://", "ws://"] {
+        if url.len() >= scheme.len()
+            && url.is_char_boundary(scheme.len())
+            && url[..scheme.len()].eq_ignore_ascii_case(scheme)
+        {
+            return format!("{scheme}{}", &url[scheme.len()..]);
+        }
+    }
+    url.to_owned()
 }
 
 /// Whether a broker address is plain `ws://` to another machine: the traffic's metadata (who talks
@@ -793,6 +812,13 @@ mod tests {
         assert!(ws_endpoint("wss://").is_err());
         assert!(ws_endpoint("wss://:7777").is_err());
         assert!(ws_endpoint("wss://admin:s3cret@h:7777").expect_err("credentials").contains("no user name"));
+        for bad_port in ["wss://h:99999", "wss://h:0", "ws://h:-1", "ws://h:x"] {
+            assert!(ws_endpoint(bad_port).is_err(), "{bad_port}");
+        }
+        assert!(ws_endpoint("wss://[::1]:7777").is_ok());
+        assert_eq!(normalize_scheme("WSS://h:1"), "wss://h:1");
+        assert_eq!(normalize_scheme("Ws://h:1"), "ws://h:1");
+        assert_eq!(normalize_scheme("http://h"), "http://h");
         assert!(ws_endpoint("http://h").is_err());
         assert!(ws_endpoint("ws://").is_err());
     }

@@ -150,7 +150,6 @@ impl Verifier {
                 };
                 CertError::Changed { expected, got, mesh: mesh.to_owned() }
             }
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => CertError::Untrusted { got },
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => CertError::Expired { got },
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 CertError::NotYetValid { got }
@@ -158,6 +157,10 @@ impl Verifier {
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 CertError::WrongName { host: host.to_owned(), got }
             }
+            // Without a pin, whatever else stops the authorities here from vouching for it (no issuer
+            // they know, a self-signed certificate marked as an authority, one whose issuer name only
+            // looks like a root's) leaves it unvouched for: the user may check and pin it.
+            _ if self.trust == Trust::Platform => CertError::Untrusted { got },
             other => CertError::Other { got: Some(got), detail: other.to_string() },
         })
     }

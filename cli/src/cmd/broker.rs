@@ -63,6 +63,8 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
 }
 
 const CREATE_TOKEN_ENV: &str = "MESH_BROKER_CREATE_TOKEN";
+/// The database of `mesh broker serve` without `--db`, in mesh's data directory.
+const STANDALONE_DB: &str = "standalone-broker.db";
 
 /// A path given to the service, made absolute.
 fn absolute_db(db: &str) -> anyhow::Result<String> {
@@ -181,7 +183,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => {
             let home = super::home()?;
             home.ensure_dirs().context("creating mesh's directories")?;
-            home.data_dir.join("standalone-broker.db")
+            home.data_dir.join(STANDALONE_DB)
         }
     };
     let store = SqliteStore::open(&db)?;
@@ -261,6 +263,13 @@ fn check_tls_options(args: &ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(hosts) = &args.tls_self_signed {
         self_signed_hosts(hosts)?;
+        let db = match &args.db {
+            Some(db) => db.clone(),
+            None => super::home()?.data_dir.join(STANDALONE_DB),
+        };
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+            mesh_broker::tls::check_self_signed_files(dir)?;
+        }
     }
     Ok(())
 }

@@ -329,8 +329,28 @@ pub(crate) fn service() -> anyhow::Result<service::Service> {
         description: "mesh daemon: durable, end-to-end encrypted messaging between agent sessions",
         args: ["daemon", "up", "--foreground", "--replace"].map(str::to_owned).to_vec(),
         mesh_home: service::mesh_home_env()?,
-        env: vec![],
+        env: trust_env()?,
     })
+}
+
+/// Where this shell's daemon finds the certificate authorities it trusts, when set: the service's
+/// daemon must trust the same ones (a company CA given by `SSL_CERT_FILE`, say), made absolute.
+fn trust_env() -> anyhow::Result<Vec<(String, String)>> {
+    let mut env = Vec::new();
+    for key in ["SSL_CERT_FILE", "SSL_CERT_DIR"] {
+        if let Some(value) = std::env::var_os(key).filter(|v| !v.is_empty()) {
+            let value = match key {
+                // A list of directories, `:`-separated.
+                "SSL_CERT_DIR" => std::env::split_paths(&value)
+                    .map(|p| service::absolute(&p))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .and_then(|dirs| Ok(std::env::join_paths(dirs)?))?,
+                _ => service::absolute(std::path::Path::new(&value))?.into_os_string(),
+            };
+            env.push((key.to_owned(), value.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(env)
 }
 
 fn install_service(home: &Home, no_start: bool) -> anyhow::Result<()> {

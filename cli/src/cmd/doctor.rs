@@ -214,8 +214,8 @@ fn certificate(client: &mesh_ipc::IpcClient, m: &mesh_ipc::api::MeshStatus) -> O
     );
     let operator_fix = |why: &str| {
         if why.contains("expired") || why.contains("not valid yet") {
-            "the broker's operator renews its certificate (then sends the broker SIGHUP); for one not valid yet, \
-             check this machine's clock"
+            "the broker's operator renews its certificate (then sends the broker SIGHUP; members of a pinned mesh \
+             then run mesh repin); for one not valid yet, check this machine's clock"
                 .to_owned()
         } else if why.contains("is not for") {
             format!("reach the broker by a name its certificate is for, or its operator adds this one ({})", m.broker)
@@ -228,7 +228,17 @@ fn certificate(client: &mesh_ipc::IpcClient, m: &mesh_ipc::api::MeshStatus) -> O
     };
     Some(match (&m.tls_pin, &seen.pin_refused) {
         (Some(pin), _) if *pin != seen.presented => {
-            fail(name, format!("broker certificate changed: expected {pin}, got {}", seen.presented), fix_pin)
+            let detail = format!("broker certificate changed: expected {pin}, got {}", seen.presented);
+            let fix = match &seen.presented_refused {
+                // Pinning what is presented would not work either.
+                Some(why) => format!("{why}: {}", operator_fix(why)),
+                None if seen.trusted_by_platform => format!(
+                    "an authority here vouches for the new certificate: mesh repin --mesh {} --unpin (or pin it: {fix_pin})",
+                    m.name
+                ),
+                None => fix_pin,
+            };
+            fail(name, detail, fix)
         }
         (Some(_), Some(why)) => fail(name, why.clone(), operator_fix(why)),
         (Some(pin), None) => pass(name, format!("pinned {pin}, and the broker presents it")),

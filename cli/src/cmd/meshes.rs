@@ -251,6 +251,13 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
             if seen.previous.as_deref() == Some(seen.presented.as_str()) {
                 return Ok(());
             }
+            if let Some(why) = &seen.presented_refused {
+                return Err(output::fail(
+                    "certificate_refused",
+                    format!("pinning it would not help: {why}"),
+                    Some("the broker's operator replaces the certificate; then mesh repin again".into()),
+                ));
+            }
             if !super::interactive() {
                 return Err(output::fail(
                     "usage",

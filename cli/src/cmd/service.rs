@@ -43,7 +43,7 @@ impl Service {
 
     fn exec_line(&self, exe: &Path) -> String {
         std::iter::once(exe.display().to_string())
-            .chain(self.args.iter().map(|a| quote(a)))
+            .chain(self.args.iter().map(|a| quote_exec(a)))
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -139,6 +139,12 @@ fn quote(word: &str) -> String {
     } else {
         format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
     }
+}
+
+/// An `ExecStart` word: as [`quote`], and `$` doubled, since systemd expands `$VAR` and `${VAR}` there
+/// (not in `Environment=`).
+fn quote_exec(word: &str) -> String {
+    quote(&word.replace('$', "$$"))
 }
 
 fn xml(text: &str) -> String {
@@ -324,5 +330,6 @@ mod tests {
         assert_eq!(quote("/tmp/my home"), "\"/tmp/my home\"");
         assert_eq!(quote("a\"b"), "\"a\\\"b\"");
         assert_eq!(quote("/tmp/50%"), "/tmp/50%%");
+        assert_eq!(quote_exec("/tmp/d${HOME}/cert.pem"), "\"/tmp/d$${HOME}/cert.pem\"");
     }
 }

@@ -36,7 +36,7 @@ fn verify(unit: &std::path::Path) {
 
 #[test]
 fn each_home_gets_its_own_units_that_systemd_accepts_and_uninstall_removes_them() {
-    let (one, two) = (TestHome::new(MESH), TestHome::new(MESH));
+    let (one, two) = (TestHome::new(MESH), TestHome::new(MESH).with_env("SSL_CERT_FILE", "/etc/company-ca.pem"));
     let xdg = tempfile::tempdir().expect("tempdir");
     let (unit_one, text) = install(&one, xdg.path(), &["daemon", "install-service", "--no-start"]);
     assert!(text.contains(&format!("ExecStart={MESH} daemon up --foreground --replace")), "{text}");
@@ -44,7 +44,9 @@ fn each_home_gets_its_own_units_that_systemd_accepts_and_uninstall_removes_them(
     for line in ["Wants=network-online.target", "After=network-online.target", "Restart=always", "StartLimitBurst="] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
-    let (unit_two, _) = install(&two, xdg.path(), &["daemon", "install-service", "--no-start"]);
+    let (unit_two, text_two) = install(&two, xdg.path(), &["daemon", "install-service", "--no-start"]);
+    // The service's daemon trusts the same authorities as the shell that installed it.
+    assert!(text_two.contains("Environment=SSL_CERT_FILE=/etc/company-ca.pem"), "{text_two}");
     assert_ne!(unit_one, unit_two, "two homes, two units");
     assert!(unit_one.exists() && unit_two.exists());
     verify(&unit_one);
@@ -89,6 +91,18 @@ fn each_home_gets_its_own_units_that_systemd_accepts_and_uninstall_removes_them(
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // TLS files are loaded before a unit is written: a missing one, or half a self-signed pair.
+    let half = tempfile::tempdir().expect("dir");
+    std::fs::write(half.path().join("broker-tls-cert.pem"), "kept").expect("half");
+    let db = half.path().join("broker.db");
+    for serve in [
+        vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+        vec!["--db", db.to_str().expect("utf-8"), "--tls-self-signed", "localhost"],
+    ] {
+        let args: Vec<&str> = ["broker", "install-service", "--no-start", "--"].into_iter().chain(serve).collect();
+        let out = two.cmd(&args).env("XDG_CONFIG_HOME", xdg.path()).output().expect("run");
+        assert_eq!(out.status.code(), Some(1), "{}", two.report(&args, &out));
+    }
 
     for (home, args, unit) in [
         (&one, ["daemon", "uninstall-service"], &unit_one),

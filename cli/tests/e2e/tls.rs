@@ -175,6 +175,9 @@ fn a_certificate_that_changed_stops_the_link_with_its_words_until_repinned() {
             "broker certificate changed: expected {old}, got {new}; if the operator rotated it, run `mesh repin --mesh team`"
         )
     );
+    // No invite carries a pin the broker no longer passes.
+    let refused = alice.fails(&["invite", "--mesh", "team"], 1);
+    assert!(refused.contains("no invite: with the mesh's pin, its broker is refused"), "{refused}");
     let doctor = alice.run(&["doctor", "--json"]);
     assert_eq!(doctor.status.code(), Some(1));
     let doctor: Value = serde_json::from_slice(&doctor.stdout).expect("json");
@@ -354,6 +357,11 @@ fn any_certificate_can_be_pinned_and_a_pin_that_cannot_work_is_never_kept() {
     std::fs::write(&ca_like, cert.pem()).expect("cert");
     write_key(&ca_like_key, &key.serialize_pem());
     let other = serve(&ca_like, &ca_like_key);
+    // Without a pin it is one no authority vouches for, to check and pin, like any self-signed one.
+    let refused = bob.fails(&["--json", "create", "selfca", "--broker", &other.url], 1);
+    let refused: Value = serde_json::from_str(refused.trim()).expect("a JSON error");
+    assert_eq!(refused["error"]["code"], "certificate_untrusted", "{refused}");
+    assert_eq!(refused["error"]["certificate"], pin_of_file(&ca_like, &ca_like_key).as_str());
     bob.ok(&["create", "selfca", "--broker", &other.url, "--pin", &pin_of_file(&ca_like, &ca_like_key)]);
 
     // The operator of the first broker moves to an expired certificate: repin to it is refused with

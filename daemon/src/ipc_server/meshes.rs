@@ -24,6 +24,8 @@ use crate::meshes::MeshRow;
 use crate::roster;
 
 const DEFAULT_INVITE_SECS: u64 = 24 * 60 * 60;
+/// How long minting an invite waits to check a pinned broker's certificate.
+const INVITE_CHECK: Duration = Duration::from_secs(3);
 const MAX_INVITE_SECS: u64 = 366 * 24 * 60 * 60;
 
 /// Any caller with a valid token (or none) may list; a presented token that is not valid is refused.
@@ -49,6 +51,7 @@ pub async fn create(
     Body(req): Body<CreateMeshRequest>,
 ) -> Result<Json<MeshInfo>, Failure> {
     caller.member_only("creating a mesh")?;
+    let req = CreateMeshRequest { broker: link::normalize_scheme(&req.broker), ..req };
     names::validate_display(&req.name).map_err(super::invalid_name)?;
     link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
     let pin =
@@ -193,7 +196,7 @@ pub async fn join(
                 return Err(Failure::from(LinkError::Certificate(e)).with_hint(
                     "this machine does not trust the authority that signed the broker's certificate, and the \
                      invite carries no pin: trust that authority here (the daemon reads SSL_CERT_FILE), or ask \
-                     for an invite from a member whose mesh pins the certificate (mesh repin --pin)",
+                     the mesh's owner or an admin to pin the certificate (mesh repin --pin) and invite you again",
                 ));
             }
             Err(LinkError::Certificate(crate::tls::CertError::Changed { expected, got, .. })) => {
@@ -442,6 +445,22 @@ pub async fn invite(
         expires_at: now.saturating_add(secs.saturating_mul(1000)),
         max_uses,
     };
+    if let Some(pin) = mesh.tls_pin {
+        // An invite whose pin the broker no longer passes would only send joiners away: the inviter
+        // repins first. A broker that does not answer quickly is no reason not to invite.
+        let check = link::check_certificate(&mesh.broker_url, Some(pin), &mesh.name);
+        if let Ok(Ok(Err(why))) = tokio::time::timeout(INVITE_CHECK, check).await {
+            return Err(Failure(ApiError {
+                certificate: why.presented().map(|p| p.to_string()),
+                ..Failure::new(
+                    ApiErrorCode::CertificateRefused,
+                    format!("no invite: with the mesh's pin, its broker is refused ({why})"),
+                )
+                .with_hint(format!("mesh repin --mesh {} once the certificate is confirmed", mesh.name))
+                .0
+            }));
+        }
+    }
     let token = InviteToken::mint(&d.member.identity, params, &mesh.group_key);
     tracing::info!(mesh = %mesh.name, invite = %token.claims.invite_id, "invite minted");
     Ok(Json(InviteResponse {
@@ -498,6 +517,11 @@ pub async fn repin(
         Some(pin) => link::check_certificate(&mesh.broker_url, Some(pin), &mesh.name).await?.err(),
         None => None,
     };
+    let presented_refused = if mesh.tls_pin == Some(presented) {
+        pin_refused.clone()
+    } else {
+        link::check_certificate(&mesh.broker_url, Some(presented), &mesh.name).await?.err()
+    };
     let answer = |pinned: bool| RepinResponse {
         mesh: mesh.name.clone(),
         broker: mesh.broker_url.clone(),
@@ -507,6 +531,7 @@ pub async fn repin(
         trusted_by_platform: verdict.is_ok(),
         platform_refused: verdict.as_ref().err().map(ToString::to_string),
         pin_refused: pin_refused.as_ref().map(ToString::to_string),
+        presented_refused: presented_refused.as_ref().map(ToString::to_string),
     };
     let refused = |message: String| {
         Failure(ApiError {
@@ -534,7 +559,7 @@ pub async fn repin(
         )));
     }
     // A real handshake with the new pin before it is kept: a pin that cannot work is never stored.
-    if let Err(why) = link::check_certificate(&mesh.broker_url, Some(wanted), &mesh.name).await? {
+    if let Some(why) = &presented_refused {
         return Err(refused(format!("{why}; nothing changed")));
     }
     d.db.call(move |c| crate::meshes::set_tls_pin(c, &id, Some(&wanted))).await?;

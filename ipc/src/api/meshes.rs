@@ -104,6 +104,10 @@ pub struct RepinResponse {
     /// (another certificate, or the pinned one out of its dates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_refused: Option<String>,
+    /// Why a pin of the presented certificate would be refused (it has expired, say), if it would:
+    /// then pinning it is no fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presented_refused: Option<String>,
 }
 
 /// `POST /v1/meshes/rename`: the member's display name in one mesh.
