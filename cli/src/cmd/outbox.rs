@@ -101,7 +101,12 @@ pub fn waiting_for(r: &OutboxEntry) -> Option<String> {
         LinkState::Online => format!("broker connection online{next}"),
         state => {
             let why = link.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            format!("broker connection {} since {}{why}{next}", state.as_str(), output::ago(link.since))
+            // The row's own next attempt means nothing until the connection is back.
+            format!(
+                "broker connection {} since {}{why}; sent once it is online",
+                state.as_str(),
+                output::ago(link.since)
+            )
         }
     })
 }

@@ -92,7 +92,8 @@ fn a_session_row_waits_for_the_session_s_own_socket_and_never_falls_back_to_the_
 
     broker.kill9();
     worker.ok(&["send", "bob", "written while the broker was down"]);
-    // A pending row says what it waits for: its connection's state, since when, and the next attempt.
+    // A pending row says what it waits for: its connection's state and since when (its next attempt
+    // is in the JSON; in words, it is sent once the connection is back).
     let waiting = worker.json(&["outbox"])[0].clone();
     assert_eq!(waiting["status"], "pending", "{waiting}");
     assert!(waiting["link"]["state"].is_string() && waiting["next_attempt_at"].is_u64(), "{waiting}");
@@ -100,7 +101,7 @@ fn a_session_row_waits_for_the_session_s_own_socket_and_never_falls_back_to_the_
         v.as_array().expect("array").iter().any(|r| r["session"] == "worker" && r["link"]["state"] == "offline")
     });
     let text = alice.ok(&["outbox"]);
-    assert!(text.contains("broker connection offline since") && text.contains("next attempt"), "{text}");
+    assert!(text.contains("broker connection offline since") && text.contains("sent once it is online"), "{text}");
     worker.kill();
     alice.eventually_json("the worker session to end", &["session", "list"], |v| v[0]["live"] == false);
 
