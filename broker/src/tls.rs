@@ -31,7 +31,7 @@ pub enum TlsError {
     Generate(String),
     #[error("writing {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("{path} is open to other users (mode {mode:o}); chmod 600 it")]
+    #[error("{path} is open to others than its owner (mode {mode:o}); chmod 600 it")]
     KeyMode { path: PathBuf, mode: u32 },
     #[error("{found} is there but {missing} is not; restore it, or remove both to make a new pair")]
     HalfPair { found: PathBuf, missing: PathBuf },
@@ -195,14 +195,13 @@ fn pin_of(pair: &CertifiedKey) -> CertPin {
 fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let read =
         |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Read { path: path.to_owned(), detail: e.to_string() };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| read(cert, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read(cert, e))?;
+    let cert_pem = read_small(cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| read(cert, e))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert.to_owned() });
     }
-    let secret = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+    let key_pem = read_small(key)?;
+    let secret = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::Read {
             path: key.to_owned(),
             detail: "no private key in it (PEM PKCS#8, PKCS#1 or SEC1, not encrypted: decrypt an encrypted key first)"
@@ -238,6 +237,23 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
         );
     }
     Ok(pair)
+}
+
+/// PEM files this large hold far more than a certificate chain or a key.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+/// A certificate or key file's bytes: a regular file of at most [`MAX_PEM_BYTES`], so that a FIFO, a
+/// device or a huge file given by mistake is refused instead of blocking or filling memory.
+fn read_small(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let bad = |detail: String| TlsError::Read { path: path.to_owned(), detail };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(bad(format!("{} bytes: more than a PEM certificate chain or key (at most 1 MiB)", meta.len())));
+    }
+    std::fs::read(path).map_err(|e| bad(e.to_string()))
 }
 
 /// Whether `dir` holds a self-signed pair already (`false`: neither file, one will be made); half a
@@ -301,10 +317,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
 /// may read it, as some systems arrange for TLS keys, is allowed).
 fn check_key_mode(key: &Path) -> Result<(), TlsError> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(key)
-        .map_err(|e| TlsError::Read { path: key.to_owned(), detail: e.to_string() })?
-        .permissions()
-        .mode();
+    let meta = std::fs::metadata(key).map_err(|e| TlsError::Read { path: key.to_owned(), detail: e.to_string() })?;
+    if !meta.is_file() {
+        return Err(TlsError::Read { path: key.to_owned(), detail: "not a regular file".into() });
+    }
+    let mode = meta.permissions().mode();
     if mode & 0o007 != 0 || mode & 0o020 != 0 {
         return Err(TlsError::KeyMode { path: key.to_owned(), mode: mode & 0o777 });
     }
@@ -355,6 +372,14 @@ mod tests {
         std::fs::write(a.path().join(SELF_SIGNED_CERT), "not pem").expect("garbage");
         assert!(tls.reload().is_err());
         assert_eq!(tls.pin(), before, "a failed reload keeps serving the old pair");
+        // Nothing that is not a small regular file is read: a FIFO would block, a device never end.
+        std::fs::remove_file(a.path().join(SELF_SIGNED_CERT)).expect("rm");
+        nix::unistd::mkfifo(&a.path().join(SELF_SIGNED_CERT), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        assert!(matches!(tls.reload(), Err(TlsError::Read { .. })));
+        std::fs::remove_file(a.path().join(SELF_SIGNED_CERT)).expect("rm");
+        std::fs::write(a.path().join(SELF_SIGNED_CERT), vec![b'A'; 2 * 1024 * 1024]).expect("huge");
+        assert!(matches!(tls.reload(), Err(TlsError::Read { .. })));
+        assert_eq!(tls.pin(), before);
         // A certificate with a key that is not its own is refused too.
         std::fs::copy(b.path().join(SELF_SIGNED_CERT), a.path().join(SELF_SIGNED_CERT)).expect("copy");
         assert!(matches!(tls.reload(), Err(TlsError::Mismatch { .. })));

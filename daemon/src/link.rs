@@ -92,9 +92,20 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     }
     if let Some(port) = uri.authority().and_then(|a| a.as_str().rsplit_once(':')).map(|(_, p)| p)
         && !port.ends_with(']')
-        && !matches!(port.parse::<u16>(), Ok(1..))
+        && (!matches!(port.parse::<u16>(), Ok(1..))
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.starts_with('0'))
     {
         return Err(format!("broker address {url:?}: {port:?} is not a port (1 to 65535)"));
+    }
+    if uri.query().is_some() || full.contains('#') {
+        return Err(format!("broker address {url:?}: no query or fragment in a broker address"));
+    }
+    let host = uri.host().unwrap_or_default();
+    if full.starts_with("wss://")
+        && rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']')).is_err()
+    {
+        return Err(format!("broker address {url:?}: {host:?} is neither a host name nor an IP address"));
     }
     // It travels in every invite and every listing: no secret belongs in it.
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
@@ -812,7 +823,17 @@ mod tests {
         assert!(ws_endpoint("wss://").is_err());
         assert!(ws_endpoint("wss://:7777").is_err());
         assert!(ws_endpoint("wss://admin:s3cret@h:7777").expect_err("credentials").contains("no user name"));
-        for bad_port in ["wss://h:99999", "wss://h:0", "ws://h:-1", "ws://h:x"] {
+        for bad_port in [
+            "wss://h:99999",
+            "wss://h:0",
+            "ws://h:-1",
+            "ws://h:x",
+            "wss://h:+7777",
+            "wss://h:07777",
+            "wss://h:1?x=1",
+            "wss://h:1#f",
+            "wss://127.1:7777",
+        ] {
             assert!(ws_endpoint(bad_port).is_err(), "{bad_port}");
         }
         assert!(ws_endpoint("wss://[::1]:7777").is_ok());

@@ -165,6 +165,13 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
             })?;
             // Files named now must serve now: a unit that cannot start would restart forever.
             check_tls_options(&checked.serve)?;
+            if checked.serve.listen.port() == 0 {
+                return Err(crate::output::fail(
+                    "usage",
+                    "a service needs a fixed port: with port 0 it would listen elsewhere after every restart, and invites carry the address",
+                    Some("for example -- --listen 0.0.0.0:7777".into()),
+                ));
+            }
             let done = super::service::install(&service(serve)?, no_start, || {})?;
             super::service::report_installed(&done)
         }
@@ -209,7 +216,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -251,8 +258,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         mesh_broker::run_with(listener, Arc::new(store), config, shutdown, mesh_broker::Extras { metrics, tls })
             .await
             .context("serving")?;
-        Ok(())
-    })
+        anyhow::Ok(())
+    });
+    // A certificate reload stuck on a file (a hung network mount) must not keep a stopped broker alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 /// The TLS options of a service to be installed, checked as `serve` will use them (without making a
@@ -311,7 +321,16 @@ async fn reload_on_hangup(tls: Option<Arc<mesh_broker::tls::ServerTls>>, mut han
             tracing::info!("SIGHUP: this broker serves no TLS certificate; nothing to reload");
             continue;
         };
-        match tls.reload() {
+        // File reads off the async threads: a slow disk never holds up the connections.
+        let reloading = tls.clone();
+        let reloaded = match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "the certificate reload stopped");
+                continue;
+            }
+        };
+        match reloaded {
             Ok(pin) => tracing::info!(%pin, "reloaded the TLS certificate; new connections get it"),
             Err(e) => {
                 tracing::error!(error = %e, "reloading the TLS certificate failed; still serving the previous one")

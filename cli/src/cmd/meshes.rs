@@ -248,7 +248,10 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
             if let Some(why) = &seen.pin_refused {
                 errln!("{}", output::clean(&format!("with its pin, the broker is refused: {why}")));
             }
-            if seen.previous.as_deref() == Some(seen.presented.as_str()) {
+            // Nothing to do: the pinned certificate is presented, or authorities vouch for an unpinned one.
+            if seen.previous.as_deref() == Some(seen.presented.as_str())
+                || (seen.previous.is_none() && seen.trusted_by_platform)
+            {
                 return Ok(());
             }
             if let Some(why) = &seen.presented_refused {

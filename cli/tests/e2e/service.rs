@@ -103,6 +103,10 @@ fn each_home_gets_its_own_units_that_systemd_accepts_and_uninstall_removes_them(
         let out = two.cmd(&args).env("XDG_CONFIG_HOME", xdg.path()).output().expect("run");
         assert_eq!(out.status.code(), Some(1), "{}", two.report(&args, &out));
     }
+    // A service on port 0 would move after every restart, and invites carry its address.
+    let args = ["broker", "install-service", "--no-start", "--", "--listen", "127.0.0.1:0"];
+    let out = two.cmd(&args).env("XDG_CONFIG_HOME", xdg.path()).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", two.report(&args, &out));
 
     for (home, args, unit) in [
         (&one, ["daemon", "uninstall-service"], &unit_one),

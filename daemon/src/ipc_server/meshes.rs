@@ -456,7 +456,11 @@ pub async fn invite(
                     ApiErrorCode::CertificateRefused,
                     format!("no invite: with the mesh's pin, its broker is refused ({why})"),
                 )
-                .with_hint(format!("mesh repin --mesh {} once the certificate is confirmed", mesh.name))
+                .with_hint(format!(
+                    "mesh doctor says what to do: mesh repin --mesh {} once a new certificate is confirmed, or \
+                     the operator renews one that expired",
+                    mesh.name
+                ))
                 .0
             }));
         }
