@@ -236,6 +236,9 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
             }
             let current = match &seen.previous {
                 Some(p) if *p == seen.presented => "the pinned one".to_owned(),
+                Some(p) if seen.trusted_by_platform => {
+                    format!("not the pinned one ({p}), but an authority here vouches for it (mesh repin --unpin)")
+                }
                 Some(p) => format!("not the pinned one ({p})"),
                 None if seen.trusted_by_platform => {
                     "vouched for by a certificate authority; the mesh has no pin".into()
