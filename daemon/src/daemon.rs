@@ -292,6 +292,7 @@ impl Daemon {
                 since: self.started_at,
                 last_error: Some("no link".into()),
                 clock_skew_ms: None,
+                certificate: None,
             })
     }
 

@@ -365,6 +365,7 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
         since: now_ms(),
         last_error: None,
         clock_skew_ms: None,
+        certificate: None,
     });
     // One request at a time is plenty: they are rare, and each waits for its answer.
     let (requests, requests_rx) = mpsc::channel(4);
@@ -396,6 +397,9 @@ fn set_state(tx: &watch::Sender<LinkStatus>, state: LinkState, last_error: Optio
         s.state = state;
         if last_error.is_some() || state == LinkState::Online {
             s.last_error = last_error;
+        }
+        if state != LinkState::Rejected {
+            s.certificate = None;
         }
     });
 }
@@ -481,6 +485,7 @@ async fn run(
             Err(LinkError::Refused(e)) if e.permanent => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");
                 let why = format!("{}: {}", e.code.as_str(), e.message);
+                status.send_modify(|s| s.certificate = None);
                 set_state(&status, LinkState::Rejected, Some(why.clone()));
                 record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(why)).await;
                 REJECTED_RETRY
@@ -489,6 +494,7 @@ async fn run(
                 // Never a silent fallback: the link stays down, saying why, until the certificate or
                 // the pin is put right.
                 tracing::warn!(error = %e, "broker certificate refused");
+                status.send_modify(|s| s.certificate = e.presented().map(|p| p.to_string()));
                 set_state(&status, LinkState::Rejected, Some(e.to_string()));
                 record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(e.to_string())).await;
                 REJECTED_RETRY

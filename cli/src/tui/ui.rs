@@ -599,7 +599,7 @@ mod tests {
                 broker: "ws://broker:7777".into(),
                 transport: mesh_ipc::api::Transport::Unencrypted,
                 tls_pin: None,
-                connection: LinkStatus { state, since: T0, last_error: None, clock_skew_ms: None },
+                connection: LinkStatus { state, since: T0, last_error: None, clock_skew_ms: None, certificate: None },
                 peers_online: 1,
                 peers_total: 2,
                 outbox: OutboxCounts::default(),

@@ -175,6 +175,12 @@ fn a_certificate_that_changed_stops_the_link_with_its_words_until_repinned() {
             "broker certificate changed: expected {old}, got {new}; if the operator rotated it, run `mesh repin --mesh team`"
         )
     );
+    assert_eq!(status["meshes"][0]["connection"]["certificate"], new.as_str());
+    // A session launched meanwhile says why it cannot connect, with the certificate.
+    let refused = alice.fails(&["--json", "launch", "--name", "worker", "--mesh", "team", "--", "true"], 1);
+    let refused: Value = serde_json::from_str(refused.trim()).expect("a JSON error");
+    assert_eq!(refused["error"]["code"], "certificate_refused", "{refused}");
+    assert_eq!(refused["error"]["certificate"], new.as_str());
     // No invite carries a pin the broker no longer passes.
     let refused = alice.fails(&["invite", "--mesh", "team"], 1);
     assert!(refused.contains("no invite: with the mesh's pin, its broker is refused"), "{refused}");

@@ -93,6 +93,9 @@ pub struct LinkStatus {
     /// The broker's clock minus this machine's, in ms, as measured at the last `welcome`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_skew_ms: Option<i64>,
+    /// While refused for the broker's TLS certificate: the one it presented (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
