@@ -71,18 +71,15 @@ pub async fn create(
     let (_ws, welcome) = match link::handshake(broker, &d.member.identity, &me, mesh_id, None, |_| intent).await {
         Ok(done) => done,
         Err(LinkError::Certificate(crate::tls::CertError::Changed { expected, got, .. })) => {
-            return Err(Failure(ApiError {
-                certificate: Some(got.to_string()),
-                ..Failure::new(
-                    ApiErrorCode::CertificateRefused,
-                    format!(
-                        "the broker at {} presents {got}, not the pin given ({expected}); nothing was created",
-                        req.broker
-                    ),
-                )
-                .with_hint("check the pin with the broker's operator (`mesh broker serve` prints it on start)")
-                .0
-            }));
+            return Err(Failure::new(
+                ApiErrorCode::CertificateRefused,
+                format!(
+                    "the broker at {} presents {got}, not the pin given ({expected}); nothing was created",
+                    req.broker
+                ),
+            )
+            .with_hint("check the pin with the broker's operator (`mesh broker serve` prints it on start)")
+            .with_certificate(Some(got)));
         }
         Err(e) => return Err(e.into()),
     };
@@ -200,18 +197,15 @@ pub async fn join(
                 ));
             }
             Err(LinkError::Certificate(crate::tls::CertError::Changed { expected, got, .. })) => {
-                return Err(Failure(ApiError {
-                    certificate: Some(got.to_string()),
-                    ..Failure::new(
-                        ApiErrorCode::CertificateRefused,
-                        format!(
-                            "the broker presents {got}, not the certificate this invite names ({expected}); nothing \
-                             was joined"
-                        ),
-                    )
-                    .with_hint("the operator may have replaced it: ask for a new invite")
-                    .0
-                }));
+                return Err(Failure::new(
+                    ApiErrorCode::CertificateRefused,
+                    format!(
+                        "the broker presents {got}, not the certificate this invite names ({expected}); nothing was \
+                         joined"
+                    ),
+                )
+                .with_hint("the operator may have replaced it: ask for a new invite")
+                .with_certificate(Some(got)));
             }
             Err(e) => return Err(e.into()),
         }
@@ -450,19 +444,16 @@ pub async fn invite(
         // repins first. A broker that does not answer quickly is no reason not to invite.
         let check = link::check_certificate(&mesh.broker_url, Some(pin), &mesh.name);
         if let Ok(Ok(Err(why))) = tokio::time::timeout(INVITE_CHECK, check).await {
-            return Err(Failure(ApiError {
-                certificate: why.presented().map(|p| p.to_string()),
-                ..Failure::new(
-                    ApiErrorCode::CertificateRefused,
-                    format!("no invite: with the mesh's pin, its broker is refused ({why})"),
-                )
-                .with_hint(format!(
-                    "mesh doctor says what to do: mesh repin --mesh {} once a new certificate is confirmed, or \
-                     the operator renews one that expired",
-                    mesh.name
-                ))
-                .0
-            }));
+            return Err(Failure::new(
+                ApiErrorCode::CertificateRefused,
+                format!("no invite: with the mesh's pin, its broker is refused ({why})"),
+            )
+            .with_hint(format!(
+                "mesh doctor says what to do: mesh repin --mesh {} once a new certificate is confirmed, or the \
+                 operator renews one that expired",
+                mesh.name
+            ))
+            .with_certificate(why.presented()));
         }
     }
     let token = InviteToken::mint(&d.member.identity, params, &mesh.group_key);
@@ -537,12 +528,8 @@ pub async fn repin(
         pin_refused: pin_refused.as_ref().map(ToString::to_string),
         presented_refused: presented_refused.as_ref().map(ToString::to_string),
     };
-    let refused = |message: String| {
-        Failure(ApiError {
-            certificate: Some(presented.to_string()),
-            ..Failure::new(ApiErrorCode::CertificateRefused, message).0
-        })
-    };
+    let refused =
+        |message: String| Failure::new(ApiErrorCode::CertificateRefused, message).with_certificate(Some(presented));
     let id = mesh.id;
     if req.unpin {
         if let Err(why) = &verdict {

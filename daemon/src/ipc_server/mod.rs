@@ -62,6 +62,12 @@ impl Failure {
         self
     }
 
+    /// For a refused broker certificate: the one presented (`sha256:…`), when known.
+    pub fn with_certificate(mut self, certificate: Option<impl ToString>) -> Failure {
+        self.0.certificate = certificate.map(|c| c.to_string());
+        self
+    }
+
     pub fn code(&self) -> ApiErrorCode {
         self.0.code
     }
@@ -95,7 +101,6 @@ impl From<LinkError> for Failure {
             LinkError::Refused(_) => Failure::new(ApiErrorCode::BrokerRefused, e.to_string()),
             LinkError::Protocol(_) => Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()),
             LinkError::Certificate(refused) => {
-                let presented = refused.presented().map(|p| p.to_string());
                 let failure = match &refused {
                     crate::tls::CertError::Untrusted { got } => {
                         Failure::new(ApiErrorCode::CertificateUntrusted, refused.to_string()).with_hint(format!(
@@ -108,7 +113,7 @@ impl From<LinkError> for Failure {
                     }
                     _ => Failure::new(ApiErrorCode::CertificateRefused, refused.to_string()),
                 };
-                Failure(ApiError { certificate: presented, ..failure.0 })
+                failure.with_certificate(refused.presented())
             }
         }
     }

@@ -100,10 +100,9 @@ pub async fn launch(
                 Failure::new(ApiErrorCode::NameTaken, format!("session {name:?}: {why}"))
                     .with_hint("launch it under another name: mesh launch --name OTHER -- …")
             } else if let Some(certificate) = s.certificate.clone() {
-                let refused =
-                    Failure::new(ApiErrorCode::CertificateRefused, format!("session {name:?} cannot connect: {why}"))
-                        .with_hint("mesh doctor says what to do (mesh repin after a certificate changed)");
-                Failure(ApiError { certificate: Some(certificate), ..refused.0 })
+                Failure::new(ApiErrorCode::CertificateRefused, format!("session {name:?} cannot connect: {why}"))
+                    .with_hint("mesh doctor says what to do (mesh repin after a certificate changed)")
+                    .with_certificate(Some(certificate))
             } else if limited {
                 Failure::new(ApiErrorCode::BrokerRefused, format!("the broker refused session {name:?}: {why}"))
                     .with_hint("end a session of yours (`mesh session list`), or ask the mesh's owner (`mesh limits`)")
