@@ -114,7 +114,6 @@ impl ServerTls {
     /// Serves the certificate chain in `cert` (leaf first) with the private key in `key`, both PEM.
     pub fn from_files(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        check_key_mode(key)?;
         let pair = load(cert, key, &provider)?;
         let current = Arc::new(Current(RwLock::new(Arc::new(pair))));
         let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -167,7 +166,6 @@ impl ServerTls {
     /// Reads the files again; on success new handshakes present the new pair. On failure the pair in
     /// use stays.
     pub fn reload(&self) -> Result<CertPin, TlsError> {
-        check_key_mode(&self.key_path)?;
         let pair = load(&self.cert_path, &self.key_path, &self.provider)?;
         let pin = pin_of(&pair);
         *self.current.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(pair);
@@ -192,15 +190,18 @@ fn pin_of(pair: &CertifiedKey) -> CertPin {
     CertPin::of_der(pair.cert.first().map_or(&[][..], |c| c.as_ref()))
 }
 
+/// The pair in `cert` and `key`, the key first: one other users can open is refused before anything
+/// is parsed.
 fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let read =
         |path: &Path, e: rustls::pki_types::pem::Error| TlsError::Read { path: path.to_owned(), detail: e.to_string() };
-    let cert_pem = read_small(cert)?;
+    let (key_pem, key_meta) = read_small(key)?;
+    check_key_mode(key, &key_meta)?;
+    let (cert_pem, _) = read_small(cert)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| read(cert, e))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert.to_owned() });
     }
-    let key_pem = read_small(key)?;
     let secret = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::Read {
             path: key.to_owned(),
@@ -244,7 +245,7 @@ const MAX_PEM_BYTES: u64 = 1024 * 1024;
 
 /// A certificate or key file's bytes: a regular file of at most [`MAX_PEM_BYTES`], so that a FIFO, a
 /// device or a huge file given by mistake is refused instead of blocking or filling memory.
-fn read_small(path: &Path) -> Result<Vec<u8>, TlsError> {
+fn read_small(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), TlsError> {
     let bad = |detail: String| TlsError::Read { path: path.to_owned(), detail };
     let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if !meta.is_file() {
@@ -253,7 +254,7 @@ fn read_small(path: &Path) -> Result<Vec<u8>, TlsError> {
     if meta.len() > MAX_PEM_BYTES {
         return Err(bad(format!("{} bytes: more than a PEM certificate chain or key (at most 1 MiB)", meta.len())));
     }
-    std::fs::read(path).map_err(|e| bad(e.to_string()))
+    Ok((std::fs::read(path).map_err(|e| bad(e.to_string()))?, meta))
 }
 
 /// Whether `dir` holds a self-signed pair already (`false`: neither file, one will be made); half a
@@ -315,12 +316,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
 
 /// The private key is the broker's alone: refuse one other users can read or write (a group that
 /// may read it, as some systems arrange for TLS keys, is allowed).
-fn check_key_mode(key: &Path) -> Result<(), TlsError> {
+fn check_key_mode(key: &Path, meta: &std::fs::Metadata) -> Result<(), TlsError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(key).map_err(|e| TlsError::Read { path: key.to_owned(), detail: e.to_string() })?;
-    if !meta.is_file() {
-        return Err(TlsError::Read { path: key.to_owned(), detail: "not a regular file".into() });
-    }
     let mode = meta.permissions().mode();
     if mode & 0o007 != 0 || mode & 0o020 != 0 {
         return Err(TlsError::KeyMode { path: key.to_owned(), mode: mode & 0o777 });
