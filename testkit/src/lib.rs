@@ -2,6 +2,8 @@
 //! processes, and polling with a deadline instead of fixed sleeps. Failures print the command, its
 //! output and the tail of the daemon's log.
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

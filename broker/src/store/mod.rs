@@ -3,6 +3,8 @@
 //! to each recipient's queue before it is accepted; a queue row is deleted only by its recipient's ack
 //! or by its TTL, and either way a receipt is queued for the sender in the same transaction.
 
+pub mod postgres;
+mod receipts;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -41,6 +43,16 @@ pub struct PeerRecord {
     pub revoked: bool,
     /// For a session: when it ended (its member's daemon said so, or it went unseen too long).
     pub ended_at: Option<u64>,
+}
+
+impl PeerRecord {
+    /// Who the peer is, in words (for a `name_taken` refusal).
+    pub(crate) fn describe(&self) -> String {
+        match self.kind {
+            PeerKind::Member => format!("member {} ({})", self.name, self.key.short()),
+            PeerKind::Session => format!("session {} ({})", self.name, self.key.short()),
+        }
+    }
 }
 
 /// A roster line: a peer and the groups it belongs to.

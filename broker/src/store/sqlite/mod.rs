@@ -19,9 +19,6 @@ mod queue;
 use peers::{PEER_COLUMNS, get_peer, insert_peer, peer_from_row};
 use queue::{enqueue_in, wrote_then_refused};
 
-/// Receipts live as long as a message's default TTL: the sender may be offline for that long.
-pub(crate) const RECEIPT_TTL_MS: u64 = 7 * 24 * 60 * 60 * 1000;
-
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE meshes (

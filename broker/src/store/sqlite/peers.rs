@@ -60,14 +60,6 @@ pub fn get_peer(tx: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Re
         .optional()
 }
 
-/// Who holds a name, in words, for a `name_taken` refusal.
-fn describe_holder(p: &PeerRecord) -> String {
-    match p.kind {
-        PeerKind::Member => format!("member {} ({})", p.name, p.key.short()),
-        PeerKind::Session => format!("session {} ({})", p.name, p.key.short()),
-    }
-}
-
 /// Lets `key` take `name` in `mesh`: refused (before anything is written) while another peer that
 /// has not ended holds a name with the same skeleton key; ended sessions holding it are removed.
 pub fn claim_name(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> Result<Claimed, TxError> {
@@ -80,7 +72,7 @@ pub fn claim_name(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -
         .query_map(params![mesh.to_string(), key.to_string(), keys.lower, keys.written, keys.upper], peer_from_row)?
         .collect::<Result<_, _>>()?;
     if let Some(live) = holders.iter().find(|p| p.ended_at.is_none()) {
-        return Err(TxError::Domain(StoreError::NameTaken { name: name.to_owned(), holder: describe_holder(live) }));
+        return Err(TxError::Domain(StoreError::NameTaken { name: name.to_owned(), holder: live.describe() }));
     }
     for ended in &holders {
         remove_peer(tx, mesh, &ended.key)?;

@@ -2,68 +2,52 @@
 //! once and queued once per recipient; a queue row leaves only by its recipient's ack or its TTL, with
 //! the sender's receipt queued in the same transaction.
 
-use mesh_proto::wire::{DeliveryItem, Receipt, ReceiptBatch, ReceiptKind};
+use mesh_proto::wire::{Receipt, ReceiptKind};
 use mesh_proto::{MeshId, PublicKey, Target};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{RECEIPT_TTL_MS, TxError};
+use super::TxError;
 use crate::sqlite::parse_col as parse;
+use crate::store::receipts::{RECEIPT_TTL_MS, ReceiptsBySender, receipt_json};
 use crate::store::{Enqueued, Expired, Lease, Leased, NewMessage, Receipted, StoreError};
 
-fn queue_receipt(tx: &Connection, mesh: &str, to: &str, receipt: &Receipt, expires_at: u64) -> rusqlite::Result<()> {
-    queue_item(tx, mesh, to, &DeliveryItem::Receipt(receipt.clone()), expires_at)
-}
-
-fn queue_item(tx: &Connection, mesh: &str, to: &str, item: &DeliveryItem, expires_at: u64) -> rusqlite::Result<()> {
-    let json = serde_json::to_string(item).expect("receipts serialise");
+fn queue_item(tx: &Connection, mesh: &str, to: &str, item_json: &str, expires_at: u64) -> rusqlite::Result<()> {
     tx.prepare_cached("INSERT INTO queue (mesh_id, recipient, receipt, expires_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![mesh, to, json, expires_at as i64])?;
+        .execute(params![mesh, to, item_json, expires_at as i64])?;
     Ok(())
 }
 
-/// Most receipts one queued `receipts` item carries.
-const RECEIPTS_PER_ITEM: usize = 256;
+/// Adds a receipt of `kind` from `recipient` for the sender of message `seq`, if it is still known.
+fn add_receipt(
+    receipts: &mut ReceiptsBySender,
+    tx: &Connection,
+    seq: i64,
+    kind: ReceiptKind,
+    recipient: &str,
+    now: u64,
+) -> rusqlite::Result<()> {
+    let row: Option<(String, String, String, String)> = tx
+        .prepare_cached("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    if let Some((mesh, sender, message_id, client_message_id)) = row {
+        let receipt = Receipt { message_id, client_message_id, kind, recipient: parse(recipient.to_owned())?, at: now };
+        receipts.push(mesh, sender, receipt);
+    }
+    Ok(())
+}
 
-/// Receipts gathered in one transaction, queued as one item per sender (`receipts`), or `receipt`
-/// when there is one: a sender whose 100 messages were acked in one frame gets one delivery, not 100.
-#[derive(Default)]
-struct ReceiptsBySender(std::collections::BTreeMap<(String, String), Vec<Receipt>>);
-
-impl ReceiptsBySender {
-    /// Adds a receipt of `kind` from `recipient` for the sender of message `seq`, if it is still known.
-    fn add(&mut self, tx: &Connection, seq: i64, kind: ReceiptKind, recipient: &str, now: u64) -> rusqlite::Result<()> {
-        let row: Option<(String, String, String, String)> = tx
-            .prepare_cached("SELECT mesh_id, sender, message_id, client_message_id FROM messages WHERE seq = ?1")?
-            .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .optional()?;
-        if let Some((mesh, sender, message_id, client_message_id)) = row {
-            let receipt =
-                Receipt { message_id, client_message_id, kind, recipient: parse(recipient.to_owned())?, at: now };
-            self.0.entry((mesh, sender)).or_default().push(receipt);
+/// Queues the gathered receipts; returns the (mesh, sender) pairs to wake.
+fn queue_receipts(receipts: ReceiptsBySender, tx: &Connection, now: u64) -> rusqlite::Result<Vec<(String, String)>> {
+    let items = receipts.into_items();
+    let mut woken = Vec::with_capacity(items.len());
+    for ((mesh, sender), items) in items {
+        for item in &items {
+            queue_item(tx, &mesh, &sender, item, now + RECEIPT_TTL_MS)?;
         }
-        Ok(())
+        woken.push((mesh, sender));
     }
-
-    /// How many receipts were added.
-    fn count(&self) -> u64 {
-        self.0.values().map(|r| r.len() as u64).sum()
-    }
-
-    /// Queues them; returns the (mesh, sender) pairs to wake.
-    fn queue(self, tx: &Connection, now: u64) -> rusqlite::Result<Vec<(String, String)>> {
-        let mut woken = Vec::with_capacity(self.0.len());
-        for ((mesh, sender), receipts) in self.0 {
-            for chunk in receipts.chunks(RECEIPTS_PER_ITEM) {
-                let item = match chunk {
-                    [one] => DeliveryItem::Receipt(one.clone()),
-                    many => DeliveryItem::Receipts(ReceiptBatch { receipts: many.to_vec() }),
-                };
-                queue_item(tx, &mesh, &sender, &item, now + RECEIPT_TTL_MS)?;
-            }
-            woken.push((mesh, sender));
-        }
-        Ok(woken)
-    }
+    Ok(woken)
 }
 
 /// Drops the stored ciphertext of a message once no queue row needs it; the row itself stays until
@@ -230,12 +214,12 @@ pub fn ack(
         let seq: Option<Option<i64>> =
             delete.query_row(params![id as i64, mesh, recipient], |r| r.get(0)).optional()?;
         if let Some(Some(seq)) = seq {
-            receipts.add(tx, seq, ReceiptKind::Delivered, &recipient, now)?;
+            add_receipt(&mut receipts, tx, seq, ReceiptKind::Delivered, &recipient, now)?;
             forget_body_if_done(tx, seq)?;
         }
     }
     let count = receipts.count();
-    let senders = receipts.queue(tx, now)?;
+    let senders = queue_receipts(receipts, tx, now)?;
     let woken = senders.into_iter().map(|(_, sender)| parse(sender)).collect::<Result<Vec<_>, _>>()?;
     Ok(Receipted { woken, receipts: count })
 }
@@ -255,14 +239,14 @@ pub fn expire(tx: &Connection, now: u64) -> Result<Expired, TxError> {
         match seq {
             Some(seq) => {
                 out.messages_expired += 1;
-                receipts.add(tx, seq, ReceiptKind::Expired, &recipient, now)?;
+                add_receipt(&mut receipts, tx, seq, ReceiptKind::Expired, &recipient, now)?;
                 forget_body_if_done(tx, seq)?;
             }
             None => out.receipts_dropped += 1,
         }
     }
     out.receipts = receipts.count();
-    for (mesh, sender) in receipts.queue(tx, now)? {
+    for (mesh, sender) in queue_receipts(receipts, tx, now)? {
         out.woken.push((parse(mesh)?, parse(sender)?));
     }
     tx.prepare_cached("DELETE FROM messages WHERE expires_at <= ?1 AND NOT EXISTS (SELECT 1 FROM queue WHERE message_seq = messages.seq)")?.execute([now as i64],
@@ -320,7 +304,7 @@ pub fn record_reads(
                 recipient: reader,
                 at: now,
             };
-            queue_receipt(tx, &mesh_s, &sender, &receipt, now + RECEIPT_TTL_MS)?;
+            queue_item(tx, &mesh_s, &sender, &receipt_json(receipt), now + RECEIPT_TTL_MS)?;
             senders.push(parse(sender)?);
             receipts += 1;
         }

@@ -1,0 +1,533 @@
+//! The PostgreSQL implementation of [`Store`]: several broker replicas share one database.
+//!
+//! Every write is one transaction on a pooled connection (`deadpool-postgres`, statements prepared
+//! once per connection), with the same boundaries as SQLite: a send is committed to each recipient's
+//! queue before it is accepted; a queue row leaves only by an ack or its TTL, each a `DELETE …
+//! RETURNING` in the transaction that queues the receipt, so two replicas acking or expiring the same
+//! row at once queue one receipt. Leases are claimed with `FOR UPDATE SKIP LOCKED` and carry the
+//! replica and connection holding them. Names are claimed under a per-mesh advisory lock, invite uses
+//! are counted by one conditional upsert. A transaction that loses a deadlock or a serialization
+//! check is run again.
+
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use mesh_proto::{MeshId, PublicKey};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::{
+    Claimed, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord,
+    QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
+};
+use crate::sqlite::CommitObserver;
+
+mod peers;
+mod queue;
+mod schema;
+
+/// The advisory lock class of per-mesh name claims (the second key is the mesh id's hash).
+const NAMES_LOCK: i32 = 0x6d65_7368;
+
+/// How many times a transaction that lost a deadlock or serialization check is run.
+const ATTEMPTS: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("the database address is not a PostgreSQL address ({0}); expected postgres://USER@HOST:PORT/DB")]
+    Address(String),
+    #[error("connecting to PostgreSQL at {at}")]
+    Connect {
+        at: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("connecting to PostgreSQL at {at}: {why}")]
+    Pool { at: String, why: String },
+    #[error("the database at {at} has schema version {found}, newer than this build knows ({known}); upgrade mesh")]
+    TooNew { at: String, found: i32, known: i32 },
+    #[error("migrating the database at {at} to version {version}")]
+    Migrate {
+        at: String,
+        version: usize,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// How the broker uses the database.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Connections this replica holds at most.
+    pub pool_size: usize,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { pool_size: 16 }
+    }
+}
+
+/// Whether `address` names a PostgreSQL database rather than a file.
+pub fn is_postgres_address(address: &str) -> bool {
+    let lower = address.get(..11).unwrap_or(address).to_ascii_lowercase();
+    lower.starts_with("postgres://") || lower.starts_with("postgresql:")
+}
+
+/// `address` without its password, for logs and messages.
+pub fn redacted(address: &str) -> String {
+    let Ok(config) = tokio_postgres::Config::from_str(address) else {
+        return "postgres://(unreadable address)".into();
+    };
+    let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    let host = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let port = config.get_ports().first().map(|p| format!(":{p}")).unwrap_or_default();
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres://{user}{host}{port}/{db}")
+}
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// This replica's row in `replicas`: leases carry it, so that one replica never frees another's.
+    replica: i64,
+    observer: Arc<OnceLock<CommitObserver>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgStore(replica {})", self.replica)
+    }
+}
+
+impl PgStore {
+    /// Connects, brings the schema up to date (one replica at a time, under an advisory lock) and
+    /// registers this replica.
+    pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
+        let at = redacted(address);
+        let config = tokio_postgres::Config::from_str(address).map_err(|e| PgError::Address(e.to_string()))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| PgError::Pool { at: at.clone(), why: e.to_string() })?;
+        let mut client = pool.get().await.map_err(|e| pool_error(&at, e))?;
+        schema::migrate(&mut client, &at).await?;
+        let replica: i64 = client
+            .query_one(
+                "INSERT INTO replicas (started_at, heartbeat_at) VALUES ($1, $1) RETURNING id",
+                &[&(mesh_proto::now_ms() as i64)],
+            )
+            .await
+            .map_err(|source| PgError::Connect { at: at.clone(), source })?
+            .get(0);
+        tracing::info!(replica, database = %at, "broker replica registered");
+        Ok(PgStore { pool, replica, observer: Arc::new(OnceLock::new()) })
+    }
+
+    /// This replica's number in the database.
+    pub fn replica(&self) -> i64 {
+        self.replica
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| StoreError::Backend(format!("no database connection: {e}")))
+    }
+
+    fn observe(&self, ops: usize, started: Instant) {
+        if let Some(observer) = self.observer.get() {
+            observer(ops, started.elapsed());
+        }
+    }
+}
+
+fn pool_error(at: &str, e: deadpool_postgres::PoolError) -> PgError {
+    match e {
+        deadpool_postgres::PoolError::Backend(source) => PgError::Connect { at: at.to_owned(), source },
+        other => PgError::Pool { at: at.to_owned(), why: other.to_string() },
+    }
+}
+
+/// Inside a transaction: a domain outcome that rolls back, or a database failure.
+#[derive(Debug)]
+enum TxError {
+    Domain(StoreError),
+    Pg(tokio_postgres::Error),
+    /// A stored value this build cannot read.
+    Corrupt(String),
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TxError::Pg(e)
+    }
+}
+
+impl From<TxError> for StoreError {
+    fn from(e: TxError) -> Self {
+        match e {
+            TxError::Domain(e) => e,
+            TxError::Pg(e) => StoreError::Backend(mesh_proto::error::chain(&e)),
+            TxError::Corrupt(what) => StoreError::Backend(what),
+        }
+    }
+}
+
+impl TxError {
+    /// Lost a deadlock or a serialization check: running the transaction again may succeed.
+    fn is_retryable(&self) -> bool {
+        matches!(self, TxError::Pg(e)
+            if e.code().is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE))
+    }
+}
+
+/// Parses a stored text column.
+fn parse<T: FromStr>(s: &str) -> Result<T, TxError>
+where
+    T::Err: std::fmt::Display,
+{
+    T::from_str(s).map_err(|e| TxError::Corrupt(format!("invalid stored value {s:?}: {e}")))
+}
+
+/// Runs `$body` in a transaction on a pooled connection (`$tx` names it), committing when it
+/// finishes; a `return Err(..)` in it rolls back. Run again when it loses a deadlock or a
+/// serialization check; `$ops` is the number of operations it carries, for the commit metrics.
+macro_rules! transaction {
+    ($store:expr, $ops:expr, |$tx:ident| $body:block) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let mut client = $store.client().await?;
+            let result: Result<_, TxError> = async {
+                let $tx = client.transaction().await?;
+                let out = $body;
+                $tx.commit().await?;
+                Ok(out)
+            }
+            .await;
+            match result {
+                Ok(out) => {
+                    $store.observe($ops, started);
+                    break Ok(out);
+                }
+                Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
+                    tracing::debug!(attempt, error = ?e, "transaction lost a deadlock or serialization check; again");
+                }
+                Err(e) => break Err(StoreError::from(e)),
+            }
+        }
+    }};
+}
+
+/// The `Option<i64>` a limit is stored as.
+fn limit_col(v: Option<u32>) -> Option<i64> {
+    v.map(i64::from)
+}
+
+fn limit_from(v: Option<i64>) -> Option<u32> {
+    v.and_then(|v| u32::try_from(v).ok())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError> {
+        transaction!(self, 1, |tx| {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO meshes (id, name, owner, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+                    &[&mesh.id.to_string(), &mesh.name, &mesh.owner.to_string(), &(mesh.created_at as i64)],
+                )
+                .await?;
+            if inserted == 0 {
+                return Err(TxError::Domain(StoreError::MeshExists));
+            }
+            peers::insert_peer(&tx, &mesh.id, &owner).await?;
+        })
+    }
+
+    async fn mesh(&self, id: MeshId) -> Result<Option<MeshRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, owner, created_at, max_sessions_per_member, max_connections_per_member, \
+                 max_connections FROM meshes WHERE id = $1",
+                &[&id.to_string()],
+            )
+            .await
+            .map_err(TxError::from)?;
+        let Some(r) = row else { return Ok(None) };
+        let record = (|| {
+            Ok::<_, TxError>(MeshRecord {
+                id: parse(r.get(0))?,
+                name: r.get(1),
+                owner: parse(r.get(2))?,
+                created_at: r.get::<_, i64>(3) as u64,
+                limits: MeshLimitSettings {
+                    sessions_per_member: limit_from(r.get(4)),
+                    connections_per_member: limit_from(r.get(5)),
+                    connections: limit_from(r.get(6)),
+                },
+            })
+        })()?;
+        Ok(Some(record))
+    }
+
+    async fn peer(&self, mesh: MeshId, key: PublicKey) -> Result<Option<PeerRecord>, StoreError> {
+        let client = self.client().await?;
+        Ok(peers::get_peer(&client, &mesh, &key).await?)
+    }
+
+    async fn join(
+        &self,
+        mesh: MeshId,
+        invite_id: &str,
+        max_uses: Option<u32>,
+        peer: PeerRecord,
+    ) -> Result<JoinOutcome, StoreError> {
+        transaction!(self, 1, |tx| {
+            if let Some(existing) = peers::get_peer(&tx, &mesh, &peer.key).await? {
+                return Ok(JoinOutcome::AlreadyMember(existing));
+            }
+            let claimed = peers::join(&tx, &mesh, invite_id, max_uses, &peer).await?;
+            JoinOutcome::Joined(peer.clone(), claimed)
+        })
+    }
+
+    async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {
+        transaction!(self, 1, |tx| { peers::upsert(&tx, &mesh, &peer).await? })
+    }
+
+    async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("UPDATE peers SET last_seen = $3 WHERE mesh_id = $1 AND key = $2")
+            .await
+            .map_err(TxError::from)?;
+        client
+            .execute(&stmt, &[&mesh.to_string(), &key.to_string(), &(seen_at as i64)])
+            .await
+            .map_err(TxError::from)?;
+        Ok(())
+    }
+
+    async fn live_sessions(&self, mesh: MeshId, member: PublicKey) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT COUNT(*) FROM peers
+                 WHERE mesh_id = $1 AND member = $2 AND kind = 'session' AND ended_at IS NULL AND NOT revoked",
+            )
+            .await
+            .map_err(TxError::from)?;
+        let n: i64 =
+            client.query_one(&stmt, &[&mesh.to_string(), &member.to_string()]).await.map_err(TxError::from)?.get(0);
+        Ok(n as usize)
+    }
+
+    async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError> {
+        let client = self.client().await?;
+        Ok(peers::roster(&client, &mesh).await?)
+    }
+
+    async fn rename(&self, mesh: MeshId, key: PublicKey, name: String) -> Result<(PeerRecord, Claimed), StoreError> {
+        transaction!(self, 1, |tx| { peers::rename(&tx, &mesh, &key, &name).await? })
+    }
+
+    async fn end_session(
+        &self,
+        mesh: MeshId,
+        member: PublicKey,
+        session: PublicKey,
+        now: u64,
+        keep_ended: usize,
+    ) -> Result<Ended, StoreError> {
+        transaction!(self, 1, |tx| { peers::end_session(&tx, &mesh, &member, &session, now, keep_ended).await? })
+    }
+
+    async fn reap_sessions(
+        &self,
+        now: u64,
+        stale_ms: u64,
+        grace_ms: u64,
+        online: Vec<(MeshId, PublicKey)>,
+    ) -> Result<Reaped, StoreError> {
+        transaction!(self, 1, |tx| { peers::reap_sessions(&tx, now, stale_ms, grace_ms, &online).await? })
+    }
+
+    async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
+        transaction!(self, msgs.len(), |tx| {
+            let mut out = Vec::with_capacity(msgs.len());
+            for msg in &msgs {
+                // Every refusal comes before the message's first write.
+                out.push(match queue::enqueue(&tx, msg).await {
+                    Ok(done) => Ok(done),
+                    Err(TxError::Domain(e)) => Err(e),
+                    Err(e) => return Err(e),
+                });
+            }
+            out
+        })
+    }
+
+    async fn find_sent(
+        &self,
+        mesh: MeshId,
+        sender: PublicKey,
+        client_message_id: &str,
+    ) -> Result<Option<SentRecord>, StoreError> {
+        let client = self.client().await?;
+        Ok(queue::find_sent(&client, &mesh.to_string(), &sender.to_string(), client_message_id).await?)
+    }
+
+    async fn lease(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        conn: u64,
+        limit: u32,
+        now: u64,
+        lease_ms: u64,
+    ) -> Result<Lease, StoreError> {
+        let client = self.client().await?;
+        Ok(queue::lease(&client, self.replica, mesh, recipient, conn, limit, now, lease_ms).await?)
+    }
+
+    async fn ack(
+        &self,
+        mesh: MeshId,
+        recipient: PublicKey,
+        delivery_ids: Vec<u64>,
+        now: u64,
+    ) -> Result<Receipted, StoreError> {
+        transaction!(self, 1, |tx| { queue::ack(&tx, mesh, recipient, &delivery_ids, now).await? })
+    }
+
+    async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE queue SET lease_until = NULL, lease_replica = NULL, lease_conn = NULL
+                 WHERE mesh_id = $1 AND recipient = $2 AND lease_replica = $3 AND lease_conn = $4",
+            )
+            .await
+            .map_err(TxError::from)?;
+        client
+            .execute(&stmt, &[&mesh.to_string(), &recipient.to_string(), &self.replica, &(conn as i64)])
+            .await
+            .map_err(TxError::from)?;
+        Ok(())
+    }
+
+    async fn expire(&self, now: u64) -> Result<Expired, StoreError> {
+        transaction!(self, 1, |tx| { queue::expire(&tx, now).await? })
+    }
+
+    async fn queue_stats(&self, now: u64) -> Result<Vec<QueueStat>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT me.id, COUNT(q.id), MIN(m.created_at) FROM meshes me
+                 LEFT JOIN queue q ON q.mesh_id = me.id LEFT JOIN messages m ON m.seq = q.message_seq
+                 GROUP BY me.id",
+                &[],
+            )
+            .await
+            .map_err(TxError::from)?;
+        let stats = rows
+            .iter()
+            .map(|r| {
+                let oldest: Option<i64> = r.get(2);
+                Ok(QueueStat {
+                    mesh: parse(r.get(0))?,
+                    depth: r.get::<_, i64>(1) as u64,
+                    oldest_ms: oldest.map_or(0, |t| now.saturating_sub(t.max(0) as u64)),
+                })
+            })
+            .collect::<Result<_, TxError>>()?;
+        Ok(stats)
+    }
+
+    fn observe_commits(&self, observer: CommitObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    async fn record_reads(
+        &self,
+        mesh: MeshId,
+        reader: PublicKey,
+        message_ids: Vec<String>,
+        now: u64,
+    ) -> Result<Receipted, StoreError> {
+        transaction!(self, 1, |tx| { queue::record_reads(&tx, mesh, reader, &message_ids, now).await? })
+    }
+
+    async fn set_mesh_limits(
+        &self,
+        mesh: MeshId,
+        reset: bool,
+        change: MeshLimitSettings,
+    ) -> Result<MeshLimitSettings, StoreError> {
+        transaction!(self, 1, |tx| {
+            // Each column: the new value when one is given; else NULL on reset; else unchanged.
+            let row = tx
+                .query_opt(
+                    "UPDATE meshes SET \
+                     max_sessions_per_member = CASE WHEN $3::BIGINT IS NOT NULL THEN $3 WHEN $2 THEN NULL \
+                         ELSE max_sessions_per_member END, \
+                     max_connections_per_member = CASE WHEN $4::BIGINT IS NOT NULL THEN $4 WHEN $2 THEN NULL \
+                         ELSE max_connections_per_member END, \
+                     max_connections = CASE WHEN $5::BIGINT IS NOT NULL THEN $5 WHEN $2 THEN NULL \
+                         ELSE max_connections END \
+                     WHERE id = $1 \
+                     RETURNING max_sessions_per_member, max_connections_per_member, max_connections",
+                    &[
+                        &mesh.to_string(),
+                        &reset,
+                        &limit_col(change.sessions_per_member),
+                        &limit_col(change.connections_per_member),
+                        &limit_col(change.connections),
+                    ],
+                )
+                .await?;
+            let Some(r) = row else {
+                return Err(TxError::Domain(StoreError::Backend(format!("mesh {mesh} is not in the database"))));
+            };
+            MeshLimitSettings {
+                sessions_per_member: limit_from(r.get(0)),
+                connections_per_member: limit_from(r.get(1)),
+                connections: limit_from(r.get(2)),
+            }
+        })
+    }
+
+    async fn set_group(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        group: String,
+        member: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        transaction!(self, 1, |tx| { peers::set_group(&tx, &mesh, &key, &group, member).await? })
+    }
+}
+
+/// Takes the per-mesh lock under which names are claimed, until the transaction ends.
+async fn lock_names(tx: &impl GenericClient, mesh: &MeshId) -> Result<(), TxError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&NAMES_LOCK, &mesh.to_string()]).await?;
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Members, sessions and their names, invites and groups on PostgreSQL (the rules are SQLite's; see
+//! `store::sqlite::peers`). Names are claimed under the mesh's advisory lock, so two replicas cannot
+//! give one name to two peers; invite uses are counted by one conditional upsert, so two replicas
+//! cannot both take an invite's last use.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::GenericClient;
+use mesh_proto::names;
+use mesh_proto::wire::{PeerKind, Role};
+use mesh_proto::{MeshId, PublicKey};
+use tokio_postgres::Row;
+
+use super::{TxError, lock_names, parse};
+use crate::store::{Claimed, Ended, PeerRecord, Reaped, RosterEntry, StoreError};
+
+const PEER_COLUMNS: &str = "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at";
+
+/// A peer from a row whose peer columns ([`PEER_COLUMNS`]) start at `at`.
+fn peer_from_row(row: &Row, at: usize) -> Result<PeerRecord, TxError> {
+    let kind: &str = row.get(at + 1);
+    let role: &str = row.get(at + 6);
+    Ok(PeerRecord {
+        key: parse(row.get(at))?,
+        kind: PeerKind::parse(kind).ok_or_else(|| TxError::Corrupt(format!("unexpected peer kind {kind:?}")))?,
+        member: parse(row.get(at + 2))?,
+        name: row.get(at + 3),
+        enc_key: parse(row.get(at + 4))?,
+        enc_sig: parse(row.get(at + 5))?,
+        role: Role::parse(role).ok_or_else(|| TxError::Corrupt(format!("unexpected role {role:?}")))?,
+        joined_at: row.get::<_, i64>(at + 7) as u64,
+        last_seen: row.get::<_, Option<i64>>(at + 8).map(|t| t as u64),
+        revoked: row.get(at + 9),
+        ended_at: row.get::<_, Option<i64>>(at + 10).map(|t| t as u64),
+    })
+}
+
+/// Inserts a peer, or refreshes its name, keys and last sighting; a session that comes back is no
+/// longer ended.
+pub(super) async fn insert_peer(tx: &impl GenericClient, mesh: &MeshId, p: &PeerRecord) -> Result<(), TxError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen,
+                 revoked, name_key, name_key_cased, name_key_upper, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL)
+             ON CONFLICT (mesh_id, key) DO UPDATE SET
+               name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig,
+               last_seen = excluded.last_seen, name_key = excluded.name_key,
+               name_key_cased = excluded.name_key_cased, name_key_upper = excluded.name_key_upper, ended_at = NULL",
+        )
+        .await?;
+    let keys = names::name_keys(&p.name);
+    tx.execute(
+        &stmt,
+        &[
+            &mesh.to_string(),
+            &p.key.to_string(),
+            &p.kind.as_str(),
+            &p.member.to_string(),
+            &p.name,
+            &p.enc_key.to_string(),
+            &p.enc_sig.to_string(),
+            &p.role.as_str(),
+            &(p.joined_at as i64),
+            &p.last_seen.map(|t| t as i64),
+            &p.revoked,
+            &keys.lower,
+            &keys.written,
+            &keys.upper,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn get_peer(
+    c: &impl GenericClient,
+    mesh: &MeshId,
+    key: &PublicKey,
+) -> Result<Option<PeerRecord>, TxError> {
+    let stmt = c.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 AND key = $2")).await?;
+    c.query_opt(&stmt, &[&mesh.to_string(), &key.to_string()]).await?.map(|r| peer_from_row(&r, 0)).transpose()
+}
+
+/// Lets `key` take `name` in `mesh`: refused (before anything is written) while another peer that
+/// has not ended holds a name that looks the same; ended sessions holding it are removed. Holds the
+/// mesh's name lock until the transaction ends.
+async fn claim_name(tx: &impl GenericClient, mesh: &MeshId, key: &PublicKey, name: &str) -> Result<Claimed, TxError> {
+    lock_names(tx, mesh).await?;
+    let keys = names::name_keys(name);
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 AND key != $2 AND NOT revoked
+               AND (name_key IN ($3, $4, $5) OR name_key_cased IN ($3, $4, $5) OR name_key_upper IN ($3, $4, $5))"
+        ))
+        .await?;
+    let holders = tx
+        .query(&stmt, &[&mesh.to_string(), &key.to_string(), &keys.lower, &keys.written, &keys.upper])
+        .await?
+        .iter()
+        .map(|r| peer_from_row(r, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(live) = holders.iter().find(|p| p.ended_at.is_none()) {
+        return Err(TxError::Domain(StoreError::NameTaken { name: name.to_owned(), holder: live.describe() }));
+    }
+    for ended in &holders {
+        remove_peer(tx, mesh, &ended.key).await?;
+    }
+    Ok(Claimed { reaped: holders })
+}
+
+async fn remove_peer(tx: &impl GenericClient, mesh: &MeshId, key: &PublicKey) -> Result<(), TxError> {
+    let (mesh, key) = (mesh.to_string(), key.to_string());
+    let groups = tx.prepare_cached("DELETE FROM group_members WHERE mesh_id = $1 AND key = $2").await?;
+    tx.execute(&groups, &[&mesh, &key]).await?;
+    let peer = tx.prepare_cached("DELETE FROM peers WHERE mesh_id = $1 AND key = $2").await?;
+    tx.execute(&peer, &[&mesh, &key]).await?;
+    Ok(())
+}
+
+/// A peer connecting: inserted or refreshed, claiming its name when it is new or changed it.
+pub(super) async fn upsert(tx: &impl GenericClient, mesh: &MeshId, peer: &PeerRecord) -> Result<Claimed, TxError> {
+    let existing = get_peer(tx, mesh, &peer.key).await?;
+    let claimed = match &existing {
+        Some(p) if p.name == peer.name => Claimed::default(),
+        _ => claim_name(tx, mesh, &peer.key, &peer.name).await?,
+    };
+    insert_peer(tx, mesh, peer).await?;
+    Ok(claimed)
+}
+
+/// Counts a use of invite `invite_id` and adds `peer` as a member, unless the invite is used up or
+/// the name is taken (then the transaction rolls back and nothing is consumed).
+pub(super) async fn join(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    invite_id: &str,
+    max_uses: Option<u32>,
+    peer: &PeerRecord,
+) -> Result<Claimed, TxError> {
+    let max = max_uses.map_or(i64::MAX, i64::from);
+    if max == 0 {
+        return Err(TxError::Domain(StoreError::InviteExhausted));
+    }
+    // One statement counts the use only while uses remain: of two replicas taking the last use at
+    // once, the second waits for the first's row and then finds it used up.
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO invite_uses (mesh_id, invite_id, uses) VALUES ($1, $2, 1)
+             ON CONFLICT (mesh_id, invite_id) DO UPDATE SET uses = invite_uses.uses + 1 WHERE invite_uses.uses < $3",
+        )
+        .await?;
+    if tx.execute(&stmt, &[&mesh.to_string(), &invite_id, &max]).await? == 0 {
+        return Err(TxError::Domain(StoreError::InviteExhausted));
+    }
+    let claimed = claim_name(tx, mesh, &peer.key, &peer.name).await?;
+    insert_peer(tx, mesh, peer).await?;
+    Ok(claimed)
+}
+
+pub(super) async fn rename(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    key: &PublicKey,
+    name: &str,
+) -> Result<(PeerRecord, Claimed), TxError> {
+    let Some(mut peer) = get_peer(tx, mesh, key).await? else {
+        return Err(TxError::Domain(StoreError::RecipientUnknown(key.to_string())));
+    };
+    if peer.name == name {
+        return Ok((peer, Claimed::default()));
+    }
+    let claimed = claim_name(tx, mesh, key, name).await?;
+    let keys = names::name_keys(name);
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE peers SET name = $3, name_key = $4, name_key_cased = $5, name_key_upper = $6
+             WHERE mesh_id = $1 AND key = $2",
+        )
+        .await?;
+    tx.execute(&stmt, &[&mesh.to_string(), &key.to_string(), &name, &keys.lower, &keys.written, &keys.upper]).await?;
+    peer.name = name.to_owned();
+    Ok((peer, claimed))
+}
+
+pub(super) async fn end_session(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    member: &PublicKey,
+    session: &PublicKey,
+    now: u64,
+    keep_ended: usize,
+) -> Result<Ended, TxError> {
+    // The member's sessions end one at a time, so that the ones kept are counted once.
+    lock_names(tx, mesh).await?;
+    let Some(peer) = get_peer(tx, mesh, session).await? else {
+        return Err(TxError::Domain(StoreError::Forbidden(format!("no session {} in this mesh", session.short()))));
+    };
+    if peer.kind != PeerKind::Session || peer.member != *member {
+        return Err(TxError::Domain(StoreError::Forbidden(format!("{} is not one of your sessions", session.short()))));
+    }
+    if peer.ended_at.is_some() {
+        return Ok(Ended::default());
+    }
+    let stmt = tx.prepare_cached("UPDATE peers SET ended_at = $3 WHERE mesh_id = $1 AND key = $2").await?;
+    tx.execute(&stmt, &[&mesh.to_string(), &session.to_string(), &(now as i64)]).await?;
+    // The member's ended sessions beyond the newest `keep_ended` leave the roster now.
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {PEER_COLUMNS} FROM peers
+             WHERE mesh_id = $1 AND member = $2 AND kind = 'session' AND ended_at IS NOT NULL
+             ORDER BY ended_at DESC, key OFFSET $3"
+        ))
+        .await?;
+    let removed = tx
+        .query(&stmt, &[&mesh.to_string(), &member.to_string(), &(keep_ended as i64)])
+        .await?
+        .iter()
+        .map(|r| peer_from_row(r, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    for gone in &removed {
+        remove_peer(tx, mesh, &gone.key).await?;
+    }
+    Ok(Ended { ended: Some(PeerRecord { ended_at: Some(now), ..peer }), removed })
+}
+
+pub(super) async fn set_group(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    key: &PublicKey,
+    group: &str,
+    member: bool,
+) -> Result<Vec<String>, TxError> {
+    let (mesh, key) = (mesh.to_string(), key.to_string());
+    let sql = if member {
+        "INSERT INTO group_members (mesh_id, group_name, key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+    } else {
+        "DELETE FROM group_members WHERE mesh_id = $1 AND group_name = $2 AND key = $3"
+    };
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, &[&mesh, &group, &key]).await?;
+    let stmt = tx
+        .prepare_cached("SELECT group_name FROM group_members WHERE mesh_id = $1 AND key = $2 ORDER BY group_name")
+        .await?;
+    Ok(tx.query(&stmt, &[&mesh, &key]).await?.iter().map(|r| r.get(0)).collect())
+}
+
+pub(super) async fn roster(c: &impl GenericClient, mesh: &MeshId) -> Result<Vec<RosterEntry>, TxError> {
+    let mesh = mesh.to_string();
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    let stmt =
+        c.prepare_cached("SELECT key, group_name FROM group_members WHERE mesh_id = $1 ORDER BY group_name").await?;
+    for row in c.query(&stmt, &[&mesh]).await? {
+        groups.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    let stmt = c
+        .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 ORDER BY joined_at, key"))
+        .await?;
+    c.query(&stmt, &[&mesh])
+        .await?
+        .iter()
+        .map(|r| {
+            let peer = peer_from_row(r, 0)?;
+            let groups = groups.remove(&peer.key.to_string()).unwrap_or_default();
+            Ok(RosterEntry { peer, groups })
+        })
+        .collect()
+}
+
+/// Ends stale sessions and removes ended ones past the grace period. Each is one `UPDATE`/`DELETE …
+/// RETURNING`, so of two replicas reaping at once, each session is reported by one.
+pub(super) async fn reap_sessions(
+    tx: &impl GenericClient,
+    now: u64,
+    stale_ms: u64,
+    grace_ms: u64,
+    online: &[(MeshId, PublicKey)],
+) -> Result<Reaped, TxError> {
+    let online_meshes: Vec<String> = online.iter().map(|(m, _)| m.to_string()).collect();
+    let online_keys: Vec<String> = online.iter().map(|(_, k)| k.to_string()).collect();
+    // Sessions connected now are neither ended nor removed, however long unseen.
+    let not_online = |meshes: u8, keys: u8| {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM UNNEST(${meshes}::TEXT[], ${keys}::TEXT[]) AS o(mesh_id, key)
+             WHERE o.mesh_id = peers.mesh_id AND o.key = peers.key)"
+        )
+    };
+    let mut out = Reaped::default();
+    let ended = tx
+        .query(
+            &format!(
+                "UPDATE peers SET ended_at = $1
+                 WHERE kind = 'session' AND ended_at IS NULL AND COALESCE(last_seen, joined_at) < $2 AND {}
+                 RETURNING mesh_id, {PEER_COLUMNS}",
+                not_online(3, 4)
+            ),
+            &[&(now as i64), &(now.saturating_sub(stale_ms) as i64), &online_meshes, &online_keys],
+        )
+        .await?;
+    for r in &ended {
+        out.ended.push((parse(r.get(0))?, peer_from_row(r, 1)?));
+    }
+    let removed = tx
+        .query(
+            &format!(
+                "DELETE FROM peers WHERE kind = 'session' AND ended_at IS NOT NULL AND ended_at < $1 AND {}
+                 RETURNING mesh_id, {PEER_COLUMNS}",
+                not_online(2, 3)
+            ),
+            &[&(now.saturating_sub(grace_ms) as i64), &online_meshes, &online_keys],
+        )
+        .await?;
+    let gone_meshes: Vec<String> = removed.iter().map(|r| r.get(0)).collect();
+    let gone_keys: Vec<String> = removed.iter().map(|r| r.get(1)).collect();
+    tx.execute(
+        "DELETE FROM group_members g USING UNNEST($1::TEXT[], $2::TEXT[]) AS gone(mesh_id, key)
+         WHERE g.mesh_id = gone.mesh_id AND g.key = gone.key",
+        &[&gone_meshes, &gone_keys],
+    )
+    .await?;
+    for r in &removed {
+        out.removed.push((parse(r.get(0))?, peer_from_row(r, 1)?));
+    }
+    Ok(out)
+}

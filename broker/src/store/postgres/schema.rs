@@ -1,0 +1,152 @@
+//! The PostgreSQL schema: numbered, append-only migrations recorded in `mesh_schema`, applied at
+//! start by one replica at a time under a session advisory lock (replicas starting together wait for
+//! each other, and the later ones find nothing to do).
+//!
+//! The tables mirror SQLite's. Times are BIGINT milliseconds, keys and ids TEXT as the protocol writes
+//! them. Ids that cross a process boundary (`queue.id` is the wire's `delivery_id`) are identity
+//! columns: a sequence never hands a value out twice. Queue rows carry no foreign key to their
+//! message: the store keeps them consistent in its transactions, and a key check on every insert
+//! and delete would cost each send a row lock on the message.
+
+use deadpool_postgres::Object;
+
+use super::PgError;
+
+/// The lock migrations run under (any value unlikely to be used by another program on the database).
+const MIGRATION_LOCK: i64 = 0x6d65_7368_5f73_6368;
+
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meshes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    max_sessions_per_member BIGINT,
+    max_connections_per_member BIGINT,
+    max_connections BIGINT
+);
+CREATE TABLE peers (
+    mesh_id TEXT NOT NULL REFERENCES meshes(id),
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    member TEXT NOT NULL,
+    name TEXT NOT NULL,
+    name_key TEXT NOT NULL,
+    name_key_cased TEXT NOT NULL,
+    name_key_upper TEXT NOT NULL,
+    enc_key TEXT NOT NULL,
+    enc_sig TEXT NOT NULL,
+    role TEXT NOT NULL,
+    joined_at BIGINT NOT NULL,
+    last_seen BIGINT,
+    revoked BOOLEAN NOT NULL DEFAULT FALSE,
+    ended_at BIGINT,
+    PRIMARY KEY (mesh_id, key)
+);
+CREATE INDEX peers_by_name_key ON peers(mesh_id, name_key);
+CREATE INDEX peers_by_name_key_cased ON peers(mesh_id, name_key_cased);
+CREATE INDEX peers_by_name_key_upper ON peers(mesh_id, name_key_upper);
+CREATE INDEX peers_by_member ON peers(mesh_id, member);
+CREATE INDEX peers_sessions_by_activity ON peers(kind, ended_at);
+CREATE TABLE invite_uses (
+    mesh_id TEXT NOT NULL,
+    invite_id TEXT NOT NULL,
+    uses BIGINT NOT NULL,
+    PRIMARY KEY (mesh_id, invite_id)
+);
+CREATE TABLE group_members (
+    mesh_id TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (mesh_id, group_name, key)
+);
+CREATE INDEX group_members_by_key ON group_members(mesh_id, key);
+CREATE TABLE messages (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mesh_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    client_message_id TEXT NOT NULL,
+    fingerprint BYTEA NOT NULL,
+    message_id TEXT NOT NULL,
+    recipients BIGINT NOT NULL,
+    item TEXT,
+    target TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    UNIQUE (mesh_id, sender, client_message_id)
+);
+CREATE INDEX messages_by_id ON messages(mesh_id, message_id);
+CREATE INDEX messages_by_expiry ON messages(expires_at);
+CREATE TABLE queue (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mesh_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_seq BIGINT,
+    receipt TEXT,
+    lease_until BIGINT,
+    lease_replica BIGINT,
+    lease_conn BIGINT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL
+);
+CREATE INDEX queue_by_recipient ON queue(mesh_id, recipient, id);
+CREATE INDEX queue_by_message ON queue(message_seq) WHERE message_seq IS NOT NULL;
+CREATE INDEX queue_by_expiry ON queue(expires_at);
+CREATE INDEX queue_by_lease ON queue(lease_replica) WHERE lease_replica IS NOT NULL;
+-- Every row of the queue is inserted, updated by its lease and deleted within moments: vacuum it
+-- after a small share of it has changed rather than the default fifth.
+ALTER TABLE queue SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_insert_scale_factor = 0.01,
+    autovacuum_analyze_scale_factor = 0.02);
+CREATE TABLE reads (
+    mesh_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    reader TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (mesh_id, message_id, reader)
+);
+CREATE TABLE replicas (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL
+);
+"#];
+
+/// Brings the schema up to date, holding the migration lock meanwhile.
+pub(super) async fn migrate(client: &mut Object, at: &str) -> Result<(), PgError> {
+    let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0))?;
+    let result = apply(client, at).await;
+    // A session lock outlives transactions: give it back (a connection that dies gives it back too).
+    let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0));
+    result.and(unlocked.map(drop))
+}
+
+async fn apply(client: &mut Object, at: &str) -> Result<(), PgError> {
+    let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS mesh_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .map_err(failed(0))?;
+    let found: i32 =
+        client.query_one("SELECT COALESCE(MAX(version), 0) FROM mesh_schema", &[]).await.map_err(failed(0))?.get(0);
+    let known = MIGRATIONS.len() as i32;
+    if found > known {
+        return Err(PgError::TooNew { at: at.to_owned(), found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i + 1;
+        let tx = client.transaction().await.map_err(failed(version))?;
+        tx.batch_execute(sql).await.map_err(failed(version))?;
+        tx.execute(
+            "INSERT INTO mesh_schema (version, applied_at) VALUES ($1, $2)",
+            &[&(version as i32), &(mesh_proto::now_ms() as i64)],
+        )
+        .await
+        .map_err(failed(version))?;
+        tx.commit().await.map_err(failed(version))?;
+        tracing::info!(version, database = at, "database schema migrated");
+    }
+    Ok(())
+}
