@@ -1,6 +1,7 @@
 //! What one member can take from the others: sessions and connections per member, a mesh's limit
 //! that never keeps a member out, and connections that never authenticate.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -8,6 +9,14 @@ use mesh_broker::BrokerConfig;
 use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::wire::{ClientFrame, ErrorCode, Intent, MeshLimits, ServerFrame, SetLimitsRequest};
 use mesh_proto::{Identity, MeshId, now_ms};
+
+on_both_stores!(
+    one_member_s_sessions_never_lock_the_other_members_out,
+    one_member_s_connections_are_bounded,
+    the_roster_comes_in_pages_so_a_welcome_does_not_grow_with_the_mesh,
+    owners_and_admins_set_a_mesh_s_limits_within_the_broker_s,
+    sessions_started_and_ended_in_a_loop_cannot_grow_the_roster,
+);
 
 /// Connects session `session` of `member` under `name`; returns the broker's answer to its hello.
 async fn session_hello_answer(
@@ -53,10 +62,9 @@ fn code_of(frame: &ServerFrame) -> Option<ErrorCode> {
     }
 }
 
-#[tokio::test]
-async fn one_member_s_sessions_never_lock_the_other_members_out() {
+async fn one_member_s_sessions_never_lock_the_other_members_out(backend: Backend) {
     let config = BrokerConfig { max_sessions_per_member: 3, max_connections_per_mesh: 4, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let TwoMembers { mesh, a, b, ca, cb } = two_members(&broker).await;
     drop(cb);
     // Member a fills its sessions; the next one is refused, typed and transient.
@@ -83,10 +91,9 @@ async fn one_member_s_sessions_never_lock_the_other_members_out() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn one_member_s_connections_are_bounded() {
+async fn one_member_s_connections_are_bounded(backend: Backend) {
     let config = BrokerConfig { max_connections_per_member: 2, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let TwoMembers { mesh, a, mut ca, .. } = two_members(&broker).await;
     let s1 = Identity::generate();
     let (c1, answer) = session_hello_answer(&broker, &a, &s1, mesh, "s1").await;
@@ -98,9 +105,8 @@ async fn one_member_s_connections_are_bounded() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn the_roster_comes_in_pages_so_a_welcome_does_not_grow_with_the_mesh() {
-    let broker = TestBroker::start(BrokerConfig { roster_page: 2, ..BrokerConfig::default() }).await;
+async fn the_roster_comes_in_pages_so_a_welcome_does_not_grow_with_the_mesh(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig { roster_page: 2, ..BrokerConfig::default() }).await;
     let TwoMembers { mesh, a, .. } = two_members(&broker).await;
     let mut held = vec![];
     for i in 0..3 {
@@ -146,10 +152,9 @@ async fn answer_to(c: &mut Client, frame: ClientFrame, id: u64) -> ServerFrame {
     }
 }
 
-#[tokio::test]
-async fn owners_and_admins_set_a_mesh_s_limits_within_the_broker_s() {
+async fn owners_and_admins_set_a_mesh_s_limits_within_the_broker_s(backend: Backend) {
     let config = BrokerConfig { max_sessions_per_member: 10, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
     let set = |id, sessions: Option<u32>, reset| {
         ClientFrame::SetLimits(SetLimitsRequest { id, reset, sessions_per_member: sessions, ..Default::default() })
@@ -198,10 +203,9 @@ async fn owners_and_admins_set_a_mesh_s_limits_within_the_broker_s() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn sessions_started_and_ended_in_a_loop_cannot_grow_the_roster() {
+async fn sessions_started_and_ended_in_a_loop_cannot_grow_the_roster(backend: Backend) {
     let config = BrokerConfig { max_sessions_per_member: 3, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let TwoMembers { mesh, b, mut cb, .. } = two_members(&broker).await;
     for i in 0..10u64 {
         let session = Identity::generate();

@@ -1,6 +1,7 @@
 //! Names and sessions over real WebSockets: names unique in a mesh up to confusables, renames,
 //! sessions that end (no more broadcasts, the name given up) and leave the roster.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -12,6 +13,14 @@ use mesh_proto::wire::{
     ClientFrame, EndSessionRequest, ErrorCode, GroupRequest, Intent, RenameRequest, RosterRequest, ServerFrame,
 };
 use mesh_proto::{Identity, MeshId, now_ms};
+
+on_both_stores!(
+    a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_use,
+    a_rename_is_checked_and_the_mesh_sees_the_new_name,
+    a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_name_up,
+    sessions_unseen_too_long_end_and_ended_ones_leave_the_roster_after_the_grace,
+    reconnecting_with_ones_own_name_is_never_refused_and_changing_it_is_a_claim,
+);
 
 fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorFrame {
     match frame {
@@ -71,9 +80,8 @@ async fn roster(c: &mut Client, id: u64) -> Vec<mesh_proto::wire::Peer> {
     }
 }
 
-#[tokio::test]
-async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_use() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_use(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let a = Identity::generate();
     let mesh = MeshId::generate();
     let mut ca = Client::connect(&broker).await;
@@ -108,9 +116,8 @@ async fn a_name_that_is_taken_or_looks_like_one_is_refused_and_costs_no_invite_u
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_rename_is_checked_and_the_mesh_sees_the_new_name() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn a_rename_is_checked_and_the_mesh_sees_the_new_name(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
     cb.send(&ClientFrame::Rename(RenameRequest { id: 1, name: "ALICE".into() })).await;
     let err = expect_error(cb.recv_non_presence().await, ErrorCode::NameTaken);
@@ -145,9 +152,8 @@ async fn a_rename_is_checked_and_the_mesh_sees_the_new_name() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_name_up() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_name_up(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
     let worker = Identity::generate();
     // A live session is a recipient of a broadcast (and joins groups like anyone).
@@ -194,15 +200,14 @@ async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_nam
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn sessions_unseen_too_long_end_and_ended_ones_leave_the_roster_after_the_grace() {
+async fn sessions_unseen_too_long_end_and_ended_ones_leave_the_roster_after_the_grace(backend: Backend) {
     let config = BrokerConfig {
         janitor_interval: Duration::from_millis(50),
         session_stale: Duration::from_millis(200),
         session_grace: Duration::from_millis(200),
         ..BrokerConfig::default()
     };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let TwoMembers { mesh, a, mut cb, .. } = two_members(&broker).await;
     let worker = Identity::generate();
     let cw = session(&broker, &a, &worker, mesh, "worker").await;
@@ -225,9 +230,8 @@ async fn sessions_unseen_too_long_end_and_ended_ones_leave_the_roster_after_the_
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn reconnecting_with_ones_own_name_is_never_refused_and_changing_it_is_a_claim() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn reconnecting_with_ones_own_name_is_never_refused_and_changing_it_is_a_claim(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, .. } = two_members(&broker).await;
     let mut again = Client::connect(&broker).await;
     assert!(matches!(again.hello(&b, mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));

@@ -1,6 +1,7 @@
 //! The broker end to end over real WebSockets on loopback: handshake, store-and-forward, acks,
 //! receipts, idempotency and typed errors for bad input.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -11,6 +12,35 @@ use mesh_proto::message;
 use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, HelloClaims, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
+on_both_stores!(
+    direct_message_is_delivered_acked_and_receipted,
+    offline_recipient_gets_queued_messages_on_connect_in_order,
+    unacked_delivery_is_sent_again_when_its_lease_runs_out,
+    sends_are_idempotent_on_client_message_id,
+    unknown_recipient_is_a_permanent_error,
+    hello_with_a_bad_signature_is_refused,
+    replayed_hello_is_refused_on_a_new_connection,
+    unknown_member_and_unknown_mesh_are_refused,
+    expired_invite_is_refused,
+    single_use_invite_cannot_be_used_twice_but_a_retry_by_the_joiner_is_fine,
+    join_without_proof_of_the_token_secret_is_refused,
+    invite_from_a_plain_member_is_refused,
+    create_token_is_enforced_when_configured,
+    frames_before_hello_get_not_authenticated,
+    malformed_and_unknown_frames_get_typed_errors_and_the_connection_survives,
+    a_frame_over_the_hard_cap_gets_a_typed_error_before_close,
+    presence_and_supersede,
+    rate_limit_is_typed_transient_and_never_refuses_a_duplicate,
+    a_delivery_leased_by_a_superseded_connection_goes_to_the_new_one_at_once,
+    read_receipts_reach_the_sender_once_and_only_from_an_addressee,
+    group_messages_reach_current_members_only,
+    a_burst_of_frames_is_answered_in_order_each_send_on_its_own,
+    a_connection_that_never_says_hello_is_closed_with_handshake_timeout,
+    session_attestations_that_are_forged_expired_or_for_another_key_are_refused,
+    messages_acked_in_one_frame_come_back_as_one_receipts_item,
+    a_repeated_ack_never_removes_a_later_item,
+);
+
 fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorFrame {
     match frame {
         ServerFrame::Error(e) if e.code == code => e,
@@ -18,9 +48,8 @@ fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorF
     }
 }
 
-#[tokio::test]
-async fn direct_message_is_delivered_acked_and_receipted() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn direct_message_is_delivered_acked_and_receipted(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "hello bob"))).await;
     let accepted = match t.ca.recv_non_presence().await {
@@ -56,9 +85,8 @@ async fn direct_message_is_delivered_acked_and_receipted() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn offline_recipient_gets_queued_messages_on_connect_in_order() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn offline_recipient_gets_queued_messages_on_connect_in_order(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, mut ca, cb } = two_members(&broker).await;
     drop(cb);
     for i in 0..5 {
@@ -78,10 +106,9 @@ async fn offline_recipient_gets_queued_messages_on_connect_in_order() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn unacked_delivery_is_sent_again_when_its_lease_runs_out() {
+async fn unacked_delivery_is_sent_again_when_its_lease_runs_out(backend: Backend) {
     let config = BrokerConfig { lease: std::time::Duration::from_millis(300), ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let mut t = two_members(&broker).await;
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "again"))).await;
     let first = match t.cb.recv_non_presence().await {
@@ -97,9 +124,8 @@ async fn unacked_delivery_is_sent_again_when_its_lease_runs_out() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn sends_are_idempotent_on_client_message_id() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn sends_are_idempotent_on_client_message_id(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let send = dm(&t.a, t.mesh, &t.b, 1, "same-id", "one");
     t.ca.send(&ClientFrame::Send(send.clone())).await;
@@ -120,9 +146,8 @@ async fn sends_are_idempotent_on_client_message_id() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_recipient_is_a_permanent_error() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn unknown_recipient_is_a_permanent_error(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let stranger = Identity::generate();
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &stranger, 5, "c-x", "hi"))).await;
@@ -149,9 +174,8 @@ async fn broker_database_holds_no_plaintext() {
 
 // --- handshake refusals -------------------------------------------------------------------------
 
-#[tokio::test]
-async fn hello_with_a_bad_signature_is_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn hello_with_a_bad_signature_is_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let (a, mallory) = (Identity::generate(), Identity::generate());
     let mut c = Client::connect(&broker).await;
     let ClientFrame::Hello(mut hello) = hello_frame(&c.challenge, &a, MeshId::generate(), "alice", create_intent("m"))
@@ -171,9 +195,8 @@ async fn hello_with_a_bad_signature_is_refused() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn replayed_hello_is_refused_on_a_new_connection() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn replayed_hello_is_refused_on_a_new_connection(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let a = Identity::generate();
     let mesh = MeshId::generate();
     let mut c1 = Client::connect(&broker).await;
@@ -186,9 +209,8 @@ async fn replayed_hello_is_refused_on_a_new_connection() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_member_and_unknown_mesh_are_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn unknown_member_and_unknown_mesh_are_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let mut c = Client::connect(&broker).await;
     expect_error(c.hello(&Identity::generate(), t.mesh, "eve", Intent::Connect).await, ErrorCode::UnknownMember);
@@ -197,9 +219,8 @@ async fn unknown_member_and_unknown_mesh_are_refused() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn expired_invite_is_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn expired_invite_is_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let token = mint_invite(&t.a, t.mesh, &broker.url(), now_ms() - 1, None);
     let joiner = Identity::generate();
@@ -209,9 +230,8 @@ async fn expired_invite_is_refused() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn single_use_invite_cannot_be_used_twice_but_a_retry_by_the_joiner_is_fine() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn single_use_invite_cannot_be_used_twice_but_a_retry_by_the_joiner_is_fine(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let token = mint_invite(&t.a, t.mesh, &broker.url(), now_ms() + 60_000, Some(1));
     let (carol, dave) = (Identity::generate(), Identity::generate());
@@ -228,9 +248,8 @@ async fn single_use_invite_cannot_be_used_twice_but_a_retry_by_the_joiner_is_fin
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn join_without_proof_of_the_token_secret_is_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn join_without_proof_of_the_token_secret_is_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let token = mint_invite(&t.a, t.mesh, &broker.url(), now_ms() + 60_000, None);
     let eve = Identity::generate();
@@ -244,9 +263,8 @@ async fn join_without_proof_of_the_token_secret_is_refused() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn invite_from_a_plain_member_is_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn invite_from_a_plain_member_is_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let token = mint_invite(&t.b, t.mesh, &broker.url(), now_ms() + 60_000, None);
     let eve = Identity::generate();
@@ -256,10 +274,9 @@ async fn invite_from_a_plain_member_is_refused() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn create_token_is_enforced_when_configured() {
+async fn create_token_is_enforced_when_configured(backend: Backend) {
     let config = BrokerConfig { create_token: Some("s3cret".into()), ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let a = Identity::generate();
     let mut c = Client::connect(&broker).await;
     expect_error(c.hello(&a, MeshId::generate(), "alice", create_intent("m")).await, ErrorCode::CreateForbidden);
@@ -271,9 +288,8 @@ async fn create_token_is_enforced_when_configured() {
 
 // --- bad frames -----------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn frames_before_hello_get_not_authenticated() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn frames_before_hello_get_not_authenticated(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut c = Client::connect(&broker).await;
     c.send(&ClientFrame::Roster(mesh_proto::wire::RosterRequest { id: 1, after: None })).await;
     expect_error(c.recv().await, ErrorCode::NotAuthenticated);
@@ -284,10 +300,9 @@ async fn frames_before_hello_get_not_authenticated() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_survives() {
+async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_survives(backend: Backend) {
     let config = BrokerConfig { max_frame_bytes: 4096, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let mut t = two_members(&broker).await;
     let c = &mut t.ca;
     c.send_text("not json at all").await;
@@ -332,10 +347,9 @@ async fn malformed_and_unknown_frames_get_typed_errors_and_the_connection_surviv
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_frame_over_the_hard_cap_gets_a_typed_error_before_close() {
+async fn a_frame_over_the_hard_cap_gets_a_typed_error_before_close(backend: Backend) {
     let config = BrokerConfig { max_frame_bytes: 64 * 1024, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let mut t = two_members(&broker).await;
     t.ca.send_text(&"x".repeat(200 * 1024)).await;
     let mut saw_error = false;
@@ -349,9 +363,8 @@ async fn a_frame_over_the_hard_cap_gets_a_typed_error_before_close() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn presence_and_supersede() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn presence_and_supersede(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     // alice saw bob come online
     match t.ca.recv().await {
@@ -374,10 +387,9 @@ async fn presence_and_supersede() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn rate_limit_is_typed_transient_and_never_refuses_a_duplicate() {
+async fn rate_limit_is_typed_transient_and_never_refuses_a_duplicate(backend: Backend) {
     let config = BrokerConfig { sends_per_sec: 1, send_burst: 2, ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let mut t = two_members(&broker).await;
     let first = dm(&t.a, t.mesh, &t.b, 1, "c-1", "one");
     t.ca.send(&ClientFrame::Send(first.clone())).await;
@@ -435,10 +447,9 @@ async fn a_message_that_expires_undelivered_gets_an_expired_receipt() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_delivery_leased_by_a_superseded_connection_goes_to_the_new_one_at_once() {
+async fn a_delivery_leased_by_a_superseded_connection_goes_to_the_new_one_at_once(backend: Backend) {
     // The default 30 s lease is longer than the test's wait: only the release wake-up can pass it.
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "not acked"))).await;
     let first = match t.cb.recv_non_presence().await {
@@ -465,10 +476,9 @@ async fn next_receipt(c: &mut Client) -> mesh_proto::wire::Receipt {
     }
 }
 
-#[tokio::test]
-async fn read_receipts_reach_the_sender_once_and_only_from_an_addressee() {
+async fn read_receipts_reach_the_sender_once_and_only_from_an_addressee(backend: Backend) {
     use mesh_proto::wire::ReadReceipts;
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "please read"))).await;
     let ServerFrame::Accepted(accepted) = t.ca.recv_non_presence().await else { panic!("accepted") };
@@ -504,11 +514,10 @@ async fn read_receipts_reach_the_sender_once_and_only_from_an_addressee() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn group_messages_reach_current_members_only() {
+async fn group_messages_reach_current_members_only(backend: Backend) {
     use mesh_proto::message::{Content, SealKey};
     use mesh_proto::wire::{GroupRequest, SendMessage};
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let group_send = |id: u64, cmid: &str| {
         let to = mesh_proto::Target::Group("ops".into());
@@ -543,9 +552,8 @@ async fn group_messages_reach_current_members_only() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let stranger = Identity::generate();
     let mut frames = Vec::new();
@@ -613,19 +621,17 @@ async fn a_burst_of_frames_is_answered_in_order_each_send_on_its_own() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_connection_that_never_says_hello_is_closed_with_handshake_timeout() {
+async fn a_connection_that_never_says_hello_is_closed_with_handshake_timeout(backend: Backend) {
     let config = BrokerConfig { handshake_timeout: std::time::Duration::from_millis(200), ..BrokerConfig::default() };
-    let broker = TestBroker::start(config).await;
+    let broker = TestBroker::start_on(&backend, config).await;
     let mut c = Client::connect(&broker).await;
     expect_error(c.recv().await, ErrorCode::HandshakeTimeout);
     assert!(c.try_recv().await.is_none(), "the connection is closed");
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn session_attestations_that_are_forged_expired_or_for_another_key_are_refused() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn session_attestations_that_are_forged_expired_or_for_another_key_are_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let t = two_members(&broker).await;
     let session = Identity::generate();
     let now = now_ms();
@@ -705,9 +711,8 @@ async fn session_attestations_that_are_forged_expired_or_for_another_key_are_ref
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn messages_acked_in_one_frame_come_back_as_one_receipts_item(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let mut t = two_members(&broker).await;
     let mut accepted = Vec::new();
     for i in 1..=3u64 {
@@ -736,9 +741,8 @@ async fn messages_acked_in_one_frame_come_back_as_one_receipts_item() {
 /// The repeated-ack loss: an ack that arrives twice (a redelivery crossing the first ack, acked
 /// again) must never remove an item that took the acked item's place. Delivery ids are never reused
 /// for a recipient, not even for the item queued right after the newest one was acked.
-#[tokio::test]
-async fn a_repeated_ack_never_removes_a_later_item() {
-    let broker = TestBroker::start(BrokerConfig::default()).await;
+async fn a_repeated_ack_never_removes_a_later_item(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
     let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
     let deliver = async |cb: &mut Client| loop {
         if let ServerFrame::Deliver(d) = cb.recv_non_presence().await {

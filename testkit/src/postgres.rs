@@ -150,7 +150,7 @@ impl Postgres {
         assert!(out.status.success(), "createdb {name}: {}", String::from_utf8_lossy(&out.stderr));
         match (&self.url, &self.dir) {
             (Some(url), _) => with_database(url, &name),
-            (_, Some(dir)) => format!("postgres://mesh@localhost/{name}?host={}", dir.display()),
+            (_, Some(dir)) => format!("postgres://mesh@/{name}?host={}", dir.display()),
             (None, None) => unreachable!("a server has an address or a directory"),
         }
     }

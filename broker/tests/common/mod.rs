@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use mesh_broker::{BrokerConfig, SqliteStore};
+use mesh_broker::store::postgres::{PgOptions, PgStore};
+use mesh_broker::{BrokerConfig, SqliteStore, Store};
 use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
@@ -21,9 +22,49 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The store a test broker runs on.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    /// A database of its own on the tests' PostgreSQL server.
+    Postgres(String),
+}
+
+impl Backend {
+    /// A fresh PostgreSQL database, or `None` when there is none here (the test says it is skipped).
+    pub fn postgres() -> Option<Backend> {
+        mesh_testkit::postgres::database().map(Backend::Postgres)
+    }
+}
+
+/// Each named test, `async fn NAME(backend: Backend)`, once on SQLite and once on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if let Some(backend) = crate::common::Backend::postgres() {
+                        super::$case(backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub db_path: std::path::PathBuf,
+    backend: Backend,
     config: BrokerConfig,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -32,24 +73,33 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start(config: BrokerConfig) -> TestBroker {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), config).await
+        Self::start_on(&Backend::Sqlite, config).await
     }
 
-    async fn start_in(dir: tempfile::TempDir, config: BrokerConfig) -> TestBroker {
+    pub async fn start_on(backend: &Backend, config: BrokerConfig) -> TestBroker {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), backend.clone(), config).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, backend: Backend, config: BrokerConfig) -> TestBroker {
         let db_path = dir.path().join("broker.db");
-        let store = Arc::new(SqliteStore::open(&db_path).expect("store opens"));
+        let store: Arc<dyn Store> = match &backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(&db_path).expect("store opens")),
+            Backend::Postgres(url) => {
+                Arc::new(PgStore::connect(url, PgOptions { pool_size: 4 }).await.expect("store connects"))
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(mesh_broker::run(listener, store, config.clone(), shutdown.clone()));
-        TestBroker { addr, db_path, config, shutdown, task, _dir: dir }
+        TestBroker { addr, db_path, backend, config, shutdown, task, _dir: dir }
     }
 
     /// Stops the broker and starts another on the same database (on a new port).
     pub async fn restart(self) -> TestBroker {
-        let config = self.config.clone();
+        let (config, backend) = (self.config.clone(), self.backend.clone());
         let dir = self.stop().await;
-        Self::start_in(dir, config).await
+        Self::start_in(dir, backend, config).await
     }
 
     pub fn url(&self) -> String {

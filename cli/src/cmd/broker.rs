@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use mesh_broker::{BrokerConfig, SqliteStore};
+use mesh_broker::store::postgres::{PgOptions, PgStore, is_postgres_address, redacted};
+use mesh_broker::{BrokerConfig, SqliteStore, Store};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Subcommand, Debug)]
@@ -32,12 +33,21 @@ pub enum BrokerCommand {
 fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
     let mut args: Vec<String> = ["broker", "serve"].map(str::to_owned).to_vec();
     let mut token = std::env::var(CREATE_TOKEN_ENV).ok().filter(|t| !t.is_empty());
+    // A PostgreSQL address may carry a password: it goes to the unit's environment, like the token.
+    let mut postgres = std::env::var(DB_ENV).ok().filter(|d| is_postgres_address(d));
     let mut words = serve.into_iter();
     while let Some(word) = words.next() {
         match word.as_str() {
             "--db" => {
                 let db = words.next().unwrap_or_default();
-                args.extend(["--db".to_owned(), absolute_db(&db)?]);
+                if is_postgres_address(&db) {
+                    postgres = Some(db);
+                } else {
+                    args.extend(["--db".to_owned(), absolute_db(&db)?]);
+                }
+            }
+            w if w.starts_with("--db=") && is_postgres_address(&w["--db=".len()..]) => {
+                postgres = Some(w["--db=".len()..].to_owned());
             }
             "--create-token" => token = words.next(),
             "--tls-cert" | "--tls-key" => {
@@ -58,11 +68,16 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
         description: "mesh broker: store-and-forward relay between mesh daemons",
         args,
         mesh_home: super::service::mesh_home_env()?,
-        env: token.map(|t| (CREATE_TOKEN_ENV.to_owned(), t)).into_iter().collect(),
+        env: token
+            .map(|t| (CREATE_TOKEN_ENV.to_owned(), t))
+            .into_iter()
+            .chain(postgres.map(|d| (DB_ENV.to_owned(), d)))
+            .collect(),
     })
 }
 
 const CREATE_TOKEN_ENV: &str = "MESH_BROKER_CREATE_TOKEN";
+const DB_ENV: &str = "MESH_BROKER_DB";
 /// The database of `mesh broker serve` without `--db`, in mesh's data directory.
 const STANDALONE_DB: &str = "standalone-broker.db";
 
@@ -76,9 +91,13 @@ pub struct ServeArgs {
     /// Address to listen on (use 0.0.0.0:PORT to accept other machines)
     #[arg(long, default_value = "127.0.0.1:7777")]
     pub listen: SocketAddr,
-    /// SQLite database file (default: broker.db in mesh's data directory for this broker)
-    #[arg(long)]
-    pub db: Option<PathBuf>,
+    /// Where to keep the broker's state: a SQLite file (default: standalone-broker.db in mesh's data
+    /// directory), or postgres://USER@HOST:PORT/DB, a PostgreSQL database several replicas share
+    #[arg(long, value_name = "FILE|URL", env = "MESH_BROKER_DB", hide_env_values = true)]
+    pub db: Option<String>,
+    /// Connections to PostgreSQL this replica holds at most
+    #[arg(long, default_value_t = PgOptions::default().pool_size as u64, value_parser = clap::value_parser!(u64).range(2..=1000))]
+    pub db_pool: u64,
     /// Require this token to create meshes on this broker
     #[arg(long, env = "MESH_BROKER_CREATE_TOKEN", hide_env_values = true)]
     pub create_token: Option<String>,
@@ -185,16 +204,8 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
-    let db = match args.db.clone() {
-        Some(p) => p,
-        None => {
-            let home = super::home()?;
-            home.ensure_dirs().context("creating mesh's directories")?;
-            home.data_dir.join(STANDALONE_DB)
-        }
-    };
-    let store = SqliteStore::open(&db)?;
-    let tls = server_tls(&args, &db)?;
+    let db = Database::of(&args)?;
+    let tls = server_tls(&args, &db.files_dir()?)?;
     let config = BrokerConfig {
         create_token: args.create_token,
         max_frame_bytes: args.max_frame_bytes,
@@ -217,6 +228,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let served = runtime.block_on(async move {
+        let (store, replica): (Arc<dyn Store>, Option<i64>) = match &db {
+            Database::File(path) => (Arc::new(SqliteStore::open(path)?), None),
+            Database::Postgres(url) => {
+                let options = PgOptions { pool_size: usize::try_from(args.db_pool).unwrap_or(usize::MAX) };
+                let store = PgStore::connect(url, options).await?;
+                let replica = store.replica();
+                (Arc::new(store), Some(replica))
+            }
+        };
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -243,7 +263,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if crate::output::json() {
             let ready = serde_json::json!({
                 "listening": format!("{scheme}://{addr}"),
-                "database": db,
+                "database": db.to_string(),
+                "replica": replica,
                 "metrics": metrics_url,
                 "tls_pin": pin,
             });
@@ -251,11 +272,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             let metrics = metrics_url.map(|u| format!(", metrics at {u}")).unwrap_or_default();
             let pin = pin.map(|p| format!(", certificate {p}")).unwrap_or_default();
-            outln!("mesh broker listening on {scheme}://{addr} (database {}{pin}{metrics})", db.display());
+            let replica = replica.map(|r| format!(" as replica {r}")).unwrap_or_default();
+            outln!("mesh broker listening on {scheme}://{addr} (database {db}{replica}{pin}{metrics})");
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signals(shutdown.clone()));
-        mesh_broker::run_with(listener, Arc::new(store), config, shutdown, mesh_broker::Extras { metrics, tls })
+        mesh_broker::run_with(listener, store, config, shutdown, mesh_broker::Extras { metrics, tls })
             .await
             .context("serving")?;
         anyhow::Ok(())
@@ -273,13 +295,7 @@ fn check_tls_options(args: &ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(hosts) = &args.tls_self_signed {
         self_signed_hosts(hosts)?;
-        let db = match &args.db {
-            Some(db) => db.clone(),
-            None => super::home()?.data_dir.join(STANDALONE_DB),
-        };
-        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-            mesh_broker::tls::check_self_signed_files(dir)?;
-        }
+        mesh_broker::tls::check_self_signed_files(&Database::of(args)?.files_dir()?)?;
     }
     Ok(())
 }
@@ -298,14 +314,55 @@ fn self_signed_hosts(hosts: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(hosts)
 }
 
-/// The certificate to serve, from files or made once and kept beside the database.
-fn server_tls(args: &ServeArgs, db: &std::path::Path) -> anyhow::Result<Option<Arc<mesh_broker::tls::ServerTls>>> {
+/// Where the broker keeps its state.
+enum Database {
+    File(PathBuf),
+    /// A PostgreSQL address (shown only without its password).
+    Postgres(String),
+}
+
+impl Database {
+    fn of(args: &ServeArgs) -> anyhow::Result<Database> {
+        Ok(match args.db.as_deref().filter(|d| !d.is_empty()) {
+            Some(url) if is_postgres_address(url) => Database::Postgres(url.to_owned()),
+            Some(path) => Database::File(PathBuf::from(path)),
+            None => Database::File(super::home()?.data_dir.join(STANDALONE_DB)),
+        })
+    }
+
+    /// The directory of the files kept beside the state (a self-signed certificate): the SQLite
+    /// file's, or mesh's data directory for PostgreSQL.
+    fn files_dir(&self) -> anyhow::Result<PathBuf> {
+        match self {
+            Database::File(path) => match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) => Ok(dir.to_owned()),
+                None => Ok(PathBuf::from(".")),
+            },
+            Database::Postgres(_) => {
+                let home = super::home()?;
+                home.ensure_dirs().context("creating mesh's directories")?;
+                Ok(home.data_dir)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::File(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => f.write_str(&redacted(url)),
+        }
+    }
+}
+
+/// The certificate to serve, from files or made once and kept in `dir`.
+fn server_tls(args: &ServeArgs, dir: &std::path::Path) -> anyhow::Result<Option<Arc<mesh_broker::tls::ServerTls>>> {
     use mesh_broker::tls::ServerTls;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_self_signed) {
         (Some(cert), Some(key), _) => ServerTls::from_files(cert, key)?,
         (_, _, Some(hosts)) => {
             let hosts = self_signed_hosts(hosts)?;
-            let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             ServerTls::self_signed(dir, &hosts)?
         }
         _ => return Ok(None),

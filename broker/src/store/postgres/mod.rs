@@ -79,22 +79,25 @@ pub fn is_postgres_address(address: &str) -> bool {
 
 /// `address` without its password, for logs and messages.
 pub fn redacted(address: &str) -> String {
+    use tokio_postgres::config::Host;
     let Ok(config) = tokio_postgres::Config::from_str(address) else {
         return "postgres://(unreadable address)".into();
     };
     let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
-    let host = config
-        .get_hosts()
-        .iter()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",");
-    let port = config.get_ports().first().map(|p| format!(":{p}")).unwrap_or_default();
+    let (mut tcp, mut unix) = (Vec::new(), Vec::new());
+    for host in config.get_hosts() {
+        match host {
+            Host::Tcp(name) => tcp.push(name.clone()),
+            Host::Unix(path) => unix.push(path.display().to_string()),
+        }
+    }
+    let port = match config.get_ports() {
+        [p] if *p != 5432 => format!(":{p}"),
+        _ => String::new(),
+    };
     let db = config.get_dbname().unwrap_or("");
-    format!("postgres://{user}{host}{port}/{db}")
+    let sockets = if unix.is_empty() { String::new() } else { format!("?host={}", unix.join(",")) };
+    format!("postgres://{user}{}{port}/{db}{sockets}", tcp.join(","))
 }
 
 #[derive(Clone)]

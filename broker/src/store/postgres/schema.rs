@@ -118,14 +118,16 @@ pub(super) async fn migrate(client: &mut Object, at: &str) -> Result<(), PgError
     let result = apply(client, at).await;
     // A session lock outlives transactions: give it back (a connection that dies gives it back too).
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0));
-    result.and(unlocked.map(drop))
+    let reset = client.batch_execute("RESET client_min_messages").await.map_err(failed(0));
+    result.and(unlocked.map(drop)).and(reset)
 }
 
 async fn apply(client: &mut Object, at: &str) -> Result<(), PgError> {
     let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
+    // `IF NOT EXISTS` on an existing table is a notice, not news.
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS mesh_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS mesh_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
         )
         .await
         .map_err(failed(0))?;
