@@ -2,6 +2,7 @@
 //! at a time, in arrival order), a writer task that owns the socket's sink, and the deliverer
 //! ([`crate::deliver`]) that leases the peer's queue and pushes it within a window of unacked items.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,6 +208,7 @@ impl Connection {
     async fn roster_page(&self, after: Option<PublicKey>) -> Result<(Vec<Peer>, Option<PublicKey>), StoreError> {
         let mesh = self.mesh();
         let mut peers = self.shared.store.roster(mesh).await?;
+        let connected = self.connected().await;
         peers.sort_by_key(|e| e.peer.key);
         let me = self.key();
         let page = self.shared.config.roster_page.max(1);
@@ -214,7 +216,7 @@ impl Connection {
         let mut out: Vec<Peer> = rest
             .take(page + 1)
             .map(|e| {
-                let online = e.peer.key == me || self.shared.hub.is_online(mesh, &e.peer.key);
+                let online = e.peer.key == me || connected.contains_key(&e.peer.key);
                 peer_view(&e.peer, online, Some(e.groups))
             })
             .collect();
@@ -223,6 +225,21 @@ impl Connection {
             out[page - 1].key
         });
         Ok((out, next))
+    }
+
+    /// The mesh's connections, each key with its member: here, and on the other replicas sharing the
+    /// store (when they cannot be read, the ones here).
+    async fn connected(&self) -> HashMap<PublicKey, PublicKey> {
+        let mut connected = self.shared.hub.connected(self.mesh());
+        if let Some(cluster) = self.shared.store.cluster() {
+            match cluster.connected(self.mesh()).await {
+                Ok(elsewhere) => connected.extend(elsewhere),
+                Err(e) => {
+                    tracing::warn!(error = %mesh_proto::error::chain(&e), "reading the other replicas' connections")
+                }
+            }
+        }
+        connected
     }
 
     /// This connection's own groups, as the roster has them.
@@ -235,27 +252,27 @@ impl Connection {
     /// takes no more room. A member's own connection is never refused for the mesh's limit (no member
     /// can lock the others out); each member's connections, its sessions' included, have a limit of
     /// their own.
-    fn over_connection_limits(&self) -> Option<String> {
-        let (mesh, key, config, hub) = (self.mesh(), self.key(), &self.shared.config, &self.shared.hub);
-        if hub.is_online(mesh, &key) {
+    async fn over_connection_limits(&self) -> Option<String> {
+        let connected = self.connected().await;
+        if connected.contains_key(&self.key()) {
             return None;
         }
         let peer = &self.auth.peer;
-        let limits = config.mesh_limits(&self.auth.mesh.limits);
+        let limits = self.shared.config.mesh_limits(&self.auth.mesh.limits);
         let most = limits.connections_per_member as usize;
-        if hub.member_connections(mesh, &peer.member) >= most {
+        if connected.values().filter(|m| **m == peer.member).count() >= most {
             return Some(format!(
                 "this member already has {most} connections in this mesh, the most one member may hold"
             ));
         }
         let is_session = peer.kind == mesh_proto::wire::PeerKind::Session;
-        (is_session && hub.connections(mesh) >= limits.connections as usize)
+        (is_session && connected.len() >= limits.connections as usize)
             .then(|| "this mesh has reached its connection limit".to_owned())
     }
 
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
         let (mesh, key) = (self.mesh(), self.key());
-        if let Some(why) = self.over_connection_limits() {
+        if let Some(why) = self.over_connection_limits().await {
             self.send_error(ErrorFrame::new(ErrorCode::TooManyConnections, why)).await;
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
@@ -298,14 +315,13 @@ impl Connection {
         };
         if let Some(previous) = self.shared.hub.register(mesh, key, handle) {
             tracing::info!(previous = previous.conn_id, "superseding an older connection of the same key");
-            let _ = previous.outbound.try_send(Outbound::Text(
-                ServerFrame::Error(ErrorFrame::new(
-                    ErrorCode::Superseded,
-                    "another connection authenticated with this key",
-                ))
-                .to_json(),
-            ));
-            previous.kicked.cancel();
+            previous.supersede();
+        }
+        // On another replica, an older connection of this key is superseded by that replica.
+        if let Some(cluster) = self.shared.store.cluster()
+            && let Err(e) = cluster.claim_connection(mesh, key, self.auth.peer.member, self.conn_id).await
+        {
+            tracing::warn!(error = %mesh_proto::error::chain(&e), "recording the connection for the other replicas");
         }
 
         for gone in &self.auth.claimed.reaped {
@@ -331,6 +347,11 @@ impl Connection {
         stop_delivery.cancel();
         let _ = deliverer.await;
 
+        if let Some(cluster) = self.shared.store.cluster()
+            && let Err(e) = cluster.drop_connection(mesh, key, self.conn_id).await
+        {
+            tracing::warn!(error = %mesh_proto::error::chain(&e), "forgetting the connection; it leaves with this replica");
+        }
         if self.shared.hub.unregister(mesh, key, self.conn_id) {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
             // As stored now: seen just now, and (a session) perhaps ended while this connection lasted.
@@ -343,7 +364,7 @@ impl Connection {
         }
         match self.shared.store.release(mesh, key, self.conn_id).await {
             // A newer connection of this key may be waiting for exactly these items.
-            Ok(()) => self.shared.hub.wake(mesh, &key),
+            Ok(()) => self.shared.wake(mesh, &key),
             Err(e) => {
                 tracing::warn!(error = %mesh_proto::error::chain(&e), "releasing leases; they will expire on their own")
             }
@@ -488,7 +509,7 @@ impl Connection {
                         self.shared.metrics.acks.inc_by(ids.len() as u64);
                         self.shared.metrics.receipts_queued("delivered", done.receipts);
                         for sender in done.woken {
-                            self.shared.hub.wake(self.mesh(), &sender);
+                            self.shared.wake(self.mesh(), &sender);
                         }
                         let _ = acked.send(ids);
                         true
@@ -519,7 +540,7 @@ impl Connection {
                     result.map(|done| {
                         self.shared.metrics.receipts_queued("read", done.receipts);
                         for sender in done.woken {
-                            self.shared.hub.wake(self.mesh(), &sender);
+                            self.shared.wake(self.mesh(), &sender);
                         }
                     }),
                 )
@@ -786,7 +807,7 @@ impl Connection {
             let reply = match result {
                 Ok(done) => {
                     for key in &done.woken {
-                        self.shared.hub.wake(self.mesh(), key);
+                        self.shared.wake(self.mesh(), key);
                     }
                     ServerFrame::Accepted(Accepted {
                         id,

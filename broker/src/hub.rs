@@ -29,6 +29,18 @@ pub struct ConnHandle {
     pub kicked: CancellationToken,
 }
 
+impl ConnHandle {
+    /// Tells the connection a newer one of its key took its place, and ends it.
+    pub fn supersede(&self) {
+        let frame = mesh_proto::wire::ServerFrame::Error(mesh_proto::wire::ErrorFrame::new(
+            mesh_proto::wire::ErrorCode::Superseded,
+            "another connection authenticated with this key",
+        ));
+        let _ = self.outbound.try_send(Outbound::Text(frame.to_json()));
+        self.kicked.cancel();
+    }
+}
+
 #[derive(Default, Debug)]
 pub struct Hub {
     meshes: Mutex<HashMap<MeshId, HashMap<PublicKey, ConnHandle>>>,
@@ -60,13 +72,9 @@ impl Hub {
         false
     }
 
-    pub fn connections(&self, mesh: MeshId) -> usize {
-        self.lock().get(&mesh).map_or(0, HashMap::len)
-    }
-
-    /// Connections of `member` and its sessions in `mesh`.
-    pub fn member_connections(&self, mesh: MeshId, member: &PublicKey) -> usize {
-        self.lock().get(&mesh).map_or(0, |c| c.values().filter(|h| h.member == *member).count())
+    /// The connections of `mesh` here: each key with its member.
+    pub fn connected(&self, mesh: MeshId) -> std::collections::HashMap<PublicKey, PublicKey> {
+        self.lock().get(&mesh).map(|c| c.iter().map(|(k, h)| (*k, h.member)).collect()).unwrap_or_default()
     }
 
     pub fn is_online(&self, mesh: MeshId, key: &PublicKey) -> bool {
@@ -78,10 +86,32 @@ impl Hub {
         self.lock().iter().flat_map(|(mesh, conns)| conns.keys().map(|k| (*mesh, *k))).collect()
     }
 
-    pub fn wake(&self, mesh: MeshId, key: &PublicKey) {
-        if let Some(h) = self.lock().get(&mesh).and_then(|c| c.get(key)) {
+    /// Wakes the connection of `key`, if it is here; whether it was.
+    pub fn wake(&self, mesh: MeshId, key: &PublicKey) -> bool {
+        match self.lock().get(&mesh).and_then(|c| c.get(key)) {
+            Some(h) => {
+                h.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes every connection: each looks at its queue again.
+    pub fn wake_all(&self) {
+        for h in self.lock().values().flat_map(HashMap::values) {
             h.wake.notify_one();
         }
+    }
+
+    /// The connection of `key`, if it is here.
+    pub fn handle(&self, mesh: MeshId, key: &PublicKey) -> Option<ConnHandle> {
+        self.lock().get(&mesh).and_then(|c| c.get(key)).cloned()
+    }
+
+    /// Every connection here: (mesh, key, its handle).
+    pub fn handles(&self) -> Vec<(MeshId, PublicKey, ConnHandle)> {
+        self.lock().iter().flat_map(|(m, c)| c.iter().map(|(k, h)| (*m, *k, h.clone()))).collect()
     }
 
     /// Sends `frame` to every connection of `mesh` except `except`. A connection whose outbound buffer

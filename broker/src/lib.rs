@@ -64,6 +64,15 @@ impl Shared {
     fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Wakes the connection of `key`: here, or through the other replicas when it is not here.
+    fn wake(&self, mesh: mesh_proto::MeshId, key: &mesh_proto::PublicKey) {
+        if !self.hub.wake(mesh, key)
+            && let Some(cluster) = self.store.cluster()
+        {
+            cluster.publish(store::Note::Wake { mesh, key: *key });
+        }
+    }
 }
 
 /// Serves the broker on `listener` until `shutdown` is cancelled, then closes every connection.
@@ -121,6 +130,11 @@ pub async fn run_with(
         metrics: counts,
     });
     shared.tracker.spawn(janitor(shared.clone()));
+    let cluster = shared.store.cluster().map(|cluster| {
+        let (events, heard) = tokio::sync::mpsc::unbounded_channel();
+        shared.tracker.spawn(cluster_events(shared.clone(), heard));
+        cluster.start(events, shutdown.clone())
+    });
     if let Some(listener) = metrics {
         let app = Router::new().route("/metrics", get(scrape)).with_state(shared.clone());
         tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics");
@@ -159,6 +173,12 @@ pub async fn run_with(
     shared.tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within the shutdown grace period");
+    }
+    // The other replicas hear this one leave (its leases free at once) rather than time it out.
+    if let Some(goodbye) = cluster
+        && tokio::time::timeout(SHUTDOWN_GRACE, goodbye).await.is_err()
+    {
+        tracing::warn!("leaving the other replicas took too long; they will time this one out");
     }
     served
 }
@@ -233,12 +253,51 @@ async fn janitor(shared: Arc<Shared>) {
                     );
                 }
                 for (mesh, sender) in done.woken {
-                    shared.hub.wake(mesh, &sender);
+                    shared.wake(mesh, &sender);
                 }
             }
             Err(e) => tracing::error!(error = %mesh_proto::error::chain(&e), "janitor pass failed; will retry"),
         }
         reap_sessions(&shared).await;
+    }
+}
+
+/// Carries out what the other replicas sharing the store tell this one.
+async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::UnboundedReceiver<store::ClusterEvent>) {
+    use store::ClusterEvent;
+    loop {
+        let event = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            event = heard.recv() => match event { Some(e) => e, None => return },
+        };
+        match event {
+            ClusterEvent::Wake { mesh, key } => {
+                shared.hub.wake(mesh, &key);
+            }
+            ClusterEvent::Kick { mesh, key, conn } => {
+                if let Some(handle) = shared.hub.handle(mesh, &key).filter(|h| h.conn_id == conn) {
+                    tracing::info!(conn, "superseded by a newer connection of the same key on another replica");
+                    handle.supersede();
+                }
+            }
+            ClusterEvent::Presence { mesh, except, frame } => shared.hub.broadcast(mesh, &except, &frame),
+            ClusterEvent::Gone { mesh, key } => {
+                if !shared.hub.is_online(mesh, &key)
+                    && let Ok(Some(peer)) = shared.store.peer(mesh, key).await
+                {
+                    presence::announce(&shared, mesh, &peer, false, false);
+                }
+            }
+            ClusterEvent::CatchUp => shared.hub.wake_all(),
+            ClusterEvent::Reclaim => {
+                let Some(cluster) = shared.store.cluster() else { continue };
+                for (mesh, key, handle) in shared.hub.handles() {
+                    if let Err(e) = cluster.claim_connection(mesh, key, handle.member, handle.conn_id).await {
+                        tracing::warn!(error = %mesh_proto::error::chain(&e), "claiming a connection again");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use mesh_proto::MeshId;
 use mesh_proto::wire::{Peer, Presence, ServerFrame};
 
 use crate::Shared;
-use crate::store::PeerRecord;
+use crate::store::{Note, PeerRecord};
 
 /// A peer as the protocol shows it; `groups` only when they are known (rosters) or changed.
 pub(crate) fn peer_view(p: &PeerRecord, online: bool, groups: Option<Vec<String>>) -> Peer {
@@ -34,4 +34,7 @@ pub(crate) fn announce_view(shared: &Shared, mesh: MeshId, peer: Peer, removed: 
     let except = peer.key;
     let frame = ServerFrame::Presence(Presence { peer, removed }).to_json();
     shared.hub.broadcast(mesh, &except, &frame);
+    if let Some(cluster) = shared.store.cluster() {
+        cluster.publish(Note::Presence { mesh, except, frame });
+    }
 }

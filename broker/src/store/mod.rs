@@ -201,8 +201,67 @@ impl From<crate::sqlite::DbError> for StoreError {
     }
 }
 
+/// What one replica hears from the others sharing its database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// New items for a recipient (that may be connected here).
+    Wake { mesh: MeshId, key: PublicKey },
+    /// A newer connection of `key` on another replica supersedes this replica's connection `conn`.
+    Kick { mesh: MeshId, key: PublicKey, conn: u64 },
+    /// A `presence` frame for every connection of `mesh` here but `except`'s.
+    Presence { mesh: MeshId, except: PublicKey, frame: String },
+    /// A replica died without saying goodbye: its connection of `key` is gone (tell the mesh).
+    Gone { mesh: MeshId, key: PublicKey },
+    /// Wake-ups may have been missed (the listening connection was re-established, or the safety
+    /// poll): every connection here looks at its queue again.
+    CatchUp,
+    /// This replica was taken for dead by the others: its connections must be claimed again.
+    Reclaim,
+}
+
+/// What one replica tells the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    Wake { mesh: MeshId, key: PublicKey },
+    Presence { mesh: MeshId, except: PublicKey, frame: String },
+}
+
+/// Several broker replicas sharing one database (PostgreSQL): which connections are where, and the
+/// wake-ups, presence and supersedes that cross between them.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// Starts listening to the other replicas (events go to `events`) and keeping this one's
+    /// heartbeat, until `stop`; then says goodbye (its connections and leases are freed). The task
+    /// returned ends after the goodbye.
+    fn start(
+        &self,
+        events: tokio::sync::mpsc::UnboundedSender<ClusterEvent>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()>;
+    /// Tells the other replicas (coalesced, never waits).
+    fn publish(&self, note: Note);
+    /// Records that `key` is connected here as connection `conn`; a connection of the key on
+    /// another replica is told it is superseded.
+    async fn claim_connection(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        member: PublicKey,
+        conn: u64,
+    ) -> Result<(), StoreError>;
+    /// Forgets connection `conn` of `key` (if it is still the recorded one).
+    async fn drop_connection(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError>;
+    /// The keys of `mesh` connected on any live replica, each with its member.
+    async fn connected(&self, mesh: MeshId) -> Result<Vec<(PublicKey, PublicKey)>, StoreError>;
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The replicas sharing this store's data, if several can (`None`: this process is the only one).
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        None
+    }
+
     async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError>;
     async fn mesh(&self, id: MeshId) -> Result<Option<MeshRecord>, StoreError>;
     async fn peer(&self, mesh: MeshId, key: PublicKey) -> Result<Option<PeerRecord>, StoreError>;

@@ -38,6 +38,7 @@ impl Backend {
 }
 
 /// Each named test, `async fn NAME(backend: Backend)`, once on SQLite and once on PostgreSQL.
+#[allow(unused_macros)]
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod on_sqlite {

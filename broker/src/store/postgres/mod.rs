@@ -18,10 +18,11 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use mesh_proto::{MeshId, PublicKey};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
 
 use super::{
-    Claimed, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord,
-    QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
+    Claimed, Cluster, ClusterEvent, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord,
+    NewMessage, Note, PeerRecord, QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
 };
 use crate::sqlite::CommitObserver;
 
@@ -33,7 +34,7 @@ mod schema;
 const NAMES_LOCK: i32 = 0x6d65_7368;
 
 /// How many times a transaction that lost a deadlock or serialization check is run.
-const ATTEMPTS: u32 = 5;
+pub(crate) const ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -103,6 +104,10 @@ pub fn redacted(address: &str) -> String {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// For the connection that listens to the other replicas.
+    pg_config: tokio_postgres::Config,
+    /// Notes for the other replicas, sent coalesced.
+    outbox: Arc<cluster::Outbox>,
     /// This replica's row in `replicas`: leases carry it, so that one replica never frees another's.
     replica: i64,
     observer: Arc<OnceLock<CommitObserver>>,
@@ -119,8 +124,12 @@ impl PgStore {
     /// registers this replica.
     pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
         let at = redacted(address);
-        let config = tokio_postgres::Config::from_str(address).map_err(|e| PgError::Address(e.to_string()))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mut config = tokio_postgres::Config::from_str(address).map_err(|e| PgError::Address(e.to_string()))?;
+        // These bound how long a connection waits on a server that never answers; a cut network is
+        // noticed sooner by the listening connection's pings.
+        config.connect_timeout(Duration::from_secs(10)).keepalives_idle(Duration::from_secs(30));
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
             .runtime(Runtime::Tokio1)
@@ -139,7 +148,13 @@ impl PgStore {
             .map_err(|source| PgError::Connect { at: at.clone(), source })?
             .get(0);
         tracing::info!(replica, database = %at, "broker replica registered");
-        Ok(PgStore { pool, replica, observer: Arc::new(OnceLock::new()) })
+        Ok(PgStore {
+            pool,
+            pg_config: config,
+            outbox: Arc::new(cluster::Outbox::new()),
+            replica,
+            observer: Arc::new(OnceLock::new()),
+        })
     }
 
     /// This replica's number in the database.
@@ -214,7 +229,7 @@ macro_rules! transaction {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let started = Instant::now();
+            let started = std::time::Instant::now();
             let mut client = $store.client().await?;
             let result: Result<_, TxError> = async {
                 let $tx = client.transaction().await?;
@@ -228,7 +243,7 @@ macro_rules! transaction {
                     $store.observe($ops, started);
                     break Ok(out);
                 }
-                Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
+                Err(e) if e.is_retryable() && attempt < $crate::store::postgres::ATTEMPTS => {
                     tracing::debug!(attempt, error = ?e, "transaction lost a deadlock or serialization check; again");
                 }
                 Err(e) => break Err(StoreError::from(e)),
@@ -246,8 +261,47 @@ fn limit_from(v: Option<i64>) -> Option<u32> {
     v.and_then(|v| u32::try_from(v).ok())
 }
 
+mod cluster;
+
+#[async_trait]
+impl Cluster for PgStore {
+    fn start(
+        &self,
+        events: tokio::sync::mpsc::UnboundedSender<ClusterEvent>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        self.start_cluster(events, stop)
+    }
+
+    fn publish(&self, note: Note) {
+        self.publish_outgoing(cluster::Outgoing::Note(note));
+    }
+
+    async fn claim_connection(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        member: PublicKey,
+        conn: u64,
+    ) -> Result<(), StoreError> {
+        self.claim(mesh, key, member, conn).await
+    }
+
+    async fn drop_connection(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError> {
+        self.unclaim(mesh, key, conn).await
+    }
+
+    async fn connected(&self, mesh: MeshId) -> Result<Vec<(PublicKey, PublicKey)>, StoreError> {
+        self.connected_keys(mesh).await
+    }
+}
+
 #[async_trait]
 impl Store for PgStore {
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
+    }
+
     async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError> {
         transaction!(self, 1, |tx| {
             let inserted = tx

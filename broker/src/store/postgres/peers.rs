@@ -278,11 +278,13 @@ pub(super) async fn reap_sessions(
 ) -> Result<Reaped, TxError> {
     let online_meshes: Vec<String> = online.iter().map(|(m, _)| m.to_string()).collect();
     let online_keys: Vec<String> = online.iter().map(|(_, k)| k.to_string()).collect();
-    // Sessions connected now are neither ended nor removed, however long unseen.
+    // Sessions connected now, here or to another replica, are neither ended nor removed, however
+    // long unseen.
     let not_online = |meshes: u8, keys: u8| {
         format!(
             "NOT EXISTS (SELECT 1 FROM UNNEST(${meshes}::TEXT[], ${keys}::TEXT[]) AS o(mesh_id, key)
-             WHERE o.mesh_id = peers.mesh_id AND o.key = peers.key)"
+             WHERE o.mesh_id = peers.mesh_id AND o.key = peers.key)
+             AND NOT EXISTS (SELECT 1 FROM connections c WHERE c.mesh_id = peers.mesh_id AND c.key = peers.key)"
         )
     };
     let mut out = Reaped::default();

@@ -104,11 +104,23 @@ CREATE TABLE reads (
     at BIGINT NOT NULL,
     PRIMARY KEY (mesh_id, message_id, reader)
 );
+-- The broker processes sharing this database, each alive while its heartbeat is recent.
 CREATE TABLE replicas (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     started_at BIGINT NOT NULL,
     heartbeat_at BIGINT NOT NULL
 );
+-- Which replica holds each key's connection: presence, supersedes and limits across replicas.
+CREATE TABLE connections (
+    mesh_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    replica BIGINT NOT NULL,
+    conn BIGINT NOT NULL,
+    since BIGINT NOT NULL,
+    PRIMARY KEY (mesh_id, key)
+);
+CREATE INDEX connections_by_replica ON connections(replica);
 "#];
 
 /// Brings the schema up to date, holding the migration lock meanwhile.

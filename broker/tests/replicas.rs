@@ -1,0 +1,130 @@
+//! Two broker replicas on one PostgreSQL database: what a member connected to one sees of a member
+//! connected to the other. Each frame is awaited for at most `WAIT` (10 s), a third of the replicas'
+//! safety poll: what arrives came through `LISTEN/NOTIFY`, not through the poll.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use mesh_broker::BrokerConfig;
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame};
+use mesh_proto::{Identity, MeshId, now_ms};
+
+/// Two replicas on a fresh database, or `None` without PostgreSQL (said).
+async fn replicas(config: BrokerConfig) -> Option<(TestBroker, TestBroker)> {
+    let backend = Backend::postgres()?;
+    let a = TestBroker::start_on(&backend, config.clone()).await;
+    let b = TestBroker::start_on(&backend, config).await;
+    Some((a, b))
+}
+
+/// Alice on replica `a` (she creates the mesh), bob on replica `b`.
+async fn across(a: &TestBroker, b: &TestBroker) -> TwoMembers {
+    let (alice, bob) = (Identity::generate(), Identity::generate());
+    let mesh = MeshId::generate();
+    let mut ca = Client::connect(a).await;
+    assert!(matches!(ca.hello(&alice, mesh, "alice", create_intent("team")).await, ServerFrame::Welcome(_)));
+    let token = mint_invite(&alice, mesh, &a.url(), now_ms() + 60_000, None);
+    let mut cb = Client::connect(b).await;
+    let intent = join_intent(&token, &cb.challenge.clone(), &bob);
+    assert!(matches!(cb.hello(&bob, mesh, "bob", intent).await, ServerFrame::Welcome(_)));
+    TwoMembers { mesh, a: alice, b: bob, ca, cb }
+}
+
+async fn next_deliver(c: &mut Client) -> mesh_proto::wire::Deliver {
+    match c.recv_non_presence().await {
+        ServerFrame::Deliver(d) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_message_sent_on_one_replica_is_pushed_by_the_other_and_receipted_back() {
+    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let mut t = across(&ra, &rb).await;
+    for i in 0..3 {
+        t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, &format!("c-{i}"), &format!("hi {i}")))).await;
+        let ServerFrame::Accepted(accepted) = t.ca.recv_non_presence().await else { panic!("not accepted") };
+        // Bob is idle on the other replica: the wake-up crosses over.
+        let d = next_deliver(&mut t.cb).await;
+        let DeliveryItem::Message(env) = &d.item else { panic!("expected a message") };
+        assert_eq!(env.message_id, accepted.message_id);
+        t.cb.send(&ClientFrame::Ack(Ack { delivery_ids: vec![d.delivery_id] })).await;
+        let receipt = next_deliver(&mut t.ca).await;
+        let DeliveryItem::Receipt(r) = &receipt.item else { panic!("expected a receipt, got {receipt:?}") };
+        assert_eq!(
+            (r.kind, r.recipient, r.client_message_id.as_str()),
+            (ReceiptKind::Delivered, t.b.key(), &*format!("c-{i}"))
+        );
+        t.ca.send(&ClientFrame::Ack(Ack { delivery_ids: vec![receipt.delivery_id] })).await;
+    }
+    // A broadcast from bob reaches alice on the first replica.
+    t.cb.send(&ClientFrame::Send(broadcast(&t.b, t.mesh, 9, "b-1", "all of you"))).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Accepted(_)));
+    assert!(matches!(next_deliver(&mut t.ca).await.item, DeliveryItem::Message(_)));
+    ra.stop().await;
+    rb.stop().await;
+}
+
+#[tokio::test]
+async fn presence_rosters_and_supersede_cross_replicas() {
+    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let mut t = across(&ra, &rb).await;
+    // Alice, on the first replica, hears bob come online on the second.
+    match t.ca.recv().await {
+        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
+        other => panic!("expected bob's presence, got {other:?}"),
+    }
+    // A third member joining on the first replica sees bob online in its welcome's roster.
+    let carol = Identity::generate();
+    let token = mint_invite(&t.a, t.mesh, &ra.url(), now_ms() + 60_000, None);
+    let mut cc = Client::connect(&ra).await;
+    let intent = join_intent(&token, &cc.challenge.clone(), &carol);
+    let ServerFrame::Welcome(welcome) = cc.hello(&carol, t.mesh, "carol", intent).await else { panic!("welcome") };
+    let bob = welcome.roster.iter().find(|p| p.key == t.b.key()).expect("bob in the roster");
+    assert!(bob.online, "bob is online on the other replica");
+    // Bob connecting again on the first replica supersedes his connection on the second.
+    let mut again = Client::connect(&ra).await;
+    assert!(matches!(again.hello(&t.b, t.mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
+    loop {
+        match t.cb.try_recv().await {
+            Some(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Superseded);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a superseded error"),
+        }
+    }
+    assert!(t.cb.try_recv().await.is_none(), "the old connection is closed");
+    // Bob leaves altogether: alice hears him go offline.
+    drop(again);
+    loop {
+        if let ServerFrame::Presence(p) = t.ca.recv().await
+            && p.peer.key == t.b.key()
+            && !p.peer.online
+        {
+            break;
+        }
+    }
+    ra.stop().await;
+    rb.stop().await;
+}
+
+#[tokio::test]
+async fn a_recipient_whose_replica_stops_gets_its_unacked_items_from_another_at_once() {
+    // Leases far longer than the test waits: only the goodbye can free them in time.
+    let config = BrokerConfig { lease: std::time::Duration::from_secs(600), ..BrokerConfig::default() };
+    let Some((ra, rb)) = replicas(config).await else { return };
+    let mut t = across(&ra, &rb).await;
+    t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "unacked"))).await;
+    let first = next_deliver(&mut t.cb).await;
+    // Bob never acks; his replica stops, and he comes back through the other one.
+    drop(t.cb);
+    rb.stop().await;
+    let mut again = Client::connect(&ra).await;
+    assert!(matches!(again.hello(&t.b, t.mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
+    let redelivered = next_deliver(&mut again).await;
+    assert_eq!(redelivered.delivery_id, first.delivery_id, "the same item, once more");
+    ra.stop().await;
+}
