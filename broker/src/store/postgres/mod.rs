@@ -40,6 +40,8 @@ pub(crate) const ATTEMPTS: u32 = 5;
 pub enum PgError {
     #[error("the database address is not a PostgreSQL address ({0}); expected postgres://USER@HOST:PORT/DB")]
     Address(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("connecting to PostgreSQL at {at}")]
     Connect {
         at: String,
@@ -125,6 +127,12 @@ impl PgStore {
     pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
         let at = redacted(address);
         let mut config = tokio_postgres::Config::from_str(address).map_err(|e| PgError::Address(e.to_string()))?;
+        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(PgError::Unsupported(
+                "sslmode=require asks for TLS to PostgreSQL, which this build does not speak; reach the database \
+                 over a private network or its Unix socket",
+            ));
+        }
         // These bound how long a connection waits on a server that never answers; a cut network is
         // noticed sooner by the listening connection's pings.
         config.connect_timeout(Duration::from_secs(10)).keepalives_idle(Duration::from_secs(30));
