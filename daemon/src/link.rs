@@ -62,7 +62,8 @@ pub enum LinkError {
 /// The broker one connection goes to, and how its certificate is checked.
 #[derive(Clone, Copy, Debug)]
 pub struct Broker<'a> {
-    /// `ws://` or `wss://`.
+    /// `ws://` or `wss://`; or several such addresses of one mesh's replicas, comma-separated, tried
+    /// in order until one answers.
     pub url: &'a str,
     /// For `wss://`: the certificate's pin, else the platform's roots decide.
     pub pin: Option<CertPin>,
@@ -114,6 +115,47 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     Ok(full)
 }
 
+/// Most addresses one mesh's broker may have.
+pub const MAX_ADDRESSES: usize = 16;
+
+/// The addresses of a broker address list (`wss://a:7777,wss://b:7777`), in order.
+pub fn addresses(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty())
+}
+
+/// A broker address list as stored: each address checked ([`ws_endpoint`]) with its scheme in lower
+/// case, at most [`MAX_ADDRESSES`], no repeats, all `wss://` or all `ws://` (one mesh's replicas are
+/// verified one way).
+pub fn address_list(list: &str) -> Result<String, String> {
+    let all: Vec<String> = addresses(list).map(normalize_scheme).collect();
+    if all.is_empty() {
+        return Err("no broker address given".into());
+    }
+    if all.len() > MAX_ADDRESSES {
+        return Err(format!("{} broker addresses; at most {MAX_ADDRESSES}", all.len()));
+    }
+    for (i, a) in all.iter().enumerate() {
+        ws_endpoint(a)?;
+        if all[..i].contains(a) {
+            return Err(format!("broker address {a:?} is listed twice"));
+        }
+    }
+    if all.iter().any(|a| a.starts_with("wss://")) && all.iter().any(|a| a.starts_with("ws://")) {
+        return Err("the broker addresses mix wss:// and ws://; one mesh's replicas all speak TLS or none".into());
+    }
+    Ok(all.join(","))
+}
+
+/// `list` starting from its address `first` (wrapping round): the order the next connection tries.
+pub fn rotated(list: &str, first: usize) -> String {
+    let all: Vec<&str> = addresses(list).collect();
+    if all.is_empty() {
+        return list.to_owned();
+    }
+    let first = first % all.len();
+    all[first..].iter().chain(&all[..first]).copied().collect::<Vec<_>>().join(",")
+}
+
 /// A broker address with its scheme in lower case (`WSS://h` is `wss://h`); anything else as typed.
 pub fn normalize_scheme(url: &str) -> String {
     for scheme in ["wss://", "ws://"] {
@@ -127,10 +169,14 @@ pub fn normalize_scheme(url: &str) -> String {
     url.to_owned()
 }
 
-/// Whether a broker address is plain `ws://` to another machine: the traffic's metadata (who talks
-/// to whom, when, how much) open to anyone on the path. Loopback (`localhost`, 127.0.0.0/8, `::1`)
-/// never leaves this machine.
-pub fn unencrypted(url: &str) -> bool {
+/// Whether a broker address (any of a list) is plain `ws://` to another machine: the traffic's
+/// metadata (who talks to whom, when, how much) open to anyone on the path. Loopback (`localhost`,
+/// 127.0.0.0/8, `::1`) never leaves this machine.
+pub fn unencrypted(list: &str) -> bool {
+    addresses(list).any(unencrypted_address)
+}
+
+fn unencrypted_address(url: &str) -> bool {
     if !url.starts_with("ws://") {
         return false;
     }
@@ -251,7 +297,27 @@ pub async fn check_certificate(
 
 /// Opens the WebSocket, over TLS for `wss://` with the broker's certificate checked as `broker` says;
 /// with the certificate the broker presented.
+/// Connects to the first of the broker's addresses that answers. A certificate refused is final:
+/// never a fallback to another address for it.
 async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
+    let mut last = None;
+    for url in addresses(broker.url) {
+        match connect_to(Broker { url, ..broker }).await {
+            Ok(done) => {
+                tracing::debug!(broker = url, "connected");
+                return Ok(done);
+            }
+            Err(e @ LinkError::Unreachable { .. }) => {
+                tracing::debug!(error = %e, "broker address unreachable; trying the next");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| LinkError::Unreachable { url: broker.url.to_owned(), detail: "no address".into() }))
+}
+
+async fn connect_to(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
     use tokio_tungstenite::Connector;
     use tokio_tungstenite::tungstenite::Error as WsError;
     let url = broker.url;
@@ -434,11 +500,16 @@ async fn run(
 ) {
     let mut failures: u32 = 0;
     let mut recorded: Option<LinkState> = None;
+    // With several addresses, each attempt starts from the one after the last tried: a replica that
+    // dropped the connection or failed to answer is tried last.
+    let mut first = 0;
     loop {
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
         let name = spec.name();
-        let broker = Broker { url: &spec.broker_url, pin: daemon.tls_pin(&spec.mesh_id), mesh: &spec.mesh_name };
+        let order = rotated(&spec.broker_url, first);
+        first += 1;
+        let broker = Broker { url: &order, pin: daemon.tls_pin(&spec.mesh_id), mesh: &spec.mesh_name };
         let connected = tokio::select! {
             r = handshake(broker, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
             () = handle.cancel.cancelled() => return,
@@ -844,6 +915,14 @@ mod tests {
         }
         assert!(ws_endpoint("wss://[::1]:7777").is_ok());
         assert_eq!(normalize_scheme("WSS://h:1"), "wss://h:1");
+        assert_eq!(address_list(" WSS://a:1 , wss://b:2,").expect("a list"), "wss://a:1,wss://b:2");
+        assert!(address_list("wss://a:1,ws://b:2").expect_err("mixed").contains("mix"));
+        assert!(address_list("wss://a:1,wss://a:1").expect_err("twice").contains("twice"));
+        assert!(address_list("wss://a:1,wss://u:p@b:2").is_err(), "each address is checked");
+        assert!(address_list(" , ").is_err());
+        assert!(address_list(&vec!["wss://a:1"; MAX_ADDRESSES + 1].join(",")).is_err());
+        assert_eq!(rotated("ws://a:1,ws://b:2,ws://c:3", 4), "ws://b:2,ws://c:3,ws://a:1");
+        assert!(unencrypted("ws://127.0.0.1:1,ws://broker.example:2"), "any address off this machine");
         assert_eq!(normalize_scheme("Ws://h:1"), "ws://h:1");
         assert_eq!(normalize_scheme("http://h"), "http://h");
         assert!(ws_endpoint("http://h").is_err());

@@ -275,6 +275,12 @@ impl BrokerProcess {
         b
     }
 
+    /// Starts a replica on a free port serving the PostgreSQL database at `url`.
+    pub fn replica(bin: &str, url: &str, extra: &[&str]) -> BrokerProcess {
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        BrokerProcess::spawn(bin, Path::new(url), 0, &extra)
+    }
+
     /// Starts a broker on `port` with the database at `db` (to restart one).
     pub fn spawn(bin: &str, db: &Path, port: u16, extra: &[String]) -> BrokerProcess {
         let mut child = Command::new(bin)

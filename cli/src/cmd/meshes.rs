@@ -14,7 +14,8 @@ use crate::output;
 pub struct CreateArgs {
     /// The mesh's name
     pub name: String,
-    /// The broker, e.g. wss://broker.example:7777
+    /// The broker, e.g. wss://broker.example:7777; several replicas' addresses, comma-separated, are
+    /// tried in order
     #[arg(long)]
     pub broker: String,
     /// The SHA-256 of a self-signed broker's certificate (`mesh broker serve` prints it), checked
@@ -69,6 +70,10 @@ pub struct JoinArgs {
     /// Allow the invite's broker on plain ws:// to another machine (metadata visible on the network)
     #[arg(long)]
     pub insecure: bool,
+    /// Reach the mesh through this broker address instead of the invite's (an internal name, one
+    /// replica); several, comma-separated, are tried in order
+    #[arg(long, value_name = "URL[,URL…]")]
+    pub broker: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -347,6 +352,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<()> {
             display_name: display_name.clone(),
             suffix_if_taken: !interactive,
             insecure: args.insecure,
+            broker: args.broker.clone(),
         };
         match super::block_on(client.post::<_, MeshInfo>(routes::MESHES_JOIN, &req))? {
             Ok(mesh) => break mesh,

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use super::sessions::team;
 use super::*;
 
-const PER_ROUND: usize = 200;
+pub const PER_ROUND: usize = 200;
 
 #[derive(Clone, Copy, Debug)]
 enum Victim {
@@ -25,7 +25,7 @@ enum Victim {
 
 /// Sends through the sender's IPC socket like a client with an idempotency key: a send that finds the
 /// daemon dead is repeated, with the same id, once it is back.
-fn send_until_accepted(rt: &tokio::runtime::Runtime, home: &TestHome, cmid: &str, body: &str) {
+pub fn send_until_accepted(rt: &tokio::runtime::Runtime, home: &TestHome, cmid: &str, body: &str) {
     let client = IpcClient::new(&home.paths());
     let req =
         SendRequest { client_message_id: cmid.into(), to: "bob".into(), body: body.into(), mesh: Some("team".into()) };

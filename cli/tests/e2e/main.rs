@@ -15,6 +15,7 @@ mod metrics;
 mod outbox;
 mod output;
 mod readme;
+mod replicas;
 mod service;
 mod sessions;
 mod setup;

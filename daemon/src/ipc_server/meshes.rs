@@ -51,9 +51,9 @@ pub async fn create(
     Body(req): Body<CreateMeshRequest>,
 ) -> Result<Json<MeshInfo>, Failure> {
     caller.member_only("creating a mesh")?;
-    let req = CreateMeshRequest { broker: link::normalize_scheme(&req.broker), ..req };
+    let broker = link::address_list(&req.broker).map_err(Failure::bad_request)?;
+    let req = CreateMeshRequest { broker, ..req };
     names::validate_display(&req.name).map_err(super::invalid_name)?;
-    link::ws_endpoint(&req.broker).map_err(Failure::bad_request)?;
     let pin =
         req.pin.as_deref().map(str::parse::<CertPin>).transpose().map_err(|e| Failure::bad_request(e.to_string()))?;
     if pin.is_some() && !req.broker.starts_with("wss://") {
@@ -161,10 +161,16 @@ pub async fn join(
             return Err(Failure::new(ApiErrorCode::Conflict, format!("a mesh named {name:?} already exists here")));
         }
     }
-    link::ws_endpoint(&claims.broker_url).map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
-    allowed_transport(&claims.broker_url, req.insecure).map_err(|f| {
-        f.with_hint("the invite's broker is plain ws://; to join all the same: mesh join TOKEN --insecure")
-    })?;
+    let mut claims = claims;
+    claims.broker_url = match &req.broker {
+        // The joiner's own way to the mesh: an internal name, one replica.
+        Some(own) => link::address_list(own).map_err(|e| Failure::bad_request(format!("--broker: {e}")))?,
+        None => {
+            link::address_list(&claims.broker_url).map_err(|e| Failure::bad_request(format!("invite token: {e}")))?
+        }
+    };
+    allowed_transport(&claims.broker_url, req.insecure)
+        .map_err(|f| f.with_hint("the broker is plain ws://; to join all the same: mesh join TOKEN --insecure"))?;
     let pin = claims.tls_pin.filter(|_| claims.broker_url.starts_with("wss://"));
     let asked = display_name(req.display_name.clone(), &d)?;
     let key = d.member.identity.key();

@@ -67,6 +67,10 @@ pub struct JoinMeshRequest {
     /// Allow an invite's plain `ws://` broker on another machine.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// Reach the mesh through this broker address (or comma-separated list) instead of the invite's:
+    /// an internal name, one replica. Kept for this member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// `POST /v1/meshes/repin`: the pin of a mesh's broker certificate. Without `pin`, nothing changes:

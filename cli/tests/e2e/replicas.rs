@@ -1,0 +1,176 @@
+//! Broker replicas on one PostgreSQL (started by the tests, or `MESH_TEST_POSTGRES_URL`): daemons on
+//! different replicas exchange messages and receipts; replicas killed with SIGKILL under load and
+//! PostgreSQL restarted under load lose and duplicate nothing.
+
+use std::collections::HashMap;
+
+use mesh_testkit::{BrokerProcess, TestHome};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::faults::send_until_accepted;
+use super::*;
+
+/// Leases short enough that an item leased by a killed replica goes out again within a round.
+const REPLICA_OPTIONS: &[&str] = &["--lease", "3s"];
+
+fn replicas(url: &str, n: usize) -> Vec<BrokerProcess> {
+    (0..n).map(|_| BrokerProcess::replica(MESH, url, REPLICA_OPTIONS)).collect()
+}
+
+/// The replicas' addresses, starting from replica `first`: a member given this list connects there.
+fn addresses_from(replicas: &[BrokerProcess], first: usize) -> String {
+    let n = replicas.len();
+    (0..n).map(|i| replicas[(first + i) % n].url.clone()).collect::<Vec<_>>().join(",")
+}
+
+/// A mesh on the replicas with `names` as members, member `i` connected first to replica `i % n`.
+fn members(replicas: &[BrokerProcess], names: &[&str]) -> Vec<TestHome> {
+    let homes: Vec<TestHome> = names.iter().map(|_| TestHome::new(MESH)).collect();
+    for (home, name) in homes.iter().zip(names) {
+        home.ok(&["init", "--name", name]);
+        home.ok(&["daemon", "up", "--no-embedded"]);
+    }
+    homes[0].ok(&["create", "team", "--broker", &addresses_from(replicas, 0)]);
+    let token = homes[0].ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    for (i, home) in homes.iter().enumerate().skip(1) {
+        home.ok(&["join", &token, "--broker", &addresses_from(replicas, i)]);
+    }
+    for home in &homes {
+        for name in names {
+            wait_for_peer(home, name);
+        }
+    }
+    homes
+}
+
+#[test]
+fn members_on_three_replicas_exchange_messages_broadcasts_and_receipts() {
+    let Some(url) = mesh_testkit::postgres::database() else { return };
+    let replicas = replicas(&url, 3);
+    let homes = members(&replicas, &["alice", "bob", "carol"]);
+    let (alice, bob, carol) = (&homes[0], &homes[1], &homes[2]);
+    // Each waits for its `delivered` receipt, which crosses back from the recipient's replica.
+    alice.ok(&["send", "bob", "alice to bob", "--wait", "delivered", "--mesh", "team"]);
+    bob.ok(&["send", "carol", "bob to carol", "--wait", "delivered", "--mesh", "team"]);
+    carol.ok(&["send", "alice", "carol to alice", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(bob, "alice to bob");
+    wait_for_message(carol, "bob to carol");
+    wait_for_message(alice, "carol to alice");
+    alice.ok(&["send", "*", "to everyone", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(bob, "to everyone");
+    wait_for_message(carol, "to everyone");
+    // Read receipts cross too.
+    bob.ok(&["inbox", "ack", "--all"]);
+    alice.eventually_json("bob's read receipt", &["outbox", "--limit", "100"], |v| {
+        v.as_array().expect("array").iter().any(|r| r["body"] == "alice to bob" && r["read_at"].is_u64())
+    });
+}
+
+/// Who a round kills.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Sender,
+    Recipient,
+    /// The replica one of the two is connected to first.
+    Replica(usize),
+}
+
+#[test]
+fn random_kill_9_of_replicas_and_daemons_under_load_loses_and_duplicates_nothing() {
+    let Some(url) = mesh_testkit::postgres::database() else { return };
+    let rounds: usize = std::env::var("MESH_FAULT_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let seed: u64 =
+        std::env::var("MESH_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(mesh_proto::now_ms);
+    eprintln!("replica fault suite: {rounds} rounds on 3 replicas, MESH_FAULT_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut replicas = replicas(&url, 3);
+    let homes = members(&replicas, &["alice", "bob"]);
+    let (alice, bob) = (&homes[0], &homes[1]);
+
+    let mut sent = Vec::new();
+    for round in 0..rounds {
+        let victim = match rng.gen_range(0..4) {
+            0 => Victim::Sender,
+            1 => Victim::Recipient,
+            // Alice starts on replica 0, bob on replica 1.
+            n => Victim::Replica(n - 2),
+        };
+        let kill_at = rng.gen_range(0..super::faults::PER_ROUND);
+        for i in 0..super::faults::PER_ROUND {
+            if i == kill_at {
+                match victim {
+                    Victim::Sender => {
+                        alice.kill9_daemon();
+                        alice.ok(&["daemon", "up", "--no-embedded"]);
+                    }
+                    Victim::Recipient => bob.kill9_daemon(),
+                    Victim::Replica(r) => replicas[r].kill9(),
+                }
+            }
+            let body = format!("round {round} message {i}");
+            send_until_accepted(&rt, alice, &format!("replica-fault-{seed}-{round}-{i}"), &body);
+            sent.push(body);
+        }
+        match victim {
+            Victim::Recipient => {
+                bob.ok(&["daemon", "up", "--no-embedded"]);
+            }
+            Victim::Replica(r) => replicas[r].start_again(MESH),
+            Victim::Sender => {}
+        }
+        eprintln!("round {round}: killed {victim:?} after {kill_at} sends");
+    }
+    assert_exactly_once(bob, &sent, seed);
+    alice.eventually_json("every outbox row terminal", &["outbox", "--limit", "100000"], |v| {
+        v.as_array().expect("array").iter().all(|r| r["status"] == "done")
+    });
+}
+
+#[test]
+fn postgres_restarted_under_load_loses_and_duplicates_nothing() {
+    // A server of this test's own: it is stopped and started again.
+    let Some(pg) = mesh_testkit::postgres::Postgres::start() else { return };
+    let url = pg.create_database();
+    let replicas = replicas(&url, 2);
+    let homes = members(&replicas, &["alice", "bob"]);
+    let (alice, bob) = (&homes[0], &homes[1]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut sent = Vec::new();
+    for round in 0..2 {
+        for i in 0..super::faults::PER_ROUND {
+            if i == super::faults::PER_ROUND / 2 {
+                // Killed, not shut down: it recovers from its WAL.
+                pg.stop(false);
+                pg.start_server();
+            }
+            let body = format!("pg round {round} message {i}");
+            // The daemons keep every send in their outboxes while the brokers cannot store it.
+            send_until_accepted(&rt, alice, &format!("pg-restart-{round}-{i}"), &body);
+            sent.push(body);
+        }
+    }
+    assert_exactly_once(bob, &sent, 0);
+    // Both replicas are still serving: a new message through each reaches the other member.
+    bob.ok(&["send", "alice", "after the restart", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(alice, "after the restart");
+    drop(replicas);
+}
+
+/// Every body in `sent` is in `home`'s inbox exactly once, and nothing else.
+fn assert_exactly_once(home: &TestHome, sent: &[String], seed: u64) {
+    let inbox = home.eventually_json(
+        &format!("all {} messages at the recipient (seed {seed})", sent.len()),
+        &["inbox", "--limit", "100000"],
+        |v| ready_bodies(v).len() >= sent.len(),
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for b in ready_bodies(&inbox) {
+        *counts.entry(b).or_default() += 1;
+    }
+    for body in sent {
+        assert_eq!(counts.get(body), Some(&1), "{body:?} arrived {:?} times (seed {seed})", counts.get(body));
+    }
+    assert_eq!(counts.len(), sent.len(), "messages nobody sent arrived (seed {seed})");
+}
