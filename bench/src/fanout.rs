@@ -26,7 +26,7 @@ pub async fn broadcast(
     timeout: Duration,
 ) -> anyhow::Result<serde_json::Value> {
     let broker = Broker::start(bin)?;
-    let (mesh, gk, conns) = peer::mesh_of(&broker.endpoint, receivers + 1).await?;
+    let (mesh, gk, conns) = peer::mesh_of(std::slice::from_ref(&broker.endpoint), receivers + 1).await?;
     let mut conns = conns.into_iter();
     let (sender, sws) = conns.next().expect("the sender");
     let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel::<Instant>();

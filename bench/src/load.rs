@@ -1,4 +1,5 @@
-//! `load --peers N --msgs M`: N peers on one broker, each sending M encrypted DMs to random peers
+//! `load --peers N --msgs M`: N peers on one broker (or spread over replicas), each sending M
+//! encrypted DMs to random peers
 //! (the shape of claudemesh's published load test). Reports the delivered ratio, end-to-end and
 //! send→accept latencies, throughput and the broker's peak RSS.
 
@@ -16,7 +17,7 @@ use tokio::sync::{Mutex, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::peer;
-use crate::procs::{Broker, cpu_seconds, peak_rss_mb};
+use crate::procs::{Brokers, Setup};
 use crate::stats::{Latencies, r3};
 
 /// Sends in flight per peer.
@@ -43,10 +44,10 @@ pub async fn run(
     msgs: usize,
     rate: Option<f64>,
     timeout: Duration,
-    tls: bool,
+    setup: Setup,
 ) -> anyhow::Result<serde_json::Value> {
-    let broker = Broker::start_with(bin, tls)?;
-    let (mesh, _gk, conns) = peer::mesh_of(&broker.endpoint, peers.max(2)).await?;
+    let brokers = Brokers::start(bin, setup.store, setup.replicas, setup.tls)?;
+    let (mesh, _gk, conns) = peer::mesh_of(&brokers.endpoints(), peers.max(2)).await?;
     let directory: Arc<Vec<(PublicKey, EncPublicKey)>> =
         Arc::new(conns.iter().map(|(id, _)| (id.key(), id.enc_key())).collect());
     // Every message is sealed before the clock starts: the load generator shares the machine with the
@@ -63,7 +64,7 @@ pub async fn run(
         last: Mutex::new(None),
         all_in: Notify::new(),
     });
-    let cpu_before = cpu_seconds(broker.pid());
+    let cpu_before = brokers.cpu_seconds();
     let start = Instant::now();
     for (index, ((_, ws), frames)) in conns.into_iter().zip(frames).enumerate() {
         let (tx, mut stream) = peer::split(ws);
@@ -146,7 +147,9 @@ pub async fn run(
     let accept = shared.accept.lock().await.clone();
     Ok(json!({
         "scenario": "load",
-        "transport": if tls { "wss" } else { "ws" },
+        "transport": if setup.tls { "wss" } else { "ws" },
+        "store": setup.store.as_str(),
+        "replicas": brokers.all.len(),
         "peers": directory.len(),
         "msgs": msgs,
         "offered_per_s": rate,
@@ -163,8 +166,8 @@ pub async fn run(
         "accept_p99_ms": r3(accept.pct(99.0)),
         "msgs_per_s": r3(received as f64 / elapsed.as_secs_f64().max(1e-9)),
         "seconds": r3(elapsed.as_secs_f64()),
-        "peak_rss_mb": peak_rss_mb(broker.pid()).map(r3),
-        "broker_cpu_s": cpu_seconds(broker.pid()).zip(cpu_before).map(|(after, before)| r3(after - before)),
+        "peak_rss_mb": brokers.peak_rss_mb().map(r3),
+        "broker_cpu_s": brokers.cpu_seconds().zip(cpu_before).map(|(after, before)| r3(after - before)),
     }))
 }
 

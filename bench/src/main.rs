@@ -8,6 +8,7 @@ mod load;
 mod mcp;
 mod peer;
 mod procs;
+mod replicas;
 mod send;
 mod stats;
 mod throughput;
@@ -52,6 +53,8 @@ enum Scenario {
         /// Run it again over wss:// (self-signed TLS) in the same run, and report TLS's cost
         #[arg(long)]
         tls: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// The broker's sustained durable rate, beside NATS JetStream in the same run
     Throughput {
@@ -67,6 +70,24 @@ enum Scenario {
         /// Run it again over wss:// (self-signed TLS) in the same run, and report TLS's cost
         #[arg(long)]
         tls: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// SQLite, PostgreSQL with one replica and with three, in one run: throughput and load on each,
+    /// the wake-up latency across replicas, and how soon messages flow again after a replica is killed
+    Replicas {
+        #[arg(long, default_value_t = 100)]
+        peers: usize,
+        #[arg(long, default_value_t = 1000)]
+        msgs: usize,
+        /// Throughput: senders, and messages each
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        #[arg(long, default_value_t = 25_000)]
+        sender_msgs: usize,
+        /// Messages timed one at a time across replicas
+        #[arg(long, default_value_t = 500)]
+        pings: usize,
     },
     /// One broadcast to N peers, and one event to N stream watchers
     Fanout {
@@ -94,6 +115,22 @@ enum Scenario {
     },
     /// Every scenario, small: seconds, for CI (no timing is judged)
     Smoke,
+}
+
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct StoreArgs {
+    /// Where the brokers keep their state
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: procs::Store,
+    /// Broker replicas on one PostgreSQL database, peers spread over them
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    replicas: u64,
+}
+
+impl StoreArgs {
+    fn setup(self, tls: bool) -> procs::Setup {
+        procs::Setup { tls, store: self.store, replicas: self.replicas as usize }
+    }
 }
 
 fn humantime_like(s: &str) -> Result<Duration, String> {
@@ -148,27 +185,44 @@ fn main() -> anyhow::Result<()> {
     let results = rt.block_on(async {
         anyhow::Ok(match cli.scenario {
             Scenario::Send { runs } => vec![send::run(&bin, runs).await?],
-            Scenario::Load { peers, msgs, rate, timeout, tls } => {
-                let plain = load::run(&bin, peers, msgs, rate, timeout, false).await?;
+            Scenario::Load { peers, msgs, rate, timeout, tls, store } => {
+                let plain = load::run(&bin, peers, msgs, rate, timeout, store.setup(false)).await?;
                 if tls {
-                    let over_tls = load::run(&bin, peers, msgs, rate, timeout, true).await?;
+                    let over_tls = load::run(&bin, peers, msgs, rate, timeout, store.setup(true)).await?;
                     let cost = tls_cost(&plain, &over_tls);
                     vec![plain, over_tls, cost]
                 } else {
                     vec![plain]
                 }
             }
-            Scenario::Throughput { senders, msgs, body_bytes, no_nats, tls } => {
-                let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: !no_nats, tls: false };
+            Scenario::Throughput { senders, msgs, body_bytes, no_nats, tls, store } => {
+                let p = throughput::Params {
+                    senders,
+                    msgs,
+                    body_bytes,
+                    timeout,
+                    nats: !no_nats,
+                    setup: store.setup(false),
+                };
                 let plain = throughput::run(&bin, p).await?;
                 if tls {
-                    let p = throughput::Params { senders, msgs, body_bytes, timeout, nats: false, tls: true };
+                    let p = throughput::Params {
+                        senders,
+                        msgs,
+                        body_bytes,
+                        timeout,
+                        nats: false,
+                        setup: store.setup(true),
+                    };
                     let over_tls = throughput::run(&bin, p).await?;
                     let cost = tls_cost(&plain, &over_tls);
                     vec![plain, over_tls, cost]
                 } else {
                     vec![plain]
                 }
+            }
+            Scenario::Replicas { peers, msgs, senders, sender_msgs, pings } => {
+                replicas::run(&bin, replicas::Params { peers, msgs, senders, sender_msgs, pings }).await?
             }
             Scenario::Fanout { receivers, rounds } => vec![
                 fanout::broadcast(&bin, receivers, rounds, timeout).await?,
@@ -178,26 +232,58 @@ fn main() -> anyhow::Result<()> {
             Scenario::Webhook { messages, burst } => vec![webhook::run(&bin, messages, burst).await?],
             Scenario::Smoke => {
                 let nats = std::process::Command::new("nats-server").arg("--version").output().is_ok();
-                vec![
+                let mut all = vec![
                     send::run(&bin, 5).await?,
-                    load::run(&bin, 3, 5, None, timeout, false).await?,
-                    load::run(&bin, 3, 5, Some(100.0), timeout, false).await?,
-                    load::run(&bin, 3, 5, None, timeout, true).await?,
+                    load::run(&bin, 3, 5, None, timeout, procs::Setup::plain()).await?,
+                    load::run(&bin, 3, 5, Some(100.0), timeout, procs::Setup::plain()).await?,
+                    load::run(&bin, 3, 5, None, timeout, procs::Setup::tls()).await?,
                     throughput::run(
                         &bin,
-                        throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats, tls: false },
+                        throughput::Params {
+                            senders: 1,
+                            msgs: 50,
+                            body_bytes: 64,
+                            timeout,
+                            nats,
+                            setup: procs::Setup::plain(),
+                        },
                     )
                     .await?,
                     throughput::run(
                         &bin,
-                        throughput::Params { senders: 1, msgs: 50, body_bytes: 64, timeout, nats: false, tls: true },
+                        throughput::Params {
+                            senders: 1,
+                            msgs: 50,
+                            body_bytes: 64,
+                            timeout,
+                            nats: false,
+                            setup: procs::Setup::tls(),
+                        },
                     )
                     .await?,
                     fanout::broadcast(&bin, 3, 2, timeout).await?,
                     fanout::sse(&bin, 2, 2, timeout).await?,
                     mcp::run(&bin, 3, Duration::from_secs(1)).await?,
                     webhook::run(&bin, 3, 5).await?,
-                ]
+                ];
+                // Two replicas on PostgreSQL, when its server programs are here (always under CI).
+                if mesh_testkit::postgres::bindir().is_some() || std::env::var_os("CI").is_some() {
+                    let replicas = procs::Setup { tls: false, store: procs::Store::Postgres, replicas: 2 };
+                    all.push(load::run(&bin, 4, 5, None, timeout, replicas).await?);
+                    let p = throughput::Params {
+                        senders: 1,
+                        msgs: 50,
+                        body_bytes: 64,
+                        timeout,
+                        nats: false,
+                        setup: replicas,
+                    };
+                    all.push(throughput::run(&bin, p).await?);
+                    all.push(replicas::wake_up(&bin, 2, 5).await?);
+                } else {
+                    eprintln!("skipped: the PostgreSQL runs of the smoke (no initdb here; apt-get install postgresql)");
+                }
+                all
             }
         })
     })?;

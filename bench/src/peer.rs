@@ -92,9 +92,10 @@ async fn next(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
     }
 }
 
-/// A mesh of `n` peers on one broker, every one connected: the first created it, the others joined
-/// with one invite. Returns the mesh, its group key and each peer's identity and socket.
-pub async fn mesh_of(endpoint: &Endpoint, n: usize) -> anyhow::Result<(MeshId, GroupKey, Vec<(Identity, Ws)>)> {
+/// A mesh of `n` peers, every one connected, peer `i` to `endpoints[i % len]` (replicas of one
+/// database; one broker when there is one): the first created it, the others joined with one invite. Returns the mesh, its group key and each peer's identity and socket.
+pub async fn mesh_of(endpoints: &[Endpoint], n: usize) -> anyhow::Result<(MeshId, GroupKey, Vec<(Identity, Ws)>)> {
+    let endpoint = endpoints.first().context("no broker")?;
     let mesh = MeshId::generate();
     let group_key = GroupKey::generate();
     let owner = Identity::generate();
@@ -115,7 +116,7 @@ pub async fn mesh_of(endpoint: &Endpoint, n: usize) -> anyhow::Result<(MeshId, G
     let mut peers = vec![(owner, ws)];
     let mut joins = tokio::task::JoinSet::new();
     for i in 1..n {
-        let (endpoint, invite) = (endpoint.clone(), invite.clone());
+        let (endpoint, invite) = (endpoints[i % endpoints.len()].clone(), invite.clone());
         joins.spawn(async move {
             let id = Identity::generate();
             let key = id.key();

@@ -48,12 +48,17 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(bin: &Path) -> anyhow::Result<Broker> {
-        Broker::start_with(bin, false)
+        Broker::start_on(bin, false, None)
     }
 
-    /// With `tls`, the broker serves `wss://` with a self-signed certificate, which peers trust.
-    pub fn start_with(bin: &Path, tls: bool) -> anyhow::Result<Broker> {
+    /// With `tls`, the broker serves `wss://` with a self-signed certificate, which peers trust. With
+    /// `postgres`, it is a replica on that database; else it has a SQLite file of its own.
+    pub fn start_on(bin: &Path, tls: bool, postgres: Option<&str>) -> anyhow::Result<Broker> {
         let dir = tempfile::Builder::new().prefix("mesh-bench-").tempdir_in("/tmp")?;
+        let db = match postgres {
+            Some(url) => std::ffi::OsString::from(url),
+            None => dir.path().join("broker.db").into_os_string(),
+        };
         let tls_args: &[&str] = if tls { &["--tls-self-signed", "localhost,127.0.0.1"] } else { &[] };
         let mut child = Command::new(bin)
             .args([
@@ -73,7 +78,9 @@ impl Broker {
             ])
             .args(tls_args)
             .arg("--db")
-            .arg(dir.path().join("broker.db"))
+            .arg(db)
+            // A replica keeps its self-signed certificate in its home's data directory.
+            .env("MESH_HOME", dir.path())
             .env("MESH_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -87,7 +94,8 @@ impl Broker {
             .find(|w| w.starts_with("ws://") || w.starts_with("wss://"))
             .context("broker ready line")?
             .to_owned();
-        let trust = if tls { Some(crate::peer::trusting(&dir.path().join("broker-tls-cert.pem"))?) } else { None };
+        let cert_dir = if postgres.is_some() { dir.path().join("data") } else { dir.path().to_owned() };
+        let trust = if tls { Some(crate::peer::trusting(&cert_dir.join("broker-tls-cert.pem"))?) } else { None };
         let endpoint = crate::peer::Endpoint { url: url.clone(), tls: trust };
         Ok(Broker { child, url, endpoint, _dir: dir })
     }
@@ -95,12 +103,100 @@ impl Broker {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills the broker (SIGKILL) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Where a run's brokers keep their state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// One broker with a SQLite file.
+    Sqlite,
+    /// Replicas on one PostgreSQL database (a server of the run's own, from the distribution's
+    /// `initdb`).
+    Postgres,
+}
+
+impl Store {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Store::Sqlite => "sqlite",
+            Store::Postgres => "postgres",
+        }
+    }
+}
+
+/// How a run's brokers are set up.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    /// `wss://` (self-signed) instead of `ws://`.
+    pub tls: bool,
+    pub store: Store,
+    /// Brokers sharing the store (PostgreSQL only).
+    pub replicas: usize,
+}
+
+impl Setup {
+    pub fn plain() -> Setup {
+        Setup { tls: false, store: Store::Sqlite, replicas: 1 }
+    }
+
+    pub fn tls() -> Setup {
+        Setup { tls: true, ..Setup::plain() }
+    }
+}
+
+/// The brokers of one run: one on SQLite, or replicas on one fresh PostgreSQL database; stopped on
+/// drop.
+pub struct Brokers {
+    pub all: Vec<Broker>,
+    _postgres: Option<mesh_testkit::postgres::Postgres>,
+}
+
+impl Brokers {
+    pub fn start(bin: &Path, store: Store, replicas: usize, tls: bool) -> anyhow::Result<Brokers> {
+        match store {
+            Store::Sqlite => {
+                if replicas > 1 {
+                    bail!("replicas share a PostgreSQL database: --store postgres");
+                }
+                Ok(Brokers { all: vec![Broker::start_on(bin, tls, None)?], _postgres: None })
+            }
+            Store::Postgres => {
+                let pg = mesh_testkit::postgres::Postgres::start()
+                    .context("PostgreSQL's server programs are needed (apt-get install postgresql)")?;
+                let url = pg.create_database();
+                let all =
+                    (0..replicas.max(1)).map(|_| Broker::start_on(bin, tls, Some(&url))).collect::<Result<_, _>>()?;
+                Ok(Brokers { all, _postgres: Some(pg) })
+            }
+        }
+    }
+
+    /// Where peers connect: peer `i` of a mesh goes to `endpoints()[i % n]`.
+    pub fn endpoints(&self) -> Vec<crate::peer::Endpoint> {
+        self.all.iter().map(|b| b.endpoint.clone()).collect()
+    }
+
+    /// CPU seconds all brokers have used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.all.iter().map(|b| cpu_seconds(b.pid())).sum()
+    }
+
+    /// The largest peak RSS of one broker, in MB.
+    pub fn peak_rss_mb(&self) -> Option<f64> {
+        self.all.iter().filter_map(|b| peak_rss_mb(b.pid())).reduce(f64::max)
     }
 }
 

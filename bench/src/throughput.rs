@@ -16,7 +16,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::peer;
-use crate::procs::{Broker, Nats, cpu_seconds, peak_rss_mb};
+use crate::procs::{Brokers, Nats, Setup};
 use crate::stats::r3;
 
 const WINDOW: usize = 256;
@@ -27,8 +27,7 @@ pub struct Params {
     pub body_bytes: usize,
     pub timeout: Duration,
     pub nats: bool,
-    /// Over `wss://` (self-signed) instead of `ws://`.
-    pub tls: bool,
+    pub setup: Setup,
 }
 
 pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json::Value> {
@@ -37,7 +36,9 @@ pub async fn run(bin: &std::path::Path, p: Params) -> anyhow::Result<serde_json:
     let MeshRun { accepted_per_s, delivered_per_s, payload, rss, broker_cpu_s } = mesh_result;
     Ok(json!({
         "scenario": "throughput",
-        "transport": if p.tls { "wss" } else { "ws" },
+        "transport": if p.setup.tls { "wss" } else { "ws" },
+        "store": p.setup.store.as_str(),
+        "replicas": p.setup.replicas,
         "senders": p.senders,
         "msgs": p.msgs * p.senders,
         "payload_bytes": payload,
@@ -62,8 +63,9 @@ struct MeshRun {
 }
 
 async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
-    let broker = Broker::start_with(bin, p.tls)?;
-    let (mesh, _gk, conns) = peer::mesh_of(&broker.endpoint, p.senders * 2).await?;
+    let brokers = Brokers::start(bin, p.setup.store, p.setup.replicas, p.setup.tls)?;
+    // Senders and recipients alternate, so with replicas every message crosses from one to another.
+    let (mesh, _gk, conns) = peer::mesh_of(&brokers.endpoints(), p.senders * 2).await?;
     let mut conns = conns.into_iter();
     let total = p.senders * p.msgs;
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -133,7 +135,7 @@ async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
         });
         senders.push((sws, frames));
     }
-    let cpu_before = cpu_seconds(broker.pid());
+    let cpu_before = brokers.cpu_seconds();
     let start = Instant::now();
     for (sws, frames) in senders {
         let (tx, mut stream) = peer::split(sws);
@@ -167,12 +169,12 @@ async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
     let accepted_s = accepted.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     let _ = tokio::time::timeout(p.timeout, all_delivered.notified()).await;
     let delivered_s = delivered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    let broker_cpu_s = cpu_seconds(broker.pid()).zip(cpu_before).map(|(after, before)| after - before);
+    let broker_cpu_s = brokers.cpu_seconds().zip(cpu_before).map(|(after, before)| after - before);
     Ok(MeshRun {
         accepted_per_s: accepted_s,
         delivered_per_s: delivered_s,
         payload,
-        rss: peak_rss_mb(broker.pid()),
+        rss: brokers.peak_rss_mb(),
         broker_cpu_s,
     })
 }

@@ -23,24 +23,37 @@ fn every_scenario_runs_small_and_delivers_everything() {
         .collect();
     let scenarios: Vec<&str> = lines.iter().map(|l| l["scenario"].as_str().expect("scenario")).collect();
     // `load` three times: as fast as possible, at an offered rate, over TLS; `throughput` twice: over
-    // ws:// and over wss://.
-    assert_eq!(
-        scenarios,
-        [
-            "send",
-            "load",
-            "load",
-            "load",
-            "throughput",
-            "throughput",
-            "fanout_broadcast",
-            "fanout_sse",
-            "mcp",
-            "webhook"
-        ]
-    );
+    // ws:// and over wss://. Then, with PostgreSQL, load, throughput and a wake-up across two replicas.
+    let mut expected = vec![
+        "send",
+        "load",
+        "load",
+        "load",
+        "throughput",
+        "throughput",
+        "fanout_broadcast",
+        "fanout_sse",
+        "mcp",
+        "webhook",
+    ];
+    let postgres = mesh_testkit::postgres::bindir().is_some() || std::env::var_os("CI").is_some();
+    if postgres {
+        expected.extend(["load", "throughput", "wake_up"]);
+    } else {
+        eprintln!("skipped: the smoke's PostgreSQL runs (no initdb here; apt-get install postgresql)");
+    }
+    assert_eq!(scenarios, expected);
     let transports: Vec<&str> = lines.iter().filter_map(|l| l["transport"].as_str()).collect();
-    assert_eq!(transports, ["ws", "ws", "wss", "ws", "wss"], "the TLS runs really ran over wss://");
+    let mut want_transports = vec!["ws", "ws", "wss", "ws", "wss"];
+    if postgres {
+        want_transports.extend(["ws", "ws"]);
+        let stores: Vec<(&str, u64)> = lines[10..12]
+            .iter()
+            .map(|l| (l["store"].as_str().unwrap_or("?"), l["replicas"].as_u64().unwrap_or(0)))
+            .collect();
+        assert_eq!(stores, [("postgres", 2), ("postgres", 2)], "the replica runs ran on two replicas");
+    }
+    assert_eq!(transports, want_transports, "the TLS runs really ran over wss://");
     for l in &lines {
         for field in ["p50_ms", "p99_ms", "msgs_per_s", "delivered_ratio", "peak_rss_mb"] {
             let applies = match field {

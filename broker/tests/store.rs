@@ -220,6 +220,35 @@ async fn a_refused_send_leaves_nothing_and_spares_its_batch(s: Stores) {
     assert!(s.b.find_sent(mesh, ids[0].key(), "bad").await.expect("read").is_none(), "a refused send is not kept");
     let bodies = drain(&*s.b, mesh, &ids[1], 1, 10).await;
     assert_eq!(bodies, ["{\"body\":\"ok1\"}", "{\"body\":\"ok2\"}"], "the others, in order");
+    // A batch of DMs only (one connection's burst): repeats, a conflict and a stranger among new ones.
+    let mut conflicting = msg(mesh, &ids[0], Target::Key(ids[1].key()), "ok2");
+    conflicting.fingerprint[0] ^= 1;
+    let results =
+        s.b.enqueue_many(vec![
+            msg(mesh, &ids[0], Target::Key(ids[1].key()), "d1"),
+            msg(mesh, &ids[0], Target::Key(ids[1].key()), "ok1"),
+            conflicting,
+            msg(mesh, &ids[0], Target::Key(stranger.key()), "d-bad"),
+            msg(mesh, &ids[0], Target::Key(ids[1].key()), "d2"),
+        ])
+        .await
+        .expect("the batch is stored");
+    let shape: Vec<String> = results
+        .iter()
+        .map(|r| match r {
+            Ok(e) => format!("{} dup={} n={}", e.message_id, e.duplicate, e.recipients),
+            Err(StoreError::IdempotencyConflict(c)) => format!("conflict {c}"),
+            Err(StoreError::RecipientUnknown(_)) => "unknown".into(),
+            Err(e) => format!("{e}"),
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        ["id-d1 dup=false n=1", "id-ok1 dup=true n=1", "conflict ok2", "unknown", "id-d2 dup=false n=1"],
+        "each answered on its own, in order"
+    );
+    let bodies = drain(&*s.a, mesh, &ids[1], 2, 20).await;
+    assert_eq!(bodies, ["{\"body\":\"d1\"}", "{\"body\":\"d2\"}"], "only the new ones queued, in order");
 }
 
 async fn the_same_send_through_two_replicas_is_stored_once(s: Stores) {

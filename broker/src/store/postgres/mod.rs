@@ -436,16 +436,21 @@ impl Store for PgStore {
 
     async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Result<Vec<Result<Enqueued, StoreError>>, StoreError> {
         transaction!(self, msgs.len(), |tx| {
-            let mut out = Vec::with_capacity(msgs.len());
-            for msg in &msgs {
-                // Every refusal comes before the message's first write.
-                out.push(match queue::enqueue(&tx, msg).await {
-                    Ok(done) => Ok(done),
-                    Err(TxError::Domain(e)) => Err(e),
-                    Err(e) => return Err(e),
-                });
+            match queue::enqueue_direct(&tx, &msgs).await? {
+                Some(done) => done,
+                None => {
+                    let mut out = Vec::with_capacity(msgs.len());
+                    for msg in &msgs {
+                        // Every refusal comes before the message's first write.
+                        out.push(match queue::enqueue(&tx, msg).await {
+                            Ok(done) => Ok(done),
+                            Err(TxError::Domain(e)) => Err(e),
+                            Err(e) => return Err(e),
+                        });
+                    }
+                    out
+                }
             }
-            out
         })
     }
 

@@ -215,6 +215,133 @@ pub(super) async fn enqueue(tx: &impl GenericClient, msg: &NewMessage) -> Result
     Ok(Enqueued { message_id: msg.message_id.clone(), duplicate: false, recipients: woken.len() as u32, woken })
 }
 
+/// [`enqueue`] for a batch of DMs from one sender in one mesh (what one connection's burst of sends
+/// is), in four statements whatever its size instead of four per message. `None` when the batch is
+/// not of that shape (a broadcast, a group, a client id twice): [`enqueue`] each then.
+pub(super) async fn enqueue_direct(
+    tx: &impl GenericClient,
+    msgs: &[NewMessage],
+) -> Result<Option<Vec<Result<Enqueued, StoreError>>>, TxError> {
+    let Some(first) = msgs.first() else { return Ok(Some(vec![])) };
+    let mut cmids = std::collections::HashSet::new();
+    let direct = msgs.iter().all(|m| {
+        matches!(m.target, Target::Key(_))
+            && m.mesh_id == first.mesh_id
+            && m.sender == first.sender
+            && cmids.insert(m.client_message_id.as_str())
+    });
+    if !direct {
+        return Ok(None);
+    }
+    let (mesh, sender) = (first.mesh_id.to_string(), first.sender.to_string());
+    let cmids: Vec<&str> = msgs.iter().map(|m| m.client_message_id.as_str()).collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT client_message_id, fingerprint, message_id, recipients FROM messages
+             WHERE mesh_id = $1 AND sender = $2 AND client_message_id = ANY($3)",
+        )
+        .await?;
+    let mut sent: std::collections::HashMap<String, SentRecord> = tx
+        .query(&stmt, &[&mesh, &sender, &cmids])
+        .await?
+        .iter()
+        .map(|r| {
+            let record = SentRecord {
+                fingerprint: r.get::<_, Vec<u8>>(1).try_into().unwrap_or([0; 32]),
+                message_id: r.get(2),
+                recipients: r.get::<_, i64>(3) as u32,
+            };
+            (r.get(0), record)
+        })
+        .collect();
+    let key_of = |m: &NewMessage| match &m.target {
+        Target::Key(k) => k.to_string(),
+        _ => String::new(),
+    };
+    let keys: Vec<String> = msgs.iter().map(key_of).collect();
+    let stmt = tx.prepare_cached("SELECT key FROM peers WHERE mesh_id = $1 AND key = ANY($2) AND NOT revoked").await?;
+    let known: std::collections::HashSet<String> =
+        tx.query(&stmt, &[&mesh, &keys]).await?.iter().map(|r| r.get(0)).collect();
+    // Each message's answer, or `None` while it is to be stored.
+    let mut out: Vec<Option<Result<Enqueued, StoreError>>> = Vec::with_capacity(msgs.len());
+    let mut new = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        let to = key_of(m);
+        out.push(if let Some(first) = sent.remove(&m.client_message_id) {
+            Some(duplicate(m, first).map_err(StoreError::from))
+        } else if !known.contains(&to) {
+            Some(Err(StoreError::RecipientUnknown(to)))
+        } else {
+            new.push((i, to));
+            None
+        });
+    }
+    if !new.is_empty() {
+        let pick = |f: &dyn Fn(&NewMessage) -> String| new.iter().map(|(i, _)| f(&msgs[*i])).collect::<Vec<_>>();
+        let (cmids, ids, items, targets) = (
+            pick(&|m| m.client_message_id.clone()),
+            pick(&|m| m.message_id.clone()),
+            pick(&|m| m.item_json.clone()),
+            pick(&|m| m.target.to_string()),
+        );
+        let fingerprints: Vec<&[u8]> = new.iter().map(|(i, _)| msgs[*i].fingerprint.as_slice()).collect();
+        let created: Vec<i64> = new.iter().map(|(i, _)| msgs[*i].created_at as i64).collect();
+        let expires: Vec<i64> = new.iter().map(|(i, _)| msgs[*i].expires_at as i64).collect();
+        // The same send through another replica at the same moment: the unique key decides, and the
+        // ones not inserted here are answered as duplicates below.
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item,
+                     created_at, expires_at, target)
+                 SELECT $1, $2, c, f, i, 1, j, ca, e, t
+                 FROM UNNEST($3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::TEXT[])
+                     WITH ORDINALITY AS u(c, f, i, j, ca, e, t, n)
+                 ORDER BY n
+                 ON CONFLICT (mesh_id, sender, client_message_id) DO NOTHING
+                 RETURNING seq, client_message_id",
+            )
+            .await?;
+        let inserted: std::collections::HashMap<String, i64> = tx
+            .query(&stmt, &[&mesh, &sender, &cmids, &fingerprints, &ids, &items, &created, &expires, &targets])
+            .await?
+            .iter()
+            .map(|r| (r.get(1), r.get(0)))
+            .collect();
+        let (mut recipients, mut seqs, mut expiry) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, to) in &new {
+            let m = &msgs[*i];
+            match inserted.get(&m.client_message_id) {
+                Some(seq) => {
+                    recipients.push(to.clone());
+                    seqs.push(*seq);
+                    expiry.push(m.expires_at as i64);
+                    let key = parse(to)?;
+                    out[*i] = Some(Ok(Enqueued {
+                        message_id: m.message_id.clone(),
+                        duplicate: false,
+                        recipients: 1,
+                        woken: vec![key],
+                    }));
+                }
+                None => {
+                    let first = find_sent(tx, &mesh, &sender, &m.client_message_id).await?;
+                    let first = first.ok_or_else(|| TxError::Corrupt("a conflicting send vanished".into()))?;
+                    out[*i] = Some(duplicate(m, first).map_err(StoreError::from));
+                }
+            }
+        }
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO queue (mesh_id, recipient, message_seq, expires_at)
+                 SELECT $1, r, s, e FROM UNNEST($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) WITH ORDINALITY AS u(r, s, e, n)
+                 ORDER BY n",
+            )
+            .await?;
+        tx.execute(&stmt, &[&mesh, &recipients, &seqs, &expiry]).await?;
+    }
+    Ok(Some(out.into_iter().map(|o| o.unwrap_or_else(|| Err(StoreError::Backend("unanswered send".into())))).collect()))
+}
+
 /// Leases up to `limit` of `recipient`'s free items (never leased, or whose lease ran out) to
 /// connection `conn` of replica `replica`, oldest first: one statement, rows locked by another
 /// replica's claim at the same moment are skipped rather than waited for.
