@@ -130,10 +130,13 @@ pub async fn run_with(
         metrics: counts,
     });
     shared.tracker.spawn(janitor(shared.clone()));
+    // The other replicas hear of this one until its connections have closed (their presence goes
+    // out), then it says goodbye.
+    let cluster_stop = CancellationToken::new();
     let cluster = shared.store.cluster().map(|cluster| {
         let (events, heard) = tokio::sync::mpsc::unbounded_channel();
         shared.tracker.spawn(cluster_events(shared.clone(), heard));
-        cluster.start(events, shutdown.clone())
+        cluster.start(events, cluster_stop.clone())
     });
     if let Some(listener) = metrics {
         let app = Router::new().route("/metrics", get(scrape)).with_state(shared.clone());
@@ -175,6 +178,7 @@ pub async fn run_with(
         tracing::warn!("some connections did not close within the shutdown grace period");
     }
     // The other replicas hear this one leave (its leases free at once) rather than time it out.
+    cluster_stop.cancel();
     if let Some(goodbye) = cluster
         && tokio::time::timeout(SHUTDOWN_GRACE, goodbye).await.is_err()
     {
@@ -282,9 +286,12 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
             }
             ClusterEvent::Presence { mesh, except, frame } => shared.hub.broadcast(mesh, &except, &frame),
             ClusterEvent::Gone { mesh, key } => {
-                if !shared.hub.is_online(mesh, &key)
-                    && let Ok(Some(peer)) = shared.store.peer(mesh, key).await
-                {
+                if shared.hub.is_online(mesh, &key) {
+                    continue;
+                }
+                // Last seen about now: its replica was alive until moments ago.
+                let _ = shared.store.touch_peer(mesh, key, now_ms()).await;
+                if let Ok(Some(peer)) = shared.store.peer(mesh, key).await {
                     presence::announce(&shared, mesh, &peer, false, false);
                 }
             }
@@ -294,6 +301,11 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
                 for (mesh, key, handle) in shared.hub.handles() {
                     if let Err(e) = cluster.claim_connection(mesh, key, handle.member, handle.conn_id).await {
                         tracing::warn!(error = %mesh_proto::error::chain(&e), "claiming a connection again");
+                        continue;
+                    }
+                    // The others were told it left when this replica was taken for dead.
+                    if let Ok(Some(peer)) = shared.store.peer(mesh, key).await {
+                        presence::announce(&shared, mesh, &peer, true, false);
                     }
                 }
             }

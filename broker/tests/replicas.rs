@@ -128,3 +128,24 @@ async fn a_recipient_whose_replica_stops_gets_its_unacked_items_from_another_at_
     assert_eq!(redelivered.delivery_id, first.delivery_id, "the same item, once more");
     ra.stop().await;
 }
+
+#[tokio::test]
+async fn members_of_a_replica_that_stops_are_seen_leaving_by_the_others() {
+    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let mut t = across(&ra, &rb).await;
+    match t.ca.recv().await {
+        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
+        other => panic!("expected bob's presence, got {other:?}"),
+    }
+    // Bob's replica shuts down (SIGTERM's path): alice, on the other, hears him go.
+    rb.stop().await;
+    loop {
+        if let ServerFrame::Presence(p) = t.ca.recv().await
+            && p.peer.key == t.b.key()
+        {
+            assert!(!p.peer.online, "{p:?}");
+            break;
+        }
+    }
+    ra.stop().await;
+}

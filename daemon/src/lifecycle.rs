@@ -216,7 +216,12 @@ pub fn init_logging_as(
     let (file_layer, guard) = match appender {
         Ok(a) => {
             let (writer, guard) = tracing_appender::non_blocking(a);
-            (Some(fmt::layer().with_ansi(false).with_writer(writer).with_filter(filter())), Some(guard))
+            (
+                Some(
+                    fmt::layer().with_ansi(false).with_writer(writer).log_internal_errors(false).with_filter(filter()),
+                ),
+                Some(guard),
+            )
         }
         Err(e) => {
             eprintln!("mesh {process}: cannot open the log in {}: {e}", log_dir.display());
@@ -225,7 +230,8 @@ pub fn init_logging_as(
     };
     // Colours only on a terminal: under a service manager standard error goes to a journal.
     let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
-    let stderr_layer = stderr.then(|| fmt::layer().with_ansi(ansi).with_writer(io::stderr).with_filter(filter()));
+    let stderr_layer = stderr
+        .then(|| fmt::layer().with_ansi(ansi).with_writer(io::stderr).log_internal_errors(false).with_filter(filter()));
     let _ = tracing_subscriber::registry().with(file_layer).with(stderr_layer).try_init();
     guard
 }

@@ -80,6 +80,12 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     if rest.is_empty() {
         return Err(format!("broker address {url:?} has no host"));
     }
+    // It travels in every invite and every listing: no secret belongs in it (nor in this message).
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if let Some((_, host)) = authority.rsplit_once('@') {
+        let scheme = if url.starts_with("wss://") { "wss" } else { "ws" };
+        return Err(format!("broker address {scheme}://…@{host}: no user name or password in a broker address"));
+    }
     let full = match rest.find('/') {
         None => format!("{url}{}", wire::WS_PATH),
         Some(i) if &rest[i..] == "/" => format!("{}{}", url.trim_end_matches('/'), wire::WS_PATH),
@@ -108,10 +114,6 @@ pub fn ws_endpoint(url: &str) -> Result<String, String> {
     {
         return Err(format!("broker address {url:?}: {host:?} is neither a host name nor an IP address"));
     }
-    // It travels in every invite and every listing: no secret belongs in it.
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("broker address {url:?}: no user name or password in a broker address"));
-    }
     Ok(full)
 }
 
@@ -134,11 +136,14 @@ pub fn address_list(list: &str) -> Result<String, String> {
     if all.len() > MAX_ADDRESSES {
         return Err(format!("{} broker addresses; at most {MAX_ADDRESSES}", all.len()));
     }
-    for (i, a) in all.iter().enumerate() {
-        ws_endpoint(a)?;
-        if all[..i].contains(a) {
+    let mut endpoints = Vec::with_capacity(all.len());
+    for a in &all {
+        let endpoint = ws_endpoint(a)?;
+        // `ws://h:1` and `ws://h:1/` are one address.
+        if endpoints.contains(&endpoint) {
             return Err(format!("broker address {a:?} is listed twice"));
         }
+        endpoints.push(endpoint);
     }
     if all.iter().any(|a| a.starts_with("wss://")) && all.iter().any(|a| a.starts_with("ws://")) {
         return Err("the broker addresses mix wss:// and ws://; one mesh's replicas all speak TLS or none".into());
@@ -503,6 +508,10 @@ async fn run(
     // With several addresses, each attempt starts from the one after the last tried: a replica that
     // dropped the connection or failed to answer is tried last.
     let mut first = 0;
+    let addresses = addresses(&spec.broker_url).count().max(1);
+    // Permanent refusals in a row: with several addresses, one replica refusing (misconfigured, on
+    // another database) is not the mesh refusing until every address has said so.
+    let mut refused_in_a_row = 0;
     loop {
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
@@ -517,6 +526,7 @@ async fn run(
         let wait = match connected {
             Ok((ws, welcome)) => {
                 failures = 0;
+                refused_in_a_row = 0;
                 let skew = welcome.server_time as i64 - now_ms() as i64;
                 status.send_modify(|s| s.clock_skew_ms = Some(skew));
                 tracing::info!(peers = welcome.roster.len(), skew_ms = skew, "online");
@@ -553,7 +563,16 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, state, Some(ended.reason)).await;
                 if ended.permanent { REJECTED_RETRY } else { reconnect_delay(0) }
             }
+            Err(LinkError::Refused(e)) if e.permanent && refused_in_a_row + 1 < addresses => {
+                refused_in_a_row += 1;
+                tracing::warn!(code = e.code.as_str(), detail = %e.message, "one of the broker's addresses refused this identity; trying the next");
+                let why = format!("{}: {} (trying the next address)", e.code.as_str(), e.message);
+                set_state(&status, LinkState::Offline, Some(why.clone()));
+                record_state(&daemon, &spec, &mut recorded, LinkState::Offline, Some(why)).await;
+                reconnect_delay(0)
+            }
             Err(LinkError::Refused(e)) if e.permanent => {
+                refused_in_a_row = 0;
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");
                 let why = format!("{}: {}", e.code.as_str(), e.message);
                 status.send_modify(|s| s.certificate = None);
@@ -918,6 +937,9 @@ mod tests {
         assert_eq!(address_list(" WSS://a:1 , wss://b:2,").expect("a list"), "wss://a:1,wss://b:2");
         assert!(address_list("wss://a:1,ws://b:2").expect_err("mixed").contains("mix"));
         assert!(address_list("wss://a:1,wss://a:1").expect_err("twice").contains("twice"));
+        assert!(address_list("ws://a:1,ws://a:1/").expect_err("twice").contains("twice"));
+        assert!(!address_list("wss://u:s3cret@a:1").expect_err("credentials").contains("s3cret"));
+        assert!(!address_list("wss://u:s3cret@a:99999").expect_err("credentials").contains("s3cret"));
         assert!(address_list("wss://a:1,wss://u:p@b:2").is_err(), "each address is checked");
         assert!(address_list(" , ").is_err());
         assert!(address_list(&vec!["wss://a:1"; MAX_ADDRESSES + 1].join(",")).is_err());

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use mesh_broker::store::postgres::{PgOptions, PgStore, is_postgres_address, redacted};
+use mesh_broker::store::postgres::{PgOptions, PgStore, foreign_scheme, is_postgres_address, redacted};
 use mesh_broker::{BrokerConfig, SqliteStore, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -325,6 +325,13 @@ impl Database {
     fn of(args: &ServeArgs) -> anyhow::Result<Database> {
         Ok(match args.db.as_deref().filter(|d| !d.is_empty()) {
             Some(url) if is_postgres_address(url) => Database::Postgres(url.to_owned()),
+            Some(other) if let Some(scheme) = foreign_scheme(other) => {
+                return Err(crate::output::fail(
+                    "usage",
+                    format!("--db {scheme}://…: neither a SQLite file nor a PostgreSQL address"),
+                    Some("a PostgreSQL database is postgres://USER:PASSWORD@HOST:PORT/DB; a file is a path".into()),
+                ));
+            }
             Some(path) => Database::File(PathBuf::from(path)),
             None => Database::File(super::home()?.data_dir.join(STANDALONE_DB)),
         })
@@ -401,7 +408,14 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: a service's standard error ends up in a journal or a file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    // A closed standard error (a pipe whose reader left) must not stop the broker: the formatter's
+    // own report of a failed write would panic in the task that logged.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false)
+        .try_init();
 }
 
 async fn stop_on_signals(shutdown: CancellationToken) {
@@ -413,6 +427,6 @@ async fn stop_on_signals(shutdown: CancellationToken) {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("shutting down");
     shutdown.cancel();
+    tracing::info!("shutting down");
 }

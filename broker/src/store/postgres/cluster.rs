@@ -80,14 +80,15 @@ impl PgStore {
         let _ = self.outbox.tx.send(out);
     }
 
-    /// Sends what is queued, coalesced, until `stop`.
+    /// Sends what is queued, coalesced, until `stop`; then what is still queued (the connections'
+    /// last presence notes: `stop` comes after they closed).
     async fn notify_loop(self, mut rx: mpsc::UnboundedReceiver<Outgoing>, stop: CancellationToken) {
         loop {
             let first = tokio::select! {
-                () = stop.cancelled() => return,
-                next = rx.recv() => match next { Some(n) => n, None => return },
+                () = stop.cancelled() => None,
+                next = rx.recv() => match next { Some(n) => Some(n), None => return },
             };
-            let mut batch = vec![first];
+            let mut batch: Vec<Outgoing> = first.into_iter().collect();
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
@@ -97,6 +98,9 @@ impl PgStore {
                     // safety poll.
                     tracing::warn!(error = %mesh_proto::error::chain(&e), "telling the other replicas failed");
                 }
+            }
+            if stop.is_cancelled() {
+                return;
             }
         }
     }
@@ -199,16 +203,31 @@ impl PgStore {
         }
     }
 
-    /// Refreshes this replica's heartbeat; buries replicas whose heartbeat stopped.
+    /// Refreshes this replica's heartbeat; buries replicas whose heartbeat stopped. A replica buries
+    /// others only after its own heartbeat has gone through for [`REPLICA_TIMEOUT`]: after the
+    /// database itself was away, every replica's heartbeat is old, and the first one back must not
+    /// take the others for dead.
     async fn heartbeat_loop(self, events: mpsc::UnboundedSender<ClusterEvent>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut healthy_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.beat(&events).await {
-                tracing::warn!(error = %mesh_proto::error::chain(&e), "replica heartbeat failed; will retry");
+            match self.beat(&events).await {
+                Ok(()) => {
+                    let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= REPLICA_TIMEOUT
+                        && let Err(e) = self.bury(&events).await
+                    {
+                        tracing::warn!(error = %mesh_proto::error::chain(&e), "looking for dead replicas failed; will retry");
+                    }
+                }
+                Err(e) => {
+                    healthy_since = None;
+                    tracing::warn!(error = %mesh_proto::error::chain(&e), "replica heartbeat failed; will retry");
+                }
             }
         }
         if let Err(e) = self.goodbye().await {
@@ -225,7 +244,7 @@ impl PgStore {
             .map_err(TxError::from)?;
         if alive == 0 {
             // Taken for dead (paused or cut off longer than the timeout): back, under the same
-            // number, and this replica's connections are claimed again.
+            // number, and this replica's connections are claimed (and announced) again.
             client
                 .execute(
                     "INSERT INTO replicas (id, started_at, heartbeat_at) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $2)
@@ -240,8 +259,13 @@ impl PgStore {
             );
             let _ = events.send(ClusterEvent::Reclaim);
         }
-        drop(client);
-        let dead_before = now - REPLICA_TIMEOUT.as_millis() as i64;
+        Ok(())
+    }
+
+    /// Deletes replicas whose heartbeat is older than [`REPLICA_TIMEOUT`], with their connections,
+    /// and frees their leases.
+    async fn bury(&self, events: &mpsc::UnboundedSender<ClusterEvent>) -> Result<(), StoreError> {
+        let dead_before = now_ms() as i64 - REPLICA_TIMEOUT.as_millis() as i64;
         let buried = transaction!(self, 1, |tx| {
             let dead: Vec<i64> = tx
                 .query("DELETE FROM replicas WHERE heartbeat_at < $1 RETURNING id", &[&dead_before])

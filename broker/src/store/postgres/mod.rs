@@ -38,7 +38,10 @@ pub(crate) const ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("the database address is not a PostgreSQL address ({0}); expected postgres://USER@HOST:PORT/DB")]
+    #[error(
+        "the PostgreSQL address cannot be read ({0}); expected postgres://USER:PASSWORD@HOST:PORT/DB, a port of 1 to \
+         65535, and parameters PostgreSQL knows"
+    )]
     Address(String),
     #[error("{0}")]
     Unsupported(&'static str),
@@ -74,16 +77,46 @@ impl Default for PgOptions {
     }
 }
 
-/// Whether `address` names a PostgreSQL database rather than a file.
+/// Whether `address` names a PostgreSQL database rather than a file: `postgres://` or
+/// `postgresql://` (any case), or libpq's `host=… dbname=…` form.
 pub fn is_postgres_address(address: &str) -> bool {
-    let lower = address.get(..11).unwrap_or(address).to_ascii_lowercase();
-    lower.starts_with("postgres://") || lower.starts_with("postgresql:")
+    scheme_end(address).is_some() || is_key_value(address)
+}
+
+/// Where a `postgres://` or `postgresql://` scheme (any case) ends.
+fn scheme_end(address: &str) -> Option<usize> {
+    ["postgresql://", "postgres://"].into_iter().find_map(|scheme| {
+        let head = address.get(..scheme.len())?;
+        head.eq_ignore_ascii_case(scheme).then_some(scheme.len())
+    })
+}
+
+/// libpq's `key=value` form, naming at least a host, a database or a user.
+fn is_key_value(address: &str) -> bool {
+    let mut words = address.split_whitespace();
+    words.clone().all(|w| w.contains('='))
+        && words.any(|w| ["host=", "hostaddr=", "dbname=", "user="].iter().any(|k| w.starts_with(k)))
+}
+
+/// Whether `value` looks like an address of some other kind (`mysql://…`, `postgress://…`): refused
+/// rather than taken for a file name (its scheme, to say so, never the rest: it may hold a password).
+pub fn foreign_scheme(value: &str) -> Option<&str> {
+    let (scheme, _) = value.split_once("://")?;
+    (!scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))).then_some(scheme)
+}
+
+/// `address` with its scheme in lower case, as the driver reads it.
+fn normalized(address: &str) -> std::borrow::Cow<'_, str> {
+    match scheme_end(address) {
+        Some(end) => format!("{}{}", address[..end].to_ascii_lowercase(), &address[end..]).into(),
+        None => address.into(),
+    }
 }
 
 /// `address` without its password, for logs and messages.
 pub fn redacted(address: &str) -> String {
     use tokio_postgres::config::Host;
-    let Ok(config) = tokio_postgres::Config::from_str(address) else {
+    let Ok(config) = tokio_postgres::Config::from_str(&normalized(address)) else {
         return "postgres://(unreadable address)".into();
     };
     let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
@@ -126,7 +159,8 @@ impl PgStore {
     /// registers this replica.
     pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
         let at = redacted(address);
-        let mut config = tokio_postgres::Config::from_str(address).map_err(|e| PgError::Address(e.to_string()))?;
+        let mut config =
+            tokio_postgres::Config::from_str(&normalized(address)).map_err(|e| PgError::Address(e.to_string()))?;
         if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
             return Err(PgError::Unsupported(
                 "sslmode=require asks for TLS to PostgreSQL, which this build does not speak; reach the database \
