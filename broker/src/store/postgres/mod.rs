@@ -218,6 +218,10 @@ impl PgStore {
 fn pool_error(at: &str, e: deadpool_postgres::PoolError) -> PgError {
     match e {
         deadpool_postgres::PoolError::Backend(source) => PgError::Connect { at: at.to_owned(), source },
+        deadpool_postgres::PoolError::Timeout(_) => PgError::Pool {
+            at: at.to_owned(),
+            why: "no answer within 10 s (is a PostgreSQL server on that port?)".into(),
+        },
         other => PgError::Pool { at: at.to_owned(), why: other.to_string() },
     }
 }
