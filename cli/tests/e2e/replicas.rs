@@ -174,3 +174,42 @@ fn assert_exactly_once(home: &TestHome, sent: &[String], seed: u64) {
     }
     assert_eq!(counts.len(), sent.len(), "messages nobody sent arrived (seed {seed})");
 }
+
+/// A replica paused (SIGSTOP) past the heartbeat timeout is taken for dead: the others see its
+/// member go offline. Resumed, it claims its connections again and the member is seen online again.
+#[test]
+fn a_paused_replica_s_members_go_offline_and_come_back_when_it_resumes() {
+    let Some(url) = mesh_testkit::postgres::database() else { return };
+    let replicas = replicas(&url, 2);
+    let (alice, bob) = (TestHome::new(MESH), TestHome::new(MESH));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        home.ok(&["init", "--name", name]);
+        home.ok(&["daemon", "up", "--no-embedded"]);
+    }
+    // One address each: nobody moves to the other replica.
+    alice.ok(&["create", "team", "--broker", &replicas[0].url]);
+    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    bob.ok(&["join", &token, "--broker", &replicas[1].url]);
+    let bob_is = |online: bool| {
+        move |v: &serde_json::Value| {
+            v.as_array().expect("array").iter().any(|p| p["name"] == "bob" && p["online"] == online)
+        }
+    };
+    // Bob's own link is up (his join's connection, which it superseded, has come and gone).
+    bob.ok(&["send", "alice", "before the pause", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(&alice, "before the pause");
+    alice.eventually_json("bob online", &["peers"], bob_is(true));
+    replicas[1].signal(nix::sys::signal::Signal::SIGSTOP);
+    // Buried after its heartbeat is 15 s old (checked every 5 s).
+    let burial = std::time::Duration::from_secs(60);
+    mesh_testkit::eventually("bob seen offline once his replica is taken for dead", burial, || {
+        bob_is(false)(&alice.json(&["peers"])).then_some(())
+    });
+    replicas[1].signal(nix::sys::signal::Signal::SIGCONT);
+    mesh_testkit::eventually("bob seen online again once his replica resumes", burial, || {
+        bob_is(true)(&alice.json(&["peers"])).then_some(())
+    });
+    // And messages still flow both ways.
+    bob.ok(&["send", "alice", "after the pause", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(&alice, "after the pause");
+}
