@@ -293,6 +293,7 @@ impl Daemon {
                 last_error: Some("no link".into()),
                 clock_skew_ms: None,
                 certificate: None,
+                address: None,
             })
     }
 

@@ -240,7 +240,19 @@ pub async fn handshake(
     attestation: Option<Signed>,
     intent: impl FnOnce(&[u8]) -> Intent,
 ) -> Result<(Ws, Welcome), LinkError> {
-    let (mut ws, _) = connect(broker).await?;
+    handshake_via(broker, identity, name, mesh_id, attestation, intent).await.map(|(ws, welcome, _)| (ws, welcome))
+}
+
+/// [`handshake`], also saying which of the broker's addresses answered.
+async fn handshake_via(
+    broker: Broker<'_>,
+    identity: &Identity,
+    name: &str,
+    mesh_id: MeshId,
+    attestation: Option<Signed>,
+    intent: impl FnOnce(&[u8]) -> Intent,
+) -> Result<(Ws, Welcome, String), LinkError> {
+    let (mut ws, _, address) = connect(broker).await?;
     let challenge = match next_frame(&mut ws).await? {
         ServerFrame::Challenge(c) if c.v == mesh_proto::PROTOCOL_VERSION => c.nonce,
         ServerFrame::Challenge(c) => return Err(LinkError::Protocol(format!("broker speaks protocol v{}", c.v))),
@@ -266,7 +278,7 @@ pub async fn handshake(
         .await
         .map_err(|e| LinkError::Unreachable { url: broker.url.to_owned(), detail: e.to_string() })?;
     match next_frame(&mut ws).await? {
-        ServerFrame::Welcome(w) => Ok((ws, w)),
+        ServerFrame::Welcome(w) => Ok((ws, w, address)),
         ServerFrame::Error(e) => Err(LinkError::Refused(e)),
         other => Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
     }
@@ -276,8 +288,8 @@ pub async fn handshake(
 /// (when not, why).
 pub async fn presented_certificate(url: &str, mesh: &str) -> Result<(CertPin, Result<(), CertError>), LinkError> {
     match connect(Broker { url, pin: None, mesh }).await {
-        Ok((_, Some(pin))) => Ok((pin, Ok(()))),
-        Ok((_, None)) => Err(LinkError::Protocol(format!("{url} is not a TLS address"))),
+        Ok((_, Some(pin), _)) => Ok((pin, Ok(()))),
+        Ok((_, None, _)) => Err(LinkError::Protocol(format!("{url} is not a TLS address"))),
         Err(LinkError::Certificate(refused)) => match refused.presented() {
             Some(pin) => Ok((pin, Err(refused))),
             None => Err(LinkError::Certificate(refused)),
@@ -304,13 +316,13 @@ pub async fn check_certificate(
 /// with the certificate the broker presented.
 /// Connects to the first of the broker's addresses that answers. A certificate refused is final:
 /// never a fallback to another address for it.
-async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
+async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>, String), LinkError> {
     let mut last = None;
     for url in addresses(broker.url) {
         match connect_to(Broker { url, ..broker }).await {
-            Ok(done) => {
+            Ok((ws, pin)) => {
                 tracing::debug!(broker = url, "connected");
-                return Ok(done);
+                return Ok((ws, pin, url.to_owned()));
             }
             Err(e @ LinkError::Unreachable { .. }) => {
                 tracing::debug!(error = %e, "broker address unreachable; trying the next");
@@ -437,6 +449,7 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
         last_error: None,
         clock_skew_ms: None,
         certificate: None,
+        address: None,
     });
     // One request at a time is plenty: they are rare, and each waits for its answer.
     let (requests, requests_rx) = mpsc::channel(4);
@@ -468,6 +481,10 @@ fn set_state(tx: &watch::Sender<LinkStatus>, state: LinkState, last_error: Optio
         s.state = state;
         if last_error.is_some() || state == LinkState::Online {
             s.last_error = last_error;
+        }
+        // The address is the one connected to: said only while online.
+        if state != LinkState::Online {
+            s.address = None;
         }
         if state != LinkState::Rejected {
             s.certificate = None;
@@ -520,15 +537,18 @@ async fn run(
         first += 1;
         let broker = Broker { url: &order, pin: daemon.tls_pin(&spec.mesh_id), mesh: &spec.mesh_name };
         let connected = tokio::select! {
-            r = handshake(broker, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
+            r = handshake_via(broker, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
             () = handle.cancel.cancelled() => return,
         };
         let wait = match connected {
-            Ok((ws, welcome)) => {
+            Ok((ws, welcome, address)) => {
                 failures = 0;
                 refused_in_a_row = 0;
                 let skew = welcome.server_time as i64 - now_ms() as i64;
-                status.send_modify(|s| s.clock_skew_ms = Some(skew));
+                status.send_modify(|s| {
+                    s.clock_skew_ms = Some(skew);
+                    s.address = Some(address);
+                });
                 tracing::info!(peers = welcome.roster.len(), skew_ms = skew, "online");
                 *handle.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(welcome.limits.clone());
                 let mesh = spec.mesh_id;

@@ -304,13 +304,18 @@ fn print_meshes_summary(status: &Status) {
             .filter(|_| conn.state != LinkState::Online)
             .map(|e| format!(" — {e}"))
             .unwrap_or_default();
+        // With several addresses, the one this link is on.
+        let via = match conn.address.as_deref() {
+            Some(at) if at != m.broker => format!("{at} (of {})", m.broker),
+            _ => m.broker.clone(),
+        };
         let line = format!(
             "mesh {} (as {}): {} since {} via {}{}; {}/{} peers online; outbox {} pending{}",
             m.name,
             m.my_name,
             conn.state.as_str(),
             output::ago(conn.since),
-            m.broker,
+            via,
             super::meshes::transport_note(m.transport),
             m.peers_online,
             m.peers_total,

@@ -50,6 +50,13 @@ fn members_on_three_replicas_exchange_messages_broadcasts_and_receipts() {
     let replicas = replicas(&url, 3);
     let homes = members(&replicas, &["alice", "bob", "carol"]);
     let (alice, bob, carol) = (&homes[0], &homes[1], &homes[2]);
+    // Each link says which of the addresses it is on.
+    for (i, home) in homes.iter().enumerate() {
+        let status = home.eventually_json("the link online", &["daemon", "status"], |v| {
+            v["meshes"][0]["connection"]["state"] == "online"
+        });
+        assert_eq!(status["meshes"][0]["connection"]["address"], replicas[i].url.as_str(), "{status}");
+    }
     // Each waits for its `delivered` receipt, which crosses back from the recipient's replica.
     alice.ok(&["send", "bob", "alice to bob", "--wait", "delivered", "--mesh", "team"]);
     bob.ok(&["send", "carol", "bob to carol", "--wait", "delivered", "--mesh", "team"]);

@@ -96,6 +96,9 @@ pub struct LinkStatus {
     /// While refused for the broker's TLS certificate: the one it presented (`sha256:…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// While online: the broker address it is connected to (one of the mesh's addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
