@@ -220,3 +220,27 @@ fn a_paused_replica_s_members_go_offline_and_come_back_when_it_resumes() {
     bob.ok(&["send", "alice", "after the pause", "--wait", "delivered", "--mesh", "team"]);
     wait_for_message(&alice, "after the pause");
 }
+
+/// A broker address that does not know the mesh (a replica started on another database by mistake)
+/// is passed over for the next one, by `mesh join` and by the running link.
+#[test]
+fn an_address_that_does_not_know_the_mesh_is_passed_over() {
+    let Some(url) = mesh_testkit::postgres::database() else { return };
+    let replicas = replicas(&url, 1);
+    let stray = BrokerProcess::start(MESH);
+    let (alice, bob) = (TestHome::new(MESH), TestHome::new(MESH));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        home.ok(&["init", "--name", name]);
+        home.ok(&["daemon", "up", "--no-embedded"]);
+    }
+    alice.ok(&["create", "team", "--broker", &replicas[0].url]);
+    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    let list = format!("{},{}", stray.url, replicas[0].url);
+    bob.ok(&["join", &token, "--broker", &list]);
+    let status = bob.eventually_json("bob's link online", &["daemon", "status"], |v| {
+        v["meshes"][0]["connection"]["state"] == "online"
+    });
+    assert_eq!(status["meshes"][0]["connection"]["address"], replicas[0].url.as_str(), "{status}");
+    bob.ok(&["send", "alice", "through the right one", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(&alice, "through the right one");
+}

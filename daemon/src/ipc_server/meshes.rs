@@ -175,10 +175,15 @@ pub async fn join(
     let asked = display_name(req.display_name.clone(), &d)?;
     let key = d.member.identity.key();
     let mut attempt = 1;
+    // A replica that does not know the mesh (one started on another database by mistake) is passed
+    // over for the next address, as a running link does.
+    let addresses = link::addresses(&claims.broker_url).count();
+    let mut first = 0;
     let (me, welcome) = loop {
         let me = if attempt == 1 { asked.clone() } else { format!("{asked}-{attempt}") };
         let invite = token.invite.clone();
-        let broker = link::Broker { url: &claims.broker_url, pin, mesh: &claims.mesh_name };
+        let order = link::rotated(&claims.broker_url, first);
+        let broker = link::Broker { url: &order, pin, mesh: &claims.mesh_name };
         let joined = link::handshake(broker, &d.member.identity, &me, mesh_id, None, |challenge| Intent::Join {
             invite,
             proof: token.prove(challenge, &key),
@@ -186,6 +191,10 @@ pub async fn join(
         .await;
         match joined {
             Ok((_ws, welcome)) => break (me, welcome),
+            Err(LinkError::Refused(e)) if e.code == ErrorCode::UnknownMesh && first + 1 < addresses => {
+                tracing::warn!(detail = %e.message, "a broker address does not know the mesh; trying the next");
+                first += 1;
+            }
             Err(LinkError::Refused(e)) if e.code == ErrorCode::NameTaken => {
                 if !req.suffix_if_taken || attempt > MAX_SUFFIX {
                     return Err(Failure::new(ApiErrorCode::NameTaken, e.message).with_hint(format!(
