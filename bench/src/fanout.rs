@@ -9,8 +9,8 @@ use mesh_ipc::api::{EventBody, EventScope, SendRequest, SendResponse};
 use mesh_ipc::events::{self, StreamItem};
 use mesh_ipc::{IpcClient, routes};
 use mesh_proto::Target;
-use mesh_proto::message::{self, Content, SealKey};
-use mesh_proto::wire::{Ack, ClientFrame, SendMessage, ServerFrame};
+use mesh_proto::message::SealKey;
+use mesh_proto::wire::{Ack, ClientFrame, ServerFrame};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
 use tokio_tungstenite::tungstenite::Message;
@@ -61,25 +61,10 @@ pub async fn broadcast(
     let mut complete = 0;
     for round in 0..rounds {
         let cmid = format!("fanout-{round}");
-        let sealed = message::seal(
-            &sender,
-            &mesh,
-            &cmid,
-            &Target::All,
-            SealKey::Group(&gk),
-            &Content { body: "to everyone".into(), reply_to: None },
-        );
-        let frame = ClientFrame::Send(SendMessage {
-            id: round as u64,
-            client_message_id: cmid,
-            to: Target::All,
-            nonce: sealed.nonce,
-            ciphertext: sealed.ciphertext,
-            sig: sealed.sig,
-            ttl_ms: None,
-        });
+        let body = "to everyone".to_owned();
+        let (frame, _) = peer::send_frame(&sender, mesh, round as u64, cmid, Target::All, SealKey::Group(&gk), body);
         let t0 = Instant::now();
-        stx.send(frame.to_json()).await?;
+        stx.send(frame).await?;
         let mut got = 0;
         let deadline = tokio::time::Instant::now() + timeout;
         while got < receivers {

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use mesh_proto::message::{self, Content, SealKey};
-use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, SendMessage, ServerFrame};
+use mesh_proto::message::SealKey;
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ServerFrame};
 use mesh_proto::{EncPublicKey, PublicKey, Target};
 use rand::Rng;
 use serde_json::json;
@@ -202,20 +202,9 @@ async fn seal_all(
                         }
                     };
                     let (key, enc) = directory[to];
-                    let target = Target::Key(key);
+                    let body = format!("load message {m} from peer {index}");
                     let cmid = format!("p{index}-{m}");
-                    let content = Content { body: format!("load message {m} from peer {index}"), reply_to: None };
-                    let sealed = message::seal(&id, &mesh, &cmid, &target, SealKey::Direct(&enc), &content);
-                    ClientFrame::Send(SendMessage {
-                        id: m as u64,
-                        client_message_id: cmid,
-                        to: target,
-                        nonce: sealed.nonce,
-                        ciphertext: sealed.ciphertext,
-                        sig: sealed.sig,
-                        ttl_ms: None,
-                    })
-                    .to_json()
+                    peer::send_frame(&id, mesh, m as u64, cmid, Target::Key(key), SealKey::Direct(&enc), body).0
                 })
                 .collect::<Vec<String>>()
         }));

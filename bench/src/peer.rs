@@ -7,9 +7,10 @@ use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
+use mesh_proto::message::{self, Content, SealKey};
 use mesh_proto::signed::Signed;
-use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, ServerFrame, Welcome};
-use mesh_proto::{Identity, MeshId, codec, now_ms};
+use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame, Welcome};
+use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -135,6 +136,31 @@ pub async fn mesh_of(endpoints: &[Endpoint], n: usize) -> anyhow::Result<(MeshId
     joined.sort_by_key(|(i, _, _)| *i);
     peers.extend(joined.into_iter().map(|(_, id, ws)| (id, ws)));
     Ok((mesh, group_key, peers))
+}
+
+/// A `send` frame (request `id`) of `body` from `from` to `target`, sealed with `key`, as JSON, and
+/// the size of its ciphertext.
+pub fn send_frame(
+    from: &Identity,
+    mesh: MeshId,
+    id: u64,
+    cmid: String,
+    target: Target,
+    key: SealKey<'_>,
+    body: String,
+) -> (String, usize) {
+    let sealed = message::seal(from, &mesh, &cmid, &target, key, &Content { body, reply_to: None });
+    let size = sealed.ciphertext.len();
+    let frame = ClientFrame::Send(SendMessage {
+        id,
+        client_message_id: cmid,
+        to: target,
+        nonce: sealed.nonce,
+        ciphertext: sealed.ciphertext,
+        sig: sealed.sig,
+        ttl_ms: None,
+    });
+    (frame.to_json(), size)
 }
 
 /// Splits a socket into a writer task fed by a channel and the read half.

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use mesh_proto::message::{self, Content, SealKey};
-use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, Intent, SendMessage, ServerFrame};
+use mesh_proto::message::SealKey;
+use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, Intent, ServerFrame};
 use mesh_proto::{Identity, MeshId, Target};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -143,19 +143,8 @@ async fn failover(bin: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 }
 
 fn dm(mesh: MeshId, from: &Identity, to: &Identity, cmid: &str, id: u64) -> String {
-    let target = Target::Key(to.key());
-    let content = Content { body: format!("bench {cmid}"), reply_to: None };
-    let sealed = message::seal(from, &mesh, cmid, &target, SealKey::Direct(&to.enc_key()), &content);
-    ClientFrame::Send(SendMessage {
-        id,
-        client_message_id: cmid.to_owned(),
-        to: target,
-        nonce: sealed.nonce,
-        ciphertext: sealed.ciphertext,
-        sig: sealed.sig,
-        ttl_ms: None,
-    })
-    .to_json()
+    let (target, body) = (Target::Key(to.key()), format!("bench {cmid}"));
+    peer::send_frame(from, mesh, id, cmid.to_owned(), target, SealKey::Direct(&to.enc_key()), body).0
 }
 
 /// The next delivered message's delivery id (receipts and other frames skipped).

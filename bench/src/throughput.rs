@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use mesh_proto::Target;
-use mesh_proto::message::{self, Content, SealKey};
+use mesh_proto::message::SealKey;
 use mesh_proto::wire::{Ack, ClientFrame, ServerFrame};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
@@ -82,25 +82,18 @@ async fn mesh(bin: &std::path::Path, p: &Params) -> anyhow::Result<MeshRun> {
         let frames: Vec<String> = (0..p.msgs)
             .map(|m| {
                 let cmid = format!("t{k}-{m}");
-                let sealed = message::seal(
+                let enc = recipient.enc_key();
+                let (frame, size) = peer::send_frame(
                     &sender,
-                    &mesh,
-                    &cmid,
-                    &target,
-                    SealKey::Direct(&recipient.enc_key()),
-                    &Content { body: body.clone(), reply_to: None },
+                    mesh,
+                    m as u64,
+                    cmid,
+                    target.clone(),
+                    SealKey::Direct(&enc),
+                    body.clone(),
                 );
-                payload = sealed.ciphertext.len();
-                ClientFrame::Send(mesh_proto::wire::SendMessage {
-                    id: m as u64,
-                    client_message_id: cmid,
-                    to: target.clone(),
-                    nonce: sealed.nonce,
-                    ciphertext: sealed.ciphertext,
-                    sig: sealed.sig,
-                    ttl_ms: None,
-                })
-                .to_json()
+                payload = size;
+                frame
             })
             .collect();
         // The recipient acks everything it gets.

@@ -205,10 +205,14 @@ impl Connection {
 
     /// One page of the roster in key order, after `after`, and the key to continue after when more
     /// follow: a welcome's size does not grow with the mesh.
-    async fn roster_page(&self, after: Option<PublicKey>) -> Result<(Vec<Peer>, Option<PublicKey>), StoreError> {
+    /// `connected` is [`Self::connected`]'s answer.
+    async fn roster_page(
+        &self,
+        after: Option<PublicKey>,
+        connected: &HashMap<PublicKey, PublicKey>,
+    ) -> Result<(Vec<Peer>, Option<PublicKey>), StoreError> {
         let mesh = self.mesh();
         let mut peers = self.shared.store.roster(mesh).await?;
-        let connected = self.connected().await;
         peers.sort_by_key(|e| e.peer.key);
         let me = self.key();
         let page = self.shared.config.roster_page.max(1);
@@ -252,8 +256,7 @@ impl Connection {
     /// takes no more room. A member's own connection is never refused for the mesh's limit (no member
     /// can lock the others out); each member's connections, its sessions' included, have a limit of
     /// their own.
-    async fn over_connection_limits(&self) -> Option<String> {
-        let connected = self.connected().await;
+    fn over_connection_limits(&self, connected: &HashMap<PublicKey, PublicKey>) -> Option<String> {
         if connected.contains_key(&self.key()) {
             return None;
         }
@@ -272,14 +275,16 @@ impl Connection {
 
     async fn run(self, mut stream: futures_util::stream::SplitStream<WebSocket>) {
         let (mesh, key) = (self.mesh(), self.key());
-        if let Some(why) = self.over_connection_limits().await {
+        // Read once: for the limits, then for the welcome's online flags.
+        let connected = self.connected().await;
+        if let Some(why) = self.over_connection_limits(&connected) {
             self.send_error(ErrorFrame::new(ErrorCode::TooManyConnections, why)).await;
             let _ = self.out.send(Outbound::Close { code: CLOSE_POLICY, reason: "too_many_connections".into() }).await;
             return;
         }
         // Our own groups, so that the mesh hears them with our presence.
         let my_groups = self.my_groups().await;
-        let welcome = match self.roster_page(None).await {
+        let welcome = match self.roster_page(None, &connected).await {
             Ok((roster, roster_next)) => ServerFrame::Welcome(Welcome {
                 v: mesh_proto::PROTOCOL_VERSION,
                 mesh_id: mesh,
@@ -524,7 +529,7 @@ impl Connection {
                     }
                 }
             }
-            Ok(ClientFrame::Roster(req)) => match self.roster_page(req.after).await {
+            Ok(ClientFrame::Roster(req)) => match self.roster_page(req.after, &self.connected().await).await {
                 Ok((peers, next)) => {
                     self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers, next })).await
                 }

@@ -525,7 +525,7 @@ async fn run(
     // With several addresses, each attempt starts from the one after the last tried: a replica that
     // dropped the connection or failed to answer is tried last.
     let mut first = 0;
-    let addresses = addresses(&spec.broker_url).count().max(1);
+    let address_count = addresses(&spec.broker_url).count().max(1);
     // Permanent refusals in a row: with several addresses, one replica refusing (misconfigured, on
     // another database) is not the mesh refusing until every address has said so.
     let mut refused_in_a_row = 0;
@@ -583,7 +583,7 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, state, Some(ended.reason)).await;
                 if ended.permanent { REJECTED_RETRY } else { reconnect_delay(0) }
             }
-            Err(LinkError::Refused(e)) if e.permanent && refused_in_a_row + 1 < addresses => {
+            Err(LinkError::Refused(e)) if e.permanent && refused_in_a_row + 1 < address_count => {
                 refused_in_a_row += 1;
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "one of the broker's addresses refused this identity; trying the next");
                 let why = format!("{}: {} (trying the next address)", e.code.as_str(), e.message);

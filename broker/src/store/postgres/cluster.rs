@@ -106,8 +106,7 @@ impl PgStore {
     }
 
     async fn notify(&self, payload: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await.map_err(TxError::from)?;
+        self.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await?;
         Ok(())
     }
 
@@ -326,20 +325,13 @@ impl PgStore {
         member: PublicKey,
         conn: u64,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
+        let rows = self
+            .query(
                 "WITH old AS (SELECT replica, conn FROM connections WHERE mesh_id = $1 AND key = $2)
                  INSERT INTO connections (mesh_id, key, member, replica, conn, since) VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (mesh_id, key) DO UPDATE SET
                      member = excluded.member, replica = excluded.replica, conn = excluded.conn, since = excluded.since
                  RETURNING (SELECT replica FROM old), (SELECT conn FROM old)",
-            )
-            .await
-            .map_err(TxError::from)?;
-        let row = client
-            .query_one(
-                &stmt,
                 &[
                     &mesh.to_string(),
                     &key.to_string(),
@@ -349,9 +341,9 @@ impl PgStore {
                     &(now_ms() as i64),
                 ],
             )
-            .await
-            .map_err(TxError::from)?;
-        if let (Some(replica), Some(old)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+            .await?;
+        let old = rows.first().map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)));
+        if let Some((Some(replica), Some(old))) = old
             && replica != self.replica
         {
             self.publish_outgoing(Outgoing::Kick { replica, conn: old as u64, mesh, key });
@@ -360,25 +352,16 @@ impl PgStore {
     }
 
     pub(super) async fn unclaim(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM connections WHERE mesh_id = $1 AND key = $2 AND replica = $3 AND conn = $4")
-            .await
-            .map_err(TxError::from)?;
-        client
-            .execute(&stmt, &[&mesh.to_string(), &key.to_string(), &self.replica, &(conn as i64)])
-            .await
-            .map_err(TxError::from)?;
+        self.execute(
+            "DELETE FROM connections WHERE mesh_id = $1 AND key = $2 AND replica = $3 AND conn = $4",
+            &[&mesh.to_string(), &key.to_string(), &self.replica, &(conn as i64)],
+        )
+        .await?;
         Ok(())
     }
 
     pub(super) async fn connected_keys(&self, mesh: MeshId) -> Result<Vec<(PublicKey, PublicKey)>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT key, member FROM connections WHERE mesh_id = $1")
-            .await
-            .map_err(TxError::from)?;
-        let rows = client.query(&stmt, &[&mesh.to_string()]).await.map_err(TxError::from)?;
+        let rows = self.query("SELECT key, member FROM connections WHERE mesh_id = $1", &[&mesh.to_string()]).await?;
         Ok(rows.iter().map(|r| Ok((parse(r.get(0))?, parse(r.get(1))?))).collect::<Result<_, TxError>>()?)
     }
 }

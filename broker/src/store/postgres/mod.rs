@@ -208,6 +208,28 @@ impl PgStore {
         self.pool.get().await.map_err(|e| StoreError::Backend(format!("no database connection: {e}")))
     }
 
+    /// One statement outside a transaction, prepared once per pooled connection: its rows.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(TxError::from)?;
+        Ok(client.query(&stmt, params).await.map_err(TxError::from)?)
+    }
+
+    /// [`PgStore::query`] for a statement that returns no rows: how many it changed.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(TxError::from)?;
+        Ok(client.execute(&stmt, params).await.map_err(TxError::from)?)
+    }
+
     fn observe(&self, ops: usize, started: Instant) {
         if let Some(observer) = self.observer.get() {
             observer(ops, started.elapsed());
@@ -416,30 +438,23 @@ impl Store for PgStore {
     }
 
     async fn touch_peer(&self, mesh: MeshId, key: PublicKey, seen_at: u64) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("UPDATE peers SET last_seen = $3 WHERE mesh_id = $1 AND key = $2")
-            .await
-            .map_err(TxError::from)?;
-        client
-            .execute(&stmt, &[&mesh.to_string(), &key.to_string(), &(seen_at as i64)])
-            .await
-            .map_err(TxError::from)?;
+        self.execute(
+            "UPDATE peers SET last_seen = $3 WHERE mesh_id = $1 AND key = $2",
+            &[&mesh.to_string(), &key.to_string(), &(seen_at as i64)],
+        )
+        .await?;
         Ok(())
     }
 
     async fn live_sessions(&self, mesh: MeshId, member: PublicKey) -> Result<usize, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
+        let rows = self
+            .query(
                 "SELECT COUNT(*) FROM peers
                  WHERE mesh_id = $1 AND member = $2 AND kind = 'session' AND ended_at IS NULL AND NOT revoked",
+                &[&mesh.to_string(), &member.to_string()],
             )
-            .await
-            .map_err(TxError::from)?;
-        let n: i64 =
-            client.query_one(&stmt, &[&mesh.to_string(), &member.to_string()]).await.map_err(TxError::from)?.get(0);
-        Ok(n as usize)
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as usize)
     }
 
     async fn roster(&self, mesh: MeshId) -> Result<Vec<RosterEntry>, StoreError> {
@@ -526,18 +541,12 @@ impl Store for PgStore {
     }
 
     async fn release(&self, mesh: MeshId, recipient: PublicKey, conn: u64) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE queue SET lease_until = NULL, lease_replica = NULL, lease_conn = NULL
-                 WHERE mesh_id = $1 AND recipient = $2 AND lease_replica = $3 AND lease_conn = $4",
-            )
-            .await
-            .map_err(TxError::from)?;
-        client
-            .execute(&stmt, &[&mesh.to_string(), &recipient.to_string(), &self.replica, &(conn as i64)])
-            .await
-            .map_err(TxError::from)?;
+        self.execute(
+            "UPDATE queue SET lease_until = NULL, lease_replica = NULL, lease_conn = NULL
+             WHERE mesh_id = $1 AND recipient = $2 AND lease_replica = $3 AND lease_conn = $4",
+            &[&mesh.to_string(), &recipient.to_string(), &self.replica, &(conn as i64)],
+        )
+        .await?;
         Ok(())
     }
 
