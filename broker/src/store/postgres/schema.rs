@@ -15,7 +15,8 @@ use super::PgError;
 /// The lock migrations run under (any value unlikely to be used by another program on the database).
 const MIGRATION_LOCK: i64 = 0x6d65_7368_5f73_6368;
 
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meshes (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -121,20 +122,53 @@ CREATE TABLE connections (
     PRIMARY KEY (mesh_id, key)
 );
 CREATE INDEX connections_by_replica ON connections(replica);
-"#];
+"#,
+    r#"
+-- Plans are cached per connection from the first executions, often on a table still empty and never
+-- analyzed: an index that leads with the column a statement looks up by is then the only sensible
+-- choice, whatever the statistics say. The idempotency key leads with the client's id (a batch of
+-- sends looks up many at once), the message index with the message id.
+ALTER TABLE messages DROP CONSTRAINT messages_mesh_id_sender_client_message_id_key;
+ALTER TABLE messages ADD CONSTRAINT messages_by_client_id UNIQUE (client_message_id, mesh_id, sender);
+DROP INDEX messages_by_id;
+CREATE INDEX messages_by_message_id ON messages(message_id, mesh_id);
+-- Keys, ids and names compare byte by byte (as on SQLite, and without a locale's cost in every index),
+-- whatever collation the database was created with.
+ALTER TABLE meshes ALTER COLUMN id TYPE TEXT COLLATE "C";
+ALTER TABLE peers ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN key TYPE TEXT COLLATE "C",
+    ALTER COLUMN member TYPE TEXT COLLATE "C", ALTER COLUMN name_key TYPE TEXT COLLATE "C",
+    ALTER COLUMN name_key_cased TYPE TEXT COLLATE "C", ALTER COLUMN name_key_upper TYPE TEXT COLLATE "C";
+ALTER TABLE invite_uses ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN invite_id TYPE TEXT COLLATE "C";
+ALTER TABLE group_members ALTER COLUMN mesh_id TYPE TEXT COLLATE "C",
+    ALTER COLUMN group_name TYPE TEXT COLLATE "C", ALTER COLUMN key TYPE TEXT COLLATE "C";
+ALTER TABLE messages ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN sender TYPE TEXT COLLATE "C",
+    ALTER COLUMN client_message_id TYPE TEXT COLLATE "C", ALTER COLUMN message_id TYPE TEXT COLLATE "C";
+ALTER TABLE queue ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN recipient TYPE TEXT COLLATE "C";
+ALTER TABLE reads ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN message_id TYPE TEXT COLLATE "C",
+    ALTER COLUMN reader TYPE TEXT COLLATE "C";
+ALTER TABLE connections ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN key TYPE TEXT COLLATE "C";
+-- A lease, and a message's body dropped once delivered, change no indexed column, so PostgreSQL
+-- updates the row in place (a HOT update) rather than adding it to every index again; pages keep
+-- room for that. A dead replica's leases are found by one scan of the queue when it is buried.
+DROP INDEX queue_by_lease;
+ALTER TABLE queue SET (fillfactor = 80);
+ALTER TABLE messages SET (fillfactor = 90);
+"#,
+];
 
 /// Brings the schema up to date, holding the migration lock meanwhile.
 pub(super) async fn migrate(client: &mut Object, at: &str) -> Result<(), PgError> {
     let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0))?;
-    let result = apply(client, at).await;
+    let result = apply(client, at, MIGRATIONS).await;
     // A session lock outlives transactions: give it back (a connection that dies gives it back too).
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0));
     let reset = client.batch_execute("RESET client_min_messages").await.map_err(failed(0));
     result.and(unlocked.map(drop)).and(reset)
 }
 
-async fn apply(client: &mut Object, at: &str) -> Result<(), PgError> {
+/// Applies the `migrations` the database has not had yet.
+async fn apply(client: &mut tokio_postgres::Client, at: &str, migrations: &[&str]) -> Result<(), PgError> {
     let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
     // `IF NOT EXISTS` on an existing table is a notice, not news.
     client
@@ -145,11 +179,11 @@ async fn apply(client: &mut Object, at: &str) -> Result<(), PgError> {
         .map_err(failed(0))?;
     let found: i32 =
         client.query_one("SELECT COALESCE(MAX(version), 0) FROM mesh_schema", &[]).await.map_err(failed(0))?.get(0);
-    let known = MIGRATIONS.len() as i32;
+    let known = migrations.len() as i32;
     if found > known {
         return Err(PgError::TooNew { at: at.to_owned(), found, known });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (i, sql) in migrations.iter().enumerate().skip(found as usize) {
         let version = i + 1;
         let tx = client.transaction().await.map_err(failed(version))?;
         tx.batch_execute(sql).await.map_err(failed(version))?;
@@ -163,4 +197,43 @@ async fn apply(client: &mut Object, at: &str) -> Result<(), PgError> {
         tracing::info!(version, database = at, "database schema migrated");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A database made by the first release of the schema, with a member and a message in it, is
+    /// brought up to date by the next replica to start, and keeps what it held; a database newer
+    /// than this build is refused in words.
+    #[tokio::test]
+    async fn an_older_schema_is_migrated_with_its_rows_and_a_newer_one_refused() {
+        let Some(url) = mesh_testkit::postgres::database() else { return };
+        let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        apply(&mut client, "test", &MIGRATIONS[..1]).await.expect("the first schema");
+        let (mesh, sender) = (mesh_proto::MeshId::generate(), mesh_proto::Identity::generate().key());
+        client
+            .batch_execute(&format!(
+                "INSERT INTO meshes (id, name, owner, created_at) VALUES ('{mesh}', 'team', '{sender}', 1);
+                 INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients,
+                     item, target, created_at, expires_at)
+                 VALUES ('{mesh}', '{sender}', 'c-1', '\\x00', 'm-1', 1, '{{}}', '{sender}', 1, 9000000000000);"
+            ))
+            .await
+            .expect("rows at version 1");
+
+        let store = super::super::PgStore::connect(&url, Default::default()).await.expect("migrated");
+        let version: i32 = client.query_one("SELECT MAX(version) FROM mesh_schema", &[]).await.unwrap().get(0);
+        assert_eq!(version as usize, MIGRATIONS.len());
+        assert_eq!(store.mesh(mesh).await.unwrap().expect("the mesh kept").name, "team");
+        let sent = store.find_sent(mesh, sender, "c-1").await.unwrap().expect("the send kept");
+        assert_eq!(sent.message_id, "m-1");
+
+        client.execute("INSERT INTO mesh_schema (version, applied_at) VALUES (999, 1)", &[]).await.unwrap();
+        let refused = super::super::PgStore::connect(&url, Default::default()).await.expect_err("a newer schema");
+        let said = refused.to_string();
+        assert!(said.contains("schema version 999") && said.contains("upgrade mesh"), "{said}");
+    }
 }
