@@ -62,6 +62,20 @@ pub fn bindir() -> Option<PathBuf> {
     versions.pop().map(|(_, d)| d)
 }
 
+/// The rows `sql` returns from the database at `url`, one line each, columns separated by `|` (psql's
+/// unaligned output): for tests that look at what the brokers stored.
+pub fn query(url: &str, sql: &str) -> String {
+    let bin = bindir().expect("PostgreSQL's programs (psql)");
+    let out = Command::new(bin.join("psql"))
+        .arg(url)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running psql");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Postgres {
     fn shared() -> Option<Postgres> {
         if let Ok(url) = std::env::var("MESH_TEST_POSTGRES_URL") {

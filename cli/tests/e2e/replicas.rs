@@ -1,6 +1,7 @@
 //! Broker replicas on one PostgreSQL (started by the tests, or `MESH_TEST_POSTGRES_URL`): daemons on
 //! different replicas exchange messages and receipts; replicas killed with SIGKILL under load and
-//! PostgreSQL restarted under load lose and duplicate nothing.
+//! PostgreSQL restarted under load lose and duplicate nothing; a database outage longer than the
+//! heartbeat timeout takes no replica for dead.
 
 use std::collections::HashMap;
 
@@ -163,6 +164,56 @@ fn postgres_restarted_under_load_loses_and_duplicates_nothing() {
     bob.ok(&["send", "alice", "after the restart", "--wait", "delivered", "--mesh", "team"]);
     wait_for_message(alice, "after the restart");
     drop(replicas);
+}
+
+/// PostgreSQL down for longer than a replica's heartbeat timeout: when it is back every replica's
+/// heartbeat is old, and none may take another for dead (which would announce its members offline
+/// and free its leases under it). Sends made during the outage wait in the daemon's outbox and arrive
+/// once each.
+#[test]
+fn a_database_outage_longer_than_the_heartbeat_timeout_buries_no_replica() {
+    let Some(pg) = mesh_testkit::postgres::Postgres::start() else { return };
+    let url = pg.create_database();
+    let replicas = replicas(&url, 2);
+    let (alice, bob) = (&TestHome::new(MESH), &TestHome::new(MESH));
+    for (home, name) in [(alice, "alice"), (bob, "bob")] {
+        home.ok(&["init", "--name", name]);
+        home.ok(&["daemon", "up", "--no-embedded"]);
+    }
+    // One address each: each member stays on its replica.
+    alice.ok(&["create", "team", "--broker", &replicas[0].url]);
+    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    bob.ok(&["join", &token, "--broker", &replicas[1].url]);
+    bob.ok(&["send", "alice", "before the outage", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(alice, "before the outage");
+    // A replica taken for dead registers again, under its number but with a new start time.
+    let ids = || mesh_testkit::postgres::query(&url, "SELECT id, started_at FROM replicas ORDER BY id");
+    let registered = ids();
+    assert_eq!(registered.lines().count(), 2, "{registered}");
+    pg.stop(true);
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let body = format!("during the outage {i}");
+        // Committed to the daemon's outbox: the brokers cannot store it yet.
+        alice.ok(&["send", "bob", &body, "--mesh", "team"]);
+        sent.push(body);
+    }
+    // The outage itself: longer than the 15 s after which a silent replica is dead.
+    std::thread::sleep(std::time::Duration::from_secs(17));
+    pg.start_server();
+    let back = mesh_proto::now_ms();
+    // Both replicas' heartbeats have gone through since (a replica buries others, if ever, at a
+    // heartbeat): by now a burial would have happened.
+    mesh_testkit::eventually("both replicas' heartbeats through after the outage", mesh_testkit::WAIT, || {
+        let fresh = format!("SELECT COUNT(*) FROM replicas WHERE heartbeat_at > {back}");
+        (mesh_testkit::postgres::query(&url, &fresh).trim() == "2").then_some(())
+    });
+    assert_eq!(ids(), registered, "a replica was taken for dead and registered again");
+    assert_exactly_once(bob, &sent, 0);
+    let connected = mesh_testkit::postgres::query(&url, "SELECT COUNT(DISTINCT replica) FROM connections");
+    assert_eq!(connected.trim(), "2", "each replica still holds its member's connection");
+    bob.ok(&["send", "alice", "after the outage", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(alice, "after the outage");
 }
 
 /// Every body in `sent` is in `home`'s inbox exactly once, and nothing else.
