@@ -274,10 +274,16 @@ impl From<TxError> for StoreError {
 }
 
 impl TxError {
-    /// Lost a deadlock or a serialization check: running the transaction again may succeed.
+    /// Lost a deadlock or a serialization check, or a batch of sends lost the race for a client
+    /// message id to the same send through another replica: running the transaction again may
+    /// succeed (and answers that send as a duplicate).
     fn is_retryable(&self) -> bool {
-        matches!(self, TxError::Pg(e)
-            if e.code().is_some_and(|c| *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE))
+        let TxError::Pg(e) = self else { return false };
+        let Some(db) = e.as_db_error() else { return false };
+        let code = db.code();
+        *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || (*code == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(schema::SEND_KEY))
     }
 }
 

@@ -287,8 +287,9 @@ pub(super) async fn enqueue_direct(
         let fingerprints: Vec<&[u8]> = new.iter().map(|(i, _)| msgs[*i].fingerprint.as_slice()).collect();
         let created: Vec<i64> = new.iter().map(|(i, _)| msgs[*i].created_at as i64).collect();
         let expires: Vec<i64> = new.iter().map(|(i, _)| msgs[*i].expires_at as i64).collect();
-        // The same send through another replica at the same moment: the unique key decides, and the
-        // ones not inserted here are answered as duplicates below.
+        // A plain insert (cheaper than `ON CONFLICT`): none of these was stored when looked up above.
+        // The same send through another replica at the same moment breaks the unique key; the
+        // transaction is run again ([`TxError::is_retryable`]) and answers it as a duplicate.
         let stmt = tx
             .prepare_cached(
                 "INSERT INTO messages (mesh_id, sender, client_message_id, fingerprint, message_id, recipients, item,
@@ -297,38 +298,28 @@ pub(super) async fn enqueue_direct(
                  FROM UNNEST($3::TEXT[], $4::BYTEA[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::TEXT[])
                      WITH ORDINALITY AS u(c, f, i, j, ca, e, t, n)
                  ORDER BY n
-                 ON CONFLICT (mesh_id, sender, client_message_id) DO NOTHING
-                 RETURNING seq, client_message_id",
+                 RETURNING client_message_id, seq",
             )
             .await?;
-        let inserted: std::collections::HashMap<String, i64> = tx
+        let stored: std::collections::HashMap<String, i64> = tx
             .query(&stmt, &[&mesh, &sender, &cmids, &fingerprints, &ids, &items, &created, &expires, &targets])
             .await?
             .iter()
-            .map(|r| (r.get(1), r.get(0)))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         let (mut recipients, mut seqs, mut expiry) = (Vec::new(), Vec::new(), Vec::new());
         for (i, to) in &new {
             let m = &msgs[*i];
-            match inserted.get(&m.client_message_id) {
-                Some(seq) => {
-                    recipients.push(to.clone());
-                    seqs.push(*seq);
-                    expiry.push(m.expires_at as i64);
-                    let key = parse(to)?;
-                    out[*i] = Some(Ok(Enqueued {
-                        message_id: m.message_id.clone(),
-                        duplicate: false,
-                        recipients: 1,
-                        woken: vec![key],
-                    }));
-                }
-                None => {
-                    let first = find_sent(tx, &mesh, &sender, &m.client_message_id).await?;
-                    let first = first.ok_or_else(|| TxError::Corrupt("a conflicting send vanished".into()))?;
-                    out[*i] = Some(duplicate(m, first).map_err(StoreError::from));
-                }
-            }
+            let seq = stored.get(&m.client_message_id).copied();
+            seqs.push(seq.ok_or_else(|| TxError::Corrupt("a batch of sends was stored in part".into()))?);
+            recipients.push(to.clone());
+            expiry.push(m.expires_at as i64);
+            out[*i] = Some(Ok(Enqueued {
+                message_id: m.message_id.clone(),
+                duplicate: false,
+                recipients: 1,
+                woken: vec![parse(to)?],
+            }));
         }
         let stmt = tx
             .prepare_cached(

@@ -12,6 +12,9 @@ use deadpool_postgres::Object;
 
 use super::PgError;
 
+/// The unique key of sends: (client_message_id, mesh_id, sender).
+pub(super) const SEND_KEY: &str = "messages_by_client_id";
+
 /// The lock migrations run under (any value unlikely to be used by another program on the database).
 const MIGRATION_LOCK: i64 = 0x6d65_7368_5f73_6368;
 
@@ -151,7 +154,7 @@ ALTER TABLE connections ALTER COLUMN mesh_id TYPE TEXT COLLATE "C", ALTER COLUMN
 -- updates the row in place (a HOT update) rather than adding it to every index again; pages keep
 -- room for that. A dead replica's leases are found by one scan of the queue when it is buried.
 DROP INDEX queue_by_lease;
-ALTER TABLE queue SET (fillfactor = 80);
+ALTER TABLE queue SET (fillfactor = 50);
 ALTER TABLE messages SET (fillfactor = 90);
 "#,
 ];
