@@ -340,10 +340,16 @@ impl Drain {
                             outbox::emit_state(&tx, row, now)?;
                         }
                         (Work::Send(row), Reply::Error(e)) => {
-                            // Being told to slow down is not a failed attempt: it never uses up the cap.
-                            let counts = e.code != ErrorCode::RateLimited;
+                            // Being told to slow down, or that the broker's storage is failing (a
+                            // database outage of any length), is not a failed attempt: it never uses
+                            // up the cap. A storage failure is tried again after a few seconds.
+                            let counts = !matches!(e.code, ErrorCode::RateLimited | ErrorCode::Internal);
+                            let retry_after = match e.code {
+                                ErrorCode::Internal => Some(e.retry_after_ms.unwrap_or(0).max(outbox::STORAGE_RETRY_MS)),
+                                _ => e.retry_after_ms,
+                            };
                             let status =
-                                outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, e.retry_after_ms, counts, now)?;
+                                outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, retry_after, counts, now)?;
                             tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
                             if status == OutboxStatus::Dead {
                                 outbox::emit_state(&tx, row, now)?;
@@ -557,7 +563,7 @@ mod tests {
         let mut b = FakeBroker::start();
         let id = b.insert("c-1");
         let first = b.next_send().await;
-        b.refuse(&first, ErrorCode::Internal, None);
+        b.refuse(&first, ErrorCode::Unavailable, None);
         b.status_becomes(id, OutboxStatus::Pending).await;
         let t0 = Instant::now();
         let again = b.next_send().await;
@@ -581,6 +587,25 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_millis(4_990), "{:?}", t0.elapsed());
         b.accept(&again);
         assert_eq!(b.status_becomes(id, OutboxStatus::Done).await.attempts, 1, "being rate limited is not an attempt");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn storage_failures_wait_and_never_use_up_the_attempts() {
+        let mut b = FakeBroker::start();
+        let id = b.insert("c-1");
+        // Twice the cap: a database outage longer than 25 attempts would take.
+        let mut refused_at: Option<Instant> = None;
+        for _ in 0..outbox::MAX_ATTEMPTS * 2 {
+            let s = b.next_send().await;
+            if let Some(t) = refused_at {
+                assert!(t.elapsed() >= Duration::from_millis(outbox::STORAGE_RETRY_MS - 10), "{:?}", t.elapsed());
+            }
+            b.refuse(&s, ErrorCode::Internal, None);
+            refused_at = Some(Instant::now());
+        }
+        let s = b.next_send().await;
+        b.accept(&s);
+        assert_eq!(b.status_becomes(id, OutboxStatus::Done).await.attempts, 1, "a storage failure is not an attempt");
     }
 
     #[tokio::test(start_paused = true)]

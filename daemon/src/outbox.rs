@@ -22,6 +22,9 @@ use crate::store::opt_ms;
 pub const MAX_ATTEMPTS: u32 = 25;
 const BACKOFF_BASE_MS: u64 = 500;
 const BACKOFF_CAP_MS: u64 = 30_000;
+/// The least wait before a send the broker could not store (`internal`: its storage failing) goes
+/// again; such answers do not count as attempts.
+pub const STORAGE_RETRY_MS: u64 = 5_000;
 /// How long an `inflight` row may wait for the broker's answer before it is sent again.
 pub const LEASE_MS: u64 = 30_000;
 /// A row not accepted by a broker within this time is dead.

@@ -41,20 +41,24 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
             "--db" => {
                 let db = words.next().unwrap_or_default();
                 if is_postgres_address(&db) {
-                    postgres = Some(db);
+                    postgres = Some(db.trim().to_owned());
                 } else {
+                    refuse_foreign(&db)?;
                     args.extend(["--db".to_owned(), absolute_db(&db)?]);
                 }
             }
             w if w.starts_with("--db=") && is_postgres_address(&w["--db=".len()..]) => {
-                postgres = Some(w["--db=".len()..].to_owned());
+                postgres = Some(w["--db=".len()..].trim().to_owned());
             }
             "--create-token" => token = words.next(),
             "--tls-cert" | "--tls-key" => {
                 let file = words.next().unwrap_or_default();
                 args.extend([word, absolute_db(&file)?]);
             }
-            w if w.starts_with("--db=") => args.push(format!("--db={}", absolute_db(&w["--db=".len()..])?)),
+            w if w.starts_with("--db=") => {
+                refuse_foreign(&w["--db=".len()..])?;
+                args.push(format!("--db={}", absolute_db(&w["--db=".len()..])?));
+            }
             w if w.starts_with("--tls-cert=") || w.starts_with("--tls-key=") => {
                 let (flag, file) = w.split_once('=').unwrap_or((w, ""));
                 args.push(format!("{flag}={}", absolute_db(file)?));
@@ -95,7 +99,7 @@ pub struct ServeArgs {
     /// directory), or postgres://USER@HOST:PORT/DB, a PostgreSQL database several replicas share
     #[arg(long, value_name = "FILE|URL", env = "MESH_BROKER_DB", hide_env_values = true)]
     pub db: Option<String>,
-    /// Connections to PostgreSQL this replica holds at most
+    /// Connections to PostgreSQL this replica holds at most (2 to 1000; PostgreSQL only)
     #[arg(long, default_value_t = PgOptions::default().pool_size as u64, value_parser = clap::value_parser!(u64).range(2..=1000))]
     pub db_pool: u64,
     /// Require this token to create meshes on this broker
@@ -314,6 +318,19 @@ fn self_signed_hosts(hosts: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(hosts)
 }
 
+/// Refuses a `--db` that is an address of another kind or a misspelt PostgreSQL one, rather than
+/// making a SQLite file of that name (which would hold its password); says its scheme only.
+fn refuse_foreign(db: &str) -> anyhow::Result<()> {
+    match foreign_scheme(db) {
+        Some(scheme) => Err(crate::output::fail(
+            "usage",
+            format!("--db {scheme}:…: neither a SQLite file nor a PostgreSQL address"),
+            Some("a PostgreSQL database is postgres://USER:PASSWORD@HOST:PORT/DB; a file is a path".into()),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Where the broker keeps its state.
 enum Database {
     File(PathBuf),
@@ -324,15 +341,11 @@ enum Database {
 impl Database {
     fn of(args: &ServeArgs) -> anyhow::Result<Database> {
         Ok(match args.db.as_deref().filter(|d| !d.is_empty()) {
-            Some(url) if is_postgres_address(url) => Database::Postgres(url.to_owned()),
-            Some(other) if let Some(scheme) = foreign_scheme(other) => {
-                return Err(crate::output::fail(
-                    "usage",
-                    format!("--db {scheme}://…: neither a SQLite file nor a PostgreSQL address"),
-                    Some("a PostgreSQL database is postgres://USER:PASSWORD@HOST:PORT/DB; a file is a path".into()),
-                ));
+            Some(url) if is_postgres_address(url) => Database::Postgres(url.trim().to_owned()),
+            Some(path) => {
+                refuse_foreign(path)?;
+                Database::File(PathBuf::from(path))
             }
-            Some(path) => Database::File(PathBuf::from(path)),
             None => Database::File(super::home()?.data_dir.join(STANDALONE_DB)),
         })
     }

@@ -78,8 +78,9 @@ impl Default for PgOptions {
 }
 
 /// Whether `address` names a PostgreSQL database rather than a file: `postgres://` or
-/// `postgresql://` (any case), or libpq's `host=… dbname=…` form.
+/// `postgresql://` (any case), or libpq's `host=… dbname=…` form; blanks around it do not count.
 pub fn is_postgres_address(address: &str) -> bool {
+    let address = address.trim();
     scheme_end(address).is_some() || is_key_value(address)
 }
 
@@ -91,18 +92,22 @@ fn scheme_end(address: &str) -> Option<usize> {
     })
 }
 
-/// libpq's `key=value` form, naming at least a host, a database or a user.
+/// libpq's `key=value` form: a parameter name, then `=` (`host=/run/postgresql dbname=mesh`,
+/// `dbname = mesh password='a b'`).
 fn is_key_value(address: &str) -> bool {
-    let mut words = address.split_whitespace();
-    words.clone().all(|w| w.contains('='))
-        && words.any(|w| ["host=", "hostaddr=", "dbname=", "user="].iter().any(|k| w.starts_with(k)))
+    let name_end = address.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(address.len());
+    name_end > 0 && address[name_end..].trim_start().starts_with('=')
 }
 
-/// Whether `value` looks like an address of some other kind (`mysql://…`, `postgress://…`): refused
-/// rather than taken for a file name (its scheme, to say so, never the rest: it may hold a password).
+/// Whether `value` looks like an address of some other kind (`mysql://…`, `postgress://…`), or a
+/// PostgreSQL one misspelt (`postgres:/…`, `postgres:db`): refused rather than taken for a file
+/// name. Its scheme, to say so, never the rest: it may hold a password.
 pub fn foreign_scheme(value: &str) -> Option<&str> {
-    let (scheme, _) = value.split_once("://")?;
-    (!scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))).then_some(scheme)
+    let (scheme, rest) = value.trim().split_once(':')?;
+    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let postgres = ["postgres", "postgresql"].iter().any(|p| scheme.eq_ignore_ascii_case(p));
+    (is_scheme && (rest.starts_with("//") || postgres)).then_some(scheme)
 }
 
 /// `address` with its scheme in lower case, as the driver reads it.
@@ -123,7 +128,8 @@ pub fn redacted(address: &str) -> String {
     let (mut tcp, mut unix) = (Vec::new(), Vec::new());
     for host in config.get_hosts() {
         match host {
-            Host::Tcp(name) => tcp.push(name.clone()),
+            // An `@` of the password not percent-encoded ends up in the host: never shown.
+            Host::Tcp(name) => tcp.push(name.rsplit('@').next().unwrap_or_default().to_owned()),
             Host::Unix(path) => unix.push(path.display().to_string()),
         }
     }
@@ -158,14 +164,26 @@ impl PgStore {
     /// Connects, brings the schema up to date (one replica at a time, under an advisory lock) and
     /// registers this replica.
     pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
+        let address = address.trim();
         let at = redacted(address);
-        let mut config =
-            tokio_postgres::Config::from_str(&normalized(address)).map_err(|e| PgError::Address(e.to_string()))?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(PgError::Unsupported(
-                "sslmode=require asks for TLS to PostgreSQL, which this build does not speak; reach the database \
-                 over a private network or its Unix socket",
+        let lower = address.to_ascii_lowercase();
+        let verify = ["sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| lower.contains(m));
+        let mut config = tokio_postgres::Config::from_str(&normalized(address)).map_err(|e| match verify {
+            true => PgError::Unsupported(NO_TLS),
+            false => PgError::Address(e.to_string()),
+        })?;
+        if verify || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            return Err(PgError::Unsupported(NO_TLS));
+        }
+        if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
+        {
+            return Err(PgError::Address(
+                "an @ after the user name's: percent-encode an @ in the user name or password as %40".into(),
             ));
+        }
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            // No host: the local server's socket, where libpq looks.
+            config.host_path(local_socket_dir());
         }
         // These bound how long a connection waits on a server that never answers; a cut network is
         // noticed sooner by the listening connection's pings.
@@ -205,7 +223,10 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Backend(format!("no database connection: {e}")))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Backend(format!("no database connection: {}", mesh_proto::error::chain(&e))))
     }
 
     /// One statement outside a transaction, prepared once per pooled connection: its rows.
@@ -235,6 +256,20 @@ impl PgStore {
             observer(ops, started.elapsed());
         }
     }
+}
+
+/// Why a TLS connection to PostgreSQL is refused.
+const NO_TLS: &str = "sslmode=require (or verify-ca, verify-full) asks for TLS to PostgreSQL, which this build does \
+                      not speak; reach the database over a private network or its Unix socket";
+
+/// Where a PostgreSQL address without a host leads, as libpq: `$PGHOST` when it names a directory,
+/// else the distribution's socket directory, else `/tmp`.
+fn local_socket_dir() -> std::path::PathBuf {
+    let from_env = std::env::var_os("PGHOST").map(std::path::PathBuf::from).filter(|p| p.is_absolute());
+    from_env.unwrap_or_else(|| {
+        let debian = std::path::Path::new("/var/run/postgresql");
+        if debian.is_dir() { debian.to_owned() } else { std::path::PathBuf::from("/tmp") }
+    })
 }
 
 fn pool_error(at: &str, e: deadpool_postgres::PoolError) -> PgError {
@@ -653,4 +688,70 @@ impl Store for PgStore {
 async fn lock_names(tx: &impl GenericClient, mesh: &MeshId) -> Result<(), TxError> {
     tx.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&NAMES_LOCK, &mesh.to_string()]).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_told_from_files_and_misspellings_refused() {
+        for address in [
+            "postgres://u:p@h:5432/db",
+            "PostgreSQL://u@h/db",
+            "  postgres://u:p@h/db ",
+            "host=/run/postgresql dbname=mesh",
+            "host = 127.0.0.1 port = 5432 dbname=mesh user=app password='a b'",
+            "dbname=mesh",
+        ] {
+            assert!(is_postgres_address(address), "{address:?}");
+            assert_eq!(foreign_scheme(address).filter(|_| !is_postgres_address(address)), None);
+        }
+        for file in ["broker.db", "/var/lib/mesh/broker.db", "./a b.db", "data/x:y.db"] {
+            assert!(!is_postgres_address(file), "{file:?}");
+            assert_eq!(foreign_scheme(file), None, "{file:?}");
+        }
+        for (value, scheme) in [
+            ("mysql://u:p@h/db", "mysql"),
+            ("postgress://u:p@h/db", "postgress"),
+            ("postgres:/u:p@h/db", "postgres"),
+            ("postgres:mesh", "postgres"),
+            (" Postgresql:u:p@h", "Postgresql"),
+        ] {
+            assert!(!is_postgres_address(value), "{value:?}");
+            assert_eq!(foreign_scheme(value), Some(scheme), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_shown_without_their_password() {
+        for (address, shown) in [
+            ("postgres://app:S3cret@db.internal:5432/mesh", "postgres://app@db.internal/mesh"),
+            ("postgres://app:S3cret@db:6000/mesh", "postgres://app@db:6000/mesh"),
+            (
+                "host=127.0.0.1 port=25432 dbname=appdb user=app password='S3cret PW'",
+                "postgres://app@127.0.0.1:25432/appdb",
+            ),
+            ("postgres://mesh@/db?host=/run/postgresql", "postgres://mesh@/db?host=/run/postgresql"),
+            // An @ of the password not percent-encoded: the part after it is no host to show.
+            ("postgres://app:p@ss@127.0.0.1:25432/appdb", "postgres://app@127.0.0.1:25432/appdb"),
+        ] {
+            assert_eq!(redacted(address), shown, "{address:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_name_the_problem_and_never_the_password() {
+        for (address, says) in [
+            ("postgres://app:p@ss@127.0.0.1:25432/appdb", "%40"),
+            ("postgres://app:S3cret@127.0.0.1/db?sslmode=require", "sslmode"),
+            ("postgres://app:S3cret@127.0.0.1/db?sslmode=verify-full", "verify-full"),
+            ("host=127.0.0.1 password=S3cret sslmode=verify-ca", "verify-ca"),
+            ("postgres://app:S3cret@127.0.0.1:99999/db", "cannot be read"),
+        ] {
+            let said = PgStore::connect(address, PgOptions::default()).await.expect_err(address).to_string();
+            assert!(said.contains(says), "{address:?}: {said}");
+            assert!(!said.contains("S3cret") && !said.contains("ss@"), "{address:?}: {said}");
+        }
+    }
 }
