@@ -296,7 +296,7 @@ impl Connection {
                 server_time: now_ms().saturating_add_signed(self.shared.config.clock_offset_ms),
             }),
             Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster for welcome");
+                crate::store::log_failure("loading roster for welcome", &e);
                 ServerFrame::Error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry later"))
             }
         };
@@ -520,7 +520,7 @@ impl Connection {
                         true
                     }
                     Err(e) => {
-                        tracing::error!(error = %mesh_proto::error::chain(&e), "recording acks; the deliveries will be sent again");
+                        crate::store::log_failure("recording acks; the deliveries will be sent again", &e);
                         self.send_error(ErrorFrame::new(
                             ErrorCode::Internal,
                             "could not record the ack; it will be redelivered",
@@ -534,7 +534,7 @@ impl Connection {
                     self.send_frame(ServerFrame::Roster(RosterReply { id: req.id, peers, next })).await
                 }
                 Err(e) => {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "loading roster");
+                    crate::store::log_failure("loading roster", &e);
                     self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure").with_id(Some(req.id))).await
                 }
             },
@@ -671,7 +671,7 @@ impl Connection {
         match result {
             Ok(()) => self.send_frame(ServerFrame::Ok(OkReply { id })).await,
             Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "storage failure");
+                crate::store::log_failure("storage failure", &e);
                 self.send_error(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry").with_id(Some(id))).await
             }
         }
@@ -786,7 +786,7 @@ impl Connection {
                 )
             }),
             Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "idempotency lookup failed");
+                crate::store::log_failure("idempotency lookup failed", &e);
                 Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))
             }
         }
@@ -802,7 +802,7 @@ impl Connection {
         let results: Vec<Result<_, ErrorFrame>> = match self.shared.store.enqueue_many(msgs).await {
             Ok(results) => results.into_iter().map(|r| r.map_err(enqueue_refusal)).collect(),
             Err(e) => {
-                tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
+                crate::store::log_failure("enqueue failed", &e);
                 ids.iter().map(|_| Err(ErrorFrame::new(ErrorCode::Internal, "storage failure; retry"))).collect()
             }
         };
@@ -857,7 +857,7 @@ fn enqueue_refusal(e: StoreError) -> ErrorFrame {
             ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}"))
         }
         e => {
-            tracing::error!(error = %mesh_proto::error::chain(&e), "enqueue failed");
+            crate::store::log_failure("enqueue failed", &e);
             ErrorFrame::new(ErrorCode::Internal, "storage failure; retry")
         }
     }

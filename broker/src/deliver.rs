@@ -68,7 +68,7 @@ pub(crate) async fn deliver_loop(
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %mesh_proto::error::chain(&e), "leasing deliveries; retrying in 1 s");
+                    crate::store::log_failure("leasing deliveries; retrying in 1 s", &e);
                     foreign = None;
                     retry_at = Some(Instant::now() + Duration::from_secs(1));
                 }

@@ -23,7 +23,7 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
 }
 
 fn internal(e: StoreError) -> ErrorFrame {
-    tracing::error!(error = %mesh_proto::error::chain(&e), "store failure during handshake");
+    crate::store::log_failure("store failure during handshake", &e);
     refuse(ErrorCode::Internal, "storage failure; retry later")
 }
 

@@ -35,9 +35,11 @@ use crate::{events, inbox, outbox, roster};
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const PING_EVERY: Duration = Duration::from_secs(30);
-/// No frame (not even a ping) for this long: the connection is dead.
-const STALE_AFTER: Duration = Duration::from_secs(75);
+/// A ping this often: a live broker answers with a pong, so a silent one is noticed within
+/// [`STALE_AFTER`] (a frozen replica, a cut network) and the link moves to the next address.
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// No frame (not even a pong) for this long: the connection is dead.
+const STALE_AFTER: Duration = Duration::from_secs(30);
 const RECONNECT_MIN_MS: u64 = 500;
 const RECONNECT_MAX_MS: u64 = 30_000;
 const REJECTED_RETRY: Duration = Duration::from_secs(60);
@@ -240,10 +242,13 @@ pub async fn handshake(
     attestation: Option<Signed>,
     intent: impl FnOnce(&[u8]) -> Intent,
 ) -> Result<(Ws, Welcome), LinkError> {
-    handshake_via(broker, identity, name, mesh_id, attestation, intent).await.map(|(ws, welcome, _)| (ws, welcome))
+    handshake_via(broker, identity, name, mesh_id, attestation, intent)
+        .await
+        .map(|(ws, welcome, _)| (ws, welcome))
+        .map_err(|(e, _)| e)
 }
 
-/// [`handshake`], also saying which of the broker's addresses answered.
+/// [`handshake`], also saying which of the broker's addresses answered (or refused).
 async fn handshake_via(
     broker: Broker<'_>,
     identity: &Identity,
@@ -251,8 +256,24 @@ async fn handshake_via(
     mesh_id: MeshId,
     attestation: Option<Signed>,
     intent: impl FnOnce(&[u8]) -> Intent,
-) -> Result<(Ws, Welcome, String), LinkError> {
-    let (mut ws, _, address) = connect(broker).await?;
+) -> Result<(Ws, Welcome, String), (LinkError, Option<String>)> {
+    let (ws, _, address) = connect(broker).await.map_err(|e| (e, None))?;
+    greet(ws, broker, identity, name, mesh_id, attestation, intent)
+        .await
+        .map_err(|e| (e, Some(address.clone())))
+        .map(|(ws, welcome)| (ws, welcome, address))
+}
+
+/// The handshake on a connected socket: the challenge answered, the `welcome` read.
+async fn greet(
+    mut ws: Ws,
+    broker: Broker<'_>,
+    identity: &Identity,
+    name: &str,
+    mesh_id: MeshId,
+    attestation: Option<Signed>,
+    intent: impl FnOnce(&[u8]) -> Intent,
+) -> Result<(Ws, Welcome), LinkError> {
     let challenge = match next_frame(&mut ws).await? {
         ServerFrame::Challenge(c) if c.v == mesh_proto::PROTOCOL_VERSION => c.nonce,
         ServerFrame::Challenge(c) => return Err(LinkError::Protocol(format!("broker speaks protocol v{}", c.v))),
@@ -278,7 +299,7 @@ async fn handshake_via(
         .await
         .map_err(|e| LinkError::Unreachable { url: broker.url.to_owned(), detail: e.to_string() })?;
     match next_frame(&mut ws).await? {
-        ServerFrame::Welcome(w) => Ok((ws, w, address)),
+        ServerFrame::Welcome(w) => Ok((ws, w)),
         ServerFrame::Error(e) => Err(LinkError::Refused(e)),
         other => Err(LinkError::Protocol(format!("expected welcome, got {other:?}"))),
     }
@@ -526,9 +547,7 @@ async fn run(
     // dropped the connection or failed to answer is tried last.
     let mut first = 0;
     let address_count = addresses(&spec.broker_url).count().max(1);
-    // Permanent refusals in a row: with several addresses, one replica refusing (misconfigured, on
-    // another database) is not the mesh refusing until every address has said so.
-    let mut refused_in_a_row = 0;
+    let mut refusals = Refusals::default();
     loop {
         set_state(&status, LinkState::Connecting, None);
         let attestation = spec.attest.as_ref().map(|mint| mint());
@@ -540,10 +559,14 @@ async fn run(
             r = handshake_via(broker, &spec.identity, &name, spec.mesh_id, attestation, |_| Intent::Connect) => r,
             () = handle.cancel.cancelled() => return,
         };
+        let every_address_refused = match &connected {
+            Err((LinkError::Refused(e), address)) if e.permanent => refusals.refused(address.as_deref(), address_count),
+            _ => false,
+        };
         let wait = match connected {
             Ok((ws, welcome, address)) => {
                 failures = 0;
-                refused_in_a_row = 0;
+                refusals.online();
                 let skew = welcome.server_time as i64 - now_ms() as i64;
                 status.send_modify(|s| {
                     s.clock_skew_ms = Some(skew);
@@ -583,16 +606,14 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, state, Some(ended.reason)).await;
                 if ended.permanent { REJECTED_RETRY } else { reconnect_delay(0) }
             }
-            Err(LinkError::Refused(e)) if e.permanent && refused_in_a_row + 1 < address_count => {
-                refused_in_a_row += 1;
+            Err((LinkError::Refused(e), _)) if e.permanent && !every_address_refused => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "one of the broker's addresses refused this identity; trying the next");
                 let why = format!("{}: {} (trying the next address)", e.code.as_str(), e.message);
                 set_state(&status, LinkState::Offline, Some(why.clone()));
                 record_state(&daemon, &spec, &mut recorded, LinkState::Offline, Some(why)).await;
                 reconnect_delay(0)
             }
-            Err(LinkError::Refused(e)) if e.permanent => {
-                refused_in_a_row = 0;
+            Err((LinkError::Refused(e), _)) if e.permanent => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");
                 let why = format!("{}: {}", e.code.as_str(), e.message);
                 status.send_modify(|s| s.certificate = None);
@@ -600,7 +621,7 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(why)).await;
                 REJECTED_RETRY
             }
-            Err(LinkError::Certificate(e)) => {
+            Err((LinkError::Certificate(e), _)) => {
                 // Never a silent fallback: the link stays down, saying why, until the certificate or
                 // the pin is put right.
                 tracing::warn!(error = %e, "broker certificate refused");
@@ -609,7 +630,7 @@ async fn run(
                 record_state(&daemon, &spec, &mut recorded, LinkState::Rejected, Some(e.to_string())).await;
                 REJECTED_RETRY
             }
-            Err(e) => {
+            Err((e, _)) => {
                 failures = failures.saturating_add(1);
                 tracing::info!(error = %mesh_proto::error::chain(&e), failures, "cannot connect");
                 set_state(&status, LinkState::Offline, Some(e.to_string()));
@@ -622,6 +643,31 @@ async fn run(
             () = handle.retry.notified() => {}
             () = handle.cancel.cancelled() => return,
         }
+    }
+}
+
+/// Permanent refusals since the link was last online, by address: with several addresses, one
+/// replica refusing (misconfigured, on another database) is not the mesh refusing until every address
+/// has said so. An address that does not answer refuses nothing.
+#[derive(Default)]
+struct Refusals {
+    by: std::collections::HashSet<String>,
+}
+
+impl Refusals {
+    /// Records a refusal by `address`: whether every one of `count` addresses has now refused (then
+    /// they are forgotten, and the next round asks each again).
+    fn refused(&mut self, address: Option<&str>, count: usize) -> bool {
+        self.by.insert(address.unwrap_or_default().to_owned());
+        let every = self.by.len() >= count;
+        if every {
+            self.by.clear();
+        }
+        every
+    }
+
+    fn online(&mut self) {
+        self.by.clear();
     }
 }
 
@@ -747,7 +793,7 @@ async fn read_loop(
             () = stop.cancelled() => return Ended::transient("stopping"),
         };
         let first = match first {
-            Err(_) => return Ended::transient("no traffic from the broker for 75 s"),
+            Err(_) => return Ended::transient(format!("no answer from the broker for {} s", STALE_AFTER.as_secs())),
             Ok(None) => return Ended::transient("the broker closed the connection"),
             Ok(Some(Err(e))) => return Ended::transient(format!("connection lost: {}", lost(&e))),
             Ok(Some(Ok(m))) => m,
@@ -858,7 +904,12 @@ async fn read_loop(
                     match tokio::time::timeout(STALE_AFTER, out.send(ack)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return Ended::transient("writer stopped"),
-                        Err(_) => return Ended::transient("the broker stopped reading for 75 s"),
+                        Err(_) => {
+                            return Ended::transient(format!(
+                                "the broker stopped reading for {} s",
+                                STALE_AFTER.as_secs()
+                            ));
+                        }
                     }
                 }
                 // Not acked: the broker will deliver these again after its lease.
@@ -916,6 +967,22 @@ async fn intake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_is_rejected_only_when_every_address_has_refused() {
+        let (a, b) = (Some("ws://a:1"), Some("ws://b:1"));
+        let mut r = Refusals::default();
+        // A refuses; B does not answer (no refusal); A refuses again: B may still take the member.
+        assert!(!r.refused(a, 2));
+        assert!(!r.refused(a, 2), "a second refusal by the same address is not every address");
+        // B refuses too: every address has.
+        assert!(r.refused(b, 2));
+        // Forgotten then, and when online.
+        assert!(!r.refused(b, 2));
+        r.online();
+        assert!(!r.refused(a, 2));
+        assert!(Refusals::default().refused(a, 1), "one address: its refusal is the mesh's");
+    }
 
     #[test]
     fn plain_ws_is_unencrypted_unless_it_stays_on_this_machine() {

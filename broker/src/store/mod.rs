@@ -376,3 +376,28 @@ pub trait Store: Send + Sync + 'static {
         member: bool,
     ) -> Result<Vec<String>, StoreError>;
 }
+
+/// Logs a store failure, at most once a second across the broker: a database outage fails every
+/// request at once, and one line a second says so (with how many were left out) without burying
+/// the log.
+pub(crate) fn log_failure(what: &str, e: &StoreError) {
+    use std::sync::{Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(PoisonError::into_inner);
+    let now = Instant::now();
+    if let Some((at, left_out)) = last.as_mut()
+        && now.duration_since(*at) < Duration::from_secs(1)
+    {
+        *left_out += 1;
+        return;
+    }
+    let left_out = last.map_or(0, |(_, n)| n);
+    *last = Some((now, 0));
+    drop(last);
+    if left_out > 0 {
+        tracing::error!(error = %mesh_proto::error::chain(e), more_failures_left_out = left_out, "{what}");
+    } else {
+        tracing::error!(error = %mesh_proto::error::chain(e), "{what}");
+    }
+}
