@@ -338,7 +338,7 @@ pub async fn check_certificate(
 /// Connects to the first of the broker's addresses that answers. A certificate refused is final:
 /// never a fallback to another address for it.
 async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>, String), LinkError> {
-    let mut last = None;
+    let mut failed = Vec::new();
     for url in addresses(broker.url) {
         match connect_to(Broker { url, ..broker }).await {
             Ok((ws, pin)) => {
@@ -347,12 +347,29 @@ async fn connect(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>, String), Li
             }
             Err(e @ LinkError::Unreachable { .. }) => {
                 tracing::debug!(error = %e, "broker address unreachable; trying the next");
-                last = Some(e);
+                failed.push(e);
             }
             Err(e) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| LinkError::Unreachable { url: broker.url.to_owned(), detail: "no address".into() }))
+    // One address: its own error. Several: each address with why it did not answer.
+    match failed.len() {
+        0 => Err(LinkError::Unreachable { url: broker.url.to_owned(), detail: "no address".into() }),
+        1 => Err(failed.remove(0)),
+        n => {
+            let each: Vec<String> = failed
+                .iter()
+                .map(|e| match e {
+                    LinkError::Unreachable { url, detail } => format!("{url}: {detail}"),
+                    other => other.to_string(),
+                })
+                .collect();
+            Err(LinkError::Unreachable {
+                url: broker.url.to_owned(),
+                detail: format!("none of its {n} addresses answered ({})", each.join("; ")),
+            })
+        }
+    }
 }
 
 async fn connect_to(broker: Broker<'_>) -> Result<(Ws, Option<CertPin>), LinkError> {
@@ -967,6 +984,18 @@ async fn intake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn when_no_address_answers_each_is_named_with_its_reason() {
+        let closed = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let list = format!("ws://127.0.0.1:{},ws://127.0.0.1:{}", closed(), closed());
+        let Err(e) = connect(Broker { url: &list, pin: None, mesh: "team" }).await else { panic!("nothing listens") };
+        let said = e.to_string();
+        assert!(said.contains("none of its 2 addresses answered"), "{said}");
+        for address in list.split(',') {
+            assert!(said.contains(&format!("{address}: ")), "{address} is named: {said}");
+        }
+    }
 
     #[test]
     fn the_link_is_rejected_only_when_every_address_has_refused() {

@@ -166,29 +166,31 @@ pub(super) async fn migrate(client: &mut Object, at: &str) -> Result<(), PgError
     let result = apply(client, at, MIGRATIONS).await;
     // A session lock outlives transactions: give it back (a connection that dies gives it back too).
     let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(failed(0));
-    let reset = client.batch_execute("RESET client_min_messages").await.map_err(failed(0));
-    result.and(unlocked.map(drop)).and(reset)
+    result.and(unlocked.map(drop))
 }
 
-/// Applies the `migrations` the database has not had yet.
+/// Applies the `migrations` the database has not had yet, all in one transaction: a database where
+/// one cannot be applied (another program's, with a table of the same name) is left as it was.
 async fn apply(client: &mut tokio_postgres::Client, at: &str, migrations: &[&str]) -> Result<(), PgError> {
     let failed = |version: usize| move |source| PgError::Migrate { at: at.to_owned(), version, source };
+    let tx = client.transaction().await.map_err(failed(0))?;
     // `IF NOT EXISTS` on an existing table is a notice, not news.
-    client
-        .batch_execute(
-            "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS mesh_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .await
-        .map_err(failed(0))?;
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS mesh_schema (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await
+    .map_err(failed(0))?;
     let found: i32 =
-        client.query_one("SELECT COALESCE(MAX(version), 0) FROM mesh_schema", &[]).await.map_err(failed(0))?.get(0);
+        tx.query_one("SELECT COALESCE(MAX(version), 0) FROM mesh_schema", &[]).await.map_err(failed(0))?.get(0);
     let known = migrations.len() as i32;
     if found > known {
         return Err(PgError::TooNew { at: at.to_owned(), found, known });
     }
-    for (i, sql) in migrations.iter().enumerate().skip(found as usize) {
+    let pending = migrations.iter().enumerate().skip(found as usize);
+    let mut applied = Vec::new();
+    for (i, sql) in pending {
         let version = i + 1;
-        let tx = client.transaction().await.map_err(failed(version))?;
         tx.batch_execute(sql).await.map_err(failed(version))?;
         tx.execute(
             "INSERT INTO mesh_schema (version, applied_at) VALUES ($1, $2)",
@@ -196,7 +198,10 @@ async fn apply(client: &mut tokio_postgres::Client, at: &str, migrations: &[&str
         )
         .await
         .map_err(failed(version))?;
-        tx.commit().await.map_err(failed(version))?;
+        applied.push(version);
+    }
+    tx.commit().await.map_err(failed(applied.last().copied().unwrap_or(0)))?;
+    for version in applied {
         tracing::info!(version, database = at, "database schema migrated");
     }
     Ok(())
@@ -206,6 +211,25 @@ async fn apply(client: &mut tokio_postgres::Client, at: &str, migrations: &[&str
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    /// Another program's database (a `messages` table of its own) is refused and left as it was.
+    #[tokio::test]
+    async fn a_database_that_cannot_be_migrated_is_left_as_it_was() {
+        let Some(url) = mesh_testkit::postgres::database() else { return };
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client.batch_execute("CREATE TABLE messages (id INTEGER)").await.expect("another program's table");
+        let refused = super::super::PgStore::connect(&url, Default::default()).await.expect_err("not migratable");
+        assert!(refused.to_string().contains("to version 1"), "{refused}");
+        let tables: Vec<String> = client
+            .query("SELECT tablename::TEXT FROM pg_tables WHERE schemaname = 'public' ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(tables, ["messages"], "nothing of mesh's is left behind");
+    }
 
     /// A database made by the first release of the schema, with a member and a message in it, is
     /// brought up to date by the next replica to start, and keeps what it held; a database newer
