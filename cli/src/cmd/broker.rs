@@ -264,6 +264,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // the pin of the certificate, for `mesh create --pin`.
         let scheme = if tls.is_some() { "wss" } else { "ws" };
         let pin = tls.as_ref().map(|t| t.pin().to_string());
+        // Where the certificate is: a self-signed one is made here, and every replica needs it.
+        let cert = tls.as_ref().map(|t| t.cert_path().display().to_string());
         if crate::output::json() {
             let ready = serde_json::json!({
                 "listening": format!("{scheme}://{addr}"),
@@ -271,11 +273,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "replica": replica,
                 "metrics": metrics_url,
                 "tls_pin": pin,
+                "tls_cert": cert,
             });
             outln!("{ready}");
         } else {
             let metrics = metrics_url.map(|u| format!(", metrics at {u}")).unwrap_or_default();
-            let pin = pin.map(|p| format!(", certificate {p}")).unwrap_or_default();
+            let pin = pin.zip(cert).map(|(p, c)| format!(", certificate {p} from {c}")).unwrap_or_default();
             let replica = replica.map(|r| format!(" as replica {r}")).unwrap_or_default();
             outln!("mesh broker listening on {scheme}://{addr} (database {db}{replica}{pin}{metrics})");
         }
