@@ -299,9 +299,19 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
             ClusterEvent::Reclaim => {
                 let Some(cluster) = shared.store.cluster() else { continue };
                 for (mesh, key, handle) in shared.hub.handles() {
-                    if let Err(e) = cluster.claim_connection(mesh, key, handle.member, handle.conn_id).await {
-                        tracing::warn!(error = %mesh_proto::error::chain(&e), "claiming a connection again");
-                        continue;
+                    match cluster.reclaim_connection(mesh, key, handle.member, handle.conn_id).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Its member connected to another replica while this one was away:
+                            // that connection is the live one, this one is left behind.
+                            tracing::info!(conn = handle.conn_id, "superseded while this replica was taken for dead");
+                            handle.supersede();
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %mesh_proto::error::chain(&e), "claiming a connection again");
+                            continue;
+                        }
                     }
                     // The others were told it left when this replica was taken for dead.
                     if let Ok(Some(peer)) = shared.store.peer(mesh, key).await {

@@ -149,3 +149,48 @@ async fn members_of_a_replica_that_stops_are_seen_leaving_by_the_others() {
     }
     ra.stop().await;
 }
+
+/// A replica taken for dead (paused past its heartbeat timeout) while its member moved to another
+/// replica: when it comes back, the member's live connection on the other replica is kept, and the
+/// connection left behind on this one is closed as superseded.
+#[tokio::test]
+async fn a_replica_back_from_the_dead_leaves_connections_that_moved_alone() {
+    let Some(backend) = Backend::postgres() else { return };
+    let Backend::Postgres(url) = &backend else { unreachable!("a PostgreSQL backend") };
+    let ra = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let rb = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let mut t = across(&ra, &rb).await;
+    // The first replica is buried as another replica buries one silent for 15 s: its row and its
+    // connections go, while alice's connection to it still looks alive to it.
+    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    db.execute(
+        "WITH dead AS (DELETE FROM replicas WHERE id = (SELECT replica FROM connections WHERE mesh_id = $1 AND key = $2)
+                       RETURNING id)
+         DELETE FROM connections WHERE replica IN (SELECT id FROM dead)",
+        &[&t.mesh.to_string(), &t.a.key().to_string()],
+    )
+    .await
+    .expect("taken for dead");
+    // Alice's daemon moves to the second replica.
+    let mut moved = Client::connect(&rb).await;
+    assert!(matches!(moved.hello(&t.a, t.mesh, "alice", Intent::Connect).await, ServerFrame::Welcome(_)));
+    // The first replica's next heartbeat finds it was taken for dead: the connection it kept for
+    // alice is the stale one.
+    loop {
+        match t.ca.try_recv().await {
+            Some(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Superseded);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a superseded error"),
+        }
+    }
+    // The live one still carries messages.
+    t.cb.send(&ClientFrame::Send(dm(&t.b, t.mesh, &t.a, 1, "after-return", "still here"))).await;
+    assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Accepted(_)));
+    assert!(matches!(next_deliver(&mut moved).await.item, DeliveryItem::Message(_)));
+    ra.stop().await;
+    rb.stop().await;
+}

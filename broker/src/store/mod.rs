@@ -249,6 +249,16 @@ pub trait Cluster: Send + Sync {
         member: PublicKey,
         conn: u64,
     ) -> Result<(), StoreError>;
+    /// After this replica was taken for dead: records `key`'s connection `conn` here again unless
+    /// another replica holds the key now (its member moved there meanwhile; then this connection is
+    /// the stale one). Whether it was recorded.
+    async fn reclaim_connection(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        member: PublicKey,
+        conn: u64,
+    ) -> Result<bool, StoreError>;
     /// Forgets connection `conn` of `key` (if it is still the recorded one).
     async fn drop_connection(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError>;
     /// The keys of `mesh` connected on any live replica, each with its member.

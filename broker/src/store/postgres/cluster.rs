@@ -351,6 +351,32 @@ impl PgStore {
         Ok(())
     }
 
+    /// [`PgStore::claim`] only where no other replica holds the key now (or this one still does).
+    pub(super) async fn reclaim(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        member: PublicKey,
+        conn: u64,
+    ) -> Result<bool, StoreError> {
+        let claimed = self
+            .execute(
+                "INSERT INTO connections (mesh_id, key, member, replica, conn, since) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (mesh_id, key) DO UPDATE SET member = excluded.member, conn = excluded.conn
+                 WHERE connections.replica = excluded.replica",
+                &[
+                    &mesh.to_string(),
+                    &key.to_string(),
+                    &member.to_string(),
+                    &self.replica,
+                    &(conn as i64),
+                    &(now_ms() as i64),
+                ],
+            )
+            .await?;
+        Ok(claimed == 1)
+    }
+
     pub(super) async fn unclaim(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError> {
         self.execute(
             "DELETE FROM connections WHERE mesh_id = $1 AND key = $2 AND replica = $3 AND conn = $4",

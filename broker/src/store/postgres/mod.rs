@@ -396,6 +396,16 @@ impl Cluster for PgStore {
         self.claim(mesh, key, member, conn).await
     }
 
+    async fn reclaim_connection(
+        &self,
+        mesh: MeshId,
+        key: PublicKey,
+        member: PublicKey,
+        conn: u64,
+    ) -> Result<bool, StoreError> {
+        self.reclaim(mesh, key, member, conn).await
+    }
+
     async fn drop_connection(&self, mesh: MeshId, key: PublicKey, conn: u64) -> Result<(), StoreError> {
         self.unclaim(mesh, key, conn).await
     }
