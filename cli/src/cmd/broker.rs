@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use mesh_broker::store::postgres::{PgOptions, PgStore, foreign_scheme, is_postgres_address, redacted};
+use mesh_broker::store::postgres::{PgOptions, PgStore, check_address, is_postgres_address, not_a_file, redacted};
 use mesh_broker::{BrokerConfig, SqliteStore, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,10 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
     let mut args: Vec<String> = ["broker", "serve"].map(str::to_owned).to_vec();
     let mut token = std::env::var(CREATE_TOKEN_ENV).ok().filter(|t| !t.is_empty());
     // A PostgreSQL address may carry a password: it goes to the unit's environment, like the token.
-    let mut postgres = std::env::var(DB_ENV).ok().filter(|d| is_postgres_address(d));
+    // `MESH_BROKER_DB` as `serve` reads it: overridden by a `--db`.
+    let from_env = std::env::var(DB_ENV).ok().filter(|d| !d.trim().is_empty());
+    let mut postgres = from_env.clone().filter(|d| is_postgres_address(d));
+    let mut file_given = false;
     let mut words = serve.into_iter();
     while let Some(word) = words.next() {
         match word.as_str() {
@@ -44,6 +47,7 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
                     postgres = Some(db.trim().to_owned());
                 } else {
                     refuse_foreign(&db)?;
+                    (postgres, file_given) = (None, true);
                     args.extend(["--db".to_owned(), absolute_db(&db)?]);
                 }
             }
@@ -57,6 +61,7 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
             }
             w if w.starts_with("--db=") => {
                 refuse_foreign(&w["--db=".len()..])?;
+                (postgres, file_given) = (None, true);
                 args.push(format!("--db={}", absolute_db(&w["--db=".len()..])?));
             }
             w if w.starts_with("--tls-cert=") || w.starts_with("--tls-key=") => {
@@ -66,6 +71,18 @@ fn service(serve: Vec<String>) -> anyhow::Result<super::service::Service> {
             w if w.starts_with("--create-token=") => token = Some(w["--create-token=".len()..].to_owned()),
             _ => args.push(word),
         }
+    }
+    // A file named by `MESH_BROKER_DB` alone: the service is given it, made absolute.
+    if let Some(db) = from_env.filter(|d| postgres.is_none() && !file_given && !is_postgres_address(d)) {
+        refuse_foreign(&db)?;
+        args.extend(["--db".to_owned(), absolute_db(&db)?]);
+    }
+    // A PostgreSQL address the broker would refuse at every start is refused now, before a unit is
+    // written (never echoing it: it may hold a password).
+    if let Some(address) = &postgres {
+        check_address(address).map_err(|e| {
+            crate::output::fail("usage", format!("--db: {e}"), Some("the service would never start with it".into()))
+        })?;
     }
     Ok(super::service::Service {
         kind: "broker",
@@ -321,13 +338,14 @@ fn self_signed_hosts(hosts: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(hosts)
 }
 
-/// Refuses a `--db` that is an address of another kind or a misspelt PostgreSQL one, rather than
-/// making a SQLite file of that name (which would hold its password); says its scheme only.
+/// Refuses a `--db` that is no file name (an address of another kind, a misspelt or quoted PostgreSQL
+/// one, a control character) rather than making a SQLite file of that name, which would hold its
+/// password; says why, never the value.
 fn refuse_foreign(db: &str) -> anyhow::Result<()> {
-    match foreign_scheme(db) {
-        Some(scheme) => Err(crate::output::fail(
+    match not_a_file(db) {
+        Some(why) => Err(crate::output::fail(
             "usage",
-            format!("--db {scheme}:…: neither a SQLite file nor a PostgreSQL address"),
+            format!("--db (or MESH_BROKER_DB) is neither a SQLite file nor a PostgreSQL address: {why}"),
             Some("a PostgreSQL database is postgres://USER:PASSWORD@HOST:PORT/DB; a file is a path".into()),
         )),
         None => Ok(()),

@@ -48,7 +48,7 @@ impl Service {
             .join(" ")
     }
 
-    /// The systemd user unit: restarted always (a few times a minute at most), after the network.
+    /// The systemd user unit: restarted always (a daemon a few times a minute at most), after the network.
     /// Every environment variable the service gets.
     fn environment(&self) -> Vec<(String, String)> {
         let home = self.mesh_home.iter().map(|h| (mesh_ipc::paths::HOME_ENV.to_owned(), h.display().to_string()));
@@ -56,6 +56,13 @@ impl Service {
     }
 
     pub fn systemd_unit(&self, exe: &Path) -> String {
+        // A broker is started again however long that takes (its database may be away for a while);
+        // a daemon a few times a minute at most.
+        let start_limit = if self.kind == "broker" {
+            "StartLimitIntervalSec=0\n"
+        } else {
+            "StartLimitIntervalSec=60\nStartLimitBurst=10\n"
+        };
         let env: String =
             self.environment().iter().map(|(k, v)| format!("Environment={}\n", quote(&format!("{k}={v}")))).collect();
         format!(
@@ -63,8 +70,7 @@ impl Service {
              Description={}\n\
              Wants=network-online.target\n\
              After=network-online.target\n\
-             StartLimitIntervalSec=60\n\
-             StartLimitBurst=10\n\
+             {start_limit}\
              \n\
              [Service]\n\
              Type=simple\n\
@@ -193,6 +199,14 @@ pub struct Installed {
 /// before the service manager starts it (the daemon's handover).
 pub fn install(service: &Service, no_start: bool, before_start: impl FnOnce()) -> anyhow::Result<Installed> {
     let exe = std::env::current_exe().context("finding the mesh executable")?;
+    // A line break in a word would end its line of the unit and start another (which systemd would
+    // read as a setting of its own). Which one, never its value: it may be a secret.
+    if service.args.iter().any(|a| a.chars().any(char::is_control)) {
+        bail!("an option for the service holds a control character (a line break?); a service cannot carry it");
+    }
+    if let Some((key, _)) = service.environment().iter().find(|(_, v)| v.chars().any(char::is_control)) {
+        bail!("{key} holds a control character (a line break?); a service cannot carry it");
+    }
     if cfg!(target_os = "macos") {
         let path = service.plist_path()?;
         std::fs::create_dir_all(path.parent().context("plist path has a parent")?)?;

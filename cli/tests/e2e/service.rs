@@ -151,3 +151,63 @@ fn a_service_started_while_a_daemon_runs_takes_over_from_it() {
     let file_logs = home.log_tail(200);
     assert!(!file_logs.is_empty() && !file_logs.contains('\x1b'), "no colour codes in log files");
 }
+
+/// A broker's database address goes into its unit only as `serve` can use it: a PostgreSQL address
+/// in the unit's environment (never on the command line), a `MESH_BROKER_DB` file made absolute;
+/// an address the broker would refuse, a misspelt or quoted one, or a line break, refused before
+/// anything is written, and never echoed. The unit restarts a broker however long its database is
+/// away.
+#[test]
+fn a_broker_unit_carries_its_database_only_as_serve_can_use_it() {
+    let home = TestHome::new(MESH);
+    let xdg = tempfile::tempdir().expect("tempdir");
+    let address = "host=127.0.0.1 port=5432 dbname=mesh user=app password='S3cret PW'";
+    let args = ["broker", "install-service", "--no-start", "--", "--listen", "127.0.0.1:7777", "--db", address];
+    let (unit, text) = install(&home, xdg.path(), &args);
+    assert!(text.contains("Environment=\"MESH_BROKER_DB=host=127.0.0.1") && !text.contains("--db"), "{text}");
+    assert!(text.contains("StartLimitIntervalSec=0"), "{text}");
+    verify(&unit);
+
+    let empty = tempfile::tempdir().expect("a working directory");
+    for (db, code) in [
+        ("postgres//app:S3cret@127.0.0.1/mesh", 2),
+        ("\"postgres://app:S3cret@127.0.0.1/mesh\"", 2),
+        ("host 127.0.0.1 password S3cret", 2),
+        ("postgres://app:S3c@ret@127.0.0.1/mesh", 2),
+        ("postgres://app:S3cret@127.0.0.1/mesh?sslmode=verify-full", 2),
+        ("host=127.0.0.1 dbname=mesh\nExecStartPre=/bin/true password=S3cret", 2),
+        ("host=127.0.0.1 dbname=mesh\nuser=app password=S3cret", 1),
+    ] {
+        for command in
+            [&["broker", "install-service", "--no-start", "--", "--db", db][..], &["broker", "serve", "--db", db]]
+        {
+            let out =
+                home.cmd(command).env("XDG_CONFIG_HOME", xdg.path()).current_dir(empty.path()).output().expect("run");
+            let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            if command[1] == "serve" && db.contains('\n') {
+                // serve takes a libpq address with a line break as it is; only a unit cannot.
+                continue;
+            }
+            if command[1] == "serve" {
+                assert!(!out.status.success(), "{db:?} {command:?}: {said}");
+            } else {
+                assert_eq!(out.status.code(), Some(code), "{db:?} {command:?}: {said}");
+            }
+            assert!(!said.contains("S3cret") && !said.contains("S3c@"), "{db:?} echoed: {said}");
+        }
+        assert_eq!(std::fs::read_to_string(&unit).expect("unit"), text, "{db:?}: the unit is as it was");
+    }
+    assert_eq!(std::fs::read_dir(empty.path()).expect("dir").count(), 0, "no file made of an address");
+
+    // A file named by MESH_BROKER_DB alone is the service's database, made absolute.
+    let out = home
+        .cmd(&["--json", "broker", "install-service", "--no-start", "--", "--listen", "127.0.0.1:7777"])
+        .env("XDG_CONFIG_HOME", xdg.path())
+        .env("MESH_BROKER_DB", "from-env.db")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&unit).expect("unit");
+    let cwd = std::env::current_dir().expect("cwd");
+    assert!(text.contains(&format!("--db {}", cwd.join("from-env.db").display())), "{text}");
+}

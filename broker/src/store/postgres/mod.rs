@@ -40,7 +40,8 @@ pub(crate) const ATTEMPTS: u32 = 5;
 pub enum PgError {
     #[error(
         "the PostgreSQL address cannot be read ({0}); expected postgres://USER:PASSWORD@HOST:PORT/DB, a port of 1 to \
-         65535, and parameters PostgreSQL knows"
+         65535, and parameters this build reads (host, hostaddr, port, dbname, user, password, options, application_name, \
+         sslmode=disable or prefer, connect_timeout, keepalives…)"
     )]
     Address(String),
     #[error("{0}")]
@@ -77,10 +78,16 @@ impl Default for PgOptions {
     }
 }
 
+/// `value` without blanks or invisible characters (a zero-width space, a byte order mark) around it,
+/// as a pasted or env-file value may carry.
+fn trimmed(value: &str) -> &str {
+    value.trim_matches(|c: char| c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}'))
+}
+
 /// Whether `address` names a PostgreSQL database rather than a file: `postgres://` or
 /// `postgresql://` (any case), or libpq's `host=… dbname=…` form; blanks around it do not count.
 pub fn is_postgres_address(address: &str) -> bool {
-    let address = address.trim();
+    let address = trimmed(address);
     scheme_end(address).is_some() || is_key_value(address)
 }
 
@@ -99,15 +106,43 @@ fn is_key_value(address: &str) -> bool {
     name_end > 0 && address[name_end..].trim_start().starts_with('=')
 }
 
-/// Whether `value` looks like an address of some other kind (`mysql://…`, `postgress://…`), or a
-/// PostgreSQL one misspelt (`postgres:/…`, `postgres:db`): refused rather than taken for a file
-/// name. Its scheme, to say so, never the rest: it may hold a password.
-pub fn foreign_scheme(value: &str) -> Option<&str> {
-    let (scheme, rest) = value.trim().split_once(':')?;
-    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-    let postgres = ["postgres", "postgresql"].iter().any(|p| scheme.eq_ignore_ascii_case(p));
-    (is_scheme && (rest.starts_with("//") || postgres)).then_some(scheme)
+/// Why `value`, not a PostgreSQL address, is no file name either: an address of another kind
+/// (`mysql://…`), a PostgreSQL one misspelt (`postgres:/…`, `postgres//…`, `postgres ://…`), quoted,
+/// libpq's words without `=`, or a control character. Taken for a file, it would make one named
+/// after its password. The reason never repeats the value.
+pub fn not_a_file(value: &str) -> Option<String> {
+    if value.chars().any(char::is_control) {
+        return Some("it holds a control character (a line break?)".into());
+    }
+    let value = trimmed(value);
+    if value.starts_with(['"', '\'']) {
+        return Some("it is in quotes: give the address without them".into());
+    }
+    if let Some((scheme, rest)) = value.split_once(':') {
+        let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if is_scheme && ["postgres", "postgresql"].iter().any(|p| scheme.eq_ignore_ascii_case(p)) {
+            return Some(format!("{scheme}:… is a misspelt PostgreSQL address (postgres://…)"));
+        }
+        if is_scheme && rest.starts_with("//") {
+            return Some(format!("{scheme}://… is neither a SQLite file nor a PostgreSQL address"));
+        }
+    }
+    if value.contains("://") {
+        return Some("it holds :// like an address, but not a PostgreSQL one".into());
+    }
+    let lower = value.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("postgresql").or_else(|| lower.strip_prefix("postgres"))
+        && (rest.contains("//") || rest.starts_with([':', ';', ' ', '/', '\t']))
+    {
+        return Some("it looks like a misspelt postgres:// address".into());
+    }
+    let first = lower.split_whitespace().next().unwrap_or_default();
+    let libpq = ["host", "hostaddr", "port", "dbname", "user", "password"].contains(&first);
+    if libpq && lower.contains(char::is_whitespace) {
+        return Some("it looks like libpq's key=value form without the = signs".into());
+    }
+    None
 }
 
 /// `address` with its scheme in lower case, as the driver reads it.
@@ -121,7 +156,7 @@ fn normalized(address: &str) -> std::borrow::Cow<'_, str> {
 /// `address` without its password, for logs and messages.
 pub fn redacted(address: &str) -> String {
     use tokio_postgres::config::Host;
-    let Ok(config) = tokio_postgres::Config::from_str(&normalized(address)) else {
+    let Ok(config) = tokio_postgres::Config::from_str(&normalized(trimmed(address))) else {
         return "postgres://(unreadable address)".into();
     };
     let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
@@ -164,27 +199,9 @@ impl PgStore {
     /// Connects, brings the schema up to date (one replica at a time, under an advisory lock) and
     /// registers this replica.
     pub async fn connect(address: &str, options: PgOptions) -> Result<PgStore, PgError> {
-        let address = address.trim();
+        let address = trimmed(address);
         let at = redacted(address);
-        let lower = address.to_ascii_lowercase();
-        let verify = ["sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| lower.contains(m));
-        let mut config = tokio_postgres::Config::from_str(&normalized(address)).map_err(|e| match verify {
-            true => PgError::Unsupported(NO_TLS),
-            false => PgError::Address(e.to_string()),
-        })?;
-        if verify || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(PgError::Unsupported(NO_TLS));
-        }
-        if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@')))
-        {
-            return Err(PgError::Address(
-                "an @ after the user name's: percent-encode an @ in the user name or password as %40".into(),
-            ));
-        }
-        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
-            // No host: the local server's socket, where libpq looks.
-            config.host_path(local_socket_dir());
-        }
+        let mut config = check_address(address)?;
         // These bound how long a connection waits on a server that never answers; a cut network is
         // noticed sooner by the listening connection's pings.
         config.connect_timeout(Duration::from_secs(10)).keepalives_idle(Duration::from_secs(30));
@@ -256,6 +273,46 @@ impl PgStore {
             observer(ops, started.elapsed());
         }
     }
+}
+
+/// Reads `address` as the broker would connect with it, refusing what it cannot use (TLS, an `@` not
+/// percent-encoded, an unreadable address) without connecting: `mesh broker install-service` checks
+/// an address with it before writing a unit that could never start. No host means the local socket
+/// (`$PGHOST`, else the distribution's directory), no port `$PGPORT`, no user `$PGUSER` or the
+/// login name, as `psql`.
+pub fn check_address(address: &str) -> Result<tokio_postgres::Config, PgError> {
+    let address = trimmed(address);
+    // Quotes and blanks of the key=value form do not hide a TLS mode.
+    let bare: String = address.chars().filter(|c| !c.is_whitespace() && !"'\"".contains(*c)).collect();
+    let bare = bare.to_ascii_lowercase();
+    let verify = ["sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| bare.contains(m));
+    let mut config = tokio_postgres::Config::from_str(&normalized(address)).map_err(|e| match verify {
+        true => PgError::Unsupported(NO_TLS),
+        false => PgError::Address(e.to_string()),
+    })?;
+    if verify || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(PgError::Unsupported(NO_TLS));
+    }
+    if config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(name) if name.contains('@'))) {
+        return Err(PgError::Address(
+            "an @ after the user name's: percent-encode an @ in the user name or password as %40".into(),
+        ));
+    }
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        config.host_path(local_socket_dir());
+    }
+    if config.get_ports().is_empty()
+        && let Some(port) = std::env::var("PGPORT").ok().and_then(|p| p.parse::<u16>().ok())
+    {
+        config.port(port);
+    }
+    if config.get_user().is_none()
+        && let Some(user) =
+            ["PGUSER", "USER", "LOGNAME"].iter().find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+    {
+        config.user(user);
+    }
+    Ok(config)
 }
 
 /// Why a TLS connection to PostgreSQL is refused.
@@ -713,23 +770,37 @@ mod tests {
             "host=/run/postgresql dbname=mesh",
             "host = 127.0.0.1 port = 5432 dbname=mesh user=app password='a b'",
             "dbname=mesh",
+            "\u{200B}postgres://u:p@h/db\u{FEFF}",
         ] {
             assert!(is_postgres_address(address), "{address:?}");
-            assert_eq!(foreign_scheme(address).filter(|_| !is_postgres_address(address)), None);
+            assert!(check_address(address).is_ok(), "{address:?}");
         }
         for file in ["broker.db", "/var/lib/mesh/broker.db", "./a b.db", "data/x:y.db"] {
             assert!(!is_postgres_address(file), "{file:?}");
-            assert_eq!(foreign_scheme(file), None, "{file:?}");
+            assert_eq!(not_a_file(file), None, "{file:?}");
         }
-        for (value, scheme) in [
-            ("mysql://u:p@h/db", "mysql"),
-            ("postgress://u:p@h/db", "postgress"),
-            ("postgres:/u:p@h/db", "postgres"),
-            ("postgres:mesh", "postgres"),
-            (" Postgresql:u:p@h", "Postgresql"),
+        for value in [
+            "mysql://u:S3cret@h/db",
+            "postgress://u:S3cret@h/db",
+            "postgres:/u:S3cret@h/db",
+            "postgres:mesh",
+            " Postgresql:u:S3cret@h",
+            "postgres//u:S3cret@h/db",
+            "postgres.//u:S3cret@h/db",
+            "postgres;//u:S3cret@h/db",
+            "postgres ://u:S3cret@h/db",
+            "\"postgres://u:S3cret@h/db\"",
+            "'postgres://u:S3cret@h/db'",
+            "host 127.0.0.1 password S3cret",
+            "host=127.0.0.1 dbname=db\nuser=u password=S3cret",
+            "a/b://c",
         ] {
-            assert!(!is_postgres_address(value), "{value:?}");
-            assert_eq!(foreign_scheme(value), Some(scheme), "{value:?}");
+            let refused = not_a_file(value).filter(|_| !is_postgres_address(value) || value.contains('\n'));
+            let why = refused.unwrap_or_else(|| panic!("{value:?} taken for a file"));
+            assert!(!why.contains("S3cret"), "{value:?}: {why}");
+        }
+        for file in ["postgres", "postgres.db", "postgresql-backup.db"] {
+            assert_eq!(not_a_file(file), None, "{file:?}");
         }
     }
 
