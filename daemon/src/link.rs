@@ -628,7 +628,10 @@ async fn run(
                 let why = format!("{}: {} (trying the next address)", e.code.as_str(), e.message);
                 set_state(&status, LinkState::Offline, Some(why.clone()));
                 record_state(&daemon, &spec, &mut recorded, LinkState::Offline, Some(why)).await;
-                reconnect_delay(0)
+                // With backoff: the other addresses may all be down, and this one would be asked
+                // again and again.
+                failures = failures.saturating_add(1);
+                reconnect_delay(failures)
             }
             Err((LinkError::Refused(e), _)) if e.permanent => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker refused this identity");

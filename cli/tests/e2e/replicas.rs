@@ -286,6 +286,9 @@ fn an_address_that_does_not_know_the_mesh_is_passed_over() {
     }
     alice.ok(&["create", "team", "--broker", &replicas[0].url]);
     let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    // Through the stray one alone: refused, naming where it looked.
+    let said = bob.fails(&["join", &token, "--broker", &stray.url], 1);
+    assert!(said.contains(&format!("the mesh is not on the broker at {}", stray.url)), "{said}");
     let list = format!("{},{}", stray.url, replicas[0].url);
     bob.ok(&["join", &token, "--broker", &list]);
     let status = bob.eventually_json("bob's link online", &["daemon", "status"], |v| {

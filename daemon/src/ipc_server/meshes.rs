@@ -195,6 +195,17 @@ pub async fn join(
                 tracing::warn!(detail = %e.message, "a broker address does not know the mesh; trying the next");
                 first += 1;
             }
+            Err(LinkError::Refused(e)) if e.code == ErrorCode::UnknownMesh => {
+                // Every address that answered refused; others may not have answered at all.
+                return Err(Failure::new(
+                    ApiErrorCode::BrokerRefused,
+                    format!("the mesh is not on the broker at {}: {}", claims.broker_url, e.message),
+                )
+                .with_hint(
+                    "an address on another database, or the right one down: check the mesh's addresses with its \
+                     owner, or reach it through one you know (mesh join TOKEN --broker URL)",
+                ));
+            }
             Err(LinkError::Refused(e)) if e.code == ErrorCode::NameTaken => {
                 if !req.suffix_if_taken || attempt > MAX_SUFFIX {
                     return Err(Failure::new(ApiErrorCode::NameTaken, e.message).with_hint(format!(
