@@ -160,21 +160,27 @@ pub fn redacted(address: &str) -> String {
         return "postgres://(unreadable address)".into();
     };
     let user = config.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    // Each host with its port (one port for all when only one is given), 5432 left out.
+    let ports = config.get_ports();
+    let port_of = |i: usize| match ports.get(i).or(if ports.len() == 1 { ports.first() } else { None }) {
+        Some(p) if *p != 5432 => format!(":{p}"),
+        _ => String::new(),
+    };
     let (mut tcp, mut unix) = (Vec::new(), Vec::new());
-    for host in config.get_hosts() {
+    for (i, host) in config.get_hosts().iter().enumerate() {
         match host {
             // An `@` of the password not percent-encoded ends up in the host: never shown.
-            Host::Tcp(name) => tcp.push(name.rsplit('@').next().unwrap_or_default().to_owned()),
+            Host::Tcp(name) => tcp.push(format!("{}{}", name.rsplit('@').next().unwrap_or_default(), port_of(i))),
             Host::Unix(path) => unix.push(path.display().to_string()),
         }
     }
-    let port = match config.get_ports() {
-        [p] if *p != 5432 => format!(":{p}"),
-        _ => String::new(),
-    };
+    if config.get_hosts().is_empty() {
+        // libpq's `hostaddr=` alone.
+        tcp.extend(config.get_hostaddrs().iter().enumerate().map(|(i, a)| format!("{a}{}", port_of(i))));
+    }
     let db = config.get_dbname().unwrap_or("");
     let sockets = if unix.is_empty() { String::new() } else { format!("?host={}", unix.join(",")) };
-    format!("postgres://{user}{}{port}/{db}{sockets}", tcp.join(","))
+    format!("postgres://{user}{}/{db}{sockets}", tcp.join(","))
 }
 
 #[derive(Clone)]
@@ -816,6 +822,8 @@ mod tests {
             ("postgres://mesh@/db?host=/run/postgresql", "postgres://mesh@/db?host=/run/postgresql"),
             // An @ of the password not percent-encoded: the part after it is no host to show.
             ("postgres://app:p@ss@127.0.0.1:25432/appdb", "postgres://app@127.0.0.1:25432/appdb"),
+            ("postgres://app:S3cret@a:26432,b:26433/db", "postgres://app@a:26432,b:26433/db"),
+            ("hostaddr=127.0.0.1 port=26432 dbname=db user=app password=S3cret", "postgres://app@127.0.0.1:26432/db"),
         ] {
             assert_eq!(redacted(address), shown, "{address:?}");
         }
