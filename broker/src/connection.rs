@@ -357,7 +357,7 @@ impl Connection {
         {
             tracing::warn!(error = %mesh_proto::error::chain(&e), "forgetting the connection; it leaves with this replica");
         }
-        if self.shared.hub.unregister(mesh, key, self.conn_id) {
+        if self.shared.hub.unregister(mesh, key, self.conn_id) && !self.connected_elsewhere().await {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
             // As stored now: seen just now, and (a session) perhaps ended while this connection lasted.
             match self.shared.store.peer(mesh, key).await {
@@ -375,6 +375,16 @@ impl Connection {
             }
         }
         tracing::info!("connection closed");
+    }
+
+    /// Whether this connection's key is connected on another replica now (it was superseded there, or
+    /// moved there while this replica was taken for dead): then its leaving here is no news.
+    async fn connected_elsewhere(&self) -> bool {
+        let Some(cluster) = self.shared.store.cluster() else { return false };
+        match cluster.connected(self.mesh()).await {
+            Ok(keys) => keys.iter().any(|(k, _)| *k == self.key()),
+            Err(_) => false,
+        }
     }
 
     fn announce(&self, online: bool) {

@@ -97,6 +97,18 @@ async fn presence_rosters_and_supersede_cross_replicas() {
         }
     }
     assert!(t.cb.try_recv().await.is_none(), "the old connection is closed");
+    // Its leaving is no news: bob is connected. Alice hears no offline for him before his next
+    // message, sent after the old connection closed.
+    again.send(&ClientFrame::Send(dm(&t.b, t.mesh, &t.a, 7, "after-supersede", "still here"))).await;
+    loop {
+        match t.ca.recv().await {
+            ServerFrame::Presence(p) if p.peer.key == t.b.key() => {
+                assert!(p.peer.online, "bob announced offline while connected: {p:?}")
+            }
+            ServerFrame::Deliver(_) => break,
+            _ => continue,
+        }
+    }
     // Bob leaves altogether: alice hears him go offline.
     drop(again);
     loop {
