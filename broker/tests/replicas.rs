@@ -31,6 +31,20 @@ async fn across(a: &TestBroker, b: &TestBroker) -> TwoMembers {
     TwoMembers { mesh, a: alice, b: bob, ca, cb }
 }
 
+/// Waits for `c`'s `superseded` error (other frames before it are passed over).
+async fn superseded(c: &mut Client) {
+    loop {
+        match c.try_recv().await {
+            Some(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Superseded);
+                return;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a superseded error"),
+        }
+    }
+}
+
 async fn next_deliver(c: &mut Client) -> mesh_proto::wire::Deliver {
     match c.recv_non_presence().await {
         ServerFrame::Deliver(d) => d,
@@ -86,16 +100,7 @@ async fn presence_rosters_and_supersede_cross_replicas() {
     // Bob connecting again on the first replica supersedes his connection on the second.
     let mut again = Client::connect(&ra).await;
     assert!(matches!(again.hello(&t.b, t.mesh, "bob", Intent::Connect).await, ServerFrame::Welcome(_)));
-    loop {
-        match t.cb.try_recv().await {
-            Some(ServerFrame::Error(e)) => {
-                assert_eq!(e.code, ErrorCode::Superseded);
-                break;
-            }
-            Some(_) => continue,
-            None => panic!("closed without a superseded error"),
-        }
-    }
+    superseded(&mut t.cb).await;
     assert!(t.cb.try_recv().await.is_none(), "the old connection is closed");
     // Its leaving is no news: bob is connected. Alice hears no offline for him before his next
     // message, sent after the old connection closed.
@@ -189,16 +194,7 @@ async fn a_replica_back_from_the_dead_leaves_connections_that_moved_alone() {
     assert!(matches!(moved.hello(&t.a, t.mesh, "alice", Intent::Connect).await, ServerFrame::Welcome(_)));
     // The first replica's next heartbeat finds it was taken for dead: the connection it kept for
     // alice is the stale one.
-    loop {
-        match t.ca.try_recv().await {
-            Some(ServerFrame::Error(e)) => {
-                assert_eq!(e.code, ErrorCode::Superseded);
-                break;
-            }
-            Some(_) => continue,
-            None => panic!("closed without a superseded error"),
-        }
-    }
+    superseded(&mut t.ca).await;
     // The live one still carries messages.
     t.cb.send(&ClientFrame::Send(dm(&t.b, t.mesh, &t.a, 1, "after-return", "still here"))).await;
     assert!(matches!(t.cb.recv_non_presence().await, ServerFrame::Accepted(_)));
