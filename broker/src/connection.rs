@@ -78,7 +78,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: WebSocket, pending: crate
             }
             Err(refusal) => {
                 if let Some(err) = refusal {
-                    tracing::info!(code = err.code.as_str(), detail = %err.message, "handshake refused");
+                    // A storage failure is logged where it happened, at most once a second.
+                    if err.code != ErrorCode::Internal {
+                        tracing::info!(code = err.code.as_str(), detail = %err.message, "handshake refused");
+                    }
                     let _ = out_tx.send(Outbound::Text(ServerFrame::Error(err.clone()).to_json())).await;
                     let _ = out_tx.send(Outbound::Close { code: CLOSE_POLICY, reason: err.code.as_str().to_owned() }).await;
                 }

@@ -350,7 +350,13 @@ impl Drain {
                             };
                             let status =
                                 outbox::mark_failed(&tx, row, &e.to_string(), e.permanent, retry_after, counts, now)?;
-                            tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
+                            // The broker's storage failing is said by the row's last error and the
+                            // broker's log; one line per row every few seconds would bury the log.
+                            if e.code == ErrorCode::Internal && status == OutboxStatus::Pending {
+                                tracing::debug!(row, code = e.code.as_str(), "send not stored by the broker; again soon");
+                            } else {
+                                tracing::info!(row, code = e.code.as_str(), status = status.as_str(), "send refused");
+                            }
                             if status == OutboxStatus::Dead {
                                 outbox::emit_state(&tx, row, now)?;
                             }
