@@ -28,7 +28,8 @@ use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use mesh_proto::now_ms;
+use mesh_proto::wire::{Presence, ServerFrame};
+use mesh_proto::{MeshId, now_ms};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -295,7 +296,12 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
                     presence::announce(&shared, mesh, &peer, false, false);
                 }
             }
-            ClusterEvent::CatchUp => shared.hub.wake_all(),
+            ClusterEvent::CatchUp { presence } => {
+                shared.hub.wake_all();
+                if presence {
+                    resync_presence(&shared).await;
+                }
+            }
             ClusterEvent::Reclaim => {
                 let Some(cluster) = shared.store.cluster() else { continue };
                 for (mesh, key, handle) in shared.hub.handles() {
@@ -319,6 +325,30 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
                     }
                 }
             }
+        }
+    }
+}
+
+/// Tells every connection here the current presence of its mesh's peers (as stored, online when
+/// connected on any replica): after this replica stopped listening to the others for a while, the
+/// presence frames they sent meanwhile (a session ended, a member gone) never arrived.
+async fn resync_presence(shared: &Shared) {
+    let mut meshes: Vec<MeshId> = shared.hub.handles().into_iter().map(|(mesh, _, _)| mesh).collect();
+    meshes.sort();
+    meshes.dedup();
+    for mesh in meshes {
+        let Ok(roster) = shared.store.roster(mesh).await else { continue };
+        let mut connected = shared.hub.connected(mesh);
+        if let Some(cluster) = shared.store.cluster()
+            && let Ok(elsewhere) = cluster.connected(mesh).await
+        {
+            connected.extend(elsewhere);
+        }
+        for entry in roster {
+            let online = connected.contains_key(&entry.peer.key);
+            let view = presence::peer_view(&entry.peer, online, None);
+            let frame = ServerFrame::Presence(Presence { peer: view, removed: false }).to_json();
+            shared.hub.broadcast(mesh, &entry.peer.key, &frame);
         }
     }
 }

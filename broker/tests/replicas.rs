@@ -202,3 +202,45 @@ async fn a_replica_back_from_the_dead_leaves_connections_that_moved_alone() {
     ra.stop().await;
     rb.stop().await;
 }
+
+/// A replica that stopped listening to the others for a while (its listening connection lost, and
+/// the database refusing new connections meanwhile) missed their presence frames: once it listens
+/// again, its connections are told the mesh's current presence.
+#[tokio::test]
+async fn presence_missed_while_not_listening_is_told_once_listening_again() {
+    let Some(backend) = Backend::postgres() else { return };
+    let Backend::Postgres(url) = &backend else { unreachable!("a PostgreSQL backend") };
+    let ra = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let rb = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let mut t = across(&ra, &rb).await;
+    match t.ca.recv().await {
+        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
+        other => panic!("expected bob's presence, got {other:?}"),
+    }
+    // From another database: a database cannot refuse connections from its own session.
+    let mut admin: tokio_postgres::Config = url.parse().expect("the test's address");
+    let name = admin.get_dbname().expect("a database").to_owned();
+    let (db, connection) = admin.dbname("postgres").connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    // No replica can listen again until connections are allowed: the pools keep theirs.
+    db.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false")).await.expect("refuse");
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'",
+        &[&name],
+    )
+    .await
+    .expect("listeners cut");
+    // Bob leaves meanwhile: the first replica is not listening.
+    drop(t.cb);
+    db.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await.expect("allow");
+    loop {
+        if let ServerFrame::Presence(p) = t.ca.recv().await
+            && p.peer.key == t.b.key()
+            && !p.peer.online
+        {
+            break;
+        }
+    }
+    ra.stop().await;
+    rb.stop().await;
+}

@@ -213,8 +213,10 @@ pub enum ClusterEvent {
     /// A replica died without saying goodbye: its connection of `key` is gone (tell the mesh).
     Gone { mesh: MeshId, key: PublicKey },
     /// Wake-ups may have been missed (the listening connection was re-established, or the safety
-    /// poll): every connection here looks at its queue again.
-    CatchUp,
+    /// poll): every connection here looks at its queue again. With `presence`, presence frames may
+    /// have been missed too (nobody here was listening): every connection here is told the current
+    /// presence of its mesh's peers.
+    CatchUp { presence: bool },
     /// This replica was taken for dead by the others: its connections must be claimed again.
     Reclaim,
 }

@@ -156,7 +156,7 @@ impl PgStore {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(|e| mesh_proto::error::chain(&e))?;
             tracing::info!("listening to the other replicas");
             // Anything told while nobody here was listening is looked for now.
-            let _ = events.send(ClusterEvent::CatchUp);
+            let _ = events.send(ClusterEvent::CatchUp { presence: true });
             let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + SAFETY_POLL, SAFETY_POLL);
             loop {
                 tokio::select! {
@@ -171,7 +171,7 @@ impl PgStore {
                             Ok(Err(e)) => return Err(mesh_proto::error::chain(&e)),
                             Err(_) => return Err("the listening connection stopped answering".to_owned()),
                         }
-                        let _ = events.send(ClusterEvent::CatchUp);
+                        let _ = events.send(ClusterEvent::CatchUp { presence: false });
                     }
                 }
             }

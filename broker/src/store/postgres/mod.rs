@@ -137,6 +137,12 @@ pub fn not_a_file(value: &str) -> Option<String> {
     {
         return Some("it looks like a misspelt postgres:// address".into());
     }
+    // USER:PASSWORD@HOST without its scheme (`mesh:pw@db/mesh`, `//mesh:pw@db/mesh`).
+    if let Some((before, _)) = value.split_once('@')
+        && before.contains(':')
+    {
+        return Some("it looks like USER:PASSWORD@HOST without postgres:// before it".into());
+    }
     let first = lower.split_whitespace().next().unwrap_or_default();
     let libpq = ["host", "hostaddr", "port", "dbname", "user", "password"].contains(&first);
     if libpq && lower.contains(char::is_whitespace) {
@@ -800,12 +806,15 @@ mod tests {
             "host 127.0.0.1 password S3cret",
             "host=127.0.0.1 dbname=db\nuser=u password=S3cret",
             "a/b://c",
+            "mesh:S3cret@127.0.0.1:5432/meshdb",
+            "//mesh:S3cret@127.0.0.1:5432/meshdb",
+            "mesh:S3cret@/meshdb",
         ] {
             let refused = not_a_file(value).filter(|_| !is_postgres_address(value) || value.contains('\n'));
             let why = refused.unwrap_or_else(|| panic!("{value:?} taken for a file"));
             assert!(!why.contains("S3cret"), "{value:?}: {why}");
         }
-        for file in ["postgres", "postgres.db", "postgresql-backup.db"] {
+        for file in ["postgres", "postgres.db", "postgresql-backup.db", "backups/mesh@2026.db", "a:b.db"] {
             assert_eq!(not_a_file(file), None, "{file:?}");
         }
     }
