@@ -297,4 +297,7 @@ fn an_address_that_does_not_know_the_mesh_is_passed_over() {
     assert_eq!(status["meshes"][0]["connection"]["address"], replicas[0].url.as_str(), "{status}");
     bob.ok(&["send", "alice", "through the right one", "--wait", "delivered", "--mesh", "team"]);
     wait_for_message(&alice, "through the right one");
+    // Joining again through another address changes nothing, and says so.
+    let said = bob.fails(&["join", &token, "--broker", &replicas[0].url], 1);
+    assert!(said.contains("--broker was not applied"), "{said}");
 }

@@ -151,6 +151,19 @@ pub async fn join(
             )
             .with_hint(format!("to be {asked:?} there: mesh rename {asked:?} --mesh {}", info.name)));
         }
+        // Nor is a way to the mesh asked for dropped without a word.
+        if let Some(own) = &req.broker {
+            let asked = link::address_list(own).map_err(|e| Failure::bad_request(format!("--broker: {e}")))?;
+            if asked != existing.broker_url {
+                return Err(Failure::new(
+                    ApiErrorCode::Conflict,
+                    format!(
+                        "you are already in mesh {} through {}; nothing was joined and --broker was not applied",
+                        info.name, existing.broker_url
+                    ),
+                ));
+            }
+        }
         info.context = false;
         return Ok(Json(info));
     }
