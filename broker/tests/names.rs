@@ -166,6 +166,8 @@ async fn a_session_that_ended_gets_no_broadcasts_keeps_its_dms_and_gives_its_nam
     cb.send(&ClientFrame::Send(broadcast(&b, mesh, 1, "all-1", "hello all"))).await;
     assert!(matches!(cb.recv_non_presence().await, ServerFrame::Accepted(x) if x.recipients == 2));
     drop(ws);
+    // Its connection is gone (the broker has seen it close) before it is ended.
+    presence_where(&mut cb, &worker, |p| !p.peer.online).await;
 
     // Only its member may end it.
     cb.send(&ClientFrame::EndSession(EndSessionRequest { id: 2, key: worker.key() })).await;
