@@ -237,16 +237,7 @@ impl Connection {
     /// The mesh's connections, each key with its member: here, and on the other replicas sharing the
     /// store (when they cannot be read, the ones here).
     async fn connected(&self) -> HashMap<PublicKey, PublicKey> {
-        let mut connected = self.shared.hub.connected(self.mesh());
-        if let Some(cluster) = self.shared.store.cluster() {
-            match cluster.connected(self.mesh()).await {
-                Ok(elsewhere) => connected.extend(elsewhere),
-                Err(e) => {
-                    tracing::warn!(error = %mesh_proto::error::chain(&e), "reading the other replicas' connections")
-                }
-            }
-        }
-        connected
+        self.shared.connected(self.mesh()).await
     }
 
     /// This connection's own groups, as the roster has them.

@@ -74,6 +74,21 @@ impl Shared {
             cluster.publish(store::Note::Wake { mesh, key: *key });
         }
     }
+
+    /// The mesh's connections, each key with its member: here, and on the other replicas sharing the
+    /// store (when they cannot be read, the ones here).
+    async fn connected(&self, mesh: MeshId) -> std::collections::HashMap<mesh_proto::PublicKey, mesh_proto::PublicKey> {
+        let mut connected = self.hub.connected(mesh);
+        if let Some(cluster) = self.store.cluster() {
+            match cluster.connected(mesh).await {
+                Ok(elsewhere) => connected.extend(elsewhere),
+                Err(e) => {
+                    tracing::warn!(error = %mesh_proto::error::chain(&e), "reading the other replicas' connections")
+                }
+            }
+        }
+        connected
+    }
 }
 
 /// Serves the broker on `listener` until `shutdown` is cancelled, then closes every connection.
@@ -338,12 +353,7 @@ async fn resync_presence(shared: &Shared) {
     meshes.dedup();
     for mesh in meshes {
         let Ok(roster) = shared.store.roster(mesh).await else { continue };
-        let mut connected = shared.hub.connected(mesh);
-        if let Some(cluster) = shared.store.cluster()
-            && let Ok(elsewhere) = cluster.connected(mesh).await
-        {
-            connected.extend(elsewhere);
-        }
+        let connected = shared.connected(mesh).await;
         for entry in roster {
             let online = connected.contains_key(&entry.peer.key);
             let view = presence::peer_view(&entry.peer, online, None);
