@@ -362,7 +362,11 @@ enum Database {
 impl Database {
     fn of(args: &ServeArgs) -> anyhow::Result<Database> {
         Ok(match args.db.as_deref().filter(|d| !d.is_empty()) {
-            Some(url) if is_postgres_address(url) => Database::Postgres(url.trim().to_owned()),
+            Some(url) if is_postgres_address(url) => {
+                // An address the broker cannot use is a usage error, as `install-service` says too.
+                check_address(url).map_err(|e| crate::output::fail("usage", format!("--db: {e}"), None))?;
+                Database::Postgres(url.trim().to_owned())
+            }
             Some(path) => {
                 refuse_foreign(path)?;
                 Database::File(PathBuf::from(path))
