@@ -45,6 +45,8 @@ pub struct Metrics {
     queue_oldest: Family<MeshLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub commit_seconds: Histogram,
     pub batch_size: Histogram,
+    /// On PostgreSQL: this replica's heartbeats, by result (ok or failed).
+    pub heartbeats: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -72,6 +74,7 @@ impl Metrics {
             queue_oldest: Family::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            heartbeats: Family::default(),
         };
         registry.register("build", "The broker's version", Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]));
         registry.register("connections", "Authenticated connections open now, by kind", m.connections.clone());
@@ -96,6 +99,11 @@ impl Metrics {
             m.commit_seconds.clone(),
         );
         registry.register("store_batch_size", "Writes committed together in one batch", m.batch_size.clone());
+        registry.register(
+            "replica_heartbeats",
+            "This replica's heartbeats to the shared database, by result (ok or failed)",
+            m.heartbeats.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 

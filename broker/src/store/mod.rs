@@ -219,6 +219,8 @@ pub enum ClusterEvent {
     CatchUp { presence: bool },
     /// This replica was taken for dead by the others: its connections must be claimed again.
     Reclaim,
+    /// A heartbeat went through, or failed (for the metrics).
+    Heartbeat { ok: bool },
 }
 
 /// What one replica tells the others.

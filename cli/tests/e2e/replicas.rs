@@ -45,6 +45,34 @@ fn members(replicas: &[BrokerProcess], names: &[&str]) -> Vec<TestHome> {
     homes
 }
 
+/// Alice on `first` only and bob on `second` only (one address each: nobody moves to the other
+/// replica), bob's link up and a message of his delivered.
+fn one_address_each(first: &BrokerProcess, second: &BrokerProcess) -> (TestHome, TestHome) {
+    let (alice, bob) = (TestHome::new(MESH), TestHome::new(MESH));
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        home.ok(&["init", "--name", name]);
+        home.ok(&["daemon", "up", "--no-embedded"]);
+    }
+    alice.ok(&["create", "team", "--broker", &first.url]);
+    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
+    bob.ok(&["join", &token, "--broker", &second.url]);
+    // Bob's own link is up (his join's connection, which it superseded, has come and gone).
+    bob.ok(&["send", "alice", "first", "--wait", "delivered", "--mesh", "team"]);
+    wait_for_message(&alice, "first");
+    (alice, bob)
+}
+
+/// How many of a replica's heartbeats have failed, from its `/metrics`.
+fn failed_heartbeats(replica: &BrokerProcess) -> u64 {
+    let url = replica.metrics.as_deref().expect("started with --metrics-listen");
+    let out = std::process::Command::new("curl").args(["-sf", "--max-time", "5", url]).output().expect("curl");
+    assert!(out.status.success(), "GET {url} failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("mesh_broker_replica_heartbeats_total{result=\"failed\"} "))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
 #[test]
 fn members_on_three_replicas_exchange_messages_broadcasts_and_receipts() {
     let Some(url) = mesh_testkit::postgres::database() else { return };
@@ -174,18 +202,9 @@ fn postgres_restarted_under_load_loses_and_duplicates_nothing() {
 fn a_database_outage_longer_than_the_heartbeat_timeout_buries_no_replica() {
     let Some(pg) = mesh_testkit::postgres::Postgres::start() else { return };
     let url = pg.create_database();
-    let replicas = replicas(&url, 2);
-    let (alice, bob) = (&TestHome::new(MESH), &TestHome::new(MESH));
-    for (home, name) in [(alice, "alice"), (bob, "bob")] {
-        home.ok(&["init", "--name", name]);
-        home.ok(&["daemon", "up", "--no-embedded"]);
-    }
-    // One address each: each member stays on its replica.
-    alice.ok(&["create", "team", "--broker", &replicas[0].url]);
-    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
-    bob.ok(&["join", &token, "--broker", &replicas[1].url]);
-    bob.ok(&["send", "alice", "before the outage", "--wait", "delivered", "--mesh", "team"]);
-    wait_for_message(alice, "before the outage");
+    let options = [REPLICA_OPTIONS, &["--metrics-listen", "127.0.0.1:0"]].concat();
+    let replicas: Vec<BrokerProcess> = (0..2).map(|_| BrokerProcess::replica(MESH, &url, &options)).collect();
+    let (alice, bob) = &one_address_each(&replicas[0], &replicas[1]);
     // A replica taken for dead registers again, under its number but with a new start time.
     let ids = || mesh_testkit::postgres::query(&url, "SELECT id, started_at FROM replicas ORDER BY id");
     let registered = ids();
@@ -198,8 +217,13 @@ fn a_database_outage_longer_than_the_heartbeat_timeout_buries_no_replica() {
         alice.ok(&["send", "bob", &body, "--mesh", "team"]);
         sent.push(body);
     }
-    // The outage itself: longer than the 15 s after which a silent replica is dead.
-    std::thread::sleep(std::time::Duration::from_secs(17));
+    // The outage itself: longer than the 15 s after which a silent replica is dead. Heartbeats go
+    // every 5 s: four failed in a row, and each replica's last one through is over 15 s old.
+    let failed = replicas.iter().map(failed_heartbeats).collect::<Vec<_>>();
+    let outage = std::time::Duration::from_secs(90);
+    mesh_testkit::eventually("four heartbeats failed on each replica", outage, || {
+        replicas.iter().zip(&failed).all(|(r, before)| failed_heartbeats(r) >= before + 4).then_some(())
+    });
     pg.start_server();
     let back = mesh_proto::now_ms();
     // Both replicas' heartbeats have gone through since (a replica buries others, if ever, at a
@@ -239,23 +263,12 @@ fn assert_exactly_once(home: &TestHome, sent: &[String], seed: u64) {
 fn a_paused_replica_s_members_go_offline_and_come_back_when_it_resumes() {
     let Some(url) = mesh_testkit::postgres::database() else { return };
     let replicas = replicas(&url, 2);
-    let (alice, bob) = (TestHome::new(MESH), TestHome::new(MESH));
-    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
-        home.ok(&["init", "--name", name]);
-        home.ok(&["daemon", "up", "--no-embedded"]);
-    }
-    // One address each: nobody moves to the other replica.
-    alice.ok(&["create", "team", "--broker", &replicas[0].url]);
-    let token = alice.ok(&["invite", "--mesh", "team", "--uses", "0"]).trim().to_owned();
-    bob.ok(&["join", &token, "--broker", &replicas[1].url]);
+    let (alice, bob) = one_address_each(&replicas[0], &replicas[1]);
     let bob_is = |online: bool| {
         move |v: &serde_json::Value| {
             v.as_array().expect("array").iter().any(|p| p["name"] == "bob" && p["online"] == online)
         }
     };
-    // Bob's own link is up (his join's connection, which it superseded, has come and gone).
-    bob.ok(&["send", "alice", "before the pause", "--wait", "delivered", "--mesh", "team"]);
-    wait_for_message(&alice, "before the pause");
     alice.eventually_json("bob online", &["peers"], bob_is(true));
     replicas[1].signal(nix::sys::signal::Signal::SIGSTOP);
     // Buried after its heartbeat is 15 s old (checked every 5 s).

@@ -214,7 +214,9 @@ impl PgStore {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.beat(&events).await {
+            let beat = self.beat(&events).await;
+            let _ = events.send(ClusterEvent::Heartbeat { ok: beat.is_ok() });
+            match beat {
                 Ok(()) => {
                     let since = *healthy_since.get_or_insert_with(tokio::time::Instant::now);
                     if since.elapsed() >= REPLICA_TIMEOUT
