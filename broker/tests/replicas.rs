@@ -10,12 +10,21 @@ use mesh_broker::BrokerConfig;
 use mesh_proto::wire::{Ack, ClientFrame, DeliveryItem, ErrorCode, Intent, ReceiptKind, ServerFrame};
 use mesh_proto::{Identity, MeshId, now_ms};
 
-/// Two replicas on a fresh database, or `None` without PostgreSQL (said).
-async fn replicas(config: BrokerConfig) -> Option<(TestBroker, TestBroker)> {
+/// Two replicas on a fresh database, and the database's address; `None` without PostgreSQL (said).
+async fn replicas(config: BrokerConfig) -> Option<(TestBroker, TestBroker, String)> {
     let backend = Backend::postgres()?;
     let a = TestBroker::start_on(&backend, config.clone()).await;
     let b = TestBroker::start_on(&backend, config).await;
-    Some((a, b))
+    let Backend::Postgres(url) = backend else { unreachable!("a PostgreSQL backend") };
+    Some((a, b, url))
+}
+
+/// Waits for `c` to be told that `key` is online (other frames before it are passed over).
+async fn told_online(c: &mut Client, key: mesh_proto::PublicKey) {
+    match c.recv().await {
+        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == key, "{p:?}"),
+        other => panic!("expected a presence, got {other:?}"),
+    }
 }
 
 /// Alice on replica `a` (she creates the mesh), bob on replica `b`.
@@ -54,7 +63,7 @@ async fn next_deliver(c: &mut Client) -> mesh_proto::wire::Deliver {
 
 #[tokio::test]
 async fn a_message_sent_on_one_replica_is_pushed_by_the_other_and_receipted_back() {
-    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let Some((ra, rb, _)) = replicas(BrokerConfig::default()).await else { return };
     let mut t = across(&ra, &rb).await;
     for i in 0..3 {
         t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, i, &format!("c-{i}"), &format!("hi {i}")))).await;
@@ -82,13 +91,10 @@ async fn a_message_sent_on_one_replica_is_pushed_by_the_other_and_receipted_back
 
 #[tokio::test]
 async fn presence_rosters_and_supersede_cross_replicas() {
-    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let Some((ra, rb, _)) = replicas(BrokerConfig::default()).await else { return };
     let mut t = across(&ra, &rb).await;
     // Alice, on the first replica, hears bob come online on the second.
-    match t.ca.recv().await {
-        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
-        other => panic!("expected bob's presence, got {other:?}"),
-    }
+    told_online(&mut t.ca, t.b.key()).await;
     // A third member joining on the first replica sees bob online in its welcome's roster.
     let carol = Identity::generate();
     let token = mint_invite(&t.a, t.mesh, &ra.url(), now_ms() + 60_000, None);
@@ -132,7 +138,7 @@ async fn presence_rosters_and_supersede_cross_replicas() {
 async fn a_recipient_whose_replica_stops_gets_its_unacked_items_from_another_at_once() {
     // Leases far longer than the test waits: only the goodbye can free them in time.
     let config = BrokerConfig { lease: std::time::Duration::from_secs(600), ..BrokerConfig::default() };
-    let Some((ra, rb)) = replicas(config).await else { return };
+    let Some((ra, rb, _)) = replicas(config).await else { return };
     let mut t = across(&ra, &rb).await;
     t.ca.send(&ClientFrame::Send(dm(&t.a, t.mesh, &t.b, 1, "c-1", "unacked"))).await;
     let first = next_deliver(&mut t.cb).await;
@@ -148,12 +154,9 @@ async fn a_recipient_whose_replica_stops_gets_its_unacked_items_from_another_at_
 
 #[tokio::test]
 async fn members_of_a_replica_that_stops_are_seen_leaving_by_the_others() {
-    let Some((ra, rb)) = replicas(BrokerConfig::default()).await else { return };
+    let Some((ra, rb, _)) = replicas(BrokerConfig::default()).await else { return };
     let mut t = across(&ra, &rb).await;
-    match t.ca.recv().await {
-        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
-        other => panic!("expected bob's presence, got {other:?}"),
-    }
+    told_online(&mut t.ca, t.b.key()).await;
     // Bob's replica shuts down (SIGTERM's path): alice, on the other, hears him go.
     rb.stop().await;
     loop {
@@ -172,14 +175,11 @@ async fn members_of_a_replica_that_stops_are_seen_leaving_by_the_others() {
 /// connection left behind on this one is closed as superseded.
 #[tokio::test]
 async fn a_replica_back_from_the_dead_leaves_connections_that_moved_alone() {
-    let Some(backend) = Backend::postgres() else { return };
-    let Backend::Postgres(url) = &backend else { unreachable!("a PostgreSQL backend") };
-    let ra = TestBroker::start_on(&backend, BrokerConfig::default()).await;
-    let rb = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let Some((ra, rb, url)) = replicas(BrokerConfig::default()).await else { return };
     let mut t = across(&ra, &rb).await;
     // The first replica is buried as another replica buries one silent for 15 s: its row and its
     // connections go, while alice's connection to it still looks alive to it.
-    let (db, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(connection);
     db.execute(
         "WITH dead AS (DELETE FROM replicas WHERE id = (SELECT replica FROM connections WHERE mesh_id = $1 AND key = $2)
@@ -208,15 +208,9 @@ async fn a_replica_back_from_the_dead_leaves_connections_that_moved_alone() {
 /// again, its connections are told the mesh's current presence.
 #[tokio::test]
 async fn presence_missed_while_not_listening_is_told_once_listening_again() {
-    let Some(backend) = Backend::postgres() else { return };
-    let Backend::Postgres(url) = &backend else { unreachable!("a PostgreSQL backend") };
-    let ra = TestBroker::start_on(&backend, BrokerConfig::default()).await;
-    let rb = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let Some((ra, rb, url)) = replicas(BrokerConfig::default()).await else { return };
     let mut t = across(&ra, &rb).await;
-    match t.ca.recv().await {
-        ServerFrame::Presence(p) => assert!(p.peer.online && p.peer.key == t.b.key(), "{p:?}"),
-        other => panic!("expected bob's presence, got {other:?}"),
-    }
+    told_online(&mut t.ca, t.b.key()).await;
     // From another database: a database cannot refuse connections from its own session.
     let mut admin: tokio_postgres::Config = url.parse().expect("the test's address");
     let name = admin.get_dbname().expect("a database").to_owned();
