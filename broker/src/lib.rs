@@ -6,6 +6,7 @@
 //! public keys and routing metadata only.
 
 mod admission;
+pub mod backup;
 mod config;
 mod connection;
 mod deliver;

@@ -198,6 +198,15 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
 }
 
 /// A UTC timestamp to the second, for a time in ms since the epoch.
+/// A size for people: bytes, KiB or MiB.
+pub fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} bytes"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
 pub fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }

@@ -58,7 +58,12 @@ pub fn default_name() -> String {
 }
 
 pub fn load(home: &Home) -> Result<Option<Member>, IdentityError> {
-    let path = home.identity_path();
+    read(&home.identity_path())
+}
+
+/// The identity in the file at `path` (`None` when there is no file).
+pub fn read(path: &Path) -> Result<Option<Member>, IdentityError> {
+    let path = path.to_owned();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

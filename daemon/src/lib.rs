@@ -5,6 +5,7 @@
 //! contract of `mesh-ipc` ([`ipc_server`]). Only this crate opens `daemon.db`. The entry point is
 //! [`run`], which `mesh daemon up --foreground` calls; it returns when the daemon has shut down.
 
+pub mod backup;
 pub mod clock;
 pub mod daemon;
 pub mod drain;
@@ -172,6 +173,11 @@ fn created_marker(home: &Home) -> PathBuf {
     home.config_dir.join("daemon-db-created")
 }
 
+/// Records that the daemon's database exists (see [`created_marker`]).
+pub(crate) fn mark_created(home: &Home) -> std::io::Result<()> {
+    mesh_ipc::paths::write_private_file(&created_marker(home), now_ms_wall().to_string().as_bytes())
+}
+
 /// The embedded broker's database must not start over silently either while the local mesh lives
 /// there: it holds the messages the local broker has not delivered yet.
 fn check_embedded_broker(home: &Home, meshes: &[meshes::MeshRow], fresh: bool) -> Result<bool, StartError> {
@@ -223,10 +229,8 @@ async fn serve(home: Home, options: Options) -> Result<(), StartError> {
     let config = retention::load(&home)?;
     webhooks::set_deadline(config.webhooks.deadline);
     let db = store::open(&home.daemon_db())?;
-    let marker = created_marker(&home);
-    if !marker.exists() {
-        mesh_ipc::paths::write_private_file(&marker, now_ms_wall().to_string().as_bytes())
-            .map_err(io_err(marker.display().to_string()))?;
+    if !created_marker(&home).exists() {
+        mark_created(&home).map_err(io_err(created_marker(&home).display().to_string()))?;
     }
     let recovered = db.call_blocking(|c| Ok(outbox::recover_inflight(c)? + inbox::recover_reads(c)?))?;
     tracing::info!(pid = std::process::id(), version = env!("CARGO_PKG_VERSION"), member = %member.identity.key(),

@@ -52,12 +52,17 @@ pub struct ConfigError {
 pub fn load(home: &Home) -> Result<DaemonConfig, ConfigError> {
     let path = home.config_dir.join("daemon.json");
     let error = |detail: String| ConfigError { path: path.display().to_string(), detail };
-    let config = match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str::<DaemonConfig>(&text).map_err(|e| error(e.to_string()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DaemonConfig::default(),
-        Err(e) => return Err(error(e.to_string())),
-    };
-    config.webhooks.check().map_err(error)?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text).map_err(error),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DaemonConfig::default()),
+        Err(e) => Err(error(e.to_string())),
+    }
+}
+
+/// The settings `text` (a `daemon.json`) holds, checked.
+pub fn parse(text: &str) -> Result<DaemonConfig, String> {
+    let config = serde_json::from_str::<DaemonConfig>(text).map_err(|e| e.to_string())?;
+    config.webhooks.check()?;
     Ok(config)
 }
 

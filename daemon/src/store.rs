@@ -339,6 +339,9 @@ END;
     "ALTER TABLE meshes ADD COLUMN tls_pin TEXT;",
 ];
 
+/// The schema version this build writes (a backup of a newer one is refused).
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 pub fn open(path: &Path) -> Result<Db, DbError> {
     let db = Db::open(path, MIGRATIONS)?;
     // Freed pages are zeroed, so a deleted message's text does not linger in the file.

@@ -33,6 +33,7 @@ pub mod routes {
     pub const VERSION: &str = "/v1/version";
     pub const STATUS: &str = "/v1/status";
     pub const SHUTDOWN: &str = "/v1/shutdown";
+    pub const BACKUP: &str = "/v1/backup";
     pub const MESHES: &str = "/v1/meshes";
     pub const MESHES_JOIN: &str = "/v1/meshes/join";
     pub const MESHES_RENAME: &str = "/v1/meshes/rename";

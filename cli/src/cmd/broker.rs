@@ -25,6 +25,26 @@ pub enum BrokerCommand {
     },
     /// Stop and remove the broker's user service
     UninstallService,
+    /// Write a consistent copy of a SQLite broker's database (and its self-signed certificate pair),
+    /// while it serves, to a new file. A PostgreSQL broker is backed up with PostgreSQL's own tools
+    Backup {
+        /// The file to write (refused if it exists)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// The broker's database, as `mesh broker serve --db` names it
+        #[arg(long, value_name = "FILE", env = "MESH_BROKER_DB", hide_env_values = true)]
+        db: Option<String>,
+    },
+    /// Replace a SQLite broker's database with a backup, with the broker stopped; the files replaced
+    /// are kept in a directory beside the database
+    Restore {
+        /// The backup to restore
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The broker's database, as `mesh broker serve --db` names it
+        #[arg(long, value_name = "FILE", env = "MESH_BROKER_DB", hide_env_values = true)]
+        db: Option<String>,
+    },
 }
 
 /// The broker's service for this home, serving with `serve` options: a relative `--db` made absolute
@@ -220,12 +240,78 @@ pub fn run(cmd: BrokerCommand) -> anyhow::Result<()> {
             let removed = super::service::uninstall(&svc)?;
             super::service::report_uninstalled(&svc, removed)
         }
+        BrokerCommand::Backup { to, db } => backup(&to, db.as_deref()),
+        BrokerCommand::Restore { from, db } => restore(&from, db.as_deref()),
     }
+}
+
+/// The SQLite file a backup or restore works on: PostgreSQL has tools of its own.
+fn sqlite_file(db: Option<&str>, verb: &str) -> anyhow::Result<Database> {
+    match Database::of(db)? {
+        Database::Postgres(url) => Err(crate::output::fail(
+            "usage",
+            format!("{} is a PostgreSQL database: {verb} with PostgreSQL's own tools", redacted(&url)),
+            Some(
+                "pg_dump for a copy, continuous archiving for point-in-time recovery (docs/operations.md, \"Backups\")"
+                    .into(),
+            ),
+        )),
+        file => Ok(file),
+    }
+}
+
+fn backup(to: &std::path::Path, db: Option<&str>) -> anyhow::Result<()> {
+    let database = sqlite_file(db, "back it up")?;
+    let Database::File(path) = &database else { unreachable!("sqlite_file returns a file") };
+    let manifest = mesh_broker::backup::take_broker(path, &database.files_dir()?, to)
+        .map_err(|e| crate::output::fail("failed", mesh_proto::error::chain(&e), None))?;
+    let bytes = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
+    if crate::output::json() {
+        return super::print_json(&serde_json::json!({
+            "path": std::path::absolute(to).unwrap_or_else(|_| to.to_owned()),
+            "created_at": manifest.created_at,
+            "bytes": bytes,
+            "files": manifest.files.iter().map(|f| serde_json::json!({"name": f.name, "bytes": f.bytes})).collect::<Vec<_>>(),
+        }));
+    }
+    let files: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    outln!("backed up {database} to {} ({}: {})", to.display(), crate::output::bytes(bytes), files.join(", "));
+    if files.len() > 1 {
+        outln!("it holds the broker's TLS private key: keep it as a secret (it is 0600)");
+    }
+    Ok(())
+}
+
+fn restore(from: &std::path::Path, db: Option<&str>) -> anyhow::Result<()> {
+    use mesh_broker::backup::RestoreError;
+    let database = sqlite_file(db, "restore it")?;
+    let Database::File(path) = &database else { unreachable!("sqlite_file returns a file") };
+    let restored = mesh_broker::backup::restore_broker(path, &database.files_dir()?, from).map_err(|e| match &e {
+        RestoreError::Running(_) => crate::output::fail("broker_running", e.to_string(), None),
+        _ => crate::output::fail("failed", mesh_proto::error::chain(&e), None),
+    })?;
+    if crate::output::json() {
+        return super::print_json(&serde_json::json!({
+            "restored_from": from,
+            "db": path,
+            "created_at": restored.manifest.created_at,
+            "files": restored.manifest.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+            "replaced": restored.replaced,
+        }));
+    }
+    outln!("restored {database} from the backup taken {}", crate::output::time(restored.manifest.created_at));
+    if let Some(dir) = &restored.replaced {
+        outln!("the files it replaced are in {}", dir.display());
+    }
+    outln!(
+        "messages acked after the backup was taken will not be delivered again; messages accepted after it are gone from the broker, and their senders' daemons send them again only if they had not yet seen them accepted"
+    );
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
-    let db = Database::of(&args)?;
+    let db = Database::of(args.db.as_deref())?;
     let tls = server_tls(&args, &db.files_dir()?)?;
     let config = BrokerConfig {
         create_token: args.create_token,
@@ -319,7 +405,7 @@ fn check_tls_options(args: &ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(hosts) = &args.tls_self_signed {
         self_signed_hosts(hosts)?;
-        mesh_broker::tls::check_self_signed_files(&Database::of(args)?.files_dir()?)?;
+        mesh_broker::tls::check_self_signed_files(&Database::of(args.db.as_deref())?.files_dir()?)?;
     }
     Ok(())
 }
@@ -360,8 +446,8 @@ enum Database {
 }
 
 impl Database {
-    fn of(args: &ServeArgs) -> anyhow::Result<Database> {
-        Ok(match args.db.as_deref().filter(|d| !d.is_empty()) {
+    fn of(db: Option<&str>) -> anyhow::Result<Database> {
+        Ok(match db.filter(|d| !d.is_empty()) {
             Some(url) if is_postgres_address(url) => {
                 // An address the broker cannot use is a usage error, as `install-service` says too.
                 check_address(url).map_err(|e| crate::output::fail("usage", format!("--db: {e}"), None))?;

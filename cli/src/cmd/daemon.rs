@@ -51,6 +51,21 @@ pub enum DaemonCommand {
     },
     /// Stop and remove the user service
     UninstallService,
+    /// Write a consistent copy of the daemon's state (keys, meshes, inbox, outbox, the local mesh's
+    /// broker) to a new file, while it runs. The file holds your secret keys and messages in
+    /// plaintext: keep it as a secret
+    Backup {
+        /// The file to write (refused if it exists)
+        #[arg(long, value_name = "FILE")]
+        to: std::path::PathBuf,
+    },
+    /// Replace this home's state with a backup, with the daemon stopped; the files replaced are kept
+    /// in a directory of their own
+    Restore {
+        /// The backup to restore
+        #[arg(long, value_name = "FILE")]
+        from: std::path::PathBuf,
+    },
 }
 
 pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
@@ -67,6 +82,8 @@ pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
         DaemonCommand::Status => status(home),
         DaemonCommand::InstallService { no_start } => install_service(&home, no_start),
         DaemonCommand::UninstallService => uninstall_service(),
+        DaemonCommand::Backup { to } => backup(home, &to),
+        DaemonCommand::Restore { from } => restore(&home, &from),
     }
 }
 
@@ -239,6 +256,53 @@ fn signal_stop(home: &Home) -> anyhow::Result<bool> {
         return Ok(true);
     }
     bail!("the daemon (pid {pid}) still holds its lock after SIGKILL")
+}
+
+fn backup(home: Home, to: &std::path::Path) -> anyhow::Result<()> {
+    let to = std::path::absolute(to).with_context(|| format!("the path {}", to.display()))?;
+    let Some(to_text) = to.to_str() else {
+        return Err(output::fail("usage", format!("{} is not a UTF-8 path", to.display()), None));
+    };
+    let client = IpcClient::new(&home);
+    let info: mesh_ipc::api::BackupInfo =
+        super::block_on(client.post(routes::BACKUP, &mesh_ipc::api::BackupRequest { to: to_text.to_owned() }))??;
+    if output::json() {
+        return super::print_json(&info);
+    }
+    let files: Vec<&str> = info.files.iter().map(|f| f.name.as_str()).collect();
+    outln!("backed up to {} ({}: {})", info.path, output::bytes(info.bytes), files.join(", "));
+    outln!("it holds your secret keys and your messages in plaintext: keep it as you keep the keys (it is 0600)");
+    outln!("restore it with `mesh daemon restore --from {}` (the daemon stopped)", info.path);
+    Ok(())
+}
+
+fn restore(home: &Home, from: &std::path::Path) -> anyhow::Result<()> {
+    use mesh_daemon::backup::RestoreError;
+    let restored = mesh_daemon::backup::restore(home, from).map_err(|e| match &e {
+        RestoreError::Running { .. } => output::fail("daemon_running", e.to_string(), Some("mesh daemon down".into())),
+        _ => output::fail("failed", mesh_proto::error::chain(&e), None),
+    })?;
+    if output::json() {
+        return super::print_json(&serde_json::json!({
+            "restored_from": from,
+            "created_at": restored.manifest.created_at,
+            "member": restored.manifest.member,
+            "files": restored.manifest.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+            "replaced": restored.replaced,
+        }));
+    }
+    outln!(
+        "restored the backup taken {} ({})",
+        output::time(restored.manifest.created_at),
+        restored.manifest.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    if let Some(dir) = &restored.replaced {
+        outln!("the files it replaced are in {}", dir.display());
+    }
+    outln!(
+        "start the daemon with `mesh daemon up`: sends not yet accepted when the backup was taken go out again (the broker recognises those it already has)"
+    );
+    Ok(())
 }
 
 fn status(home: Home) -> anyhow::Result<()> {

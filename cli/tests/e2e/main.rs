@@ -2,6 +2,7 @@
 //! `MESH_HOME`, real brokers on loopback, real SQLite files.
 
 mod addressing;
+mod backup;
 mod doctor;
 mod faults;
 mod flows;

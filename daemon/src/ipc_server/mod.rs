@@ -286,6 +286,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::STATUS, get(status))
         .route(routes::METRICS, get(metrics))
         .route(routes::SHUTDOWN, post(shutdown))
+        .route(routes::BACKUP, post(backup))
         .route(routes::MESHES, get(meshes::list).post(meshes::create))
         .route(routes::MESHES_JOIN, post(meshes::join))
         .route(routes::MESHES_RENAME, post(meshes::rename))
@@ -378,6 +379,39 @@ async fn shutdown(
     tracing::info!("shutdown requested over IPC");
     d.shutdown.cancel();
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "shutting_down" }))))
+}
+
+async fn backup(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<BackupRequest>,
+) -> Result<Json<BackupInfo>, Failure> {
+    // The backup holds the member's keys and every message: the member's decision alone.
+    caller.member_only("taking a backup")?;
+    let to = std::path::PathBuf::from(&req.to);
+    if !to.is_absolute() {
+        return Err(Failure::bad_request(format!("the backup's path must be absolute, not {:?}", req.to)));
+    }
+    use mesh_broker::backup::BackupError;
+    let manifest = crate::backup::take(&d, to.clone()).await.map_err(|e| {
+        let code = match &e {
+            BackupError::Exists(_) => ApiErrorCode::Conflict,
+            BackupError::Io { .. } => ApiErrorCode::BadRequest,
+            _ => ApiErrorCode::Internal,
+        };
+        if code == ApiErrorCode::Internal {
+            tracing::error!(error = %mesh_proto::error::chain(&e), "a backup failed");
+        }
+        Failure::new(code, mesh_proto::error::chain(&e))
+    })?;
+    let bytes = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
+    tracing::info!(path = %to.display(), bytes, "backup written");
+    Ok(Json(BackupInfo {
+        path: req.to,
+        created_at: manifest.created_at,
+        bytes,
+        files: manifest.files.into_iter().map(|f| BackupFile { name: f.name, bytes: f.bytes }).collect(),
+    }))
 }
 
 async fn status(State(d): State<Arc<Daemon>>, _caller: Caller) -> Result<Json<Status>, Failure> {

@@ -138,3 +138,26 @@ pub struct InboxCounts {
     pub total: u64,
     pub failed: u64,
 }
+
+/// `POST /v1/backup`: a consistent copy of the daemon's state, written to `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRequest {
+    /// An absolute path that does not exist yet.
+    pub to: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    pub path: String,
+    /// When the copies were taken (ms).
+    pub created_at: u64,
+    /// The archive's size.
+    pub bytes: u64,
+    pub files: Vec<BackupFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFile {
+    pub name: String,
+    pub bytes: u64,
+}

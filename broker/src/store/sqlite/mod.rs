@@ -154,6 +154,9 @@ UPDATE peers SET name_key = NULL;
 "#,
 ];
 
+/// The schema version this build writes (a backup of a newer one is refused).
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     db: Db,
