@@ -7,7 +7,7 @@ use mesh_proto::wire::{ErrorCode, ErrorFrame, Hello, HelloClaims, Intent, PeerKi
 use mesh_proto::{MeshId, ProtoError, PublicKey, codec, names, now_ms};
 
 use crate::config::BrokerConfig;
-use crate::store::{Claimed, JoinOutcome, MeshRecord, PeerRecord, Store, StoreError};
+use crate::store::{Claimed, InviteRecord, JoinOutcome, MeshRecord, PeerRecord, Store, StoreError};
 
 /// A connection that passed the handshake.
 #[derive(Clone, Debug)]
@@ -54,6 +54,8 @@ fn peer_from_claims(c: &HelloClaims, kind: PeerKind, member: PublicKey, role: Ro
         last_seen: Some(now),
         revoked: false,
         ended_at: None,
+        invited_by: None,
+        revoked_at: None,
     }
 }
 
@@ -113,6 +115,16 @@ async fn load_mesh(store: &dyn Store, id: MeshId) -> Result<MeshRecord, ErrorFra
         .ok_or_else(|| refuse(ErrorCode::UnknownMesh, format!("no mesh {id} on this broker")))
 }
 
+/// The refusal of a key removed from the mesh (or that left it) at `at`.
+fn removed_refusal(at: u64) -> ErrorFrame {
+    refuse(
+        ErrorCode::Revoked,
+        format!(
+            "removed from this mesh at {at} (ms since the epoch); only an invite issued after that lets it back in"
+        ),
+    )
+}
+
 /// A live (not revoked) member of the mesh.
 async fn load_member(store: &dyn Store, mesh: MeshId, key: PublicKey) -> Result<PeerRecord, ErrorFrame> {
     let peer = store
@@ -122,7 +134,9 @@ async fn load_member(store: &dyn Store, mesh: MeshId, key: PublicKey) -> Result<
         .filter(|p| p.kind == PeerKind::Member)
         .ok_or_else(|| refuse(ErrorCode::UnknownMember, format!("{} is not a member of this mesh", key.short())))?;
     if peer.revoked {
-        return Err(refuse(ErrorCode::Revoked, "membership was revoked"));
+        return Err(peer
+            .revoked_at
+            .map_or_else(|| refuse(ErrorCode::Revoked, "membership was revoked"), removed_refusal));
     }
     Ok(peer)
 }
@@ -184,20 +198,27 @@ async fn join(
         return Err(refuse(ErrorCode::InviteInvalid, "an invite cannot make an owner"));
     }
     if let Some(existing) = store.peer(mesh.id, claims.key).await.map_err(internal)? {
-        if existing.revoked {
-            return Err(refuse(ErrorCode::Revoked, "membership was revoked"));
+        // A removed member comes back only with an invite issued after its removal.
+        match existing.revoked_at.filter(|_| existing.revoked) {
+            Some(at) if invite.issued_at <= at => return Err(removed_refusal(at)),
+            Some(_) => {}
+            None if existing.revoked => return Err(refuse(ErrorCode::Revoked, "membership was revoked")),
+            None => return connect_member(store, claims, now).await,
         }
-        return connect_member(store, claims, now).await;
     }
     if invite.expires_at <= now {
         return Err(refuse(ErrorCode::InviteExpired, "the invite has expired; ask for a new one"));
     }
     check_new_name(&claims.name)?;
-    let peer = peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now);
-    match store.join(mesh.id, &invite.invite_id, invite.max_uses, peer).await {
+    let peer = PeerRecord {
+        invited_by: Some(invite.issued_by),
+        ..peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now)
+    };
+    match store.join(mesh.id, InviteRecord::of(invite), peer).await {
         Ok(JoinOutcome::Joined(peer, claimed)) => Ok(Authenticated { mesh, peer, claimed }),
         Ok(JoinOutcome::AlreadyMember(_)) => connect_member(store, claims, now).await,
         Err(StoreError::InviteExhausted) => Err(refuse(ErrorCode::InviteExhausted, "the invite has been used up")),
+        Err(StoreError::InviteRevoked) => Err(refuse(ErrorCode::InviteInvalid, "the invite was revoked")),
         Err(e) => Err(claim_failed(e)),
     }
 }
@@ -210,6 +231,7 @@ async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Re
     }
     let peer = PeerRecord {
         last_seen: Some(now),
+        invited_by: existing.invited_by,
         ..peer_from_claims(claims, PeerKind::Member, claims.key, existing.role, existing.joined_at)
     };
     let claimed = store.upsert_peer(mesh.id, peer.clone()).await.map_err(claim_failed)?;

@@ -25,18 +25,28 @@ pub struct ConnHandle {
     pub wake: Arc<Notify>,
     /// Frames for the socket; `try_send` only, so a slow connection never blocks the hub.
     pub outbound: mpsc::Sender<Outbound>,
-    /// Cancelled when another connection supersedes this one.
+    /// Cancelled when the connection must end: another connection superseded it, or its key was
+    /// removed from the mesh.
     pub kicked: CancellationToken,
+    /// Why it was ended (the WebSocket close reason).
+    pub kick_reason: Arc<std::sync::OnceLock<&'static str>>,
 }
 
 impl ConnHandle {
     /// Tells the connection a newer one of its key took its place, and ends it.
     pub fn supersede(&self) {
-        let frame = mesh_proto::wire::ServerFrame::Error(mesh_proto::wire::ErrorFrame::new(
-            mesh_proto::wire::ErrorCode::Superseded,
-            "another connection authenticated with this key",
-        ));
+        self.end(mesh_proto::wire::ErrorCode::Superseded, "another connection authenticated with this key");
+    }
+
+    /// Tells the connection its key is out of the mesh (`why`), and ends it.
+    pub fn revoke(&self, why: &str) {
+        self.end(mesh_proto::wire::ErrorCode::Revoked, why);
+    }
+
+    fn end(&self, code: mesh_proto::wire::ErrorCode, why: &str) {
+        let frame = mesh_proto::wire::ServerFrame::Error(mesh_proto::wire::ErrorFrame::new(code, why));
         let _ = self.outbound.try_send(Outbound::Text(frame.to_json()));
+        let _ = self.kick_reason.set(code.as_str());
         self.kicked.cancel();
     }
 }

@@ -76,6 +76,17 @@ impl Shared {
         }
     }
 
+    /// Ends the connection of `key` (here, or on another replica) with `revoked`: its key is out of
+    /// the mesh, for `why`.
+    fn revoke(&self, mesh: mesh_proto::MeshId, key: &mesh_proto::PublicKey, why: &str) {
+        if let Some(handle) = self.hub.handle(mesh, key) {
+            handle.revoke(why);
+        }
+        if let Some(cluster) = self.store.cluster() {
+            cluster.publish(store::Note::Revoke { mesh, key: *key, why: why.to_owned() });
+        }
+    }
+
     /// The mesh's connections, each key with its member: here, and on the other replicas sharing the
     /// store (when they cannot be read, the ones here).
     async fn connected(&self, mesh: MeshId) -> std::collections::HashMap<mesh_proto::PublicKey, mesh_proto::PublicKey> {
@@ -299,6 +310,12 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
                 }
             }
             ClusterEvent::Presence { mesh, except, frame } => shared.hub.broadcast(mesh, &except, &frame),
+            ClusterEvent::Revoke { mesh, key, why } => {
+                if let Some(handle) = shared.hub.handle(mesh, &key) {
+                    tracing::info!(conn = handle.conn_id, "removed from the mesh on another replica");
+                    handle.revoke(&why);
+                }
+            }
             ClusterEvent::Gone { mesh, key } => {
                 if shared.hub.is_online(mesh, &key) {
                     continue;

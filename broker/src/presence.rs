@@ -22,6 +22,8 @@ pub(crate) fn peer_view(p: &PeerRecord, online: bool, groups: Option<Vec<String>
         last_seen: p.last_seen,
         groups,
         ended_at: p.ended_at,
+        joined_at: Some(p.joined_at),
+        invited_by: p.invited_by,
     }
 }
 

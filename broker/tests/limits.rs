@@ -6,9 +6,8 @@ mod common;
 
 use common::*;
 use mesh_broker::BrokerConfig;
-use mesh_proto::attestation::SessionAttestation;
+use mesh_proto::Identity;
 use mesh_proto::wire::{ClientFrame, ErrorCode, Intent, MeshLimits, ServerFrame, SetLimitsRequest};
-use mesh_proto::{Identity, MeshId, now_ms};
 
 on_both_stores!(
     one_member_s_sessions_never_lock_the_other_members_out,
@@ -17,50 +16,6 @@ on_both_stores!(
     owners_and_admins_set_a_mesh_s_limits_within_the_broker_s,
     sessions_started_and_ended_in_a_loop_cannot_grow_the_roster,
 );
-
-/// Connects session `session` of `member` under `name`; returns the broker's answer to its hello.
-async fn session_hello_answer(
-    broker: &TestBroker,
-    member: &Identity,
-    session: &Identity,
-    mesh: MeshId,
-    name: &str,
-) -> (Client, ServerFrame) {
-    let mut c = Client::connect(broker).await;
-    let now = now_ms();
-    let att = SessionAttestation {
-        v: 1,
-        mesh_id: mesh,
-        member: member.key(),
-        session: session.key(),
-        name: name.into(),
-        issued_at: now,
-        expires_at: now + 60_000,
-    };
-    let hello = session_hello(&c, session, mesh, name, member, att);
-    c.send(&hello).await;
-    let answer = c.recv().await;
-    (c, answer)
-}
-
-/// Waits on `watcher` until `key` is announced online: its connection is registered then.
-async fn registered(watcher: &mut Client, key: &Identity) {
-    loop {
-        if let ServerFrame::Presence(p) = watcher.recv().await
-            && p.peer.key == key.key()
-            && p.peer.online
-        {
-            return;
-        }
-    }
-}
-
-fn code_of(frame: &ServerFrame) -> Option<ErrorCode> {
-    match frame {
-        ServerFrame::Error(e) => Some(e.code),
-        _ => None,
-    }
-}
 
 async fn one_member_s_sessions_never_lock_the_other_members_out(backend: Backend) {
     let config = BrokerConfig { max_sessions_per_member: 3, max_connections_per_mesh: 4, ..BrokerConfig::default() };

@@ -238,3 +238,41 @@ async fn presence_missed_while_not_listening_is_told_once_listening_again() {
     ra.stop().await;
     rb.stop().await;
 }
+
+#[tokio::test]
+async fn a_member_removed_on_one_replica_is_cut_off_on_the_other_at_once() {
+    use mesh_proto::membership::{ChangeKind, MembershipAction};
+    let Some((ra, rb, _)) = replicas(BrokerConfig::default()).await else { return };
+    let mut t = across(&ra, &rb).await;
+    told_online(&mut t.ca, t.b.key()).await;
+    let action = mesh_proto::signed::Signed::sign(
+        &t.a,
+        &MembershipAction {
+            v: 1,
+            mesh_id: t.mesh,
+            kind: ChangeKind::Remove,
+            target: t.b.key(),
+            role: None,
+            by: t.a.key(),
+            at: now_ms(),
+        },
+    );
+    t.ca.send(&ClientFrame::Membership(mesh_proto::wire::MembershipRequest { id: 1, action })).await;
+    // Bob's connection, on the other replica, is ended with the reason within the frame wait.
+    let code = loop {
+        match t.cb.try_recv().await {
+            Some(ServerFrame::Error(e)) => break Some((e.code, e.message)),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    let (code, message) = code.expect("an error before the close");
+    assert_eq!(code, ErrorCode::Revoked);
+    assert!(message.contains("removed from the mesh by alice"), "{message}");
+    // And he is refused on either replica.
+    for replica in [&ra, &rb] {
+        let mut again = Client::connect(replica).await;
+        let answer = again.hello(&t.b, t.mesh, "bob", Intent::Connect).await;
+        assert!(matches!(answer, ServerFrame::Error(ref e) if e.code == ErrorCode::Revoked), "{answer:?}");
+    }
+}

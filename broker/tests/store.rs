@@ -10,7 +10,7 @@ use mesh_broker::SqliteStore;
 use mesh_broker::Store;
 use mesh_broker::store::postgres::{PgOptions, PgStore};
 use mesh_broker::store::{
-    Claimed, Enqueued, JoinOutcome, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord, StoreError,
+    Claimed, Enqueued, InviteRecord, JoinOutcome, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord, StoreError,
 };
 use mesh_proto::wire::{DeliveryItem, PeerKind, Receipt, ReceiptKind, Role};
 use mesh_proto::{Identity, MeshId, PublicKey, Target};
@@ -97,6 +97,20 @@ fn peer(id: &Identity, role: Role, name: &str) -> PeerRecord {
         last_seen: None,
         revoked: false,
         ended_at: None,
+        invited_by: None,
+        revoked_at: None,
+    }
+}
+
+/// An invite issued by `by` (valid for a day), as the handshake hands it to the store.
+fn invite(id: &str, by: &Identity, max_uses: Option<u32>) -> InviteRecord {
+    InviteRecord {
+        invite_id: id.to_owned(),
+        issued_by: by.key(),
+        role: Role::Member,
+        issued_at: 1,
+        expires_at: u64::MAX / 2,
+        max_uses,
     }
 }
 
@@ -159,7 +173,7 @@ fn receipts(items: &[String]) -> Vec<Receipt> {
         .flat_map(|j| match serde_json::from_str::<DeliveryItem>(j).expect("a delivery item") {
             DeliveryItem::Receipt(r) => vec![r],
             DeliveryItem::Receipts(b) => b.receipts,
-            DeliveryItem::Message(_) => vec![],
+            DeliveryItem::Message(_) | DeliveryItem::Membership(_) => vec![],
         })
         .collect()
 }
@@ -483,13 +497,14 @@ async fn names_are_unique_up_to_confusables_and_ended_sessions_give_them_up(s: S
 }
 
 async fn the_last_use_of_an_invite_goes_to_one_joiner(s: Stores) {
-    let (mesh, _) = mesh_with(&*s.a, 1).await;
+    let (mesh, ids) = mesh_with(&*s.a, 1).await;
+    let owner = &ids[0];
     for round in 0..10 {
-        let invite = format!("inv-{round}");
+        let id = format!("inv-{round}");
         let (x, y) = (Identity::generate(), Identity::generate());
         let (rx, ry) = tokio::join!(
-            s.a.join(mesh, &invite, Some(1), peer(&x, Role::Member, &format!("x{round}"))),
-            s.b.join(mesh, &invite, Some(1), peer(&y, Role::Member, &format!("y{round}"))),
+            s.a.join(mesh, invite(&id, owner, Some(1)), peer(&x, Role::Member, &format!("x{round}"))),
+            s.b.join(mesh, invite(&id, owner, Some(1)), peer(&y, Role::Member, &format!("y{round}"))),
         );
         let joined = [&rx, &ry].iter().filter(|r| matches!(r, Ok(JoinOutcome::Joined(..)))).count();
         let exhausted = [&rx, &ry].iter().filter(|r| matches!(r, Err(StoreError::InviteExhausted))).count();
@@ -497,27 +512,36 @@ async fn the_last_use_of_an_invite_goes_to_one_joiner(s: Stores) {
     }
     // A member joining again consumes nothing; a refused name consumes nothing.
     let z = Identity::generate();
-    assert!(matches!(s.a.join(mesh, "two", Some(2), peer(&z, Role::Member, "z")).await, Ok(JoinOutcome::Joined(..))));
     assert!(matches!(
-        s.b.join(mesh, "two", Some(2), peer(&z, Role::Member, "z")).await,
+        s.a.join(mesh, invite("two", owner, Some(2)), peer(&z, Role::Member, "z")).await,
+        Ok(JoinOutcome::Joined(..))
+    ));
+    assert!(matches!(
+        s.b.join(mesh, invite("two", owner, Some(2)), peer(&z, Role::Member, "z")).await,
         Ok(JoinOutcome::AlreadyMember(_))
     ));
     let w = Identity::generate();
     assert!(matches!(
-        s.a.join(mesh, "two", Some(2), peer(&w, Role::Member, "z")).await,
+        s.a.join(mesh, invite("two", owner, Some(2)), peer(&w, Role::Member, "z")).await,
         Err(StoreError::NameTaken { .. })
     ));
-    assert!(matches!(s.b.join(mesh, "two", Some(2), peer(&w, Role::Member, "w")).await, Ok(JoinOutcome::Joined(..))));
+    assert!(matches!(
+        s.b.join(mesh, invite("two", owner, Some(2)), peer(&w, Role::Member, "w")).await,
+        Ok(JoinOutcome::Joined(..))
+    ));
     let v = Identity::generate();
     assert!(matches!(
-        s.a.join(mesh, "two", Some(2), peer(&v, Role::Member, "v")).await,
+        s.a.join(mesh, invite("two", owner, Some(2)), peer(&v, Role::Member, "v")).await,
         Err(StoreError::InviteExhausted)
     ));
     assert!(matches!(
-        s.a.join(mesh, "none", Some(0), peer(&v, Role::Member, "v")).await,
+        s.a.join(mesh, invite("none", owner, Some(0)), peer(&v, Role::Member, "v")).await,
         Err(StoreError::InviteExhausted)
     ));
-    assert!(matches!(s.a.join(mesh, "open", None, peer(&v, Role::Member, "v")).await, Ok(JoinOutcome::Joined(..))));
+    assert!(matches!(
+        s.a.join(mesh, invite("open", owner, None), peer(&v, Role::Member, "v")).await,
+        Ok(JoinOutcome::Joined(..))
+    ));
 }
 
 async fn reads_are_receipted_once_and_only_for_addressees(s: Stores) {

@@ -198,6 +198,20 @@ pub fn report_error(err: &anyhow::Error) -> u8 {
 }
 
 /// A UTC timestamp to the second, for a time in ms since the epoch.
+/// A membership change in words (names cleaned, keys shown short beside them).
+pub fn membership_change(m: &mesh_ipc::api::MembershipEvent) -> String {
+    let who = format!("{} ({})", clean(&m.name), short(&m.key));
+    let by = format!("{} ({})", clean(&m.by_name), short(&m.by));
+    let said = match (m.change.as_str(), m.role) {
+        ("leave", _) => format!("{who} left the mesh"),
+        ("remove", _) => format!("{who} was removed by {by}"),
+        (_, Some(mesh_proto::wire::Role::Owner)) => format!("{who} is the owner now (handed over by {by})"),
+        (_, Some(role)) => format!("{who} is {} now (by {by})", role.as_str()),
+        (change, None) => format!("{who}: {change} by {by}"),
+    };
+    if m.signed { said } else { format!("{said} [not signed by {by}: the broker's word]") }
+}
+
 /// A size for people: bytes, KiB or MiB.
 pub fn bytes(n: u64) -> String {
     match n {

@@ -375,6 +375,8 @@ pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
         last_seen: None,
         groups: Some(vec![]),
         ended_at: None,
+        joined_at: Some(1),
+        invited_by: None,
     };
     db.call_blocking(|c| {
         crate::meshes::insert(c, &mesh)?;

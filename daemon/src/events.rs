@@ -45,6 +45,7 @@ pub fn append(
         EventBody::Receipt(r) => serde_json::to_string(r),
         EventBody::Outbox(o) => serde_json::to_string(o),
         EventBody::Presence(p) => serde_json::to_string(p),
+        EventBody::Membership(m) => serde_json::to_string(m),
         EventBody::Connection(c) => serde_json::to_string(c),
         EventBody::Webhook(w) => serde_json::to_string(w),
         EventBody::Resync { first_id } => serde_json::to_string(&serde_json::json!({ "first_id": first_id })),

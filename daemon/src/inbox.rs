@@ -242,8 +242,8 @@ fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str) -> Result<S
     let env = match mesh_proto::wire::decode_server(raw) {
         Ok(ServerFrame::Deliver(d)) => match d.item {
             DeliveryItem::Message(env) => env,
-            DeliveryItem::Receipt(_) | DeliveryItem::Receipts(_) => {
-                return Err("invalid: a receipt stored as a message".into());
+            DeliveryItem::Receipt(_) | DeliveryItem::Receipts(_) | DeliveryItem::Membership(_) => {
+                return Err("invalid: a receipt or a notice stored as a message".into());
             }
         },
         Ok(_) => return Err("invalid: not a deliver frame".into()),

@@ -18,6 +18,7 @@ mod ipc_guard;
 pub mod ipc_server;
 pub mod lifecycle;
 pub mod link;
+pub mod membership;
 pub mod meshes;
 pub mod metrics;
 pub mod notices;

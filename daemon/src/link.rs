@@ -957,6 +957,7 @@ async fn intake(
 ) -> Result<Vec<u64>, mesh_broker::sqlite::DbError> {
     let recipient = spec.identity.key();
     let mesh = spec.mesh_id;
+    let member = daemon.member.identity.key();
     daemon
         .db
         .call(move |c| {
@@ -973,6 +974,9 @@ async fn intake(
                         for r in &batch.receipts {
                             outbox::apply_receipt(&tx, r, now)?;
                         }
+                    }
+                    Ok(DeliveryItem::Membership(notice)) => {
+                        crate::membership::apply(&tx, &mesh, &member, &notice, now)?;
                     }
                     Err(detail) => inbox::accept_unparsable(&tx, &mesh, &recipient, id, &raw, &detail, now)?,
                 }

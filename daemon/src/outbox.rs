@@ -106,7 +106,7 @@ const ENTRY_COLUMNS: &str =
     "o.id, o.client_message_id, COALESCE(m.name, o.mesh_id), o.target, o.target_kind, o.target_label,
     o.target_name, o.body, o.status, o.attempts, o.last_error, o.message_id, o.enqueued_at, o.sent_at, o.delivered_at,
     o.delivered_count, o.read_at, o.recipients, o.session, o.expired_count, o.read_count, o.mesh_id, o.sender,
-    o.next_attempt_at";
+    o.next_attempt_at, o.revoked_count";
 
 fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let status: String = r.get(8)?;
@@ -133,6 +133,7 @@ fn entry_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxEntry> {
         mesh_id: r.get(21)?,
         sender: r.get(22)?,
         next_attempt_at: if status == "pending" { opt_ms(r, 23)? } else { None },
+        revoked_count: r.get(24)?,
         link: None,
     })
 }
@@ -428,11 +429,13 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
         ReceiptKind::Delivered => ReceiptKindName::Delivered,
         ReceiptKind::Read => ReceiptKindName::Read,
         ReceiptKind::Expired => ReceiptKindName::Expired,
+        ReceiptKind::Revoked => ReceiptKindName::Revoked,
     };
     let kind_str = match kind {
         ReceiptKindName::Delivered => "delivered",
         ReceiptKindName::Read => "read",
         ReceiptKindName::Expired => "expired",
+        ReceiptKindName::Revoked => "revoked",
     };
     let cmid = &receipt.client_message_id;
     let row: Option<(i64, String, String)> = conn
@@ -461,6 +464,10 @@ pub fn apply_receipt(conn: &Connection, receipt: &Receipt, now: u64) -> rusqlite
         ReceiptKind::Expired => conn.execute(
             "UPDATE outbox SET last_error = ?2, expired_count = expired_count + 1 WHERE id = ?1",
             params![id, format!("expired undelivered for {}", receipt.recipient.short())],
+        )?,
+        ReceiptKind::Revoked => conn.execute(
+            "UPDATE outbox SET last_error = ?2, revoked_count = revoked_count + 1 WHERE id = ?1",
+            params![id, format!("{} left the mesh before taking it", receipt.recipient.short())],
         )?,
     };
     let mesh: MeshId = parse_col(mesh)?;

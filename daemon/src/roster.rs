@@ -19,7 +19,7 @@ use rusqlite::{Connection, Row, params};
 
 use crate::meshes::MeshRow;
 
-const COLUMNS: &str = "mesh_id, key, kind, member, name, enc_key, enc_sig, role, online, last_seen, groups, ended_at";
+const COLUMNS: &str = "mesh_id, key, kind, member, name, enc_key, enc_sig, role, online, last_seen, groups, ended_at, joined_at, invited_by";
 
 /// The shortest key prefix accepted as a target.
 pub const MIN_PREFIX: usize = 4;
@@ -50,6 +50,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<PeerRow> {
             last_seen: r.get::<_, Option<i64>>(9)?.map(|t| t as u64),
             groups: groups.and_then(|g| serde_json::from_str(&g).ok()),
             ended_at: r.get::<_, Option<i64>>(11)?.map(|t| t as u64),
+            joined_at: r.get::<_, Option<i64>>(12)?.map(|t| t as u64),
+            invited_by: r.get::<_, Option<String>>(13)?.map(parse_col).transpose()?,
         },
     })
 }
@@ -61,11 +63,13 @@ pub fn upsert(conn: &Connection, mesh: &MeshId, p: &Peer) -> rusqlite::Result<()
     let groups = p.groups.as_ref().map(|g| serde_json::to_string(g).expect("groups serialise"));
     conn.execute(
         &format!(
-            "INSERT INTO peers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+            "INSERT INTO peers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
              ON CONFLICT (mesh_id, key) DO UPDATE SET kind = excluded.kind, member = excluded.member,
                name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, role = excluded.role,
                online = excluded.online, last_seen = COALESCE(excluded.last_seen, peers.last_seen),
                groups = COALESCE(excluded.groups, peers.groups),
+               joined_at = COALESCE(excluded.joined_at, peers.joined_at),
+               invited_by = COALESCE(excluded.invited_by, peers.invited_by),
                ended_at = CASE WHEN excluded.online THEN excluded.ended_at
                                ELSE COALESCE(excluded.ended_at, peers.ended_at) END"
         ),
@@ -82,6 +86,8 @@ pub fn upsert(conn: &Connection, mesh: &MeshId, p: &Peer) -> rusqlite::Result<()
             p.last_seen.map(|t| t as i64),
             groups,
             p.ended_at.map(|t| t as i64),
+            p.joined_at.map(|t| t as i64),
+            p.invited_by.map(|k| k.to_string()),
         ],
     )?;
     Ok(())
@@ -150,6 +156,8 @@ pub fn peer_info(row: &PeerRow, mesh_name: &str, me: &PublicKey) -> PeerInfo {
         is_self: p.key == *me,
         groups: p.groups.clone().unwrap_or_default(),
         ended_at: p.ended_at,
+        joined_at: p.joined_at,
+        invited_by: p.invited_by.map(|k| k.to_string()),
     }
 }
 

@@ -337,6 +337,13 @@ END;
 "#,
     // The pin of a broker's TLS certificate (`sha256:…`), for a broker no authority vouches for.
     "ALTER TABLE meshes ADD COLUMN tls_pin TEXT;",
+    // Membership: when each peer joined and who invited it; sends a recipient never took because it
+    // left the mesh.
+    r#"
+ALTER TABLE peers ADD COLUMN joined_at INTEGER;
+ALTER TABLE peers ADD COLUMN invited_by TEXT;
+ALTER TABLE outbox ADD COLUMN revoked_count INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The schema version this build writes (a backup of a newer one is refused).

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ids;
 pub mod invite;
 pub mod keys;
+pub mod membership;
 pub mod message;
 pub mod names;
 pub mod pin;

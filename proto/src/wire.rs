@@ -92,6 +92,12 @@ pub struct Peer {
     /// roster after the broker's session grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<u64>,
+    /// When it joined the mesh (a member) or first connected (a session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_at: Option<u64>,
+    /// For a member who joined with an invite: the admin who issued it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invited_by: Option<PublicKey>,
 }
 
 impl Peer {
@@ -122,6 +128,16 @@ pub enum ClientFrame {
     /// From an owner's or admin's member connection: change this mesh's limits (answered `ok`, or
     /// `forbidden` / `limit_out_of_range`).
     SetLimits(SetLimitsRequest),
+    /// From an owner's or admin's member connection: an invite it minted, listed from now on and
+    /// revocable (answered `ok`, or `forbidden` / `invite_invalid`).
+    RegisterInvite(RegisterInviteRequest),
+    /// From an owner's or admin's member connection: the mesh's invites (answered `invites`).
+    Invites(InvitesRequest),
+    /// From an owner's or admin's member connection: an invite no one may join with any more.
+    RevokeInvite(RevokeInviteRequest),
+    /// From a member's connection: a signed [`crate::membership::MembershipAction`] (remove a
+    /// member, leave, change a role).
+    Membership(MembershipRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -263,6 +279,31 @@ pub struct SetLimitsRequest {
     pub connections: Option<u32>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterInviteRequest {
+    pub id: u64,
+    /// The signed [`crate::invite::InviteClaims`], as in the token.
+    pub invite: Signed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitesRequest {
+    pub id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeInviteRequest {
+    pub id: u64,
+    pub invite_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipRequest {
+    pub id: u64,
+    /// A [`crate::membership::MembershipAction`] signed by the connection's key.
+    pub action: Signed,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // broker → client
 
@@ -275,9 +316,35 @@ pub enum ServerFrame {
     Deliver(Deliver),
     Roster(RosterReply),
     Presence(Presence),
+    Invites(InvitesReply),
     /// A request without a richer answer (`read`, `join_group`, `leave_group`, `rename`, `end_session`) was done.
     Ok(OkReply),
     Error(ErrorFrame),
+}
+
+/// The mesh's invites, newest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvitesReply {
+    pub id: u64,
+    pub invites: Vec<InviteInfo>,
+}
+
+/// One invite as the broker knows it: no secret, only what was signed and how it was used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteInfo {
+    pub invite_id: String,
+    pub issued_by: PublicKey,
+    pub role: Role,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    /// `None`: any number until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    pub uses: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<PublicKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +431,26 @@ pub enum DeliveryItem {
     Receipt(Receipt),
     /// Several receipts for one sender, queued together (one per message acked in one `ack` frame).
     Receipts(ReceiptBatch),
+    /// The mesh's membership changed (queued for every member that remains).
+    Membership(MembershipNotice),
+}
+
+/// A membership change as every remaining member is told of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipNotice {
+    pub kind: crate::membership::ChangeKind,
+    pub target: PublicKey,
+    /// The target's name when the change was made.
+    pub target_name: String,
+    pub by: PublicKey,
+    pub by_name: String,
+    /// For `set_role`: the target's new role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// When the broker recorded it.
+    pub at: u64,
+    /// The signed action itself, for a member to check who signed it.
+    pub action: Signed,
 }
 
 /// The body of a `receipts` item.
@@ -409,6 +496,8 @@ pub enum ReceiptKind {
     Read,
     /// Its TTL ran out before the recipient's daemon took it.
     Expired,
+    /// The recipient was removed from the mesh (or left it) before its daemon took the message.
+    Revoked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -593,9 +682,24 @@ impl FrameError {
     }
 }
 
-const CLIENT_TYPES: &[&str] =
-    &["hello", "send", "ack", "roster", "read", "join_group", "leave_group", "rename", "end_session", "set_limits"];
-const SERVER_TYPES: &[&str] = &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "ok", "error"];
+const CLIENT_TYPES: &[&str] = &[
+    "hello",
+    "send",
+    "ack",
+    "roster",
+    "read",
+    "join_group",
+    "leave_group",
+    "rename",
+    "end_session",
+    "set_limits",
+    "register_invite",
+    "invites",
+    "revoke_invite",
+    "membership",
+];
+const SERVER_TYPES: &[&str] =
+    &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "invites", "ok", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))

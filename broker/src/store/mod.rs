@@ -43,6 +43,10 @@ pub struct PeerRecord {
     pub revoked: bool,
     /// For a session: when it ended (its member's daemon said so, or it went unseen too long).
     pub ended_at: Option<u64>,
+    /// For a member who joined with an invite: its issuer.
+    pub invited_by: Option<PublicKey>,
+    /// When it was removed from the mesh (or left it), if it was.
+    pub revoked_at: Option<u64>,
 }
 
 impl PeerRecord {
@@ -158,6 +162,55 @@ pub struct SentRecord {
     pub recipients: u32,
 }
 
+/// An invite as the broker records it (registered by its issuer, or seen at its first use).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InviteRecord {
+    pub invite_id: String,
+    pub issued_by: PublicKey,
+    pub role: Role,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub max_uses: Option<u32>,
+}
+
+impl InviteRecord {
+    pub fn of(claims: &mesh_proto::invite::InviteClaims) -> InviteRecord {
+        InviteRecord {
+            invite_id: claims.invite_id.clone(),
+            issued_by: claims.issued_by,
+            role: claims.role,
+            issued_at: claims.issued_at,
+            expires_at: claims.expires_at,
+            max_uses: claims.max_uses,
+        }
+    }
+}
+
+/// A membership change, as verified by the broker: who asked, what, and the signed action (JSON of
+/// the `Signed`, kept with the notice every member gets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub kind: mesh_proto::membership::ChangeKind,
+    pub target: PublicKey,
+    pub role: Option<Role>,
+    pub by: PublicKey,
+    pub action: mesh_proto::signed::Signed,
+    pub at: u64,
+}
+
+/// What a membership change did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipOutcome {
+    /// Peers now out of the mesh (a member and its sessions): their connections are closed.
+    pub removed: Vec<PeerRecord>,
+    /// Members whose role changed, as they are now.
+    pub changed: Vec<PeerRecord>,
+    /// Keys whose queues got items (notices, receipts): to wake.
+    pub woken: Vec<PublicKey>,
+    /// The notice queued for the members (`None` when nothing changed).
+    pub notice: Option<mesh_proto::wire::MembershipNotice>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinOutcome {
     Joined(PeerRecord, Claimed),
@@ -182,6 +235,12 @@ pub enum StoreError {
     MeshExists,
     #[error("the invite has been used up")]
     InviteExhausted,
+    #[error("the invite was revoked")]
+    InviteRevoked,
+    #[error("no invite {0} in this mesh")]
+    UnknownInvite(String),
+    #[error("{0}")]
+    UnknownMember(String),
     #[error("no such recipient in this mesh: {0}")]
     RecipientUnknown(String),
     #[error("client_message_id {0:?} was already used for a different message")]
@@ -210,6 +269,8 @@ pub enum ClusterEvent {
     Kick { mesh: MeshId, key: PublicKey, conn: u64 },
     /// A `presence` frame for every connection of `mesh` here but `except`'s.
     Presence { mesh: MeshId, except: PublicKey, frame: String },
+    /// `key` was removed from `mesh` on another replica: its connection here ends (`revoked`).
+    Revoke { mesh: MeshId, key: PublicKey, why: String },
     /// A replica died without saying goodbye: its connection of `key` is gone (tell the mesh).
     Gone { mesh: MeshId, key: PublicKey },
     /// Wake-ups may have been missed (the listening connection was re-established, or the safety
@@ -226,8 +287,21 @@ pub enum ClusterEvent {
 /// What one replica tells the others.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Note {
-    Wake { mesh: MeshId, key: PublicKey },
-    Presence { mesh: MeshId, except: PublicKey, frame: String },
+    Wake {
+        mesh: MeshId,
+        key: PublicKey,
+    },
+    Presence {
+        mesh: MeshId,
+        except: PublicKey,
+        frame: String,
+    },
+    /// `key` is out of `mesh`: end its connection wherever it is.
+    Revoke {
+        mesh: MeshId,
+        key: PublicKey,
+        why: String,
+    },
 }
 
 /// Several broker replicas sharing one database (PostgreSQL): which connections are where, and the
@@ -279,14 +353,23 @@ pub trait Store: Send + Sync + 'static {
     async fn create_mesh(&self, mesh: MeshRecord, owner: PeerRecord) -> Result<(), StoreError>;
     async fn mesh(&self, id: MeshId) -> Result<Option<MeshRecord>, StoreError>;
     async fn peer(&self, mesh: MeshId, key: PublicKey) -> Result<Option<PeerRecord>, StoreError>;
-    /// Adds `peer` as a member through invite `invite_id`, counting the use against `max_uses`.
-    async fn join(
-        &self,
-        mesh: MeshId,
-        invite_id: &str,
-        max_uses: Option<u32>,
-        peer: PeerRecord,
-    ) -> Result<JoinOutcome, StoreError>;
+    /// Adds `peer` as a member through `invite`, counting the use against its `max_uses`
+    /// (`InviteRevoked` when it was revoked; recorded as an invite at its first use when its issuer
+    /// never registered it). A key that was removed from the mesh comes back as a new member.
+    async fn join(&self, mesh: MeshId, invite: InviteRecord, peer: PeerRecord) -> Result<JoinOutcome, StoreError>;
+    /// Records an invite its issuer minted, so that it is listed and can be revoked (idempotent).
+    /// `Forbidden` unless the issuer is a live owner or admin.
+    async fn register_invite(&self, mesh: MeshId, invite: InviteRecord) -> Result<(), StoreError>;
+    /// The mesh's invites (newest first, at most 1000), each with its uses.
+    async fn invites(&self, mesh: MeshId) -> Result<Vec<mesh_proto::wire::InviteInfo>, StoreError>;
+    /// Revokes an invite (`by` must be a live owner or admin; `UnknownInvite` for an id the mesh
+    /// never saw). Revoking one already revoked keeps the first revocation.
+    async fn revoke_invite(&self, mesh: MeshId, invite_id: String, by: PublicKey, now: u64) -> Result<(), StoreError>;
+    /// Applies a membership change, checking in the same transaction that `by` may make it: a
+    /// removal or a leave takes the member and its sessions out of the mesh (refused from then on),
+    /// with their groups, and deletes their queued items, queueing a `revoked` receipt for each
+    /// message's sender; every change queues a notice for each remaining member.
+    async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError>;
     /// Inserts or refreshes a peer (a session on connect, or a member whose name or keys changed)
     /// and records it as seen now; a session that had ended is live again. A new peer, or a changed
     /// name, claims the name ([`Store::rename`]'s rule); a peer keeping its name is never refused.
@@ -389,6 +472,53 @@ pub trait Store: Send + Sync + 'static {
         group: String,
         member: bool,
     ) -> Result<Vec<String>, StoreError>;
+}
+
+/// Whether `by` may make `change` to `target` (both live members): the rules both stores apply in
+/// the change's transaction. The owner is never removed and never leaves (it hands ownership over
+/// first, or deletes the mesh); admins remove members, the owner removes anyone; only the owner
+/// changes roles.
+pub(crate) fn membership_rule(by: &PeerRecord, target: &PeerRecord, change: &MembershipChange) -> Result<(), String> {
+    use mesh_proto::membership::ChangeKind;
+    match change.kind {
+        ChangeKind::Leave if target.key != by.key => Err("a member leaves only for itself".into()),
+        ChangeKind::Leave if by.role == Role::Owner => {
+            Err("the owner cannot leave: hand ownership over first (`mesh role NAME owner`), or delete the mesh".into())
+        }
+        ChangeKind::Leave => Ok(()),
+        ChangeKind::Remove if target.key == by.key => Err("to remove yourself, leave the mesh".into()),
+        ChangeKind::Remove if !by.role.is_admin() => Err("only the mesh's owner and admins remove members".into()),
+        ChangeKind::Remove if target.role == Role::Owner => Err("the mesh's owner cannot be removed".into()),
+        ChangeKind::Remove if target.role == Role::Admin && by.role != Role::Owner => {
+            Err("only the mesh's owner removes an admin".into())
+        }
+        ChangeKind::Remove => Ok(()),
+        ChangeKind::SetRole if by.role != Role::Owner => Err("only the mesh's owner changes roles".into()),
+        ChangeKind::SetRole if target.key == by.key => {
+            Err("the owner keeps its role until it hands ownership to another member".into())
+        }
+        ChangeKind::SetRole if change.role.is_none() => Err("a role change names the role".into()),
+        ChangeKind::SetRole => Ok(()),
+    }
+}
+
+/// The notice every remaining member is sent for `change`, which `by` made to `target`.
+pub(crate) fn notice_of(
+    change: &MembershipChange,
+    target: &PeerRecord,
+    by: &PeerRecord,
+) -> mesh_proto::wire::MembershipNotice {
+    use mesh_proto::membership::ChangeKind;
+    mesh_proto::wire::MembershipNotice {
+        kind: change.kind,
+        target: target.key,
+        target_name: target.name.clone(),
+        by: by.key,
+        by_name: by.name.clone(),
+        role: change.role.filter(|_| change.kind == ChangeKind::SetRole),
+        at: change.at,
+        action: change.action.clone(),
+    }
 }
 
 /// Logs a store failure, at most once a second across the broker: a database outage fails every

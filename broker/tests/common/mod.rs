@@ -13,7 +13,7 @@ use mesh_proto::crypto::GroupKey;
 use mesh_proto::invite::{InviteParams, InviteToken};
 use mesh_proto::message::{self, Content, SealKey};
 use mesh_proto::signed::Signed;
-use mesh_proto::wire::{self, ClientFrame, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame};
+use mesh_proto::wire::{self, ClientFrame, ErrorCode, Hello, HelloClaims, Intent, Role, SendMessage, ServerFrame};
 use mesh_proto::{Identity, MeshId, Target, codec, now_ms};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -292,4 +292,48 @@ pub fn session_hello(
         ..hello_claims(&c.challenge, session, mesh, name, Intent::Connect)
     };
     signed_hello(session, &claims)
+}
+
+/// Connects session `session` of `member` under `name`; returns the broker's answer to its hello.
+pub async fn session_hello_answer(
+    broker: &TestBroker,
+    member: &Identity,
+    session: &Identity,
+    mesh: MeshId,
+    name: &str,
+) -> (Client, ServerFrame) {
+    let mut c = Client::connect(broker).await;
+    let now = now_ms();
+    let att = SessionAttestation {
+        v: 1,
+        mesh_id: mesh,
+        member: member.key(),
+        session: session.key(),
+        name: name.into(),
+        issued_at: now,
+        expires_at: now + 60_000,
+    };
+    let hello = session_hello(&c, session, mesh, name, member, att);
+    c.send(&hello).await;
+    let answer = c.recv().await;
+    (c, answer)
+}
+
+/// Waits on `watcher` until `key` is announced online: its connection is registered then.
+pub async fn registered(watcher: &mut Client, key: &Identity) {
+    loop {
+        if let ServerFrame::Presence(p) = watcher.recv().await
+            && p.peer.key == key.key()
+            && p.peer.online
+        {
+            return;
+        }
+    }
+}
+
+pub fn code_of(frame: &ServerFrame) -> Option<ErrorCode> {
+    match frame {
+        ServerFrame::Error(e) => Some(e.code),
+        _ => None,
+    }
 }

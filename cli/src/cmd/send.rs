@@ -117,6 +117,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         delivered_count: e.delivered_count,
         read_count: e.read_count,
         expired_count: e.expired_count,
+        revoked_count: e.revoked_count,
     });
     if crate::output::json() {
         super::print_json(&resp)?;
@@ -165,6 +166,10 @@ fn not_reached(until: WaitFor, e: &OutboxEntry, timeout: std::time::Duration) ->
         ),
         OutboxStatus::Done if e.expired_count > 0 => (
             format!("outbox #{}: {} recipient(s) did not take it before it expired", e.id, e.expired_count),
+            "see `mesh outbox`".into(),
+        ),
+        OutboxStatus::Done if e.revoked_count > 0 => (
+            format!("outbox #{}: {} recipient(s) left the mesh before taking it", e.id, e.revoked_count),
             "see `mesh outbox`".into(),
         ),
         OutboxStatus::Done => {

@@ -120,6 +120,7 @@ fn describe(e: &Event) -> String {
             };
             format!("{} {} ({}) is {state}", p.kind.as_str(), p.name, output::short(&p.key))
         }
+        EventBody::Membership(m) => output::membership_change(m),
         EventBody::Connection(c) => format!(
             "connection {}{}",
             c.state.as_str(),

@@ -561,6 +561,7 @@ mod tests {
             read_at: (read > 0).then_some(T0 + id as u64 * 1000 + 90_000),
             recipients: Some(1),
             expired_count: 0,
+            revoked_count: 0,
             read_count: read,
             mesh_id: "00".into(),
             sender: ALICE.into(),
@@ -582,6 +583,8 @@ mod tests {
             is_self: me,
             groups: vec![],
             ended_at: None,
+            joined_at: Some(T0),
+            invited_by: None,
         }
     }
 

@@ -60,6 +60,8 @@ pub enum EventBody {
     Outbox(OutboxEvent),
     /// A peer of the mesh came online, went offline or joined.
     Presence(PresenceEvent),
+    /// The mesh's membership changed: a member was removed, left, or got another role.
+    Membership(MembershipEvent),
     /// The audience's broker connection changed state.
     Connection(ConnectionEvent),
     /// One of the audience's webhook endpoints was disabled (it answered 410 Gone, or kept failing)
@@ -77,6 +79,7 @@ impl EventBody {
             EventBody::Receipt(_) => "receipt",
             EventBody::Outbox(_) => "outbox",
             EventBody::Presence(_) => "presence",
+            EventBody::Membership(_) => "membership",
             EventBody::Connection(_) => "connection",
             EventBody::Webhook(_) => "webhook",
             EventBody::Resync { .. } => "resync",
@@ -104,6 +107,8 @@ pub enum ReceiptKindName {
     Delivered,
     Read,
     Expired,
+    /// The recipient left the mesh (or was removed) before its daemon took the message.
+    Revoked,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +132,25 @@ pub struct PresenceEvent {
     /// It left the roster.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removed: bool,
+}
+
+/// A membership change, as the broker told every remaining member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipEvent {
+    /// `remove`, `leave` or `set_role`.
+    pub change: String,
+    /// The member it is about.
+    pub key: String,
+    pub name: String,
+    /// Who made it (the member itself for `leave`).
+    pub by: String,
+    pub by_name: String,
+    /// For `set_role`: the new role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<mesh_proto::wire::Role>,
+    pub at: u64,
+    /// The change carries `by`'s valid signature (else the broker's word alone says so).
+    pub signed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

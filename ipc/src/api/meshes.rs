@@ -215,6 +215,12 @@ pub struct PeerInfo {
     /// For a session that ended: when (it gets no broadcasts; DMs wait for its next launch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<u64>,
+    /// When it joined the mesh (a member) or first connected (a session), as the broker says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_at: Option<u64>,
+    /// For a member who joined with an invite: who issued it (a key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invited_by: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,6 +48,9 @@ pub struct SendWait {
     pub delivered_count: u32,
     pub read_count: u32,
     pub expired_count: u32,
+    /// Recipients that left the mesh (or were removed) before their daemon took it.
+    #[serde(default)]
+    pub revoked_count: u32,
 }
 
 /// A resolved target: what the user typed and what it resolved to.
@@ -143,6 +146,9 @@ pub struct OutboxEntry {
     /// How many recipients' copies ran out of time before their daemon took them.
     #[serde(default)]
     pub expired_count: u32,
+    /// How many recipients left the mesh (or were removed) before their daemon took it.
+    #[serde(default)]
+    pub revoked_count: u32,
     /// How many recipients marked it read.
     #[serde(default)]
     pub read_count: u32,
@@ -176,7 +182,7 @@ impl WaitFor {
     /// Whether `e` can no longer reach this point.
     pub fn unreachable(self, e: &OutboxEntry) -> bool {
         matches!(e.status, OutboxStatus::Dead | OutboxStatus::Aborted)
-            || (self != WaitFor::Accepted && e.expired_count > 0)
+            || (self != WaitFor::Accepted && e.expired_count + e.revoked_count > 0)
     }
 
     /// Whether `e` has reached this point.

@@ -427,6 +427,8 @@ fn payloads(replica: i64, batch: Vec<Outgoing>) -> Vec<String> {
             }
             Outgoing::Kick { replica, conn, mesh, key } => format!("k {replica} {conn} {mesh} {key}\n"),
             Outgoing::Note(Note::Presence { mesh, except, frame }) => format!("p {mesh} {except} {frame}\n"),
+            // Names have no line breaks; the words are the broker's own.
+            Outgoing::Note(Note::Revoke { mesh, key, why }) => format!("r {mesh} {key} {}\n", why.replace('\n', " ")),
         };
         if head.len() + line.len() > MAX_PAYLOAD {
             tracing::warn!(bytes = line.len(), "a note too large to tell the other replicas; dropped");
@@ -467,6 +469,13 @@ fn parse_note(line: &str, me: i64) -> Option<Option<ClusterEvent>> {
             let frame = words.next()?.to_owned();
             Some(Some(ClusterEvent::Presence { mesh, except, frame }))
         }
+        "r" => {
+            let mut words = rest.splitn(3, ' ');
+            let mesh = words.next()?.parse().ok()?;
+            let key = words.next()?.parse().ok()?;
+            let why = words.next().unwrap_or_default().to_owned();
+            Some(Some(ClusterEvent::Revoke { mesh, key, why }))
+        }
         _ => None,
     }
 }
@@ -485,11 +494,12 @@ mod tests {
             Outgoing::Kick { replica: 7, conn: 42, mesh, key },
             Outgoing::Kick { replica: 8, conn: 43, mesh, key },
             Outgoing::Note(Note::Presence { mesh: other, except: key, frame: frame.clone() }),
+            Outgoing::Note(Note::Revoke { mesh, key, why: "removed by alice".into() }),
         ];
         let sent = payloads(3, batch);
         assert_eq!(sent.len(), 1);
         let lines: Vec<&str> = sent[0].lines().collect();
-        assert_eq!(lines.len(), 5, "the sender, one wake-up, two kicks, one presence: {lines:?}");
+        assert_eq!(lines.len(), 6, "the sender, one wake-up, two kicks, one presence, one removal: {lines:?}");
         assert_eq!(lines[0], "3");
         let events: Vec<Option<ClusterEvent>> =
             lines[1..].iter().map(|l| parse_note(l, 7).expect("readable")).collect();
@@ -500,6 +510,7 @@ mod tests {
                 Some(ClusterEvent::Kick { mesh, key, conn: 42 }),
                 None,
                 Some(ClusterEvent::Presence { mesh: other, except: key, frame }),
+                Some(ClusterEvent::Revoke { mesh, key, why: "removed by alice".into() }),
             ]
         );
         assert!(parse_note("x what", 7).is_none());

@@ -21,8 +21,9 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Claimed, Cluster, ClusterEvent, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord,
-    NewMessage, Note, PeerRecord, QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
+    Claimed, Cluster, ClusterEvent, Ended, Enqueued, Expired, InviteRecord, JoinOutcome, Lease, MembershipChange,
+    MembershipOutcome, MeshLimitSettings, MeshRecord, NewMessage, Note, PeerRecord, QueueStat, Reaped, Receipted,
+    RosterEntry, SentRecord, Store, StoreError,
 };
 use crate::sqlite::CommitObserver;
 
@@ -537,20 +538,34 @@ impl Store for PgStore {
         Ok(peers::get_peer(&client, &mesh, &key).await?)
     }
 
-    async fn join(
-        &self,
-        mesh: MeshId,
-        invite_id: &str,
-        max_uses: Option<u32>,
-        peer: PeerRecord,
-    ) -> Result<JoinOutcome, StoreError> {
+    async fn join(&self, mesh: MeshId, invite: InviteRecord, peer: PeerRecord) -> Result<JoinOutcome, StoreError> {
         transaction!(self, 1, |tx| {
-            if let Some(existing) = peers::get_peer(&tx, &mesh, &peer.key).await? {
+            if let Some(existing) = peers::get_peer(&tx, &mesh, &peer.key).await?.filter(|p| !p.revoked) {
                 return Ok(JoinOutcome::AlreadyMember(existing));
             }
-            let claimed = peers::join(&tx, &mesh, invite_id, max_uses, &peer).await?;
+            let claimed = peers::join(&tx, &mesh, &invite, &peer).await?;
             JoinOutcome::Joined(peer.clone(), claimed)
         })
+    }
+
+    async fn register_invite(&self, mesh: MeshId, invite: InviteRecord) -> Result<(), StoreError> {
+        transaction!(self, 1, |tx| {
+            peers::live_admin(&tx, &mesh, &invite.issued_by, "mint invites").await?;
+            peers::record_invite(&tx, &mesh, &invite).await?;
+        })
+    }
+
+    async fn invites(&self, mesh: MeshId) -> Result<Vec<mesh_proto::wire::InviteInfo>, StoreError> {
+        let client = self.client().await?;
+        Ok(peers::invites(&client, &mesh).await?)
+    }
+
+    async fn revoke_invite(&self, mesh: MeshId, invite_id: String, by: PublicKey, now: u64) -> Result<(), StoreError> {
+        transaction!(self, 1, |tx| { peers::revoke_invite(&tx, &mesh, &invite_id, &by, now).await? })
+    }
+
+    async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError> {
+        transaction!(self, 1, |tx| { peers::change_membership(&tx, &mesh, &change).await? })
     }
 
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {

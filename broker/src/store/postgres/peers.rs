@@ -6,15 +6,19 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
+use mesh_proto::membership::ChangeKind;
 use mesh_proto::names;
-use mesh_proto::wire::{PeerKind, Role};
+use mesh_proto::wire::{DeliveryItem, InviteInfo, PeerKind, Role};
 use mesh_proto::{MeshId, PublicKey};
 use tokio_postgres::Row;
 
 use super::{TxError, lock_names, parse};
-use crate::store::{Claimed, Ended, PeerRecord, Reaped, RosterEntry, StoreError};
+use crate::store::{
+    Claimed, Ended, InviteRecord, MembershipChange, MembershipOutcome, PeerRecord, Reaped, RosterEntry, StoreError,
+};
 
-const PEER_COLUMNS: &str = "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at";
+const PEER_COLUMNS: &str =
+    "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at, invited_by, revoked_at";
 
 /// A peer from a row whose peer columns ([`PEER_COLUMNS`]) start at `at`.
 fn peer_from_row(row: &Row, at: usize) -> Result<PeerRecord, TxError> {
@@ -32,6 +36,8 @@ fn peer_from_row(row: &Row, at: usize) -> Result<PeerRecord, TxError> {
         last_seen: row.get::<_, Option<i64>>(at + 8).map(|t| t as u64),
         revoked: row.get(at + 9),
         ended_at: row.get::<_, Option<i64>>(at + 10).map(|t| t as u64),
+        invited_by: row.get::<_, Option<&str>>(at + 11).map(parse).transpose()?,
+        revoked_at: row.get::<_, Option<i64>>(at + 12).map(|t| t as u64),
     })
 }
 
@@ -41,12 +47,13 @@ pub(super) async fn insert_peer(tx: &impl GenericClient, mesh: &MeshId, p: &Peer
     let stmt = tx
         .prepare_cached(
             "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen,
-                 revoked, name_key, name_key_cased, name_key_upper, ended_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL)
+                 revoked, name_key, name_key_cased, name_key_upper, ended_at, invited_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL, $15)
              ON CONFLICT (mesh_id, key) DO UPDATE SET
                name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig,
                last_seen = excluded.last_seen, name_key = excluded.name_key,
-               name_key_cased = excluded.name_key_cased, name_key_upper = excluded.name_key_upper, ended_at = NULL",
+               name_key_cased = excluded.name_key_cased, name_key_upper = excluded.name_key_upper, ended_at = NULL
+             WHERE NOT peers.revoked",
         )
         .await?;
     let keys = names::name_keys(&p.name);
@@ -67,6 +74,7 @@ pub(super) async fn insert_peer(tx: &impl GenericClient, mesh: &MeshId, p: &Peer
             &keys.lower,
             &keys.written,
             &keys.upper,
+            &p.invited_by.map(|k| k.to_string()),
         ],
     )
     .await?;
@@ -129,16 +137,25 @@ pub(super) async fn upsert(tx: &impl GenericClient, mesh: &MeshId, peer: &PeerRe
     Ok(claimed)
 }
 
-/// Counts a use of invite `invite_id` and adds `peer` as a member, unless the invite is used up or
-/// the name is taken (then the transaction rolls back and nothing is consumed).
+/// Counts a use of `invite` and adds `peer` as a member, unless the invite was revoked or is used up,
+/// or the name is taken (then the transaction rolls back and nothing is consumed). A removed member
+/// coming back with a newer invite starts afresh: its old row goes.
 pub(super) async fn join(
     tx: &impl GenericClient,
     mesh: &MeshId,
-    invite_id: &str,
-    max_uses: Option<u32>,
+    invite: &InviteRecord,
     peer: &PeerRecord,
 ) -> Result<Claimed, TxError> {
-    let max = max_uses.map_or(i64::MAX, i64::from);
+    let mesh_s = mesh.to_string();
+    // Shared with a revocation's update: a revocation that commits first is seen here.
+    let stmt =
+        tx.prepare_cached("SELECT revoked_at FROM invites WHERE mesh_id = $1 AND invite_id = $2 FOR SHARE").await?;
+    if let Some(row) = tx.query_opt(&stmt, &[&mesh_s, &invite.invite_id]).await?
+        && row.get::<_, Option<i64>>(0).is_some()
+    {
+        return Err(TxError::Domain(StoreError::InviteRevoked));
+    }
+    let max = invite.max_uses.map_or(i64::MAX, i64::from);
     if max == 0 {
         return Err(TxError::Domain(StoreError::InviteExhausted));
     }
@@ -150,12 +167,199 @@ pub(super) async fn join(
              ON CONFLICT (mesh_id, invite_id) DO UPDATE SET uses = invite_uses.uses + 1 WHERE invite_uses.uses < $3",
         )
         .await?;
-    if tx.execute(&stmt, &[&mesh.to_string(), &invite_id, &max]).await? == 0 {
+    if tx.execute(&stmt, &[&mesh_s, &invite.invite_id, &max]).await? == 0 {
         return Err(TxError::Domain(StoreError::InviteExhausted));
     }
     let claimed = claim_name(tx, mesh, &peer.key, &peer.name).await?;
+    record_invite(tx, mesh, invite).await?;
+    let stmt = tx.prepare_cached("DELETE FROM peers WHERE mesh_id = $1 AND key = $2 AND revoked").await?;
+    tx.execute(&stmt, &[&mesh_s, &peer.key.to_string()]).await?;
     insert_peer(tx, mesh, peer).await?;
     Ok(claimed)
+}
+
+/// Records an invite (kept as first recorded when it is known already).
+pub(super) async fn record_invite(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    invite: &InviteRecord,
+) -> Result<(), TxError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO invites (mesh_id, invite_id, issued_by, role, issued_at, expires_at, max_uses)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &mesh.to_string(),
+            &invite.invite_id,
+            &invite.issued_by.to_string(),
+            &invite.role.as_str(),
+            &(invite.issued_at as i64),
+            &(invite.expires_at as i64),
+            &invite.max_uses.map(i64::from),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn live_member(tx: &impl GenericClient, mesh: &MeshId, key: &PublicKey) -> Result<Option<PeerRecord>, TxError> {
+    Ok(get_peer(tx, mesh, key).await?.filter(|p| p.kind == PeerKind::Member && !p.revoked))
+}
+
+/// `key`, a live owner or admin of `mesh`; else `Forbidden` (saying it may not `what`).
+pub(super) async fn live_admin(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    key: &PublicKey,
+    what: &str,
+) -> Result<PeerRecord, TxError> {
+    match live_member(tx, mesh, key).await? {
+        Some(p) if p.role.is_admin() => Ok(p),
+        _ => Err(TxError::Domain(StoreError::Forbidden(format!("only the mesh's owner and admins may {what}")))),
+    }
+}
+
+pub(super) async fn invites(c: &impl GenericClient, mesh: &MeshId) -> Result<Vec<InviteInfo>, TxError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT i.invite_id, i.issued_by, i.role, i.issued_at, i.expires_at, i.max_uses, COALESCE(u.uses, 0),
+                    i.revoked_at, i.revoked_by
+             FROM invites i LEFT JOIN invite_uses u ON u.mesh_id = i.mesh_id AND u.invite_id = i.invite_id
+             WHERE i.mesh_id = $1 ORDER BY i.issued_at DESC, i.invite_id LIMIT 1000",
+        )
+        .await?;
+    c.query(&stmt, &[&mesh.to_string()])
+        .await?
+        .iter()
+        .map(|r| {
+            let role: &str = r.get(2);
+            Ok(InviteInfo {
+                invite_id: r.get(0),
+                issued_by: parse(r.get(1))?,
+                role: Role::parse(role).ok_or_else(|| TxError::Corrupt(format!("unexpected role {role:?}")))?,
+                issued_at: r.get::<_, i64>(3) as u64,
+                expires_at: r.get::<_, i64>(4) as u64,
+                max_uses: r.get::<_, Option<i64>>(5).and_then(|m| u32::try_from(m).ok()),
+                uses: u32::try_from(r.get::<_, i64>(6)).unwrap_or(u32::MAX),
+                revoked_at: r.get::<_, Option<i64>>(7).map(|t| t as u64),
+                revoked_by: r.get::<_, Option<&str>>(8).map(parse).transpose()?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn revoke_invite(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    invite_id: &str,
+    by: &PublicKey,
+    now: u64,
+) -> Result<(), TxError> {
+    live_admin(tx, mesh, by, "revoke invites").await?;
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE invites SET revoked_at = COALESCE(revoked_at, $3), revoked_by = COALESCE(revoked_by, $4)
+             WHERE mesh_id = $1 AND invite_id = $2",
+        )
+        .await?;
+    if tx.execute(&stmt, &[&mesh.to_string(), &invite_id, &(now as i64), &by.to_string()]).await? == 0 {
+        return Err(TxError::Domain(StoreError::UnknownInvite(invite_id.to_owned())));
+    }
+    Ok(())
+}
+
+/// Checks and applies a membership change (see [`crate::store::Store::change_membership`]), under
+/// the mesh's name lock: changes to one mesh's membership, joins and name claims happen one at a
+/// time across replicas.
+pub(super) async fn change_membership(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    change: &MembershipChange,
+) -> Result<MembershipOutcome, TxError> {
+    lock_names(tx, mesh).await?;
+    let forbidden = |why: &str| TxError::Domain(StoreError::Forbidden(why.to_owned()));
+    let Some(by) = live_member(tx, mesh, &change.by).await? else {
+        return Err(forbidden("only a member of the mesh can change its membership"));
+    };
+    let Some(target) = live_member(tx, mesh, &change.target).await? else {
+        return Err(TxError::Domain(StoreError::UnknownMember(format!(
+            "{} is not a member of this mesh",
+            change.target.short()
+        ))));
+    };
+    if let Err(why) = crate::store::membership_rule(&by, &target, change) {
+        return Err(forbidden(&why));
+    }
+    let mesh_s = mesh.to_string();
+    let mut out = MembershipOutcome::default();
+    match change.kind {
+        ChangeKind::Remove | ChangeKind::Leave => {
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 AND member = $2 AND kind = 'session'"
+                ))
+                .await?;
+            let sessions = tx
+                .query(&stmt, &[&mesh_s, &target.key.to_string()])
+                .await?
+                .iter()
+                .map(|r| peer_from_row(r, 0))
+                .collect::<Result<Vec<_>, _>>()?;
+            for session in &sessions {
+                remove_peer(tx, mesh, &session.key).await?;
+            }
+            let stmt = tx.prepare_cached("DELETE FROM group_members WHERE mesh_id = $1 AND key = $2").await?;
+            tx.execute(&stmt, &[&mesh_s, &target.key.to_string()]).await?;
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE peers SET revoked = TRUE, revoked_at = $3, revoked_by = $4 WHERE mesh_id = $1 AND key = $2",
+                )
+                .await?;
+            tx.execute(&stmt, &[&mesh_s, &target.key.to_string(), &(change.at as i64), &change.by.to_string()]).await?;
+            let gone: Vec<PublicKey> = std::iter::once(target.key).chain(sessions.iter().map(|p| p.key)).collect();
+            out.woken = super::queue::drop_queues(tx, mesh, &gone, change.at).await?;
+            let stmt = tx
+                .prepare_cached("UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, $2) WHERE id = $1")
+                .await?;
+            tx.execute(&stmt, &[&mesh_s, &(change.at as i64)]).await?;
+            out.removed.push(PeerRecord { revoked: true, revoked_at: Some(change.at), ..target.clone() });
+            out.removed.extend(sessions);
+        }
+        ChangeKind::SetRole => {
+            let role = change.role.unwrap_or(Role::Member);
+            if target.role == role {
+                return Ok(out);
+            }
+            let set = tx.prepare_cached("UPDATE peers SET role = $3 WHERE mesh_id = $1 AND key = $2").await?;
+            tx.execute(&set, &[&mesh_s, &target.key.to_string(), &role.as_str()]).await?;
+            out.changed.push(PeerRecord { role, ..target.clone() });
+            if role == Role::Owner {
+                // Ownership handed over: the owner who gave it stays an admin.
+                tx.execute(&set, &[&mesh_s, &by.key.to_string(), &Role::Admin.as_str()]).await?;
+                let stmt = tx.prepare_cached("UPDATE meshes SET owner = $2 WHERE id = $1").await?;
+                tx.execute(&stmt, &[&mesh_s, &target.key.to_string()]).await?;
+                out.changed.push(PeerRecord { role: Role::Admin, ..by.clone() });
+            }
+        }
+    }
+    let notice = crate::store::notice_of(change, &target, &by);
+    let json = serde_json::to_string(&DeliveryItem::Membership(notice.clone())).expect("notices serialise");
+    let stmt = tx
+        .prepare_cached("SELECT key FROM peers WHERE mesh_id = $1 AND kind = 'member' AND NOT revoked ORDER BY key")
+        .await?;
+    let members: Vec<String> = tx.query(&stmt, &[&mesh_s]).await?.iter().map(|r| r.get(0)).collect();
+    super::queue::queue_notices(tx, &mesh_s, &members, &json, change.at).await?;
+    for member in members {
+        out.woken.push(parse(&member)?);
+    }
+    out.woken.sort();
+    out.woken.dedup();
+    out.notice = Some(notice);
+    Ok(out)
 }
 
 pub(super) async fn rename(
@@ -254,7 +458,9 @@ pub(super) async fn roster(c: &impl GenericClient, mesh: &MeshId) -> Result<Vec<
         groups.entry(row.get(0)).or_default().push(row.get(1));
     }
     let stmt = c
-        .prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 ORDER BY joined_at, key"))
+        .prepare_cached(&format!(
+            "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = $1 AND NOT revoked ORDER BY joined_at, key"
+        ))
         .await?;
     c.query(&stmt, &[&mesh])
         .await?
@@ -292,7 +498,8 @@ pub(super) async fn reap_sessions(
         .query(
             &format!(
                 "UPDATE peers SET ended_at = $1
-                 WHERE kind = 'session' AND ended_at IS NULL AND COALESCE(last_seen, joined_at) < $2 AND {}
+                 WHERE kind = 'session' AND ended_at IS NULL AND NOT revoked AND COALESCE(last_seen, joined_at) < $2
+                   AND {}
                  RETURNING mesh_id, {PEER_COLUMNS}",
                 not_online(3, 4)
             ),

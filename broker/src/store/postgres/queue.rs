@@ -35,6 +35,43 @@ async fn queue_items(
     Ok(())
 }
 
+/// Queues a membership notice for each of `members` (kept as long as a receipt).
+pub(super) async fn queue_notices(
+    tx: &impl GenericClient,
+    mesh: &str,
+    members: &[String],
+    item_json: &str,
+    now: u64,
+) -> Result<(), TxError> {
+    let rows: Vec<(String, String, String)> =
+        members.iter().map(|m| (mesh.to_owned(), m.clone(), item_json.to_owned())).collect();
+    queue_items(tx, &rows, now + RECEIPT_TTL_MS).await
+}
+
+/// Deletes every item queued for `keys` (peers leaving the mesh), queueing a `revoked` receipt for
+/// each message's sender. Returns the senders to wake.
+pub(super) async fn drop_queues(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    keys: &[PublicKey],
+    now: u64,
+) -> Result<Vec<PublicKey>, TxError> {
+    let keys_s: Vec<String> = keys.iter().map(ToString::to_string).collect();
+    let stmt = tx
+        .prepare_cached(
+            "DELETE FROM queue WHERE mesh_id = $1 AND recipient = ANY($2) RETURNING id, recipient, message_seq",
+        )
+        .await?;
+    let mut rows: Vec<(i64, String, Option<i64>)> =
+        tx.query(&stmt, &[&mesh.to_string(), &keys_s]).await?.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    rows.sort_by_key(|(id, _, _)| *id);
+    let seqs: Vec<(i64, String)> = rows.into_iter().filter_map(|(_, recipient, seq)| Some((seq?, recipient))).collect();
+    let mut receipts = ReceiptsBySender::default();
+    add_receipts(tx, &mut receipts, &seqs, ReceiptKind::Revoked, now).await?;
+    forget_bodies_if_done(tx, &seqs.iter().map(|(s, _)| *s).collect::<Vec<_>>()).await?;
+    queue_receipts(tx, receipts, now).await?.into_iter().map(|(_, sender)| parse(&sender)).collect()
+}
+
 /// Adds a receipt of `kind` from `recipient` for the sender of each message in `seqs` still known,
 /// in the order of `seqs`. Locks the messages' rows (in `seq` order, so that transactions taking
 /// several never deadlock), so that the last of several acks of one message sees the others.

@@ -157,6 +157,25 @@ DROP INDEX queue_by_lease;
 ALTER TABLE queue SET (fillfactor = 50);
 ALTER TABLE messages SET (fillfactor = 90);
 "#,
+    r#"
+-- Membership: who invited whom, removals, the invites issuers registered (listed, revocable), and
+-- the epoch of the mesh's key with whether it is wanted anew after a removal.
+ALTER TABLE peers ADD COLUMN invited_by TEXT COLLATE "C", ADD COLUMN revoked_at BIGINT,
+    ADD COLUMN revoked_by TEXT COLLATE "C";
+CREATE TABLE invites (
+    mesh_id TEXT COLLATE "C" NOT NULL,
+    invite_id TEXT COLLATE "C" NOT NULL,
+    issued_by TEXT COLLATE "C" NOT NULL,
+    role TEXT NOT NULL,
+    issued_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    max_uses BIGINT,
+    revoked_at BIGINT,
+    revoked_by TEXT COLLATE "C",
+    PRIMARY KEY (mesh_id, invite_id)
+);
+ALTER TABLE meshes ADD COLUMN key_epoch BIGINT NOT NULL DEFAULT 0, ADD COLUMN rekey_wanted_at BIGINT;
+"#,
 ];
 
 /// Brings the schema up to date, holding the migration lock meanwhile.

@@ -8,8 +8,9 @@ use mesh_proto::{MeshId, PublicKey};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Claimed, Ended, Enqueued, Expired, JoinOutcome, Lease, MeshLimitSettings, MeshRecord, NewMessage, PeerRecord,
-    QueueStat, Reaped, Receipted, RosterEntry, SentRecord, Store, StoreError,
+    Claimed, Ended, Enqueued, Expired, InviteRecord, JoinOutcome, Lease, MembershipChange, MembershipOutcome,
+    MeshLimitSettings, MeshRecord, NewMessage, PeerRecord, QueueStat, Reaped, Receipted, RosterEntry, SentRecord,
+    Store, StoreError,
 };
 use crate::sqlite::{Db, DbError, parse_col as parse};
 
@@ -152,6 +153,27 @@ CREATE INDEX peers_by_name_key_upper ON peers(mesh_id, name_key_upper);
     r#"
 UPDATE peers SET name_key = NULL;
 "#,
+    // Membership: who invited whom, removals, the invites issuers registered (listed, revocable),
+    // and the epoch of the mesh's key with whether it is wanted anew after a removal.
+    r#"
+ALTER TABLE peers ADD COLUMN invited_by TEXT;
+ALTER TABLE peers ADD COLUMN revoked_at INTEGER;
+ALTER TABLE peers ADD COLUMN revoked_by TEXT;
+CREATE TABLE invites (
+    mesh_id TEXT NOT NULL,
+    invite_id TEXT NOT NULL,
+    issued_by TEXT NOT NULL,
+    role TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    max_uses INTEGER,
+    revoked_at INTEGER,
+    revoked_by TEXT,
+    PRIMARY KEY (mesh_id, invite_id)
+);
+ALTER TABLE meshes ADD COLUMN key_epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE meshes ADD COLUMN rekey_wanted_at INTEGER;
+"#,
 ];
 
 /// The schema version this build writes (a backup of a newer one is refused).
@@ -286,22 +308,36 @@ impl Store for SqliteStore {
             .await?)
     }
 
-    async fn join(
-        &self,
-        mesh: MeshId,
-        invite_id: &str,
-        max_uses: Option<u32>,
-        peer: PeerRecord,
-    ) -> Result<JoinOutcome, StoreError> {
-        let invite_id = invite_id.to_owned();
+    async fn join(&self, mesh: MeshId, invite: InviteRecord, peer: PeerRecord) -> Result<JoinOutcome, StoreError> {
         self.write(move |tx| {
-            if let Some(existing) = get_peer(tx, &mesh, &peer.key)? {
+            if let Some(existing) = get_peer(tx, &mesh, &peer.key)?.filter(|p| !p.revoked) {
                 return Ok(JoinOutcome::AlreadyMember(existing));
             }
-            let claimed = peers::join(tx, &mesh, &invite_id, max_uses, &peer)?;
+            let claimed = peers::join(tx, &mesh, &invite, &peer)?;
             Ok(JoinOutcome::Joined(peer.clone(), claimed))
         })
         .await
+    }
+
+    async fn register_invite(&self, mesh: MeshId, invite: InviteRecord) -> Result<(), StoreError> {
+        self.write(move |tx| {
+            peers::live_admin(tx, &mesh, &invite.issued_by, "mint invites")?;
+            peers::record_invite(tx, &mesh, &invite)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn invites(&self, mesh: MeshId) -> Result<Vec<mesh_proto::wire::InviteInfo>, StoreError> {
+        Ok(self.db.call(move |c| peers::invites(c, &mesh)).await?)
+    }
+
+    async fn revoke_invite(&self, mesh: MeshId, invite_id: String, by: PublicKey, now: u64) -> Result<(), StoreError> {
+        self.write(move |tx| peers::revoke_invite(tx, &mesh, &invite_id, &by, now)).await
+    }
+
+    async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError> {
+        self.write(move |tx| peers::change_membership(tx, &mesh, &change)).await
     }
 
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {
@@ -558,6 +594,8 @@ mod tests {
             last_seen: None,
             revoked: false,
             ended_at: None,
+            invited_by: None,
+            revoked_at: None,
         }
     }
 

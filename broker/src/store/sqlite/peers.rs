@@ -6,17 +6,20 @@
 //! connection) is refused while another peer holds the same key. An ended session gives its name
 //! up: it leaves the roster at once when someone claims the name, else after the grace period.
 
+use mesh_proto::membership::ChangeKind;
 use mesh_proto::names;
-use mesh_proto::wire::{PeerKind, Role};
+use mesh_proto::wire::{DeliveryItem, InviteInfo, PeerKind, Role};
 use mesh_proto::{MeshId, PublicKey};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{TxError, bad_text};
 use crate::sqlite::parse_col as parse;
-use crate::store::{Claimed, Ended, PeerRecord, Reaped, RosterEntry, StoreError};
+use crate::store::{
+    Claimed, Ended, InviteRecord, MembershipChange, MembershipOutcome, PeerRecord, Reaped, RosterEntry, StoreError,
+};
 
 pub const PEER_COLUMNS: &str =
-    "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at";
+    "key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked, ended_at, invited_by, revoked_at";
 
 pub fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
     peer_from_row_at(row, 0)
@@ -27,12 +30,13 @@ pub fn peer_from_row(row: &Row<'_>) -> rusqlite::Result<PeerRecord> {
 pub fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(
         "INSERT INTO peers (mesh_id, key, kind, member, name, enc_key, enc_sig, role, joined_at, last_seen, revoked,
-             name_key, name_key_cased, name_key_upper, ended_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, NULL)
+             name_key, name_key_cased, name_key_upper, ended_at, invited_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, NULL, ?15)
          ON CONFLICT (mesh_id, key) DO UPDATE SET
            name = excluded.name, enc_key = excluded.enc_key, enc_sig = excluded.enc_sig, last_seen = excluded.last_seen,
            name_key = excluded.name_key, name_key_cased = excluded.name_key_cased,
-           name_key_upper = excluded.name_key_upper, ended_at = NULL",
+           name_key_upper = excluded.name_key_upper, ended_at = NULL
+         WHERE peers.revoked = 0",
     )?;
     let keys = names::name_keys(&p.name);
     insert.execute(params![
@@ -50,6 +54,7 @@ pub fn insert_peer(tx: &Connection, mesh: &MeshId, p: &PeerRecord) -> rusqlite::
         keys.lower,
         keys.written,
         keys.upper,
+        p.invited_by.map(|k| k.to_string()),
     ])?;
     Ok(())
 }
@@ -98,33 +103,195 @@ pub fn upsert(tx: &Connection, mesh: &MeshId, peer: &PeerRecord) -> Result<Claim
     Ok(claimed)
 }
 
-/// Counts a use of invite `invite_id` and adds `peer` as a member, unless the invite is used up or
-/// the name is taken (then nothing is consumed).
-pub fn join(
-    tx: &Connection,
-    mesh: &MeshId,
-    invite_id: &str,
-    max_uses: Option<u32>,
-    peer: &PeerRecord,
-) -> Result<Claimed, TxError> {
+/// Counts a use of `invite` and adds `peer` as a member, unless the invite was revoked or is used up,
+/// or the name is taken (then nothing is consumed). A removed member coming back with a newer invite
+/// (the handshake checked it is newer) starts afresh: its old row goes.
+pub fn join(tx: &Connection, mesh: &MeshId, invite: &InviteRecord, peer: &PeerRecord) -> Result<Claimed, TxError> {
+    let mesh_s = mesh.to_string();
+    let revoked: Option<Option<i64>> = tx
+        .prepare_cached("SELECT revoked_at FROM invites WHERE mesh_id = ?1 AND invite_id = ?2")?
+        .query_row(params![mesh_s, invite.invite_id], |r| r.get(0))
+        .optional()?;
+    if matches!(revoked, Some(Some(_))) {
+        return Err(TxError::Domain(StoreError::InviteRevoked));
+    }
     let uses: i64 = tx
         .prepare_cached("SELECT uses FROM invite_uses WHERE mesh_id = ?1 AND invite_id = ?2")?
-        .query_row(params![mesh.to_string(), invite_id], |r| r.get(0))
+        .query_row(params![mesh_s, invite.invite_id], |r| r.get(0))
         .optional()?
         .unwrap_or(0);
-    if max_uses.is_some_and(|max| uses >= i64::from(max)) {
+    if invite.max_uses.is_some_and(|max| uses >= i64::from(max)) {
         return Err(TxError::Domain(StoreError::InviteExhausted));
     }
     let claimed = claim_name(tx, mesh, &peer.key, &peer.name)?;
+    record_invite(tx, mesh, invite)?;
     tx.prepare_cached(
         "INSERT INTO invite_uses (mesh_id, invite_id, uses) VALUES (?1, ?2, 1)
          ON CONFLICT (mesh_id, invite_id) DO UPDATE SET uses = uses + 1",
     )?
-    .execute(params![mesh.to_string(), invite_id])?;
+    .execute(params![mesh_s, invite.invite_id])?;
+    tx.prepare_cached("DELETE FROM peers WHERE mesh_id = ?1 AND key = ?2 AND revoked = 1")?
+        .execute(params![mesh_s, peer.key.to_string()])?;
     insert_peer(tx, mesh, peer)?;
     Ok(claimed)
 }
 
+/// Records an invite (kept as first recorded when it is known already).
+pub fn record_invite(tx: &Connection, mesh: &MeshId, invite: &InviteRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO invites (mesh_id, invite_id, issued_by, role, issued_at, expires_at, max_uses)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        mesh.to_string(),
+        invite.invite_id,
+        invite.issued_by.to_string(),
+        invite.role.as_str(),
+        invite.issued_at as i64,
+        invite.expires_at as i64,
+        invite.max_uses,
+    ])?;
+    Ok(())
+}
+
+/// `key`, a live member of `mesh` that is its owner or an admin; else `Forbidden` (saying it may not
+/// `what`).
+pub fn live_admin(tx: &Connection, mesh: &MeshId, key: &PublicKey, what: &str) -> Result<PeerRecord, TxError> {
+    match live_member(tx, mesh, key)? {
+        Some(p) if p.role.is_admin() => Ok(p),
+        _ => Err(TxError::Domain(StoreError::Forbidden(format!("only the mesh's owner and admins may {what}")))),
+    }
+}
+
+fn live_member(tx: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Option<PeerRecord>> {
+    Ok(get_peer(tx, mesh, key)?.filter(|p| p.kind == PeerKind::Member && !p.revoked))
+}
+
+pub fn invites(conn: &Connection, mesh: &MeshId) -> rusqlite::Result<Vec<InviteInfo>> {
+    conn.prepare_cached(
+        "SELECT i.invite_id, i.issued_by, i.role, i.issued_at, i.expires_at, i.max_uses, COALESCE(u.uses, 0),
+                i.revoked_at, i.revoked_by
+         FROM invites i LEFT JOIN invite_uses u ON u.mesh_id = i.mesh_id AND u.invite_id = i.invite_id
+         WHERE i.mesh_id = ?1 ORDER BY i.issued_at DESC, i.invite_id LIMIT 1000",
+    )?
+    .query_map([mesh.to_string()], |r| {
+        let role: String = r.get(2)?;
+        Ok(InviteInfo {
+            invite_id: r.get(0)?,
+            issued_by: parse(r.get(1)?)?,
+            role: Role::parse(&role).ok_or_else(|| bad_text("role", &role))?,
+            issued_at: r.get::<_, i64>(3)? as u64,
+            expires_at: r.get::<_, i64>(4)? as u64,
+            max_uses: r.get(5)?,
+            uses: r.get(6)?,
+            revoked_at: r.get::<_, Option<i64>>(7)?.map(|t| t as u64),
+            revoked_by: r.get::<_, Option<String>>(8)?.map(parse).transpose()?,
+        })
+    })?
+    .collect()
+}
+
+pub fn revoke_invite(tx: &Connection, mesh: &MeshId, invite_id: &str, by: &PublicKey, now: u64) -> Result<(), TxError> {
+    live_admin(tx, mesh, by, "revoke invites")?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE invites SET revoked_at = COALESCE(revoked_at, ?3), revoked_by = COALESCE(revoked_by, ?4)
+             WHERE mesh_id = ?1 AND invite_id = ?2",
+        )?
+        .execute(params![mesh.to_string(), invite_id, now as i64, by.to_string()])?;
+    if changed == 0 {
+        return Err(TxError::Domain(StoreError::UnknownInvite(invite_id.to_owned())));
+    }
+    Ok(())
+}
+
+/// Checks and applies a membership change (see [`crate::store::Store::change_membership`]).
+pub fn change_membership(
+    tx: &Connection,
+    mesh: &MeshId,
+    change: &MembershipChange,
+) -> Result<MembershipOutcome, TxError> {
+    let forbidden = |why: &str| TxError::Domain(StoreError::Forbidden(why.to_owned()));
+    let Some(by) = live_member(tx, mesh, &change.by)? else {
+        return Err(forbidden("only a member of the mesh can change its membership"));
+    };
+    let target = match live_member(tx, mesh, &change.target)? {
+        Some(t) => t,
+        None => {
+            return Err(TxError::Domain(StoreError::UnknownMember(format!(
+                "{} is not a member of this mesh",
+                change.target.short()
+            ))));
+        }
+    };
+    let rule = crate::store::membership_rule(&by, &target, change);
+    if let Err(why) = rule {
+        return Err(forbidden(&why));
+    }
+    let mesh_s = mesh.to_string();
+    let mut out = MembershipOutcome::default();
+    match change.kind {
+        ChangeKind::Remove | ChangeKind::Leave => {
+            let sessions: Vec<PeerRecord> = tx
+                .prepare_cached(&format!(
+                    "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND member = ?2 AND kind = 'session'"
+                ))?
+                .query_map(params![mesh_s, target.key.to_string()], peer_from_row)?
+                .collect::<Result<_, _>>()?;
+            for session in &sessions {
+                remove_peer(tx, mesh, &session.key)?;
+            }
+            tx.prepare_cached("DELETE FROM group_members WHERE mesh_id = ?1 AND key = ?2")?
+                .execute(params![mesh_s, target.key.to_string()])?;
+            tx.prepare_cached(
+                "UPDATE peers SET revoked = 1, revoked_at = ?3, revoked_by = ?4 WHERE mesh_id = ?1 AND key = ?2",
+            )?
+            .execute(params![mesh_s, target.key.to_string(), change.at as i64, change.by.to_string()])?;
+            let gone: Vec<PublicKey> = std::iter::once(target.key).chain(sessions.iter().map(|p| p.key)).collect();
+            out.woken = super::queue::drop_queues(tx, mesh, &gone, change.at)?;
+            tx.prepare_cached("UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, ?2) WHERE id = ?1")?
+                .execute(params![mesh_s, change.at as i64])?;
+            out.removed.push(PeerRecord { revoked: true, revoked_at: Some(change.at), ..target.clone() });
+            out.removed.extend(sessions);
+        }
+        ChangeKind::SetRole => {
+            let role = change.role.unwrap_or(Role::Member);
+            if target.role == role {
+                return Ok(out);
+            }
+            let set = |key: &PublicKey, role: Role| -> rusqlite::Result<usize> {
+                tx.prepare_cached("UPDATE peers SET role = ?3 WHERE mesh_id = ?1 AND key = ?2")?.execute(params![
+                    mesh_s,
+                    key.to_string(),
+                    role.as_str()
+                ])
+            };
+            set(&target.key, role)?;
+            out.changed.push(PeerRecord { role, ..target.clone() });
+            if role == Role::Owner {
+                // Ownership handed over: the owner who gave it stays an admin.
+                set(&by.key, Role::Admin)?;
+                tx.prepare_cached("UPDATE meshes SET owner = ?2 WHERE id = ?1")?
+                    .execute(params![mesh_s, target.key.to_string()])?;
+                out.changed.push(PeerRecord { role: Role::Admin, ..by.clone() });
+            }
+        }
+    }
+    let notice = crate::store::notice_of(change, &target, &by);
+    let json = serde_json::to_string(&DeliveryItem::Membership(notice.clone())).expect("notices serialise");
+    let members: Vec<String> = tx
+        .prepare_cached("SELECT key FROM peers WHERE mesh_id = ?1 AND kind = 'member' AND revoked = 0")?
+        .query_map([&mesh_s], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for member in members {
+        super::queue::queue_notice(tx, &mesh_s, &member, &json, change.at)?;
+        out.woken.push(parse(member)?);
+    }
+    out.woken.sort();
+    out.woken.dedup();
+    out.notice = Some(notice);
+    Ok(out)
+}
 pub fn rename(tx: &Connection, mesh: &MeshId, key: &PublicKey, name: &str) -> Result<(PeerRecord, Claimed), TxError> {
     let Some(mut peer) = get_peer(tx, mesh, key)? else {
         return Err(TxError::Domain(StoreError::RecipientUnknown(key.to_string())));
@@ -208,8 +375,9 @@ pub fn roster(conn: &Connection, mesh: &MeshId) -> rusqlite::Result<Vec<RosterEn
         let (key, group) = row?;
         groups.entry(key).or_default().push(group);
     }
-    let mut stmt =
-        conn.prepare_cached(&format!("SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 ORDER BY joined_at, key"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PEER_COLUMNS} FROM peers WHERE mesh_id = ?1 AND revoked = 0 ORDER BY joined_at, key"
+    ))?;
     stmt.query_map([mesh.to_string()], peer_from_row)?
         .map(|p| {
             let peer = p?;
@@ -232,7 +400,7 @@ pub fn reap_sessions(
     let stale: Vec<(String, PeerRecord)> = tx
         .prepare_cached(&format!(
             "SELECT mesh_id, {PEER_COLUMNS} FROM peers
-             WHERE kind = 'session' AND ended_at IS NULL AND COALESCE(last_seen, joined_at) < ?1"
+             WHERE kind = 'session' AND ended_at IS NULL AND revoked = 0 AND COALESCE(last_seen, joined_at) < ?1"
         ))?
         .query_map([now.saturating_sub(stale_ms) as i64], |r| Ok((r.get(0)?, peer_from_row_at(r, 1)?)))?
         .collect::<Result<_, _>>()?;
@@ -280,6 +448,8 @@ fn peer_from_row_at(row: &Row<'_>, offset: usize) -> rusqlite::Result<PeerRecord
         last_seen: row.get::<_, Option<i64>>(offset + 8)?.map(|t| t as u64),
         revoked: row.get(offset + 9)?,
         ended_at: row.get::<_, Option<i64>>(offset + 10)?.map(|t| t as u64),
+        invited_by: row.get::<_, Option<String>>(offset + 11)?.map(parse).transpose()?,
+        revoked_at: row.get::<_, Option<i64>>(offset + 12)?.map(|t| t as u64),
     })
 }
 

@@ -17,6 +17,38 @@ fn queue_item(tx: &Connection, mesh: &str, to: &str, item_json: &str, expires_at
     Ok(())
 }
 
+/// Queues a membership notice for member `to` (kept as long as a receipt).
+pub(super) fn queue_notice(tx: &Connection, mesh: &str, to: &str, item_json: &str, now: u64) -> rusqlite::Result<()> {
+    queue_item(tx, mesh, to, item_json, now + RECEIPT_TTL_MS)
+}
+
+/// Deletes every item queued for `keys` (peers leaving the mesh), queueing a `revoked` receipt for
+/// each message's sender. Returns the senders to wake.
+pub(super) fn drop_queues(
+    tx: &Connection,
+    mesh: &MeshId,
+    keys: &[PublicKey],
+    now: u64,
+) -> rusqlite::Result<Vec<PublicKey>> {
+    let mesh_s = mesh.to_string();
+    let mut receipts = ReceiptsBySender::default();
+    for key in keys {
+        let key_s = key.to_string();
+        let rows: Vec<(i64, Option<i64>)> = tx
+            .prepare_cached("SELECT id, message_seq FROM queue WHERE mesh_id = ?1 AND recipient = ?2 ORDER BY id")?
+            .query_map(params![mesh_s, key_s], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, seq) in rows {
+            tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?.execute([id])?;
+            if let Some(seq) = seq {
+                add_receipt(&mut receipts, tx, seq, ReceiptKind::Revoked, &key_s, now)?;
+                forget_body_if_done(tx, seq)?;
+            }
+        }
+    }
+    queue_receipts(receipts, tx, now)?.into_iter().map(|(_, sender)| parse(sender)).collect()
+}
+
 /// Adds a receipt of `kind` from `recipient` for the sender of message `seq`, if it is still known.
 fn add_receipt(
     receipts: &mut ReceiptsBySender,

@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod membership;
+
 use crate::Shared;
 use crate::deliver::deliver_loop;
 use crate::handshake::{self, Authenticated};
@@ -305,12 +307,14 @@ impl Connection {
         let _open = scopeguard_dec(self.shared.metrics.clone(), kind);
         let wake = Arc::new(Notify::new());
         let kicked = CancellationToken::new();
+        let kick_reason = Arc::new(std::sync::OnceLock::new());
         let handle = ConnHandle {
             conn_id: self.conn_id,
             member: self.auth.peer.member,
             wake: wake.clone(),
             outbound: self.out.clone(),
             kicked: kicked.clone(),
+            kick_reason: kick_reason.clone(),
         };
         if let Some(previous) = self.shared.hub.register(mesh, key, handle) {
             tracing::info!(previous = previous.conn_id, "superseding an older connection of the same key");
@@ -323,6 +327,18 @@ impl Connection {
             tracing::warn!(error = %mesh_proto::error::chain(&e), "recording the connection for the other replicas");
         }
 
+        // A removal that committed between the handshake and the registration above found no
+        // connection to end: look again now that this one can be found.
+        match self.shared.store.peer(mesh, key).await {
+            Ok(Some(p)) if !p.revoked => {}
+            Ok(_) => {
+                let _ = kick_reason.set("revoked");
+                let err = ErrorFrame::new(ErrorCode::Revoked, "removed from this mesh while connecting");
+                self.send_error(err).await;
+                kicked.cancel();
+            }
+            Err(e) => crate::store::log_failure("checking a new connection's membership", &e),
+        }
         for gone in &self.auth.claimed.reaped {
             announce(&self.shared, mesh, gone, false, true);
         }
@@ -342,7 +358,7 @@ impl Connection {
             )
             .in_current_span(),
         );
-        self.read_loop(&mut stream, &kicked, &acked_tx).await;
+        self.read_loop(&mut stream, &kicked, &kick_reason, &acked_tx).await;
         stop_delivery.cancel();
         let _ = deliverer.await;
 
@@ -389,13 +405,15 @@ impl Connection {
         &self,
         stream: &mut futures_util::stream::SplitStream<WebSocket>,
         kicked: &CancellationToken,
+        kick_reason: &std::sync::OnceLock<&'static str>,
         acked: &mpsc::UnboundedSender<Vec<u64>>,
     ) {
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout(self.shared.config.idle_timeout, stream.next()) => next,
                 () = kicked.cancelled() => {
-                    let _ = self.out.try_send(Outbound::Close { code: CLOSE_POLICY, reason: "superseded".into() });
+                    let reason = kick_reason.get().copied().unwrap_or("superseded");
+                    let _ = self.out.try_send(Outbound::Close { code: CLOSE_POLICY, reason: reason.into() });
                     return;
                 }
                 () = self.shared.shutdown.cancelled() => {
@@ -572,6 +590,10 @@ impl Connection {
             Ok(ClientFrame::Rename(req)) => self.rename(req.id, req.name).await,
             Ok(ClientFrame::EndSession(req)) => self.end_session(req.id, req.key).await,
             Ok(ClientFrame::SetLimits(req)) => self.set_limits(req).await,
+            Ok(ClientFrame::RegisterInvite(req)) => self.register_invite(req).await,
+            Ok(ClientFrame::Invites(req)) => self.list_invites(req.id).await,
+            Ok(ClientFrame::RevokeInvite(req)) => self.revoke_invite(req).await,
+            Ok(ClientFrame::Membership(req)) => self.change_membership(req).await,
         }
     }
 
@@ -637,7 +659,15 @@ impl Connection {
     /// An owner or admin changes the mesh's limits, each within the broker's. They apply to
     /// sessions and connections that come after; none already in is closed.
     async fn set_limits(&self, req: SetLimitsRequest) -> bool {
-        let me = &self.auth.peer;
+        // The role as stored now, not as it was when this connection said hello.
+        let me = match self.shared.store.peer(self.mesh(), self.key()).await {
+            Ok(Some(me)) if !me.revoked => me,
+            Ok(_) => {
+                let err = ErrorFrame::new(ErrorCode::Forbidden, "this key is not in the mesh any more");
+                return self.send_error(err.with_id(Some(req.id))).await;
+            }
+            Err(e) => return self.answer(req.id, Err(e)).await,
+        };
         if me.kind != mesh_proto::wire::PeerKind::Member || !me.role.is_admin() {
             let err = ErrorFrame::new(ErrorCode::Forbidden, "only the mesh's owner and admins can change its limits");
             return self.send_error(err.with_id(Some(req.id))).await;
