@@ -56,6 +56,16 @@ enum Command {
     Limits(cmd::meshes::LimitsArgs),
     /// List the members and sessions you can reach
     Peers(cmd::meshes::PeersArgs),
+    /// List a mesh's members: roles, sessions, last seen, who invited whom and when
+    Members(cmd::members::MembersArgs),
+    /// Remove a member (and its sessions) from a mesh you own or administer
+    Remove(cmd::members::RemoveArgs),
+    /// Leave a mesh (its owner hands ownership over first: `mesh role NAME owner`)
+    Leave(cmd::members::LeaveArgs),
+    /// Give a member of a mesh you own another role: admin, member, or owner (hands the mesh over)
+    Role(cmd::members::RoleArgs),
+    /// List a mesh's outstanding invites (`--all`: every one), with uses left and expiry
+    Invites(cmd::members::InvitesArgs),
     /// Send a message: committed to the outbox at once, delivered by the daemon
     Send(cmd::send::SendArgs),
     /// List received messages (listing never marks them read); ack, flush, delete, replay
@@ -134,6 +144,11 @@ fn main() -> ExitCode {
         Command::Repin(a) => cmd::meshes::repin(a),
         Command::Limits(a) => cmd::meshes::limits(a),
         Command::Peers(a) => cmd::meshes::peers(a),
+        Command::Members(a) => cmd::members::members(a),
+        Command::Remove(a) => cmd::members::remove(a),
+        Command::Leave(a) => cmd::members::leave(a),
+        Command::Role(a) => cmd::members::role(a),
+        Command::Invites(a) => cmd::members::invites(a),
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),
         Command::Outbox(a) => cmd::outbox::run(a),

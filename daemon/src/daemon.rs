@@ -138,6 +138,36 @@ impl Daemon {
         links.entry(key).or_insert_with(|| link::spawn(self, spec));
     }
 
+    /// Forgets a mesh this member has left: its links (the member's and its sessions') stop, sends not
+    /// yet accepted in it are dead ("left the mesh"), and the mesh and its roster are gone from here.
+    /// Messages received in it stay in the inbox.
+    pub async fn forget_mesh(&self, mesh: &MeshId) -> Result<(), mesh_broker::sqlite::DbError> {
+        let links: Vec<LinkHandle> = {
+            let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys: Vec<(MeshId, PublicKey)> = links.keys().filter(|(m, _)| m == mesh).copied().collect();
+            keys.iter().filter_map(|k| links.remove(k)).collect()
+        };
+        for link in links {
+            link.cancel.cancel();
+        }
+        let id = *mesh;
+        let dead = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let dead = crate::outbox::kill_mesh(&tx, &id, "left the mesh", now_ms())?;
+                tx.execute("DELETE FROM meshes WHERE id = ?1", [id.to_string()])?;
+                tx.commit()?;
+                Ok(dead)
+            })
+            .await?;
+        self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).remove(mesh);
+        self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).remove(mesh);
+        tracing::info!(mesh = %mesh, dead_sends = dead, "left the mesh; forgotten here");
+        self.notify_changed();
+        Ok(())
+    }
+
     fn stop_link(&self, mesh: &MeshId, key: &PublicKey) {
         if let Some(h) = self.links.lock().unwrap_or_else(PoisonError::into_inner).remove(&(*mesh, *key)) {
             h.cancel.cancel();

@@ -34,6 +34,15 @@ pub enum Reply {
     Accepted(Accepted),
     Ok(u64),
     Error(ErrorFrame),
+    /// The mesh's invites, answering an `invites` request.
+    Invites(mesh_proto::wire::InvitesReply),
+}
+
+/// What a user's request over a link was answered with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Ok,
+    Invites(Vec<mesh_proto::wire::InviteInfo>),
 }
 
 impl Reply {
@@ -42,6 +51,7 @@ impl Reply {
             Reply::Accepted(a) => Some(a.id),
             Reply::Ok(id) => Some(*id),
             Reply::Error(e) => e.id,
+            Reply::Invites(i) => Some(i.id),
         }
     }
 }
@@ -62,11 +72,11 @@ pub struct Drain {
 /// the broker's answer goes. When the connection ends first, `reply` is dropped.
 pub struct LinkRequest {
     pub frame: Box<dyn FnOnce(u64) -> ClientFrame + Send>,
-    pub reply: oneshot::Sender<Result<(), ErrorFrame>>,
+    pub reply: oneshot::Sender<Result<Answer, ErrorFrame>>,
 }
 
 /// Where a [`LinkRequest`]'s answer goes.
-pub struct Responder(oneshot::Sender<Result<(), ErrorFrame>>);
+pub struct Responder(oneshot::Sender<Result<Answer, ErrorFrame>>);
 
 impl std::fmt::Debug for Responder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -320,7 +330,8 @@ impl Drain {
                 Some(InFlight { work: Work::Request(Responder(to)), .. }) => {
                     let _ = to.send(match reply {
                         Reply::Error(e) => Err(e),
-                        _ => Ok(()),
+                        Reply::Invites(i) => Ok(Answer::Invites(i.invites)),
+                        Reply::Ok(_) | Reply::Accepted(_) => Ok(Answer::Ok),
                     });
                 }
                 Some(f) => updates.push((f.work, reply)),
@@ -730,7 +741,7 @@ mod tests {
         let ClientFrame::Rename(r) = next_frame(&mut b).await else { panic!("expected a rename") };
         assert_eq!(r.name, "bob");
         b.replies.send(Reply::Ok(r.id)).expect("drain listening");
-        assert_eq!(answer.await.expect("answered"), Ok(()));
+        assert_eq!(answer.await.expect("answered"), Ok(Answer::Ok));
 
         let (request, answer) = ask("carol");
         b.requests.send(request).await.expect("drain listening");

@@ -454,13 +454,13 @@ impl LinkHandle {
         &self,
         frame: impl FnOnce(u64) -> ClientFrame + Send + 'static,
         timeout: Duration,
-    ) -> Result<(), RequestError> {
+    ) -> Result<drain::Answer, RequestError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = LinkRequest { frame: Box::new(frame), reply };
         tokio::time::timeout(timeout, async {
             self.requests.send(request).await.map_err(|_| RequestError::NotConnected)?;
             match answer.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(answered)) => Ok(answered),
                 Ok(Err(e)) => Err(RequestError::Refused(e)),
                 Err(_) => Err(RequestError::NotConnected),
             }
@@ -606,6 +606,22 @@ async fn run(
                 };
                 if let Err(e) = stored {
                     tracing::error!(error = %mesh_proto::error::chain(&e), "storing the roster");
+                }
+                if spec.keeps_roster() {
+                    // The member's role as the broker has it now (it may have changed while away).
+                    let role = welcome.you.role;
+                    let updated = daemon
+                        .db
+                        .call(move |c| {
+                            c.execute(
+                                "UPDATE meshes SET role = ?2 WHERE id = ?1 AND role != ?2",
+                                rusqlite::params![mesh.to_string(), role.as_str()],
+                            )
+                        })
+                        .await;
+                    if let Err(e) = updated {
+                        tracing::error!(error = %mesh_proto::error::chain(&e), "storing the member's role");
+                    }
                 }
                 set_state(&status, LinkState::Online, None);
                 record_state(&daemon, &spec, &mut recorded, LinkState::Online, None).await;
@@ -846,12 +862,15 @@ async fn read_loop(
                 Ok(ServerFrame::Accepted(a)) => {
                     let _ = replies.send(Reply::Accepted(a));
                 }
+                Ok(ServerFrame::Invites(i)) => {
+                    let _ = replies.send(Reply::Invites(i));
+                }
                 Ok(ServerFrame::Error(e)) if e.id.is_some() => {
                     let _ = replies.send(Reply::Error(e));
                 }
                 Ok(ServerFrame::Error(e)) => {
                     tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker error");
-                    if e.code == ErrorCode::Superseded {
+                    if matches!(e.code, ErrorCode::Superseded | ErrorCode::Revoked) {
                         return Ended { reason: format!("{}: {}", e.code.as_str(), e.message), permanent: true };
                     }
                 }

@@ -231,6 +231,23 @@ pub fn bury(conn: &Connection, mesh: &MeshId, sender: &PublicKey, now: u64) -> r
     Ok(dying.len())
 }
 
+/// Kills every row of `mesh` not yet accepted (the member left it: no connection will ever send
+/// them), with `why`. An event each; returns how many.
+pub fn kill_mesh(conn: &Connection, mesh: &MeshId, why: &str, now: u64) -> rusqlite::Result<usize> {
+    let ids: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM outbox WHERE mesh_id = ?1 AND status IN ('pending', 'inflight')")?
+        .query_map([mesh.to_string()], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        conn.execute(
+            "UPDATE outbox SET status = 'dead', last_error = ?2, lease_until = NULL WHERE id = ?1",
+            params![id, why],
+        )?;
+        emit_state(conn, *id, now)?;
+    }
+    Ok(ids.len())
+}
+
 /// Moves up to `limit` due pending rows of one connection (mesh + sender key) to `inflight` with a
 /// lease, oldest first. Call [`bury`] first: it does not look at TTLs or attempt counts.
 pub fn claim(

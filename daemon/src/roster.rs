@@ -103,6 +103,17 @@ pub fn replace(conn: &mut Connection, mesh: &MeshId, peers: &[Peer]) -> rusqlite
     tx.commit()
 }
 
+/// One peer of a mesh's roster, if it is there.
+pub fn get(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<Option<PeerRow>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM peers WHERE mesh_id = ?1 AND key = ?2"),
+        params![mesh.to_string(), key.to_string()],
+        from_row,
+    )
+    .optional()
+}
+
 /// Forgets a peer that left the roster.
 pub fn remove(conn: &Connection, mesh: &MeshId, key: &PublicKey) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM peers WHERE mesh_id = ?1 AND key = ?2", params![mesh.to_string(), key.to_string()])?;

@@ -42,6 +42,10 @@ pub mod routes {
     pub const MESHES_LIMITS: &str = "/v1/meshes/limits";
     pub const CONTEXT: &str = "/v1/context";
     pub const INVITES: &str = "/v1/invites";
+    pub const INVITES_REVOKE: &str = "/v1/invites/revoke";
+    pub const MEMBERS_REMOVE: &str = "/v1/members/remove";
+    pub const MEMBERS_LEAVE: &str = "/v1/members/leave";
+    pub const MEMBERS_ROLE: &str = "/v1/members/role";
     pub const PEERS: &str = "/v1/peers";
     pub const SEND: &str = "/v1/send";
     pub const INBOX: &str = "/v1/inbox";

@@ -371,10 +371,13 @@ impl Connection {
             let _ = self.shared.store.touch_peer(mesh, key, now_ms()).await;
             // As stored now: seen just now, and (a session) perhaps ended while this connection lasted.
             match self.shared.store.peer(mesh, key).await {
+                // Out of the mesh (removed, or it left): the mesh was told it left the roster.
+                Ok(Some(peer)) if peer.revoked => {}
+                Ok(None) => {}
                 Ok(Some(peer)) => {
                     announce(&self.shared, mesh, &PeerRecord { name: self.me().name, ..peer }, false, false)
                 }
-                _ => self.announce(false),
+                Err(_) => self.announce(false),
             }
         }
         match self.shared.store.release(mesh, key, self.conn_id).await {

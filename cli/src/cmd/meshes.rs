@@ -35,7 +35,10 @@ pub struct CreateArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct InviteArgs {
+    #[command(subcommand)]
+    pub action: Option<InviteAction>,
     /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
@@ -48,6 +51,17 @@ pub struct InviteArgs {
     /// Role of whoever joins with it
     #[arg(long, value_enum, default_value_t = InviteRole::Member)]
     pub role: InviteRole,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum InviteAction {
+    /// Revoke an invite: no one joins with it any more (ids: `mesh invites`)
+    Revoke {
+        /// The invite's id (32 hex digits)
+        id: String,
+        #[arg(long)]
+        mesh: Option<String>,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -293,6 +307,9 @@ pub fn repin(args: RepinArgs) -> anyhow::Result<()> {
 }
 
 pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
+    if let Some(InviteAction::Revoke { id, mesh }) = args.action {
+        return super::members::revoke_invite(id, mesh);
+    }
     let client = super::client()?;
     const MAX_EXPIRY: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 60 * 60);
     if args.expires < std::time::Duration::from_secs(1) || args.expires > MAX_EXPIRY {
@@ -318,7 +335,8 @@ pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
     outln!("{}", invite.token);
     let uses = invite.max_uses.map_or_else(|| "any number of".to_owned(), |n| n.to_string());
     errln!(
-        "invite to {} ({} role) for {uses} join(s), valid until {}; the token is a secret: it carries the mesh key",
+        "invite {} to {} ({} role) for {uses} join(s), valid until {}; the token is a secret: it carries the mesh key",
+        invite.id,
         invite.mesh,
         invite.role.as_str(),
         output::time(invite.expires_at)

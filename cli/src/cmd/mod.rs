@@ -7,6 +7,7 @@ pub mod group;
 pub mod hook;
 pub mod identity;
 pub mod inbox;
+pub mod members;
 pub mod meshes;
 pub mod outbox;
 pub mod send;

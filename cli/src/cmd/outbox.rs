@@ -127,6 +127,13 @@ pub fn state(r: &OutboxEntry) -> String {
             r.delivered_at.map(|t| format!(" {}", output::ago(t))).unwrap_or_default()
         ),
         OutboxStatus::Done if r.recipients == Some(0) => "accepted by the broker, no recipients".to_owned(),
+        OutboxStatus::Done if r.expired_count + r.revoked_count >= r.recipients.unwrap_or(1) => {
+            match (r.expired_count, r.revoked_count) {
+                (0, _) => "not delivered: the recipient left the mesh".to_owned(),
+                (_, 0) => "not delivered: expired".to_owned(),
+                _ => "not delivered: expired, or the recipient left the mesh".to_owned(),
+            }
+        }
         OutboxStatus::Done => "accepted by the broker".to_owned(),
         other => other.as_str().to_owned(),
     }

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use futures_util::StreamExt;
-use mesh_ipc::api::{Event, EventBody, EventScope};
+use mesh_ipc::api::{Event, EventBody, EventScope, ReceiptKindName};
 use mesh_ipc::events::{self, StreamItem};
 
 use crate::output;
@@ -101,9 +101,12 @@ fn describe(e: &Event) -> String {
                 Some(name) => format!("{name} ({})", output::short(&r.recipient)),
                 None => output::short(&r.recipient).to_owned(),
             };
-            let kind =
-                serde_json::to_value(r.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            format!("outbox #{} {kind} by {who}", r.outbox_id)
+            match r.kind {
+                ReceiptKindName::Expired => format!("outbox #{} expired before {who} took it", r.outbox_id),
+                ReceiptKindName::Revoked => format!("outbox #{} not delivered: {who} left the mesh", r.outbox_id),
+                ReceiptKindName::Delivered => format!("outbox #{} delivered by {who}", r.outbox_id),
+                ReceiptKindName::Read => format!("outbox #{} read by {who}", r.outbox_id),
+            }
         }
         EventBody::Outbox(o) => format!(
             "outbox #{} is {}{}",

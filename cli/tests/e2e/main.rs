@@ -12,6 +12,7 @@ mod ipc_input;
 mod lifecycle;
 mod limits;
 mod mcp;
+mod members;
 mod metrics;
 mod outbox;
 mod output;

@@ -274,28 +274,44 @@ pub async fn join(
 
 /// How long a request over the member's link (a rename, a change of limits) waits for the broker's
 /// answer.
-const REQUEST_WAIT: Duration = Duration::from_secs(10);
+pub(super) const REQUEST_WAIT: Duration = Duration::from_secs(10);
 
 fn broker_unreachable(mesh: &MeshRow, doing: &str, why: &str) -> Failure {
     Failure::new(ApiErrorCode::BrokerUnreachable, format!("{doing} needs the broker of mesh {}: {why}", mesh.name))
         .with_hint("try again once `mesh daemon status` shows the mesh online")
 }
 
-/// The member's link to `mesh`'s broker, when it is online: requests that change the mesh go over it.
-fn online_link(d: &Daemon, mesh: &MeshRow, doing: &str) -> Result<link::LinkHandle, Failure> {
+/// How long a request that needs the broker waits for the member's link to come online (a daemon
+/// just started, a reconnect under way).
+const ONLINE_WAIT: Duration = Duration::from_secs(5);
+
+/// The member's link to `mesh`'s broker once it is online (waiting a moment for it): requests that
+/// change the mesh go over it.
+pub(super) async fn online_link(d: &Daemon, mesh: &MeshRow, doing: &str) -> Result<link::LinkHandle, Failure> {
     let Some(link) = d.link(&mesh.id, &d.member.identity.key()) else {
         return Err(broker_unreachable(mesh, doing, "no connection"));
     };
-    let state = link.status.borrow().state;
-    if state != LinkState::Online {
-        return Err(broker_unreachable(mesh, doing, &format!("the connection is {}", state.as_str())));
+    let mut status = link.status.clone();
+    let online = tokio::time::timeout(ONLINE_WAIT, status.wait_for(|s| s.state == LinkState::Online)).await;
+    if !matches!(online, Ok(Ok(_))) {
+        let (state, why) = {
+            let s = link.status.borrow();
+            (s.state, s.last_error.clone())
+        };
+        let said = match why {
+            Some(why) => format!("the connection is {} ({why})", state.as_str()),
+            None => format!("the connection is {}", state.as_str()),
+        };
+        return Err(broker_unreachable(mesh, doing, &said));
     }
     Ok(link)
 }
 
-/// A request over a link that did not succeed, as the caller is told.
-fn request_failure(mesh: &MeshRow, doing: &str, e: RequestError) -> Failure {
+/// A request over a link that did not succeed, as the caller is told: the broker's `forbidden` as
+/// `forbidden`, with its reason.
+pub(super) fn request_failure(mesh: &MeshRow, doing: &str, e: RequestError) -> Failure {
     match e {
+        RequestError::Refused(e) if e.code == ErrorCode::Forbidden => Failure::new(ApiErrorCode::Forbidden, e.message),
         RequestError::Refused(e) => {
             Failure::new(ApiErrorCode::BrokerRefused, format!("{}: {}", e.code.as_str(), e.message))
         }
@@ -314,10 +330,10 @@ pub async fn rename(
     let mesh = pick_mesh(&d, req.mesh).await?;
     let name = display_name(Some(req.name), &d)?;
     let me = d.member.identity.key();
-    let link = online_link(&d, &mesh, "renaming")?;
+    let link = online_link(&d, &mesh, "renaming").await?;
     let wanted = name.clone();
     match link.request(move |id| ClientFrame::Rename(RenameFrame { id, name: wanted }), REQUEST_WAIT).await {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(RequestError::Refused(e)) if e.code == ErrorCode::NameTaken => {
             return Err(Failure::new(ApiErrorCode::NameTaken, e.message));
         }
@@ -379,7 +395,7 @@ pub async fn set_limits(
             ),
         ));
     }
-    let link = online_link(&d, &mesh, "changing the limits")?;
+    let link = online_link(&d, &mesh, "changing the limits").await?;
     let frame = SetLimitsFrame {
         id: 0,
         reset: req.reset,
@@ -496,8 +512,15 @@ pub async fn invite(
         }
     }
     let token = InviteToken::mint(&d.member.identity, params, &mesh.group_key);
+    // Registered at the broker before anyone can hold it, so that it is listed and can be revoked.
+    let link = online_link(&d, &mesh, "minting an invite").await?;
+    let signed = token.invite.clone();
+    let register =
+        move |id| ClientFrame::RegisterInvite(mesh_proto::wire::RegisterInviteRequest { id, invite: signed });
+    link.request(register, REQUEST_WAIT).await.map_err(|e| request_failure(&mesh, "minting an invite", e))?;
     tracing::info!(mesh = %mesh.name, invite = %token.claims.invite_id, "invite minted");
     Ok(Json(InviteResponse {
+        id: token.claims.invite_id.clone(),
         token: token.encode(),
         mesh: mesh.name,
         broker: mesh.broker_url,

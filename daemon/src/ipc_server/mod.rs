@@ -7,6 +7,7 @@
 
 mod events;
 mod groups;
+mod members;
 mod meshes;
 mod messages;
 mod notices;
@@ -293,7 +294,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::MESHES_REPIN, post(meshes::repin))
         .route(routes::MESHES_LIMITS, get(meshes::limits).post(meshes::set_limits))
         .route(routes::CONTEXT, get(meshes::get_context).put(meshes::set_context))
-        .route(routes::INVITES, post(meshes::invite))
+        .route(routes::INVITES, get(members::invites).post(meshes::invite))
+        .route(routes::INVITES_REVOKE, post(members::revoke_invite))
+        .route(routes::MEMBERS_REMOVE, post(members::remove))
+        .route(routes::MEMBERS_LEAVE, post(members::leave))
+        .route(routes::MEMBERS_ROLE, post(members::role))
         .route(routes::PEERS, get(meshes::peers))
         .route(routes::SEND, post(messages::send))
         .route(routes::INBOX, get(messages::inbox))

@@ -186,6 +186,9 @@ pub struct CreateInviteRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InviteResponse {
     pub token: String,
+    /// The invite's id, to revoke it with (`POST /v1/invites/revoke`).
+    #[serde(default)]
+    pub id: String,
     pub mesh: String,
     pub broker: String,
     /// The broker certificate's pin the invite carries.

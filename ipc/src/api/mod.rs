@@ -51,6 +51,8 @@ pub enum ApiErrorCode {
     /// Malformed JSON, a missing field, a value out of range.
     BadRequest,
     Unauthorized,
+    /// The mesh's rules do not let this member do that (remove the owner, change a role as an admin).
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     /// The same idempotency key was used for a different request.
@@ -95,6 +97,7 @@ impl ApiErrorCode {
             | ApiErrorCode::VersionMismatch
             | ApiErrorCode::InsecureTransport => 400,
             ApiErrorCode::Unauthorized => 401,
+            ApiErrorCode::Forbidden => 403,
             ApiErrorCode::NotFound | ApiErrorCode::UnknownMesh => 404,
             ApiErrorCode::MethodNotAllowed => 405,
             ApiErrorCode::Conflict | ApiErrorCode::NameTaken => 409,
@@ -114,6 +117,7 @@ mod daemon;
 mod events;
 mod groups;
 mod inbox;
+mod members;
 mod meshes;
 mod sending;
 mod sessions;
@@ -123,6 +127,7 @@ pub use daemon::*;
 pub use events::*;
 pub use groups::*;
 pub use inbox::*;
+pub use members::*;
 pub use meshes::*;
 pub use sending::*;
 pub use sessions::*;
