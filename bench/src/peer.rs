@@ -112,6 +112,7 @@ pub async fn mesh_of(endpoints: &[Endpoint], n: usize) -> anyhow::Result<(MeshId
         issued_at: now_ms(),
         expires_at: now_ms() + 3_600_000,
         max_uses: None,
+        key_epoch: 0,
     };
     let invite = Arc::new(InviteToken::mint(&owner, params, &group_key));
     let mut peers = vec![(owner, ws)];
@@ -159,6 +160,7 @@ pub fn send_frame(
         ciphertext: sealed.ciphertext,
         sig: sealed.sig,
         ttl_ms: None,
+        key_epoch: None,
     });
     (frame.to_json(), size)
 }

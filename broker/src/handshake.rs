@@ -16,6 +16,8 @@ pub struct Authenticated {
     pub peer: PeerRecord,
     /// Ended sessions that gave up the name this peer took: they left the roster.
     pub claimed: Claimed,
+    /// It joined the mesh with this hello (a join holding an older key may want a new one).
+    pub joined: bool,
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
@@ -162,10 +164,12 @@ async fn create(
         owner: claims.key,
         created_at: now,
         limits: Default::default(),
+        key_epoch: 0,
+        rekey_wanted: false,
     };
     let owner = peer_from_claims(claims, PeerKind::Member, claims.key, Role::Owner, now);
     match store.create_mesh(mesh.clone(), owner.clone()).await {
-        Ok(()) => Ok(Authenticated { mesh, peer: owner, claimed: Claimed::default() }),
+        Ok(()) => Ok(Authenticated { mesh, peer: owner, claimed: Claimed::default(), joined: false }),
         // A retried create by the same owner is a reconnect.
         Err(StoreError::MeshExists) => {
             let existing = load_mesh(store, claims.mesh_id).await?;
@@ -215,7 +219,7 @@ async fn join(
         ..peer_from_claims(claims, PeerKind::Member, claims.key, invite.role, now)
     };
     match store.join(mesh.id, InviteRecord::of(invite), peer).await {
-        Ok(JoinOutcome::Joined(peer, claimed)) => Ok(Authenticated { mesh, peer, claimed }),
+        Ok(JoinOutcome::Joined(peer, claimed)) => Ok(Authenticated { mesh, peer, claimed, joined: true }),
         Ok(JoinOutcome::AlreadyMember(_)) => connect_member(store, claims, now).await,
         Err(StoreError::InviteExhausted) => Err(refuse(ErrorCode::InviteExhausted, "the invite has been used up")),
         Err(StoreError::InviteRevoked) => Err(refuse(ErrorCode::InviteInvalid, "the invite was revoked")),
@@ -235,7 +239,7 @@ async fn connect_member(store: &dyn Store, claims: &HelloClaims, now: u64) -> Re
         ..peer_from_claims(claims, PeerKind::Member, claims.key, existing.role, existing.joined_at)
     };
     let claimed = store.upsert_peer(mesh.id, peer.clone()).await.map_err(claim_failed)?;
-    Ok(Authenticated { mesh, peer, claimed })
+    Ok(Authenticated { mesh, peer, claimed, joined: false })
 }
 
 async fn connect_session(
@@ -284,5 +288,5 @@ async fn connect_session(
     let joined_at = existing.map_or(now, |p| p.joined_at);
     let peer = peer_from_claims(claims, PeerKind::Session, member.key, Role::Member, joined_at);
     let claimed = store.upsert_peer(mesh.id, peer.clone()).await.map_err(claim_failed)?;
-    Ok(Authenticated { mesh, peer, claimed })
+    Ok(Authenticated { mesh, peer, claimed, joined: false })
 }

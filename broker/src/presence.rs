@@ -34,7 +34,11 @@ pub(crate) fn announce(shared: &Shared, mesh: MeshId, peer: &PeerRecord, online:
 
 pub(crate) fn announce_view(shared: &Shared, mesh: MeshId, peer: Peer, removed: bool) {
     let except = peer.key;
-    let frame = ServerFrame::Presence(Presence { peer, removed }).to_json();
+    relay(shared, mesh, except, ServerFrame::Presence(Presence { peer, removed }).to_json());
+}
+
+/// Sends `frame` to every connection of `mesh` but `except`'s, here and on the other replicas.
+pub(crate) fn relay(shared: &Shared, mesh: MeshId, except: mesh_proto::PublicKey, frame: String) {
     shared.hub.broadcast(mesh, &except, &frame);
     if let Some(cluster) = shared.store.cluster() {
         cluster.publish(Note::Presence { mesh, except, frame });

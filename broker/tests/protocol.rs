@@ -532,6 +532,7 @@ async fn group_messages_reach_current_members_only(backend: Backend) {
             ciphertext: sealed.ciphertext,
             sig: sealed.sig,
             ttl_ms: None,
+            key_epoch: None,
         }
     };
     t.ca.send(&ClientFrame::Send(group_send(1, "g-1"))).await;

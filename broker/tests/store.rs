@@ -111,6 +111,7 @@ fn invite(id: &str, by: &Identity, max_uses: Option<u32>) -> InviteRecord {
         issued_at: 1,
         expires_at: u64::MAX / 2,
         max_uses,
+        key_epoch: 0,
     }
 }
 
@@ -122,8 +123,15 @@ fn session_of(member: &Identity, id: &Identity, name: &str) -> PeerRecord {
 async fn mesh_with(store: &dyn Store, n: usize) -> (MeshId, Vec<Identity>) {
     let ids: Vec<Identity> = (0..n).map(|_| Identity::generate()).collect();
     let mesh = MeshId::generate();
-    let record =
-        MeshRecord { id: mesh, name: "team".into(), owner: ids[0].key(), created_at: 1, limits: Default::default() };
+    let record = MeshRecord {
+        id: mesh,
+        name: "team".into(),
+        owner: ids[0].key(),
+        created_at: 1,
+        limits: Default::default(),
+        key_epoch: 0,
+        rekey_wanted: false,
+    };
     store.create_mesh(record, peer(&ids[0], Role::Owner, "m0")).await.expect("mesh");
     for (i, id) in ids.iter().enumerate().skip(1) {
         store.upsert_peer(mesh, peer(id, Role::Member, &format!("m{i}"))).await.expect("member");
@@ -139,6 +147,7 @@ fn msg(mesh: MeshId, from: &Identity, target: Target, cmid: &str) -> NewMessage 
         fingerprint: fingerprint(cmid),
         target,
         message_id: format!("id-{cmid}"),
+        key_epoch: None,
         item_json: format!("{{\"body\":\"{cmid}\"}}"),
         created_at: 1,
         expires_at: FAR,
@@ -173,15 +182,22 @@ fn receipts(items: &[String]) -> Vec<Receipt> {
         .flat_map(|j| match serde_json::from_str::<DeliveryItem>(j).expect("a delivery item") {
             DeliveryItem::Receipt(r) => vec![r],
             DeliveryItem::Receipts(b) => b.receipts,
-            DeliveryItem::Message(_) | DeliveryItem::Membership(_) => vec![],
+            DeliveryItem::Message(_) | DeliveryItem::Membership(_) | DeliveryItem::MeshKey(_) => vec![],
         })
         .collect()
 }
 
 async fn a_mesh_is_created_once(s: Stores) {
     let (mesh, ids) = mesh_with(&*s.a, 1).await;
-    let again =
-        MeshRecord { id: mesh, name: "other".into(), owner: ids[0].key(), created_at: 2, limits: Default::default() };
+    let again = MeshRecord {
+        id: mesh,
+        name: "other".into(),
+        owner: ids[0].key(),
+        created_at: 2,
+        limits: Default::default(),
+        key_epoch: 0,
+        rekey_wanted: false,
+    };
     let other = Identity::generate();
     match s.b.create_mesh(again, peer(&other, Role::Owner, "x")).await {
         Err(StoreError::MeshExists) => {}

@@ -66,6 +66,9 @@ enum Command {
     Role(cmd::members::RoleArgs),
     /// List a mesh's outstanding invites (`--all`: every one), with uses left and expiry
     Invites(cmd::members::InvitesArgs),
+    /// Manage a mesh you own or administer: a new mesh key
+    #[command(subcommand)]
+    Mesh(cmd::members::MeshCommand),
     /// Send a message: committed to the outbox at once, delivered by the daemon
     Send(cmd::send::SendArgs),
     /// List received messages (listing never marks them read); ack, flush, delete, replay
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
         Command::Leave(a) => cmd::members::leave(a),
         Command::Role(a) => cmd::members::role(a),
         Command::Invites(a) => cmd::members::invites(a),
+        Command::Mesh(c) => cmd::members::mesh(c),
         Command::Send(a) => cmd::send::run(a),
         Command::Inbox(a) => cmd::inbox::run(a),
         Command::Outbox(a) => cmd::outbox::run(a),

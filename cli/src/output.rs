@@ -205,6 +205,9 @@ pub fn membership_change(m: &mesh_ipc::api::MembershipEvent) -> String {
     let said = match (m.change.as_str(), m.role) {
         ("leave", _) => format!("{who} left the mesh"),
         ("remove", _) => format!("{who} was removed by {by}"),
+        ("rotate_key", _) => {
+            format!("{by} gave the mesh a new key{}", m.key_epoch.map(|e| format!(" (epoch {e})")).unwrap_or_default())
+        }
         (_, Some(mesh_proto::wire::Role::Owner)) => format!("{who} is the owner now (handed over by {by})"),
         (_, Some(role)) => format!("{who} is {} now (by {by})", role.as_str()),
         (change, None) => format!("{who}: {change} by {by}"),

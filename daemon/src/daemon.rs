@@ -8,7 +8,6 @@ use std::time::Duration;
 use mesh_broker::sqlite::Db;
 use mesh_ipc::Home;
 use mesh_ipc::api::{LinkState, LinkStatus};
-use mesh_proto::crypto::GroupKey;
 use mesh_proto::pin::CertPin;
 use mesh_proto::{Identity, MeshId, PublicKey};
 use tokio::sync::Notify;
@@ -53,9 +52,10 @@ pub struct Daemon {
     /// `config/daemon.json`'s `webhooks` section (defaults until start-up has read it).
     pub webhook_config: std::sync::OnceLock<crate::webhooks::Config>,
     links: Mutex<HashMap<(MeshId, PublicKey), LinkHandle>>,
-    group_keys: Mutex<HashMap<MeshId, GroupKey>>,
     /// Each mesh's broker certificate pin, read by its links at every connect.
     tls_pins: Mutex<HashMap<MeshId, CertPin>>,
+    /// One new mesh key at a time per mesh.
+    rekey_locks: Mutex<HashMap<MeshId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Daemon {
@@ -78,8 +78,8 @@ impl Daemon {
             webhook_config: std::sync::OnceLock::new(),
             counters: Default::default(),
             links: Mutex::new(HashMap::new()),
-            group_keys: Mutex::new(HashMap::new()),
             tls_pins: Mutex::new(HashMap::new()),
+            rekey_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -91,8 +91,9 @@ impl Daemon {
         self.sessions.by_key(key).map(|s| s.identity.clone())
     }
 
-    pub fn group_key(&self, mesh: &MeshId) -> Option<GroupKey> {
-        self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).get(mesh).cloned()
+    /// The lock that makes new keys of `mesh` one at a time.
+    pub fn rekey_lock(&self, mesh: &MeshId) -> Arc<tokio::sync::Mutex<()>> {
+        self.rekey_locks.lock().unwrap_or_else(PoisonError::into_inner).entry(*mesh).or_default().clone()
     }
 
     /// The pin of `mesh`'s broker certificate, if it has one.
@@ -118,7 +119,6 @@ impl Daemon {
 
     /// Starts the member's link to `mesh` (once; a second call is a no-op).
     pub fn attach_mesh(self: &Arc<Self>, mesh: &MeshRow) {
-        self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).insert(mesh.id, mesh.group_key.clone());
         if let Some(pin) = mesh.tls_pin {
             self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).insert(mesh.id, pin);
         }
@@ -161,7 +161,6 @@ impl Daemon {
                 Ok(dead)
             })
             .await?;
-        self.group_keys.lock().unwrap_or_else(PoisonError::into_inner).remove(mesh);
         self.tls_pins.lock().unwrap_or_else(PoisonError::into_inner).remove(mesh);
         tracing::info!(mesh = %mesh, dead_sends = dead, "left the mesh; forgotten here");
         self.notify_changed();
@@ -388,6 +387,7 @@ pub fn for_tests() -> (tempfile::TempDir, Arc<Daemon>) {
         broker_url: "ws://127.0.0.1:9".into(),
         role: Role::Owner,
         group_key: GroupKey::generate(),
+        key_epoch: 0,
         embedded: false,
         joined_at: 1,
         my_name: None,

@@ -66,6 +66,9 @@ pub struct Drain {
     pub max_frame_bytes: usize,
     /// The member's link also tells the broker which of the member's sessions ended.
     pub member_link: bool,
+    /// Who sends on this link (the member or a session): a row sealed under a replaced mesh key is
+    /// sealed again with it.
+    pub identity: mesh_proto::Identity,
 }
 
 /// A request made for a user over this link (a rename): the frame, given its request id, and where
@@ -257,11 +260,12 @@ impl Drain {
         let ends_in_flight: Vec<PublicKey> =
             inflight.values().filter_map(|f| if let Work::EndSession(k) = &f.work { Some(*k) } else { None }).collect();
         let member_link = self.member_link;
+        let identity = self.identity.clone();
         self.db
             .call(move |c| {
                 let now = now_ms();
                 let buried = outbox::bury(c, &mesh, &sender, now)?;
-                let rows = outbox::claim(c, &mesh, &sender, room, now)?;
+                let rows = outbox::claim(c, &mesh, &identity, room, now)?;
                 let mut left = room - rows.len();
                 let reads = if left > 0 && !reads_in_flight {
                     left -= 1;
@@ -350,6 +354,14 @@ impl Drain {
                             outbox::mark_done(&tx, row, &a.message_id, a.recipients)?;
                             outbox::emit_state(&tx, row, now)?;
                         }
+                        (Work::Send(row), Reply::Error(e)) if e.code == ErrorCode::StaleKey => {
+                            // Sealed under a key the mesh has replaced: sealed again under the current
+                            // one before the next attempt (the new key arrives as a grant moments
+                            // after the rotation). Not a failed attempt.
+                            outbox::needs_reseal(&tx, row)?;
+                            outbox::mark_failed(&tx, row, &e.to_string(), false, Some(500), false, now)?;
+                            tracing::info!(row, "send sealed under a replaced mesh key; sealing it again");
+                        }
                         (Work::Send(row), Reply::Error(e)) => {
                             // Being told to slow down, or that the broker's storage is failing (a
                             // database outage of any length), is not a failed attempt: it never uses
@@ -408,6 +420,7 @@ fn send_frame(id: u64, row: outbox::Claimed) -> String {
         ciphertext: row.ciphertext,
         sig: row.sig,
         ttl_ms: Some(row.expires_at.saturating_sub(now_ms()).max(1)),
+        key_epoch: row.key_epoch,
     })
     .to_json()
 }
@@ -462,6 +475,7 @@ mod tests {
             nonce: vec![0; 24],
             ciphertext: vec![1; 32],
             sig: sender.sign("t", &[cmid.as_bytes()]),
+            key_epoch: None,
         }
     }
 
@@ -479,6 +493,7 @@ mod tests {
                 sender: me.key(),
                 max_frame_bytes: 4096,
                 member_link: true,
+                identity: me.clone(),
             };
             let (requests, requests_rx) = mpsc::channel(8);
             let task = tokio::spawn(drain.run(Channels {

@@ -98,6 +98,7 @@ pub async fn create_local_mesh(daemon: &Arc<Daemon>, url: &str, token: &str) -> 
         broker_url: url.to_owned(),
         role: Role::Owner,
         group_key: GroupKey::generate(),
+        key_epoch: 0,
         embedded: true,
         joined_at: now_ms(),
         my_name: None,

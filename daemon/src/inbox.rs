@@ -6,6 +6,8 @@
 //! parse or decrypt error. Rows are per recipient key and deduped on (recipient, message id) and on
 //! (recipient, sender, client_message_id).
 
+use std::collections::HashMap;
+
 use mesh_broker::sqlite::parse_col;
 use mesh_ipc::api::{EventBody, InboxCounts, InboxMessage, InboxQuery, InboxStatus, TargetKind};
 use mesh_proto::wire::{DeliveryItem, Envelope, ServerFrame};
@@ -15,6 +17,7 @@ use rusqlite::{Connection, Row, params};
 use crate::clock::now_ms;
 use crate::daemon::Daemon;
 use crate::events;
+use crate::keys::KeyRing;
 
 /// Commits a delivered envelope for `recipient`; false when it was already there (a redelivery).
 pub fn accept(conn: &Connection, recipient: &PublicKey, env: &Envelope, raw: &str, now: u64) -> rusqlite::Result<bool> {
@@ -237,12 +240,15 @@ pub fn get(conn: &Connection, id: i64) -> rusqlite::Result<InboxMessage> {
     )
 }
 
-/// Verifies and decrypts one raw row.
-fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str) -> Result<String, String> {
+/// Verifies and decrypts one raw row, with the keys its mesh has here (`ring`).
+fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str, ring: Option<&KeyRing>) -> Result<String, String> {
     let env = match mesh_proto::wire::decode_server(raw) {
         Ok(ServerFrame::Deliver(d)) => match d.item {
             DeliveryItem::Message(env) => env,
-            DeliveryItem::Receipt(_) | DeliveryItem::Receipts(_) | DeliveryItem::Membership(_) => {
+            DeliveryItem::Receipt(_)
+            | DeliveryItem::Receipts(_)
+            | DeliveryItem::Membership(_)
+            | DeliveryItem::MeshKey(_) => {
                 return Err("invalid: a receipt or a notice stored as a message".into());
             }
         },
@@ -256,22 +262,44 @@ fn open_raw(daemon: &Daemon, mesh: &str, recipient: &str, raw: &str) -> Result<S
     if env.mesh_id != mesh_id {
         return Err("invalid: delivered on another mesh's connection".into());
     }
-    let group_key = daemon.group_key(&mesh_id);
     if daemon.take_injected_fault() {
         return Err("decrypt_failed: injected fault (MESH_FAULT_DECRYPT_FAILURES)".into());
     }
-    message::open(&env, &identity, group_key.as_ref()).map(|c| c.body).map_err(|e| format!("{}: {e}", e.reason()))
+    let keys = ring.map(|r| r.keys.as_slice()).unwrap_or_default();
+    let (content, epoch) = message::open_with(&env, &identity, keys).map_err(|e| format!("{}: {e}", e.reason()))?;
+    if let (Some(epoch), Some(ring)) = (epoch, ring)
+        && let Some(why) = ring.refusal(epoch, env.sent_at)
+    {
+        return Err(why);
+    }
+    Ok(content.body)
 }
 
 /// Files every `received` row, then waits for more. Never stops on a bad row.
 pub async fn run_worker(daemon: std::sync::Arc<Daemon>) {
     loop {
-        let batch = daemon.db.call(|c| to_process(c, 256)).await;
+        let batch = daemon
+            .db
+            .call(|c| {
+                let rows = to_process(c, 256)?;
+                let mut rings: HashMap<String, KeyRing> = HashMap::new();
+                for (_, mesh, _, _) in &rows {
+                    if !rings.contains_key(mesh) {
+                        let ring = match mesh.parse::<MeshId>() {
+                            Ok(id) => crate::keys::ring(c, &id)?,
+                            Err(_) => KeyRing::default(),
+                        };
+                        rings.insert(mesh.clone(), ring);
+                    }
+                }
+                Ok((rows, rings))
+            })
+            .await;
         match batch {
-            Ok(rows) if !rows.is_empty() => {
+            Ok((rows, rings)) if !rows.is_empty() => {
                 let results: Vec<(i64, Result<String, String>)> = rows
                     .iter()
-                    .map(|(id, mesh, recipient, raw)| (*id, open_raw(&daemon, mesh, recipient, raw)))
+                    .map(|(id, mesh, recipient, raw)| (*id, open_raw(&daemon, mesh, recipient, raw, rings.get(mesh))))
                     .collect();
                 for (id, r) in &results {
                     if let Err(reason) = r {

@@ -446,6 +446,9 @@ pub struct LinkHandle {
     pub limits: Arc<std::sync::Mutex<Option<Limits>>>,
     /// Ends a wait before the next attempt (a pin was just corrected, say).
     pub retry: Arc<Notify>,
+    /// The mesh key's epoch as the broker last said (welcome, `key_state`), and whether a new key
+    /// is wanted.
+    pub key_state: Arc<std::sync::Mutex<Option<wire::KeyState>>>,
 }
 
 impl LinkHandle {
@@ -499,6 +502,7 @@ pub fn spawn(daemon: &Arc<Daemon>, spec: LinkSpec) -> LinkHandle {
         name: spec.name.clone(),
         limits: Arc::default(),
         retry: Arc::new(Notify::new()),
+        key_state: Arc::default(),
     };
     let requests_rx = Arc::new(tokio::sync::Mutex::new(requests_rx));
     let span = tracing::info_span!("link", mesh = %spec.mesh_name, key = %spec.identity.key().short());
@@ -591,6 +595,9 @@ async fn run(
                 });
                 tracing::info!(peers = welcome.roster.len(), skew_ms = skew, "online");
                 *handle.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(welcome.limits.clone());
+                if spec.keeps_roster() {
+                    crate::rekey::heard(&daemon, spec.mesh_id, &handle.key_state, welcome.key);
+                }
                 let mesh = spec.mesh_id;
                 let stored = if spec.keeps_roster() && welcome.roster_next.is_none() {
                     let roster_peers = welcome.roster.clone();
@@ -776,6 +783,7 @@ async fn online(
             sender: spec.identity.key(),
             max_frame_bytes: usize::try_from(welcome.limits.max_frame_bytes).unwrap_or(usize::MAX),
             member_link: spec.keeps_roster(),
+            identity: spec.identity.clone(),
         }
         .run(drain::Channels {
             out: out_tx.clone(),
@@ -795,7 +803,7 @@ async fn online(
         paging = Some(welcome.roster.clone());
         let _ = out_tx.send(roster_request(after)).await;
     }
-    let ended = read_loop(daemon, spec, &mut stream, &out_tx, &reply_tx, &stop, paging).await;
+    let ended = read_loop(daemon, spec, &mut stream, &out_tx, &reply_tx, &stop, paging, &handle.key_state).await;
     stop.cancel();
     let _ = drain.await;
     drop(out_tx);
@@ -814,6 +822,8 @@ fn roster_request(after: mesh_proto::PublicKey) -> String {
     ClientFrame::Roster(wire::RosterRequest { id: ROSTER_REQUEST_ID, after: Some(after) }).to_json()
 }
 
+// The reader's inputs, each borrowed from the connection it reads for.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     daemon: &Arc<Daemon>,
     spec: &LinkSpec,
@@ -822,6 +832,7 @@ async fn read_loop(
     replies: &mpsc::UnboundedSender<Reply>,
     stop: &CancellationToken,
     mut paging: Option<Vec<wire::Peer>>,
+    key_state: &Arc<std::sync::Mutex<Option<wire::KeyState>>>,
 ) -> Ended {
     loop {
         let first = tokio::select! {
@@ -865,6 +876,10 @@ async fn read_loop(
                 Ok(ServerFrame::Invites(i)) => {
                     let _ = replies.send(Reply::Invites(i));
                 }
+                Ok(ServerFrame::KeyState(k)) if spec.keeps_roster() => {
+                    crate::rekey::heard(daemon, spec.mesh_id, key_state, k);
+                }
+                Ok(ServerFrame::KeyState(_)) => {}
                 Ok(ServerFrame::Error(e)) if e.id.is_some() => {
                     let _ = replies.send(Reply::Error(e));
                 }
@@ -977,6 +992,7 @@ async fn intake(
     let recipient = spec.identity.key();
     let mesh = spec.mesh_id;
     let member = daemon.member.identity.key();
+    let identity = spec.identity.clone();
     daemon
         .db
         .call(move |c| {
@@ -996,6 +1012,9 @@ async fn intake(
                     }
                     Ok(DeliveryItem::Membership(notice)) => {
                         crate::membership::apply(&tx, &mesh, &member, &notice, now)?;
+                    }
+                    Ok(DeliveryItem::MeshKey(item)) => {
+                        crate::keys::apply_grant(&tx, &mesh, &identity, &item, now)?;
                     }
                     Err(detail) => inbox::accept_unparsable(&tx, &mesh, &recipient, id, &raw, &detail, now)?,
                 }

@@ -51,6 +51,7 @@ pub fn apply(
         role: n.role,
         at: n.at,
         signed: signed(mesh, n),
+        key_epoch: None,
     });
     events::append(conn, Some(mesh), None, &event, now)?;
     Ok(())

@@ -14,7 +14,9 @@ pub struct MeshRow {
     pub name: String,
     pub broker_url: String,
     pub role: Role,
+    /// The mesh's current key (the one this member seals with), of epoch `key_epoch`.
     pub group_key: GroupKey,
+    pub key_epoch: u64,
     pub embedded: bool,
     pub joined_at: u64,
     /// The member's display name in this mesh; `None`: the identity's name.
@@ -38,6 +40,7 @@ impl MeshRow {
             my_name: self.display_name(me).to_owned(),
             context: false,
             name_was_taken: None,
+            key_epoch: self.key_epoch,
         }
     }
 
@@ -52,7 +55,7 @@ impl MeshRow {
     }
 }
 
-const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at, my_name, tls_pin";
+const COLUMNS: &str = "id, name, broker_url, role, group_key, embedded, joined_at, my_name, tls_pin, key_epoch";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
     let role: String = r.get(3)?;
@@ -70,6 +73,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<MeshRow> {
         joined_at: r.get::<_, i64>(6)? as u64,
         my_name: r.get(7)?,
         tls_pin: r.get::<_, Option<String>>(8)?.map(parse_col).transpose()?,
+        key_epoch: r.get::<_, i64>(9)? as u64,
     })
 }
 
@@ -103,7 +107,7 @@ pub fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
 
 pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        &format!("INSERT INTO meshes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
         params![
             m.id.to_string(),
             m.name,
@@ -114,7 +118,12 @@ pub fn insert(conn: &Connection, m: &MeshRow) -> rusqlite::Result<()> {
             m.joined_at as i64,
             m.my_name,
             m.tls_pin.map(|p| p.to_string()),
+            m.key_epoch as i64,
         ],
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO mesh_keys (mesh_id, epoch, key, received_at) VALUES (?1, ?2, ?3, ?4)",
+        params![m.id.to_string(), m.key_epoch as i64, m.group_key.as_bytes().as_slice(), m.joined_at as i64],
     )?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use mesh_ipc::api::{
     TargetInfo, TargetKind,
 };
 use mesh_proto::wire::{Receipt, ReceiptKind};
-use mesh_proto::{MeshId, PublicKey, Sig, Target};
+use mesh_proto::{Identity, MeshId, PublicKey, Sig, Target};
 use rand::Rng;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -48,6 +48,8 @@ pub struct NewRow {
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
     pub sig: Sig,
+    /// For a broadcast or group message: the epoch of the mesh key it is sealed under.
+    pub key_epoch: Option<u64>,
 }
 
 fn kind_str(k: TargetKind) -> &'static str {
@@ -78,8 +80,9 @@ pub fn lookup(conn: &Connection, client_message_id: &str) -> rusqlite::Result<Op
 pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Option<i64>> {
     let n = conn.execute(
         "INSERT INTO outbox (client_message_id, fingerprint, mesh_id, sender, session, target, target_kind,
-            target_label, target_name, body, nonce, ciphertext, sig, status, next_attempt_at, enqueued_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending', ?14, ?14, ?15)
+            target_label, target_name, body, nonce, ciphertext, sig, status, next_attempt_at, enqueued_at, expires_at,
+            key_epoch)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending', ?14, ?14, ?15, ?16)
          ON CONFLICT (client_message_id) DO NOTHING",
         params![
             row.client_message_id,
@@ -97,6 +100,7 @@ pub fn insert(conn: &Connection, row: &NewRow, now: u64) -> rusqlite::Result<Opt
             row.sig.to_string(),
             now as i64,
             (now + TTL_MS) as i64,
+            row.key_epoch.map(|e| e as i64),
         ],
     )?;
     Ok((n == 1).then(|| conn.last_insert_rowid()))
@@ -204,6 +208,8 @@ pub struct Claimed {
     pub ciphertext: Vec<u8>,
     pub sig: Sig,
     pub expires_at: u64,
+    /// For a broadcast or group message: the epoch of the mesh key it is sealed under.
+    pub key_epoch: Option<u64>,
 }
 
 /// Kills the pending rows of one connection that can no longer be sent: past their TTL, or out of
@@ -253,41 +259,90 @@ pub fn kill_mesh(conn: &Connection, mesh: &MeshId, why: &str, now: u64) -> rusql
 pub fn claim(
     conn: &mut Connection,
     mesh: &MeshId,
-    sender: &PublicKey,
+    sender: &Identity,
     limit: usize,
     now: u64,
 ) -> rusqlite::Result<Vec<Claimed>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let rows: Vec<Claimed> = {
+    let mut rows: Vec<(Claimed, bool, String)> = {
         let mut stmt = tx.prepare_cached(
-            "SELECT id, client_message_id, target, nonce, ciphertext, sig, expires_at FROM outbox
+            "SELECT id, client_message_id, target, nonce, ciphertext, sig, expires_at, key_epoch, reseal, body FROM outbox
              WHERE mesh_id = ?1 AND sender = ?2 AND status = 'pending' AND next_attempt_at <= ?3
              ORDER BY id LIMIT ?4",
         )?;
-        stmt.query_map(params![mesh.to_string(), sender.to_string(), now as i64, limit as i64], |r| {
-            Ok(Claimed {
-                id: r.get(0)?,
-                client_message_id: r.get(1)?,
-                target: parse_col(r.get(2)?)?,
-                nonce: r.get(3)?,
-                ciphertext: r.get(4)?,
-                sig: parse_col(r.get(5)?)?,
-                expires_at: r.get::<_, i64>(6)? as u64,
-            })
+        stmt.query_map(params![mesh.to_string(), sender.key().to_string(), now as i64, limit as i64], |r| {
+            Ok((
+                Claimed {
+                    id: r.get(0)?,
+                    client_message_id: r.get(1)?,
+                    target: parse_col(r.get(2)?)?,
+                    nonce: r.get(3)?,
+                    ciphertext: r.get(4)?,
+                    sig: parse_col(r.get(5)?)?,
+                    expires_at: r.get::<_, i64>(6)? as u64,
+                    key_epoch: r.get::<_, Option<i64>>(7)?.map(|e| e as u64),
+                },
+                r.get(8)?,
+                r.get(9)?,
+            ))
         })?
         .collect::<Result<_, _>>()?
     };
+    for (row, reseal, body) in &mut rows {
+        if *reseal {
+            reseal_row(&tx, mesh, sender, row, body)?;
+        }
+    }
     {
         let mut mark = tx.prepare_cached(
             "UPDATE outbox SET status = 'inflight', attempts = attempts + 1, lease_until = ?2, sent_at = COALESCE(sent_at, ?3)
              WHERE id = ?1",
         )?;
-        for row in &rows {
+        for (row, _, _) in &rows {
             mark.execute(params![row.id, (now + LEASE_MS) as i64, now as i64])?;
         }
     }
     tx.commit()?;
-    Ok(rows)
+    Ok(rows.into_iter().map(|(row, _, _)| row).collect())
+}
+
+/// Seals a broadcast or group row again under the mesh's current key: the broker refused it as
+/// sealed under a replaced key, so it stored nothing of it, and the new bytes conflict with nothing.
+/// The body and every routing field are kept.
+fn reseal_row(
+    tx: &Connection,
+    mesh: &MeshId,
+    sender: &Identity,
+    row: &mut Claimed,
+    body: &str,
+) -> rusqlite::Result<()> {
+    let Some(current) = crate::meshes::get(tx, mesh)? else { return Ok(()) };
+    let content = mesh_proto::message::Content { body: body.to_owned(), reply_to: None };
+    let sealed = mesh_proto::message::seal(
+        sender,
+        mesh,
+        &row.client_message_id,
+        &row.target,
+        mesh_proto::message::SealKey::Group(&current.group_key),
+        &content,
+    );
+    tx.execute(
+        "UPDATE outbox SET nonce = ?2, ciphertext = ?3, sig = ?4, key_epoch = ?5, reseal = 0 WHERE id = ?1",
+        params![row.id, sealed.nonce, sealed.ciphertext, sealed.sig.to_string(), current.key_epoch as i64],
+    )?;
+    tracing::info!(row = row.id, epoch = current.key_epoch, "sealed again under the mesh's current key");
+    row.nonce = sealed.nonce;
+    row.ciphertext = sealed.ciphertext;
+    row.sig = sealed.sig;
+    row.key_epoch = Some(current.key_epoch);
+    Ok(())
+}
+
+/// The broker refused the row as sealed under a replaced mesh key: it is sealed again before its next
+/// attempt (when the new key is here).
+pub fn needs_reseal(conn: &Connection, id: i64) -> rusqlite::Result<()> {
+    conn.execute("UPDATE outbox SET reseal = 1 WHERE id = ?1", [id])?;
+    Ok(())
 }
 
 /// The broker accepted the row.
@@ -529,7 +584,6 @@ pub fn emit_state(conn: &Connection, id: i64, now: u64) -> rusqlite::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_proto::Identity;
 
     fn dm_row(cmid: &str, sender: &Identity, to: &PublicKey) -> NewRow {
         NewRow {
@@ -548,6 +602,7 @@ mod tests {
             nonce: vec![1; 24],
             ciphertext: vec![2; 40],
             sig: sender.sign("test", &[b"x"]),
+            key_epoch: None,
         }
     }
 
@@ -569,12 +624,12 @@ mod tests {
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
             let before = routing(c, id);
-            let claimed = claim(c, &MeshId([7; 16]), &me.key(), 10, 1)?;
+            let claimed = claim(c, &MeshId([7; 16]), &me, 10, 1)?;
             assert_eq!(claimed.len(), 1);
             assert_eq!(mark_failed(c, id, "recipient_unknown: gone", true, None, true, 2)?, OutboxStatus::Dead);
             assert_eq!(retry(c, id, None, 3)?, Transition::Done(OutboxStatus::Pending));
             assert_eq!(routing(c, id), before, "retry changed a routing field");
-            let again = claim(c, &MeshId([7; 16]), &me.key(), 10, 3)?;
+            let again = claim(c, &MeshId([7; 16]), &me, 10, 3)?;
             assert_eq!(again[0].target, Target::Key(bob.key()), "a DM stays a DM to the same key");
             Ok(())
         })
@@ -590,9 +645,9 @@ mod tests {
             assert_eq!(retry(c, id, None, 1)?, Transition::WrongState(OutboxStatus::Pending));
             assert_eq!(abort(c, id, Some(&other.key()))?, Transition::NotFound, "another sender cannot touch it");
             assert_eq!(abort(c, id, Some(&me.key()))?, Transition::Done(OutboxStatus::Aborted));
-            assert!(claim(c, &MeshId([7; 16]), &me.key(), 10, 2)?.is_empty(), "aborted rows are never sent");
+            assert!(claim(c, &MeshId([7; 16]), &me, 10, 2)?.is_empty(), "aborted rows are never sent");
             assert_eq!(retry(c, id, Some(&me.key()), 2)?, Transition::Done(OutboxStatus::Pending));
-            claim(c, &MeshId([7; 16]), &me.key(), 10, 3)?;
+            claim(c, &MeshId([7; 16]), &me, 10, 3)?;
             assert_eq!(abort(c, id, None)?, Transition::WrongState(OutboxStatus::Inflight));
             assert_eq!(abort(c, 999, None)?, Transition::NotFound);
             Ok(())
@@ -606,9 +661,9 @@ mod tests {
         let (session, member, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
             insert(c, &dm_row("from-session", &session, &bob.key()), 1)?;
-            let member_claims = claim(c, &MeshId([7; 16]), &member.key(), 10, 1)?;
+            let member_claims = claim(c, &MeshId([7; 16]), &member, 10, 1)?;
             assert!(member_claims.is_empty(), "a session's row was claimed for the member's connection");
-            assert_eq!(claim(c, &MeshId([7; 16]), &session.key(), 10, 1)?.len(), 1);
+            assert_eq!(claim(c, &MeshId([7; 16]), &session, 10, 1)?.len(), 1);
             Ok(())
         })
         .expect("db");
@@ -624,12 +679,12 @@ mod tests {
             let mut now = 0;
             for _ in 0..(MAX_ATTEMPTS * 2) {
                 now += 60_000;
-                assert_eq!(claim(c, &mesh, &me.key(), 1, now)?.len(), 1);
+                assert_eq!(claim(c, &mesh, &me, 1, now)?.len(), 1);
                 assert_eq!(mark_failed(c, id, "rate_limited", false, Some(5), false, now)?, OutboxStatus::Pending);
             }
             for attempt in 1..=MAX_ATTEMPTS {
                 now += 60_000;
-                assert_eq!(claim(c, &mesh, &me.key(), 1, now)?.len(), 1);
+                assert_eq!(claim(c, &mesh, &me, 1, now)?.len(), 1);
                 let status = mark_failed(c, id, "internal", false, None, true, now)?;
                 let expected = if attempt == MAX_ATTEMPTS { OutboxStatus::Dead } else { OutboxStatus::Pending };
                 assert_eq!(status, expected, "attempt {attempt}");
@@ -646,11 +701,11 @@ mod tests {
         let mesh = MeshId([7; 16]);
         db.call_blocking(|c| {
             let a = insert(c, &dm_row("a", &me, &bob.key()), 0)?.expect("inserted");
-            claim(c, &mesh, &me.key(), 10, 0)?;
+            claim(c, &mesh, &me, 10, 0)?;
             assert_eq!(expire_leases(c, LEASE_MS - 1)?, 0, "the lease still holds");
             assert_eq!(expire_leases(c, LEASE_MS)?, 1);
             assert_eq!(entry(c, a)?.expect("row").status, OutboxStatus::Pending);
-            claim(c, &mesh, &me.key(), 10, LEASE_MS)?;
+            claim(c, &mesh, &me, 10, LEASE_MS)?;
             assert_eq!(recover_inflight(c)?, 1);
             assert_eq!(entry(c, a)?.expect("row").status, OutboxStatus::Pending);
             Ok(())
@@ -667,7 +722,7 @@ mod tests {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
             for i in 0..MAX_ATTEMPTS {
                 let now = u64::from(i) * (LEASE_MS + 1);
-                assert_eq!(claim(c, &mesh, &me.key(), 10, now)?.len(), 1, "attempt {i}");
+                assert_eq!(claim(c, &mesh, &me, 10, now)?.len(), 1, "attempt {i}");
                 expire_leases(c, now + LEASE_MS)?;
             }
             assert_eq!(bury(c, &mesh, &me.key(), u64::from(MAX_ATTEMPTS) * (LEASE_MS + 1))?, 1);
@@ -686,7 +741,7 @@ mod tests {
         db.call_blocking(|c| {
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 0)?.expect("inserted");
             assert_eq!(bury(c, &MeshId([7; 16]), &me.key(), TTL_MS + 1)?, 1);
-            assert!(claim(c, &MeshId([7; 16]), &me.key(), 10, TTL_MS + 1)?.is_empty());
+            assert!(claim(c, &MeshId([7; 16]), &me, 10, TTL_MS + 1)?.is_empty());
             let e = entry(c, id)?.expect("row");
             assert_eq!(e.status, OutboxStatus::Dead);
             assert!(e.last_error.expect("reason").contains("expired"));

@@ -344,6 +344,23 @@ ALTER TABLE peers ADD COLUMN joined_at INTEGER;
 ALTER TABLE peers ADD COLUMN invited_by TEXT;
 ALTER TABLE outbox ADD COLUMN revoked_count INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Mesh keys by epoch: the current one seals, every one held opens; a broadcast or group send
+    // remembers the epoch it is sealed under, and is sealed again when the broker says that key
+    // was replaced (`reseal`).
+    r#"
+ALTER TABLE meshes ADD COLUMN key_epoch INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE mesh_keys (
+    mesh_id TEXT NOT NULL REFERENCES meshes(id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    replaced_at INTEGER,
+    PRIMARY KEY (mesh_id, epoch)
+);
+INSERT INTO mesh_keys (mesh_id, epoch, key, received_at) SELECT id, 0, group_key, joined_at FROM meshes;
+ALTER TABLE outbox ADD COLUMN key_epoch INTEGER;
+ALTER TABLE outbox ADD COLUMN reseal INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// The schema version this build writes (a backup of a newer one is refused).

@@ -40,6 +40,7 @@ pub mod routes {
     pub const MESHES_REPIN: &str = "/v1/meshes/repin";
     /// `GET` a mesh's limits; `POST` changes them.
     pub const MESHES_LIMITS: &str = "/v1/meshes/limits";
+    pub const MESHES_ROTATE_KEY: &str = "/v1/meshes/rotate-key";
     pub const CONTEXT: &str = "/v1/context";
     pub const INVITES: &str = "/v1/invites";
     pub const INVITES_REVOKE: &str = "/v1/invites/revoke";

@@ -44,6 +44,13 @@ pub struct InviteClaims {
     pub group_key_nonce: Vec<u8>,
     #[serde(with = "codec::b64_bytes")]
     pub sealed_group_key: Vec<u8>,
+    /// The epoch of the mesh key sealed in it (0: the mesh's first key).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Claims for InviteClaims {
@@ -64,6 +71,8 @@ pub struct InviteParams {
     pub issued_at: u64,
     pub expires_at: u64,
     pub max_uses: Option<u32>,
+    /// The epoch of the mesh key the invite carries.
+    pub key_epoch: u64,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -109,6 +118,7 @@ impl InviteToken {
             auth_key: auth.key(),
             group_key_nonce: sealed.nonce.to_vec(),
             sealed_group_key: sealed.ciphertext,
+            key_epoch: params.key_epoch,
         };
         let invite = Signed::sign(admin, &claims);
         InviteToken { invite, claims, auth, box_key }
@@ -182,6 +192,7 @@ mod tests {
             issued_at: 1,
             expires_at: 2,
             max_uses: Some(1),
+            key_epoch: 0,
         }
     }
 

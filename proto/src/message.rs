@@ -84,13 +84,25 @@ impl OpenError {
 
 /// Verifies and opens an envelope delivered to `recipient` (whose key the broker delivered it to).
 pub fn open(envelope: &Envelope, recipient: &Identity, group_key: Option<&GroupKey>) -> Result<Content, OpenError> {
+    let keys: Vec<(u64, GroupKey)> = group_key.map(|k| (0, k.clone())).into_iter().collect();
+    open_with(envelope, recipient, &keys).map(|(content, _)| content)
+}
+
+/// [`open`] with the mesh keys a member holds, `(epoch, key)`: a broadcast or group message opens
+/// with one of them (newest first), whose epoch is returned with the content; a direct message
+/// returns no epoch. The key that opens a message is the proof of its epoch.
+pub fn open_with(
+    envelope: &Envelope,
+    recipient: &Identity,
+    keys: &[(u64, GroupKey)],
+) -> Result<(Content, Option<u64>), OpenError> {
     let invalid = |e: ProtoError| OpenError::Invalid(e.to_string());
     envelope.sender_identity().verify().map_err(invalid)?;
     let to = envelope.to.to_string();
     let fields =
         signed_fields(&envelope.mesh_id, &envelope.client_message_id, &to, &envelope.nonce, &envelope.ciphertext);
     envelope.from.verify(MESSAGE_DOMAIN, &fields, &envelope.sig).map_err(invalid)?;
-    let plaintext = match &envelope.to {
+    let (plaintext, epoch) = match &envelope.to {
         Target::Key(key) => {
             if *key != recipient.key() {
                 return Err(OpenError::Invalid(format!(
@@ -99,15 +111,32 @@ pub fn open(envelope: &Envelope, recipient: &Identity, group_key: Option<&GroupK
                     recipient.key().short()
                 )));
             }
-            crypto::box_open(recipient, &envelope.from_enc_key, &envelope.nonce, &envelope.ciphertext)
+            let plaintext = crypto::box_open(recipient, &envelope.from_enc_key, &envelope.nonce, &envelope.ciphertext)
+                .map_err(|e| OpenError::DecryptFailed(e.to_string()))?;
+            (plaintext, None)
         }
         Target::Group(_) | Target::All => {
-            let key = group_key.ok_or_else(|| OpenError::DecryptFailed("no group key for this mesh".into()))?;
-            crypto::secretbox_open(key, &envelope.nonce, &envelope.ciphertext)
+            if keys.is_empty() {
+                return Err(OpenError::DecryptFailed("no group key for this mesh".into()));
+            }
+            let mut newest_first: Vec<&(u64, GroupKey)> = keys.iter().collect();
+            newest_first.sort_by_key(|k| std::cmp::Reverse(k.0));
+            let opened = newest_first.iter().find_map(|(epoch, key)| {
+                crypto::secretbox_open(key, &envelope.nonce, &envelope.ciphertext).ok().map(|p| (p, *epoch))
+            });
+            let Some((plaintext, epoch)) = opened else {
+                let epochs: Vec<String> = newest_first.iter().map(|(e, _)| e.to_string()).collect();
+                return Err(OpenError::DecryptFailed(format!(
+                    "no mesh key held here opens it (epochs {}); a newer key may not have arrived yet",
+                    epochs.join(", ")
+                )));
+            };
+            (plaintext, Some(epoch))
         }
-    }
-    .map_err(|e| OpenError::DecryptFailed(e.to_string()))?;
-    serde_json::from_slice(&plaintext).map_err(|e| OpenError::Invalid(format!("content is not valid JSON: {e}")))
+    };
+    let content = serde_json::from_slice(&plaintext)
+        .map_err(|e| OpenError::Invalid(format!("content is not valid JSON: {e}")))?;
+    Ok((content, epoch))
 }
 
 #[cfg(test)]
@@ -148,6 +177,20 @@ mod tests {
         let env = envelope(&a, mesh, Target::All, sealed);
         assert_eq!(open(&env, &b, Some(&gk)).expect("opens"), content);
         assert_eq!(open(&env, &b, Some(&GroupKey::generate())).unwrap_err().reason(), "decrypt_failed");
+    }
+
+    #[test]
+    fn the_key_that_opens_a_group_message_tells_its_epoch_and_an_old_key_opens_nothing_newer() {
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId::generate();
+        let (k0, k1, k2) = (GroupKey::generate(), GroupKey::generate(), GroupKey::generate());
+        let content = Content { body: "after the rotation".into(), reply_to: None };
+        let sealed = seal(&a, &mesh, "c1", &Target::All, SealKey::Group(&k1), &content);
+        let env = envelope(&a, mesh, Target::All, sealed);
+        let held = [(0, k0.clone()), (2, k2), (1, k1)];
+        assert_eq!(open_with(&env, &b, &held).expect("opens"), (content, Some(1)));
+        // Someone who kept only the key before it: the real ciphertext stays shut.
+        assert_eq!(open_with(&env, &b, &[(0, k0)]).unwrap_err().reason(), "decrypt_failed");
     }
 
     #[test]

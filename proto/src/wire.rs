@@ -138,6 +138,8 @@ pub enum ClientFrame {
     /// From a member's connection: a signed [`crate::membership::MembershipAction`] (remove a
     /// member, leave, change a role).
     Membership(MembershipRequest),
+    /// From an owner's or admin's member connection: a new mesh key, one grant per member.
+    RotateKey(RotateKeyRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -209,6 +211,9 @@ pub struct SendMessage {
     pub sig: Sig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
+    /// For a broadcast or group message: the epoch of the mesh key it is sealed under (absent: 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<u64>,
 }
 
 impl SendMessage {
@@ -297,6 +302,15 @@ pub struct RevokeInviteRequest {
     pub invite_id: String,
 }
 
+/// A new mesh key of epoch `epoch` (the mesh's current one plus one), with one signed
+/// [`crate::membership::KeyGrant`] for every member of the mesh, its maker included.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    pub id: u64,
+    pub epoch: u64,
+    pub grants: Vec<Signed>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipRequest {
     pub id: u64,
@@ -317,9 +331,21 @@ pub enum ServerFrame {
     Roster(RosterReply),
     Presence(Presence),
     Invites(InvitesReply),
+    /// The mesh's key epoch, and whether a new key is wanted (a member left): sent to every
+    /// connection of the mesh when either changes.
+    KeyState(KeyState),
     /// A request without a richer answer (`read`, `join_group`, `leave_group`, `rename`, `end_session`) was done.
     Ok(OkReply),
     Error(ErrorFrame),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyState {
+    pub epoch: u64,
+    /// A member left the mesh (or one joined with an older key) since the key of `epoch` was made:
+    /// an owner or admin should make a new one.
+    #[serde(default)]
+    pub rekey_wanted: bool,
 }
 
 /// The mesh's invites, newest first.
@@ -373,6 +399,9 @@ pub struct Welcome {
     pub roster_next: Option<PublicKey>,
     pub limits: Limits,
     pub server_time: u64,
+    /// The mesh key's epoch, and whether a new key is wanted.
+    #[serde(default)]
+    pub key: KeyState,
 }
 
 /// The broker's limits, announced in `welcome` so a client can stay inside them.
@@ -433,6 +462,17 @@ pub enum DeliveryItem {
     Receipts(ReceiptBatch),
     /// The mesh's membership changed (queued for every member that remains).
     Membership(MembershipNotice),
+    /// A new mesh key for this member.
+    MeshKey(MeshKeyItem),
+}
+
+/// A key grant as delivered: the signed grant, and when the broker recorded the new key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshKeyItem {
+    pub grant: Signed,
+    /// The broker's time when the key became the mesh's (messages it accepted later under an older
+    /// key are refused by their recipients).
+    pub at: u64,
 }
 
 /// A membership change as every remaining member is told of it.
@@ -601,6 +641,12 @@ pub enum ErrorCode {
     LimitOutOfRange,
     /// Another connection authenticated as the same key; this one is closed.
     Superseded,
+    /// A broadcast or group message sealed under a mesh key that has been replaced: seal it again
+    /// under the current one.
+    StaleKey,
+    /// A new mesh key that is not the next epoch, or whose grants are not for exactly the mesh's
+    /// members now.
+    RotationConflict,
     ShuttingDown,
     Unavailable,
     Internal,
@@ -621,6 +667,8 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Unavailable
                 | ErrorCode::Internal
+                | ErrorCode::StaleKey
+                | ErrorCode::RotationConflict
                 | ErrorCode::Unknown
         )
     }
@@ -656,6 +704,8 @@ impl ErrorCode {
             ErrorCode::TooManySessions => "too_many_sessions",
             ErrorCode::LimitOutOfRange => "limit_out_of_range",
             ErrorCode::Superseded => "superseded",
+            ErrorCode::StaleKey => "stale_key",
+            ErrorCode::RotationConflict => "rotation_conflict",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -697,9 +747,10 @@ const CLIENT_TYPES: &[&str] = &[
     "invites",
     "revoke_invite",
     "membership",
+    "rotate_key",
 ];
 const SERVER_TYPES: &[&str] =
-    &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "invites", "ok", "error"];
+    &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "invites", "key_state", "ok", "error"];
 
 pub fn decode_client(text: &str) -> Result<ClientFrame, FrameError> {
     serde_json::from_str(text).map_err(|e| diagnose(text, CLIENT_TYPES, e))

@@ -4,12 +4,12 @@
 //! against the roles as they are then.
 
 use mesh_proto::invite::InviteClaims;
-use mesh_proto::membership::{self, ChangeKind, MembershipAction};
+use mesh_proto::membership::{self, ChangeKind, KeyGrant, MembershipAction};
 use mesh_proto::wire::{
-    ErrorCode, ErrorFrame, InvitesReply, MembershipRequest, PeerKind, RegisterInviteRequest, RevokeInviteRequest, Role,
-    ServerFrame,
+    DeliveryItem, ErrorCode, ErrorFrame, InvitesReply, KeyState, MembershipRequest, MeshKeyItem, PeerKind,
+    RegisterInviteRequest, RevokeInviteRequest, Role, RotateKeyRequest, ServerFrame,
 };
-use mesh_proto::{ProtoError, now_ms};
+use mesh_proto::{ProtoError, PublicKey, now_ms};
 
 use super::Connection;
 use crate::presence::announce;
@@ -170,6 +170,73 @@ impl Connection {
         for key in &done.woken {
             self.shared.wake(mesh, key);
         }
+        if !done.removed.is_empty() {
+            // Someone left: its key is still the mesh's. Every connection hears that a new one is
+            // wanted (the owner's and admins' daemons make it); the one who removed makes it now.
+            self.tell_key_state(self.key(), false).await;
+        }
         answered && !done.removed.iter().any(|p| p.key == self.key())
+    }
+
+    /// Tells every connection of the mesh but `except`'s the mesh's key epoch as stored now (with
+    /// `only_if_wanted`, only when a new key is wanted).
+    pub(super) async fn tell_key_state(&self, except: PublicKey, only_if_wanted: bool) {
+        match self.shared.store.mesh(self.mesh()).await {
+            Ok(Some(m)) if only_if_wanted && !m.rekey_wanted => {}
+            Ok(Some(m)) => {
+                let frame = ServerFrame::KeyState(KeyState { epoch: m.key_epoch, rekey_wanted: m.rekey_wanted });
+                crate::presence::relay(&self.shared, self.mesh(), except, frame.to_json());
+            }
+            Ok(None) => {}
+            Err(e) => crate::store::log_failure("reading the mesh's key epoch", &e),
+        }
+    }
+
+    /// A new mesh key: every grant checked (signed by this connection's member, for this mesh and
+    /// epoch, one per member), then recorded and queued for the members.
+    pub(super) async fn rotate_key(&self, req: RotateKeyRequest) -> bool {
+        let id = req.id;
+        if self.member_connection(id, "make a new mesh key").await.is_none() {
+            return true;
+        }
+        let now = now_ms();
+        let mut grants = Vec::with_capacity(req.grants.len());
+        for signed in req.grants {
+            let grant: KeyGrant = match signed.open() {
+                Ok(g) => g,
+                Err(ProtoError::BadSignature | ProtoError::BadKey) => {
+                    return self.refuse(id, ErrorCode::BadSignature, "a key grant's signature does not verify").await;
+                }
+                Err(e) => return self.refuse(id, ErrorCode::BadFrame, format!("key grant: {e}")).await,
+            };
+            let maker =
+                mesh_proto::PublicIdentity { key: grant.by, enc_key: grant.by_enc_key, enc_sig: grant.by_enc_sig };
+            if grant.by != self.key() || maker.verify().is_err() {
+                return self
+                    .refuse(id, ErrorCode::Forbidden, "key grants are sent by the member who signed them")
+                    .await;
+            }
+            if grant.mesh_id != self.mesh() || grant.epoch != req.epoch || grant.v != 1 {
+                return self.refuse(id, ErrorCode::BadFrame, "a key grant for another mesh or another epoch").await;
+            }
+            let item = DeliveryItem::MeshKey(MeshKeyItem { grant: signed, at: now });
+            grants.push((grant.member, serde_json::to_string(&item).expect("items serialise")));
+        }
+        let mesh = self.mesh();
+        match self.shared.store.rotate_key(mesh, self.key(), req.epoch, grants, now).await {
+            Ok(members) => {
+                tracing::info!(%mesh, epoch = req.epoch, by = %self.key(), "new mesh key");
+                let answered = self.answer(id, Ok(())).await;
+                for key in &members {
+                    self.shared.wake(mesh, key);
+                }
+                self.tell_key_state(self.key(), false).await;
+                answered
+            }
+            Err(e @ StoreError::RotationConflict(_)) => {
+                self.refuse(id, ErrorCode::RotationConflict, e.to_string()).await
+            }
+            Err(e) => self.answer_refusal(id, e).await,
+        }
     }
 }

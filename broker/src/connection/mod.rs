@@ -290,6 +290,7 @@ impl Connection {
                 roster_next,
                 limits: self.shared.config.limits(&self.auth.mesh.limits),
                 server_time: now_ms().saturating_add_signed(self.shared.config.clock_offset_ms),
+                key: wire::KeyState { epoch: self.auth.mesh.key_epoch, rekey_wanted: self.auth.mesh.rekey_wanted },
             }),
             Err(e) => {
                 crate::store::log_failure("loading roster for welcome", &e);
@@ -341,6 +342,10 @@ impl Connection {
         }
         for gone in &self.auth.claimed.reaped {
             announce(&self.shared, mesh, gone, false, true);
+        }
+        if self.auth.joined {
+            // A joiner whose invite holds an older key needs the current one: a new key is wanted.
+            self.tell_key_state(key, true).await;
         }
         announce_view(&self.shared, mesh, peer_view(&self.me(), true, my_groups), false);
         let (acked_tx, acked_rx) = mpsc::unbounded_channel();
@@ -597,6 +602,7 @@ impl Connection {
             Ok(ClientFrame::Invites(req)) => self.list_invites(req.id).await,
             Ok(ClientFrame::RevokeInvite(req)) => self.revoke_invite(req).await,
             Ok(ClientFrame::Membership(req)) => self.change_membership(req).await,
+            Ok(ClientFrame::RotateKey(req)) => self.rotate_key(req).await,
         }
     }
 
@@ -800,6 +806,7 @@ impl Connection {
             fingerprint,
             target: send.to,
             message_id,
+            key_epoch: send.key_epoch,
             item_json,
             created_at: now,
             expires_at: now + ttl,
@@ -893,6 +900,7 @@ fn enqueue_refusal(e: StoreError) -> ErrorFrame {
         StoreError::RecipientUnknown(r) => {
             ErrorFrame::new(ErrorCode::RecipientUnknown, format!("no such recipient in this mesh: {r}"))
         }
+        e @ StoreError::StaleKey { .. } => ErrorFrame::new(ErrorCode::StaleKey, format!("{e}: seal it again")),
         e => {
             crate::store::log_failure("enqueue failed", &e);
             ErrorFrame::new(ErrorCode::Internal, "storage failure; retry")

@@ -19,6 +19,10 @@ pub struct MeshRecord {
     pub created_at: u64,
     /// The limits its owner and admins set.
     pub limits: MeshLimitSettings,
+    /// The epoch of its current key.
+    pub key_epoch: u64,
+    /// A member left (or joined with an older key) since that key was made: a new one is wanted.
+    pub rekey_wanted: bool,
 }
 
 /// A mesh's own limits, set by its owner or admins; `None` leaves the broker's value.
@@ -100,6 +104,8 @@ pub struct NewMessage {
     pub target: Target,
     /// Used unless the message turns out to be a duplicate.
     pub message_id: String,
+    /// For a broadcast or group message: the epoch of the mesh key it is sealed under.
+    pub key_epoch: Option<u64>,
     /// The `DeliveryItem::Message` JSON delivered to every recipient.
     pub item_json: String,
     pub created_at: u64,
@@ -171,6 +177,8 @@ pub struct InviteRecord {
     pub issued_at: u64,
     pub expires_at: u64,
     pub max_uses: Option<u32>,
+    /// The epoch of the mesh key it carries.
+    pub key_epoch: u64,
 }
 
 impl InviteRecord {
@@ -182,6 +190,7 @@ impl InviteRecord {
             issued_at: claims.issued_at,
             expires_at: claims.expires_at,
             max_uses: claims.max_uses,
+            key_epoch: claims.key_epoch,
         }
     }
 }
@@ -241,6 +250,11 @@ pub enum StoreError {
     UnknownInvite(String),
     #[error("{0}")]
     UnknownMember(String),
+    /// A broadcast or group message sealed under a key older than the mesh's (epoch `current`).
+    #[error("sealed under a replaced mesh key; the mesh's key is epoch {current} now")]
+    StaleKey { current: u64 },
+    #[error("{0}")]
+    RotationConflict(String),
     #[error("no such recipient in this mesh: {0}")]
     RecipientUnknown(String),
     #[error("client_message_id {0:?} was already used for a different message")]
@@ -370,6 +384,18 @@ pub trait Store: Send + Sync + 'static {
     /// with their groups, and deletes their queued items, queueing a `revoked` receipt for each
     /// message's sender; every change queues a notice for each remaining member.
     async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError>;
+    /// Makes epoch `epoch` the mesh's key, made by `by` (a live owner or admin), queueing each
+    /// grant for its member: refused (`RotationConflict`) unless `epoch` is the current one plus
+    /// one and `grants` are for exactly the mesh's members now. A new key is no longer wanted after
+    /// it. Returns the members to wake.
+    async fn rotate_key(
+        &self,
+        mesh: MeshId,
+        by: PublicKey,
+        epoch: u64,
+        grants: Vec<(PublicKey, String)>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError>;
     /// Inserts or refreshes a peer (a session on connect, or a member whose name or keys changed)
     /// and records it as seen now; a session that had ended is live again. A new peer, or a changed
     /// name, claims the name ([`Store::rename`]'s rule); a peer keeping its name is never refused.
@@ -499,6 +525,29 @@ pub(crate) fn membership_rule(by: &PeerRecord, target: &PeerRecord, change: &Mem
         }
         ChangeKind::SetRole if change.role.is_none() => Err("a role change names the role".into()),
         ChangeKind::SetRole => Ok(()),
+    }
+}
+
+/// How long a key grant waits for a member who is away: a member away longer misses that key (an
+/// owner or admin makes another with `mesh mesh rotate-key`).
+pub const GRANT_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+/// Why `grants` (their members) are not for exactly `members`, if they are not.
+pub(crate) fn grants_mismatch(members: &[PublicKey], grants: &[(PublicKey, String)]) -> Option<String> {
+    let granted: std::collections::BTreeSet<PublicKey> = grants.iter().map(|(k, _)| *k).collect();
+    let live: std::collections::BTreeSet<PublicKey> = members.iter().copied().collect();
+    let missing: Vec<String> = live.difference(&granted).map(|k| k.short()).collect();
+    let extra: Vec<String> = granted.difference(&live).map(|k| k.short()).collect();
+    if granted.len() != grants.len() {
+        return Some("a member is granted the key twice".into());
+    }
+    match (missing.is_empty(), extra.is_empty()) {
+        (true, true) => None,
+        _ => Some(format!(
+            "the grants are not for the mesh's members now (missing: {}; not members: {})",
+            if missing.is_empty() { "none".into() } else { missing.join(", ") },
+            if extra.is_empty() { "none".into() } else { extra.join(", ") },
+        )),
     }
 }
 

@@ -218,6 +218,7 @@ pub fn mint_invite(admin: &Identity, mesh: MeshId, url: &str, expires_at: u64, m
         issued_at: now_ms(),
         expires_at,
         max_uses,
+        key_epoch: 0,
     };
     InviteToken::mint(admin, params, &GroupKey::generate())
 }
@@ -266,6 +267,7 @@ pub fn sealed_send(
         ciphertext: sealed.ciphertext,
         sig: sealed.sig,
         ttl_ms: None,
+        key_epoch: None,
     }
 }
 

@@ -20,12 +20,14 @@ pub struct MembersArgs {
 pub struct RemoveArgs {
     /// The member: a name, a key prefix (4+ hex digits) or a full key
     pub member: String,
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct LeaveArgs {
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
     /// Do not ask (needed when no one is at a terminal to answer)
@@ -40,6 +42,7 @@ pub struct RoleArgs {
     /// admin, member, or owner (hands the mesh over: you become an admin)
     #[arg(value_enum)]
     pub role: RoleArg,
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
 }
@@ -53,6 +56,7 @@ pub enum RoleArg {
 
 #[derive(clap::Args, Debug)]
 pub struct InvitesArgs {
+    /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
     /// Also the invites that expired, were used up or revoked
@@ -121,6 +125,36 @@ fn print_change(change: &MemberChange, said: String) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Subcommand, Debug)]
+pub enum MeshCommand {
+    /// Give every member a new mesh key now (owners and admins; a removal does it by itself). A
+    /// removed member's copy of the old key opens nothing sent after it
+    RotateKey {
+        /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
+        #[arg(long)]
+        mesh: Option<String>,
+    },
+}
+
+pub fn mesh(cmd: MeshCommand) -> anyhow::Result<()> {
+    match cmd {
+        MeshCommand::RotateKey { mesh } => {
+            let client = super::client()?;
+            let req = mesh_ipc::api::RotateKeyRequest { mesh: super::context_mesh(mesh)? };
+            let done: mesh_ipc::api::KeyRotated = super::block_on(client.post(routes::MESHES_ROTATE_KEY, &req))??;
+            if output::json() {
+                return super::print_json(&done);
+            }
+            outln!(
+                "mesh {} has a new key (epoch {}); every member gets it, those away when they come back",
+                done.mesh,
+                done.key_epoch
+            );
+            Ok(())
+        }
+    }
+}
+
 pub fn remove(args: RemoveArgs) -> anyhow::Result<()> {
     let client = super::client()?;
     let req = RemoveRequest { mesh: super::context_mesh(args.mesh)?, member: args.member };
@@ -132,6 +166,9 @@ pub fn remove(args: RemoveArgs) -> anyhow::Result<()> {
         output::short(&done.key),
         done.mesh
     );
+    if let Some(warning) = done.warning.as_deref().filter(|_| !output::json()) {
+        errln!("{}", output::clean(warning));
+    }
     print_change(&done, said)
 }
 

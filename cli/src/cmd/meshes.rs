@@ -59,6 +59,7 @@ pub enum InviteAction {
     Revoke {
         /// The invite's id (32 hex digits)
         id: String,
+        /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
         #[arg(long)]
         mesh: Option<String>,
     },

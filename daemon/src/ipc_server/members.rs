@@ -79,13 +79,24 @@ pub async fn remove(
     }
     change(&d, &mesh, ChangeKind::Remove, target.peer.key, None, "removing a member").await?;
     tracing::info!(mesh = %mesh.name, member = %target.peer.key, "member removed");
+    // The removed member holds the mesh's key: the others get a new one now.
+    let (key_epoch, warning) = match crate::rekey::rotate(&d, mesh.id, false).await {
+        Ok(epoch) => (epoch, None),
+        Err(e) => (
+            None,
+            Some(format!(
+                "the mesh key was not replaced yet ({e}); the broker asks the owner's and admins' daemons to, or run `mesh mesh rotate-key`"
+            )),
+        ),
+    };
     Ok(Json(MemberChange {
         mesh: mesh.name,
         change: ChangeKind::Remove.as_str().into(),
         key: target.peer.key.to_string(),
         name: target.peer.name,
         role: None,
-        key_epoch: None,
+        key_epoch,
+        warning,
     }))
 }
 
@@ -112,6 +123,7 @@ pub async fn leave(
         name: mesh.display_name(&d.member.name).to_owned(),
         role: None,
         key_epoch: None,
+        warning: None,
     }))
 }
 
@@ -132,7 +144,31 @@ pub async fn role(
         name: target.peer.name,
         role: Some(req.role),
         key_epoch: None,
+        warning: None,
     }))
+}
+
+/// A new mesh key, given to every member now (an owner or admin).
+pub async fn rotate_key(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<mesh_ipc::api::RotateKeyRequest>,
+) -> Result<Json<KeyRotated>, Failure> {
+    caller.member_only("making a new mesh key")?;
+    let mesh = pick_mesh(&d, req.mesh).await?;
+    online_link(&d, &mesh, "making a new mesh key").await?;
+    match crate::rekey::rotate(&d, mesh.id, false).await {
+        Ok(Some(epoch)) => Ok(Json(KeyRotated { mesh: mesh.name, key_epoch: epoch })),
+        Ok(None) => Err(Failure::new(ApiErrorCode::Internal, "no key was made".into())),
+        Err(crate::rekey::RekeyError::NotAdmin(role)) => Err(Failure::new(
+            ApiErrorCode::Forbidden,
+            format!("only the mesh's owner and admins make a new key; you are a {role} of {}", mesh.name),
+        )),
+        Err(e @ crate::rekey::RekeyError::Unreachable(_)) => {
+            Err(Failure::new(ApiErrorCode::BrokerUnreachable, e.to_string()))
+        }
+        Err(e) => Err(Failure::new(ApiErrorCode::BrokerRefused, e.to_string())),
+    }
 }
 
 /// The mesh's invites, as its broker lists them, newest first.

@@ -89,6 +89,7 @@ pub async fn create(
         broker_url: req.broker,
         role: Role::Owner,
         group_key: GroupKey::generate(),
+        key_epoch: 0,
         embedded: false,
         joined_at: now_ms(),
         my_name: Some(me),
@@ -263,6 +264,7 @@ pub async fn join(
         broker_url: claims.broker_url,
         role: welcome.you.role,
         group_key,
+        key_epoch: claims.key_epoch,
         embedded: false,
         joined_at: now_ms(),
         my_name: Some(me),
@@ -493,6 +495,7 @@ pub async fn invite(
         issued_at: now,
         expires_at: now.saturating_add(secs.saturating_mul(1000)),
         max_uses,
+        key_epoch: mesh.key_epoch,
     };
     if let Some(pin) = mesh.tls_pin {
         // An invite whose pin the broker no longer passes would only send joiners away: the inviter

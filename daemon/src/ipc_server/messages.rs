@@ -152,9 +152,9 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
     };
     let sender = caller.identity(d);
     let content = Content { body: req.body.clone(), reply_to: None };
-    let key = match &resolved.seal {
-        SealWith::Direct(enc) => SealKey::Direct(enc),
-        SealWith::Group => SealKey::Group(&resolved.mesh.group_key),
+    let (key, key_epoch) = match &resolved.seal {
+        SealWith::Direct(enc) => (SealKey::Direct(enc), None),
+        SealWith::Group => (SealKey::Group(&resolved.mesh.group_key), Some(resolved.mesh.key_epoch)),
     };
     let sealed = message::seal(&sender, &resolved.mesh.id, &cmid, &resolved.target, key, &content);
     let row = outbox::NewRow {
@@ -168,6 +168,7 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
         nonce: sealed.nonce,
         ciphertext: sealed.ciphertext,
         sig: sealed.sig,
+        key_epoch,
     };
     let committed =
         d.db.call(move |c| match outbox::insert(c, &row, now_ms())? {

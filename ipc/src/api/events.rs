@@ -137,7 +137,7 @@ pub struct PresenceEvent {
 /// A membership change, as the broker told every remaining member.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipEvent {
-    /// `remove`, `leave` or `set_role`.
+    /// `remove`, `leave`, `set_role` or `rotate_key` (a new mesh key, made by `by`).
     pub change: String,
     /// The member it is about.
     pub key: String,
@@ -151,6 +151,9 @@ pub struct MembershipEvent {
     pub at: u64,
     /// The change carries `by`'s valid signature (else the broker's word alone says so).
     pub signed: bool,
+    /// For `rotate_key`: the new key's epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,23 @@ pub struct MemberChange {
     /// are sealed under it from now on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_epoch: Option<u64>,
+    /// Something the caller should know (a removal whose new key could not be made yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `POST /v1/meshes/rotate-key`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<String>,
+}
+
+/// The mesh's key after `POST /v1/meshes/rotate-key`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRotated {
+    pub mesh: String,
+    pub key_epoch: u64,
 }
 
 /// `GET /v1/invites?mesh=`.

@@ -28,6 +28,9 @@ pub struct MeshInfo {
     /// After a join that took a suffixed name: the name asked for, which was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_was_taken: Option<String>,
+    /// The epoch of the mesh key this member seals with (0: the mesh's first key).
+    #[serde(default)]
+    pub key_epoch: u64,
 }
 
 /// `POST /v1/meshes`: create a mesh on a broker; the caller becomes its owner.

@@ -511,7 +511,7 @@ impl Store for PgStore {
         let row = client
             .query_opt(
                 "SELECT id, name, owner, created_at, max_sessions_per_member, max_connections_per_member, \
-                 max_connections FROM meshes WHERE id = $1",
+                 max_connections, key_epoch, rekey_wanted_at FROM meshes WHERE id = $1",
                 &[&id.to_string()],
             )
             .await
@@ -528,6 +528,8 @@ impl Store for PgStore {
                     connections_per_member: limit_from(r.get(5)),
                     connections: limit_from(r.get(6)),
                 },
+                key_epoch: r.get::<_, i64>(7) as u64,
+                rekey_wanted: r.get::<_, Option<i64>>(8).is_some(),
             })
         })()?;
         Ok(Some(record))
@@ -566,6 +568,17 @@ impl Store for PgStore {
 
     async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError> {
         transaction!(self, 1, |tx| { peers::change_membership(&tx, &mesh, &change).await? })
+    }
+
+    async fn rotate_key(
+        &self,
+        mesh: MeshId,
+        by: PublicKey,
+        epoch: u64,
+        grants: Vec<(PublicKey, String)>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        transaction!(self, 1, |tx| { peers::rotate_key(&tx, &mesh, &by, epoch, &grants, now).await? })
     }
 
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {

@@ -175,7 +175,50 @@ pub(super) async fn join(
     let stmt = tx.prepare_cached("DELETE FROM peers WHERE mesh_id = $1 AND key = $2 AND revoked").await?;
     tx.execute(&stmt, &[&mesh_s, &peer.key.to_string()]).await?;
     insert_peer(tx, mesh, peer).await?;
+    // A joiner holding an older key than the mesh's gets the current one with the next key.
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, $3) WHERE id = $1 AND key_epoch > $2",
+        )
+        .await?;
+    tx.execute(&stmt, &[&mesh_s, &(invite.key_epoch as i64), &(peer.joined_at as i64)]).await?;
     Ok(claimed)
+}
+
+/// Makes `epoch` the mesh's key (see [`crate::store::Store::rotate_key`]), under the mesh's name
+/// lock: membership changes and joins wait for it, so the members it checks are the members.
+pub(super) async fn rotate_key(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    by: &PublicKey,
+    epoch: u64,
+    grants: &[(PublicKey, String)],
+    now: u64,
+) -> Result<Vec<PublicKey>, TxError> {
+    lock_names(tx, mesh).await?;
+    live_admin(tx, mesh, by, "make a new mesh key").await?;
+    let mesh_s = mesh.to_string();
+    let stmt = tx.prepare_cached("SELECT key_epoch FROM meshes WHERE id = $1").await?;
+    let current: i64 = tx.query_one(&stmt, &[&mesh_s]).await?.get(0);
+    if epoch != current as u64 + 1 {
+        return Err(TxError::Domain(StoreError::RotationConflict(format!(
+            "the mesh's key is epoch {current}: a new key is epoch {}",
+            current + 1
+        ))));
+    }
+    let stmt =
+        tx.prepare_cached("SELECT key FROM peers WHERE mesh_id = $1 AND kind = 'member' AND NOT revoked").await?;
+    let members: Vec<PublicKey> =
+        tx.query(&stmt, &[&mesh_s]).await?.iter().map(|r| parse(r.get(0))).collect::<Result<_, _>>()?;
+    if let Some(why) = crate::store::grants_mismatch(&members, grants) {
+        return Err(TxError::Domain(StoreError::RotationConflict(why)));
+    }
+    let stmt = tx.prepare_cached("UPDATE meshes SET key_epoch = $2, rekey_wanted_at = NULL WHERE id = $1").await?;
+    tx.execute(&stmt, &[&mesh_s, &(epoch as i64)]).await?;
+    let rows: Vec<(String, String, String)> =
+        grants.iter().map(|(member, item)| (mesh_s.clone(), member.to_string(), item.clone())).collect();
+    super::queue::queue_grants(tx, &rows, now).await?;
+    Ok(members)
 }
 
 /// Records an invite (kept as first recorded when it is known already).

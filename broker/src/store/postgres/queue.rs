@@ -48,6 +48,15 @@ pub(super) async fn queue_notices(
     queue_items(tx, &rows, now + RECEIPT_TTL_MS).await
 }
 
+/// Queues key grants `(mesh, member, item JSON)` (kept for [`crate::store::GRANT_TTL_MS`]).
+pub(super) async fn queue_grants(
+    tx: &impl GenericClient,
+    rows: &[(String, String, String)],
+    now: u64,
+) -> Result<(), TxError> {
+    queue_items(tx, rows, now + crate::store::GRANT_TTL_MS).await
+}
+
 /// Deletes every item queued for `keys` (peers leaving the mesh), queueing a `revoked` receipt for
 /// each message's sender. Returns the senders to wake.
 pub(super) async fn drop_queues(
@@ -171,6 +180,14 @@ pub(super) async fn enqueue(tx: &impl GenericClient, msg: &NewMessage) -> Result
     let sender = msg.sender.to_string();
     if let Some(first) = find_sent(tx, &mesh, &sender, &msg.client_message_id).await? {
         return duplicate(msg, first);
+    }
+    if !matches!(msg.target, Target::Key(_)) {
+        // Sealed under the mesh key: the one in force now, or refused before anything is written.
+        let stmt = tx.prepare_cached("SELECT key_epoch FROM meshes WHERE id = $1").await?;
+        let current: i64 = tx.query_opt(&stmt, &[&mesh]).await?.map_or(0, |r| r.get(0));
+        if (msg.key_epoch.unwrap_or(0) as i64) < current {
+            return Err(TxError::Domain(StoreError::StaleKey { current: current as u64 }));
+        }
     }
     let recipients: Vec<String> = match &msg.target {
         Target::Key(key) => {

@@ -273,7 +273,7 @@ impl Store for SqliteStore {
             .call(move |c| {
                 c.query_row(
                     "SELECT id, name, owner, created_at, max_sessions_per_member, max_connections_per_member, \
-                     max_connections FROM meshes WHERE id = ?1",
+                     max_connections, key_epoch, rekey_wanted_at FROM meshes WHERE id = ?1",
                     [id.to_string()],
                     |r| {
                         Ok(MeshRecord {
@@ -286,6 +286,8 @@ impl Store for SqliteStore {
                                 connections_per_member: r.get(5)?,
                                 connections: r.get(6)?,
                             },
+                            key_epoch: r.get::<_, i64>(7)? as u64,
+                            rekey_wanted: r.get::<_, Option<i64>>(8)?.is_some(),
                         })
                     },
                 )
@@ -338,6 +340,17 @@ impl Store for SqliteStore {
 
     async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError> {
         self.write(move |tx| peers::change_membership(tx, &mesh, &change)).await
+    }
+
+    async fn rotate_key(
+        &self,
+        mesh: MeshId,
+        by: PublicKey,
+        epoch: u64,
+        grants: Vec<(PublicKey, String)>,
+        now: u64,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        self.write(move |tx| peers::rotate_key(tx, &mesh, &by, epoch, &grants, now)).await
     }
 
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {
@@ -607,6 +620,7 @@ mod tests {
             fingerprint: [0; 32],
             target: Target::Key(to.key()),
             message_id: format!("m-{cmid}"),
+            key_epoch: None,
             item_json: "{}".into(),
             created_at: 1,
             expires_at: u64::MAX / 2,
@@ -634,8 +648,15 @@ mod tests {
             .expect("old rows");
         }
         let store = SqliteStore::open(&path).expect("upgraded");
-        let record =
-            MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1, limits: Default::default() };
+        let record = MeshRecord {
+            id: mesh,
+            name: "m".into(),
+            owner: a.key(),
+            created_at: 1,
+            limits: Default::default(),
+            key_epoch: 0,
+            rekey_wanted: false,
+        };
         store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
         store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
         let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
@@ -694,8 +715,15 @@ mod tests {
         let mesh = MeshId::generate();
         {
             let store = SqliteStore::open(&path).expect("open");
-            let record =
-                MeshRecord { id: mesh, name: "m".into(), owner: a.key(), created_at: 1, limits: Default::default() };
+            let record = MeshRecord {
+                id: mesh,
+                name: "m".into(),
+                owner: a.key(),
+                created_at: 1,
+                limits: Default::default(),
+                key_epoch: 0,
+                rekey_wanted: false,
+            };
             store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
             store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
             let msg = NewMessage {
@@ -705,6 +733,7 @@ mod tests {
                 fingerprint: [0; 32],
                 target: Target::Key(b.key()),
                 message_id: "m1".into(),
+                key_epoch: None,
                 item_json: "{}".into(),
                 created_at: 1,
                 expires_at: u64::MAX / 2,

@@ -133,7 +133,47 @@ pub fn join(tx: &Connection, mesh: &MeshId, invite: &InviteRecord, peer: &PeerRe
     tx.prepare_cached("DELETE FROM peers WHERE mesh_id = ?1 AND key = ?2 AND revoked = 1")?
         .execute(params![mesh_s, peer.key.to_string()])?;
     insert_peer(tx, mesh, peer)?;
+    // A joiner holding an older key than the mesh's gets the current one with the next key.
+    tx.prepare_cached(
+        "UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, ?3) WHERE id = ?1 AND key_epoch > ?2",
+    )?
+    .execute(params![mesh_s, invite.key_epoch as i64, peer.joined_at as i64])?;
     Ok(claimed)
+}
+
+/// Makes `epoch` the mesh's key (see [`crate::store::Store::rotate_key`]).
+pub fn rotate_key(
+    tx: &Connection,
+    mesh: &MeshId,
+    by: &PublicKey,
+    epoch: u64,
+    grants: &[(PublicKey, String)],
+    now: u64,
+) -> Result<Vec<PublicKey>, TxError> {
+    live_admin(tx, mesh, by, "make a new mesh key")?;
+    let mesh_s = mesh.to_string();
+    let current: i64 =
+        tx.prepare_cached("SELECT key_epoch FROM meshes WHERE id = ?1")?.query_row([&mesh_s], |r| r.get(0))?;
+    if epoch != current as u64 + 1 {
+        return Err(TxError::Domain(StoreError::RotationConflict(format!(
+            "the mesh's key is epoch {current}: a new key is epoch {}",
+            current + 1
+        ))));
+    }
+    let members: Vec<PublicKey> = tx
+        .prepare_cached("SELECT key FROM peers WHERE mesh_id = ?1 AND kind = 'member' AND revoked = 0")?
+        .query_map([&mesh_s], |r| r.get::<_, String>(0))?
+        .map(|k| parse(k?))
+        .collect::<Result<_, _>>()?;
+    if let Some(why) = crate::store::grants_mismatch(&members, grants) {
+        return Err(TxError::Domain(StoreError::RotationConflict(why)));
+    }
+    tx.prepare_cached("UPDATE meshes SET key_epoch = ?2, rekey_wanted_at = NULL WHERE id = ?1")?
+        .execute(params![mesh_s, epoch as i64])?;
+    for (member, item) in grants {
+        super::queue::queue_grant(tx, &mesh_s, &member.to_string(), item, now)?;
+    }
+    Ok(members)
 }
 
 /// Records an invite (kept as first recorded when it is known already).

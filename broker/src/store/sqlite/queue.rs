@@ -22,6 +22,11 @@ pub(super) fn queue_notice(tx: &Connection, mesh: &str, to: &str, item_json: &st
     queue_item(tx, mesh, to, item_json, now + RECEIPT_TTL_MS)
 }
 
+/// Queues a key grant for member `to` (kept for [`crate::store::GRANT_TTL_MS`]).
+pub(super) fn queue_grant(tx: &Connection, mesh: &str, to: &str, item_json: &str, now: u64) -> rusqlite::Result<()> {
+    queue_item(tx, mesh, to, item_json, now + crate::store::GRANT_TTL_MS)
+}
+
 /// Deletes every item queued for `keys` (peers leaving the mesh), queueing a `revoked` receipt for
 /// each message's sender. Returns the senders to wake.
 pub(super) fn drop_queues(
@@ -117,6 +122,17 @@ pub fn enqueue_in(tx: &Connection, msg: &NewMessage) -> Result<Enqueued, TxError
             return Err(TxError::Domain(StoreError::IdempotencyConflict(msg.client_message_id.clone())));
         }
         return Ok(Enqueued { message_id, duplicate: true, woken: vec![], recipients: recipients as u32 });
+    }
+    if !matches!(msg.target, Target::Key(_)) {
+        // Sealed under the mesh key: the one in force now, or refused before anything is written.
+        let current: i64 = tx
+            .prepare_cached("SELECT key_epoch FROM meshes WHERE id = ?1")?
+            .query_row([&mesh], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        if (msg.key_epoch.unwrap_or(0) as i64) < current {
+            return Err(TxError::Domain(StoreError::StaleKey { current: current as u64 }));
+        }
     }
     let recipients: Vec<String> = match &msg.target {
         Target::Key(key) => {
