@@ -7,12 +7,15 @@ mod common;
 
 use common::*;
 use mesh_broker::BrokerConfig;
+use mesh_proto::crypto::GroupKey;
 use mesh_proto::membership::{ChangeKind, MembershipAction};
+use mesh_proto::message::SealKey;
 use mesh_proto::signed::Signed;
 use mesh_proto::wire::{
     ClientFrame, DeliveryItem, ErrorCode, Intent, InvitesRequest, MembershipRequest, ReceiptKind,
     RegisterInviteRequest, RevokeInviteRequest, Role, RosterRequest, ServerFrame,
 };
+use mesh_proto::wire::{KeyState, RotateKeyRequest, SendMessage};
 use mesh_proto::{Identity, MeshId, PublicKey, now_ms};
 
 on_both_stores!(
@@ -22,7 +25,47 @@ on_both_stores!(
     a_member_leaves_and_the_owner_hands_ownership_over_first,
     invites_are_listed_with_their_uses_and_a_revoked_one_is_refused,
     membership_actions_must_be_signed_by_the_connection_s_member_now,
+    new_mesh_keys_follow_the_rules_and_a_broadcast_under_a_replaced_key_is_refused,
 );
+
+/// A new key of `epoch` made by `by` for `members`, as a `rotate_key` request.
+fn rotation(id: u64, by: &Identity, mesh: MeshId, epoch: u64, members: &[&Identity], key: &GroupKey) -> ClientFrame {
+    let grants =
+        members.iter().map(|m| mesh_proto::membership::grant(by, mesh, epoch, &m.public(), key, now_ms())).collect();
+    ClientFrame::RotateKey(RotateKeyRequest { id, epoch, grants })
+}
+
+/// The next `key_state` told to `c` (other frames before it are passed over).
+async fn key_state(c: &mut Client) -> KeyState {
+    loop {
+        if let ServerFrame::KeyState(k) = c.recv().await {
+            return k;
+        }
+    }
+}
+
+/// A broadcast from `from` sealed under `key`, declared as of `epoch`; the broker's answer.
+async fn broadcast_under(
+    c: &mut Client,
+    from: &Identity,
+    mesh: MeshId,
+    id: u64,
+    key: &GroupKey,
+    epoch: Option<u64>,
+) -> Result<(), ErrorCode> {
+    let send = SendMessage {
+        key_epoch: epoch,
+        ..sealed_send(from, mesh, id, &format!("bc-{id}"), mesh_proto::Target::All, SealKey::Group(key), "to all")
+    };
+    c.send(&ClientFrame::Send(send)).await;
+    loop {
+        match c.recv().await {
+            ServerFrame::Accepted(a) if a.id == id => return Ok(()),
+            ServerFrame::Error(e) if e.id == Some(id) => return Err(e.code),
+            _ => continue,
+        }
+    }
+}
 
 fn action(by: &Identity, mesh: MeshId, kind: ChangeKind, target: PublicKey, role: Option<Role>) -> Signed {
     Signed::sign(by, &MembershipAction { v: 1, mesh_id: mesh, kind, target, role, by: by.key(), at: now_ms() })
@@ -413,5 +456,50 @@ async fn membership_actions_must_be_signed_by_the_connection_s_member_now(backen
     assert_eq!(ask(&mut cs, 5, action(&a, mesh, ChangeKind::Remove, b.key(), None)).await, Err(ErrorCode::Forbidden));
     // Bob is still a member after all that.
     assert!(roster_keys(&mut ca, 6).await.contains(&b.key()));
+    broker.stop().await;
+}
+
+async fn new_mesh_keys_follow_the_rules_and_a_broadcast_under_a_replaced_key_is_refused(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
+    let (carol, cc) = third(&broker, &a, mesh, "carol").await;
+    let k1 = GroupKey::generate();
+    // A member makes no key; the owner makes only the next epoch, for exactly the members.
+    cb.send(&rotation(1, &b, mesh, 1, &[&a, &b, &carol], &k1)).await;
+    assert_eq!(answer(&mut cb, 1).await, Err(ErrorCode::Forbidden));
+    ca.send(&rotation(2, &a, mesh, 2, &[&a, &b, &carol], &k1)).await;
+    assert_eq!(answer(&mut ca, 2).await, Err(ErrorCode::RotationConflict), "not the next epoch");
+    ca.send(&rotation(3, &a, mesh, 1, &[&a, &b], &k1)).await;
+    assert_eq!(answer(&mut ca, 3).await, Err(ErrorCode::RotationConflict), "carol is missing");
+    let stranger = Identity::generate();
+    ca.send(&rotation(4, &a, mesh, 1, &[&a, &b, &carol, &stranger], &k1)).await;
+    assert_eq!(answer(&mut ca, 4).await, Err(ErrorCode::RotationConflict), "not a member");
+    // Someone else's grants, sent by alice: refused.
+    cb.send(&rotation(5, &a, mesh, 1, &[&a, &b, &carol], &k1)).await;
+    assert_eq!(answer(&mut cb, 5).await, Err(ErrorCode::Forbidden));
+    ca.send(&rotation(6, &a, mesh, 1, &[&a, &b, &carol], &k1)).await;
+    assert_eq!(answer(&mut ca, 6).await, Ok(()));
+    // Bob is told, and his grant (queued for him) opens to the key alice made; the broker held only
+    // the sealed grant.
+    assert_eq!(key_state(&mut cb).await, KeyState { epoch: 1, rekey_wanted: false });
+    let items = deliveries_until(&mut cb, |i| matches!(i, DeliveryItem::MeshKey(_))).await;
+    let Some(DeliveryItem::MeshKey(item)) = items.last() else { unreachable!() };
+    let (grant, key) = mesh_proto::membership::open_grant(&item.grant, &b, &mesh).expect("opens for bob");
+    assert_eq!((grant.epoch, grant.by, key.as_bytes()), (1, a.key(), k1.as_bytes()));
+    // A broadcast under the replaced key is refused, for its sender to seal again; under the current
+    // one it goes.
+    assert_eq!(broadcast_under(&mut cb, &b, mesh, 7, &GroupKey::generate(), None).await, Err(ErrorCode::StaleKey));
+    assert_eq!(broadcast_under(&mut cb, &b, mesh, 8, &k1, Some(1)).await, Ok(()));
+    // A removal makes a new key wanted: the others are told, and so is a welcome.
+    assert_eq!(ask(&mut ca, 9, action(&a, mesh, ChangeKind::Remove, carol.key(), None)).await, Ok(()));
+    assert_eq!(key_state(&mut cb).await, KeyState { epoch: 1, rekey_wanted: true });
+    let (mut cb, hello) = reconnect(&broker, &b, mesh, "bob").await;
+    let ServerFrame::Welcome(w) = hello else { panic!("{hello:?}") };
+    assert_eq!(w.key, KeyState { epoch: 1, rekey_wanted: true });
+    drop(cc);
+    // The next key, for the two who remain, is no longer wanted once given.
+    ca.send(&rotation(10, &a, mesh, 2, &[&a, &b], &GroupKey::generate())).await;
+    assert_eq!(answer(&mut ca, 10).await, Ok(()));
+    assert_eq!(key_state(&mut cb).await, KeyState { epoch: 2, rekey_wanted: false });
     broker.stop().await;
 }

@@ -239,6 +239,15 @@ impl Drain {
                 () = sleep_opt(sleep) => {}
             }
         }
+        // Answers read before the connection ended count: a broker that answers and then closes (a
+        // member who just left the mesh) did what it said.
+        let mut answered = Vec::new();
+        while let Ok(more) = ch.replies.try_recv() {
+            answered.push(more);
+        }
+        if !answered.is_empty() {
+            self.record(&mut inflight, answered).await;
+        }
         if !inflight.is_empty() {
             tracing::info!(requests = inflight.len(), "connection ended with requests unanswered; back to pending");
         }
@@ -805,5 +814,83 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("the end was never recorded as told");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broadcast_refused_for_a_replaced_key_goes_again_sealed_under_the_current_one() {
+        use mesh_proto::crypto::GroupKey;
+        use mesh_proto::message::{self, Content, SealKey};
+        let mut b = FakeBroker::start();
+        let mesh = MeshId([9; 16]);
+        let (old, new) = (GroupKey::generate(), GroupKey::generate());
+        // The mesh's key went from epoch 0 to 1 after the send was sealed under 0.
+        let mesh_row = crate::meshes::MeshRow {
+            id: mesh,
+            name: "team".into(),
+            broker_url: "ws://127.0.0.1:1".into(),
+            role: mesh_proto::wire::Role::Member,
+            group_key: old.clone(),
+            key_epoch: 0,
+            embedded: false,
+            joined_at: 1,
+            my_name: None,
+            tls_pin: None,
+        };
+        let me = b.me.clone();
+        let content = Content { body: "for everyone".into(), reply_to: None };
+        let sealed = message::seal(&me, &mesh, "bc-1", &Target::All, SealKey::Group(&old), &content);
+        let (new_key, writer) = (new.clone(), me.clone());
+        let id =
+            b.db.call_blocking(move |c| {
+                crate::meshes::insert(c, &mesh_row)?;
+                crate::keys::keep(c, &mesh, 1, &new_key, 5, 5)?;
+                let broadcast = outbox::NewRow {
+                    target: TargetInfo {
+                        kind: TargetKind::Broadcast,
+                        label: "*".into(),
+                        address: "*".into(),
+                        name: None,
+                    },
+                    body: "for everyone".into(),
+                    nonce: sealed.nonce.clone(),
+                    ciphertext: sealed.ciphertext.clone(),
+                    sig: sealed.sig,
+                    key_epoch: Some(0),
+                    ..row("bc-1", &writer, &writer)
+                };
+                outbox::insert(c, &broadcast, clock::now_ms())
+            })
+            .expect("db")
+            .expect("new");
+        b.wake.notify_one();
+        let first = b.next_send().await;
+        assert_eq!(first.key_epoch, Some(0));
+        b.refuse(&first, ErrorCode::StaleKey, None);
+        let again = b.next_send().await;
+        assert_eq!((again.client_message_id.as_str(), again.key_epoch), ("bc-1", Some(1)));
+        assert_ne!(again.ciphertext, first.ciphertext, "sealed anew");
+        // It opens with the new key only, signed by the sender over the new bytes.
+        let env = mesh_proto::wire::Envelope {
+            message_id: "m".into(),
+            mesh_id: mesh,
+            from: me.key(),
+            from_member: me.key(),
+            from_enc_key: me.enc_key(),
+            from_enc_sig: me.public().enc_sig,
+            from_name: "me".into(),
+            to: Target::All,
+            client_message_id: again.client_message_id.clone(),
+            nonce: again.nonce.clone(),
+            ciphertext: again.ciphertext.clone(),
+            sig: again.sig,
+            sent_at: 20,
+            expires_at: 30,
+        };
+        let reader = Identity::generate();
+        assert_eq!(message::open_with(&env, &reader, &[(1, new)]).expect("opens").0, content);
+        assert!(message::open_with(&env, &reader, &[(0, old)]).is_err(), "not with the replaced key");
+        b.accept(&again);
+        let done = b.status_becomes(id, OutboxStatus::Done).await;
+        assert_eq!(done.attempts, 1, "a refusal for a replaced key is not a failed attempt");
     }
 }

@@ -126,3 +126,49 @@ pub fn apply_grant(
     }
     Ok(newer.then_some(grant.epoch))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_becomes_the_current_key_and_older_keys_read_only_what_came_before_their_replacement() {
+        let (_dir, db) = crate::store::temp_db();
+        let (admin, me) = (Identity::generate(), Identity::generate());
+        let mesh = MeshId([4; 16]);
+        let first = GroupKey::generate();
+        let row = crate::meshes::MeshRow {
+            id: mesh,
+            name: "team".into(),
+            broker_url: "ws://127.0.0.1:1".into(),
+            role: mesh_proto::wire::Role::Member,
+            group_key: first.clone(),
+            key_epoch: 0,
+            embedded: false,
+            joined_at: 1,
+            my_name: None,
+            tls_pin: None,
+        };
+        let next = GroupKey::generate();
+        let grant = mesh_proto::membership::grant(&admin, mesh, 1, &me.public(), &next, 1_000);
+        let forged = mesh_proto::membership::grant(&admin, mesh, 2, &admin.public(), &next, 1_000);
+        let ring = db
+            .call_blocking(move |c| {
+                crate::meshes::insert(c, &row)?;
+                assert_eq!(apply_grant(c, &mesh, &me, &MeshKeyItem { grant: forged, at: 1_000 }, 5)?, None, "not mine");
+                assert_eq!(apply_grant(c, &mesh, &me, &MeshKeyItem { grant, at: 1_000 }, 5)?, Some(1));
+                ring(c, &mesh)
+            })
+            .expect("db");
+        assert_eq!(ring.current, 1);
+        assert_eq!(ring.keys.len(), 2);
+        assert_eq!(ring.replaced_at.get(&0), Some(&1_000));
+        // Epoch 0 reads what the broker accepted before (and up to a minute after) its replacement,
+        // never what came later; the current key reads anything.
+        assert!(ring.refusal(0, 900).is_none());
+        assert!(ring.refusal(0, 1_000 + REPLACED_GRACE_MS).is_none());
+        let why = ring.refusal(0, 1_001 + REPLACED_GRACE_MS).expect("refused");
+        assert!(why.contains("sealed under mesh key epoch 0 after it was replaced"), "{why}");
+        assert!(ring.refusal(1, u64::MAX).is_none());
+    }
+}

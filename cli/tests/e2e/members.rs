@@ -6,9 +6,9 @@ use mesh_testkit::{BrokerProcess, TestHome};
 
 use super::*;
 
-/// A broker and three members of mesh "team": alice (owner), bob and carol.
-fn team_of_three(broker: &BrokerProcess) -> (TestHome, TestHome, TestHome) {
-    let homes: Vec<TestHome> = ["alice", "bob", "carol"]
+/// Members of mesh "team" on `broker`, named `names`; the first creates it (its owner).
+fn team_of(broker: &BrokerProcess, names: &[&str]) -> Vec<TestHome> {
+    let homes: Vec<TestHome> = names
         .iter()
         .map(|name| {
             let home = TestHome::new(MESH);
@@ -17,15 +17,68 @@ fn team_of_three(broker: &BrokerProcess) -> (TestHome, TestHome, TestHome) {
             home
         })
         .collect();
-    let [alice, bob, carol] = <[TestHome; 3]>::try_from(homes).ok().expect("three homes");
-    alice.ok(&["create", "team", "--broker", &broker.url]);
-    let token = alice.ok(&["invite", "--uses", "2"]).trim().to_owned();
-    bob.ok(&["join", &token]);
-    carol.ok(&["join", &token]);
-    wait_for_peer(&alice, "bob");
-    wait_for_peer(&alice, "carol");
-    wait_for_peer(&bob, "carol");
+    homes[0].ok(&["create", "team", "--broker", &broker.url]);
+    let uses = (names.len() - 1).to_string();
+    let token = homes[0].ok(&["invite", "--uses", &uses]).trim().to_owned();
+    for home in &homes[1..] {
+        home.ok(&["join", &token]);
+    }
+    for home in &homes {
+        for name in names {
+            wait_for_peer(home, name);
+        }
+    }
+    homes
+}
+
+/// A broker and three members of mesh "team": alice (owner), bob and carol.
+fn team_of_three(broker: &BrokerProcess) -> (TestHome, TestHome, TestHome) {
+    let [alice, bob, carol] = <[TestHome; 3]>::try_from(team_of(broker, &["alice", "bob", "carol"])).ok().expect("3");
     (alice, bob, carol)
+}
+
+/// Every mesh key `home`'s daemon holds, read from its database file (the test reads what is on the
+/// member's disk, as someone holding the machine would).
+fn keys_on_disk(home: &TestHome) -> Vec<(u64, [u8; 32])> {
+    let db =
+        rusqlite::Connection::open_with_flags(home.paths().daemon_db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open daemon.db");
+    let mut stmt = db.prepare("SELECT epoch, key FROM mesh_keys ORDER BY epoch").expect("query");
+    stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)))
+        .expect("rows")
+        .map(|r| {
+            let (epoch, key) = r.expect("row");
+            (epoch, key.try_into().expect("32 bytes"))
+        })
+        .collect()
+}
+
+/// The envelope of the message with `body` as `home`'s daemon received it (the real ciphertext).
+fn received_envelope(home: &TestHome, body: &str) -> mesh_proto::wire::Envelope {
+    let db =
+        rusqlite::Connection::open_with_flags(home.paths().daemon_db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open daemon.db");
+    let raw: String =
+        db.query_row("SELECT raw FROM inbox WHERE body = ?1", [body], |r| r.get(0)).expect("the received row");
+    match mesh_proto::wire::decode_server(&raw).expect("a deliver frame") {
+        mesh_proto::wire::ServerFrame::Deliver(d) => match d.item {
+            mesh_proto::wire::DeliveryItem::Message(env) => env,
+            other => panic!("not a message: {other:?}"),
+        },
+        other => panic!("not a delivery: {other:?}"),
+    }
+}
+
+/// Whether any of `keys` opens `env`'s ciphertext.
+fn opens(env: &mesh_proto::wire::Envelope, keys: &[(u64, [u8; 32])]) -> bool {
+    keys.iter().any(|(_, k)| {
+        mesh_proto::crypto::secretbox_open(&mesh_proto::crypto::GroupKey::from_bytes(*k), &env.nonce, &env.ciphertext)
+            .is_ok()
+    })
+}
+
+fn key_epoch(home: &TestHome) -> u64 {
+    home.json(&["meshes"])[0]["key_epoch"].as_u64().expect("key_epoch")
 }
 
 fn names(members: &Value) -> Vec<String> {
@@ -176,4 +229,64 @@ fn a_member_leaves_and_the_owner_hands_the_mesh_over_before_leaving() {
     alice.eventually_json("alice is an admin", &["meshes"], |v| v[0]["role"] == "admin");
     alice.ok(&["leave", "--yes"]);
     wait_for_members(&bob, &["bob"]);
+}
+
+#[test]
+fn a_removed_member_s_old_key_opens_nothing_sent_after_and_a_member_away_reads_it() {
+    let broker = BrokerProcess::start(MESH);
+    let [alice, bob, carol, dave] =
+        <[TestHome; 4]>::try_from(team_of(&broker, &["alice", "bob", "carol", "dave"])).ok().expect("4");
+    alice.ok(&["send", "*", "before carol left", "--wait", "delivered"]);
+    dave.ok(&["daemon", "down"]);
+    let removed = alice.json(&["remove", "carol"]);
+    assert_eq!(removed["key_epoch"], 1, "{removed}");
+    alice.ok(&["send", "*", "after carol left", "--wait", "accepted"]);
+    wait_for_message(&bob, "after carol left");
+    // Carol's daemon kept every key it had; none opens the real ciphertext sent after her removal,
+    // while bob's current key does.
+    let carol_keys = keys_on_disk(&carol);
+    assert_eq!(carol_keys.iter().map(|(e, _)| *e).collect::<Vec<_>>(), [0], "carol never got epoch 1");
+    let after = received_envelope(&bob, "after carol left");
+    assert!(!opens(&after, &carol_keys), "carol's old key opens what was sent after the new key");
+    let bob_keys = keys_on_disk(&bob);
+    assert!(opens(&after, &bob_keys[1..]), "bob's new key opens it");
+    assert!(opens(&received_envelope(&bob, "before carol left"), &carol_keys), "what came before, she could read");
+    // Dave was away during all that: he gets the new key with his queue, and reads it.
+    dave.ok(&["daemon", "up", "--no-embedded"]);
+    wait_for_message(&dave, "after carol left");
+    assert_eq!(key_epoch(&dave), 1);
+    let watched = dave.ok(&["watch", "--replay", "--no-follow"]);
+    assert!(watched.contains("gave the mesh a new key (epoch 1)"), "{watched}");
+}
+
+#[test]
+fn two_admins_removing_at_once_converge_on_one_key_neither_removed_member_holds() {
+    let broker = BrokerProcess::start(MESH);
+    let [alice, bob, carol, dave, erin] =
+        <[TestHome; 5]>::try_from(team_of(&broker, &["alice", "bob", "carol", "dave", "erin"])).ok().expect("5");
+    alice.ok(&["role", "bob", "admin"]);
+    bob.eventually_json("bob an admin", &["meshes"], |v| v[0]["role"] == "admin");
+    std::thread::scope(|s| {
+        s.spawn(|| alice.ok(&["remove", "carol"]));
+        s.spawn(|| bob.ok(&["remove", "dave"]));
+    });
+    // Every member that remains ends on one epoch; the broker wants no further key.
+    let epoch = mesh_testkit::eventually("one key for alice, bob and erin", mesh_testkit::WAIT, || {
+        let epochs = [key_epoch(&alice), key_epoch(&bob), key_epoch(&erin)];
+        (epochs[0] >= 1 && epochs.iter().all(|e| *e == epochs[0])).then_some(epochs[0])
+    });
+    wait_for_members(&erin, &["alice", "bob", "erin"]);
+    alice.ok(&["send", "*", "after both left", "--wait", "delivered"]);
+    wait_for_message(&erin, "after both left");
+    let after = received_envelope(&erin, "after both left");
+    for (name, home) in [("carol", &carol), ("dave", &dave)] {
+        let held = keys_on_disk(home);
+        assert!(
+            held.iter().all(|(e, _)| *e < epoch),
+            "{name} holds epoch {epoch}: {:?}",
+            held.iter().map(|(e, _)| e).collect::<Vec<_>>()
+        );
+        assert!(!opens(&after, &held), "{name}'s keys open what was sent after both removals");
+    }
+    assert_eq!((key_epoch(&alice), key_epoch(&bob), key_epoch(&erin)), (epoch, epoch, epoch), "still one key");
 }

@@ -635,7 +635,10 @@ mod tests {
         ) {
             let (_dir, d) = crate::daemon::for_tests();
             let (status, bytes) = call(router(d), Method::POST, route, &[], body);
-            prop_assert!(status < 500, "{route}: {status} {}", String::from_utf8_lossy(&bytes));
+            // A well-formed request that needs the broker (an invite is registered there) is told
+            // the broker cannot be reached: this test daemon has none. Anything else stays below 500.
+            let unreachable = status == 502 && String::from_utf8_lossy(&bytes).contains("\"broker_unreachable\"");
+            prop_assert!(status < 500 || unreachable, "{route}: {status} {}", String::from_utf8_lossy(&bytes));
             if status >= 400 {
                 let parsed: Result<ApiErrorBody, _> = serde_json::from_slice(&bytes);
                 prop_assert!(parsed.is_ok(), "{route}: not a JSON error: {}", String::from_utf8_lossy(&bytes));
