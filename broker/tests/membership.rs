@@ -481,9 +481,22 @@ async fn new_mesh_keys_follow_the_rules_and_a_broadcast_under_a_replaced_key_is_
     assert_eq!(answer(&mut ca, 6).await, Ok(()));
     // Bob is told, and his grant (queued for him) opens to the key alice made; the broker held only
     // the sealed grant.
-    assert_eq!(key_state(&mut cb).await, KeyState { epoch: 1, rekey_wanted: false });
-    let items = deliveries_until(&mut cb, |i| matches!(i, DeliveryItem::MeshKey(_))).await;
-    let Some(DeliveryItem::MeshKey(item)) = items.last() else { unreachable!() };
+    // The grant's delivery and the key state may come in either order.
+    let (mut told, mut item) = (None, None);
+    while told.is_none() || item.is_none() {
+        match cb.recv().await {
+            ServerFrame::KeyState(k) => told = Some(k),
+            ServerFrame::Deliver(d) => {
+                cb.send(&ClientFrame::Ack(mesh_proto::wire::Ack { delivery_ids: vec![d.delivery_id] })).await;
+                if let DeliveryItem::MeshKey(m) = d.item {
+                    item = Some(m);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(told, Some(KeyState { epoch: 1, rekey_wanted: false }));
+    let item = item.expect("a grant");
     let (grant, key) = mesh_proto::membership::open_grant(&item.grant, &b, &mesh).expect("opens for bob");
     assert_eq!((grant.epoch, grant.by, key.as_bytes()), (1, a.key(), k1.as_bytes()));
     // A broadcast under the replaced key is refused, for its sender to seal again; under the current

@@ -149,6 +149,15 @@ fn a_removed_member_is_cut_off_and_refused_and_its_messages_come_back_to_their_s
     let why = status["meshes"][0]["connection"]["last_error"].as_str().expect("a reason").to_owned();
     assert!(why.starts_with("revoked: removed from this mesh"), "{why}");
     wait_for_members(&alice, &["alice", "bob"]);
+    // A new invite lets her back in, afresh; `mesh join` on this home, which still has the mesh.
+    let token = alice.ok(&["invite"]).trim().to_owned();
+    carol.ok(&["join", &token]);
+    wait_for_members(&alice, &["alice", "bob", "carol"]);
+    carol.eventually_json("carol back online", &["daemon", "status"], |s| {
+        s["meshes"][0]["connection"]["state"] == "online"
+    });
+    alice.ok(&["remove", "carol"]);
+    wait_for_members(&alice, &["alice", "bob"]);
     // Removing bob takes his live session with him.
     alice.ok(&["remove", "bob"]);
     bob.eventually_json("bob and his session refused", &["daemon", "status"], |s| {

@@ -114,7 +114,10 @@ pub async fn leave(
         )));
     }
     let me = d.member.identity.key();
-    change(&d, &mesh, ChangeKind::Leave, me, None, "leaving the mesh").await?;
+    // Removed already (the broker refuses this member): there is nothing to tell it; forget the mesh.
+    if !super::meshes::removed_from(&d, &mesh) {
+        change(&d, &mesh, ChangeKind::Leave, me, None, "leaving the mesh").await?;
+    }
     d.forget_mesh(&mesh.id).await?;
     Ok(Json(MemberChange {
         mesh: mesh.name.clone(),

@@ -98,6 +98,14 @@ pub async fn create(
     store_and_attach(&d, row, welcome.roster).await
 }
 
+/// Whether the broker of `mesh` refuses this member as removed from it (`revoked`).
+pub(super) fn removed_from(d: &Daemon, mesh: &MeshRow) -> bool {
+    d.link(&mesh.id, &d.member.identity.key()).is_some_and(|l| {
+        let s = l.status.borrow();
+        s.state == LinkState::Rejected && s.last_error.as_deref().is_some_and(|e| e.starts_with("revoked"))
+    })
+}
+
 /// Plain `ws://` leaves this machine only when the caller accepts it.
 fn allowed_transport(url: &str, insecure: bool) -> Result<(), Failure> {
     if link::unencrypted(url) && !insecure {
@@ -142,7 +150,12 @@ pub async fn join(
     let claims = token.claims.clone();
     let group_key = token.group_key().map_err(|e| Failure::bad_request(format!("invite token: {e}")))?;
     let mesh_id = claims.mesh_id;
-    if let Some(existing) = d.db.call(move |c| crate::meshes::get(c, &mesh_id)).await? {
+    let existing = d.db.call(move |c| crate::meshes::get(c, &mesh_id)).await?;
+    if let Some(gone) = existing.as_ref().filter(|m| removed_from(&d, m)) {
+        // Removed from the mesh (or left it elsewhere): this invite lets the member back in, afresh.
+        tracing::info!(mesh = %gone.name, "joining again a mesh this member was removed from");
+        d.forget_mesh(&gone.id).await?;
+    } else if let Some(existing) = existing {
         let mut info = existing.info(&d.member.name);
         if let Some(asked) = req.display_name.as_deref().map(names::normalize).filter(|n| *n != info.my_name) {
             // Already a member: nothing joins, and the name asked for is not silently dropped.
