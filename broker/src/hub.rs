@@ -43,7 +43,8 @@ impl ConnHandle {
         self.end(mesh_proto::wire::ErrorCode::Revoked, why);
     }
 
-    fn end(&self, code: mesh_proto::wire::ErrorCode, why: &str) {
+    /// Tells the connection why it ends (`code`, `why`), and ends it.
+    pub fn end(&self, code: mesh_proto::wire::ErrorCode, why: &str) {
         let frame = mesh_proto::wire::ServerFrame::Error(mesh_proto::wire::ErrorFrame::new(code, why));
         let _ = self.outbound.try_send(Outbound::Text(frame.to_json()));
         let _ = self.kick_reason.set(code.as_str());
@@ -117,6 +118,11 @@ impl Hub {
     /// The connection of `key`, if it is here.
     pub fn handle(&self, mesh: MeshId, key: &PublicKey) -> Option<ConnHandle> {
         self.lock().get(&mesh).and_then(|c| c.get(key)).cloned()
+    }
+
+    /// The connections of `mesh` here.
+    pub fn mesh_handles(&self, mesh: MeshId) -> Vec<ConnHandle> {
+        self.lock().get(&mesh).map(|c| c.values().cloned().collect()).unwrap_or_default()
     }
 
     /// Every connection here: (mesh, key, its handle).

@@ -87,6 +87,16 @@ impl Shared {
         }
     }
 
+    /// Ends every connection of `mesh` (here, and on the other replicas): it was deleted.
+    fn end_mesh(&self, mesh: mesh_proto::MeshId, why: &str) {
+        for handle in self.hub.mesh_handles(mesh) {
+            handle.end(mesh_proto::wire::ErrorCode::UnknownMesh, why);
+        }
+        if let Some(cluster) = self.store.cluster() {
+            cluster.publish(store::Note::Deleted { mesh, why: why.to_owned() });
+        }
+    }
+
     /// The mesh's connections, each key with its member: here, and on the other replicas sharing the
     /// store (when they cannot be read, the ones here).
     async fn connected(&self, mesh: MeshId) -> std::collections::HashMap<mesh_proto::PublicKey, mesh_proto::PublicKey> {
@@ -310,6 +320,11 @@ async fn cluster_events(shared: Arc<Shared>, mut heard: tokio::sync::mpsc::Unbou
                 }
             }
             ClusterEvent::Presence { mesh, except, frame } => shared.hub.broadcast(mesh, &except, &frame),
+            ClusterEvent::Deleted { mesh, why } => {
+                for handle in shared.hub.mesh_handles(mesh) {
+                    handle.end(mesh_proto::wire::ErrorCode::UnknownMesh, &why);
+                }
+            }
             ClusterEvent::Revoke { mesh, key, why } => {
                 if let Some(handle) = shared.hub.handle(mesh, &key) {
                     tracing::info!(conn = handle.conn_id, "removed from the mesh on another replica");

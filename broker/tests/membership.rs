@@ -26,6 +26,7 @@ on_both_stores!(
     invites_are_listed_with_their_uses_and_a_revoked_one_is_refused,
     membership_actions_must_be_signed_by_the_connection_s_member_now,
     new_mesh_keys_follow_the_rules_and_a_broadcast_under_a_replaced_key_is_refused,
+    the_owner_deletes_the_mesh_and_every_connection_is_cut_off,
 );
 
 /// A new key of `epoch` made by `by` for `members`, as a `rotate_key` request.
@@ -514,5 +515,28 @@ async fn new_mesh_keys_follow_the_rules_and_a_broadcast_under_a_replaced_key_is_
     ca.send(&rotation(10, &a, mesh, 2, &[&a, &b], &GroupKey::generate())).await;
     assert_eq!(answer(&mut ca, 10).await, Ok(()));
     assert_eq!(key_state(&mut cb).await, KeyState { epoch: 2, rekey_wanted: false });
+    broker.stop().await;
+}
+
+async fn the_owner_deletes_the_mesh_and_every_connection_is_cut_off(backend: Backend) {
+    let broker = TestBroker::start_on(&backend, BrokerConfig::default()).await;
+    let TwoMembers { mesh, a, b, mut ca, mut cb } = two_members(&broker).await;
+    assert_eq!(
+        ask(&mut cb, 1, action(&b, mesh, ChangeKind::DeleteMesh, b.key(), None)).await,
+        Err(ErrorCode::Forbidden)
+    );
+    assert_eq!(ask(&mut ca, 2, action(&a, mesh, ChangeKind::DeleteMesh, a.key(), None)).await, Ok(()));
+    let code = loop {
+        match cb.try_recv().await {
+            Some(ServerFrame::Error(e)) => break Some(e.code),
+            Some(_) => continue,
+            None => break None,
+        }
+    };
+    assert_eq!(code, Some(ErrorCode::UnknownMesh), "bob is cut off with the reason");
+    for (who, name) in [(&a, "alice"), (&b, "bob")] {
+        let (_, answer) = reconnect(&broker, who, mesh, name).await;
+        assert_eq!(code_of(&answer), Some(ErrorCode::UnknownMesh), "{answer:?}");
+    }
     broker.stop().await;
 }

@@ -885,7 +885,7 @@ async fn read_loop(
                 }
                 Ok(ServerFrame::Error(e)) => {
                     tracing::warn!(code = e.code.as_str(), detail = %e.message, "broker error");
-                    if matches!(e.code, ErrorCode::Superseded | ErrorCode::Revoked) {
+                    if matches!(e.code, ErrorCode::Superseded | ErrorCode::Revoked | ErrorCode::UnknownMesh) {
                         return Ended { reason: format!("{}: {}", e.code.as_str(), e.message), permanent: true };
                     }
                 }

@@ -27,6 +27,8 @@ pub fn apply(
 ) -> rusqlite::Result<()> {
     let (mesh_s, target) = (mesh.to_string(), n.target.to_string());
     match n.kind {
+        // No notice is queued for a deleted mesh (its queues go with it); one would change nothing.
+        ChangeKind::DeleteMesh => {}
         ChangeKind::Remove | ChangeKind::Leave => {
             conn.execute(
                 "DELETE FROM peers WHERE mesh_id = ?1 AND (key = ?2 OR (kind = 'session' AND member = ?2))",

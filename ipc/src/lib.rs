@@ -41,6 +41,7 @@ pub mod routes {
     /// `GET` a mesh's limits; `POST` changes them.
     pub const MESHES_LIMITS: &str = "/v1/meshes/limits";
     pub const MESHES_ROTATE_KEY: &str = "/v1/meshes/rotate-key";
+    pub const MESHES_DELETE: &str = "/v1/meshes/delete";
     pub const CONTEXT: &str = "/v1/context";
     pub const INVITES: &str = "/v1/invites";
     pub const INVITES_REVOKE: &str = "/v1/invites/revoke";

@@ -23,6 +23,8 @@ pub enum ChangeKind {
     /// The owner gave `target` the role `role` (`owner`: ownership handed over; the old owner
     /// becomes an admin).
     SetRole,
+    /// The owner (`target` = `by`) deleted the mesh: every member, session, queue and invite of it.
+    DeleteMesh,
 }
 
 impl ChangeKind {
@@ -31,6 +33,7 @@ impl ChangeKind {
             ChangeKind::Remove => "remove",
             ChangeKind::Leave => "leave",
             ChangeKind::SetRole => "set_role",
+            ChangeKind::DeleteMesh => "delete_mesh",
         }
     }
 }

@@ -134,6 +134,9 @@ impl Connection {
         if let Some((code, why)) = refusal {
             return self.refuse(id, code, why).await;
         }
+        if action.kind == ChangeKind::DeleteMesh {
+            return self.delete_mesh(id, &action).await;
+        }
         let change = MembershipChange {
             kind: action.kind,
             target: action.target,
@@ -176,6 +179,24 @@ impl Connection {
             self.tell_key_state(self.key(), false).await;
         }
         answered && !done.removed.iter().any(|p| p.key == self.key())
+    }
+
+    /// The owner deletes the mesh: everything of it goes, and every connection of it is ended.
+    async fn delete_mesh(&self, id: u64, action: &MembershipAction) -> bool {
+        if action.target != self.key() {
+            return self.refuse(id, ErrorCode::Forbidden, "only the mesh's owner deletes it, for itself").await;
+        }
+        let mesh = self.mesh();
+        match self.shared.store.delete_mesh(mesh, self.key()).await {
+            Ok(keys) => {
+                tracing::info!(%mesh, by = %self.key(), members = keys.len(), "mesh deleted by its owner");
+                let answered = self.answer(id, Ok(())).await;
+                self.shared.end_mesh(mesh, &format!("the mesh was deleted by its owner {}", self.me().name));
+                let _ = answered;
+                false
+            }
+            Err(e) => self.answer_refusal(id, e).await,
+        }
     }
 
     /// Tells every connection of the mesh but `except`'s the mesh's key epoch as stored now (with

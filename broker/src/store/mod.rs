@@ -285,6 +285,8 @@ pub enum ClusterEvent {
     Presence { mesh: MeshId, except: PublicKey, frame: String },
     /// `key` was removed from `mesh` on another replica: its connection here ends (`revoked`).
     Revoke { mesh: MeshId, key: PublicKey, why: String },
+    /// `mesh` was deleted on another replica: its connections here end (`unknown_mesh`).
+    Deleted { mesh: MeshId, why: String },
     /// A replica died without saying goodbye: its connection of `key` is gone (tell the mesh).
     Gone { mesh: MeshId, key: PublicKey },
     /// Wake-ups may have been missed (the listening connection was re-established, or the safety
@@ -314,6 +316,11 @@ pub enum Note {
     Revoke {
         mesh: MeshId,
         key: PublicKey,
+        why: String,
+    },
+    /// `mesh` was deleted: end all its connections wherever they are.
+    Deleted {
+        mesh: MeshId,
         why: String,
     },
 }
@@ -384,6 +391,9 @@ pub trait Store: Send + Sync + 'static {
     /// with their groups, and deletes their queued items, queueing a `revoked` receipt for each
     /// message's sender; every change queues a notice for each remaining member.
     async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError>;
+    /// Deletes the mesh for its owner `by` (checked in the same transaction): every member, session,
+    /// group, invite, queue and message of it. Returns the keys that were in it.
+    async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError>;
     /// Makes epoch `epoch` the mesh's key, made by `by` (a live owner or admin), queueing each
     /// grant for its member: refused (`RotationConflict`) unless `epoch` is the current one plus
     /// one and `grants` are for exactly the mesh's members now. A new key is no longer wanted after
@@ -525,6 +535,10 @@ pub(crate) fn membership_rule(by: &PeerRecord, target: &PeerRecord, change: &Mem
         }
         ChangeKind::SetRole if change.role.is_none() => Err("a role change names the role".into()),
         ChangeKind::SetRole => Ok(()),
+        ChangeKind::DeleteMesh if by.role != Role::Owner || target.key != by.key => {
+            Err("only the mesh's owner deletes it".into())
+        }
+        ChangeKind::DeleteMesh => Ok(()),
     }
 }
 

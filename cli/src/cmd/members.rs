@@ -134,10 +134,40 @@ pub enum MeshCommand {
         #[arg(long)]
         mesh: Option<String>,
     },
+    /// Delete a mesh you own, at its broker and here: every member is cut off, and its queued
+    /// messages, invites and roster are gone
+    Delete {
+        /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
+        #[arg(long)]
+        mesh: Option<String>,
+        /// Do not ask (needed when no one is at a terminal to answer)
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 pub fn mesh(cmd: MeshCommand) -> anyhow::Result<()> {
     match cmd {
+        MeshCommand::Delete { mesh, yes } => {
+            let client = super::client()?;
+            let mesh = super::context_mesh(mesh)?;
+            if !yes {
+                if !super::interactive() {
+                    return Err(output::fail("usage", "deleting a mesh cannot be undone; pass --yes", None));
+                }
+                let which = mesh.as_deref().map_or_else(|| "your mesh".to_owned(), |m| format!("mesh {m}"));
+                let answer = super::prompt(&format!("delete {which} for every member? (yes/no)"), Some("no"))?;
+                if !answer.is_some_and(|a| a.eq_ignore_ascii_case("yes") || a.eq_ignore_ascii_case("y")) {
+                    return Err(output::fail("failed", "not deleted", None));
+                }
+            }
+            let done: MemberChange = super::block_on(client.post(routes::MESHES_DELETE, &LeaveRequest { mesh }))??;
+            let said = format!(
+                "deleted mesh {}: every member is cut off, and its broker holds nothing of it any more",
+                done.mesh
+            );
+            print_change(&done, said)
+        }
         MeshCommand::RotateKey { mesh } => {
             let client = super::client()?;
             let req = mesh_ipc::api::RotateKeyRequest { mesh: super::context_mesh(mesh)? };

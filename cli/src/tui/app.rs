@@ -117,6 +117,9 @@ pub struct App {
     pub daemon: Daemon,
     /// The outcome of the last action, shown in the status line.
     pub notice: Option<String>,
+    /// The latest change to who belongs to a mesh (a member removed, left, given a role; a new mesh
+    /// key), in words, shown under the peers.
+    pub membership: Option<String>,
     /// Now (ms), for relative times; set by the loop, fixed in tests.
     pub now: u64,
     pub quit: bool,
@@ -137,6 +140,7 @@ impl App {
             filter: Filter::default(),
             daemon: Daemon::Connecting,
             notice: None,
+            membership: None,
             now: 0,
             quit: false,
         }

@@ -89,7 +89,14 @@ async fn event_loop(
                 None => return Ok(()),
             },
             item = stream.next() => match item {
-                Some(StreamItem::Event(_) | StreamItem::Connected) => dirty = true,
+                Some(StreamItem::Event(e)) => {
+                    if let mesh_ipc::api::EventBody::Membership(m) = &e.body {
+                        let mesh = e.mesh.as_deref().unwrap_or("-");
+                        app.membership = Some(format!("[{mesh}] {}", crate::output::membership_change(m)));
+                    }
+                    dirty = true;
+                }
+                Some(StreamItem::Connected) => dirty = true,
                 Some(StreamItem::Interrupted(why)) => app.daemon = Daemon::Lost(why),
                 Some(StreamItem::Refused { status, message }) => app.notice = Some(format!("event stream refused ({status}): {message}")),
                 Some(StreamItem::End) | None => {}

@@ -152,7 +152,12 @@ fn render_outbox(frame: &mut Frame<'_>, app: &App, area: Rect) {
 fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let rows = app.visible_peers();
     let online = rows.iter().filter(|p| p.online && !p.is_self).count();
-    let block = pane_block(format!(" Peers · {online} online "), app.focus == Pane::Peers);
+    let mut block = pane_block(format!(" Peers · {online} online "), app.focus == Pane::Peers);
+    if let Some(change) = &app.membership {
+        // Already cleaned (names and keys of peers): a change of who belongs, as it happened.
+        block = block
+            .title_bottom(Line::from(format!(" {} ", output::preview(change, 200))).style(Style::new().dark_gray()));
+    }
     if rows.is_empty() {
         frame.render_widget(Paragraph::new("No peers known yet.").style(Style::new().dark_gray()).block(block), area);
         return;
@@ -166,12 +171,17 @@ fn render_peers(frame: &mut Frame<'_>, app: &App, area: Rect) {
                 Span::styled("○ ", Style::new().dark_gray())
             };
             let me = if p.is_self { " (you)" } else { "" };
+            // A member's role when it has rights over the mesh.
+            let role = match p.role {
+                mesh_proto::wire::Role::Member => String::new(),
+                other => format!(" · {}", other.as_str()),
+            };
             ListItem::new(Line::from(vec![
                 dot,
                 // Cut so that the key beside it always shows.
                 Span::raw(format!("{}{me}", output::preview(&p.name, NAME_SHOWN))),
                 Span::styled(
-                    format!("  {} · {} · {}", output::short(&p.key), p.kind.as_str(), p.mesh),
+                    format!("  {} · {}{role} · {}", output::short(&p.key), p.kind.as_str(), p.mesh),
                     Style::new().dark_gray(),
                 ),
             ]))
@@ -756,6 +766,19 @@ mod tests {
         key(&mut app, KeyCode::BackTab);
         key(&mut app, KeyCode::Down);
         both_sizes("peers", &app);
+    }
+
+    #[test]
+    fn peers_pane_shows_roles_and_the_latest_membership_change() {
+        let mut app = busy_app();
+        let mut data = app.data.clone();
+        if let Some(first) = data.peers.first_mut() {
+            first.role = Role::Owner;
+        }
+        app.data = data;
+        app.membership = Some("[team] carol (c4a1f0e2) was removed by alice (a11ce000)".into());
+        key(&mut app, KeyCode::BackTab);
+        both_sizes("peers_membership", &app);
     }
 
     #[test]

@@ -299,3 +299,19 @@ fn two_admins_removing_at_once_converge_on_one_key_neither_removed_member_holds(
     }
     assert_eq!((key_epoch(&alice), key_epoch(&bob), key_epoch(&erin)), (epoch, epoch, epoch), "still one key");
 }
+
+#[test]
+fn the_owner_deletes_the_mesh_and_the_others_are_cut_off_and_can_forget_it() {
+    let broker = BrokerProcess::start(MESH);
+    let (alice, bob, _carol) = team_of_three(&broker);
+    assert_eq!(error_code(&bob, &["mesh", "delete", "--yes"]), "forbidden");
+    assert!(alice.fails(&["mesh", "delete"], 2).contains("--yes"));
+    alice.ok(&["mesh", "delete", "--yes"]);
+    assert!(alice.json(&["meshes"]).as_array().expect("array").is_empty());
+    let status = bob
+        .eventually_json("bob cut off", &["daemon", "status"], |s| s["meshes"][0]["connection"]["state"] == "rejected");
+    let why = status["meshes"][0]["connection"]["last_error"].as_str().expect("why").to_owned();
+    assert!(why.contains("deleted by its owner alice"), "{why}");
+    bob.ok(&["leave", "--yes"]);
+    assert!(bob.json(&["meshes"]).as_array().expect("array").is_empty());
+}

@@ -151,6 +151,36 @@ pub async fn role(
     }))
 }
 
+/// The owner deletes the mesh at its broker (every member is cut off, everything of it is gone there),
+/// then here.
+pub async fn delete_mesh(
+    State(d): State<Arc<Daemon>>,
+    caller: Caller,
+    Body(req): Body<LeaveRequest>,
+) -> Result<Json<MemberChange>, Failure> {
+    caller.member_only("deleting a mesh")?;
+    let mesh = pick_mesh(&d, req.mesh).await?;
+    if mesh.embedded {
+        return Err(Failure::bad_request(format!(
+            "{:?} is this machine's own local mesh; it is not deleted",
+            mesh.name
+        )));
+    }
+    let me = d.member.identity.key();
+    change(&d, &mesh, ChangeKind::DeleteMesh, me, None, "deleting the mesh").await?;
+    d.forget_mesh(&mesh.id).await?;
+    tracing::info!(mesh = %mesh.name, "mesh deleted");
+    Ok(Json(MemberChange {
+        mesh: mesh.name.clone(),
+        change: ChangeKind::DeleteMesh.as_str().into(),
+        key: me.to_string(),
+        name: mesh.display_name(&d.member.name).to_owned(),
+        role: None,
+        key_epoch: None,
+        warning: None,
+    }))
+}
+
 /// A new mesh key, given to every member now (an owner or admin).
 pub async fn rotate_key(
     State(d): State<Arc<Daemon>>,

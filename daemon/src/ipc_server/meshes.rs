@@ -98,11 +98,13 @@ pub async fn create(
     store_and_attach(&d, row, welcome.roster).await
 }
 
-/// Whether the broker of `mesh` refuses this member as removed from it (`revoked`).
+/// Whether the broker of `mesh` refuses this member as removed from it (`revoked`), or the mesh is
+/// gone from it (its owner deleted it: `unknown_mesh`).
 pub(super) fn removed_from(d: &Daemon, mesh: &MeshRow) -> bool {
     d.link(&mesh.id, &d.member.identity.key()).is_some_and(|l| {
         let s = l.status.borrow();
-        s.state == LinkState::Rejected && s.last_error.as_deref().is_some_and(|e| e.starts_with("revoked"))
+        s.state == LinkState::Rejected
+            && s.last_error.as_deref().is_some_and(|e| e.starts_with("revoked") || e.starts_with("unknown_mesh"))
     })
 }
 

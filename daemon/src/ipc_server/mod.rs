@@ -294,6 +294,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route(routes::MESHES_REPIN, post(meshes::repin))
         .route(routes::MESHES_LIMITS, get(meshes::limits).post(meshes::set_limits))
         .route(routes::MESHES_ROTATE_KEY, post(members::rotate_key))
+        .route(routes::MESHES_DELETE, post(members::delete_mesh))
         .route(routes::CONTEXT, get(meshes::get_context).put(meshes::set_context))
         .route(routes::INVITES, get(members::invites).post(meshes::invite))
         .route(routes::INVITES_REVOKE, post(members::revoke_invite))

@@ -429,6 +429,7 @@ fn payloads(replica: i64, batch: Vec<Outgoing>) -> Vec<String> {
             Outgoing::Note(Note::Presence { mesh, except, frame }) => format!("p {mesh} {except} {frame}\n"),
             // Names have no line breaks; the words are the broker's own.
             Outgoing::Note(Note::Revoke { mesh, key, why }) => format!("r {mesh} {key} {}\n", why.replace('\n', " ")),
+            Outgoing::Note(Note::Deleted { mesh, why }) => format!("d {mesh} {}\n", why.replace('\n', " ")),
         };
         if head.len() + line.len() > MAX_PAYLOAD {
             tracing::warn!(bytes = line.len(), "a note too large to tell the other replicas; dropped");
@@ -475,6 +476,10 @@ fn parse_note(line: &str, me: i64) -> Option<Option<ClusterEvent>> {
             let key = words.next()?.parse().ok()?;
             let why = words.next().unwrap_or_default().to_owned();
             Some(Some(ClusterEvent::Revoke { mesh, key, why }))
+        }
+        "d" => {
+            let (mesh, why) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some(Some(ClusterEvent::Deleted { mesh: mesh.parse().ok()?, why: why.to_owned() }))
         }
         _ => None,
     }

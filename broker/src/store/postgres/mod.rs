@@ -581,6 +581,10 @@ impl Store for PgStore {
         transaction!(self, 1, |tx| { peers::rotate_key(&tx, &mesh, &by, epoch, &grants, now).await? })
     }
 
+    async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError> {
+        transaction!(self, 1, |tx| { peers::delete_mesh(&tx, &mesh, &by).await? })
+    }
+
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {
         transaction!(self, 1, |tx| { peers::upsert(&tx, &mesh, &peer).await? })
     }

@@ -185,6 +185,29 @@ pub(super) async fn join(
     Ok(claimed)
 }
 
+/// Deletes the mesh for its owner (see [`crate::store::Store::delete_mesh`]), under the mesh's name
+/// lock.
+pub(super) async fn delete_mesh(
+    tx: &impl GenericClient,
+    mesh: &MeshId,
+    by: &PublicKey,
+) -> Result<Vec<PublicKey>, TxError> {
+    lock_names(tx, mesh).await?;
+    match live_member(tx, mesh, by).await? {
+        Some(p) if p.role == Role::Owner => {}
+        _ => return Err(TxError::Domain(StoreError::Forbidden("only the mesh's owner deletes it".into()))),
+    }
+    let mesh_s = mesh.to_string();
+    let stmt = tx.prepare_cached("SELECT key FROM peers WHERE mesh_id = $1 AND NOT revoked").await?;
+    let keys: Vec<PublicKey> =
+        tx.query(&stmt, &[&mesh_s]).await?.iter().map(|r| parse(r.get(0))).collect::<Result<_, _>>()?;
+    for table in ["queue", "messages", "reads", "invites", "invite_uses", "group_members", "connections", "peers"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE mesh_id = $1"), &[&mesh_s]).await?;
+    }
+    tx.execute("DELETE FROM meshes WHERE id = $1", &[&mesh_s]).await?;
+    Ok(keys)
+}
+
 /// Makes `epoch` the mesh's key (see [`crate::store::Store::rotate_key`]), under the mesh's name
 /// lock: membership changes and joins wait for it, so the members it checks are the members.
 pub(super) async fn rotate_key(
@@ -371,6 +394,9 @@ pub(super) async fn change_membership(
             tx.execute(&stmt, &[&mesh_s, &(change.at as i64)]).await?;
             out.removed.push(PeerRecord { revoked: true, revoked_at: Some(change.at), ..target.clone() });
             out.removed.extend(sessions);
+        }
+        ChangeKind::DeleteMesh => {
+            return Err(TxError::Domain(StoreError::Forbidden("a mesh is deleted with delete_mesh".into())));
         }
         ChangeKind::SetRole => {
             let role = change.role.unwrap_or(Role::Member);

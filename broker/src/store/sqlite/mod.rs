@@ -353,6 +353,10 @@ impl Store for SqliteStore {
         self.write(move |tx| peers::rotate_key(tx, &mesh, &by, epoch, &grants, now)).await
     }
 
+    async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError> {
+        self.write(move |tx| peers::delete_mesh(tx, &mesh, &by)).await
+    }
+
     async fn upsert_peer(&self, mesh: MeshId, peer: PeerRecord) -> Result<Claimed, StoreError> {
         self.write(move |tx| peers::upsert(tx, &mesh, &peer)).await
     }

@@ -141,6 +141,25 @@ pub fn join(tx: &Connection, mesh: &MeshId, invite: &InviteRecord, peer: &PeerRe
     Ok(claimed)
 }
 
+/// Deletes the mesh for its owner (see [`crate::store::Store::delete_mesh`]).
+pub fn delete_mesh(tx: &Connection, mesh: &MeshId, by: &PublicKey) -> Result<Vec<PublicKey>, TxError> {
+    match live_member(tx, mesh, by)? {
+        Some(p) if p.role == Role::Owner => {}
+        _ => return Err(TxError::Domain(StoreError::Forbidden("only the mesh's owner deletes it".into()))),
+    }
+    let mesh_s = mesh.to_string();
+    let keys: Vec<PublicKey> = tx
+        .prepare_cached("SELECT key FROM peers WHERE mesh_id = ?1 AND revoked = 0")?
+        .query_map([&mesh_s], |r| r.get::<_, String>(0))?
+        .map(|k| parse(k?))
+        .collect::<Result<_, _>>()?;
+    for table in ["queue", "messages", "reads", "invites", "invite_uses", "group_members", "peers"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE mesh_id = ?1"), [&mesh_s])?;
+    }
+    tx.execute("DELETE FROM meshes WHERE id = ?1", [&mesh_s])?;
+    Ok(keys)
+}
+
 /// Makes `epoch` the mesh's key (see [`crate::store::Store::rotate_key`]).
 pub fn rotate_key(
     tx: &Connection,
@@ -293,6 +312,9 @@ pub fn change_membership(
                 .execute(params![mesh_s, change.at as i64])?;
             out.removed.push(PeerRecord { revoked: true, revoked_at: Some(change.at), ..target.clone() });
             out.removed.extend(sessions);
+        }
+        ChangeKind::DeleteMesh => {
+            return Err(TxError::Domain(StoreError::Forbidden("a mesh is deleted with delete_mesh".into())));
         }
         ChangeKind::SetRole => {
             let role = change.role.unwrap_or(Role::Member);
