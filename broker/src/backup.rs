@@ -97,9 +97,29 @@ pub fn snapshot(db: &Path, to: &Path) -> Result<(), BackupError> {
     vacuum_into(&conn, to)
 }
 
-/// Checks a database restored from an archive: SQLite's full integrity check, and a schema version
-/// this build knows (`1..=known`). `name` is how the archive calls it.
-pub fn check_database(archive: &Path, name: &str, db: &Path, known: usize) -> Result<(), BackupError> {
+/// The tables a broker's database has, and a daemon's.
+pub const BROKER_TABLES: &[&str] = &["queue", "messages", "invite_uses"];
+pub const DAEMON_TABLES: &[&str] = &["outbox", "inbox", "mesh_keys"];
+
+/// Whether the database at `db` has every one of `tables` (so is the kind of database they name).
+fn has_tables(conn: &Connection, tables: &[&str]) -> rusqlite::Result<bool> {
+    for table in tables {
+        let found: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [table],
+            |r| r.get(0),
+        )?;
+        if !found {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Checks a database restored from an archive: SQLite's full integrity check, the tables of its kind
+/// (`tables`), and a schema version this build knows (`1..=known`). `name` is how the archive calls
+/// it.
+pub fn check_database(archive: &Path, name: &str, db: &Path, known: usize, tables: &[&str]) -> Result<(), BackupError> {
     let damaged = |why: String| BackupError::Damaged { path: archive.to_owned(), why: format!("{name}: {why}") };
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(|e| damaged(e.to_string()))?;
@@ -110,8 +130,8 @@ pub fn check_database(archive: &Path, name: &str, db: &Path, known: usize) -> Re
     }
     let version: i64 =
         conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| damaged(e.to_string()))?;
-    if version < 1 {
-        return Err(damaged("not a mesh database (no schema version)".into()));
+    if version < 1 || !has_tables(&conn, tables).map_err(|e| damaged(e.to_string()))? {
+        return Err(damaged("not the database this archive says it holds".into()));
     }
     if version > known as i64 {
         return Err(BackupError::Newer {
@@ -362,6 +382,17 @@ pub fn take_broker(db: &Path, files_dir: &Path, to: &Path) -> Result<Manifest, B
             source: io::Error::new(io::ErrorKind::NotFound, "no broker database here"),
         });
     }
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|source| BackupError::Copy { db: db.to_owned(), source })?;
+    let is_broker =
+        has_tables(&conn, BROKER_TABLES).map_err(|source| BackupError::Copy { db: db.to_owned(), source })?;
+    drop(conn);
+    if !is_broker {
+        return Err(BackupError::Io {
+            what: format!("{}", db.display()),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a broker's database"),
+        });
+    }
     let parent = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let work = work_dir(parent, "mesh-backup")?;
     let copy = work.path().join(BROKER_DB);
@@ -418,7 +449,7 @@ fn restore_broker_locked(db: &Path, files_dir: &Path, from: &Path) -> Result<Res
     if !has(BROKER_DB) {
         return Err(BackupError::Damaged { path: from.to_owned(), why: "it holds no broker.db".into() }.into());
     }
-    check_database(from, BROKER_DB, &work.path().join(BROKER_DB), crate::store::sqlite::SCHEMA_VERSION)?;
+    check_database(from, BROKER_DB, &work.path().join(BROKER_DB), crate::store::sqlite::SCHEMA_VERSION, BROKER_TABLES)?;
     let with_tls = has(crate::tls::SELF_SIGNED_CERT) && has(crate::tls::SELF_SIGNED_KEY);
     if with_tls {
         let (cert, key) =
@@ -500,15 +531,19 @@ mod tests {
         let out = work_dir(dir.path(), "restore").expect("dir");
         let manifest = read_archive(&archive, "broker", out.path(), &["a.db", "note.json"]).expect("read");
         assert_eq!(manifest.files.len(), 2);
-        check_database(&archive, "a.db", &out.path().join("a.db"), 3).expect("checks");
+        check_database(&archive, "a.db", &out.path().join("a.db"), 3, &["t"]).expect("checks");
         let rows: i64 = Connection::open(out.path().join("a.db"))
             .expect("open")
             .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
             .expect("count");
         assert_eq!(rows, 100);
         assert!(matches!(
-            check_database(&archive, "a.db", &out.path().join("a.db"), 2),
+            check_database(&archive, "a.db", &out.path().join("a.db"), 2, &["t"]),
             Err(BackupError::Newer { .. })
+        ));
+        assert!(matches!(
+            check_database(&archive, "a.db", &out.path().join("a.db"), 3, &["outbox"]),
+            Err(BackupError::Damaged { .. })
         ));
 
         let fresh = || work_dir(dir.path(), "restore").expect("dir");

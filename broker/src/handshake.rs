@@ -122,7 +122,8 @@ fn removed_refusal(at: u64) -> ErrorFrame {
     refuse(
         ErrorCode::Revoked,
         format!(
-            "removed from this mesh at {at} (ms since the epoch); only an invite issued after that lets it back in"
+            "removed from this mesh at {}; only an invite issued after that lets it back in",
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at))
         ),
     )
 }

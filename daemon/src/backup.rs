@@ -82,6 +82,10 @@ pub enum RestoreError {
     Backup(#[from] BackupError),
     #[error("{path}: its identity does not read: {detail}; nothing was replaced")]
     Identity { path: PathBuf, detail: String },
+    #[error(
+        "this home is member {here}, the backup is member {theirs}: restoring it replaces this home's identity; nothing was replaced"
+    )]
+    OtherMember { here: String, theirs: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -98,8 +102,9 @@ pub struct Restored {
     pub replaced: Option<PathBuf>,
 }
 
-/// Restores the backup `from` into `home`, whose daemon must not be running.
-pub fn restore(home: &Home, from: &Path) -> Result<Restored, RestoreError> {
+/// Restores the backup `from` into `home`, whose daemon must not be running. A home that already has
+/// another member's identity is replaced only with `replace_identity`.
+pub fn restore(home: &Home, from: &Path, replace_identity: bool) -> Result<Restored, RestoreError> {
     let io = |what: String| move |source| RestoreError::Io { what, source };
     home.ensure_dirs().map_err(io(format!("creating {}", home.data_dir.display())))?;
     // Held for the whole swap: a daemon cannot start on half-restored files.
@@ -115,13 +120,20 @@ pub fn restore(home: &Home, from: &Path) -> Result<Restored, RestoreError> {
             BackupError::Damaged { path: from.to_owned(), why: "it holds no daemon.db or identity".into() }.into()
         );
     }
-    backup::check_database(from, DAEMON_DB, &work.path().join(DAEMON_DB), crate::store::SCHEMA_VERSION)?;
+    backup::check_database(
+        from,
+        DAEMON_DB,
+        &work.path().join(DAEMON_DB),
+        crate::store::SCHEMA_VERSION,
+        backup::DAEMON_TABLES,
+    )?;
     if has(BROKER_DB) {
         backup::check_database(
             from,
             BROKER_DB,
             &work.path().join(BROKER_DB),
             mesh_broker::store::sqlite::SCHEMA_VERSION,
+            backup::BROKER_TABLES,
         )?;
     }
     let identity_err = |detail: String| RestoreError::Identity { path: from.to_owned(), detail };
@@ -130,6 +142,15 @@ pub fn restore(home: &Home, from: &Path) -> Result<Restored, RestoreError> {
         .ok_or_else(|| identity_err("missing".into()))?;
     if manifest.member.as_deref() != Some(member.identity.key().to_string().as_str()) {
         return Err(identity_err("it is not the identity its manifest names".into()));
+    }
+    if let Ok(Some(here)) = crate::identity::load(home)
+        && here.identity.key() != member.identity.key()
+        && !replace_identity
+    {
+        return Err(RestoreError::OtherMember {
+            here: here.identity.key().short(),
+            theirs: member.identity.key().short(),
+        });
     }
     if has(SETTINGS) {
         crate::retention::parse(&std::fs::read_to_string(work.path().join(SETTINGS)).unwrap_or_default())

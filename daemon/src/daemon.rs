@@ -142,6 +142,10 @@ impl Daemon {
     /// yet accepted in it are dead ("left the mesh"), and the mesh and its roster are gone from here.
     /// Messages received in it stay in the inbox.
     pub async fn forget_mesh(&self, mesh: &MeshId) -> Result<(), mesh_broker::sqlite::DbError> {
+        // Its live sessions end: their mesh is gone from here (their tokens stop working).
+        for session in self.sessions.live().into_iter().filter(|s| s.mesh_id == *mesh) {
+            self.end_session(&session).await;
+        }
         let links: Vec<LinkHandle> = {
             let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
             let keys: Vec<(MeshId, PublicKey)> = links.keys().filter(|(m, _)| m == mesh).copied().collect();

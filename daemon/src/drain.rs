@@ -365,11 +365,22 @@ impl Drain {
                         }
                         (Work::Send(row), Reply::Error(e)) if e.code == ErrorCode::StaleKey => {
                             // Sealed under a key the mesh has replaced: sealed again under the current
-                            // one before the next attempt (the new key arrives as a grant moments
-                            // after the rotation). Not a failed attempt.
+                            // one before the next attempt. A newer key held here makes it no failed
+                            // attempt; with none yet (its grant is on the way, or was lost), the
+                            // attempt counts and backs off like any other.
+                            let newer = outbox::newer_key_held(&tx, row)?;
                             outbox::needs_reseal(&tx, row)?;
-                            outbox::mark_failed(&tx, row, &e.to_string(), false, Some(500), false, now)?;
-                            tracing::info!(row, "send sealed under a replaced mesh key; sealing it again");
+                            let why = if newer {
+                                e.to_string()
+                            } else {
+                                format!("{e} (no newer mesh key here yet; an owner or admin gives one)")
+                            };
+                            let retry = newer.then_some(500);
+                            let status = outbox::mark_failed(&tx, row, &why, false, retry, !newer, now)?;
+                            tracing::info!(row, newer, "send sealed under a replaced mesh key; sealing it again");
+                            if status == OutboxStatus::Dead {
+                                outbox::emit_state(&tx, row, now)?;
+                            }
                         }
                         (Work::Send(row), Reply::Error(e)) => {
                             // Being told to slow down, or that the broker's storage is failing (a

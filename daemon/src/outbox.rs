@@ -338,6 +338,18 @@ fn reseal_row(
     Ok(())
 }
 
+/// Whether the mesh of row `id` has a newer key here than the one the row is sealed under.
+pub fn newer_key_held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COALESCE(m.key_epoch > COALESCE(o.key_epoch, 0), 0) FROM outbox o JOIN meshes m ON m.id = o.mesh_id
+         WHERE o.id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(false))
+}
+
 /// The broker refused the row as sealed under a replaced mesh key: it is sealed again before its next
 /// attempt (when the new key is here).
 pub fn needs_reseal(conn: &Connection, id: i64) -> rusqlite::Result<()> {
@@ -431,6 +443,8 @@ pub enum Transition {
     Done(OutboxStatus),
     NotFound,
     WrongState(OutboxStatus),
+    /// Its mesh is gone from here (the member left it): nothing can send it.
+    MeshGone,
 }
 
 fn status_of(conn: &Connection, id: i64, sender: Option<&PublicKey>) -> rusqlite::Result<Option<OutboxStatus>> {
@@ -453,6 +467,15 @@ pub fn retry(conn: &mut Connection, id: i64, sender: Option<&PublicKey>, now: u6
     let outcome = match status_of(&tx, id, sender)? {
         None => Transition::NotFound,
         Some(s @ (OutboxStatus::Pending | OutboxStatus::Inflight | OutboxStatus::Done)) => Transition::WrongState(s),
+        Some(OutboxStatus::Dead | OutboxStatus::Aborted)
+            if !tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM meshes m JOIN outbox o ON o.mesh_id = m.id WHERE o.id = ?1)",
+                [id],
+                |r| r.get::<_, bool>(0),
+            )? =>
+        {
+            Transition::MeshGone
+        }
         Some(OutboxStatus::Dead | OutboxStatus::Aborted) => {
             tx.execute(
                 "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2, lease_until = NULL,

@@ -50,6 +50,7 @@ impl From<mesh_broker::sqlite::DbError> for RekeyError {
 pub fn heard(daemon: &Arc<Daemon>, mesh: MeshId, state: &Arc<std::sync::Mutex<Option<KeyState>>>, now_said: KeyState) {
     *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now_said);
     if !now_said.rekey_wanted {
+        lacking(daemon, mesh, state.clone());
         return;
     }
     let d = daemon.clone();
@@ -68,6 +69,32 @@ pub fn heard(daemon: &Arc<Daemon>, mesh: MeshId, state: &Arc<std::sync::Mutex<Op
             Ok(Some(epoch)) => tracing::info!(%mesh, epoch, "made the new mesh key the broker asked for"),
             Ok(None) => tracing::debug!(%mesh, "a new mesh key was made by someone else"),
             Err(e) => tracing::warn!(%mesh, error = %e, "could not make the new mesh key the broker asked for"),
+        }
+    });
+}
+
+/// How long a member waits for a key the broker says the mesh has before asking for it: a grant
+/// queued for it comes with its other deliveries first.
+const KEY_WAIT: Duration = Duration::from_secs(10);
+
+/// When the broker's epoch is newer than every key held here and no grant brings it (this daemon was
+/// restored from an older backup, or was away longer than a grant is kept), asks for a new key: the
+/// owner's and admins' daemons then make one for everyone.
+fn lacking(daemon: &Arc<Daemon>, mesh: MeshId, state: Arc<std::sync::Mutex<Option<KeyState>>>) {
+    let d = daemon.clone();
+    daemon.tracker.spawn(async move {
+        tokio::select! {
+            () = d.shutdown.cancelled() => return,
+            () = tokio::time::sleep(KEY_WAIT) => {}
+        }
+        let Some(broker) = *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else { return };
+        let held = d.db.call(move |c| crate::meshes::get(c, &mesh)).await.ok().flatten().map(|m| m.key_epoch);
+        let Some(held) = held.filter(|h| *h < broker.epoch) else { return };
+        let Some(link) = d.link(&mesh, &d.member.identity.key()) else { return };
+        tracing::warn!(%mesh, held, mesh_epoch = broker.epoch, "the mesh's key is newer than any held here; asking for it");
+        let frame = move |id| ClientFrame::KeyWanted(mesh_proto::wire::KeyWantedRequest { id, have: held });
+        if let Err(e) = link.request(frame, REQUEST_WAIT).await {
+            tracing::warn!(%mesh, error = %e, "could not ask for the mesh's key");
         }
     });
 }

@@ -140,6 +140,9 @@ pub enum ClientFrame {
     Membership(MembershipRequest),
     /// From an owner's or admin's member connection: a new mesh key, one grant per member.
     RotateKey(RotateKeyRequest),
+    /// From a member's connection: it holds only keys up to epoch `have`, older than the mesh's (its
+    /// daemon was restored from a backup, say): a new key is wanted, for everyone.
+    KeyWanted(KeyWantedRequest),
 }
 
 /// The only frame accepted before `welcome`: signed claims answering the broker's challenge.
@@ -302,13 +305,19 @@ pub struct RevokeInviteRequest {
     pub invite_id: String,
 }
 
-/// A new mesh key of epoch `epoch` (the mesh's current one plus one), with one signed
+/// A new mesh key of epoch `epoch` (newer than the mesh's current one), with one signed
 /// [`crate::membership::KeyGrant`] for every member of the mesh, its maker included.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotateKeyRequest {
     pub id: u64,
     pub epoch: u64,
     pub grants: Vec<Signed>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyWantedRequest {
+    pub id: u64,
+    pub have: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -748,6 +757,7 @@ const CLIENT_TYPES: &[&str] = &[
     "revoke_invite",
     "membership",
     "rotate_key",
+    "key_wanted",
 ];
 const SERVER_TYPES: &[&str] =
     &["challenge", "welcome", "accepted", "deliver", "roster", "presence", "invites", "key_state", "ok", "error"];

@@ -199,6 +199,25 @@ impl Connection {
         }
     }
 
+    /// A member says it holds only keys up to `have`: when the mesh's is newer, a new key is wanted,
+    /// and the owner's and admins' daemons are told.
+    pub(super) async fn key_wanted(&self, id: u64, have: u64) -> bool {
+        if self.member_connection(id, "ask for the mesh key").await.is_none() {
+            return true;
+        }
+        match self.shared.store.want_rekey(self.mesh(), have, now_ms()).await {
+            Ok(wanted) => {
+                let answered = self.answer(id, Ok(())).await;
+                if wanted {
+                    tracing::info!(mesh = %self.mesh(), member = %self.key(), have, "a member lacks the mesh's key");
+                    self.tell_key_state(self.key(), false).await;
+                }
+                answered
+            }
+            Err(e) => self.answer(id, Err(e)).await,
+        }
+    }
+
     /// Tells every connection of the mesh but `except`'s the mesh's key epoch as stored now (with
     /// `only_if_wanted`, only when a new key is wanted).
     pub(super) async fn tell_key_state(&self, except: PublicKey, only_if_wanted: bool) {

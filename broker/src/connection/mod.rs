@@ -603,6 +603,7 @@ impl Connection {
             Ok(ClientFrame::RevokeInvite(req)) => self.revoke_invite(req).await,
             Ok(ClientFrame::Membership(req)) => self.change_membership(req).await,
             Ok(ClientFrame::RotateKey(req)) => self.rotate_key(req).await,
+            Ok(ClientFrame::KeyWanted(req)) => self.key_wanted(req.id, req.have).await,
         }
     }
 

@@ -391,11 +391,14 @@ pub trait Store: Send + Sync + 'static {
     /// with their groups, and deletes their queued items, queueing a `revoked` receipt for each
     /// message's sender; every change queues a notice for each remaining member.
     async fn change_membership(&self, mesh: MeshId, change: MembershipChange) -> Result<MembershipOutcome, StoreError>;
+    /// A member holds keys only up to epoch `have`: when that is older than the mesh's, a new key is
+    /// wanted. Whether it is wanted now.
+    async fn want_rekey(&self, mesh: MeshId, have: u64, now: u64) -> Result<bool, StoreError>;
     /// Deletes the mesh for its owner `by` (checked in the same transaction): every member, session,
     /// group, invite, queue and message of it. Returns the keys that were in it.
     async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError>;
     /// Makes epoch `epoch` the mesh's key, made by `by` (a live owner or admin), queueing each
-    /// grant for its member: refused (`RotationConflict`) unless `epoch` is the current one plus
+    /// grant for its member: refused (`RotationConflict`) unless `epoch` is newer than the current
     /// one and `grants` are for exactly the mesh's members now. A new key is no longer wanted after
     /// it. Returns the members to wake.
     async fn rotate_key(

@@ -263,8 +263,10 @@ fn sqlite_file(db: Option<&str>, verb: &str) -> anyhow::Result<Database> {
 fn backup(to: &std::path::Path, db: Option<&str>) -> anyhow::Result<()> {
     let database = sqlite_file(db, "back it up")?;
     let Database::File(path) = &database else { unreachable!("sqlite_file returns a file") };
-    let manifest = mesh_broker::backup::take_broker(path, &database.files_dir()?, to)
-        .map_err(|e| crate::output::fail("failed", mesh_proto::error::chain(&e), None))?;
+    let manifest = mesh_broker::backup::take_broker(path, &database.files_dir()?, to).map_err(|e| match &e {
+        mesh_broker::backup::BackupError::Exists(_) => crate::output::fail("conflict", e.to_string(), None),
+        _ => crate::output::fail("failed", mesh_proto::error::chain(&e), None),
+    })?;
     let bytes = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
     if crate::output::json() {
         return super::print_json(&serde_json::json!({
@@ -292,10 +294,10 @@ fn restore(from: &std::path::Path, db: Option<&str>) -> anyhow::Result<()> {
     })?;
     if crate::output::json() {
         return super::print_json(&serde_json::json!({
-            "restored_from": from,
+            "restored_from": std::path::absolute(from).unwrap_or_else(|_| from.to_owned()),
             "db": path,
             "created_at": restored.manifest.created_at,
-            "files": restored.manifest.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+            "files": restored.manifest.files.iter().map(|f| serde_json::json!({"name": f.name, "bytes": f.bytes})).collect::<Vec<_>>(),
             "replaced": restored.replaced,
         }));
     }

@@ -65,6 +65,9 @@ pub enum DaemonCommand {
         /// The backup to restore
         #[arg(long, value_name = "FILE")]
         from: std::path::PathBuf,
+        /// Restore it although this home is another member (its identity is kept aside)
+        #[arg(long)]
+        replace_identity: bool,
     },
 }
 
@@ -83,7 +86,7 @@ pub fn run(cmd: DaemonCommand) -> anyhow::Result<()> {
         DaemonCommand::InstallService { no_start } => install_service(&home, no_start),
         DaemonCommand::UninstallService => uninstall_service(),
         DaemonCommand::Backup { to } => backup(home, &to),
-        DaemonCommand::Restore { from } => restore(&home, &from),
+        DaemonCommand::Restore { from, replace_identity } => restore(&home, &from, replace_identity),
     }
 }
 
@@ -263,7 +266,9 @@ fn backup(home: Home, to: &std::path::Path) -> anyhow::Result<()> {
     let Some(to_text) = to.to_str() else {
         return Err(output::fail("usage", format!("{} is not a UTF-8 path", to.display()), None));
     };
-    let client = IpcClient::new(&home);
+    // Inside a session, as that session: the daemon refuses it (a backup holds the member's keys).
+    let client = super::client()?;
+    let _ = home;
     let info: mesh_ipc::api::BackupInfo =
         super::block_on(client.post(routes::BACKUP, &mesh_ipc::api::BackupRequest { to: to_text.to_owned() }))??;
     if output::json() {
@@ -276,10 +281,16 @@ fn backup(home: Home, to: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restore(home: &Home, from: &std::path::Path) -> anyhow::Result<()> {
+fn restore(home: &Home, from: &std::path::Path, replace_identity: bool) -> anyhow::Result<()> {
     use mesh_daemon::backup::RestoreError;
-    let restored = mesh_daemon::backup::restore(home, from).map_err(|e| match &e {
+    let from = &std::path::absolute(from).unwrap_or_else(|_| from.to_owned());
+    let restored = mesh_daemon::backup::restore(home, from, replace_identity).map_err(|e| match &e {
         RestoreError::Running { .. } => output::fail("daemon_running", e.to_string(), Some("mesh daemon down".into())),
+        RestoreError::OtherMember { .. } => output::fail(
+            "conflict",
+            e.to_string(),
+            Some("restore it into a home of its own (MESH_HOME=DIR), or pass --replace-identity".into()),
+        ),
         _ => output::fail("failed", mesh_proto::error::chain(&e), None),
     })?;
     if output::json() {
@@ -287,7 +298,7 @@ fn restore(home: &Home, from: &std::path::Path) -> anyhow::Result<()> {
             "restored_from": from,
             "created_at": restored.manifest.created_at,
             "member": restored.manifest.member,
-            "files": restored.manifest.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+            "files": restored.manifest.files.iter().map(|f| serde_json::json!({"name": f.name, "bytes": f.bytes})).collect::<Vec<_>>(),
             "replaced": restored.replaced,
         }));
     }

@@ -278,6 +278,11 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
                 ),
                 if c.last_error.as_deref().is_some_and(|e| e.contains("certificate")) {
                     format!("see the certificate ({}) check", m.name)
+                } else if c.last_error.as_deref().is_some_and(|e| e.starts_with("revoked") || e.starts_with("unknown_mesh")) {
+                    format!(
+                        "you are no longer in this mesh: an invite made now lets you back in (mesh join TOKEN), or `mesh leave --yes --mesh {}` forgets it here",
+                        m.name
+                    )
                 } else {
                     format!("check that the broker at {} runs and that this machine reaches it", m.broker)
                 },

@@ -30,6 +30,9 @@ pub struct LeaveArgs {
     /// The mesh (default: MESH_CONTEXT, then `mesh use`, else your only mesh)
     #[arg(long)]
     pub mesh: Option<String>,
+    /// Only forget the mesh here, without telling its broker (when the broker is gone for good)
+    #[arg(long)]
+    pub forget: bool,
     /// Do not ask (needed when no one is at a terminal to answer)
     #[arg(long)]
     pub yes: bool,
@@ -86,7 +89,14 @@ pub fn members(args: MembersArgs) -> anyhow::Result<()> {
         outln!("no members known yet (the daemon learns the roster when it connects to the broker)");
     }
     let name_of = |key: &str| peers.iter().find(|p| p.key == key).map(|p| p.name.clone());
+    // Several meshes (no context chose one): each under its name.
+    let several = members.iter().any(|m| m.mesh != members[0].mesh);
+    let mut shown_mesh: Option<&str> = None;
     for m in &members {
+        if several && shown_mesh != Some(m.mesh.as_str()) {
+            outln!("{}mesh {}:", if shown_mesh.is_some() { "\n" } else { "" }, output::clean(&m.mesh));
+            shown_mesh = Some(&m.mesh);
+        }
         let state = if m.online {
             "online".to_owned()
         } else {
@@ -105,7 +115,7 @@ pub fn members(args: MembersArgs) -> anyhow::Result<()> {
         let line =
             format!("{:<20} {}  {:<6} [{state}]{joined}{invited}{me}", m.name, output::short(&m.key), m.role.as_str());
         outln!("{}", output::clean(&line));
-        for s in peers.iter().filter(|p| p.kind == PeerKind::Session && p.member == m.key) {
+        for s in peers.iter().filter(|p| p.kind == PeerKind::Session && p.member == m.key && p.mesh == m.mesh) {
             let state = match (s.ended_at, s.online) {
                 (Some(t), _) => format!("ended {}", output::ago(t)),
                 (None, true) => "online".to_owned(),
@@ -161,7 +171,8 @@ pub fn mesh(cmd: MeshCommand) -> anyhow::Result<()> {
                     return Err(output::fail("failed", "not deleted", None));
                 }
             }
-            let done: MemberChange = super::block_on(client.post(routes::MESHES_DELETE, &LeaveRequest { mesh }))??;
+            let req = LeaveRequest { mesh, forget: false };
+            let done: MemberChange = super::block_on(client.post(routes::MESHES_DELETE, &req))??;
             let said = format!(
                 "deleted mesh {}: every member is cut off, and its broker holds nothing of it any more",
                 done.mesh
@@ -213,17 +224,25 @@ pub fn leave(args: LeaveArgs) -> anyhow::Result<()> {
                 None,
             ));
         }
-        let which = mesh.as_deref().map_or_else(|| "your mesh".to_owned(), |m| format!("mesh {m}"));
+        let which = mesh.as_deref().map_or_else(|| "your only mesh".to_owned(), |m| format!("mesh {m}"));
         let answer = super::prompt(&format!("leave {which}? only a new invite lets you back in (yes/no)"), Some("no"))?;
         if !answer.is_some_and(|a| a.eq_ignore_ascii_case("yes") || a.eq_ignore_ascii_case("y")) {
             return Err(output::fail("failed", "not left", None));
         }
     }
-    let done: MemberChange = super::block_on(client.post(routes::MEMBERS_LEAVE, &LeaveRequest { mesh }))??;
-    let said = format!(
-        "left mesh {}: the others are told, sends not yet accepted there are dead, and the mesh is gone from here (received messages stay in your inbox)",
-        done.mesh
-    );
+    let req = LeaveRequest { mesh, forget: args.forget };
+    let done: MemberChange = super::block_on(client.post(routes::MEMBERS_LEAVE, &req))??;
+    let said = if done.change == "forget" {
+        format!(
+            "forgot mesh {} here: sends not yet accepted there are dead (received messages stay in your inbox)",
+            done.mesh
+        )
+    } else {
+        format!(
+            "left mesh {}: the others are told, sends not yet accepted there are dead, and the mesh is gone from here (received messages stay in your inbox)",
+            done.mesh
+        )
+    };
     print_change(&done, said)
 }
 
@@ -267,6 +286,7 @@ pub fn invites(args: InvitesArgs) -> anyhow::Result<()> {
             "open" => format!("expires {}", output::time(i.expires_at)),
             "revoked" => format!("revoked {}", i.revoked_at.map(output::time).unwrap_or_default()),
             "expired" => format!("expired {}", output::time(i.expires_at)),
+            "issuer_not_admin" => "void: its issuer is no longer an owner or admin".to_owned(),
             other => other.replace('_', " "),
         };
         let line = format!("{}  {:<6} by {by}, {uses}, {state}", i.id, i.role.as_str());
@@ -276,6 +296,13 @@ pub fn invites(args: InvitesArgs) -> anyhow::Result<()> {
 }
 
 pub fn revoke_invite(id: String, mesh: Option<String>) -> anyhow::Result<()> {
+    if id.trim().len() != 32 || !id.trim().bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(output::fail(
+            "usage",
+            "an invite id is 32 hex digits, as `mesh invites` lists them",
+            Some("mesh invites --all".into()),
+        ));
+    }
     let client = super::client()?;
     let req = RevokeInviteRequest { mesh: super::context_mesh(mesh)?, id };
     let done: serde_json::Value = super::block_on(client.post(routes::INVITES_REVOKE, &req))??;

@@ -184,7 +184,14 @@ fn not_reached(until: WaitFor, e: &OutboxEntry, timeout: std::time::Duration) ->
             )
         }
     };
-    crate::output::fail("wait_timeout", message, Some(hint))
+    // Ended early because it can never get there (dead, aborted, expired, its recipient left), or
+    // out of time.
+    let code = match e.status {
+        OutboxStatus::Pending | OutboxStatus::Inflight => "wait_timeout",
+        OutboxStatus::Done if e.expired_count + e.revoked_count == 0 => "wait_timeout",
+        _ => "undelivered",
+    };
+    crate::output::fail(code, message, Some(hint))
 }
 
 fn describe(resp: &SendResponse) -> String {

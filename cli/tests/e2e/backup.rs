@@ -156,6 +156,23 @@ fn a_restore_checks_the_whole_backup_before_replacing_anything() {
     ]);
     let err = home.fails(&["daemon", "restore", "--from", broker_backup.to_str().expect("utf-8")], 1);
     assert!(err.contains("is a backup of a broker"), "{err}");
+    // Another member's home is not replaced by it without saying so.
+    let other = TestHome::new(MESH);
+    other.ok(&["init", "--name", "olga"]);
+    let err = other.fails(&["daemon", "restore", "--from", path], 1);
+    assert!(err.contains("replaces this home's identity"), "{err}");
+    assert!(other.paths().identity_path().exists(), "olga's identity stays");
+    // A session cannot take the member's backup (it would hold the member's keys).
+    home.ok(&["daemon", "up"]);
+    let session = home.launch("backup-taker", None);
+    let out = session
+        .cmd(&["daemon", "backup", "--to", home.path().join("s.backup").to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!home.path().join("s.backup").exists());
+    drop(session);
+    home.ok(&["daemon", "down"]);
     // A restore of this home's own backup keeps what it replaced, and the home works on.
     let out = home.ok(&["daemon", "restore", "--from", path]);
     assert!(out.contains("the files it replaced are in"), "{out}");

@@ -148,6 +148,11 @@ fn a_removed_member_is_cut_off_and_refused_and_its_messages_come_back_to_their_s
     });
     let why = status["meshes"][0]["connection"]["last_error"].as_str().expect("a reason").to_owned();
     assert!(why.starts_with("revoked: removed from this mesh"), "{why}");
+    // Nothing goes out from a mesh she is no longer in, and she is told why and what to do.
+    let refused = carol.fails(&["send", "bob", "let me back", "--json"], 1);
+    let v: Value = serde_json::from_str(&refused).expect("JSON error");
+    assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    assert!(v["error"]["hint"].as_str().is_some_and(|h| h.contains("mesh join")), "{v}");
     wait_for_members(&alice, &["alice", "bob"]);
     // A new invite lets her back in, afresh; `mesh join` on this home, which still has the mesh.
     let token = alice.ok(&["invite"]).trim().to_owned();
@@ -314,4 +319,23 @@ fn the_owner_deletes_the_mesh_and_the_others_are_cut_off_and_can_forget_it() {
     assert!(why.contains("deleted by its owner alice"), "{why}");
     bob.ok(&["leave", "--yes"]);
     assert!(bob.json(&["meshes"]).as_array().expect("array").is_empty());
+}
+
+#[test]
+fn a_member_restored_from_a_backup_older_than_the_mesh_key_asks_for_it_and_gets_a_new_one() {
+    let broker = BrokerProcess::start(MESH);
+    let [alice, bob] = <[TestHome; 2]>::try_from(team_of(&broker, &["alice", "bob"])).ok().expect("2");
+    let file = bob.path().join("bob.backup");
+    bob.ok(&["daemon", "backup", "--to", file.to_str().expect("utf-8")]);
+    alice.ok(&["mesh", "rotate-key"]);
+    bob.eventually_json("bob at epoch 1", &["meshes"], |v| v[0]["key_epoch"] == 1);
+    // Bob's machine goes back to the backup: it holds epoch 0 only, and no grant of epoch 1 will
+    // come again (it was taken). His daemon asks; alice's makes a key for everyone.
+    bob.ok(&["daemon", "down"]);
+    bob.ok(&["daemon", "restore", "--from", file.to_str().expect("utf-8")]);
+    bob.ok(&["daemon", "up", "--no-embedded"]);
+    assert_eq!(key_epoch(&bob), 0);
+    bob.eventually_json("bob given a new key", &["meshes"], |v| v[0]["key_epoch"].as_u64().is_some_and(|e| e >= 2));
+    alice.ok(&["send", "*", "for bob, restored", "--wait", "delivered"]);
+    wait_for_message(&bob, "for bob, restored");
 }

@@ -114,14 +114,16 @@ pub async fn leave(
         )));
     }
     let me = d.member.identity.key();
-    // Removed already (the broker refuses this member): there is nothing to tell it; forget the mesh.
-    if !super::meshes::removed_from(&d, &mesh) {
+    // Removed already (the broker refuses this member), or asked to forget only: there is nothing to
+    // tell the broker; the mesh is forgotten here.
+    let forget_only = req.forget || super::meshes::removed_from(&d, &mesh);
+    if !forget_only {
         change(&d, &mesh, ChangeKind::Leave, me, None, "leaving the mesh").await?;
     }
     d.forget_mesh(&mesh.id).await?;
     Ok(Json(MemberChange {
         mesh: mesh.name.clone(),
-        change: ChangeKind::Leave.as_str().into(),
+        change: if forget_only { "forget".into() } else { ChangeKind::Leave.as_str().into() },
         key: me.to_string(),
         name: mesh.display_name(&d.member.name).to_owned(),
         role: None,
@@ -224,12 +226,16 @@ pub async fn invites(
     let id = mesh.id;
     let names = d.db.call(move |c| roster::list(c, Some(&id))).await?;
     let name_of = |key: &PublicKey| names.iter().find(|r| r.peer.key == *key).map(|r| r.peer.name.clone());
+    // An invite works only while its issuer is an owner or admin of the mesh.
+    let may_invite = |key: &PublicKey| names.iter().any(|r| r.peer.key == *key && r.peer.role.is_admin());
     let now = now_ms();
     let out = listed
         .into_iter()
         .map(|i| {
             let state = if i.revoked_at.is_some() {
                 "revoked"
+            } else if !may_invite(&i.issued_by) {
+                "issuer_not_admin"
             } else if i.expires_at <= now {
                 "expired"
             } else if i.max_uses.is_some_and(|m| i.uses >= m) {

@@ -108,6 +108,20 @@ pub(super) fn removed_from(d: &Daemon, mesh: &MeshRow) -> bool {
     })
 }
 
+/// The refusal of what needs a mesh this member is no longer in.
+pub(super) fn no_longer_in(d: &Daemon, mesh: &MeshRow) -> Failure {
+    let why = d
+        .link(&mesh.id, &d.member.identity.key())
+        .and_then(|l| l.status.borrow().last_error.clone())
+        .unwrap_or_else(|| "refused by its broker".into());
+    Failure::new(ApiErrorCode::Forbidden, format!("you are no longer in mesh {} ({why})", mesh.name)).with_hint(
+        format!(
+            "an invite made now lets you back in (mesh join TOKEN); `mesh leave --yes --mesh {}` forgets it here",
+            mesh.name
+        ),
+    )
+}
+
 /// Plain `ws://` leaves this machine only when the caller accepts it.
 fn allowed_transport(url: &str, insecure: bool) -> Result<(), Failure> {
     if link::unencrypted(url) && !insecure {
@@ -305,6 +319,9 @@ const ONLINE_WAIT: Duration = Duration::from_secs(5);
 /// The member's link to `mesh`'s broker once it is online (waiting a moment for it): requests that
 /// change the mesh go over it.
 pub(super) async fn online_link(d: &Daemon, mesh: &MeshRow, doing: &str) -> Result<link::LinkHandle, Failure> {
+    if removed_from(d, mesh) {
+        return Err(no_longer_in(d, mesh));
+    }
     let Some(link) = d.link(&mesh.id, &d.member.identity.key()) else {
         return Err(broker_unreachable(mesh, doing, "no connection"));
     };

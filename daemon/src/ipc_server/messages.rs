@@ -150,6 +150,10 @@ pub async fn accept(d: &Arc<Daemon>, caller: &Caller, req: SendRequest) -> Resul
         Route::Resend(id, stored) => return existing_send(d, id, &fingerprint, &stored).await,
         Route::New(r) => *r,
     };
+    // Nothing can go out in a mesh this member was removed from (or whose owner deleted it).
+    if super::meshes::removed_from(d, &resolved.mesh) {
+        return Err(super::meshes::no_longer_in(d, &resolved.mesh));
+    }
     let sender = caller.identity(d);
     let content = Content { body: req.body.clone(), reply_to: None };
     let (key, key_epoch) = match &resolved.seal {
@@ -394,6 +398,10 @@ fn transition_answer(id: i64, t: Transition, verb: &str, allowed: &str) -> Resul
         Transition::WrongState(s) => Err(Failure::new(
             ApiErrorCode::Conflict,
             format!("outbox row #{id} is {}; only {allowed} rows can be {verb}", s.as_str()),
+        )),
+        Transition::MeshGone => Err(Failure::new(
+            ApiErrorCode::Conflict,
+            format!("outbox row #{id} is for a mesh you left; nothing can send it there"),
         )),
     }
 }

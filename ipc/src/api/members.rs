@@ -18,6 +18,9 @@ pub struct RemoveRequest {
 pub struct LeaveRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<String>,
+    /// Only forget the mesh here, without telling its broker (a broker gone for good).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forget: bool,
 }
 
 /// `POST /v1/members/role`.
@@ -85,7 +88,8 @@ pub struct InviteInfo {
     /// `None`: any number of uses until it expires.
     pub max_uses: Option<u32>,
     pub uses: u32,
-    /// `open`, `expired`, `used_up` or `revoked`.
+    /// `open`, `expired`, `used_up`, `revoked`, or `issuer_not_admin` (its issuer left, was removed or
+    /// is no longer an owner or admin: no one joins with it).
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<u64>,

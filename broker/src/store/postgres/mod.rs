@@ -581,6 +581,16 @@ impl Store for PgStore {
         transaction!(self, 1, |tx| { peers::rotate_key(&tx, &mesh, &by, epoch, &grants, now).await? })
     }
 
+    async fn want_rekey(&self, mesh: MeshId, have: u64, now: u64) -> Result<bool, StoreError> {
+        let changed = self
+            .execute(
+                "UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, $3) WHERE id = $1 AND key_epoch > $2",
+                &[&mesh.to_string(), &(have as i64), &(now as i64)],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
     async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError> {
         transaction!(self, 1, |tx| { peers::delete_mesh(&tx, &mesh, &by).await? })
     }

@@ -223,9 +223,11 @@ pub(super) async fn rotate_key(
     let mesh_s = mesh.to_string();
     let stmt = tx.prepare_cached("SELECT key_epoch FROM meshes WHERE id = $1").await?;
     let current: i64 = tx.query_one(&stmt, &[&mesh_s]).await?.get(0);
-    if epoch != current as u64 + 1 {
+    // Newer than the mesh's: the next one, or later (members may hold a later epoch than a broker
+    // restored from an older backup).
+    if epoch <= current as u64 {
         return Err(TxError::Domain(StoreError::RotationConflict(format!(
-            "the mesh's key is epoch {current}: a new key is epoch {}",
+            "the mesh's key is epoch {current} already: a new key is epoch {} or later",
             current + 1
         ))));
     }

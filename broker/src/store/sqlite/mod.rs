@@ -353,6 +353,18 @@ impl Store for SqliteStore {
         self.write(move |tx| peers::rotate_key(tx, &mesh, &by, epoch, &grants, now)).await
     }
 
+    async fn want_rekey(&self, mesh: MeshId, have: u64, now: u64) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE meshes SET rekey_wanted_at = COALESCE(rekey_wanted_at, ?3) WHERE id = ?1 AND key_epoch > ?2",
+                )?
+                .execute(params![mesh.to_string(), have as i64, now as i64])?
+                == 1)
+        })
+        .await
+    }
+
     async fn delete_mesh(&self, mesh: MeshId, by: PublicKey) -> Result<Vec<PublicKey>, StoreError> {
         self.write(move |tx| peers::delete_mesh(tx, &mesh, &by)).await
     }
