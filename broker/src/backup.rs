@@ -158,9 +158,16 @@ pub fn write_archive(
     files: &[Source<'_>],
 ) -> Result<Manifest, BackupError> {
     use std::os::unix::fs::OpenOptionsExt;
+    if to.is_dir() {
+        return Err(BackupError::Io {
+            what: format!("{}", to.display()),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "is a directory; name a file in it"),
+        });
+    }
     if to.symlink_metadata().is_ok() {
         return Err(BackupError::Exists(to.to_owned()));
     }
+    check_parent(to)?;
     let mut listed = Vec::with_capacity(files.len());
     for file in files {
         let (bytes, sha256) = digest(file.path)?;
@@ -214,6 +221,21 @@ pub fn write_archive(
     Ok(manifest)
 }
 
+/// Refuses a destination whose directory does not exist (rather than naming a temporary file in it).
+fn check_parent(to: &Path) -> Result<(), BackupError> {
+    let parent = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(BackupError::Io {
+            what: format!("{}", to.display()),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the directory {} does not exist", parent.display()),
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn append<W: Write, R: Read>(
     tar: &mut tar::Builder<W>,
     name: &str,
@@ -248,11 +270,11 @@ pub fn read_archive(from: &Path, kind: &str, into: &Path, allowed: &[&str]) -> R
         return Err(not_backup("not a regular file".into()));
     }
     let mut archive = tar::Archive::new(io::BufReader::new(file));
-    let mut entries = archive.entries().map_err(|e| not_backup(e.to_string()))?;
+    let mut entries = archive.entries().map_err(|_| not_backup("it is not a tar archive".into()))?;
     let manifest: Manifest = {
         let mut first = match entries.next() {
             Some(Ok(entry)) => entry,
-            Some(Err(e)) => return Err(not_backup(e.to_string())),
+            Some(Err(_)) => return Err(not_backup("it is not a tar archive".into())),
             None => return Err(not_backup("it is empty".into())),
         };
         let name = first.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -393,6 +415,10 @@ pub fn take_broker(db: &Path, files_dir: &Path, to: &Path) -> Result<Manifest, B
             source: io::Error::new(io::ErrorKind::InvalidInput, "not a broker's database"),
         });
     }
+    if to.symlink_metadata().is_ok() && !to.is_dir() {
+        return Err(BackupError::Exists(to.to_owned()));
+    }
+    check_parent(to)?;
     let parent = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let work = work_dir(parent, "mesh-backup")?;
     let copy = work.path().join(BROKER_DB);

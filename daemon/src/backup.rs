@@ -115,10 +115,10 @@ pub fn restore(home: &Home, from: &Path, replace_identity: bool) -> Result<Resto
     let work = backup::work_dir(&home.data_dir, "restore")?;
     let manifest = backup::read_archive(from, KIND, work.path(), &FILES)?;
     let has = |name: &str| manifest.files.iter().any(|f| f.name == name);
-    if !has(DAEMON_DB) || !has(IDENTITY) {
-        return Err(
-            BackupError::Damaged { path: from.to_owned(), why: "it holds no daemon.db or identity".into() }.into()
-        );
+    for needed in [DAEMON_DB, IDENTITY] {
+        if !has(needed) {
+            return Err(BackupError::Damaged { path: from.to_owned(), why: format!("it holds no {needed}") }.into());
+        }
     }
     backup::check_database(
         from,

@@ -640,11 +640,31 @@ mod tests {
         .expect("row")
     }
 
+    /// The mesh the test rows are in (a dead row is retried only while its mesh is here).
+    fn with_mesh(c: &Connection) -> rusqlite::Result<()> {
+        crate::meshes::insert(
+            c,
+            &crate::meshes::MeshRow {
+                id: MeshId([7; 16]),
+                name: "team".into(),
+                broker_url: "ws://127.0.0.1:1".into(),
+                role: mesh_proto::wire::Role::Member,
+                group_key: mesh_proto::crypto::GroupKey::generate(),
+                key_epoch: 0,
+                embedded: false,
+                joined_at: 1,
+                my_name: None,
+                tls_pin: None,
+            },
+        )
+    }
+
     #[test]
     fn retry_of_a_dead_dm_keeps_every_routing_field() {
         let (_dir, db) = crate::store::temp_db();
         let (me, bob) = (Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
+            with_mesh(c)?;
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
             let before = routing(c, id);
             let claimed = claim(c, &MeshId([7; 16]), &me, 10, 1)?;
@@ -664,6 +684,7 @@ mod tests {
         let (_dir, db) = crate::store::temp_db();
         let (me, other, bob) = (Identity::generate(), Identity::generate(), Identity::generate());
         db.call_blocking(|c| {
+            with_mesh(c)?;
             let id = insert(c, &dm_row("c1", &me, &bob.key()), 1)?.expect("inserted");
             assert_eq!(retry(c, id, None, 1)?, Transition::WrongState(OutboxStatus::Pending));
             assert_eq!(abort(c, id, Some(&other.key()))?, Transition::NotFound, "another sender cannot touch it");
@@ -673,6 +694,11 @@ mod tests {
             claim(c, &MeshId([7; 16]), &me, 10, 3)?;
             assert_eq!(abort(c, id, None)?, Transition::WrongState(OutboxStatus::Inflight));
             assert_eq!(abort(c, 999, None)?, Transition::NotFound);
+            // Once its mesh is gone from here (left), a dead row stays dead.
+            abort(c, id, None).ok();
+            c.execute("UPDATE outbox SET status = 'dead' WHERE id = ?1", [id])?;
+            c.execute("DELETE FROM meshes WHERE id = ?1", [MeshId([7; 16]).to_string()])?;
+            assert_eq!(retry(c, id, None, 4)?, Transition::MeshGone);
             Ok(())
         })
         .expect("db");

@@ -196,7 +196,16 @@ pub fn mesh(cmd: MeshCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A member named by nothing at all is a usage error, not a lookup.
+fn named(member: &str) -> anyhow::Result<()> {
+    if member.trim().is_empty() {
+        return Err(output::fail("usage", "name the member: a name, a key prefix (4+ hex digits) or a key", None));
+    }
+    Ok(())
+}
+
 pub fn remove(args: RemoveArgs) -> anyhow::Result<()> {
+    named(&args.member)?;
     let client = super::client()?;
     let req = RemoveRequest { mesh: super::context_mesh(args.mesh)?, member: args.member };
     let done: MemberChange = super::block_on(client.post(routes::MEMBERS_REMOVE, &req))??;
@@ -247,6 +256,7 @@ pub fn leave(args: LeaveArgs) -> anyhow::Result<()> {
 }
 
 pub fn role(args: RoleArgs) -> anyhow::Result<()> {
+    named(&args.member)?;
     let client = super::client()?;
     let role = match args.role {
         RoleArg::Owner => Role::Owner,

@@ -32,6 +32,16 @@ async fn member_of(d: &Daemon, mesh: &MeshRow, text: &str) -> Result<PeerRow, Fa
                     mesh_proto::Target::Key(key) => Ok(roster::get(c, &mesh_id, &key)?),
                     _ => Err(Failure::bad_request("name one member: a name, a key prefix or a key")),
                 },
+                Err(crate::roster::ResolveError::Ambiguous(miss)) => {
+                    let example = miss.candidates.first().map(|c| c.key.chars().take(8).collect::<String>());
+                    let failure = Failure::from(crate::roster::ResolveError::Ambiguous(miss));
+                    Err(match example {
+                        Some(prefix) => {
+                            failure.with_hint(format!("name the member by the key prefix shown, e.g. {prefix}"))
+                        }
+                        None => failure,
+                    })
+                }
                 Err(e) => Err(Failure::from(e)),
             })
         })
