@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use mesh_broker::BrokerConfig;
-use mesh_proto::attestation::SessionAttestation;
 use mesh_proto::wire::{
     ClientFrame, EndSessionRequest, ErrorCode, GroupRequest, Intent, RenameRequest, RosterRequest, ServerFrame,
 };
@@ -31,22 +30,9 @@ fn expect_error(frame: ServerFrame, code: ErrorCode) -> mesh_proto::wire::ErrorF
 
 /// Connects session `session` of member `member` under `name`.
 async fn session(broker: &TestBroker, member: &Identity, session: &Identity, mesh: MeshId, name: &str) -> Client {
-    let mut c = Client::connect(broker).await;
-    let now = now_ms();
-    let att = SessionAttestation {
-        v: 1,
-        mesh_id: mesh,
-        member: member.key(),
-        session: session.key(),
-        name: name.into(),
-        issued_at: now,
-        expires_at: now + 60_000,
-    };
-    let hello = session_hello(&c, session, mesh, name, member, att);
-    c.send(&hello).await;
-    match c.recv().await {
-        ServerFrame::Welcome(_) => c,
-        other => panic!("session {name} refused: {other:?}"),
+    match session_hello_answer(broker, member, session, mesh, name).await {
+        (c, ServerFrame::Welcome(_)) => c,
+        (_, other) => panic!("session {name} refused: {other:?}"),
     }
 }
 
