@@ -468,6 +468,18 @@ fn restore_broker_locked(db: &Path, files_dir: &Path, from: &Path) -> Result<Res
         crate::sqlite::DbError::InUse { path, .. } => RestoreError::Running(path),
         other => RestoreError::Db(other),
     })?;
+    // What is there now must be a broker's database (or nothing): never a daemon's, or anything else.
+    if std::fs::metadata(db).is_ok_and(|m| m.len() > 0) {
+        let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX);
+        let is_broker = conn.ok().and_then(|c| has_tables(&c, BROKER_TABLES).ok()).unwrap_or(false);
+        if !is_broker {
+            return Err(BackupError::Io {
+                what: format!("{}", db.display()),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "is not a broker's database; nothing was replaced"),
+            }
+            .into());
+        }
+    }
     let dir = db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let work = work_dir(dir, "mesh-restore")?;
     let manifest = read_archive(from, BROKER_KIND, work.path(), &BROKER_FILES)?;

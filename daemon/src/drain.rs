@@ -365,9 +365,7 @@ impl Drain {
                         }
                         (Work::Send(row), Reply::Error(e)) if e.code == ErrorCode::StaleKey => {
                             // Sealed under a key the mesh has replaced: sealed again under the current
-                            // one before the next attempt. A newer key held here makes it no failed
-                            // attempt; with none yet (its grant is on the way, or was lost), the
-                            // attempt counts and backs off like any other.
+                            // one before the next attempt.
                             let newer = outbox::newer_key_held(&tx, row)?;
                             outbox::needs_reseal(&tx, row)?;
                             let why = if newer {
@@ -375,8 +373,10 @@ impl Drain {
                             } else {
                                 format!("{e} (no newer mesh key here yet; an owner or admin gives one)")
                             };
-                            let retry = newer.then_some(500);
-                            let status = outbox::mark_failed(&tx, row, &why, false, retry, !newer, now)?;
+                            // Never a failed attempt: without a newer key it waits (30 s at a time, up
+                            // to its TTL) for the grant an owner or admin gives.
+                            let retry = Some(if newer { 500 } else { 30_000 });
+                            let status = outbox::mark_failed(&tx, row, &why, false, retry, false, now)?;
                             tracing::info!(row, newer, "send sealed under a replaced mesh key; sealing it again");
                             if status == OutboxStatus::Dead {
                                 outbox::emit_state(&tx, row, now)?;

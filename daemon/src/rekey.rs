@@ -95,6 +95,13 @@ fn lacking(daemon: &Arc<Daemon>, mesh: MeshId, state: Arc<std::sync::Mutex<Optio
         let frame = move |id| ClientFrame::KeyWanted(mesh_proto::wire::KeyWantedRequest { id, have: held });
         if let Err(e) = link.request(frame, REQUEST_WAIT).await {
             tracing::warn!(%mesh, error = %e, "could not ask for the mesh's key");
+            return;
+        }
+        // An owner or admin that lacks the key makes the next one itself (the others are told).
+        match rotate(&d, mesh, false).await {
+            Ok(Some(epoch)) => tracing::info!(%mesh, epoch, "made a new mesh key, lacking the current one"),
+            Ok(None) | Err(RekeyError::NotAdmin(_)) => {}
+            Err(e) => tracing::warn!(%mesh, error = %e, "could not make a new mesh key"),
         }
     });
 }

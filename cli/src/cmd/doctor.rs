@@ -278,7 +278,12 @@ fn daemon_checks(client: &mesh_ipc::IpcClient, checks: &mut Vec<Check>) -> anyho
                 ),
                 if c.last_error.as_deref().is_some_and(|e| e.contains("certificate")) {
                     format!("see the certificate ({}) check", m.name)
-                } else if c.last_error.as_deref().is_some_and(|e| e.starts_with("revoked") || e.starts_with("unknown_mesh")) {
+                } else if c.last_error.as_deref().is_some_and(|e| e.starts_with("unknown_mesh")) {
+                    format!(
+                        "the mesh is gone from its broker (deleted by its owner, or the broker was restored from an older backup): `mesh leave --yes --mesh {}` forgets it here",
+                        m.name
+                    )
+                } else if c.last_error.as_deref().is_some_and(|e| e.starts_with("revoked") || e.starts_with("unknown_member")) {
                     format!(
                         "you are no longer in this mesh: an invite made now lets you back in (mesh join TOKEN), or `mesh leave --yes --mesh {}` forgets it here",
                         m.name

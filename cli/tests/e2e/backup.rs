@@ -156,6 +156,21 @@ fn a_restore_checks_the_whole_backup_before_replacing_anything() {
     ]);
     let err = home.fails(&["daemon", "restore", "--from", broker_backup.to_str().expect("utf-8")], 1);
     assert!(err.contains("is a backup of a broker"), "{err}");
+    // Nor is a daemon's database ever replaced by a broker's backup.
+    let daemon_db = home.paths().daemon_db();
+    let err = home.fails(
+        &[
+            "broker",
+            "restore",
+            "--db",
+            daemon_db.to_str().expect("utf-8"),
+            "--from",
+            broker_backup.to_str().expect("utf-8"),
+        ],
+        1,
+    );
+    assert!(err.contains("is not a broker's database"), "{err}");
+    assert_eq!(std::fs::read(&db).expect("db"), before, "nothing replaced");
     // Another member's home is not replaced by it without saying so.
     let other = TestHome::new(MESH);
     other.ok(&["init", "--name", "olga"]);

@@ -338,4 +338,17 @@ fn a_member_restored_from_a_backup_older_than_the_mesh_key_asks_for_it_and_gets_
     bob.eventually_json("bob given a new key", &["meshes"], |v| v[0]["key_epoch"].as_u64().is_some_and(|e| e >= 2));
     alice.ok(&["send", "*", "for bob, restored", "--wait", "delivered"]);
     wait_for_message(&bob, "for bob, restored");
+    // The owner's own daemon, restored the same way, makes the new key itself.
+    let file = alice.path().join("alice.backup");
+    alice.ok(&["daemon", "backup", "--to", file.to_str().expect("utf-8")]);
+    alice.ok(&["mesh", "rotate-key"]);
+    let current = key_epoch(&alice);
+    alice.ok(&["daemon", "down"]);
+    alice.ok(&["daemon", "restore", "--from", file.to_str().expect("utf-8")]);
+    alice.ok(&["daemon", "up", "--no-embedded"]);
+    alice.eventually_json("alice past her lost key", &["meshes"], |v| {
+        v[0]["key_epoch"].as_u64().is_some_and(|e| e > current)
+    });
+    alice.ok(&["send", "*", "from alice, restored", "--wait", "delivered"]);
+    wait_for_message(&bob, "from alice, restored");
 }

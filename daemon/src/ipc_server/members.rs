@@ -128,7 +128,16 @@ pub async fn leave(
     // tell the broker; the mesh is forgotten here.
     let forget_only = req.forget || super::meshes::removed_from(&d, &mesh);
     if !forget_only {
-        change(&d, &mesh, ChangeKind::Leave, me, None, "leaving the mesh").await?;
+        change(&d, &mesh, ChangeKind::Leave, me, None, "leaving the mesh").await.map_err(|f| {
+            if f.code() == ApiErrorCode::BrokerUnreachable {
+                f.with_hint(format!(
+                    "try again once the mesh is online; if its broker is gone for good, `mesh leave --forget --mesh {}` forgets it here",
+                    mesh.name
+                ))
+            } else {
+                f
+            }
+        })?;
     }
     d.forget_mesh(&mesh.id).await?;
     Ok(Json(MemberChange {

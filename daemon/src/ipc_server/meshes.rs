@@ -104,7 +104,9 @@ pub(super) fn removed_from(d: &Daemon, mesh: &MeshRow) -> bool {
     d.link(&mesh.id, &d.member.identity.key()).is_some_and(|l| {
         let s = l.status.borrow();
         s.state == LinkState::Rejected
-            && s.last_error.as_deref().is_some_and(|e| e.starts_with("revoked") || e.starts_with("unknown_mesh"))
+            && s.last_error.as_deref().is_some_and(|e| {
+                e.starts_with("revoked") || e.starts_with("unknown_mesh") || e.starts_with("unknown_member")
+            })
     })
 }
 
@@ -114,12 +116,18 @@ pub(super) fn no_longer_in(d: &Daemon, mesh: &MeshRow) -> Failure {
         .link(&mesh.id, &d.member.identity.key())
         .and_then(|l| l.status.borrow().last_error.clone())
         .unwrap_or_else(|| "refused by its broker".into());
-    Failure::new(ApiErrorCode::Forbidden, format!("you are no longer in mesh {} ({why})", mesh.name)).with_hint(
+    let hint = if why.starts_with("unknown_mesh") {
+        format!(
+            "the mesh is gone from its broker (its owner deleted it, or the broker was restored from an older backup); `mesh leave --yes --mesh {}` forgets it here",
+            mesh.name
+        )
+    } else {
         format!(
             "an invite made now lets you back in (mesh join TOKEN); `mesh leave --yes --mesh {}` forgets it here",
             mesh.name
-        ),
-    )
+        )
+    };
+    Failure::new(ApiErrorCode::Forbidden, format!("you are no longer in mesh {} ({why})", mesh.name)).with_hint(hint)
 }
 
 /// Plain `ws://` leaves this machine only when the caller accepts it.
@@ -499,6 +507,9 @@ pub async fn invite(
     // An invite carries the mesh key and admits a new member: the member's decision, not an agent's.
     caller.member_only("minting an invite")?;
     let mesh = pick_mesh(&d, req.mesh).await?;
+    if removed_from(&d, &mesh) {
+        return Err(no_longer_in(&d, &mesh));
+    }
     if !mesh.role.is_admin() {
         return Err(Failure::new(
             ApiErrorCode::BadRequest,
