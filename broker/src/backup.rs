@@ -158,16 +158,7 @@ pub fn write_archive(
     files: &[Source<'_>],
 ) -> Result<Manifest, BackupError> {
     use std::os::unix::fs::OpenOptionsExt;
-    if to.is_dir() {
-        return Err(BackupError::Io {
-            what: format!("{}", to.display()),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "is a directory; name a file in it"),
-        });
-    }
-    if to.symlink_metadata().is_ok() {
-        return Err(BackupError::Exists(to.to_owned()));
-    }
-    check_parent(to)?;
+    check_destination(to)?;
     let mut listed = Vec::with_capacity(files.len());
     for file in files {
         let (bytes, sha256) = digest(file.path)?;
@@ -221,8 +212,19 @@ pub fn write_archive(
     Ok(manifest)
 }
 
-/// Refuses a destination whose directory does not exist (rather than naming a temporary file in it).
-fn check_parent(to: &Path) -> Result<(), BackupError> {
+/// Refuses a destination an archive cannot be written to: a directory, a file (or link) that exists
+/// (a backup never overwrites one), or a path whose directory does not exist (rather than naming a
+/// temporary file in it). Checked before any copy is taken, and again when the archive is written.
+pub fn check_destination(to: &Path) -> Result<(), BackupError> {
+    if to.is_dir() {
+        return Err(BackupError::Io {
+            what: format!("{}", to.display()),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "is a directory; name a file in it"),
+        });
+    }
+    if to.symlink_metadata().is_ok() {
+        return Err(BackupError::Exists(to.to_owned()));
+    }
     let parent = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(BackupError::Io {
@@ -415,10 +417,7 @@ pub fn take_broker(db: &Path, files_dir: &Path, to: &Path) -> Result<Manifest, B
             source: io::Error::new(io::ErrorKind::InvalidInput, "not a broker's database"),
         });
     }
-    if to.symlink_metadata().is_ok() && !to.is_dir() {
-        return Err(BackupError::Exists(to.to_owned()));
-    }
-    check_parent(to)?;
+    check_destination(to)?;
     let parent = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let work = work_dir(parent, "mesh-backup")?;
     let copy = work.path().join(BROKER_DB);

@@ -27,6 +27,18 @@ async fn told_online(c: &mut Client, key: mesh_proto::PublicKey) {
     }
 }
 
+/// Waits for `c` to be told that `key` went offline (other frames before it are passed over).
+async fn told_offline(c: &mut Client, key: mesh_proto::PublicKey) {
+    loop {
+        if let ServerFrame::Presence(p) = c.recv().await
+            && p.peer.key == key
+            && !p.peer.online
+        {
+            return;
+        }
+    }
+}
+
 /// Alice on replica `a` (she creates the mesh), bob on replica `b`.
 async fn across(a: &TestBroker, b: &TestBroker) -> TwoMembers {
     let (alice, bob) = (Identity::generate(), Identity::generate());
@@ -122,14 +134,7 @@ async fn presence_rosters_and_supersede_cross_replicas() {
     }
     // Bob leaves altogether: alice hears him go offline.
     drop(again);
-    loop {
-        if let ServerFrame::Presence(p) = t.ca.recv().await
-            && p.peer.key == t.b.key()
-            && !p.peer.online
-        {
-            break;
-        }
-    }
+    told_offline(&mut t.ca, t.b.key()).await;
     ra.stop().await;
     rb.stop().await;
 }
@@ -227,14 +232,7 @@ async fn presence_missed_while_not_listening_is_told_once_listening_again() {
     // Bob leaves meanwhile: the first replica is not listening.
     drop(t.cb);
     db.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await.expect("allow");
-    loop {
-        if let ServerFrame::Presence(p) = t.ca.recv().await
-            && p.peer.key == t.b.key()
-            && !p.peer.online
-        {
-            break;
-        }
-    }
+    told_offline(&mut t.ca, t.b.key()).await;
     ra.stop().await;
     rb.stop().await;
 }

@@ -35,6 +35,8 @@ fn settings_path(home: &Home) -> PathBuf {
 
 /// Writes a backup of this daemon's state to `to` (an absolute path that must not exist).
 pub async fn take(daemon: &Daemon, to: PathBuf) -> Result<Manifest, BackupError> {
+    // Before the daemon holds its writes for a copy that could not be kept.
+    backup::check_destination(&to)?;
     let home = daemon.home.clone();
     let work = backup::work_dir(&home.data_dir, "backup")?;
     let (daemon_copy, broker_copy) = (work.path().join(DAEMON_DB), work.path().join(BROKER_DB));

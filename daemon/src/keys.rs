@@ -102,29 +102,44 @@ pub fn apply_grant(
             return Ok(None);
         }
     };
-    let newer = keep(conn, mesh, grant.epoch, &key, item.at, now)?;
-    if newer {
-        let by_name = crate::roster::name_of(conn, mesh, &grant.by)?.unwrap_or_else(|| grant.by.short());
-        let event = EventBody::Membership(MembershipEvent {
-            change: "rotate_key".into(),
-            key: grant.by.to_string(),
-            name: by_name.clone(),
-            by: grant.by.to_string(),
-            by_name,
-            role: None,
-            at: item.at,
-            signed: true,
-            key_epoch: Some(grant.epoch),
-        });
-        events::append(conn, Some(mesh), None, &event, now)?;
-        // Messages that arrived sealed under this key before it did are read now.
-        conn.execute(
-            "UPDATE inbox SET status = 'received' WHERE mesh_id = ?1 AND status = 'failed'
-               AND last_error LIKE 'decrypt_failed: no mesh key held here%'",
-            [mesh.to_string()],
-        )?;
-    }
+    let newer = adopt(conn, mesh, grant.epoch, &key, &grant.by, item.at, now)?;
     Ok(newer.then_some(grant.epoch))
+}
+
+/// Keeps `key` (epoch `epoch`, made by `by`, the mesh's from `at`) like [`keep`]; when it becomes the
+/// current key, the mesh is told with a `membership` event (`rotate_key`), and messages that arrived
+/// sealed under it before it did are read now. Whether it became the current key.
+pub fn adopt(
+    conn: &Connection,
+    mesh: &MeshId,
+    epoch: u64,
+    key: &GroupKey,
+    by: &mesh_proto::PublicKey,
+    at: u64,
+    now: u64,
+) -> rusqlite::Result<bool> {
+    if !keep(conn, mesh, epoch, key, at, now)? {
+        return Ok(false);
+    }
+    let by_name = crate::roster::name_of(conn, mesh, by)?.unwrap_or_else(|| by.short());
+    let event = EventBody::Membership(MembershipEvent {
+        change: "rotate_key".into(),
+        key: by.to_string(),
+        name: by_name.clone(),
+        by: by.to_string(),
+        by_name,
+        role: None,
+        at,
+        signed: true,
+        key_epoch: Some(epoch),
+    });
+    events::append(conn, Some(mesh), None, &event, now)?;
+    conn.execute(
+        "UPDATE inbox SET status = 'received' WHERE mesh_id = ?1 AND status = 'failed'
+           AND last_error LIKE 'decrypt_failed: no mesh key held here%'",
+        [mesh.to_string()],
+    )?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_ipc::api::{EventBody, MembershipEvent};
 use mesh_proto::crypto::GroupKey;
 use mesh_proto::wire::{ClientFrame, ErrorCode, KeyState, PeerKind, RotateKeyRequest};
 use mesh_proto::{MeshId, now_ms};
@@ -148,21 +147,7 @@ pub async fn rotate(d: &Arc<Daemon>, mesh: MeshId, only_if_wanted: bool) -> Resu
                 let kept = key.clone();
                 d.db.call(move |c| {
                     let tx = c.transaction()?;
-                    if crate::keys::keep(&tx, &mesh, epoch, &kept, now, now)? {
-                        let name = crate::roster::name_of(&tx, &mesh, &by)?.unwrap_or_else(|| by.short());
-                        let event = EventBody::Membership(MembershipEvent {
-                            change: "rotate_key".into(),
-                            key: by.to_string(),
-                            name: name.clone(),
-                            by: by.to_string(),
-                            by_name: name,
-                            role: None,
-                            at: now,
-                            signed: true,
-                            key_epoch: Some(epoch),
-                        });
-                        crate::events::append(&tx, Some(&mesh), None, &event, now)?;
-                    }
+                    crate::keys::adopt(&tx, &mesh, epoch, &kept, &by, now, now)?;
                     tx.commit()
                 })
                 .await?;

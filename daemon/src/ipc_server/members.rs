@@ -140,15 +140,21 @@ pub async fn leave(
         })?;
     }
     d.forget_mesh(&mesh.id).await?;
-    Ok(Json(MemberChange {
+    let change = if forget_only { "forget" } else { ChangeKind::Leave.as_str() };
+    Ok(Json(own_change(&d, &mesh, change)))
+}
+
+/// What a change the member made to its own place in `mesh` (leaving, forgetting, deleting) did.
+fn own_change(d: &Daemon, mesh: &MeshRow, change: &str) -> MemberChange {
+    MemberChange {
         mesh: mesh.name.clone(),
-        change: if forget_only { "forget".into() } else { ChangeKind::Leave.as_str().into() },
-        key: me.to_string(),
+        change: change.to_owned(),
+        key: d.member.identity.key().to_string(),
         name: mesh.display_name(&d.member.name).to_owned(),
         role: None,
         key_epoch: None,
         warning: None,
-    }))
+    }
 }
 
 pub async fn role(
@@ -191,15 +197,7 @@ pub async fn delete_mesh(
     change(&d, &mesh, ChangeKind::DeleteMesh, me, None, "deleting the mesh").await?;
     d.forget_mesh(&mesh.id).await?;
     tracing::info!(mesh = %mesh.name, "mesh deleted");
-    Ok(Json(MemberChange {
-        mesh: mesh.name.clone(),
-        change: ChangeKind::DeleteMesh.as_str().into(),
-        key: me.to_string(),
-        name: mesh.display_name(&d.member.name).to_owned(),
-        role: None,
-        key_epoch: None,
-        warning: None,
-    }))
+    Ok(Json(own_change(&d, &mesh, ChangeKind::DeleteMesh.as_str())))
 }
 
 /// A new mesh key, given to every member now (an owner or admin).

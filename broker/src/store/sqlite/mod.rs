@@ -628,6 +628,19 @@ mod tests {
         }
     }
 
+    /// A new mesh of `owner`'s.
+    fn mesh_owned_by(id: MeshId, owner: &Identity) -> MeshRecord {
+        MeshRecord {
+            id,
+            name: "m".into(),
+            owner: owner.key(),
+            created_at: 1,
+            limits: Default::default(),
+            key_epoch: 0,
+            rekey_wanted: false,
+        }
+    }
+
     fn dm_to(mesh: MeshId, from: &Identity, to: &Identity, cmid: &str) -> NewMessage {
         NewMessage {
             mesh_id: mesh,
@@ -664,15 +677,7 @@ mod tests {
             .expect("old rows");
         }
         let store = SqliteStore::open(&path).expect("upgraded");
-        let record = MeshRecord {
-            id: mesh,
-            name: "m".into(),
-            owner: a.key(),
-            created_at: 1,
-            limits: Default::default(),
-            key_epoch: 0,
-            rekey_wanted: false,
-        };
+        let record = mesh_owned_by(mesh, &a);
         store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
         store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
         let leased = store.lease(mesh, b.key(), 1, 10, 2, 60_000).await.expect("lease");
@@ -731,15 +736,7 @@ mod tests {
         let mesh = MeshId::generate();
         {
             let store = SqliteStore::open(&path).expect("open");
-            let record = MeshRecord {
-                id: mesh,
-                name: "m".into(),
-                owner: a.key(),
-                created_at: 1,
-                limits: Default::default(),
-                key_epoch: 0,
-                rekey_wanted: false,
-            };
+            let record = mesh_owned_by(mesh, &a);
             store.create_mesh(record, peer(&a, Role::Owner)).await.expect("mesh");
             store.upsert_peer(mesh, peer(&b, Role::Member)).await.expect("peer");
             let msg = NewMessage {
